@@ -1,0 +1,162 @@
+"""The prompted Vision Transformer: a timm ViT (default ViT-B/16 IN-21k resampled to ViT-B/4 at 32x32) with VPT prompts.
+
+Two forward implementations give the same logits and gradients:
+- naive: prompts are concatenated into the token sequence and every timm block runs unchanged;
+- kv (deep prompts only): prompt rows are only ever read as keys and values, since VPT-deep throws away each
+  layer's prompt outputs and the head reads only CLS. So they get norm1 + the K/V projection and nothing else,
+  and in the last block only the CLS row gets its query, output projection and MLP.
+"""
+import os
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+from prompts import Prompts
+
+
+def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=True, weights=None):
+    """timm's create_model; pretrained weights come from the hub, or from `weights` through the same loading path,
+    which resamples the patch embedding (PI-resize) and the position grid to the new patch and image size."""
+    if not timm.is_model(model_name):
+        raise SystemExit(f"error: unknown --model {model_name!r}; pick a timm ViT, e.g. vit_base_patch16_224.augreg_in21k "
+                         f"(python -c \"import timm; print(timm.list_models('vit_*', pretrained=True))\")")
+    kwargs = dict(img_size=img_size, patch_size=patch_size, num_classes=num_classes, global_pool='token')
+    if weights:
+        if not os.path.isfile(weights):
+            raise SystemExit(f"error: --weights {weights}: no such file; pass a timm checkpoint (.safetensors, .pth or .bin)")
+        kwargs['pretrained_cfg_overlay'] = dict(file=os.path.abspath(weights), custom_load=False)
+    try:
+        vit = timm.create_model(model_name, pretrained=pretrained or bool(weights), **kwargs)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        if weights:
+            raise SystemExit(f"error: --weights {weights} does not fit --model {model_name}: {_first_line(e)}")
+        if 'Unknown model' in str(e) or not pretrained:
+            raise SystemExit(f"error: cannot build --model {model_name}: {_first_line(e)}")
+        raise SystemExit(_download_error(model_name, e))
+    except Exception as e:  # safetensors/pickle/zip errors for a corrupt file, network errors for the hub
+        if weights:
+            raise SystemExit(f"error: cannot read --weights {weights} ({type(e).__name__}: {_first_line(e)}); "
+                             "it must be a timm state dict saved with safetensors or torch.save")
+        raise SystemExit(_download_error(model_name, e))
+    if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
+        raise SystemExit(f"error: --model {model_name} is not a timm VisionTransformer with a class token, "
+                         "which VPT needs; use e.g. vit_base_patch16_224.augreg_in21k")
+    return vit
+
+
+def _first_line(error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # torch's load_state_dict puts the useful part (missing key, size mismatch) on the second line
+    text = lines[1] if len(lines) > 1 and lines[0].startswith('Error(s) in loading') else (lines[0] if lines else '')
+    return text[:300]
+
+
+def _download_error(model_name, error):
+    return (f"error: could not download the pretrained weights of {model_name} from the Hugging Face hub "
+            f"({type(error).__name__}); offline, pass --weights FILE (a timm checkpoint, e.g. the hub's "
+            f"model.safetensors) or --pretrained False for a random backbone")
+
+
+def _supports_kv(block):
+    attn = getattr(block, 'attn', None)
+    return (type(block) is Block and type(attn) is Attention and getattr(attn, 'gate', None) is None
+            and attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim)
+
+
+class PromptedViT(nn.Module):
+    def __init__(self, vit: VisionTransformer, num_prompts=50, deep=True, prompt_dropout=0.0, prompt_impl='kv'):
+        super().__init__()
+        self.vit = vit
+        self.deep = deep
+        self.prompt_impl = prompt_impl if deep else 'naive'  # shallow prompts feed every later layer: no shortcut
+        if self.prompt_impl == 'kv' and not all(_supports_kv(block) for block in vit.blocks):
+            raise SystemExit("error: --prompt_impl kv needs timm's standard ViT Block/Attention in every layer; "
+                             "use --prompt_impl naive for this --model")
+        self.patch_size = vit.patch_embed.patch_size[0]
+        self.prompts = None
+        if num_prompts > 0:
+            self.prompts = Prompts(len(vit.blocks) if deep else 1, num_prompts, vit.embed_dim,
+                                   self.patch_size, prompt_dropout)
+
+    @property
+    def num_prompts(self):
+        return 0 if self.prompts is None else self.prompts.num_tokens
+
+    def forward(self, images):
+        if self.prompt_impl == 'kv':
+            return self._forward_kv(images)
+        return self._forward_naive(images)
+
+    def _embed(self, images):
+        vit = self.vit
+        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+
+    def _forward_naive(self, images):
+        vit = self.vit
+        if self.prompts is None:
+            return vit(images)
+        x = self._embed(images)
+        batch, prefix, n = x.shape[0], vit.num_prefix_tokens, self.num_prompts
+        prompt_tokens = self.prompts(batch).expand(-1, batch, -1, -1)
+        x = torch.cat([x[:, :prefix], prompt_tokens[0], x[:, prefix:]], dim=1)
+        for i, block in enumerate(vit.blocks):
+            if i > 0 and self.deep:  # VPT-deep: this layer's own prompts replace the previous layer's prompt outputs
+                x = torch.cat([x[:, :prefix], prompt_tokens[i], x[:, prefix + n:]], dim=1)
+            x = block(x)
+        return vit.forward_head(vit.norm(x))
+
+    def _forward_kv(self, images):
+        vit = self.vit
+        x = self._embed(images)
+        prompt_tokens = None if self.prompts is None else self.prompts(x.shape[0])
+        last = len(vit.blocks) - 1
+        for i, block in enumerate(vit.blocks):
+            x = _kv_block(block, x, None if prompt_tokens is None else prompt_tokens[i], cls_only=i == last)
+        return vit.forward_head(vit.norm(x))  # x is (B, 1, dim) here: the CLS row
+
+
+def _kv_block(block, x, prompt_tokens, cls_only):
+    """timm Block.forward for the image rows `x` (B, T, dim), with `prompt_tokens` (B or 1, N, dim) taking part in
+    attention as keys and values only. With cls_only, only the CLS row is computed past the keys and values."""
+    attn = block.attn
+    batch, rows, dim = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    h = block.norm1(x)
+    if cls_only:
+        w_q, w_kv = attn.qkv.weight.split([heads * head_dim, 2 * heads * head_dim])
+        b_q, b_kv = attn.qkv.bias.split([heads * head_dim, 2 * heads * head_dim]) if attn.qkv.bias is not None else (None, None)
+        q = F.linear(h[:, :1], w_q, b_q).reshape(batch, 1, heads, head_dim).transpose(1, 2)
+        k, v = F.linear(h, w_kv, b_kv).reshape(batch, rows, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    else:
+        q, k, v = attn.qkv(h).reshape(batch, rows, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if prompt_tokens is not None:
+        w_kv = attn.qkv.weight[heads * head_dim:]
+        b_kv = attn.qkv.bias[heads * head_dim:] if attn.qkv.bias is not None else None
+        n = prompt_tokens.shape[1]
+        prompt_k, prompt_v = (F.linear(block.norm1(prompt_tokens), w_kv, b_kv)
+                              .reshape(-1, n, 2, heads, head_dim).permute(2, 0, 3, 1, 4))
+        prompt_k = attn.k_norm(prompt_k)
+        k = torch.cat([k, prompt_k.expand(batch, -1, -1, -1)], dim=2)
+        v = torch.cat([v, prompt_v.expand(batch, -1, -1, -1)], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, q.shape[2], heads * head_dim))))
+    x = (x[:, :1] if cls_only else x) + block.drop_path1(block.ls1(out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def set_trainable(model: PromptedViT, full: bool):
+    """--full False trains prompts + head only; --full True trains everything."""
+    for param in model.parameters():
+        param.requires_grad_(full)
+    for param in model.vit.get_classifier().parameters():
+        param.requires_grad_(True)
+    if model.prompts is not None:
+        model.prompts.tokens.requires_grad_(True)
+
+
+def count_params(model, trainable_only=False):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
