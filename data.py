@@ -6,7 +6,9 @@ the seed's recipe) is one gather over the whole batch.
 """
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -14,17 +16,22 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 CIFAR_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
 
 
-def load_dataset(dataset, data_dir='./data', img_size=32):
-    """-> (train_images, train_labels, test_images, test_labels, class_names); images uint8 (N, 3, img_size, img_size)."""
+def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_samples=0, seed=0):
+    """-> (train_images, train_labels, test_images, test_labels, class_names); images uint8 (N, 3, img_size, img_size).
+
+    train_samples/test_samples > 0 keep a seeded class-balanced subset (for a folder, only those files are decoded).
+    """
     if dataset in CIFAR_FOLDERS:
         splits, classes = _load_cifar(dataset, data_dir)
+        splits = [(_resize(images[keep], img_size), labels[keep]) for (images, labels), samples in
+                  zip(splits, (train_samples, test_samples)) for keep in [balanced_subset(labels, samples, seed)]]
     elif os.path.isdir(dataset):
-        splits, classes = _load_folder(dataset)
+        splits, classes = _load_folder(dataset, img_size, (train_samples, test_samples), seed)
     else:
         raise SystemExit(f"error: --dataset {dataset!r} is neither cifar10, cifar100 nor a folder; "
                          "a folder dataset needs train/<class>/* and test/<class>/* images")
     (train_images, train_labels), (test_images, test_labels) = splits
-    return _resize(train_images, img_size), train_labels, _resize(test_images, img_size), test_labels, classes
+    return train_images, train_labels, test_images, test_labels, classes
 
 
 def _load_cifar(name, data_dir):
@@ -47,8 +54,7 @@ def _load_cifar(name, data_dir):
     return splits, list(train.classes)
 
 
-def _load_folder(root):
-    from torchvision.io import ImageReadMode, decode_image, read_file
+def _load_folder(root, img_size, samples, seed):
     split_dirs = [os.path.join(root, split) for split in ('train', 'test')]
     for split_dir in split_dirs:
         if not os.path.isdir(split_dir):
@@ -62,31 +68,34 @@ def _load_folder(root):
         raise SystemExit(f"error: the class folders of {split_dirs[1]} ({', '.join(test_classes)}) differ from those "
                          f"of {split_dirs[0]} ({', '.join(classes)}); both splits need the same classes")
     splits = []
-    for split_dir in split_dirs:
-        images, labels = [], []
+    for split_dir, num_samples in zip(split_dirs, samples):
+        paths, labels = [], []
         for label, name in enumerate(classes):
             class_dir = os.path.join(split_dir, name)
             files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
             if not files:
                 raise SystemExit(f"error: class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                                  "add images or remove the folder from both splits")
-            for file in files:
-                path = os.path.join(class_dir, file)
-                try:
-                    images.append(decode_image(read_file(path), mode=ImageReadMode.RGB))
-                except RuntimeError as e:
-                    raise SystemExit(f"error: cannot decode image {path} ({_first_line(e)}); remove or replace it")
+            paths += [os.path.join(class_dir, file) for file in files]
             labels += [label] * len(files)
-        sizes = {tuple(image.shape) for image in images}
-        if len(sizes) > 1:  # mixed sizes: bring every image to the most common size first; _resize does the rest
-            size = max(sizes, key=lambda s: sum(tuple(image.shape) == s for image in images))[1:]
-            images = [image if image.shape[1:] == size else _resize(image[None], size)[0] for image in images]
-        splits.append((torch.stack(images), torch.tensor(labels)))
+        labels = torch.tensor(labels)
+        keep = balanced_subset(labels, num_samples, seed)
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # Pillow decodes without holding the GIL
+            images = list(pool.map(lambda path: _read_image(path, img_size), [paths[i] for i in keep.tolist()]))
+        splits.append((torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), labels[keep]))
     return splits, classes
 
 
-def _first_line(error):
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def _read_image(path, img_size):
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            image = image.convert('RGB')
+            if image.size != (img_size, img_size):
+                image = image.resize((img_size, img_size), Image.BILINEAR)
+            return np.asarray(image)
+    except OSError as e:
+        raise SystemExit(f"error: cannot read image {path} ({e}); remove or replace it")
 
 
 def _resize(images, size):

@@ -155,21 +155,18 @@ def main(argv=None):
 
     import torch
     import timm
-    import data
     import train
-    from model import PromptedViT, count_params, create_vit, set_trainable
+    from model import PromptedViT, check_model_args, count_params, create_vit, set_trainable
 
+    check_model_args(args.model, args.weights)
     rank, world_size, device = train.setup_distributed(args.device)
     if args.batch_size % world_size:
         raise SystemExit(f"error: --batch_size {args.batch_size} does not divide by the {world_size} processes; "
                          f"--batch_size is the global batch, use a multiple of {world_size}")
 
-    train_images, train_labels, test_images, test_labels, classes = load_data_once(args, rank, world_size)
-    train_subset = data.balanced_subset(train_labels, args.train_samples, args.seed)
-    test_subset = data.balanced_subset(test_labels, args.test_samples, args.seed)
-    splits = (train_images[train_subset], train_labels[train_subset], test_images[test_subset], test_labels[test_subset])
-    if args.batch_size > len(train_subset):
-        raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(train_subset)} training "
+    *splits, classes = load_data_once(args, rank, world_size)
+    if args.batch_size > len(splits[1]):
+        raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(splits[1])} training "
                          f"images; lower --batch_size (or raise --train_samples)")
 
     torch.manual_seed(args.seed)  # the random parts of the model (head, prompts, a random backbone) are reproducible
@@ -250,7 +247,8 @@ def load_data_once(args, rank, world_size):
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if world_size > 1 and local_rank != 0:
         dist.barrier()
-    loaded = data.load_dataset(args.dataset, args.data_dir, args.img_size)
+    loaded = data.load_dataset(args.dataset, args.data_dir, args.img_size, args.train_samples,
+                               args.test_samples, args.seed)
     if world_size > 1 and local_rank == 0:
         dist.barrier()
     return loaded

@@ -20,13 +20,9 @@ from prompts import Prompts
 def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=True, weights=None):
     """timm's create_model; pretrained weights come from the hub, or from `weights` through the same loading path,
     which resamples the patch embedding (PI-resize) and the position grid to the new patch and image size."""
-    if not timm.is_model(model_name):
-        raise SystemExit(f"error: unknown --model {model_name!r}; pick a timm ViT, e.g. vit_base_patch16_224.augreg_in21k "
-                         f"(python -c \"import timm; print(timm.list_models('vit_*', pretrained=True))\")")
+    check_model_args(model_name, weights)
     kwargs = dict(img_size=img_size, patch_size=patch_size, num_classes=num_classes, global_pool='token')
     if weights:
-        if not os.path.isfile(weights):
-            raise SystemExit(f"error: --weights {weights}: no such file; pass a timm checkpoint (.safetensors, .pth or .bin)")
         kwargs['pretrained_cfg_overlay'] = dict(file=os.path.abspath(weights), custom_load=False)
     try:
         vit = timm.create_model(model_name, pretrained=pretrained or bool(weights), **kwargs)
@@ -45,6 +41,15 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
         raise SystemExit(f"error: --model {model_name} is not a timm VisionTransformer with a class token, "
                          "which VPT needs; use e.g. vit_base_patch16_224.augreg_in21k")
     return vit
+
+
+def check_model_args(model_name, weights=None):
+    """The checks that need no model built, so a typo fails before any data is loaded."""
+    if not timm.is_model(model_name):
+        raise SystemExit(f"error: unknown --model {model_name!r}; pick a timm ViT, e.g. vit_base_patch16_224.augreg_in21k "
+                         f"(python -c \"import timm; print(timm.list_models('vit_*', pretrained=True))\")")
+    if weights and not os.path.isfile(weights):
+        raise SystemExit(f"error: --weights {weights}: no such file; pass a timm checkpoint (.safetensors, .pth or .bin)")
 
 
 def _first_line(error):

@@ -1,0 +1,78 @@
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+# Never reach for the Hugging Face hub from a test: a test that wants a download failure asks for it explicitly.
+os.environ['HF_HUB_OFFLINE'] = '1'
+CIFAR_JPG = os.environ.get('VPT_CIFAR_JPG', os.path.join(REPO, '..', 'shared', 'data', 'cifar10-jpg.tar.gz'))
+
+# A tiny CLI run: timm's registered 6-layer, 64-dim test ViT, random init, a few images, CPU.
+TINY = ['--model', 'test_vit', '--pretrained', 'False', '--device', 'cpu', '--prompts', '4']
+
+
+def write_folder_dataset(root, classes=('cat', 'dog', 'frog'), train_per_class=16, test_per_class=6, size=32, seed=0):
+    """A small learnable image-folder dataset: each class has its own mean colour plus noise."""
+    from PIL import Image
+    generator = torch.Generator().manual_seed(seed)
+    for split, count in (('train', train_per_class), ('test', test_per_class)):
+        for label, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name))
+            colour = torch.tensor([60 + 80 * label, 200 - 70 * label, 40 + 50 * (label % 2)]).view(3, 1, 1)
+            for i in range(count):
+                noise = torch.randint(-40, 41, (3, size, size), generator=generator)
+                image = (colour + noise).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(root, split, name, f'{i:04d}.png'))
+    return str(root)
+
+
+@pytest.fixture(scope='session')
+def tiny_dataset(tmp_path_factory):
+    return write_folder_dataset(tmp_path_factory.mktemp('tiny') / 'data')
+
+
+@pytest.fixture(scope='session')
+def cifar_folder(tmp_path_factory):
+    """The real CIFAR-10 JPEGs (../shared/data/cifar10-jpg.tar.gz), extracted once per session."""
+    if not os.path.isfile(CIFAR_JPG):
+        pytest.fail(f"real-data test needs {CIFAR_JPG} (or set VPT_CIFAR_JPG to the archive)")
+    root = tmp_path_factory.mktemp('cifar10jpg')
+    with tarfile.open(CIFAR_JPG) as archive:
+        archive.extractall(root, filter='data')
+    return str(root)
+
+
+def run_main(argv, capsys):
+    """main.main(argv) in this process -> (exit code, stdout, stderr). Same parsing, checks and messages as the
+    command line, without paying ~6 s of torch/torchvision imports per call."""
+    import main
+    code = 0
+    try:
+        main.main([str(a) for a in argv])
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            code = 1
+        else:
+            code = e.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_cli(argv, script='main.py', timeout=300, **kwargs):
+    """The real entry point in a subprocess."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    env.update(kwargs.pop('env', {}))
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout, env=env, **kwargs)
+
+
+def read_metrics(run_dir):
+    import csv
+    with open(os.path.join(run_dir, 'metrics.csv')) as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,94 @@
+"""The command line end to end on a tiny model: flags, run directory, config.json, metrics.csv, checkpoints, plot."""
+import json
+import os
+
+import pytest
+from safetensors.torch import load_file
+
+import main
+from conftest import TINY, read_metrics, run_cli, run_main
+
+HEADER = 'epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_time_s,train_images_per_s'
+
+
+@pytest.mark.parametrize('text,value', [('False', False), ('false', False), ('0', False), ('no', False),
+                                        ('True', True), ('true', True), ('1', True), ('yes', True)])
+def test_boolean_flags_mean_what_they_say(text, value):
+    assert main.parse_args(['--full', text]).full is value
+    assert main.parse_args(['--pretrained', text]).pretrained is value
+
+
+def test_seed_command_line_parses():
+    args = main.parse_args(['--epoch', '50', '--full', 'False', '--batch_size', '256'])
+    assert (args.epoch, args.full, args.batch_size, args.prompts) == (50, False, 256, 50)
+    assert main.mode_of(args) == 'P' and args.lr == 5e-3
+
+
+def test_defaults():
+    args = main.parse_args([])
+    assert (args.epoch, args.batch_size, args.full, args.prompts, args.seed) == (5, 128, False, 50, 0)
+    assert args.model == 'vit_base_patch16_224.augreg_in21k' and args.dataset == 'cifar10'
+    assert (args.img_size, args.patch_size, args.log_dir, args.prompt_impl) == (32, 4, 'logs', 'kv')
+    assert main.parse_args(['--full', 'True']).lr == 1e-4  # full fine-tuning gets a far smaller default lr
+    assert main.parse_args(['--epoch', '20']).warmup_epochs == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize('full,prompts,mode', [(False, 4, 'P'), (True, 0, 'F'), (True, 4, 'P+F'), (False, 0, 'linear')])
+def test_run_writes_config_metrics_and_checkpoint(tiny_dataset, tmp_path, capsys, full, prompts, mode):
+    log_dir = tmp_path / 'logs'
+    code, out, err = run_main([*TINY, '--prompts', prompts, '--full', full, '--dataset', tiny_dataset, '--epoch', 2,
+                               '--batch_size', 8, '--log_dir', log_dir], capsys)
+    assert code == 0, err
+    (run,) = os.listdir(log_dir)
+    assert run.startswith(f'{mode}_test_vit_')
+    run_dir = log_dir / run
+    config = json.loads((run_dir / 'config.json').read_text())
+    assert config['mode'] == mode and config['name'] == run and config['full'] is full
+    assert config['prompts'] == prompts and config['batch_size'] == 8 and config['lr'] == (1e-4 if full else 5e-3)
+    for key in ('trainable_params', 'total_params', 'device_name', 'torch_version', 'timm_version', 'seed', 'model',
+                'dataset', 'weight_decay', 'warmup_epochs', 'prompt_dropout', 'img_size', 'patch_size'):
+        assert key in config
+    assert f"{config['trainable_params']:,} trainable parameters" in out
+    lines = (run_dir / 'metrics.csv').read_text().splitlines()
+    assert lines[0] == HEADER and len(lines) == 3
+    rows = read_metrics(run_dir)
+    assert [r['epoch'] for r in rows] == ['1', '2']
+    for row in rows:
+        assert 0 <= float(row['train_acc']) <= 100 and 0 <= float(row['test_acc']) <= 100
+        assert float(row['train_images_per_s']) > 0 and float(row['epoch_time_s']) > 0
+    assert float(rows[1]['lr']) < float(rows[0]['lr'])  # cosine decay
+    tensors = load_file(run_dir / 'trainable.safetensors')
+    assert sum(t.numel() for t in tensors.values()) == config['trainable_params']
+    if not full:
+        assert set(tensors) == {'vit.head.weight', 'vit.head.bias'} | ({'prompts.tokens'} if prompts else set())
+    assert 'epoch 2/2' in out and 'test loss' in out
+
+
+def test_runs_never_share_a_directory(tiny_dataset, tmp_path, capsys):
+    argv = [*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 16, '--log_dir', tmp_path]
+    assert run_main(argv, capsys)[0] == 0
+    assert run_main(argv, capsys)[0] == 0  # same second, same generated name: a fresh directory, nothing overwritten
+    assert len(os.listdir(tmp_path)) == 2
+
+
+def test_learns_the_tiny_dataset(tiny_dataset, tmp_path, capsys):
+    code, _, err = run_main([*TINY, '--prompts', 0, '--full', True, '--dataset', tiny_dataset, '--epoch', 4,
+                             '--batch_size', 8, '--lr', 2e-3, '--log_dir', tmp_path, '--name', 'learn'], capsys)
+    assert code == 0, err
+    assert float(read_metrics(tmp_path / 'learn')[-1]['test_acc']) >= 80  # three colour-coded classes
+
+
+def test_command_line_then_plot(tiny_dataset, tmp_path):
+    """The real entry points: main.py trains and logs, plot.py draws every run under logs/ and prints the table."""
+    log_dir = tmp_path / 'logs'
+    result = run_cli([*TINY, '--dataset', tiny_dataset, '--epoch', 2, '--batch_size', 16, '--log_dir', log_dir,
+                      '--name', 'cli'])
+    assert result.returncode == 0, result.stderr
+    assert 'Traceback' not in result.stderr
+    assert len(read_metrics(log_dir / 'cli')) == 2
+    result = run_cli([log_dir], script='plot.py')
+    assert result.returncode == 0, result.stderr
+    png = log_dir / 'accuracy.png'
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    row = next(line for line in result.stdout.splitlines() if line.startswith('cli'))
+    assert ' P ' in f' {row} ' and '2' in row.split()

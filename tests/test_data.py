@@ -1,0 +1,145 @@
+"""The data path: uint8 tensors, balanced subsets, batched crop/flip, epoch order, rank slices, eval coverage."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import data
+from conftest import run_main, TINY, write_folder_dataset
+
+
+def test_crop_flip_matches_per_image_reference():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    shifts = torch.tensor([[0, 0], [8, 8], [4, 4], [0, 8], [3, 5], [7, 1]])
+    flips = torch.tensor([False, True, False, True, True, False])
+    out = data.crop_flip(images, shifts, flips)
+    for i in range(6):  # torchvision's RandomCrop(32, padding=4) (zero fill) then RandomHorizontalFlip
+        padded = F.pad(images[i], (4, 4, 4, 4))
+        expected = padded[:, shifts[i, 0]:shifts[i, 0] + 32, shifts[i, 1]:shifts[i, 1] + 32]
+        if flips[i]:
+            expected = expected.flip(-1)
+        assert torch.equal(out[i], expected)
+    assert out.dtype == torch.uint8
+
+
+def test_normalize_uses_given_mean_std():
+    images = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 3, 1, 1)
+    out = data.normalize(images, (0.5, 0.5, 0.2), (0.5, 0.25, 0.1))
+    torch.testing.assert_close(out.flatten(), torch.tensor([-1.0, 2.0, 0.0]))
+
+
+def test_train_batches_are_seeded_permutations():
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 3, 8, 8).contiguous()
+    labels = torch.arange(50)
+
+    def epoch(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return [(x.clone(), y.clone()) for x, y in data.train_batches(images, labels, 16, generator, (0.,) * 3, (1.,) * 3, pad=0)]
+    first, again, other = epoch(0), epoch(0), epoch(1)
+    assert len(first) == 3  # 50 // 16: the incomplete last batch is dropped
+    seen = torch.cat([y for _, y in first])
+    assert len(set(seen.tolist())) == 48  # no repeats within an epoch
+    for (x, y), (x2, y2) in zip(first, again):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(seen, torch.cat([y for _, y in other]))
+    for x, y in first:  # images travel with their labels (flip of a constant image is the image)
+        assert torch.equal(x[:, 0, 0, 0], y.float() / 255)
+
+
+@pytest.mark.parametrize('world_size', [2, 4])
+def test_rank_slices_reassemble_the_single_process_batch(world_size):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (40,), generator=generator)
+    norm = ((0.5,) * 3, (0.5,) * 3)
+    single = list(data.train_batches(images, labels, 8, torch.Generator().manual_seed(3), *norm))
+    ranks = [list(data.train_batches(images, labels, 8, torch.Generator().manual_seed(3), *norm, rank, world_size))
+             for rank in range(world_size)]
+    for step, (x, y) in enumerate(single):
+        assert torch.equal(torch.cat([ranks[r][step][0] for r in range(world_size)]), x)  # same crops and flips too
+        assert torch.equal(torch.cat([ranks[r][step][1] for r in range(world_size)]), y)
+
+
+@pytest.mark.parametrize('world_size', [1, 2, 3])
+def test_eval_batches_count_every_image_once(world_size):
+    images = torch.zeros(23, 3, 4, 4, dtype=torch.uint8)
+    labels = torch.arange(23)
+    counted = []
+    for rank in range(world_size):
+        for x, y, valid in data.eval_batches(images, labels, 5, (0.,) * 3, (1.,) * 3, rank, world_size):
+            assert x.shape[0] == 5 and y.shape[0] == 5  # static shapes, padded
+            counted += y[valid].tolist()
+    assert sorted(counted) == list(range(23))
+
+
+def test_balanced_subset():
+    labels = torch.tensor([0] * 500 + [1] * 300 + [2] * 200)
+    subset = data.balanced_subset(labels, 90, seed=0)
+    assert torch.bincount(labels[subset]).tolist() == [30, 30, 30]
+    assert torch.equal(subset, data.balanced_subset(labels, 90, seed=0))
+    assert not torch.equal(subset, data.balanced_subset(labels, 90, seed=1))
+    assert torch.bincount(labels[data.balanced_subset(labels, 700, seed=0)]).tolist() == [250, 250, 200]
+    assert len(data.balanced_subset(labels, 0, seed=0)) == 1000
+
+
+def test_folder_dataset_loads_classes_in_sorted_order(tmp_path):
+    root = write_folder_dataset(tmp_path / 'ds', classes=('b_dog', 'a_cat'), train_per_class=3, test_per_class=2, size=40)
+    train_x, train_y, test_x, test_y, classes = data.load_dataset(root, img_size=32)
+    assert classes == ['a_cat', 'b_dog']
+    assert train_x.shape == (6, 3, 32, 32) and train_x.dtype == torch.uint8  # resized from 40x40
+    assert train_y.tolist() == [0, 0, 0, 1, 1, 1] and test_y.tolist() == [0, 0, 1, 1]
+    # class 'a_cat' was written with the second colour of write_folder_dataset: its mean red is 60 + 80 * 1
+    assert abs(train_x[:3, 0].float().mean().item() - 140) < 10
+
+
+def _fake_cifar10(root, train_per_batch=6, test_count=8):
+    """A cifar-10-batches-py folder in torchvision's format, made here: the same code path as the real download."""
+    folder = os.path.join(root, 'cifar-10-batches-py')
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+
+    def batch(name, n):
+        with open(os.path.join(folder, name), 'wb') as f:
+            pickle.dump({'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         'labels': rng.integers(0, 10, n).tolist()}, f)
+    for i in range(1, 6):
+        batch(f'data_batch_{i}', train_per_batch)
+    batch('test_batch', test_count)
+    classes = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+    with open(os.path.join(folder, 'batches.meta'), 'wb') as f:
+        pickle.dump({'label_names': classes}, f)
+    return folder
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path, monkeypatch):
+    """torchvision checks CIFAR's files against their published md5 sums; point those at the files made here."""
+    from torchvision.datasets.utils import calculate_md5
+    folder = _fake_cifar10(tmp_path / 'data')
+    cls = torchvision.datasets.CIFAR10
+    md5 = {name: calculate_md5(os.path.join(folder, name)) for name in os.listdir(folder)}
+    monkeypatch.setattr(cls, 'train_list', [[n, md5[n]] for n, _ in cls.train_list])
+    monkeypatch.setattr(cls, 'test_list', [[n, md5[n]] for n, _ in cls.test_list])
+    monkeypatch.setitem(cls.meta, 'md5', md5['batches.meta'])
+    return str(tmp_path / 'data')
+
+
+def test_cifar10_from_data_dir(fake_cifar10):
+    train_x, train_y, test_x, test_y, classes = data.load_dataset('cifar10', fake_cifar10)
+    assert train_x.shape == (30, 3, 32, 32) and test_x.shape == (8, 3, 32, 32) and train_x.dtype == torch.uint8
+    assert classes[0] == 'airplane' and len(classes) == 10
+    reference = torchvision.datasets.CIFAR10(fake_cifar10, train=True)
+    image, label = reference[7]
+    assert torch.equal(train_x[7], torch.from_numpy(np.asarray(image)).permute(2, 0, 1)) and train_y[7] == label
+
+
+def test_cli_trains_on_cifar10_in_data_dir(fake_cifar10, tmp_path, capsys):
+    code, out, err = run_main([*TINY, '--dataset', 'cifar10', '--data_dir', fake_cifar10, '--epoch', '1',
+                               '--batch_size', '10', '--log_dir', tmp_path / 'logs', '--name', 'c10'], capsys)
+    assert code == 0, err
+    assert '30 train / 8 test images, 10 classes' in out

@@ -1,0 +1,152 @@
+"""A user's mistake gets one clear line naming the problem and the fix, a non-zero exit, and nothing written."""
+import os
+
+import pytest
+import timm
+import torch
+
+from conftest import TINY, run_cli, run_main, write_folder_dataset
+
+
+def snapshot(root):
+    return sorted((path, os.path.getsize(os.path.join(path, f)) if os.path.isfile(os.path.join(path, f)) else -1, f)
+                  for path, dirs, files in os.walk(root) for f in files + dirs)
+
+
+@pytest.fixture
+def cli(tmp_path, tiny_dataset, capsys):
+    """Run main.py's main() with a tiny model/dataset, a log dir holding one earlier run, and assert the contract."""
+    log_dir = tmp_path / 'logs'
+    os.makedirs(log_dir / 'earlier_run')
+    (log_dir / 'earlier_run' / 'metrics.csv').write_text('epoch\n')
+
+    def run(*flags, expect, code=None):
+        before = snapshot(tmp_path)
+        tiny = TINY if '--weights' not in flags and '--pretrained' not in flags else [
+            a for a in TINY if a not in ('--pretrained', 'False')]
+        argv = [*tiny, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8, '--log_dir', log_dir, *flags]
+        exit_code, out, err = run_main(argv, capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert exit_code != 0 and (code is None or exit_code == code), (exit_code, err)
+        assert len(lines) == 1, err
+        assert 'Traceback' not in err
+        for word in expect:
+            assert word in lines[0], lines[0]
+        assert snapshot(tmp_path) == before  # nothing written, nothing overwritten
+        return lines[0]
+    run.tmp_path, run.log_dir = tmp_path, log_dir
+    return run
+
+
+def test_epoch_zero(cli):
+    cli('--epoch', 0, expect=['--epoch', 'at least 1'], code=2)
+
+
+def test_epoch_negative(cli):
+    cli('--epoch', -3, expect=['--epoch', 'at least 1'], code=2)
+
+
+def test_batch_size_zero(cli):
+    cli('--batch_size', 0, expect=['--batch_size', 'at least 1'], code=2)
+
+
+def test_prompts_negative(cli):
+    cli('--prompts', -1, expect=['--prompts', 'at least 0'], code=2)
+
+
+def test_boolean_flag_garbage(cli):
+    cli('--full', 'maybe', expect=['--full', 'True/False'], code=2)
+
+
+def test_img_size_not_divisible_by_patch_size(cli):
+    cli('--img_size', 30, expect=['--img_size 30', '--patch_size 4'], code=2)
+
+
+def test_unknown_model(cli):
+    cli('--model', 'vit_nonexistent_patch3', expect=['unknown --model', 'vit_nonexistent_patch3', 'timm'])
+
+
+def test_weights_missing(cli):
+    cli('--weights', cli.tmp_path / 'nope.safetensors', expect=['--weights', 'no such file'])
+
+
+@pytest.mark.parametrize('suffix', ['safetensors', 'pth'])
+def test_weights_corrupt(cli, suffix):
+    path = cli.tmp_path / f'corrupt.{suffix}'
+    path.write_bytes(b'this is not a checkpoint' * 10)
+    cli('--weights', path, expect=['cannot read --weights', str(path)])
+
+
+def test_weights_of_another_architecture(cli):
+    path = cli.tmp_path / 'vit_small.pth'
+    torch.save(timm.create_model('vit_small_patch16_224', depth=2).state_dict(), path)  # 384-dim, test_vit is 64-dim
+    line = cli('--weights', path, expect=['does not fit --model test_vit', 'size mismatch for', '384])'])
+    assert 'blocks.' in line or 'patch_embed' in line or 'cls_token' in line
+
+
+def test_dataset_folder_without_splits(cli):
+    os.makedirs(cli.tmp_path / 'flat' / 'cat')
+    cli('--dataset', cli.tmp_path / 'flat', expect=['no train/ folder', 'train/<class>'])
+
+
+def test_dataset_with_empty_class(cli):
+    root = write_folder_dataset(cli.tmp_path / 'ds', classes=('a', 'b'), train_per_class=4, test_per_class=2)
+    for f in os.listdir(os.path.join(root, 'train', 'b')):
+        os.remove(os.path.join(root, 'train', 'b', f))
+    cli('--dataset', root, expect=[os.path.join('train', 'b'), 'has no images'])
+
+
+def test_unwritable_data_dir(cli):
+    blocker = cli.tmp_path / 'a_file'
+    blocker.write_text('x')  # a directory under a regular file cannot be created, even by root
+    cli('--dataset', 'cifar10', '--data_dir', blocker / 'data', expect=['cannot write to --data_dir', 'writable'])
+
+
+def test_unwritable_log_dir(cli):
+    blocker = cli.tmp_path / 'a_file'
+    blocker.write_text('x')
+    cli('--log_dir', blocker / 'logs', expect=['cannot write to --log_dir', 'writable --log_dir'])
+
+
+def test_name_of_existing_run(cli):
+    cli('--name', 'earlier_run', expect=['already exists', '--name', '--resume'])
+
+
+def test_resume_without_checkpoint(cli):
+    cli('--resume', cli.log_dir / 'earlier_run', expect=['--resume', 'no checkpoint'], code=2)
+
+
+def test_no_network_for_cifar_download(cli, monkeypatch):
+    for var in ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY'):
+        monkeypatch.setenv(var, 'http://127.0.0.1:9')  # a closed port: the download fails at once, as offline
+    empty = cli.tmp_path / 'empty_data'
+    os.makedirs(empty)
+    cli('--dataset', 'cifar10', '--data_dir', empty, expect=['could not download cifar10', 'cifar-10-python.tar.gz',
+                                                            'cifar-10-batches-py', '--dataset FOLDER'])
+
+
+def test_no_network_for_pretrained_weights(cli):
+    # conftest sets HF_HUB_OFFLINE=1: the hub download fails through the same path as with no network
+    cli('--pretrained', 'True', expect=['could not download the pretrained weights', '--weights FILE'])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
+def test_device_cuda_without_cuda(cli):
+    cli('--device', 'cuda', expect=['--device cuda', 'CUDA is not available', '--device cpu'])
+
+
+def test_batch_larger_than_data(cli):
+    cli('--batch_size', 1000, expect=['--batch_size 1000', 'larger than the 48 training images'])
+
+
+def test_eval_only_without_resume(cli):
+    cli('--eval_only', expect=['--eval_only needs --resume'], code=2)
+
+
+@pytest.mark.parametrize('flags,code,expect', [(['--epoch', '0'], 2, '--epoch'),
+                                                (['--model', 'nope', '--device', 'cpu'], 1, 'unknown --model')])
+def test_real_process_prints_one_line(tmp_path, flags, code, expect):
+    result = run_cli([*flags, '--log_dir', tmp_path / 'logs'])
+    assert result.returncode == code
+    assert result.stderr.strip().count('\n') == 0 and expect in result.stderr and 'Traceback' not in result.stderr
+    assert not os.path.exists(tmp_path / 'logs')
