@@ -127,10 +127,15 @@ def balanced_subset(labels, num_samples, seed):
     return order[torch.argsort(rank_in_class, stable=True)[:num_samples]].sort().values
 
 
+def norm_tensors(pretrained_cfg, device):
+    """The model's own mean/std (0.5/0.5 for the augreg weights, not CIFAR's statistics), made once on the device."""
+    return tuple(torch.tensor(pretrained_cfg[key], device=device).view(1, -1, 1, 1) for key in ('mean', 'std'))
+
+
 def normalize(images, mean, std):
-    """uint8 (B, 3, H, W) -> float32 normalised with the model's own mean/std (per channel, in [0, 1] units)."""
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    """uint8 (B, 3, H, W) -> float32 normalised per channel (mean/std in [0, 1] units, tensors or sequences)."""
+    mean = torch.as_tensor(mean, device=images.device).view(1, -1, 1, 1)  # no copy when already a device tensor
+    std = torch.as_tensor(std, device=images.device).view(1, -1, 1, 1)
     return (images.float() / 255 - mean) / std
 
 

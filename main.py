@@ -155,14 +155,16 @@ def main(argv=None):
 
     import torch
     import timm
+    import data
     import train
     from model import PromptedViT, check_model_args, count_params, create_vit, set_trainable
 
     check_model_args(args.model, args.weights)
-    rank, world_size, device = train.setup_distributed(args.device)
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))  # set by torchrun
     if args.batch_size % world_size:
         raise SystemExit(f"error: --batch_size {args.batch_size} does not divide by the {world_size} processes; "
                          f"--batch_size is the global batch, use a multiple of {world_size}")
+    rank, world_size, device = train.setup_distributed(args.device)
 
     *splits, classes = load_data_once(args, rank, world_size)
     if args.batch_size > len(splits[1]):
@@ -177,7 +179,7 @@ def main(argv=None):
 
     if args.eval_only:
         epoch = train.load_trainable(args.resume, model)
-        norm = (vit.pretrained_cfg['mean'], vit.pretrained_cfg['std'])
+        norm = data.norm_tensors(vit.pretrained_cfg, device)
         loss, acc = train.evaluate(model, splits[2].to(device), splits[3].to(device), args.batch_size, norm,
                                    args.amp, device, rank, world_size)
         if rank == 0:

@@ -100,9 +100,8 @@ class StopRequest:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: the user really wants out
-            raise KeyboardInterrupt
-        self.signum = signum
+        # a repeated signal changes nothing: torchrun forwards the terminal's Ctrl-C, so workers often get two
+        self.signum = self.signum or signum
 
 
 # ---------------------------------------------------------------- loops
@@ -259,7 +258,7 @@ def fit(model, splits, args, run_dir, rank, world_size, device, resume=False):
     """Train for args.epoch epochs (from the run's last finished epoch if `resume`), evaluating after each,
     checkpointing and logging on rank 0. Returns the metrics history."""
     train_images, train_labels, test_images, test_labels = (t.to(device) for t in splits)
-    norm = (model.vit.pretrained_cfg['mean'], model.vit.pretrained_cfg['std'])
+    norm = data.norm_tensors(model.vit.pretrained_cfg, device)
     steps_per_epoch = len(train_labels) // args.batch_size
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     total_steps = args.epoch * steps_per_epoch

@@ -1,0 +1,413 @@
+"""bench: training/evaluation throughput, memory, TFLOP/s and MFU of the vpt modes on synthetic CIFAR-shaped data,
+against the seed's recipe (fp32, naive prompts, a torchvision DataLoader of PIL images) measured in the same run.
+
+    python bench.py                                        # P, F, P+F at batch 512 + the seed baseline, on CUDA if any
+    python bench.py --compile True --json bench.json       # also write every number as JSON
+    python bench.py --prompt_impl naive --modes P          # the concatenating prompt implementation
+    python bench.py --device cpu --model test_vit --batch_size 8 --steps 2 --warmup 1 --eval_steps 2 --baseline_steps 2
+
+Data: random uint8 (N, 3, 32, 32) images and random labels (10 classes) held on the device, batched by
+data.train_batches (random crop + flip on the device) and data.eval_batches, as train.py does with CIFAR.
+The backbone is randomly initialised (--model built with pretrained=False): speed does not depend on the weights.
+Modes: P = prompts + head (backbone frozen), F = full fine-tuning without prompts, P+F = full fine-tuning with prompts.
+The modes are timed through train.train_epoch and train.evaluate themselves, the code main.py runs: bf16 autocast on
+CUDA (--amp), fused AdamW (train.make_optimizer), loss/accuracy summed on the device with a host sync every
+train.SYNC_EVERY steps for the progress bar; TF32 on.
+
+FLOP convention (analytic, so that TFLOP/s and MFU compare across --prompt_impl and --compile):
+- forward FLOPs = 2 x multiply-accumulates of the NAIVE path, the whole sequence of 1 + num_patches + prompts
+  tokens through every block: per block with T tokens, width d, MLP hidden h:
+  T*3d*d (qkv) + 2*T*T*d (QK^T and AV) + T*d*d (proj) + 2*T*d*h (MLP); plus the patch embedding
+  (num_patches * 3*p*p * d) and the head (d * classes). Norms, softmax, GELU, biases and residuals are not counted.
+  ViT-B/4 at 32x32 (d 768, 12 blocks, h 3072, 64 patches) gives 20.03 GFLOP/image with 50 prompts, 11.20 without.
+- the KV-only path (--prompt_impl kv, model.py's default) is printed for information: prompt rows only get the
+  K/V projection, and the last block computes only the CLS row past K/V: 11.96 GFLOP/image with 50 prompts when the
+  prompt K/V is counted per image; model.py computes it once per batch when prompt dropout is off ("as run").
+- training FLOPs per image = forward x (1 + b): b = 2 when the backbone trains (F, P+F: input and weight
+  gradients), b = 1 in P (the frozen backbone only passes input gradients back to the prompts), b = 0 with nothing
+  before the head to train (P with --prompts 0).
+- MFU = achieved training TFLOP/s / the device's dense bf16 peak (table below, or --peak_tflops); n/a when unknown.
+Peak memory is torch.cuda.max_memory_allocated, reset at the start of each mode (weights, optimizer state,
+activations and the synthetic data pool held on the device); n/a on CPU.
+Epoch estimate = 50,000 / train images/s + 10,000 / eval images/s (a CIFAR-10 epoch plus its test pass).
+"""
+import argparse
+import gc
+import json
+import sys
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import train
+from main import device_name, int_at_least, str2bool
+from model import PromptedViT, count_params, create_vit, set_trainable
+
+NUM_CLASSES = 10
+IMG_SIZE, PATCH_SIZE = 32, 4
+CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+MODES = {'P': (False, True), 'F': (True, False), 'P+F': (True, True)}  # name -> (full, with prompts)
+# dense bf16 tensor-core peak, TFLOP/s; first match of the key in the device name wins
+PEAK_BF16_TFLOPS = [('H100 PCIe', 756), ('H100 NVL', 835), ('H100', 989), ('H200', 989), ('A100', 312)]
+
+
+# ---------------------------------------------------------------- analytic FLOPs
+
+
+def vit_geometry(vit):
+    """The numbers forward_flops needs, read off a timm VisionTransformer."""
+    return dict(embed_dim=vit.embed_dim, depth=len(vit.blocks), mlp_hidden=vit.blocks[0].mlp.fc1.out_features,
+                num_patches=vit.patch_embed.num_patches, patch_size=vit.patch_embed.patch_size[0],
+                in_chans=vit.patch_embed.proj.in_channels, num_prefix=vit.num_prefix_tokens,
+                num_classes=vit.num_classes)
+
+
+def forward_flops(embed_dim, depth, mlp_hidden, num_patches, patch_size, num_prompts=0, num_classes=NUM_CLASSES,
+                  in_chans=3, num_prefix=1, impl='naive', batch_size=None):
+    """Forward FLOPs per image (2 x multiply-accumulates of the matmuls; see the module docstring).
+
+    impl 'naive': every block runs the whole sequence num_prefix + num_patches + num_prompts.
+    impl 'kv': image rows run the whole block, attending to image + prompt keys; prompt rows only get the K/V
+    projection; in the last block only the CLS row gets its query, attention, output projection and MLP.
+    The prompt K/V is counted per image, unless batch_size is given: then once per batch (model.py without
+    prompt dropout), i.e. divided by batch_size.
+    """
+    d, h, p = embed_dim, mlp_hidden, num_prompts
+    rows = num_prefix + num_patches  # image rows (CLS + patches)
+    macs = num_patches * in_chans * patch_size * patch_size * d + d * num_classes  # patch embedding + head
+    if impl == 'naive':
+        t = rows + p
+        macs += depth * (t * 3 * d * d + 2 * t * t * d + t * d * d + 2 * t * d * h)
+    elif impl == 'kv':
+        keys = rows + p
+        prompt_kv = p * 2 * d * d / (batch_size or 1)
+        full_block = rows * 3 * d * d + 2 * rows * keys * d + rows * d * d + 2 * rows * d * h
+        last_block = rows * 2 * d * d + d * d + 2 * keys * d + d * d + 2 * d * h  # K/V all rows; CLS q, attn, proj, MLP
+        macs += (depth - 1) * full_block + last_block + depth * prompt_kv
+    else:
+        raise ValueError(f"impl must be 'naive' or 'kv', got {impl!r}")
+    return 2 * macs
+
+
+def backward_factor(full, num_prompts):
+    """Backward FLOPs as a multiple of the forward: 2 with a training backbone, 1 for frozen-backbone prompts."""
+    return 2 if full else (1 if num_prompts > 0 else 0)
+
+
+def peak_bf16_tflops(name, override=None):
+    if override:
+        return override
+    for key, value in PEAK_BF16_TFLOPS:
+        if key.lower() in name.lower():
+            return value
+    return None
+
+
+# ---------------------------------------------------------------- timing helpers
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def reset_memory(device):
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device):
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
+
+
+def set_tf32(matmul, cudnn):
+    """Set the TF32 flags (the legacy ones, as main.py does); -> the previous (matmul, cudnn) pair."""
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    return previous
+
+
+# ---------------------------------------------------------------- the optimised modes
+
+
+def build_model(args, num_prompts, full, prompt_impl, device):
+    torch.manual_seed(0)
+    vit = create_vit(args.model, NUM_CLASSES, IMG_SIZE, PATCH_SIZE, pretrained=False)
+    model = PromptedViT(vit, num_prompts, deep=True, prompt_dropout=0.0, prompt_impl=prompt_impl).to(device)
+    set_trainable(model, full)
+    return model
+
+
+def run_mode(name, args, device, pool, test_set):
+    """Time train.train_epoch and train.evaluate themselves: the code main.py runs, progress bar and syncs included."""
+    full, with_prompts = MODES[name]
+    num_prompts = args.prompts if with_prompts else 0
+    reset_memory(device)
+    model = build_model(args, num_prompts, full, args.prompt_impl, device)
+    trainable, total = count_params(model, trainable_only=True), count_params(model)
+    if args.compile:
+        model.compile()  # in place, as train.fit does
+    lr, weight_decay = (1e-4, 0.05) if full else (5e-3, 1e-4)  # main.py's defaults per mode
+    optimizer = train.make_optimizer(model, lr, weight_decay, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    norm = data.norm_tensors(model.vit.pretrained_cfg, device)
+    generator = torch.Generator(device).manual_seed(0)
+    epoch_args = argparse.Namespace(batch_size=args.batch_size, epoch=1, amp=args.amp, lr=lr)
+
+    def train_steps(steps):  # one train.train_epoch over exactly `steps` batches of the pool
+        images, labels = pool[0][:steps * args.batch_size], pool[1][:steps * args.batch_size]
+        with train.StopRequest() as stop:
+            return train.train_epoch(model, optimizer, scheduler, images, labels, generator, epoch_args, norm, 1,
+                                     stop, 0, 1, device)
+
+    start = time.perf_counter()
+    if args.warmup:
+        train_steps(args.warmup)
+    sync(device)
+    warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    mean_loss, _ = train_steps(args.steps)  # returns host numbers: synced
+    train_s = time.perf_counter() - start
+    peak_gib = peak_memory_gib(device)
+
+    test_images, test_labels = test_set
+    warm = args.batch_size * args.warmup
+    if warm:
+        train.evaluate(model, test_images[:warm], test_labels[:warm], args.batch_size, norm, args.amp, device)
+    start = time.perf_counter()
+    train.evaluate(model, test_images[warm:], test_labels[warm:], args.batch_size, norm, args.amp, device)
+    eval_s = time.perf_counter() - start
+    del model, optimizer
+    if args.compile:
+        torch._dynamo.reset()
+    return dict(full=full, prompts=num_prompts, trainable_params=trainable, total_params=total,
+                train_img_s=args.steps * args.batch_size / train_s, eval_img_s=(len(test_labels) - warm) / eval_s,
+                peak_mem_gib=peak_gib, warmup_s=warmup_s, train_s=train_s, eval_s=eval_s, mean_train_loss=mean_loss)
+
+
+# ---------------------------------------------------------------- the seed's recipe (baseline)
+
+
+class SyntheticCIFAR(torch.utils.data.Dataset):
+    """torchvision.datasets.CIFAR10's __getitem__ over the synthetic data: HWC uint8 -> PIL image -> transform."""
+
+    def __init__(self, images_hwc, targets, transform):
+        self.data, self.targets, self.transform = images_hwc, targets, transform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        img, target = Image.fromarray(self.data[index]), self.targets[index]
+        return self.transform(img), target
+
+
+def run_baseline(args, device, pool):
+    """fp32 (no autocast, TF32 off), eager, naive prompts, P mode, DataLoader of PIL images, plain AdamW, .item()."""
+    from torchvision import transforms
+    reset_memory(device)
+    model = build_model(args, args.prompts, False, 'naive', device)
+    norm = (model.vit.pretrained_cfg['mean'], model.vit.pretrained_cfg['std'])  # as sequences, for torchvision
+    transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                    transforms.ToTensor(), transforms.Normalize(*norm)])
+    images, labels = pool
+    needed = min(CIFAR_TRAIN, args.baseline_batch_size * (args.warmup + args.baseline_steps))
+    dataset = SyntheticCIFAR(images[:needed].permute(0, 2, 3, 1).contiguous().cpu().numpy(), labels[:needed].tolist(), transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.baseline_batch_size, shuffle=True, num_workers=0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3, weight_decay=1e-4)
+
+    def endless():
+        while True:
+            yield from loader
+
+    batches = endless()
+
+    def train_steps(steps):
+        count, running_loss = 0, 0.0
+        for _ in range(steps):
+            x, y = next(batches)
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+            count += len(y)
+        return count
+
+    previous = set_tf32(False, False)
+    try:
+        model.train()
+        train_steps(args.warmup)
+        sync(device)
+        start = time.perf_counter()
+        images_done = train_steps(args.baseline_steps)
+        sync(device)
+        train_s = time.perf_counter() - start
+    finally:
+        set_tf32(*previous)
+    peak_gib = peak_memory_gib(device)
+    del model, optimizer, batches, loader
+    return dict(full=False, prompts=args.prompts, batch_size=args.baseline_batch_size, prompt_impl='naive',
+                amp=False, tf32=False, train_img_s=images_done / train_s, train_s=train_s, peak_mem_gib=peak_gib)
+
+
+# ---------------------------------------------------------------- report
+
+
+def fmt(value, spec, missing='n/a'):
+    return missing if value is None else format(value, spec)
+
+
+def print_table(rows):
+    columns = [('mode', '<'), ('batch', '>'), ('train img/s', '>'), ('eval img/s', '>'), ('epoch s', '>'),
+               ('peak GiB', '>'), ('train TFLOP/s', '>'), ('MFU', '>'), ('fwd GFLOP/img', '>'), ('speed-up', '>')]
+    widths = [max(len(title), *(len(row[i]) for row in rows)) for i, (title, _) in enumerate(columns)]
+    line = lambda cells: '  '.join(format(c, f'{a}{w}') for c, (_, a), w in zip(cells, columns, widths)).rstrip()
+    print(line([title for title, _ in columns]))
+    print('  '.join('-' * w for w in widths))
+    for row in rows:
+        print(line(row))
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add('--model', default='vit_base_patch16_224.augreg_in21k', help='timm ViT (random weights); test_vit is tiny')
+    add('--batch_size', type=int_at_least(1), default=512, help='train and eval batch of the modes (default 512)')
+    add('--steps', type=int_at_least(1), default=50, help='timed train steps per mode (default 50)')
+    add('--warmup', type=int_at_least(0), default=10, help='untimed steps before each timed region (default 10)')
+    add('--eval_steps', type=int_at_least(1), default=20, help='timed eval batches per mode (default 20)')
+    add('--baseline_steps', type=int_at_least(1), default=20, help='timed train steps of the baseline (default 20)')
+    add('--baseline_batch_size', type=int_at_least(1), default=128, help="the seed's batch size (default 128)")
+    add('--baseline', type=str2bool, default=True, help="measure the seed's recipe (default True)")
+    add('--no_baseline', action='store_true', help='same as --baseline False')
+    add('--prompts', type=int_at_least(0), default=50, help='prompt tokens per layer in P and P+F (default 50)')
+    add('--modes', default='P,F,P+F', help='comma list of P, F, P+F (default all three)')
+    add('--prompt_impl', choices=['kv', 'naive'], default='kv', help='prompt implementation of the modes (default kv)')
+    add('--compile', type=str2bool, default=False, help='torch.compile the model after set_trainable')
+    add('--amp', type=str2bool, default=True, help='bf16 autocast on CUDA (default True)')
+    add('--device', default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
+    add('--peak_tflops', type=float, default=None, help='dense bf16 peak TFLOP/s for MFU (default: by device name)')
+    add('--json', default=None, metavar='FILE', help='also write every number to FILE as JSON')
+    return parser
+
+
+def parse_args(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    args.baseline = args.baseline and not args.no_baseline
+    args.modes = [m.strip() for m in args.modes.split(',') if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or not args.modes:
+        parser.error(f"--modes: unknown mode(s) {', '.join(unknown) or '(none given)'}; choose from P, F, P+F")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        parser.error(f"--peak_tflops must be positive, got {args.peak_tflops}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _, _, device = train.setup_distributed(args.device)
+    name = device_name(device)
+    peak = peak_bf16_tflops(name, args.peak_tflops) if device.type == 'cuda' or args.peak_tflops else None
+    if device.type == 'cuda':
+        set_tf32(True, True)
+
+    geometry = vit_geometry(create_vit(args.model, NUM_CLASSES, IMG_SIZE, PATCH_SIZE, pretrained=False))
+    print(f"device {name} | torch {torch.__version__} | timm {timm.__version__} | model {args.model} | "
+          f"batch {args.batch_size} | compile {args.compile} | amp {args.amp and device.type == 'cuda'} | "
+          f"prompt_impl {args.prompt_impl} | peak bf16 {fmt(peak, 'g', 'unknown')} TFLOP/s", flush=True)
+    print(f"geometry: embed {geometry['embed_dim']}, depth {geometry['depth']}, mlp {geometry['mlp_hidden']}, "
+          f"{geometry['num_patches']} patches of {geometry['patch_size']}x{geometry['patch_size']}")
+
+    flops = {}
+    print("analytic FLOPs per image (2 x MACs of qkv, QK^T, AV, proj, MLP, patch embedding, head); TFLOP/s and MFU "
+          "use the naive count for every --prompt_impl; train = fwd x (1 + b), b = 2 when the backbone trains, "
+          "1 for P (frozen backbone: input gradients only):")
+    for mode in args.modes:
+        full, with_prompts = MODES[mode]
+        p = args.prompts if with_prompts else 0
+        naive = forward_flops(**geometry, num_prompts=p, impl='naive')
+        kv = forward_flops(**geometry, num_prompts=p, impl='kv')
+        kv_run = forward_flops(**geometry, num_prompts=p, impl='kv', batch_size=args.batch_size)
+        b = backward_factor(full, p)
+        flops[mode] = dict(fwd_gflop_naive=naive / 1e9, fwd_gflop_kv=kv / 1e9, fwd_gflop_kv_as_run=kv_run / 1e9,
+                           backward_factor=b, train_gflop_per_img=naive * (1 + b) / 1e9)
+        print(f"  {mode:<4} {p:>3} prompts: fwd naive {naive / 1e9:.4g} GFLOP | kv {kv / 1e9:.4g} "
+              f"(prompt K/V per image), {kv_run / 1e9:.4g} as model.py runs it (prompt K/V once per batch of "
+              f"{args.batch_size}) | train {naive * (1 + b) / 1e9:.4g} GFLOP (b = {b})")
+
+    # one synthetic pool on the device, large enough for every timed region (capped at CIFAR-10's size)
+    generator = torch.Generator(device).manual_seed(0)
+    need = max(args.batch_size * (args.warmup + args.steps),
+               args.baseline_batch_size * (args.warmup + args.baseline_steps) if args.baseline else 0)
+    pool_size = max(args.batch_size, min(CIFAR_TRAIN, need))
+    pool = (torch.randint(0, 256, (pool_size, 3, IMG_SIZE, IMG_SIZE), dtype=torch.uint8, device=device,
+                          generator=generator),
+            torch.randint(0, NUM_CLASSES, (pool_size,), device=device, generator=generator))
+    test_size = args.batch_size * (args.warmup + args.eval_steps)
+    test_set = (torch.randint(0, 256, (test_size, 3, IMG_SIZE, IMG_SIZE), dtype=torch.uint8, device=device,
+                              generator=generator),
+                torch.randint(0, NUM_CLASSES, (test_size,), device=device, generator=generator))
+
+    results = {}
+    for mode in args.modes:
+        print(f"running {mode} ...", file=sys.stderr, flush=True)
+        result = run_mode(mode, args, device, pool, test_set)
+        result.update(flops[mode], batch_size=args.batch_size, prompt_impl=args.prompt_impl, compile=args.compile,
+                      amp=args.amp and device.type == 'cuda', tf32=device.type == 'cuda')
+        results[mode] = result
+    baseline = None
+    if args.baseline:
+        print("running the baseline ...", file=sys.stderr, flush=True)
+        baseline = run_baseline(args, device, pool)
+        naive = forward_flops(**geometry, num_prompts=args.prompts, impl='naive')
+        b = backward_factor(False, args.prompts)
+        baseline.update(fwd_gflop_naive=naive / 1e9, backward_factor=b, train_gflop_per_img=naive * (1 + b) / 1e9)
+
+    rows = []
+    for mode, r in list(results.items()) + ([('baseline', baseline)] if baseline else []):
+        r['train_tflops'] = r['train_img_s'] * r['train_gflop_per_img'] / 1e3
+        r['mfu'] = r['train_tflops'] / peak if peak else None
+        if 'eval_img_s' in r:
+            r['epoch_s'] = CIFAR_TRAIN / r['train_img_s'] + CIFAR_TEST / r['eval_img_s']
+        if mode != 'baseline':
+            r['speedup_vs_baseline'] = r['train_img_s'] / baseline['train_img_s'] if baseline else None
+        rows.append([mode if mode != 'baseline' else 'baseline (P fp32 naive DataLoader)', str(r['batch_size']),
+                     f"{r['train_img_s']:.1f}", fmt(r.get('eval_img_s'), '.1f', '-'), fmt(r.get('epoch_s'), '.1f', '-'),
+                     fmt(r['peak_mem_gib'], '.2f'), f"{r['train_tflops']:.3f}", fmt(r['mfu'], '.1%'),
+                     f"{r['fwd_gflop_naive']:.4g}",
+                     '1.00x' if mode == 'baseline' else fmt(r['speedup_vs_baseline'], '.2f', '-') + 'x' * bool(baseline)])
+    print()
+    print_table(rows)
+    print(f"\nepoch s = {CIFAR_TRAIN:,} / train img/s + {CIFAR_TEST:,} / eval img/s; peak GiB = "
+          f"{'torch.cuda.max_memory_allocated per mode' if device.type == 'cuda' else 'n/a on CPU'}; MFU vs dense "
+          f"bf16 peak ({fmt(peak, 'g', 'unknown')} TFLOP/s); speed-up = train img/s over the baseline's")
+
+    if args.json:
+        report = dict(device=name, device_type=device.type, torch=torch.__version__, timm=timm.__version__,
+                      model=args.model, geometry=geometry, batch_size=args.batch_size, compile=args.compile,
+                      amp=args.amp and device.type == 'cuda', prompt_impl=args.prompt_impl, prompts=args.prompts,
+                      steps=args.steps, warmup=args.warmup, eval_steps=args.eval_steps,
+                      baseline_steps=args.baseline_steps, peak_bf16_tflops=peak,
+                      flop_convention='naive-path analytic FLOPs (2 x MACs); train = fwd x (1 + b), b = 2 full, '
+                                      '1 for P (frozen backbone), 0 with nothing to train before the head',
+                      peak_memory='torch.cuda.max_memory_allocated, reset per mode' if device.type == 'cuda'
+                      else 'n/a on CPU',
+                      modes=results, baseline=baseline)
+        with open(args.json, 'w') as f:
+            json.dump(report, f, indent=2)
+            f.write('\n')
+        print(f"wrote {args.json}")
+
+
+if __name__ == '__main__':
+    main()

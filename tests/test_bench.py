@@ -1,0 +1,97 @@
+"""bench.py: the tiny CPU run end to end (subprocess, --json), and the analytic FLOP counts of ViT-B/4."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import bench  # noqa: E402
+
+VIT_B4 = dict(embed_dim=768, depth=12, mlp_hidden=3072, num_patches=64, patch_size=4)
+TINY = ['--device', 'cpu', '--model', 'test_vit', '--batch_size', '8', '--steps', '2', '--warmup', '1',
+        '--eval_steps', '2', '--baseline_steps', '2']
+
+
+def positive_finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_tiny_cpu_run(tmp_path):
+    out = tmp_path / 'bench.json'
+    result = subprocess.run([sys.executable, 'bench.py', *TINY, '--json', str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'train img/s' in result.stdout and 'baseline' in result.stdout
+    report = json.loads(out.read_text())
+    assert report['device_type'] == 'cpu' and report['model'] == 'test_vit' and report['batch_size'] == 8
+    baseline = report['baseline']
+    assert positive_finite(baseline['train_img_s'])
+    assert baseline['prompt_impl'] == 'naive' and baseline['amp'] is False and baseline['batch_size'] == 128
+    assert set(report['modes']) == {'P', 'F', 'P+F'}
+    for mode, r in report['modes'].items():
+        assert positive_finite(r['train_img_s']), mode
+        assert positive_finite(r['eval_img_s']), mode
+        assert positive_finite(r['epoch_s']), mode
+        assert r['epoch_s'] == pytest.approx(50_000 / r['train_img_s'] + 10_000 / r['eval_img_s'])
+        assert r['speedup_vs_baseline'] == pytest.approx(r['train_img_s'] / baseline['train_img_s'])
+        assert positive_finite(r['fwd_gflop_naive']) and positive_finite(r['train_tflops'])
+        assert r['mfu'] is None and r['peak_mem_gib'] is None  # CPU: no known peak, no CUDA allocator
+    assert report['modes']['P']['backward_factor'] == 1
+    assert report['modes']['F']['backward_factor'] == 2 and report['modes']['F']['prompts'] == 0
+    assert report['modes']['P+F']['backward_factor'] == 2 and report['modes']['P+F']['prompts'] == 50
+
+
+def test_forward_flops_vit_b4():
+    naive_50 = bench.forward_flops(**VIT_B4, num_prompts=50, impl='naive')
+    assert naive_50 / 1e9 == pytest.approx(20.0, rel=0.01)
+    # no prompts: the plain ViT-B/4, 65 tokens through 12 blocks, plus patch embedding and head
+    d, h, t = 768, 3072, 65
+    plain = 2 * (12 * (t * 3 * d * d + 2 * t * t * d + t * d * d + 2 * t * d * h) + 64 * 3 * 16 * d + d * 10)
+    assert bench.forward_flops(**VIT_B4, num_prompts=0, impl='naive') == plain
+    assert plain / 1e9 == pytest.approx(11.2, rel=0.01)
+    kv_50 = bench.forward_flops(**VIT_B4, num_prompts=50, impl='kv')
+    assert kv_50 / 1e9 == pytest.approx(12.0, rel=0.02)
+    # once per batch, the prompt K/V cost (12 layers x 50 rows x 2d x d MACs) nearly vanishes
+    kv_batch = bench.forward_flops(**VIT_B4, num_prompts=50, impl='kv', batch_size=512)
+    assert kv_50 - kv_batch == pytest.approx(2 * 12 * 50 * 2 * d * d * (1 - 1 / 512))
+    # training: backward = 2x forward with a training backbone, 1x for frozen-backbone prompts
+    assert bench.backward_factor(True, 0) == 2 and bench.backward_factor(True, 50) == 2
+    assert bench.backward_factor(False, 50) == 1
+
+
+def test_geometry_of_timm_model_matches():
+    from model import create_vit
+    geometry = bench.vit_geometry(create_vit('test_vit', 10, pretrained=False))
+    assert geometry == dict(embed_dim=64, depth=6, mlp_hidden=192, num_patches=64, patch_size=4, in_chans=3,
+                            num_prefix=1, num_classes=10)
+
+
+def test_peak_table():
+    assert bench.peak_bf16_tflops('NVIDIA H100 80GB HBM3') == 989
+    assert bench.peak_bf16_tflops('NVIDIA H100 PCIe') == 756
+    assert bench.peak_bf16_tflops('NVIDIA H200') == 989
+    assert bench.peak_bf16_tflops('NVIDIA A100-SXM4-80GB') == 312
+    assert bench.peak_bf16_tflops('cpu (x86_64, 2 cores)') is None
+    assert bench.peak_bf16_tflops('whatever', 123.0) == 123.0
+
+
+@pytest.mark.parametrize('impl', ['naive', 'kv'])
+@pytest.mark.parametrize('prompts', [0, 7])
+def test_forward_flops_match_torch_flop_counter(impl, prompts):
+    """The analytic count equals torch's FlopCounterMode on the real model (matmuls, conv, SDPA), per image;
+    with the KV path's prompt K/V computed once per batch, as model.py does without prompt dropout."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from model import PromptedViT, create_vit
+    torch.manual_seed(0)
+    model = PromptedViT(create_vit('test_vit', 10, pretrained=False), prompts, prompt_impl=impl).eval()
+    batch = 3
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(batch, 3, 32, 32))
+    expected = bench.forward_flops(**bench.vit_geometry(model.vit), num_prompts=prompts, impl=impl, batch_size=batch)
+    assert counter.get_total_flops() / batch == pytest.approx(expected, rel=1e-9)

@@ -1,0 +1,76 @@
+"""torchrun/DDP on CPU with gloo: two processes train exactly what one process trains with the same global batch."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, TINY, read_metrics, run_main, write_folder_dataset
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    return write_folder_dataset(tmp_path_factory.mktemp('ddp') / 'data', classes=('a', 'b', 'c', 'd'),
+                                train_per_class=256, test_per_class=25)  # 100 test images: 50 per rank
+
+
+def flags(dataset, log_dir, name, full):
+    return [*TINY, '--patch_size', 8, '--full', full, '--prompts', 0 if full else 4, '--dataset', dataset,
+            '--epoch', 2, '--batch_size', 32, '--log_dir', log_dir, '--name', name]
+
+
+def torchrun(argv, **kwargs):
+    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             os.path.join(REPO, 'main.py'), *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+
+
+def assert_same_metrics(two, one):
+    assert [r['epoch'] for r in two] == [r['epoch'] for r in one] == ['1', '2']
+    for a, b in zip(two, one):
+        for column in ('train_loss', 'test_loss', 'lr'):
+            assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-4), column
+        for column in ('train_acc', 'test_acc'):
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-6), column
+
+
+@pytest.mark.parametrize('full', [False, True], ids=['P', 'F'])
+def test_two_processes_match_one(dataset, tmp_path, capsys, full):
+    two = torchrun(flags(dataset, tmp_path, 'two', full))
+    code, out, err = run_main(flags(dataset, tmp_path, 'one', full), capsys)
+    assert code == 0, err
+    out, err = two.communicate(timeout=300)
+    assert two.returncode == 0, err[-3000:]
+    assert out.count('run directory:') == 1 and 'device cpu x2' in out  # only rank 0 reports and writes
+    assert sorted(os.listdir(tmp_path)) == ['one', 'two']
+    assert_same_metrics(read_metrics(tmp_path / 'two'), read_metrics(tmp_path / 'one'))
+
+
+def test_interrupted_two_process_run_resumes_under_two_processes(dataset, tmp_path, capsys):
+    run_dir = tmp_path / 'two'
+    two = torchrun(flags(dataset, tmp_path, 'two', False))
+    code, _, err = run_main(flags(dataset, tmp_path, 'one', False), capsys)
+    assert code == 0, err
+    deadline = time.time() + 300
+    while two.poll() is None and time.time() < deadline:  # Ctrl-C, as a terminal sends it: to the process group
+        if os.path.exists(run_dir / 'metrics.csv') and len((run_dir / 'metrics.csv').read_text().splitlines()) >= 2:
+            os.killpg(two.pid, signal.SIGINT)
+            break
+        time.sleep(0.02)
+    out, err = two.communicate(timeout=300)
+    assert two.returncode != 0
+    assert f'torchrun --nproc_per_node=2 main.py --resume {run_dir}' in err
+    assert len(read_metrics(run_dir)) == 1
+    resumed = torchrun(['--resume', run_dir])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert_same_metrics(read_metrics(run_dir), read_metrics(tmp_path / 'one'))
+
+
+def test_global_batch_must_divide_by_world_size(tiny_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '3')
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--batch_size', 8, '--log_dir', tmp_path], capsys)
+    assert code == 1 and '--batch_size 8 does not divide by the 3 processes' in err and 'global batch' in err
+    assert os.listdir(tmp_path) == []
