@@ -3,11 +3,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import REPO, TINY, read_metrics, run_main, write_folder_dataset
+from conftest import REPO, TINY, read_metrics, run_main, signal_after_first_epoch, write_folder_dataset
 
 
 @pytest.fixture(scope='module')
@@ -51,14 +50,10 @@ def test_two_processes_match_one(dataset, tmp_path, capsys, full):
 def test_interrupted_two_process_run_resumes_under_two_processes(dataset, tmp_path, capsys):
     run_dir = tmp_path / 'two'
     two = torchrun(flags(dataset, tmp_path, 'two', False))
+    watcher = signal_after_first_epoch(two, run_dir, signal.SIGINT, group=True)  # Ctrl-C to torchrun and workers
     code, _, err = run_main(flags(dataset, tmp_path, 'one', False), capsys)
     assert code == 0, err
-    deadline = time.time() + 300
-    while two.poll() is None and time.time() < deadline:  # Ctrl-C, as a terminal sends it: to the process group
-        if os.path.exists(run_dir / 'metrics.csv') and len((run_dir / 'metrics.csv').read_text().splitlines()) >= 2:
-            os.killpg(two.pid, signal.SIGINT)
-            break
-        time.sleep(0.02)
+    watcher.join()
     out, err = two.communicate(timeout=300)
     assert two.returncode != 0
     assert f'torchrun --nproc_per_node=2 main.py --resume {run_dir}' in err

@@ -4,14 +4,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import REPO, TINY, read_metrics, run_main, write_folder_dataset
+from conftest import REPO, TINY, read_metrics, run_main, signal_after_first_epoch, write_folder_dataset
 
 TIME_COLUMNS = ('epoch_time_s', 'train_images_per_s')
 
@@ -24,7 +22,7 @@ def dataset(tmp_path_factory):
 
 
 def flags(dataset, log_dir, name, epochs=2):
-    return [*TINY, '--dataset', dataset, '--epoch', epochs, '--batch_size', 32, '--prompt_dropout', 0.1,
+    return [*TINY, '--patch_size', 8, '--dataset', dataset, '--epoch', epochs, '--batch_size', 32, '--prompt_dropout', 0.1,
             '--log_dir', log_dir, '--name', name]
 
 
@@ -33,26 +31,13 @@ def start(argv):
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
 
 
-def signal_after_first_epoch(process, run_dir, signum, timeout=240):
-    """Send `signum` as soon as epoch 1's metrics row exists (that is, while epoch 2 runs)."""
-    deadline = time.time() + timeout
-    path = os.path.join(run_dir, 'metrics.csv')
-    while time.time() < deadline and process.poll() is None:
-        if os.path.exists(path) and len(open(path).read().splitlines()) >= 2:
-            process.send_signal(signum)
-            return
-        time.sleep(0.02)
-
-
 def without_time(rows):
     return [{k: v for k, v in row.items() if k not in TIME_COLUMNS} for row in rows]
 
 
 def test_interrupt_and_resume_equals_uninterrupted_run(dataset, tmp_path, capsys):
     interrupted = start(flags(dataset, tmp_path, 'interrupted'))
-    watcher = threading.Thread(target=signal_after_first_epoch,
-                               args=(interrupted, tmp_path / 'interrupted', signal.SIGINT))
-    watcher.start()
+    watcher = signal_after_first_epoch(interrupted, tmp_path / 'interrupted', signal.SIGINT)
     code, _, err = run_main(flags(dataset, tmp_path, 'straight'), capsys)  # the reference, meanwhile, in-process
     assert code == 0, err
     watcher.join()
@@ -72,7 +57,7 @@ def test_interrupt_and_resume_equals_uninterrupted_run(dataset, tmp_path, capsys
 def test_sigterm_keeps_last_epoch_and_eval_only_reproduces_it(dataset, tmp_path, capsys):
     run_dir = tmp_path / 'run'
     process = start(flags(dataset, tmp_path, 'run', epochs=3))
-    signal_after_first_epoch(process, run_dir, signal.SIGTERM)
+    signal_after_first_epoch(process, run_dir, signal.SIGTERM).join()
     out, err = process.communicate(timeout=240)
     assert process.returncode == 143, err
     assert f"main.py --resume {run_dir}" in err and 'Traceback' not in err
