@@ -44,7 +44,7 @@ from PIL import Image
 
 import data
 import train
-from main import device_name, int_at_least, str2bool
+from main import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, device_name, int_at_least, str2bool
 from model import PromptedViT, count_params, create_vit, set_trainable
 
 NUM_CLASSES = 10
@@ -153,7 +153,7 @@ def run_mode(name, args, device, pool, test_set):
     trainable, total = count_params(model, trainable_only=True), count_params(model)
     if args.compile:
         model.compile()  # in place, as train.fit does
-    lr, weight_decay = (1e-4, 0.05) if full else (5e-3, 1e-4)  # main.py's defaults per mode
+    lr, weight_decay = DEFAULT_LR[name], DEFAULT_WEIGHT_DECAY[name]
     optimizer = train.make_optimizer(model, lr, weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     norm = data.norm_tensors(model.vit.pretrained_cfg, device)
@@ -220,7 +220,8 @@ def run_baseline(args, device, pool):
     needed = min(CIFAR_TRAIN, args.baseline_batch_size * (args.warmup + args.baseline_steps))
     dataset = SyntheticCIFAR(images[:needed].permute(0, 2, 3, 1).contiguous().cpu().numpy(), labels[:needed].tolist(), transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.baseline_batch_size, shuffle=True, num_workers=0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=DEFAULT_LR['P'],
+                                  weight_decay=DEFAULT_WEIGHT_DECAY['P'])
 
     def endless():
         while True:

@@ -14,6 +14,9 @@ import sys
 
 # flags a resumed run may change; every other flag belongs to the run and must match its config.json
 RESUME_MAY_CHANGE = {'epoch', 'device', 'data_dir', 'compile', 'amp', 'eval_only', 'resume'}
+# AdamW defaults per mode (batch 128): prompt tuning behind a frozen backbone takes a far larger lr than full tuning
+DEFAULT_LR = {'P': 5e-3, 'linear': 5e-3, 'F': 1e-4, 'P+F': 1e-4}
+DEFAULT_WEIGHT_DECAY = {'P': 1e-4, 'linear': 1e-4, 'F': 0.05, 'P+F': 0.05}
 
 
 def str2bool(text):
@@ -108,8 +111,8 @@ def parse_args(argv=None):
     if args.name and os.sep in args.name:
         error(f"--name {args.name!r} must be a plain directory name; put the parent in --log_dir")
     mode = mode_of(args)
-    args.lr = {'P': 5e-3, 'linear': 5e-3}.get(mode, 1e-4) if args.lr is None else args.lr
-    args.weight_decay = {'P': 1e-4, 'linear': 1e-4}.get(mode, 0.05) if args.weight_decay is None else args.weight_decay
+    args.lr = DEFAULT_LR[mode] if args.lr is None else args.lr
+    args.weight_decay = DEFAULT_WEIGHT_DECAY[mode] if args.weight_decay is None else args.weight_decay
     args.warmup_epochs = 0.1 * args.epoch if args.warmup_epochs is None else args.warmup_epochs
     return args
 
@@ -195,17 +198,14 @@ def main(argv=None):
         print(f"mode {mode}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%); "
               f"{len(splits[1])} train / {len(splits[3])} test images, {len(classes)} classes; device {device}"
               + (f" x{world_size}" if world_size > 1 else ''), flush=True)
-        config = dict(vars(args), mode=mode, trainable_params=trainable, total_params=total,
-                      num_classes=len(classes), classes=classes, world_size=world_size,
-                      prompt_impl=model.prompt_impl, device_name=device_name(device),
-                      torch_version=torch.__version__, timm_version=timm.__version__)
         if run_dir is None:
             run_dir = make_run_dir(args, mode)
-            config['name'] = os.path.basename(run_dir)
-        else:
-            config['resume'] = None
-        config.pop('eval_only')
-        train.write_config(run_dir, {k: v for k, v in config.items() if k != 'resume'})
+            args.name = os.path.basename(run_dir)
+        flags = {key: value for key, value in vars(args).items() if key not in ('resume', 'eval_only')}
+        train.write_config(run_dir, dict(flags, mode=mode, trainable_params=trainable, total_params=total,
+                                         num_classes=len(classes), classes=classes, world_size=world_size,
+                                         prompt_impl=model.prompt_impl, device_name=device_name(device),
+                                         torch_version=torch.__version__, timm_version=timm.__version__))
         print(f"run directory: {run_dir}", flush=True)
     run_dir = broadcast_run_dir(run_dir, world_size)
     train.fit(model, splits, args, run_dir, rank, world_size, device, resume=bool(args.resume))

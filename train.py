@@ -238,8 +238,9 @@ def load_trainable(run_dir, model):
     return epoch
 
 
-def load_state(run_dir, device):
-    return torch.load(os.path.join(run_dir, 'state.pt'), map_location=device, weights_only=False)
+def load_state(run_dir):
+    # to the CPU: RNG states must be CPU tensors, and optimizer.load_state_dict moves its state to each parameter
+    return torch.load(os.path.join(run_dir, 'state.pt'), map_location='cpu', weights_only=False)
 
 
 def restore_rng(rng, generator):
@@ -267,7 +268,7 @@ def fit(model, splits, args, run_dir, rank, world_size, device, resume=False):
     generator = torch.Generator(device).manual_seed(args.seed)
     history, done = [], 0
     if resume:
-        state = load_state(run_dir, device)
+        state = load_state(run_dir)
         saved_epoch = load_trainable(run_dir, model)
         if saved_epoch != state['epoch']:
             raise SystemExit(f"error: {run_dir}: trainable.safetensors is from epoch {saved_epoch} but state.pt from "
@@ -276,6 +277,11 @@ def fit(model, splits, args, run_dir, rank, world_size, device, resume=False):
         scheduler.load_state_dict(state['scheduler'])
         restore_rng(state['rng'], generator)
         history, done = state['history'], state['epoch']
+        if done > args.epoch:
+            raise SystemExit(f"error: {run_dir} has already finished {done} epochs; --epoch {args.epoch} cannot undo "
+                             f"them: pass --epoch {done + 1} or more to train further")
+        if done == args.epoch and rank == 0:
+            print(f"{run_dir} has finished all {done} epochs; pass --epoch N to train further", flush=True)
     elif rank == 0:  # epoch 0: a run stopped in its first epoch can be resumed too
         save_checkpoint(run_dir, model, optimizer, scheduler, generator, 0, history)
     if args.compile:
