@@ -135,7 +135,7 @@ def test_cifar10_from_data_dir(fake_cifar10):
     assert classes[0] == 'airplane' and len(classes) == 10
     reference = torchvision.datasets.CIFAR10(fake_cifar10, train=True)
     image, label = reference[7]
-    assert torch.equal(train_x[7], torch.from_numpy(np.asarray(image)).permute(2, 0, 1)) and train_y[7] == label
+    assert torch.equal(train_x[7], torch.from_numpy(np.array(image)).permute(2, 0, 1)) and train_y[7] == label
 
 
 def test_cli_trains_on_cifar10_in_data_dir(fake_cifar10, tmp_path, capsys):
