@@ -183,7 +183,6 @@ def run_mode(name, args, device, pool, test_set):
     start = time.perf_counter()
     train.evaluate(model, test_images[warm:], test_labels[warm:], args.batch_size, norm, args.amp, device)
     eval_s = time.perf_counter() - start
-    del model, optimizer
     if args.compile:
         torch._dynamo.reset()
     return dict(full=full, prompts=num_prompts, trainable_params=trainable, total_params=total,
@@ -255,7 +254,6 @@ def run_baseline(args, device, pool):
     finally:
         set_tf32(*previous)
     peak_gib = peak_memory_gib(device)
-    del model, optimizer, batches, loader
     return dict(full=False, prompts=args.prompts, batch_size=args.baseline_batch_size, prompt_impl='naive',
                 amp=False, tf32=False, train_img_s=images_done / train_s, train_s=train_s, peak_mem_gib=peak_gib)
 

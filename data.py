@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 CIFAR_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
@@ -22,9 +23,11 @@ def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_
     train_samples/test_samples > 0 keep a seeded class-balanced subset (for a folder, only those files are decoded).
     """
     if dataset in CIFAR_FOLDERS:
-        splits, classes = _load_cifar(dataset, data_dir)
-        splits = [(_resize(images[keep], img_size), labels[keep]) for (images, labels), samples in
-                  zip(splits, (train_samples, test_samples)) for keep in [balanced_subset(labels, samples, seed)]]
+        splits = []
+        loaded, classes = _load_cifar(dataset, data_dir)
+        for (images, labels), num_samples in zip(loaded, (train_samples, test_samples)):
+            keep = balanced_subset(labels, num_samples, seed)
+            splits.append((_resize(images[keep], img_size), labels[keep]))
     elif os.path.isdir(dataset):
         splits, classes = _load_folder(dataset, img_size, (train_samples, test_samples), seed)
     else:
@@ -87,7 +90,6 @@ def _load_folder(root, img_size, samples, seed):
 
 
 def _read_image(path, img_size):
-    from PIL import Image
     try:
         with Image.open(path) as image:
             image = image.convert('RGB')

@@ -16,6 +16,7 @@ matplotlib.use('Agg')  # files only, no display needed
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+# train.METRICS_HEADER, repeated rather than imported: plot.py stays free of torch and starts in a second
 METRICS_HEADER = ['epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'lr', 'epoch_time_s',
                   'train_images_per_s']
 MARKERS_UP_TO = 30  # draw a marker at every epoch while the longest run has at most this many

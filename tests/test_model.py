@@ -123,7 +123,7 @@ def test_shallow_prompts_are_carried_through():
 def test_kv_path_matches_naive(num_prompts, full, prompt_dropout):
     """Logits, loss and every trainable gradient of the KV-only path equal the naive path (fp32, eval mode)."""
     torch.manual_seed(0)
-    vit = create_vit('test_vit', 10, 32, 4, pretrained=False, )
+    vit = create_vit('test_vit', 10, 32, 4, pretrained=False)
     model = PromptedViT(vit, num_prompts, prompt_dropout=prompt_dropout, prompt_impl='naive')
     set_trainable(model, full)
     model.eval()
