@@ -6,6 +6,8 @@ Two forward implementations give the same logits and gradients:
   layer's prompt outputs and the head reads only CLS. So they get norm1 + the K/V projection and nothing else,
   and in the last block only the CLS row gets its query, output projection and MLP.
 """
+import difflib
+import fnmatch
 import os
 
 import timm
@@ -24,8 +26,13 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
     kwargs = dict(img_size=img_size, patch_size=patch_size, num_classes=num_classes, global_pool='token')
     if weights:
         kwargs['pretrained_cfg_overlay'] = dict(file=os.path.abspath(weights), custom_load=False)
+    elif pretrained:
+        _check_hub_reachable(model_name)
     try:
         vit = timm.create_model(model_name, pretrained=pretrained or bool(weights), **kwargs)
+    except AssertionError as e:  # timm's constructor asserts, e.g. 'Token pooling needs the class token.'
+        raise SystemExit(f"error: cannot build --model {model_name} for VPT ({_first_line(e) or 'AssertionError'}); "
+                         "pick a timm ViT with a class token, e.g. vit_base_patch16_224.augreg_in21k")
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         if weights:
             raise SystemExit(f"error: --weights {weights} does not fit --model {model_name}: {_first_line(e)}")
@@ -59,6 +66,26 @@ def _first_line(error):
     return text[:300]
 
 
+def _check_hub_reachable(model_name):
+    """One quick request before timm's download: without network, huggingface_hub retries each candidate file for
+    ~25 s and logs a warning per attempt. Weights already in the local cache, or HF_HUB_OFFLINE, need no network."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is None or not cfg.hf_hub_id or huggingface_hub.constants.HF_HUB_OFFLINE:
+        return
+    repo_id, _, revision = cfg.hf_hub_id.partition('@')
+    if os.path.isdir(os.path.join(huggingface_hub.constants.HF_HUB_CACHE, 'models--' + repo_id.replace('/', '--'))):
+        return  # something of this repo is cached: the hub falls back to it offline, without retries
+    url = huggingface_hub.hf_hub_url(repo_id, cfg.hf_hub_filename or 'model.safetensors', revision=revision or None)
+    try:
+        huggingface_hub.get_hf_file_metadata(url, timeout=huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT)
+    except HfHubHTTPError:
+        return  # the hub answered (a 404 for a repo with only pytorch_model.bin, say): timm takes it from here
+    except Exception as e:  # no answer at all: DNS, refused connection, timeout, proxy
+        raise SystemExit(_download_error(model_name, e))
+
+
 def _download_error(model_name, error):
     return (f"error: could not download the pretrained weights of {model_name} from the Hugging Face hub "
             f"({type(error).__name__}); offline, pass --weights FILE (a timm checkpoint, e.g. the hub's "
@@ -71,12 +98,32 @@ def _supports_kv(block):
             and attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim)
 
 
+def _pooling(vit):
+    """What the head reads, for error messages: 'token' is the class token alone."""
+    return 'attention pooling' if vit.attn_pool is not None else f"global_pool={vit.global_pool!r}"
+
+
+def _head_reads_cls_only(vit):
+    # the kv path hands forward_head a single row, the CLS token; register tokens are fine (ordinary rows before the
+    # head), a distilled ViT's head also reads its dist token, so an overridden forward_head/pool is refused
+    return (vit.global_pool == 'token' and vit.attn_pool is None
+            and type(vit).forward_head is VisionTransformer.forward_head
+            and getattr(type(vit), 'pool', None) is getattr(VisionTransformer, 'pool', None))
+
+
 class PromptedViT(nn.Module):
     def __init__(self, vit: VisionTransformer, num_prompts=50, deep=True, prompt_dropout=0.0, prompt_impl='kv'):
         super().__init__()
         self.vit = vit
         self.deep = deep
         self.prompt_impl = prompt_impl if deep else 'naive'  # shallow prompts feed every later layer: no shortcut
+        if num_prompts > 0 and (vit.global_pool != 'token' or vit.attn_pool is not None):
+            raise SystemExit(f"error: VPT prompts need a head that reads the class token, but this ViT's head uses "
+                             f"{_pooling(vit)} and would pool the prompts into it; build the ViT with "
+                             f"global_pool='token' (create_vit does), or use --prompts 0")
+        if self.prompt_impl == 'kv' and not _head_reads_cls_only(vit):
+            raise SystemExit(f"error: --prompt_impl kv computes only the class token after the last block, but this "
+                             f"ViT's head ({type(vit).__name__}, {_pooling(vit)}) reads more; use --prompt_impl naive")
         if self.prompt_impl == 'kv' and not all(_supports_kv(block) for block in vit.blocks):
             raise SystemExit("error: --prompt_impl kv needs timm's standard ViT Block/Attention in every layer; "
                              "use --prompt_impl naive for this --model")
@@ -153,14 +200,36 @@ def _kv_block(block, x, prompt_tokens, cls_only):
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-def set_trainable(model: PromptedViT, full: bool):
-    """--full False trains prompts + head only; --full True trains everything."""
+def set_trainable(model: PromptedViT, full: bool, unfreeze=()):
+    """--full False trains prompts + head only; --full True trains everything. `unfreeze`: fnmatch patterns over the
+    timm model's parameter names (model.vit.named_parameters(), e.g. 'patch_embed.*', 'pos_embed', 'norm.*') that
+    train as well; each must match something. Returns the sorted names they matched."""
     for param in model.parameters():
         param.requires_grad_(full)
     for param in model.vit.get_classifier().parameters():
         param.requires_grad_(True)
     if model.prompts is not None:
         model.prompts.tokens.requires_grad_(True)
+    params = dict(model.vit.named_parameters())
+    matched = set()
+    for pattern in unfreeze:
+        # fnmatchcase matches the whole name: 'norm.*' is the final norm, never 'blocks.0.norm1.weight'
+        hits = [name for name in params if fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            raise SystemExit(f"error: --unfreeze pattern {pattern!r} matches no parameter of --model "
+                             f"{model.vit.pretrained_cfg.get('architecture')}; "
+                             f"closest names: {', '.join(_close_names(pattern, params))}")
+        matched.update(hits)
+    for name in matched:
+        params[name].requires_grad_(True)
+    return sorted(matched)
+
+
+def _close_names(pattern, names):
+    """Parameter names and module patterns ('blocks.0.attn.*') nearest to a pattern that matched nothing."""
+    modules = {name.rsplit('.', i)[0] + '.*' for name in names for i in range(1, name.count('.') + 1)}
+    top_level = sorted(name for name in set(names) | modules if '.' not in name.removesuffix('.*'))
+    return difflib.get_close_matches(pattern, sorted(set(names) | modules), n=3) or top_level
 
 
 def count_params(model, trainable_only=False):

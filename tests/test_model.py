@@ -1,11 +1,17 @@
 """The model: ViT-B/4 geometry, weights loading through timm's resampling, prompt placement, trainable sets,
 and the exactness of the KV-only prompt path against the naive one."""
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
+from conftest import REPO
 from model import PromptedViT, count_params, create_vit, set_trainable
 
 VIT_B = 'vit_base_patch16_224.augreg_in21k'
@@ -70,16 +76,6 @@ def test_weights_file_goes_through_timm_resampling(tmp_path, suffix):
     assert vit.head.out_features == 10  # a new head: the checkpoint's 21-way head is dropped
 
 
-def test_no_prompts_equals_plain_timm():
-    torch.manual_seed(0)
-    vit = create_vit('test_vit', 10, 32, 4, pretrained=False).eval()
-    images = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        expected = vit(images)
-        assert torch.equal(PromptedViT(vit, 0, prompt_impl='naive')(images), expected)
-        torch.testing.assert_close(PromptedViT(vit, 0, prompt_impl='kv')(images), expected, rtol=1e-5, atol=1e-5)
-
-
 def _block_inputs(model, images):
     seen = []
     hooks = [block.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
@@ -117,39 +113,165 @@ def test_shallow_prompts_are_carried_through():
     assert not torch.equal(inputs[1][:, 1:4], inputs[0][:, 1:4])  # layer 1 reads layer 0's prompt outputs
 
 
-@pytest.mark.parametrize('num_prompts', [0, 1, 7, 50])
-@pytest.mark.parametrize('full', [False, True])
-@pytest.mark.parametrize('prompt_dropout', [0.0, 0.3])
-def test_kv_path_matches_naive(num_prompts, full, prompt_dropout):
-    """Logits, loss and every trainable gradient of the KV-only path equal the naive path (fp32, eval mode)."""
+UNFREEZE_ALL_BUT_BLOCKS = ['patch_embed.*', 'pos_embed', 'cls_token', 'norm.*']
+
+
+def tiny_vit(**kwargs):
+    """timm's test_vit at 32x32 with 4x4 patches: 6 blocks of width 64, 64 patches; no dropout of its own."""
+    if kwargs:  # timm directly: create_vit would force global_pool='token'
+        return timm.create_model('test_vit', img_size=32, patch_size=4, num_classes=10, **kwargs)
+    return create_vit('test_vit', 10, 32, 4, pretrained=False)
+
+
+def forward_backward(model, images, labels, seed=0):
+    """Logits and the gradient of every trainable tensor; the seed fixes the prompt dropout masks."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    logits = model(images)
+    F.cross_entropy(logits, labels).backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same(result, expected):
+    (logits, grads), (logits_expected, grads_expected) = result, expected
+    torch.testing.assert_close(logits, logits_expected, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_expected.keys()
+    for name in grads_expected:
+        torch.testing.assert_close(grads[name], grads_expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize('num_prompts', [1, 7, 50])
+@pytest.mark.parametrize('trainable', ['P', 'F', 'P+unfreeze'])
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train-dropout'])
+def test_kv_path_matches_naive(num_prompts, trainable, train):
+    """Logits and every trainable gradient of the KV-only path equal the naive path (fp32). In train mode with
+    prompt dropout, both paths draw the masks once, before the blocks, from the same RNG state."""
     torch.manual_seed(0)
-    vit = create_vit('test_vit', 10, 32, 4, pretrained=False)
-    model = PromptedViT(vit, num_prompts, prompt_dropout=prompt_dropout, prompt_impl='naive')
-    set_trainable(model, full)
-    model.eval()
+    vit = tiny_vit()
+    assert all(m.p == 0 for m in vit.modules() if isinstance(m, torch.nn.Dropout))  # only the prompts draw masks
+    model = PromptedViT(vit, num_prompts, prompt_dropout=0.3 if train else 0.0)
+    set_trainable(model, trainable == 'F', UNFREEZE_ALL_BUT_BLOCKS if trainable == 'P+unfreeze' else ())
+    model.train(train)
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     results = {}
     for impl in ('naive', 'kv'):
         model.prompt_impl = impl
-        model.zero_grad(set_to_none=True)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
-        loss.backward()
-        results[impl] = (logits.detach(), loss.detach(),
-                         {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad})
-    (logits_n, loss_n, grads_n), (logits_k, loss_k, grads_k) = results['naive'], results['kv']
-    torch.testing.assert_close(logits_k, logits_n, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss_k, loss_n, rtol=1e-6, atol=1e-6)
-    assert grads_k.keys() == grads_n.keys()
-    assert len(grads_n) == count_trainable_tensors(model)
-    for name in grads_n:
-        torch.testing.assert_close(grads_k[name], grads_n[name], rtol=1e-4, atol=1e-6, msg=name)
-    if num_prompts:
-        assert grads_n['prompts.tokens'].abs().amax(dim=(1, 2)).min() > 0  # every layer's prompts get a gradient
+        results[impl] = forward_backward(model, images, labels)
+    assert_same(results['kv'], results['naive'])
+    logits, grads = results['naive']
+    assert len(grads) == sum(p.requires_grad for p in model.parameters())
+    assert grads['prompts.tokens'].abs().amax(dim=(1, 2)).min() > 0  # every layer's prompts get a gradient
+    if train:  # the masks were really drawn: without them (eval) the logits differ
+        model.eval()
+        with torch.no_grad():
+            assert not torch.allclose(model(images), logits, rtol=1e-3, atol=1e-3)
 
 
-def count_trainable_tensors(model):
-    return sum(p.requires_grad for p in model.parameters())
+@pytest.mark.parametrize('full', [False, True])
+def test_kv_without_prompts_equals_plain_timm(full):
+    """prompts=0 through the KV path (last block: CLS row only) against an independently built timm model holding
+    the same weights, in train mode: same logits, same gradients."""
+    torch.manual_seed(0)
+    vit = tiny_vit()
+    model = PromptedViT(vit, 0, prompt_impl='kv')
+    set_trainable(model, full)
+    reference = timm.create_model('test_vit', img_size=32, patch_size=4, num_classes=10, global_pool='token')
+    reference.load_state_dict(vit.state_dict())
+    for name, param in reference.named_parameters():
+        param.requires_grad_(dict(model.named_parameters())[f'vit.{name}'].requires_grad)
+    model.train(), reference.train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    logits, grads = forward_backward(model, images, labels)
+    expected = forward_backward(reference, images, labels)
+    assert_same((logits, {name.removeprefix('vit.'): g for name, g in grads.items()}), expected)
+    assert len(grads) == (len(list(reference.parameters())) if full else 2)
+
+
+def test_register_tokens_work_with_the_kv_path():
+    """Register tokens are ordinary rows to the blocks; the head still reads only CLS (row 0)."""
+    torch.manual_seed(0)
+    model = PromptedViT(tiny_vit(reg_tokens=2, global_pool='token'), 5, prompt_impl='naive')
+    set_trainable(model, True)
+    images, labels = torch.randn(3, 3, 32, 32), torch.randint(0, 10, (3,))
+    naive = forward_backward(model, images, labels)
+    model.prompt_impl = 'kv'
+    assert_same(forward_backward(model, images, labels), naive)
+
+
+@pytest.mark.parametrize('pool', ['avg', 'avgmax', 'map'])
+def test_heads_that_do_not_read_cls_are_refused(pool):
+    vit = tiny_vit(global_pool=pool)
+    for impl in ('kv', 'naive'):  # the prompts would be pooled into the head
+        with pytest.raises(SystemExit, match=f"head uses .*{'attention pooling' if pool == 'map' else pool}.*"
+                                             "global_pool='token'"):
+            PromptedViT(vit, 4, prompt_impl=impl)
+    with pytest.raises(SystemExit, match='computes only the class token .* use --prompt_impl naive'):
+        PromptedViT(vit, 0, prompt_impl='kv')  # no prompts, but the kv path still hands the head the CLS row alone
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # no prompts, naive: the plain timm model, whatever its pooling
+        assert torch.equal(PromptedViT(vit.eval(), 0, prompt_impl='naive')(images), vit(images))
+
+
+def test_distilled_vit_needs_the_naive_path():
+    vit = timm.create_model('deit_tiny_distilled_patch16_224', img_size=32, patch_size=4, depth=2, num_classes=10)
+    with pytest.raises(SystemExit, match='VisionTransformerDistilled.*use --prompt_impl naive'):
+        PromptedViT(vit, 4)
+    model = PromptedViT(vit, 4, prompt_impl='naive').eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)  # prompts after CLS and dist; the head reads both
+
+
+def test_model_without_class_token_is_one_line_error():
+    with pytest.raises(SystemExit, match='cannot build --model vit_base_patch16_siglip_224 .*class token'):
+        create_vit('vit_base_patch16_siglip_224', 10, pretrained=False)  # timm asserts before allocating weights
+
+
+def test_unfreeze_patterns_add_to_prompt_tuning():
+    model = PromptedViT(tiny_vit(), 4)
+    matched = set_trainable(model, False, UNFREEZE_ALL_BUT_BLOCKS)
+    assert matched == ['cls_token', 'norm.bias', 'norm.weight', 'patch_embed.proj.bias', 'patch_embed.proj.weight',
+                       'pos_embed']  # 'norm.*' is the final norm only: fnmatch matches whole names, not suffixes
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {'prompts.tokens', 'vit.head.weight', 'vit.head.bias', *(f'vit.{name}' for name in matched)}
+    d = 64
+    assert count_params(model, trainable_only=True) == (6 * 4 * d + d * 10 + 10 + d + 65 * d + 2 * d
+                                                        + d * 3 * 4 * 4 + d)
+    assert set_trainable(model, False) == [] and count_params(model, trainable_only=True) == 6 * 4 * d + d * 10 + 10
+    assert set_trainable(model, False, ['blocks.1.*', 'blocks.1*']) == sorted(  # overlapping patterns: a set
+        name for name, _ in model.vit.named_parameters() if name.startswith('blocks.1.'))
+    assert set_trainable(model, True, ['pos_embed']) == ['pos_embed']  # harmless with --full True
+    assert count_params(model, trainable_only=True) == count_params(model)
+
+
+@pytest.mark.parametrize('pattern, close', [('patch_embed', 'patch_embed.*'), ('norm', 'norm.*'),
+                                            ('vit.pos_embed', 'pos_embed'), ('blocks.0.atn.*', 'blocks.0.attn.*'),
+                                            ('xyz', 'blocks.*, cls_token, head.*, norm.*, patch_embed.*, pos_embed')])
+def test_unfreeze_pattern_matching_nothing_names_close_names(pattern, close):
+    model = PromptedViT(tiny_vit(), 4)
+    with pytest.raises(SystemExit) as raised:
+        set_trainable(model, False, ['pos_embed', pattern])
+    message = str(raised.value.code)
+    assert message.startswith(f"error: --unfreeze pattern '{pattern}' matches no parameter of --model test_vit; "
+                              f"closest names: ")
+    assert close in message.split('closest names: ')[1] and '\n' not in message
+
+
+def test_download_failure_is_one_quick_line(tmp_path):
+    """No network and no HF_HUB_OFFLINE: the hub would retry every candidate file for ~25 s, printing a warning per
+    attempt. create_vit asks once and fails with one line naming --weights. The endpoint is a closed local port, the
+    cache an empty folder, so the internet is never reached."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ('hf_hub_offline', 'http_proxy', 'https_proxy',
+                                                                     'all_proxy', 'no_proxy')}
+    env.update(HF_ENDPOINT='http://127.0.0.1:9', HF_HOME=str(tmp_path / 'hf'), NO_PROXY='*', PYTHONUNBUFFERED='1')
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, '-c', 'from model import create_vit; create_vit("test_vit", 10)'],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # no 'Retrying in 1s [Retry 1/5]' storm before our line
+    assert lines[0].startswith('error: could not download the pretrained weights of test_vit')
+    assert '--weights FILE' in lines[0] and '--pretrained False' in lines[0]
+    assert elapsed < 20  # the retries alone sleep 2 x (1 + 2 + 4 + 8 + 8) s
 
 
 def test_kv_path_rejects_blocks_it_cannot_shortcut():
