@@ -1,8 +1,31 @@
-"""Plot train/test accuracy per epoch for vpt runs and print a summary table.
+"""Plot train/test accuracy per epoch for vpt runs and print a summary table; draw confusion matrices and
+accuracy-against-cost figures.
 
-    python plot.py logs/                                   # every run under logs/ -> logs/accuracy.png
+    python plot.py logs/                                   # every run under logs/ -> logs/accuracy.png + table
     python plot.py logs/P_run logs/F_run --out fig.png     # chosen runs (run directories hold metrics.csv)
     python plot.py logs/ other_logs/ --out report/acc.pdf  # several log directories; format from the extension
+    python plot.py logs/my_sweep/                          # a sweep directory is a directory of runs like logs/
+    python plot.py logs/ --cost                            # and logs/cost.png: accuracy against trainable
+                                                           # parameters, time per epoch, checkpoint size
+    python plot.py logs/P_run --confusion                  # logs/P_run/confusion.png from its confusion.csv
+    python plot.py logs/ --confusion                       # a confusion.png in every run directory that has one
+
+A PATH is a run directory or a directory of runs, one level deep: files next to the runs (sweep.csv, figures) and
+directories that are not runs are ignored, so sweep directories inside logs/ are passed as PATHs of their own.
+
+Table columns: `test@best val` is the test accuracy at the epoch with the best validation accuracy (the first such
+epoch; `val epoch`), the number to report ('-' for runs trained without a validation split); `best test (oracle)`
+is the highest test accuracy over all epochs, an epoch picked by looking at the test set, so optimistic. Then the final
+epoch's test accuracy, the mean time per epoch and the total (training + evaluation), peak GPU memory ('-' on CPU),
+the size of trainable.safetensors and the trainable parameter count.
+
+--cost writes cost.png next to accuracy.png (with --out report/acc.pdf: report/acc_cost.pdf): test@best val, or
+the final test accuracy for runs without a validation split (hollow markers), against trainable parameters, mean
+time per epoch and checkpoint size, one point per run; a run lacking a quantity is left out of that panel.
+
+--confusion draws only the confusion matrices (no accuracy figure, no table): rows are true classes, each row
+normalised to 100%, colour on a square-root scale so that small confusions show. --out is allowed with a single run
+only; for several runs drop it and every run gets <run>/confusion.png.
 """
 import argparse
 import csv
@@ -14,12 +37,22 @@ import sys
 import matplotlib
 matplotlib.use('Agg')  # files only, no display needed
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
+import numpy as np
+from matplotlib.colors import PowerNorm
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-# train.METRICS_HEADER, repeated rather than imported: plot.py stays free of torch and starts in a second
+# train.METRICS_HEADER, repeated rather than imported: plot.py stays free of torch and starts in a second.
+# Columns are read by name: these must be there, the optional ones may be (empty cells = no value), others are ignored.
 METRICS_HEADER = ['epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'lr', 'epoch_time_s',
                   'train_images_per_s']
+METRICS_OPTIONAL = ['val_loss', 'val_acc', 'peak_mem_gib']  # empty without a validation split / on CPU
+MUST_BE_FINITE = ('epoch', 'train_acc', 'test_acc', 'epoch_time_s', 'val_acc', 'peak_mem_gib')  # losses may be nan
 MARKERS_UP_TO = 30  # draw a marker at every epoch while the longest run has at most this many
+ANNOTATE_UP_TO = 20  # write the percentage into every confusion-matrix cell up to this many classes
+MODE_STYLE = {'P': ('tab:blue', 'o'), 'F': ('tab:orange', 's'), 'P+F': ('tab:green', '^'),
+              'linear': ('tab:purple', 'D')}
+OTHER_STYLE = ('tab:gray', 'X')  # mode '?' (no config.json) or one this script does not know
 
 
 def error(message):
@@ -41,6 +74,13 @@ def one_line(exc):
 
 def is_run_dir(path):
     return os.path.isfile(os.path.join(path, 'metrics.csv'))
+
+
+def holds_runs(path):
+    try:
+        return os.path.isdir(path) and any(is_run_dir(os.path.join(path, name)) for name in os.listdir(path))
+    except OSError:
+        return False
 
 
 def find_run_dirs(paths):
@@ -68,8 +108,10 @@ def find_run_dirs(paths):
                 elif os.path.isfile(os.path.join(sub, 'config.json')):  # started, no metrics.csv yet
                     warn(f"skipping run {sub}: no metrics.csv (no epoch written yet)")
             if not candidates:
-                error(f"no runs found under {path} (a run directory holds metrics.csv); "
-                      f"train one with python main.py, or pass the directory that holds the runs")
+                nested = [os.path.join(path, name) for name in names if holds_runs(os.path.join(path, name))]
+                hint = (f"; {nested[0]} holds runs (a sweep?): pass it" if nested else
+                        "; train one with python main.py, or pass the directory that holds the runs")
+                error(f"no runs found under {path} (a run directory holds metrics.csv){hint}")
         for run_dir in candidates:
             key = os.path.realpath(run_dir)
             if key not in seen:
@@ -82,7 +124,8 @@ def find_run_dirs(paths):
 
 
 def read_metrics(path):
-    """metrics.csv -> list of rows (dicts of floats, 'epoch' an int). Raises ValueError with a one-line reason."""
+    """metrics.csv -> list of rows, dicts of floats ('epoch' an int) holding METRICS_HEADER and METRICS_OPTIONAL
+    (None when the column is missing or the cell empty). Raises ValueError with a one-line reason."""
     try:
         with open(path, newline='') as f:
             rows = [row for row in csv.reader(f) if row]  # blank lines carry nothing
@@ -90,23 +133,34 @@ def read_metrics(path):
         raise ValueError(f"cannot read metrics.csv ({one_line(e)})")
     if not rows:
         raise ValueError("metrics.csv is empty")
-    if rows[0] != METRICS_HEADER:
-        raise ValueError(f"metrics.csv header is {','.join(rows[0])[:80]!r}, expected {','.join(METRICS_HEADER)!r}")
+    header = rows[0]
+    missing = [key for key in METRICS_HEADER if key not in header]
+    if missing:
+        raise ValueError(f"metrics.csv header is {','.join(header)[:80]!r}, it lacks {','.join(missing)} "
+                         f"(expected at least {','.join(METRICS_HEADER)!r})")
+    if len(set(header)) != len(header):
+        raise ValueError(f"metrics.csv header {','.join(header)[:80]!r} repeats a column")
     if len(rows) == 1:
         raise ValueError("metrics.csv has only the header (no finished epoch yet)")
     history = []
     for line, row in enumerate(rows[1:], start=2):
-        if len(row) != len(METRICS_HEADER):
-            raise ValueError(f"metrics.csv row {line} has {len(row)} columns, expected {len(METRICS_HEADER)}")
-        try:
-            values = {key: float(text) for key, text in zip(METRICS_HEADER, row)}
-        except ValueError:
-            raise ValueError(f"metrics.csv row {line} has a non-numeric value: {','.join(row)[:80]!r}")
-        for key in ('epoch', 'train_acc', 'test_acc', 'epoch_time_s'):  # losses may legitimately be nan/inf
-            if not math.isfinite(values[key]):
+        if len(row) != len(header):
+            raise ValueError(f"metrics.csv row {line} has {len(row)} columns, expected {len(header)}")
+        cells = dict(zip(header, row))
+        values = {}
+        for key in METRICS_HEADER + METRICS_OPTIONAL:
+            text = cells.get(key, '').strip()
+            if key in METRICS_OPTIONAL and not text:
+                values[key] = None
+                continue
+            try:
+                values[key] = float(text)
+            except ValueError:
+                raise ValueError(f"metrics.csv row {line} has a non-numeric {key}: {','.join(row)[:80]!r}")
+            if key in MUST_BE_FINITE and not math.isfinite(values[key]):
                 raise ValueError(f"metrics.csv row {line}: {key} is {values[key]}")
         if values['epoch'] != int(values['epoch']) or values['epoch'] < 1:
-            raise ValueError(f"metrics.csv row {line}: epoch {row[0]!r} is not a positive integer")
+            raise ValueError(f"metrics.csv row {line}: epoch {cells['epoch']!r} is not a positive integer")
         values['epoch'] = int(values['epoch'])
         if history and values['epoch'] <= history[-1]['epoch']:
             raise ValueError(f"metrics.csv row {line}: epoch {values['epoch']} does not follow {history[-1]['epoch']}")
@@ -129,6 +183,13 @@ def read_config(path):
     return config
 
 
+def file_size(path):
+    try:
+        return os.path.getsize(path) if os.path.isfile(path) else None
+    except OSError:
+        return None
+
+
 def load_run(run_dir):
     """-> dict(name, mode, params, history, ...) or None after a warning naming the run and the reason."""
     try:
@@ -142,13 +203,21 @@ def load_run(run_dir):
         config = {}
     mode = config.get('mode')
     params = config.get('trainable_params')
-    best = max(history, key=lambda row: row['test_acc'])  # the first epoch reaching the best, on ties
+    best = max(history, key=lambda row: row['test_acc'])  # max() keeps the first epoch reaching the best on ties
+    validated = [row for row in history if row['val_acc'] is not None]
+    best_val = max(validated, key=lambda row: row['val_acc']) if validated else None
+    peaks = [row['peak_mem_gib'] for row in history if row['peak_mem_gib'] is not None]
+    time_s = sum(row['epoch_time_s'] for row in history)
     # the directory name, not config['name']: it is what the user passed and what tells runs apart on disk
     return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)),
                 mode=mode if isinstance(mode, str) and mode else '?',
                 params=params if isinstance(params, int) and not isinstance(params, bool) else None,
                 history=history, best_acc=best['test_acc'], best_epoch=best['epoch'],
-                final_acc=history[-1]['test_acc'], time_s=sum(row['epoch_time_s'] for row in history))
+                val_epoch=best_val['epoch'] if best_val else None,
+                test_at_best_val=best_val['test_acc'] if best_val else None,
+                final_acc=history[-1]['test_acc'], time_s=time_s, epoch_time_s=time_s / len(history),
+                peak_mem_gib=max(peaks) if peaks else None,
+                checkpoint_bytes=file_size(os.path.join(run_dir, 'trainable.safetensors')))
 
 
 def label_runs(runs):
@@ -171,19 +240,57 @@ def format_time(seconds):
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
+def format_bytes(size):
+    """Decimal units as file managers and the README use: 1.9 MB, 342 MB."""
+    for unit in ('B', 'kB', 'MB', 'GB'):
+        if size < 9.95:
+            return f"{size:.1f} {unit}" if unit != 'B' else f"{size:.0f} B"
+        if size < 999.5:
+            return f"{size:.0f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB" if size < 9.95 else f"{size:.0f} TB"
+
+
+def percent(value):
+    return f"{value:.2f}%" if value is not None else '-'
+
+
 def print_table(runs):
-    header = ['run', 'mode', 'epochs', 'best test acc', 'best epoch', 'final test acc', 'train time',
-              'trainable params']
-    rows = [[run['name'], run['mode'], str(len(run['history'])), f"{run['best_acc']:.2f}%", str(run['best_epoch']),
-             f"{run['final_acc']:.2f}%", format_time(run['time_s']),
+    header = ['run', 'mode', 'epochs', 'test@best val', 'val epoch', 'best test (oracle)', 'best epoch', 'final test',
+              'time/epoch', 'train time', 'peak mem', 'checkpoint', 'trainable params']
+    rows = [[run['name'], run['mode'], str(len(run['history'])), percent(run['test_at_best_val']),
+             str(run['val_epoch']) if run['val_epoch'] is not None else '-', percent(run['best_acc']),
+             str(run['best_epoch']), percent(run['final_acc']), format_time(run['epoch_time_s']),
+             format_time(run['time_s']),
+             f"{run['peak_mem_gib']:.1f} GiB" if run['peak_mem_gib'] is not None else '-',
+             format_bytes(run['checkpoint_bytes']) if run['checkpoint_bytes'] is not None else '-',
              f"{run['params']:,}" if run['params'] is not None else '?'] for run in runs]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:  # text columns left-aligned, numbers right-aligned
         cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
         print('  '.join(cells).rstrip())
+    print("test@best val: test accuracy at the epoch of best validation accuracy, the number to report ('-': no "
+          "validation split); best test (oracle): best test accuracy over epochs, chosen on the test set (optimistic)")
 
 
-# ---------------------------------------------------------------- figure
+# ---------------------------------------------------------------- figures
+
+
+def save_figure(fig, out):
+    """Writes fig to out (format from the extension, PNG without one) and closes it; one-line error otherwise."""
+    extension = os.path.splitext(out)[1][1:].lower()
+    fmt = None if extension else 'png'  # no extension: still a PNG, written exactly at `out`
+    try:
+        if extension and extension not in fig.canvas.get_supported_filetypes():  # before creating any directory
+            error(f"cannot write {out}: unknown figure format .{extension} (use .png, .pdf or .svg)")
+        parent = os.path.dirname(out)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        fig.savefig(out, dpi=150, format=fmt)
+    except (OSError, ValueError) as e:
+        error(f"cannot write {out}: {one_line(e)}")
+    finally:
+        plt.close(fig)
 
 
 def run_colours(count):
@@ -213,19 +320,185 @@ def plot_runs(runs, out):
     longest_label = max(len(label) for label in labels)
     columns = max(1, min(len(labels), 110 // (longest_label + 6)))
     fig.legend(handles, labels, loc='outside lower center', ncol=columns, frameon=False)
-    extension = os.path.splitext(out)[1][1:].lower()
-    fmt = None if extension else 'png'  # no extension: still a PNG, written exactly at `out`
+    save_figure(fig, out)
+
+
+def cost_path(out, first_path):
+    if out is None:
+        return os.path.join(first_path, 'cost.png')
+    stem, extension = os.path.splitext(out)
+    return f"{stem}_cost{extension}"
+
+
+def plot_cost(runs, out):
+    """Accuracy against three costs, one point per run, coloured and shaped by mode."""
+    def accuracy(run):
+        return run['test_at_best_val'] if run['test_at_best_val'] is not None else run['final_acc']
+
+    def x_of(run, key):
+        value = run[key]
+        if value is None or value <= 0:  # nothing to put on a log axis
+            return None
+        return value / 1e6 if key == 'checkpoint_bytes' else value
+
+    panels = [('params', 'trainable parameters'), ('epoch_time_s', 'mean time per epoch (s)'),
+              ('checkpoint_bytes', 'checkpoint size (MB, trainable.safetensors)')]
+    order = list(MODE_STYLE)
+    modes = sorted({run['mode'] for run in runs}, key=lambda m: (order.index(m) if m in order else len(order), m))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), sharey=True, layout='constrained')
+    for ax, (key, xlabel) in zip(axes, panels):
+        points = [(x_of(run, key), accuracy(run), run) for run in runs if x_of(run, key) is not None]
+        for mode in modes:
+            group = [(x, y, run) for x, y, run in points if run['mode'] == mode]
+            if not group:
+                continue
+            colour, marker = MODE_STYLE.get(mode, OTHER_STYLE)
+            faces = [colour if run['test_at_best_val'] is not None else 'none' for _, _, run in group]
+            ax.scatter([x for x, _, _ in group], [y for _, y, _ in group], marker=marker, s=44, facecolors=faces,
+                       edgecolors=colour, linewidths=1.4, label=mode, zorder=3)
+        xs = [x for x, _, _ in points]
+        if key != 'epoch_time_s' or (xs and max(xs) > 10 * min(xs)):
+            ax.set_xscale('log')
+        if not points:
+            ax.text(0.5, 0.5, 'no run has this', transform=ax.transAxes, ha='center', va='center', color='0.4')
+        ax.margins(x=0.15, y=0.12)
+        left, right = ax.get_xlim()
+        if ax.get_xscale() == 'log' and key != 'params':  # seconds and MB read best as plain numbers, not 10^k
+            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5) if right / left < 300 else (1,)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        for x, y, run in points:  # names of points in a panel's right part go below-left, others above-right
+            where = ((math.log(x / left) / math.log(right / left)) if ax.get_xscale() == 'log' else
+                     (x - left) / (right - left))
+            ax.annotate(run['name'], (x, y), xytext=(-5, -10) if where > 0.55 else (5, 3),
+                        textcoords='offset points', ha='right' if where > 0.55 else 'left', fontsize=6.5,
+                        color='0.25')
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which='major', alpha=0.3)
+        ax.tick_params(labelleft=True)
+    if axes[0].get_ylim()[1] > 101:  # margins would make room above 100%, which no accuracy reaches
+        axes[0].set_ylim(top=101)
+    with_val = [run['test_at_best_val'] is not None for run in runs]
+    axes[0].set_ylabel('test accuracy at best val epoch (%)' if all(with_val) else
+                       'final test accuracy (%)' if not any(with_val) else 'test accuracy (%)')
+    handles = [Line2D([], [], linestyle='none', marker=MODE_STYLE.get(mode, OTHER_STYLE)[1], markersize=7,
+                      color=MODE_STYLE.get(mode, OTHER_STYLE)[0], label=mode) for mode in modes]
+    if any(with_val) and not all(with_val):
+        handles += [Line2D([], [], linestyle='none', marker='o', markersize=7, color='0.3',
+                           label='filled: at the best val epoch'),
+                    Line2D([], [], linestyle='none', marker='o', markersize=7, color='0.3', markerfacecolor='none',
+                           label='hollow: final epoch (no val split)')]
+    fig.legend(handles=handles, loc='outside lower center', ncol=len(handles), frameon=False)
+    save_figure(fig, out)
+
+
+# ---------------------------------------------------------------- confusion matrices
+
+
+def read_confusion(path):
+    """confusion.csv (header `true\\predicted,<class>,...`, then `<class>,<count>,...` per true class) ->
+    (class names, counts as an int array). Raises ValueError with a one-line reason."""
     try:
-        if extension and extension not in fig.canvas.get_supported_filetypes():  # before creating any directory
-            error(f"cannot write {out}: unknown figure format .{extension} (use .png, .pdf or .svg)")
-        parent = os.path.dirname(out)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        fig.savefig(out, dpi=150, format=fmt)
-    except (OSError, ValueError) as e:
-        error(f"cannot write {out}: {one_line(e)}")
-    finally:
-        plt.close(fig)
+        with open(path, newline='') as f:
+            rows = [row for row in csv.reader(f) if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"cannot read confusion.csv ({one_line(e)})")
+    if not rows or len(rows[0]) < 2:
+        raise ValueError("confusion.csv is empty or its header names no class")
+    names = rows[0][1:]
+    if len(rows) - 1 != len(names):
+        raise ValueError(f"confusion.csv has {len(rows) - 1} rows for the {len(names)} classes of its header")
+    counts = []
+    for line, (row, name) in enumerate(zip(rows[1:], names), start=2):
+        if len(row) != len(names) + 1:
+            raise ValueError(f"confusion.csv row {line} has {len(row)} columns, expected {len(names) + 1}")
+        if row[0] != name:
+            raise ValueError(f"confusion.csv row {line} is class {row[0][:40]!r}, expected {name[:40]!r} "
+                             f"(the header's order)")
+        try:
+            values = [int(cell) for cell in row[1:]]
+        except ValueError:
+            raise ValueError(f"confusion.csv row {line} has a count that is not an integer")
+        if min(values) < 0:
+            raise ValueError(f"confusion.csv row {line} has a negative count")
+        counts.append(values)
+    counts = np.array(counts, dtype=np.int64)
+    if counts.sum() == 0:
+        raise ValueError("confusion.csv counts are all zero")
+    return names, counts
+
+
+def plot_confusion(name, classes, counts, out):
+    save_figure(confusion_figure(name, classes, counts), out)
+
+
+def confusion_figure(name, classes, counts):
+    """The row-normalised heatmap of a confusion matrix (counts: rows true class, columns predicted) as a figure;
+    train.py also sends it to TensorBoard."""
+    counts = np.asarray(counts)
+    n = len(classes)
+    totals = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        shares = np.where(totals > 0, 100 * counts / np.maximum(totals, 1), np.nan)  # a class without images: blank
+    accuracy = 100 * np.trace(counts) / counts.sum()
+    side = min(18.0, 5 + 0.13 * max(0, n - 10))  # inches of matrix: 0.5 per cell at 10 classes, 0.17 at 100
+    cell_pt = side / n * 72
+    label_pt = min(9.0, max(5.0, 0.75 * cell_pt))
+    step = max(1, math.ceil(1.15 * label_pt / cell_pt))  # label every step-th class when labels would overlap
+    shown = range(0, n, step)
+    label_in = max(len(classes[i]) for i in shown) * label_pt * 0.6 / 72 + 0.5
+    fig, ax = plt.subplots(figsize=(side + label_in + 1.6, side + label_in + 0.9), layout='constrained')
+    cmap = plt.get_cmap('Blues').with_extremes(bad='0.85')  # grey: a class without test images
+    norm = PowerNorm(0.5, vmin=0, vmax=100)
+    image = ax.imshow(shares, cmap=cmap, norm=norm, interpolation='nearest')
+    if n <= ANNOTATE_UP_TO:
+        text_pt = min(9.0, 0.3 * cell_pt)
+        for i in range(n):
+            for j in range(n):
+                if not np.isnan(shares[i, j]):
+                    value = shares[i, j]
+                    colour = 'white' if norm(value) > 0.6 else 'black' if value > 0 else '0.65'
+                    ax.text(j, i, f"{value:.0f}" if value >= 9.95 or value == 0 else f"{value:.1f}", ha='center',
+                            va='center', fontsize=text_pt, color=colour)
+    ax.set_xticks(list(shown), [classes[i] for i in shown], fontsize=label_pt, rotation=90 if n > 10 else 45,
+                  ha='center' if n > 10 else 'right', rotation_mode='default' if n > 10 else 'anchor')
+    ax.set_yticks(list(shown), [classes[i] for i in shown], fontsize=label_pt)
+    ax.tick_params(length=2)
+    text_size = 11 if n <= ANNOTATE_UP_TO else 14  # the big figure is viewed from further away
+    ax.set_xlabel('predicted class', fontsize=text_size)
+    ax.set_ylabel('true class', fontsize=text_size)
+    ax.set_title(f"{name}: {accuracy:.2f}% accuracy on {counts.sum():,} test images\n"
+                 f"each row (true class) normalised to 100%", fontsize=text_size + 1)
+    bar = fig.colorbar(image, ax=ax, shrink=0.8 if n > ANNOTATE_UP_TO else 1.0, pad=0.02)
+    bar.set_ticks([0, 1, 5, 10, 25, 50, 75, 100])
+    bar.set_label('% of the true class (square-root colour scale)', fontsize=text_size)
+    return fig
+
+
+def draw_confusions(run_dirs, paths, out):
+    if out is not None and len(run_dirs) > 1:
+        error(f"--out names one file but {len(run_dirs)} runs were found under {', '.join(paths)}; drop --out to "
+              f"write confusion.png into each run directory")
+    runs = [dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir))) for run_dir in run_dirs]
+    label_runs(runs)
+    drawn = 0
+    for run in runs:
+        path = os.path.join(run['dir'], 'confusion.csv')
+        if not os.path.exists(path):
+            warn(f"run {run['dir']}: no confusion.csv (it is written after the last epoch, or by "
+                 f"python main.py --eval_only --resume {run['dir']})")
+            continue
+        try:
+            classes, counts = read_confusion(path)
+        except ValueError as e:
+            warn(f"skipping run {run['dir']}: {e}")
+            continue
+        target = out or os.path.join(run['dir'], 'confusion.png')
+        plot_confusion(run['name'], classes, counts, target)
+        print(f"wrote {target}")
+        drawn += 1
+    if not drawn:
+        error(f"no confusion matrix to draw under {', '.join(paths)}: see the warnings above")
 
 
 # ---------------------------------------------------------------- main
@@ -236,10 +509,19 @@ def main(argv=None):
     parser.add_argument('paths', nargs='+', metavar='PATH', help='run directories or directories of runs (logs/)')
     parser.add_argument('--out', default=None, metavar='FILE',
                         help='figure to write (default: <first PATH>/accuracy.png; .pdf/.svg also work)')
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument('--cost', action='store_true',
+                      help='also write cost.png (next to the accuracy figure): accuracy against trainable '
+                           'parameters, time per epoch and checkpoint size')
+    what.add_argument('--confusion', action='store_true',
+                      help="only draw each run's confusion.csv as <run>/confusion.png (--out: one run only)")
     parser.error = lambda message: error(f"{message} (python plot.py --help for usage)")  # one line, exit 2
     args = parser.parse_args(argv)
 
     run_dirs = find_run_dirs(args.paths)
+    if args.confusion:
+        draw_confusions(run_dirs, args.paths, args.out)
+        return
     runs = [run for run in map(load_run, run_dirs) if run is not None]
     if not runs:
         error(f"no runs found under {', '.join(args.paths)} (a run directory holds metrics.csv): every run was "
@@ -247,8 +529,13 @@ def main(argv=None):
     label_runs(runs)
     out = args.out or os.path.join(args.paths[0], 'accuracy.png')
     plot_runs(runs, out)
+    written = [out]
+    if args.cost:
+        written.append(cost_path(args.out, args.paths[0]))
+        plot_cost(runs, written[-1])
     print_table(runs)
-    print(f"wrote {out}")
+    for path in written:
+        print(f"wrote {path}")
 
 
 if __name__ == '__main__':

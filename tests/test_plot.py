@@ -1,20 +1,28 @@
-"""plot.py: run discovery, the summary table, the figure, and one-line errors/warnings for bad inputs."""
+"""plot.py: run discovery, the summary table, the figures (accuracy, cost, confusion), and one-line errors/warnings
+for bad inputs."""
+import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import plot  # noqa: E402
 
-HEADER = 'epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_time_s,train_images_per_s'
+HEADER = 'epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_time_s,train_images_per_s'  # before validation
+NEW_HEADER = HEADER + ',val_loss,val_acc,peak_mem_gib'
+COLUMNS = ['run', 'mode', 'epochs', 'test@best val', 'val epoch', 'best test (oracle)', 'best epoch', 'final test',
+           'time/epoch', 'train time', 'peak mem', 'checkpoint', 'trainable params']
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+close_figure = plt.close  # the real one: tests that look inside figures replace plt.close
 
 # name -> (mode, trainable params, [(train_acc, test_acc, epoch_time_s) per epoch])
 RUNS = {
@@ -22,26 +30,50 @@ RUNS = {
     'PF_run': ('P+F', 85844746, [(65.0, 78.8, 1800.0), (85.1, 87.7, 1800.0), (92.3, 90.5, 125.0)]),
     'P_run': ('P', 92170, [(70.1, 80.3, 4.1), (84.2, 86.9, 4.1), (88.0, 89.4, 4.1)]),
 }
-# what the table must say: epochs, best test acc, best epoch, final test acc, train time, trainable params
+# what the table must say: mode, epochs, test@best val, its epoch, best test acc (oracle), its epoch, final test acc,
+# time per epoch, train time, peak memory, checkpoint size, trainable params. These runs have the old 8-column
+# metrics.csv: no validation, no memory column, and no checkpoint file.
 EXPECTED = {
-    'F_run': ('F', '3', '88.50%', '2', '87.75%', '4m05s', '85,806,346'),
-    'PF_run': ('P+F', '3', '90.50%', '3', '90.50%', '1h02m05s', '85,844,746'),
-    'P_run': ('P', '3', '89.40%', '3', '89.40%', '12.3s', '92,170'),
+    'F_run': ('F', '3', '-', '-', '88.50%', '2', '87.75%', '1m22s', '4m05s', '-', '-', '85,806,346'),
+    'PF_run': ('P+F', '3', '-', '-', '90.50%', '3', '90.50%', '20m42s', '1h02m05s', '-', '-', '85,844,746'),
+    'P_run': ('P', '3', '-', '-', '89.40%', '3', '89.40%', '4.1s', '12.3s', '-', '-', '92,170'),
 }
 
 
-def write_run(root, name, mode='P', params=92170, epochs=((70.1, 80.3, 4.1), (84.2, 86.9, 4.1)), config=True):
+def write_run(root, name, mode='P', params=92170, epochs=((70.1, 80.3, 4.1), (84.2, 86.9, 4.1)), config=True,
+              val=None, peak=None, checkpoint_bytes=None):
+    """A run directory. With `val` or `peak` (a value or None per epoch) metrics.csv has the new 11-column header,
+    None written as an empty cell; without them the old 8-column one."""
     run_dir = os.path.join(str(root), name)
     os.makedirs(run_dir)
     if config:
         with open(os.path.join(run_dir, 'config.json'), 'w') as f:
             json.dump(dict(name=name, mode=mode, trainable_params=params, total_params=85844746,
                            model='vit_base_patch16_224.augreg_in21k', epoch=5), f, indent=2)
-    lines = [HEADER] + [f'{i},{1.5 / i:.6f},{train:.4f},{1.2 / i:.6f},{test:.4f},0.001,{seconds:.3f},{50000 / seconds:.1f}'
-                        for i, (train, test, seconds) in enumerate(epochs, start=1)]
+    new = val is not None or peak is not None
+    lines = [NEW_HEADER if new else HEADER]
+    for i, (train, test, seconds) in enumerate(epochs, start=1):
+        line = f'{i},{1.5 / i:.6f},{train:.4f},{1.2 / i:.6f},{test:.4f},0.001,{seconds:.3f},{50000 / seconds:.1f}'
+        if new:
+            v = val[i - 1] if val else None
+            p = peak[i - 1] if peak else None
+            line += ',' + ('' if v is None else f'{1.1 / i:.6f}') + ',' + ('' if v is None else f'{v:.4f}')
+            line += ',' + ('' if p is None else f'{p:.3f}')
+        lines.append(line)
     with open(os.path.join(run_dir, 'metrics.csv'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
+    if checkpoint_bytes is not None:
+        with open(os.path.join(run_dir, 'trainable.safetensors'), 'wb') as f:
+            f.truncate(checkpoint_bytes)  # sparse: the size is all the table reads
     return run_dir
+
+
+def write_confusion(run_dir, classes, counts):
+    with open(os.path.join(run_dir, 'confusion.csv'), 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['true\\predicted'] + list(classes))
+        for name, row in zip(classes, counts):
+            writer.writerow([name] + [int(count) for count in row])
 
 
 @pytest.fixture
@@ -66,17 +98,48 @@ def run_plot(argv, capsys):
     return code, captured.out, captured.err
 
 
-def table(out):
-    """stdout -> {run: (mode, epochs, best, best epoch, final, time, params)}, checking the header is there."""
+def cells(line):
+    return re.split(r' {2,}', line.strip())  # columns are 2+ spaces apart; header cells hold single spaces
+
+
+def table_lines(out):
+    """stdout -> (header line, row lines, legend line, wrote lines)."""
     lines = out.strip().splitlines()
-    assert lines[0].split()[:3] == ['run', 'mode', 'epochs'] and 'trainable params' in lines[0]
-    assert lines[-1].startswith('wrote ')
-    rows = {}
-    for line in lines[1:-1]:
-        cells = line.split()
-        assert len(cells) == 8, line
-        rows[cells[0]] = tuple(cells[1:])
-    return rows
+    legend = [i for i, line in enumerate(lines) if line.startswith('test@best val:')]
+    assert len(legend) == 1, out
+    i = legend[0]
+    assert lines[i + 1:] and all(line.startswith('wrote ') for line in lines[i + 1:]), out
+    return lines[0], lines[1:i], lines[i], lines[i + 1:]
+
+
+def table(out):
+    """stdout -> {run: (mode, epochs, test@best val, val epoch, best test, best epoch, final, time/epoch, train time,
+    peak mem, checkpoint, params)}, checking the header and the legend are there."""
+    header, rows, legend, _ = table_lines(out)
+    assert cells(header) == COLUMNS
+    assert 'best validation accuracy' in legend and 'oracle' in legend and 'chosen on the test set' in legend
+    table = {}
+    for line in rows:
+        row = cells(line)
+        assert len(row) == len(COLUMNS), line
+        table[row[0]] = tuple(row[1:])
+    return table
+
+
+def column(out, run, name):
+    return table(out)[run][COLUMNS.index(name) - 1]
+
+
+def captured_figures(monkeypatch):
+    """Figures plot.py closes after saving them, kept open to look inside."""
+    figures = []
+    monkeypatch.setattr(plot.plt, 'close', figures.append)
+    return figures
+
+
+def points(ax):
+    """(x, y) of every scatter point of an axes, sorted, as an array for pytest.approx."""
+    return np.array(sorted((float(x), float(y)) for c in ax.collections for x, y in c.get_offsets()))
 
 
 def assert_png(path, min_width=1000):
@@ -103,19 +166,19 @@ def test_table_and_default_png(logs, capsys):
     code, out, err = run_plot([logs], capsys)
     assert code == 0 and err == ''
     assert table(out) == EXPECTED
-    runs = [line.split()[0] for line in out.strip().splitlines()[1:-1]]
-    assert runs == sorted(RUNS)  # sorted by name
+    assert list(table(out)) == sorted(RUNS)  # sorted by name
     png = os.path.join(logs, 'accuracy.png')
     assert out.strip().splitlines()[-1] == f'wrote {png}'
     assert_png(png)
 
 
 def test_columns_are_aligned(logs, capsys):
+    write_run(logs, 'val_run', val=[80.0, 81.0], peak=[3.25, 12.5], checkpoint_bytes=1_874_000)  # every cell filled
     _, out, _ = run_plot([logs], capsys)
-    header, *rows = out.strip().splitlines()[:-1]
+    header, rows, _, _ = table_lines(out)
     start = header.index('mode')  # text columns left-aligned: every mode starts under the header
     assert all(row[start - 2:start] == '  ' and row[start] != ' ' for row in rows), out
-    for column in ('epochs', 'best test acc', 'final test acc', 'train time', 'trainable params'):
+    for column in COLUMNS[2:]:
         end = header.index(column) + len(column)  # numbers right-aligned: every cell ends under the header's end
         assert all(row[end - 1] != ' ' and row[end:end + 1] in ('', ' ') for row in rows), (column, out)
 
@@ -130,8 +193,7 @@ def test_out_creates_missing_parent(logs, tmp_path, capsys):
 
 
 def test_figure_shows_train_and_test_of_each_run(logs, tmp_path, capsys, monkeypatch):
-    figures = []
-    monkeypatch.setattr(plot.plt, 'close', figures.append)  # keep the figure to look inside it
+    figures = captured_figures(monkeypatch)
     code, _, _ = run_plot([logs, '--out', tmp_path / 'f.png'], capsys)
     assert code == 0 and len(figures) == 1
     train_ax, test_ax = figures[0].axes
@@ -149,7 +211,7 @@ def test_figure_shows_train_and_test_of_each_run(logs, tmp_path, capsys, monkeyp
     legends = figures[0].legends
     assert len(legends) == 1 and [t.get_text() for t in legends[0].get_texts()] == labels
     assert train_ax.get_legend() is None and test_ax.get_legend() is None  # none drawn over the curves
-    plt.close(figures[0])
+    close_figure(figures[0])
 
 
 def test_run_directory_directly(logs, capsys):
@@ -167,7 +229,8 @@ def test_several_directories(logs, tmp_path, capsys):
     # a log directory, a second one, and a run already under the first (listed once)
     code, out, err = run_plot([logs, other, os.path.join(logs, 'F_run')], capsys)
     assert code == 0 and err == ''
-    assert table(out) == {**EXPECTED, 'linear_run': ('linear', '2', '61.50%', '2', '61.50%', '4.0s', '7,690')}
+    assert table(out) == {**EXPECTED, 'linear_run': ('linear', '2', '-', '-', '61.50%', '2', '61.50%', '2.0s', '4.0s',
+                                                     '-', '-', '7,690')}
     assert_png(os.path.join(logs, 'accuracy.png'))  # default: under the first path
     assert not os.path.exists(other / 'accuracy.png')
 
@@ -250,6 +313,12 @@ BAD_METRICS = {
     'epochs_out_of_order': (HEADER + '\n2,0.5,50.0,0.6,50.0,0.001,3.0,100.0\n1,0.5,50.0,0.6,50.0,0.001,3.0,100.0\n',
                             'does not follow'),
     'binary': (b'\xff\xfe\x00garbage', 'cannot read'),
+    'new_header_lacks_test_acc': (NEW_HEADER.replace('test_acc,', '') +
+                                  '\n1,0.5,50.0,0.6,0.001,3.0,100.0,0.6,50.0,1.0\n', 'lacks test_acc'),
+    'empty_test_acc': (NEW_HEADER + '\n1,0.5,50.0,0.6,,0.001,3.0,100.0,0.6,50.0,1.0\n', 'non-numeric test_acc'),
+    'non_numeric_val_acc': (NEW_HEADER + '\n1,0.5,50.0,0.6,50.0,0.001,3.0,100.0,0.6,abc,1.0\n', 'non-numeric val_acc'),
+    'nan_val_accuracy': (NEW_HEADER + '\n1,0.5,50.0,0.6,50.0,0.001,3.0,100.0,0.6,nan,1.0\n', 'val_acc is nan'),
+    'new_header_short_row': (NEW_HEADER + '\n1,0.5,50.0,0.6,50.0,0.001,3.0,100.0\n', '8 columns, expected 11'),
 }
 
 
@@ -284,7 +353,7 @@ def test_missing_config_still_plotted_with_unknown_mode(logs, capsys):
     assert code == 0
     line = one_line(err)
     assert line.startswith('plot.py: warning:') and run_dir in line and 'config.json' in line
-    assert table(out)['Z_run'] == ('?', '1', '45.00%', '1', '45.00%', '1.0s', '?')
+    assert table(out)['Z_run'] == ('?', '1', '-', '-', '45.00%', '1', '45.00%', '1.0s', '1.0s', '-', '-', '?')
 
 
 def test_started_run_without_metrics_warns(logs, capsys):
@@ -313,6 +382,245 @@ def test_all_runs_bad(tmp_path, capsys):
     assert bad[1] in lines[1] and 'header' in lines[1]
     assert lines[2].startswith(f'plot.py: error: no runs found under {root} (a run directory holds metrics.csv)')
     assert not os.path.exists(root / 'accuracy.png')
+
+
+# ---------------------------------------------------------------- metrics.csv with validation and memory columns
+
+
+def test_old_and_new_metrics_headers_read_by_column_name(tmp_path):
+    old = write_run(tmp_path, 'old', epochs=[(50.0, 55.0, 2.0)])
+    new = write_run(tmp_path, 'new', epochs=[(50.0, 55.0, 2.0), (60.0, 65.0, 3.0)], val=[None, None],
+                    peak=[None, None])  # no validation split, CPU: the three new cells are empty
+    for run_dir in (old, new):
+        history = plot.read_metrics(os.path.join(run_dir, 'metrics.csv'))
+        assert all(row['val_acc'] is row['val_loss'] is row['peak_mem_gib'] is None for row in history)
+    assert [row['test_acc'] for row in history] == [55.0, 65.0]
+    # any order of columns, unknown ones ignored
+    shuffled = os.path.join(str(tmp_path), 'shuffled.csv')
+    with open(shuffled, 'w') as f:
+        f.write('test_acc,future_column,peak_mem_gib,epoch,val_acc,epoch_time_s,train_acc,lr,train_loss,test_loss,'
+                'train_images_per_s\n71.5,whatever,7.25,1,70.0,3.5,60.0,0.001,1.0,0.9,100.0\n')
+    (row,) = plot.read_metrics(shuffled)
+    assert (row['epoch'], row['test_acc'], row['val_acc'], row['peak_mem_gib'], row['epoch_time_s']) == \
+        (1, 71.5, 70.0, 7.25, 3.5) and 'future_column' not in row
+
+
+def test_table_test_at_best_val_is_not_the_oracle(tmp_path, capsys):
+    # best val at epoch 3 (first of the tie with epoch 4), best test at epoch 2, last epoch 4: three different numbers
+    write_run(tmp_path, 'val_run',
+              epochs=[(70.0, 80.0, 10.0), (80.0, 90.0, 12.0), (85.0, 85.0, 11.0), (90.0, 87.0, 11.0)],
+              val=[82.0, 84.0, 88.0, 88.0], peak=[10.0, 12.5, None, 11.0], checkpoint_bytes=1_874_000)
+    write_run(tmp_path, 'full_run', 'F', 85806346, epochs=[(70.0, 75.0, 100.0), (80.0, 74.0, 140.0)],
+              val=[None, None], peak=[40.0, 40.25], checkpoint_bytes=342_400_000)
+    code, out, err = run_plot([tmp_path], capsys)
+    assert code == 0 and err == ''
+    assert table(out) == {
+        'full_run': ('F', '2', '-', '-', '75.00%', '1', '74.00%', '2m00s', '4m00s', '40.2 GiB', '342 MB', '85,806,346'),
+        'val_run': ('P', '4', '85.00%', '3', '90.00%', '2', '87.00%', '11.0s', '44.0s', '12.5 GiB', '1.9 MB', '92,170'),
+    }
+
+
+def test_format_bytes():
+    assert plot.format_bytes(512) == '512 B'
+    assert plot.format_bytes(31_000) == '31 kB'
+    assert plot.format_bytes(1_874_000) == '1.9 MB'
+    assert plot.format_bytes(342_400_000) == '342 MB'
+    assert plot.format_bytes(999_900) == '1.0 MB'
+    assert plot.format_bytes(2_500_000_000) == '2.5 GB'
+
+
+def test_sweep_directory_is_a_directory_of_runs(logs, capsys):
+    sweep = os.path.join(logs, 'lr_sweep')
+    write_run(sweep, 'P_lr1e-3', epochs=[(50.0, 55.0, 2.0)])
+    write_run(sweep, 'P_lr1e-2', epochs=[(60.0, 66.0, 2.0)])
+    os.makedirs(os.path.join(sweep, 'logs'))  # sweep.py's layout: per-trial output logs, definition, report, lock
+    for name in ('sweep.csv', 'sweep.md', 'sweep.json', 'sweep.log', 'sweep.lock', 'logs/P_lr1e-3.log'):
+        with open(os.path.join(sweep, name), 'w') as f:
+            f.write('name,lr\nP_lr1e-3,0.001\n' if name.endswith('csv') else '# lr sweep\n')
+    code, out, err = run_plot([sweep], capsys)
+    assert code == 0 and err == ''
+    assert list(table(out)) == ['P_lr1e-2', 'P_lr1e-3']
+    assert_png(os.path.join(sweep, 'accuracy.png'))
+    code, out, err = run_plot([logs], capsys)  # logs/ itself: its runs, not the sweep's (one level)
+    assert code == 0 and err == '' and list(table(out)) == sorted(RUNS)
+
+
+def test_directory_holding_only_sweeps_points_at_them(tmp_path, capsys):
+    write_run(tmp_path / 'logs' / 'my_sweep', 'a_run')
+    code, out, err = run_plot([tmp_path / 'logs'], capsys)
+    assert code == 2 and out == ''
+    assert 'no runs found' in one_line(err) and str(tmp_path / 'logs' / 'my_sweep') in err
+
+
+# ---------------------------------------------------------------- --cost
+
+
+@pytest.fixture
+def cost_logs(tmp_path):
+    root = tmp_path / 'logs'
+    # test@best val 85 (epoch 3), not the final 87 nor the oracle 90
+    write_run(root, 'P_val', 'P', 92170, [(70.0, 80.0, 4.0), (80.0, 90.0, 4.5), (85.0, 85.0, 4.0), (90.0, 87.0, 4.5)],
+              val=[82.0, 84.0, 88.0, 86.0], checkpoint_bytes=1_874_000)
+    write_run(root, 'F_noval', 'F', 85806346, [(70.0, 70.0, 100.0), (80.0, 75.0, 140.0)], checkpoint_bytes=343_000_000)
+    write_run(root, 'Z_noconfig', epochs=[(40.0, 45.0, 8.0)], config=False)  # no params, no checkpoint
+    return str(root)
+
+
+def test_cost_figure(cost_logs, capsys, monkeypatch):
+    figures = captured_figures(monkeypatch)
+    code, out, err = run_plot([cost_logs, '--cost'], capsys)
+    assert code == 0 and 'Z_noconfig' in err and 'config.json' in err  # the usual warning, nothing else
+    cost_png = os.path.join(cost_logs, 'cost.png')
+    assert table_lines(out)[3] == [f"wrote {os.path.join(cost_logs, 'accuracy.png')}", f'wrote {cost_png}']
+    assert_png(cost_png)
+    assert len(figures) == 2
+    params_ax, time_ax, size_ax = figures[1].axes
+    # y: test@best val where the run has a validation split, else the final test accuracy
+    assert points(params_ax).tolist() == [[92170, 85.0], [85806346, 75.0]]
+    assert points(time_ax) == pytest.approx(np.array([(4.25, 85.0), (8.0, 45.0), (120.0, 75.0)]))
+    assert points(size_ax) == pytest.approx(np.array([(1.874, 85.0), (343.0, 75.0)]))  # MB; Z_noconfig: no file
+    assert 'parameters' in params_ax.get_xlabel() and 'epoch' in time_ax.get_xlabel() and 'MB' in size_ax.get_xlabel()
+    assert params_ax.get_xscale() == time_ax.get_xscale() == size_ax.get_xscale() == 'log'  # times span 28x
+    assert 'test accuracy' in params_ax.get_ylabel()
+    assert sorted(t.get_text() for t in params_ax.texts) == ['F_noval', 'P_val']  # each point named
+    legend = [t.get_text() for t in figures[1].legends[0].get_texts()]
+    assert legend[:3] == ['P', 'F', '?'] and any('best val' in t for t in legend) and any('final' in t for t in legend)
+    for ax in figures[1].axes:  # filled marker: P_val (y 85), hollow: the runs without validation
+        faces = [(y, c.get_facecolors()[0][3]) for c in ax.collections for _, y in c.get_offsets()]
+        assert faces and all(alpha == (1.0 if y == 85.0 else 0.0) for y, alpha in faces)
+    for fig in figures:
+        close_figure(fig)
+
+
+def test_cost_axis_says_which_accuracy(cost_logs, tmp_path, capsys, monkeypatch):
+    figures = captured_figures(monkeypatch)
+    run_plot([os.path.join(cost_logs, 'P_val'), '--cost', '--out', tmp_path / 'acc.png'], capsys)
+    run_plot([os.path.join(cost_logs, 'F_noval'), '--cost', '--out', tmp_path / 'acc.png'], capsys)
+    assert figures[1].axes[0].get_ylabel() == 'test accuracy at best val epoch (%)'
+    assert figures[3].axes[0].get_ylabel() == 'final test accuracy (%)'
+    assert figures[3].axes[1].get_xscale() == 'linear'  # one time: no span to put on a log scale
+    for fig in figures:
+        close_figure(fig)
+
+
+def test_cost_next_to_out(cost_logs, tmp_path, capsys):
+    code, out, _ = run_plot([cost_logs, '--cost', '--out', tmp_path / 'report' / 'acc.pdf'], capsys)
+    assert code == 0 and out.strip().splitlines()[-1] == f"wrote {tmp_path / 'report' / 'acc_cost.pdf'}"
+    with open(tmp_path / 'report' / 'acc_cost.pdf', 'rb') as f:
+        assert f.read(5) == b'%PDF-'
+    assert not os.path.exists(os.path.join(cost_logs, 'cost.png'))
+
+
+# ---------------------------------------------------------------- --confusion
+
+
+def confusion_counts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 5, (n, n)) * (rng.random((n, n)) < 0.3)
+    np.fill_diagonal(counts, rng.integers(20, 90, n))
+    return counts
+
+
+@pytest.mark.parametrize('n', [10, 100])
+def test_confusion_heatmap_is_row_normalised(n, logs, capsys, monkeypatch):
+    run_dir = os.path.join(logs, 'P_run')
+    classes = ['airplane', 'car, sedan'] + [f'class_{i}' for i in range(2, n)]  # a comma: csv quoting
+    counts = confusion_counts(n)
+    counts[3] = 0  # a class without test images: a blank row, not a division by zero
+    write_confusion(run_dir, classes, counts)
+    figures = captured_figures(monkeypatch)
+    code, out, err = run_plot([run_dir, '--confusion'], capsys)
+    png = os.path.join(run_dir, 'confusion.png')
+    assert code == 0 and err == '' and out.strip() == f'wrote {png}'  # no table, no accuracy.png
+    assert not os.path.exists(os.path.join(run_dir, 'accuracy.png'))
+    assert_png(png, min_width=1000 if n == 10 else 2500)  # 100 classes: a big figure to zoom into
+    (fig,) = figures
+    ax = fig.axes[0]
+    shares = np.ma.filled(ax.images[0].get_array(), np.nan)
+    assert shares.shape == (n, n) and np.isnan(shares[3]).all()
+    rows = [i for i in range(n) if i != 3]
+    assert shares[rows].sum(axis=1) == pytest.approx(100)
+    assert shares[rows] == pytest.approx(100 * counts[rows] / counts[rows].sum(axis=1, keepdims=True))
+    assert ax.get_ylabel() == 'true class' and ax.get_xlabel() == 'predicted class'
+    assert 'P_run' in ax.get_title() and f'{100 * np.trace(counts) / counts.sum():.2f}% accuracy' in ax.get_title()
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[:2] == ['airplane', 'car, sedan'] and len(labels) == n
+    assert [t.get_text() for t in ax.get_xticklabels()] == labels
+    assert len(fig.axes) == 2  # the colorbar
+    if n == 10:  # every cell says its percentage
+        assert len(ax.texts) == 90 and f'{shares[0, 0]:.0f}' in [t.get_text() for t in ax.texts]
+    else:
+        assert len(ax.texts) == 0  # 10,000 numbers would be unreadable
+    close_figure(fig)
+
+
+def test_confusion_for_several_runs_and_missing_csv(logs, capsys):
+    write_confusion(os.path.join(logs, 'F_run'), ['a', 'b'], [[5, 1], [2, 7]])
+    write_confusion(os.path.join(logs, 'P_run'), ['a', 'b'], [[3, 0], [0, 3]])
+    code, out, err = run_plot([logs, '--confusion'], capsys)
+    assert code == 0
+    wrote = [f"wrote {os.path.join(logs, name, 'confusion.png')}" for name in ('F_run', 'P_run')]
+    assert out.strip().splitlines() == wrote
+    line = one_line(err)  # PF_run has none
+    pf = os.path.join(logs, 'PF_run')
+    assert line.startswith('plot.py: warning:') and pf in line and 'no confusion.csv' in line
+    assert f'python main.py --eval_only --resume {pf}' in line and 'last epoch' in line
+    for name in ('F_run', 'P_run'):
+        assert_png(os.path.join(logs, name, 'confusion.png'), min_width=500)
+    assert not os.path.exists(os.path.join(logs, 'accuracy.png'))
+
+
+def test_confusion_out_for_one_run(logs, tmp_path, capsys):
+    write_confusion(os.path.join(logs, 'P_run'), ['a', 'b'], [[5, 1], [2, 7]])
+    code, out, err = run_plot([os.path.join(logs, 'P_run'), '--confusion', '--out', tmp_path / 'cm.png'], capsys)
+    assert code == 0 and err == '' and out.strip() == f"wrote {tmp_path / 'cm.png'}"
+    assert_png(tmp_path / 'cm.png', min_width=500)
+
+
+def test_confusion_out_refused_for_several_runs(logs, tmp_path, capsys):
+    write_confusion(os.path.join(logs, 'P_run'), ['a', 'b'], [[5, 1], [2, 7]])
+    code, out, err = run_plot([logs, '--confusion', '--out', tmp_path / 'cm.png'], capsys)
+    assert code == 2 and out == ''
+    line = one_line(err)
+    assert line.startswith('plot.py: error: --out') and '3 runs' in line and 'drop --out' in line
+    assert files_under(tmp_path) == [name for name in files_under(tmp_path) if name.startswith('logs/')]
+    assert not os.path.exists(os.path.join(logs, 'P_run', 'confusion.png'))
+
+
+def test_confusion_nowhere_is_an_error(logs, capsys):
+    code, out, err = run_plot([logs, '--confusion'], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == '' and len(lines) == 4  # a warning per run, then the error
+    assert lines[-1].startswith('plot.py: error: no confusion matrix to draw under')
+
+
+BAD_CONFUSION = {
+    'not_square': ('true\\predicted,a,b\na,1,2\n', '1 rows for the 2 classes'),
+    'short_row': ('true\\predicted,a,b\na,1,2\nb,3\n', 'row 3 has 2 columns'),
+    'wrong_order': ('true\\predicted,a,b\nb,1,2\na,3,4\n', "is class 'b', expected 'a'"),
+    'fraction': ('true\\predicted,a,b\na,1,2.5\nb,3,4\n', 'not an integer'),
+    'negative': ('true\\predicted,a,b\na,1,-2\nb,3,4\n', 'negative'),
+    'zeros': ('true\\predicted,a,b\na,0,0\nb,0,0\n', 'all zero'),
+    'empty': ('', 'empty'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_CONFUSION))
+def test_bad_confusion_is_skipped(case, logs, capsys):
+    content, reason = BAD_CONFUSION[case]
+    write_confusion(os.path.join(logs, 'F_run'), ['a', 'b'], [[5, 1], [2, 7]])
+    bad = os.path.join(logs, 'P_run')
+    with open(os.path.join(bad, 'confusion.csv'), 'w') as f:
+        f.write(content)
+    code, out, err = run_plot([os.path.join(logs, 'F_run'), bad, '--confusion'], capsys)
+    assert code == 0 and out.strip() == f"wrote {os.path.join(logs, 'F_run', 'confusion.png')}"
+    line = one_line(err)
+    assert line.startswith(f'plot.py: warning: skipping run {bad}: confusion.csv') and reason in line
+
+
+def test_confusion_and_cost_together_is_one_line_error(logs, capsys):
+    code, out, err = run_plot([logs, '--confusion', '--cost'], capsys)
+    assert code == 2 and out == '' and 'not allowed with' in one_line(err)
 
 
 # ---------------------------------------------------------------- the real entry point
