@@ -34,6 +34,7 @@ Epoch estimate = 50,000 / train images/s + 10,000 / eval images/s (a CIFAR-10 ep
 import argparse
 import gc
 import json
+import signal
 import sys
 import time
 
@@ -44,11 +45,12 @@ from PIL import Image
 
 import data
 import train
-from main import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, device_name, int_at_least, str2bool
+from main import int_at_least, str2bool
 from model import PromptedViT, count_params, create_vit, set_trainable
 
 NUM_CLASSES = 10
 IMG_SIZE, PATCH_SIZE = 32, 4
+LR, WEIGHT_DECAY = 1e-4, 0.05  # any values: the speed of a step does not depend on them
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 MODES = {'P': (False, True), 'F': (True, False), 'P+F': (True, True)}  # name -> (full, with prompts)
 # dense bf16 tensor-core peak, TFLOP/s; first match of the key in the device name wins
@@ -144,7 +146,7 @@ def build_model(args, num_prompts, full, prompt_impl, device):
     return model
 
 
-def run_mode(name, args, device, pool, test_set):
+def run_mode(name, args, device, pool, test_set, stop):
     """Time train.train_epoch and train.evaluate themselves: the code main.py runs, progress bar and syncs included."""
     full, with_prompts = MODES[name]
     num_prompts = args.prompts if with_prompts else 0
@@ -153,18 +155,18 @@ def run_mode(name, args, device, pool, test_set):
     trainable, total = count_params(model, trainable_only=True), count_params(model)
     if args.compile:
         model.compile()  # in place, as train.fit does
-    lr, weight_decay = DEFAULT_LR[name], DEFAULT_WEIGHT_DECAY[name]
-    optimizer = train.make_optimizer(model, lr, weight_decay, device)
+    optimizer = train.make_optimizer(model, 'adamw', LR, WEIGHT_DECAY, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    norm = data.norm_tensors(model.vit.pretrained_cfg, device)
-    generator = torch.Generator(device).manual_seed(0)
-    epoch_args = argparse.Namespace(batch_size=args.batch_size, epoch=1, amp=args.amp, lr=lr)
+    preprocess = data.preprocessing(model.vit.pretrained_cfg, device, IMG_SIZE)
+    generator = torch.Generator().manual_seed(0)
 
     def train_steps(steps):  # one train.train_epoch over exactly `steps` batches of the pool
         images, labels = pool[0][:steps * args.batch_size], pool[1][:steps * args.batch_size]
-        with train.StopRequest() as stop:
-            return train.train_epoch(model, optimizer, scheduler, images, labels, generator, epoch_args, norm, 1,
-                                     stop, 0, 1, device)
+        batches = data.train_batches(images, labels, args.batch_size, generator, preprocess)
+        result = train.train_epoch(model, optimizer, scheduler, batches, steps, args.amp, stop, desc=name)
+        if result is None:
+            raise KeyboardInterrupt
+        return result
 
     start = time.perf_counter()
     if args.warmup:
@@ -178,10 +180,12 @@ def run_mode(name, args, device, pool, test_set):
 
     test_images, test_labels = test_set
     warm = args.batch_size * args.warmup
+    evaluate = lambda images, labels: train.evaluate_split(model, (images, labels), args.batch_size, preprocess,
+                                                           args.amp)
     if warm:
-        train.evaluate(model, test_images[:warm], test_labels[:warm], args.batch_size, norm, args.amp, device)
+        evaluate(test_images[:warm], test_labels[:warm])
     start = time.perf_counter()
-    train.evaluate(model, test_images[warm:], test_labels[warm:], args.batch_size, norm, args.amp, device)
+    evaluate(test_images[warm:], test_labels[warm:])
     eval_s = time.perf_counter() - start
     if args.compile:
         torch._dynamo.reset()
@@ -207,7 +211,7 @@ class SyntheticCIFAR(torch.utils.data.Dataset):
         return self.transform(img), target
 
 
-def run_baseline(args, device, pool):
+def run_baseline(args, device, pool, stop):
     """fp32 (no autocast, TF32 off), eager, naive prompts, P mode, DataLoader of PIL images, plain AdamW, .item()."""
     from torchvision import transforms
     reset_memory(device)
@@ -219,8 +223,7 @@ def run_baseline(args, device, pool):
     needed = min(CIFAR_TRAIN, args.baseline_batch_size * (args.warmup + args.baseline_steps))
     dataset = SyntheticCIFAR(images[:needed].permute(0, 2, 3, 1).contiguous().cpu().numpy(), labels[:needed].tolist(), transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.baseline_batch_size, shuffle=True, num_workers=0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=DEFAULT_LR['P'],
-                                  weight_decay=DEFAULT_WEIGHT_DECAY['P'])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
 
     def endless():
         while True:
@@ -231,6 +234,8 @@ def run_baseline(args, device, pool):
     def train_steps(steps):
         count, running_loss = 0, 0.0
         for _ in range(steps):
+            if stop.signum is not None:
+                raise KeyboardInterrupt
             x, y = next(batches)
             x, y = x.to(device), y.to(device)
             logits = model(x)
@@ -315,7 +320,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     _, _, device = train.setup_distributed(args.device)
-    name = device_name(device)
+    name = train.device_name(device)
     peak = peak_bf16_tflops(name, args.peak_tflops) if device.type == 'cuda' or args.peak_tflops else None
     if device.type == 'cuda':
         set_tf32(True, True)
@@ -357,20 +362,32 @@ def main(argv=None):
                               generator=generator),
                 torch.randint(0, NUM_CLASSES, (test_size,), device=device, generator=generator))
 
-    results = {}
-    for mode in args.modes:
-        print(f"running {mode} ...", file=sys.stderr, flush=True)
-        result = run_mode(mode, args, device, pool, test_set)
-        result.update(flops[mode], batch_size=args.batch_size, prompt_impl=args.prompt_impl, compile=args.compile,
-                      amp=args.amp and device.type == 'cuda', tf32=device.type == 'cuda')
-        results[mode] = result
-    baseline = None
-    if args.baseline:
-        print("running the baseline ...", file=sys.stderr, flush=True)
-        baseline = run_baseline(args, device, pool)
-        naive = forward_flops(**geometry, num_prompts=args.prompts, impl='naive')
-        b = backward_factor(False, args.prompts)
-        baseline.update(fwd_gflop_naive=naive / 1e9, backward_factor=b, train_gflop_per_img=naive * (1 + b) / 1e9)
+    # SIGINT/SIGTERM: finish nothing more, report what was measured, exit 128 + signal
+    results, baseline = {}, None
+    with train.StopRequest() as stop:
+        try:
+            for mode in args.modes:
+                print(f"running {mode} ...", file=sys.stderr, flush=True)
+                result = run_mode(mode, args, device, pool, test_set, stop)
+                result.update(flops[mode], batch_size=args.batch_size, prompt_impl=args.prompt_impl,
+                              compile=args.compile, amp=args.amp and device.type == 'cuda', tf32=device.type == 'cuda')
+                results[mode] = result
+                if stop.signum is not None:
+                    raise KeyboardInterrupt
+            if args.baseline:
+                print("running the baseline ...", file=sys.stderr, flush=True)
+                baseline = run_baseline(args, device, pool, stop)
+                naive = forward_flops(**geometry, num_prompts=args.prompts, impl='naive')
+                b = backward_factor(False, args.prompts)
+                baseline.update(fwd_gflop_naive=naive / 1e9, backward_factor=b,
+                                train_gflop_per_img=naive * (1 + b) / 1e9)
+        except KeyboardInterrupt:
+            stop.signum = stop.signum or signal.SIGINT
+    if stop.signum is not None:
+        print(f"{signal.Signals(stop.signum).name}: stopped; reporting the {len(results)} mode(s) measured so far"
+              + (', no baseline' if baseline is None else ''), file=sys.stderr, flush=True)
+        if not results and baseline is None:
+            sys.exit(128 + stop.signum)
 
     rows = []
     for mode, r in list(results.items()) + ([('baseline', baseline)] if baseline else []):
@@ -406,6 +423,8 @@ def main(argv=None):
             json.dump(report, f, indent=2)
             f.write('\n')
         print(f"wrote {args.json}")
+    if stop.signum is not None:
+        sys.exit(128 + stop.signum)
 
 
 if __name__ == '__main__':

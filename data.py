@@ -1,8 +1,9 @@
 """Datasets as whole uint8 tensors, and batches cut from them with batched tensor ops (no Python per image).
 
-Each split is one (N, 3, H, W) uint8 tensor plus an int64 label tensor; train.py moves them onto the training
-device once. An epoch is a seeded permutation; augmentation (random crop with zero padding + horizontal flip,
-the seed's recipe) is one gather over the whole batch.
+Each split is one (N, 3, H, W) uint8 tensor plus an int64 label tensor, kept at the images' own size (32x32 for
+CIFAR); train.py moves them onto the training device once. An epoch is a seeded permutation; augmentation (random
+crop with zero padding + horizontal flip, the seed's recipe) is one gather over the whole batch; resizing to the
+model's input size (e.g. CIFAR at 224 px) and normalisation happen per batch on the device.
 """
 import os
 import tempfile
@@ -18,16 +19,20 @@ CIFAR_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python
 
 
 def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_samples=0, seed=0):
-    """-> (train_images, train_labels, test_images, test_labels, class_names); images uint8 (N, 3, img_size, img_size).
+    """-> (train_images, train_labels, test_images, test_labels, class_names); images uint8 (N, 3, H, W).
 
-    train_samples/test_samples > 0 keep a seeded class-balanced subset (for a folder, only those files are decoded).
+    Images keep their own size when all of a split share one (CIFAR: 32x32), whatever `img_size` is: batches are
+    resized on the device, so a 224 px run holds no more host memory than a 32 px one. A folder whose images differ
+    in size is resized to `img_size` as it is decoded. train_samples/test_samples > 0 keep a seeded class-balanced
+    subset (for a folder, only those files are decoded).
     """
     if dataset in CIFAR_FOLDERS:
         splits = []
         loaded, classes = _load_cifar(dataset, data_dir)
-        for (images, labels), num_samples in zip(loaded, (train_samples, test_samples)):
+        for (images_hwc, labels), num_samples in zip(loaded, (train_samples, test_samples)):
             keep = balanced_subset(labels, num_samples, seed)
-            splits.append((_resize(images[keep], img_size), labels[keep]))
+            subset = images_hwc if len(keep) == len(labels) else images_hwc[keep.numpy()]
+            splits.append((torch.from_numpy(subset).permute(0, 3, 1, 2).contiguous(), labels[keep]))
     elif os.path.isdir(dataset):
         splits, classes = _load_folder(dataset, img_size, (train_samples, test_samples), seed)
     else:
@@ -52,9 +57,7 @@ def _load_cifar(name, data_dir):
                 f"{dataset_class.filename} (from {dataset_class.url}) or its extracted {CIFAR_FOLDERS[name]}/ into "
                 f"{data_dir}, or pass --dataset FOLDER with train/<class>/* and test/<class>/* images")
     test = dataset_class(data_dir, train=False, download=False)
-    splits = [(torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(split.targets))
-              for split in (train, test)]
-    return splits, list(train.classes)
+    return [(split.data, torch.tensor(split.targets)) for split in (train, test)], list(train.classes)
 
 
 def _load_folder(root, img_size, samples, seed):
@@ -83,29 +86,48 @@ def _load_folder(root, img_size, samples, seed):
             labels += [label] * len(files)
         labels = torch.tensor(labels)
         keep = balanced_subset(labels, num_samples, seed)
-        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # Pillow decodes without holding the GIL
-            images = list(pool.map(lambda path: _read_image(path, img_size), [paths[i] for i in keep.tolist()]))
-        splits.append((torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), labels[keep]))
+        chosen = [paths[i] for i in keep.tolist()]
+        images = read_images(chosen)
+        if images is None:  # sizes differ: one common size is needed to stack them
+            images = read_images(chosen, img_size)
+        splits.append((images, labels[keep]))
     return splits, classes
 
 
-def _read_image(path, img_size):
+def read_images(paths, size=None):
+    """Decode image files into one uint8 (N, 3, H, W) tensor, each written straight into its slot (no second copy
+    of the split). With `size`, images of another size are resized to it; without, the images keep their own size
+    and None is returned when they do not all share one."""
+    first = _read_or_exit(paths[0], size)
+    height, width = first.shape[:2]
+    out = np.empty((len(paths), 3, height, width), np.uint8)
+
+    def fill(i):
+        image = first if i == 0 else _read_or_exit(paths[i], size)
+        if image.shape[:2] != (height, width):
+            return False
+        out[i] = image.transpose(2, 0, 1)
+        return True
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # Pillow decodes without holding the GIL
+        if not all(pool.map(fill, range(len(paths)))):
+            return None
+    return torch.from_numpy(out)
+
+
+def read_image(path, size=None):
+    """-> uint8 (H, W, 3); resized to size x size (bilinear) when `size` is given and differs."""
+    with Image.open(path) as image:
+        image = image.convert('RGB')
+        if size and image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        return np.asarray(image)
+
+
+def _read_or_exit(path, size):
     try:
-        with Image.open(path) as image:
-            image = image.convert('RGB')
-            if image.size != (img_size, img_size):
-                image = image.resize((img_size, img_size), Image.BILINEAR)
-            return np.asarray(image)
+        return read_image(path, size)
     except OSError as e:
         raise SystemExit(f"error: cannot read image {path} ({e}); remove or replace it")
-
-
-def _resize(images, size):
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(images.shape[-2:]) == size:
-        return images
-    resized = F.interpolate(images.float(), size=size, mode='bilinear', antialias=True, align_corners=False)
-    return resized.round().clamp(0, 255).to(torch.uint8)
 
 
 def _check_writable(path, flag, purpose):
@@ -129,16 +151,33 @@ def balanced_subset(labels, num_samples, seed):
     return order[torch.argsort(rank_in_class, stable=True)[:num_samples]].sort().values
 
 
-def norm_tensors(pretrained_cfg, device):
-    """The model's own mean/std (0.5/0.5 for the augreg weights, not CIFAR's statistics), made once on the device."""
-    return tuple(torch.tensor(pretrained_cfg[key], device=device).view(1, -1, 1, 1) for key in ('mean', 'std'))
+def split_validation(labels, fraction, seed):
+    """-> (train_index, val_index): a seeded `fraction` of every class held out, both sorted."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    held_out = [members[:round(fraction * len(members))]
+                for members in (order[labels[order] == label] for label in labels.unique())]
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    is_val[torch.cat(held_out)] = True
+    return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
 
 
-def normalize(images, mean, std):
-    """uint8 (B, 3, H, W) -> float32 normalised per channel (mean/std in [0, 1] units, tensors or sequences)."""
+def preprocessing(pretrained_cfg, device, img_size):
+    """(mean, std, img_size): the model's own mean/std (0.5/0.5 for the augreg weights, not CIFAR's statistics),
+    made once on the device, and the input size batches are resized to."""
+    mean, std = (torch.tensor(pretrained_cfg[key], device=device).view(1, -1, 1, 1) for key in ('mean', 'std'))
+    return mean, std, img_size
+
+
+def model_input(images, mean, std, img_size=None):
+    """uint8 (B, 3, H, W) -> float32 normalised per channel (mean/std in [0, 1] units), resized to img_size x img_size
+    (bilinear, antialiased) when it differs."""
+    images = images.float()
+    if img_size and tuple(images.shape[-2:]) != (img_size, img_size):
+        images = F.interpolate(images, size=(img_size, img_size), mode='bilinear', antialias=True, align_corners=False)
     mean = torch.as_tensor(mean, device=images.device).view(1, -1, 1, 1)  # no copy when already a device tensor
     std = torch.as_tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return (images / 255 - mean) / std
 
 
 def crop_flip(images, shifts, flips, pad=4):
@@ -155,26 +194,30 @@ def crop_flip(images, shifts, flips, pad=4):
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def train_batches(images, labels, batch_size, generator, mean, std, rank=0, world_size=1, pad=4):
-    """One epoch of augmented training batches: (normalised images, labels) for this rank.
+def train_batches(images, labels, batch_size, generator, preprocess, rank=0, world_size=1):
+    """One epoch of augmented training batches: (model input, labels) for this rank.
 
-    `batch_size` is the global batch. The permutation and the augmentation draws are made for the whole global
-    batch from the shared `generator`, then each rank takes its slice: every rank sees what a single process
-    would have seen. The last incomplete batch is dropped so every step has the same shape.
+    `batch_size` is the global batch. The permutation and the crop/flip draws of the whole epoch come from the CPU
+    `generator` (so the images and their order do not depend on the device, or on how many there are, and its state
+    resumes anywhere) and cross to the device once; each rank takes its slice of every global batch. The padding is
+    1/8 of the stored image side (4 px for CIFAR's 32). The last incomplete batch is dropped: every step has the
+    same shape.
     """
-    n, device = len(labels), images.device
-    order = torch.randperm(n, generator=generator, device=device)
+    steps, device = len(labels) // batch_size, images.device
+    pad = min(images.shape[-2:]) // 8
+    order = torch.randperm(len(labels), generator=generator)[:steps * batch_size].view(steps, batch_size)
+    shifts = torch.randint(0, 2 * pad + 1, (steps, batch_size, 2), generator=generator)
+    flips = torch.randint(0, 2, (steps, batch_size), generator=generator, dtype=torch.bool)
     local = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
-    for step in range(n // batch_size):
-        index = order[step * batch_size:(step + 1) * batch_size][local]
-        shifts = torch.randint(0, 2 * pad + 1, (batch_size, 2), generator=generator, device=device)[local]
-        flips = torch.randint(0, 2, (batch_size,), generator=generator, device=device)[local].bool()
-        yield normalize(crop_flip(images[index], shifts, flips, pad), mean, std), labels[index]
+    order, shifts, flips = (t[:, local].to(device) for t in (order, shifts, flips))
+    for step in range(steps):
+        index = order[step]
+        yield model_input(crop_flip(images[index], shifts[step], flips[step], pad), *preprocess), labels[index]
 
 
-def eval_batches(images, labels, batch_size, mean, std, rank=0, world_size=1):
-    """Test batches over this rank's contiguous shard: (normalised images, labels, valid). The last batch is padded
-    to `batch_size` (static shapes for torch.compile); `valid` marks the real rows, so every image counts once."""
+def eval_batches(images, labels, batch_size, preprocess, rank=0, world_size=1):
+    """Batches over this rank's contiguous shard: (model input, labels, valid). The last batch is padded to
+    `batch_size` (static shapes for torch.compile); `valid` marks the real rows, so every image counts once."""
     n, device = len(labels), images.device
     shard = torch.arange(rank * n // world_size, (rank + 1) * n // world_size, device=device)
     for start in range(0, len(shard), batch_size):
@@ -183,4 +226,4 @@ def eval_batches(images, labels, batch_size, mean, std, rank=0, world_size=1):
         if len(index) < batch_size:
             valid[len(index):] = False
             index = torch.cat([index, index.new_zeros(batch_size - len(index))])
-        yield normalize(images[index], mean, std), labels[index], valid
+        yield model_input(images[index], *preprocess), labels[index], valid

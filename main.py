@@ -3,17 +3,25 @@
     python main.py                                            # P: prompt tuning, backbone frozen
     python main.py --full True --prompts 0                    # F: full fine-tuning
     python main.py --full True --prompts 50                   # P+F
+    python main.py --val_split 0.1                            # hold out 10% of train; best.safetensors by val acc
     python main.py --resume logs/<run>                        # continue a run where it stopped
+    python main.py --eval_only --resume logs/<run> --checkpoint best
+    python main.py --predict img.png photos/ --resume logs/<run>   # classify images with a run's model
     torchrun --nproc_per_node=8 main.py ...                   # data parallel; --batch_size stays the global batch
 """
 import argparse
 import datetime
+import hashlib
 import json
 import os
+import shlex
+import subprocess
 import sys
 
+# flags that act on an existing run without being part of it (never stored in config.json)
+ACTIONS = {'resume', 'eval_only', 'predict', 'checkpoint', 'out'}
 # flags a resumed run may change; every other flag belongs to the run and must match its config.json
-RESUME_MAY_CHANGE = {'epoch', 'device', 'data_dir', 'compile', 'amp', 'eval_only', 'resume'}
+RESUME_MAY_CHANGE = ACTIONS | {'epoch', 'device', 'data_dir', 'compile', 'amp', 'tensorboard'}
 # AdamW defaults per mode (batch 128): prompt tuning behind a frozen backbone takes a far larger lr than full tuning
 DEFAULT_LR = {'P': 5e-3, 'linear': 5e-3, 'F': 1e-4, 'P+F': 1e-4}
 DEFAULT_WEIGHT_DECAY = {'P': 1e-4, 'linear': 1e-4, 'F': 0.05, 'P+F': 0.05}
@@ -65,8 +73,16 @@ def make_parser():
     add('--prompt_impl', choices=['kv', 'naive'], default='kv',
         help='kv: prompts only as keys/values (exact, faster); naive: concatenate and run the timm blocks')
     add('--seed', type=int, default=0, help='seeds model init, data order and augmentation')
-    add('--lr', type=non_negative, default=None, help='AdamW peak lr (default 5e-3 for P/linear, 1e-4 for F/P+F)')
-    add('--weight_decay', type=non_negative, default=None, help='AdamW weight decay (default 1e-4 P/linear, 0.05 F/P+F)')
+    add('--unfreeze', default='', metavar='PATTERNS',
+        help="comma-separated globs over the timm model's parameter names trained in addition to prompts + head "
+             "with --full False, e.g. 'patch_embed.*,pos_embed,cls_token,norm.*' (the seed's trainable set)")
+    add('--optimizer', choices=['adamw', 'adam', 'sgd'], default='adamw',
+        help='adamw (default); adam (L2 weight decay, as the seed); sgd (momentum 0.9, as official VPT tunes '
+             'prompts; needs --lr)')
+    add('--lr', type=non_negative, default=None,
+        help='peak lr, absolute: not scaled by the batch size (official VPT uses base_lr * batch / 256); '
+             'default for adamw/adam 5e-3 for P/linear, 1e-4 for F/P+F')
+    add('--weight_decay', type=non_negative, default=None, help='weight decay (default 1e-4 P/linear, 0.05 F/P+F)')
     add('--warmup_epochs', type=non_negative, default=None,
         help='linear warmup length in epochs, may be fractional (default: 10%% of --epoch), then cosine to zero')
     add('--model', default='vit_base_patch16_224.augreg_in21k', help='timm ViT name (default: ViT-B/16 IN-21k)')
@@ -79,14 +95,26 @@ def make_parser():
     add('--data_dir', default='./data', help='where CIFAR is found or downloaded (default ./data)')
     add('--train_samples', type=int_at_least(0), default=0, help='use a seeded class-balanced subset (0: all)')
     add('--test_samples', type=int_at_least(0), default=0, help='likewise for the test set (0: all)')
+    add('--val_split', type=fraction, default=0.0,
+        help='hold out this seeded, class-stratified fraction of the training images for validation (never trained '
+             'on or augmented); best.safetensors keeps the best-val epoch, summary.json its test accuracy')
     add('--device', default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
     add('--amp', type=str2bool, default=True, help='bf16 autocast on CUDA (default True)')
     add('--compile', type=str2bool, default=False, help='torch.compile the model')
+    add('--tensorboard', type=str2bool, default=False,
+        help='also write TensorBoard event files into the run directory (needs pip install tensorboard)')
     add('--log_dir', default='logs', help='parent of the run directories (default logs/)')
     add('--name', default=None, help='run directory name (default: mode, model and time)')
     add('--resume', default=None, metavar='RUN_DIR', help='continue the run in RUN_DIR from its last finished epoch')
     add('--eval_only', type=str2bool, nargs='?', const=True, default=False,
-        help='with --resume: evaluate the run\'s checkpoint on the test set and exit')
+        help='with --resume: evaluate the run\'s checkpoint on the test set (and val split), write its confusion '
+             'matrix, and exit')
+    add('--predict', nargs='+', default=None, metavar='PATH',
+        help='with --resume: classify these images (files or folders) with the run\'s model and exit')
+    add('--checkpoint', choices=['last', 'best'], default='last',
+        help='which checkpoint --eval_only and --predict use: last (trainable.safetensors) or best (best val epoch)')
+    add('--out', default=None, metavar='FILE',
+        help='where --predict writes its CSV (default: predictions.csv in the run directory, never overwritten)')
     return parser
 
 
@@ -101,8 +129,14 @@ def parse_args(argv=None):
     given = explicit_flags(parser, argv)
     if args.resume:
         args = merge_resume(args, given, error)
-    elif args.eval_only:
-        error("--eval_only needs --resume RUN_DIR: the run whose checkpoint to evaluate")
+    elif args.eval_only or args.predict:
+        error(f"--{'eval_only' if args.eval_only else 'predict'} needs --resume RUN_DIR: the run whose model to use")
+    if args.eval_only and args.predict:
+        error("--eval_only and --predict are two actions; run them one at a time")
+    if 'checkpoint' in given and not (args.eval_only or args.predict):
+        error("--checkpoint goes with --eval_only or --predict")
+    if args.out and not args.predict:
+        error("--out goes with --predict")
     if args.img_size % args.patch_size:
         error(f"--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}; "
               f"pick sizes such as --img_size 32 --patch_size 4")
@@ -110,6 +144,11 @@ def parse_args(argv=None):
         error("--weights loads pretrained weights but --pretrained False asks for none; drop one of them")
     if args.name and os.sep in args.name:
         error(f"--name {args.name!r} must be a plain directory name; put the parent in --log_dir")
+    if args.unfreeze and args.full:
+        error("--unfreeze adds to what --full False trains; with --full True everything trains already")
+    if args.optimizer == 'sgd' and args.lr is None:
+        error("--optimizer sgd has no default lr here; pass --lr (official VPT's prompt lrs are base_lr * batch / 256 "
+              "with base_lr in 0.05..50, so try e.g. --lr 0.1 for a batch of 128)")
     mode = mode_of(args)
     args.lr = DEFAULT_LR[mode] if args.lr is None else args.lr
     args.weight_decay = DEFAULT_WEIGHT_DECAY[mode] if args.weight_decay is None else args.weight_decay
@@ -152,63 +191,251 @@ def mode_of(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     args = parse_args(argv)
     mode = mode_of(args)
     check_log_dir(args)
 
-    import torch
-    import timm
-    import data
     import train
-    from model import PromptedViT, check_model_args, count_params, create_vit, set_trainable
+    from model import check_model_args
 
     check_model_args(args.model, args.weights)
+    if args.tensorboard:
+        train.check_tensorboard()
     world_size = int(os.environ.get('WORLD_SIZE', '1'))  # set by torchrun
     if args.batch_size % world_size:
         raise SystemExit(f"error: --batch_size {args.batch_size} does not divide by the {world_size} processes; "
                          f"--batch_size is the global batch, use a multiple of {world_size}")
+    if args.predict and world_size > 1:
+        raise SystemExit("error: --predict runs in one process; launch it with python, not torchrun")
     rank, world_size, device = train.setup_distributed(args.device)
+    train.configure_backends(device)
 
-    *splits, classes = load_data_once(args, rank, world_size)
-    if args.batch_size > len(splits[1]):
-        raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(splits[1])} training "
-                         f"images; lower --batch_size (or raise --train_samples)")
-
-    torch.manual_seed(args.seed)  # the random parts of the model (head, prompts, a random backbone) are reproducible
-    vit = create_vit(args.model, len(classes), args.img_size, args.patch_size, args.pretrained, args.weights)
-    model = PromptedViT(vit, args.prompts, args.deep, args.prompt_dropout, args.prompt_impl).to(device)
-    set_trainable(model, args.full)
-    trainable, total = count_params(model, trainable_only=True), count_params(model)
-
+    if args.predict:
+        return predict(args, device)
+    splits, classes = load_splits(args, rank, world_size)
+    model, unfrozen = build_model(args, len(classes), device)
     if args.eval_only:
-        epoch = train.load_trainable(args.resume, model)
-        norm = data.norm_tensors(vit.pretrained_cfg, device)
-        loss, acc = train.evaluate(model, splits[2].to(device), splits[3].to(device), args.batch_size, norm,
-                                   args.amp, device, rank, world_size)
-        if rank == 0:
-            print(f"{args.resume} (epoch {epoch}): test accuracy {acc:.4f}% test loss {loss:.6f} "
-                  f"on {len(splits[3])} images")
-        return
+        return evaluate_checkpoint(args, model, splits, classes, device)
 
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     run_dir = args.resume
     if rank == 0:
+        from model import count_params
+        trainable, total = count_params(model, trainable_only=True), count_params(model)
+        counts = ' / '.join(f"{len(split[1])} {name}" for name, split in splits.items() if split is not None)
         print(f"mode {mode}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%); "
-              f"{len(splits[1])} train / {len(splits[3])} test images, {len(classes)} classes; device {device}"
+              f"{counts} images, {len(classes)} classes; device {device}"
               + (f" x{world_size}" if world_size > 1 else ''), flush=True)
         if run_dir is None:
             run_dir = make_run_dir(args, mode)
             args.name = os.path.basename(run_dir)
-        flags = {key: value for key, value in vars(args).items() if key not in ('resume', 'eval_only')}
-        train.write_config(run_dir, dict(flags, mode=mode, trainable_params=trainable, total_params=total,
-                                         num_classes=len(classes), classes=classes, world_size=world_size,
-                                         prompt_impl=model.prompt_impl, device_name=device_name(device),
-                                         torch_version=torch.__version__, timm_version=timm.__version__))
+        config = dict({key: value for key, value in vars(args).items() if key not in ACTIONS}, mode=mode,
+                      trainable_params=trainable, total_params=total, unfrozen_params=unfrozen,
+                      num_classes=len(classes), classes=classes, world_size=world_size,
+                      prompt_impl=model.prompt_impl, **{f'{name}_images': len(split[1]) if split else 0
+                                                        for name, split in splits.items()},
+                      **provenance(args, argv, device))
+        if args.resume:  # the run's first command and code stay on record; each resume is added
+            previous = read_config(os.path.join(run_dir, "config.json"))
+            config.update(command=previous.get('command'), git_commit=previous.get('git_commit'),
+                          resumed=previous.get('resumed', []) + [dict(command=config['command'],
+                                                                      git_commit=config['git_commit'])])
+        train.write_config(run_dir, config)
         print(f"run directory: {run_dir}", flush=True)
     run_dir = broadcast_run_dir(run_dir, world_size)
-    train.fit(model, splits, args, run_dir, rank, world_size, device, resume=bool(args.resume))
+    train.fit(model, splits, classes, args, run_dir, device, resume=bool(args.resume))
+
+
+def build_model(args, num_classes, device):
+    """The run's model: the base ViT (hub, --weights or random) with prompts; -> (model, unfrozen parameter count)."""
+    import torch
+    from model import PromptedViT, create_vit, set_trainable
+    torch.manual_seed(args.seed)  # the random parts of the model (head, prompts, a random backbone) are reproducible
+    vit = create_vit(args.model, num_classes, args.img_size, args.patch_size, args.pretrained, args.weights)
+    model = PromptedViT(vit, args.prompts, args.deep, args.prompt_dropout, args.prompt_impl).to(device)
+    patterns = [pattern.strip() for pattern in args.unfreeze.split(',') if pattern.strip()]
+    unfrozen = set_trainable(model, args.full, patterns)
+    return model, sum(param.numel() for name, param in model.vit.named_parameters() if name in set(unfrozen))
+
+
+def load_splits(args, rank, world_size):
+    """-> ({'train', 'val' (None without --val_split), 'test'}: (uint8 images, labels)), class names)."""
+    import data
+    train_images, train_labels, test_images, test_labels, classes = load_data_once(args, rank, world_size)
+    val = None
+    if args.val_split:
+        train_index, val_index = data.split_validation(train_labels, args.val_split, args.seed)
+        if len(val_index) == 0 or len(train_index) == 0:
+            raise SystemExit(f"error: --val_split {args.val_split} of {len(train_labels)} training images leaves "
+                             f"{len(val_index)} for validation and {len(train_index)} for training; pick a fraction "
+                             f"that leaves images on both sides")
+        val = (train_images[val_index], train_labels[val_index])
+        train_images, train_labels = train_images[train_index], train_labels[train_index]
+    if args.batch_size > len(train_labels):
+        raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(train_labels)} training "
+                         f"images; lower --batch_size (or raise --train_samples)")
+    return dict(train=(train_images, train_labels), val=val, test=(test_images, test_labels)), classes
+
+
+def checkpoint_path(args):
+    return os.path.join(args.resume, 'best.safetensors' if args.checkpoint == 'best' else 'trainable.safetensors')
+
+
+def evaluate_checkpoint(args, model, splits, classes, device):
+    """--eval_only: the checkpoint's accuracy on val (if the run has a split) and test, its confusion matrix
+    (confusion.csv, or confusion_best.csv for --checkpoint best) and per-class accuracy (in summary.json)."""
+    import data
+    import train
+    epoch = train.load_trainable(checkpoint_path(args), model)
+    preprocess = data.preprocessing(model.vit.pretrained_cfg, device, args.img_size)
+    results = {}
+    for name in ('val', 'test'):
+        if splits[name] is not None:
+            split = tuple(t.to(device) for t in splits[name])
+            with train.explain_out_of_memory(args.batch_size, args.amp, f'evaluating {name}'):
+                results[name] = train.evaluate_split(model, split, args.batch_size, preprocess, args.amp)
+    if train.rank_and_world_size()[0] != 0:
+        return
+    suffix = '_best' if args.checkpoint == 'best' else ''
+    loss, acc, confusion = results['test']
+    per_class = train.per_class_accuracy(confusion, classes)
+    train.write_confusion(os.path.join(args.resume, f'confusion{suffix}.csv'), confusion, classes)
+    summary_path = os.path.join(args.resume, 'summary.json')
+    summary = read_config(summary_path) if os.path.isfile(summary_path) else {}
+    summary[f'per_class_acc{suffix}'] = per_class
+    train.write_json(summary_path, summary)
+    if 'val' in results:
+        print(f"{args.resume} ({args.checkpoint}, epoch {epoch}): val accuracy {results['val'][1]:.4f}% "
+              f"on {len(splits['val'][1])} images")
+    print(f"{args.resume} ({args.checkpoint}, epoch {epoch}): test accuracy {acc:.4f}% test loss {loss:.6f} "
+          f"on {len(splits['test'][1])} images")
+    width = max(len(name) for name in classes)
+    for name, value in per_class.items():
+        print(f"  {name:<{width}}  {value:7.2f}%")
+    print(f"wrote {os.path.join(args.resume, f'confusion{suffix}.csv')} and per_class_acc{suffix} in {summary_path}")
+
+
+def predict(args, device):
+    """--predict: classify image files (and the images in folders) with the run's model; print a table and write
+    a CSV. Images are resized to --img_size and normalised as the run's batches were."""
+    import torch
+    import data
+    import train
+    config = read_config(os.path.join(args.resume, 'config.json'))
+    classes = config['classes']
+    model, _ = build_model(args, len(classes), device)
+    epoch = train.load_trainable(checkpoint_path(args), model)
+    out = args.out or fresh_path(os.path.join(args.resume, 'predictions.csv'))
+    check_writable_file(out)
+    paths = image_paths(args.predict)
+    preprocess = data.preprocessing(model.vit.pretrained_cfg, device, args.img_size)
+    model.eval()
+    rows, top = [], min(5, len(classes))
+    for start in range(0, len(paths), args.batch_size):
+        chunk, inputs = [], []
+        for path in paths[start:start + args.batch_size]:
+            try:
+                image = data.read_image(path)
+            except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError...
+                print(f"skipping {path}: cannot read it as an image ({type(e).__name__}: {e})", file=sys.stderr)
+                continue
+            chunk.append(path)
+            inputs.append(data.model_input(torch.tensor(image).permute(2, 0, 1)[None].to(device), *preprocess))
+        if not chunk:
+            continue
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                             enabled=args.amp and device.type == 'cuda'):
+            probs = model(torch.cat(inputs)).float().softmax(1)
+        values, indices = probs.topk(top, dim=1)
+        for path, value, index in zip(chunk, values.tolist(), indices.tolist()):
+            rows.append([path, classes[index[0]], f"{value[0]:.4f}",
+                         '; '.join(f"{classes[i]} {v:.4f}" for i, v in zip(index, value))])
+    if not rows:
+        raise SystemExit(f"error: none of {', '.join(args.predict)} could be read as an image; pass image files "
+                         f"({', '.join(data.IMAGE_EXTENSIONS)}) or folders holding them")
+    import csv
+    import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator='\n')
+    writer.writerow(['file', 'prediction', 'probability', f'top{top}'])
+    writer.writerows(rows)
+    train.atomic_write(out, buffer.getvalue().encode())
+    width = max(len(row[0]) for row in rows)
+    print(f"{'file':<{width}}  {'prediction':<12}  prob    top-{top}")
+    for path, label, prob, best in rows:
+        print(f"{path:<{width}}  {label:<12}  {prob}  {best}")
+    print(f"{len(rows)} images classified by {args.resume} ({args.checkpoint}, epoch {epoch}); wrote {out}")
+
+
+def image_paths(paths):
+    """Files as given; folders walked (sorted) for image files. A missing path is an error before any work."""
+    import data
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(data.IMAGE_EXTENSIONS)]
+        elif os.path.exists(path):
+            found.append(path)
+        else:
+            raise SystemExit(f"error: --predict {path}: no such file or folder")
+    if not found:
+        raise SystemExit(f"error: no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in {', '.join(paths)}")
+    return found
+
+
+def fresh_path(path):
+    """`path`, or path-2, path-3... : the first that does not exist, so earlier outputs are kept."""
+    stem, extension = os.path.splitext(path)
+    attempt = 1
+    while os.path.exists(path):
+        attempt += 1
+        path = f"{stem}-{attempt}{extension}"
+    return path
+
+
+def check_writable_file(path):
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: cannot write {path} ({parent} is not a writable directory); choose another --out")
+
+
+def read_config(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def provenance(args, argv, device):
+    """What makes a run's numbers traceable: the command, the code, the software and hardware, the weights."""
+    import torch
+    import timm
+    import train
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = commit and subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
+                                          capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = commit and commit + ('-dirty' if dirty else '')
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    if args.weights:
+        sha256 = hashlib.sha256()
+        with open(args.weights, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                sha256.update(block)
+        weights = f"file {os.path.abspath(args.weights)} sha256:{sha256.hexdigest()}"
+    elif args.pretrained:
+        cfg = timm.models.get_pretrained_cfg(args.model)
+        weights = f"hf-hub:{cfg.hf_hub_id if cfg and cfg.hf_hub_id else args.model}"
+    else:
+        weights = 'random init (--pretrained False)'
+    return dict(command=shlex.join(['python', 'main.py', *argv]), git_commit=commit,
+                device_name=train.device_name(device), torch_version=torch.__version__,
+                timm_version=timm.__version__, cuda_version=torch.version.cuda,
+                cudnn_version=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                weights_id=weights)
 
 
 def check_log_dir(args):
@@ -263,14 +490,6 @@ def broadcast_run_dir(run_dir, world_size):
     holder = [run_dir]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
-
-
-def device_name(device):
-    import platform
-    import torch
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 if __name__ == '__main__':

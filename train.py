@@ -1,10 +1,12 @@
-"""Training and evaluation loops, optimizer and schedule, run directory (config, metrics, checkpoints), signals,
-and the torchrun/DDP plumbing. One code path for CPU and GPU, one process or many."""
+"""Training and evaluation loops, optimizer and schedule, run directory (config, metrics, summary, checkpoints),
+signals, and the torchrun/DDP plumbing. One code path for CPU and GPU, one process or many."""
+import contextlib
 import csv
 import io
 import json
 import math
 import os
+import platform
 import random
 import signal
 import sys
@@ -21,11 +23,11 @@ from tqdm import tqdm
 import data
 
 METRICS_HEADER = ['epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'lr', 'epoch_time_s',
-                  'train_images_per_s']
+                  'train_images_per_s', 'val_loss', 'val_acc', 'peak_mem_gib']
 SYNC_EVERY = 20  # steps between host<->device syncs (progress bar, non-finite check, stop agreement across ranks)
 
 
-# ---------------------------------------------------------------- distributed
+# ---------------------------------------------------------------- devices and processes
 
 
 def setup_distributed(device_arg):
@@ -39,14 +41,32 @@ def setup_distributed(device_arg):
                          "use --device cpu or --device auto")
     device = torch.device(device_arg)
     if device.type == 'cuda':
-        if world_size > 1:
-            device = torch.device('cuda', local_rank)
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise SystemExit(f"error: --device {device} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        # set_device needs an index: one process uses the given or current device, torchrun's use their local rank
+        index = local_rank if world_size > 1 else (torch.cuda.current_device() if device.index is None else device.index)
+        if index >= torch.cuda.device_count():
+            raise SystemExit(f"error: --device {device_arg} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        device = torch.device('cuda', index)
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world_size, device
+
+
+def configure_backends(device):
+    """TF32 matmuls on CUDA, for training and --eval_only alike (so evaluation reproduces the logged accuracy)."""
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def device_name(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def rank_and_world_size():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def all_agree(flag: bool, device) -> bool:
@@ -64,14 +84,30 @@ def all_sum(tensor):
     return tensor
 
 
+@contextlib.contextmanager
+def explain_out_of_memory(batch_size, amp, where):
+    """A CUDA out-of-memory error becomes one line with the fixes; nothing of the run directory is touched."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        hint = '' if amp else ' or --amp True (bf16 halves the activations)'
+        raise SystemExit(f"error: out of GPU memory {where} at --batch_size {batch_size}; lower --batch_size "
+                         f"(e.g. {max(1, batch_size // 2)}){hint}") from None
+
+
 # ---------------------------------------------------------------- optimizer and schedule
 
 
-def make_optimizer(model, lr, weight_decay, device):
-    """AdamW over the trainable parameters; no decay on biases, norms, position embedding and CLS (timm's split)."""
-    no_decay = {f'vit.{name}' for name in model.vit.no_weight_decay()}
+def make_optimizer(model, name, lr, weight_decay, device):
+    """AdamW, Adam (L2 decay, as the seed) or SGD with momentum 0.9 over the trainable parameters; no decay on biases,
+    norms, position embedding and CLS (timm's split); prompts are decayed, as in VPT."""
+    no_decay = {f'vit.{param_name}' for param_name in model.vit.no_weight_decay()}
     groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
-    return torch.optim.AdamW(groups, lr=lr, fused=device.type == 'cuda')
+    fused = device.type == 'cuda'
+    if name == 'sgd':
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    optimizer_class = torch.optim.Adam if name == 'adam' else torch.optim.AdamW
+    return optimizer_class(groups, lr=lr, fused=fused)
 
 
 def lr_factor(step, warmup_steps, total_steps):
@@ -107,45 +143,43 @@ class StopRequest:
 # ---------------------------------------------------------------- loops
 
 
-def train_epoch(model, optimizer, scheduler, train_images, train_labels, generator, args, norm, epoch, stop,
-                rank, world_size, device):
-    """One epoch. Returns (mean loss, accuracy %) over all ranks, or None once a stop is requested."""
+def train_epoch(model, optimizer, scheduler, batches, steps, amp=True, stop=None, desc='train'):
+    """One pass over `steps` training `batches` -> (mean loss, accuracy %) over all ranks, or None once `stop` (a
+    StopRequest) has caught a signal. A non-finite loss raises FloatingPointError(its step)."""
     model.train()
-    steps = len(train_labels) // args.batch_size
+    device = next(model.parameters()).device
+    rank, world_size = rank_and_world_size()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.float64)
     bad_step = torch.full((), -1, device=device, dtype=torch.long)  # first non-finite loss, tracked without a per-step sync
     count, start = 0, time.perf_counter()
-    batches = data.train_batches(train_images, train_labels, args.batch_size, generator, *norm, rank, world_size)
-    bar = tqdm(total=steps, desc=f'epoch {epoch}/{args.epoch}', disable=rank != 0, leave=False, dynamic_ncols=True)
-    for step, (images, labels) in enumerate(batches, 1):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == 'cuda'):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        loss = loss.detach()
-        loss_sum += loss * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
-        count += len(labels)
-        bar.update(1)
-        sync = step % SYNC_EVERY == 0 or step == steps
-        # one process checks the flag every step for free; several agree on it at sync steps only
-        if (sync or world_size == 1) and all_agree(stop.signum is not None, device):
-            bar.close()
-            return None
-        if sync:
-            first_bad = _first_bad(bad_step)
-            if first_bad >= 0:
-                bar.close()
-                raise SystemExit(f"error: non-finite training loss at epoch {epoch}, step {first_bad}; lower --lr "
-                                 f"(it is {args.lr:g}); the checkpoint of epoch {epoch - 1} is intact")
-            bar.set_postfix(loss=f'{loss_sum.item() / count:.3f}', acc=f'{100 * correct.item() / count:.1f}%',
-                            img_s=f'{count * world_size / (time.perf_counter() - start):.0f}')
-    bar.close()
+    bar = tqdm(total=steps, desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True)
+    with bar:  # closed (and its line cleared) however the epoch ends, so an error message starts on a clean line
+        for step, (images, labels) in enumerate(batches, 1):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == 'cuda'):
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss = loss.detach()
+            loss_sum += loss * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+            count += len(labels)
+            bar.update(1)
+            sync = step % SYNC_EVERY == 0 or step == steps
+            stopping = stop is not None and stop.signum is not None
+            # one process checks the flag every step for free; several agree on it at sync steps only
+            if (sync or world_size == 1) and all_agree(stopping, device):
+                return None
+            if sync:
+                first_bad = _first_bad(bad_step)
+                if first_bad >= 0:
+                    raise FloatingPointError(first_bad)
+                bar.set_postfix(loss=f'{loss_sum.item() / count:.3f}', acc=f'{100 * correct.item() / count:.1f}%',
+                                img_s=f'{count * world_size / (time.perf_counter() - start):.0f}')
     loss_sum, correct, count = all_sum(torch.stack([loss_sum, correct, loss_sum.new_tensor(count)])).tolist()
     return loss_sum / count, 100 * correct / count
 
@@ -160,18 +194,30 @@ def _first_bad(bad_step):
 
 
 @torch.no_grad()
-def evaluate(model, test_images, test_labels, batch_size, norm, amp, device, rank=0, world_size=1):
-    """-> (mean loss, accuracy in percent) over the whole test set, each image counted once across ranks."""
+def evaluate(model, batches, num_classes, amp=True):
+    """-> (mean loss, accuracy %, confusion matrix) over (images, labels, valid) `batches`, summed over ranks.
+    The confusion matrix is an int64 CPU tensor: rows the true class, columns the predicted one."""
     model.eval()
-    totals = torch.zeros(3, device=device, dtype=torch.float64)
-    for images, labels, valid in data.eval_batches(test_images, test_labels, batch_size, *norm, rank, world_size):
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    for images, labels, valid in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == 'cuda'):
             logits = model(images)
-        losses = F.cross_entropy(logits.float(), labels, reduction='none')
-        totals += torch.stack([(losses * valid).sum().double(), ((logits.argmax(1) == labels) & valid).sum().double(),
-                               valid.sum().double()])
-    loss_sum, correct, count = all_sum(totals).tolist()
-    return loss_sum / count, 100 * correct / count
+        loss_sum += (F.cross_entropy(logits.float(), labels, reduction='none') * valid).sum()
+        confusion.index_add_(0, labels * num_classes + logits.argmax(1), valid.long())  # no host sync, unlike bincount
+    totals = all_sum(torch.cat([loss_sum.view(1), confusion.double()])).cpu()
+    confusion = totals[1:].long().view(num_classes, num_classes)
+    count = confusion.sum().item()
+    return totals[0].item() / count, 100 * confusion.trace().item() / count, confusion
+
+
+def evaluate_split(model, split, batch_size, preprocess, amp):
+    """evaluate() over a whole (images, labels) split on the model's device, sharded across ranks."""
+    rank, world_size = rank_and_world_size()
+    images, labels = split
+    return evaluate(model, data.eval_batches(images, labels, batch_size, preprocess, rank, world_size),
+                    model.vit.num_classes, amp)
 
 
 # ---------------------------------------------------------------- run directory: config, metrics, checkpoints
@@ -187,19 +233,65 @@ def atomic_write(path, payload: bytes):
     os.replace(temp, path)
 
 
+def write_json(path, payload):
+    atomic_write(path, (json.dumps(payload, indent=2) + '\n').encode())
+
+
 def write_config(run_dir, config):
-    atomic_write(os.path.join(run_dir, 'config.json'), (json.dumps(config, indent=2) + '\n').encode())
+    write_json(os.path.join(run_dir, 'config.json'), config)
 
 
 def write_metrics(run_dir, history):
+    formats = dict(train_loss='.6f', train_acc='.4f', test_loss='.6f', test_acc='.4f', lr='.6g', epoch_time_s='.3f',
+                   train_images_per_s='.1f', val_loss='.6f', val_acc='.4f', peak_mem_gib='.3f')
     out = io.StringIO()
     writer = csv.writer(out, lineterminator='\n')
     writer.writerow(METRICS_HEADER)
-    for row in history:
-        writer.writerow([row['epoch'], f"{row['train_loss']:.6f}", f"{row['train_acc']:.4f}",
-                         f"{row['test_loss']:.6f}", f"{row['test_acc']:.4f}", f"{row['lr']:.6g}",
-                         f"{row['epoch_time_s']:.3f}", f"{row['train_images_per_s']:.1f}"])
+    for row in history:  # a missing value (no val split, no GPU) is an empty cell
+        writer.writerow([row['epoch']] + ['' if row.get(key) is None else format(row[key], formats[key])
+                                          for key in METRICS_HEADER[1:]])
     atomic_write(os.path.join(run_dir, 'metrics.csv'), out.getvalue().encode())
+
+
+def write_confusion(path, confusion, classes):
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator='\n')
+    writer.writerow(['true\\predicted', *classes])
+    for name, row in zip(classes, confusion.tolist()):
+        writer.writerow([name, *row])
+    atomic_write(path, out.getvalue().encode())
+
+
+def per_class_accuracy(confusion, classes):
+    totals = confusion.sum(1).clamp(min=1)
+    return {name: round(100 * hits / total, 4) for name, hits, total in
+            zip(classes, confusion.diagonal().tolist(), totals.tolist())}
+
+
+def best_val_epoch(history):
+    """The first epoch with the highest validation accuracy; None without a val split."""
+    scored = [row for row in history if row.get('val_acc') is not None]
+    return max(scored, key=lambda row: row['val_acc'])['epoch'] if scored else None
+
+
+def summarize(history, planned_epochs, val_split, test_images, previous=None):
+    """summary.json: what a run reports. With a val split the headline is the test accuracy at the best-val epoch,
+    never the best test epoch."""
+    summary = dict(previous or {})
+    summary.pop('per_class_acc', None)  # of the final epoch only: fit adds it back when the run finishes
+    final = history[-1] if history else {}
+    best = best_val_epoch(history)
+    best_row = next((row for row in history if row['epoch'] == best), {})
+    peaks = [row['peak_mem_gib'] for row in history if row.get('peak_mem_gib') is not None]
+    summary.update(epochs_done=len(history) and final['epoch'], epochs=planned_epochs,
+                   finished=bool(history) and final['epoch'] >= planned_epochs,
+                   final_epoch=final.get('epoch'), final_test_acc=final.get('test_acc'),
+                   final_test_loss=final.get('test_loss'), val_split=val_split, best_val_epoch=best,
+                   best_val_acc=best_row.get('val_acc'), test_acc_at_best_val=best_row.get('test_acc'),
+                   total_time_s=sum(row['epoch_time_s'] for row in history),
+                   mean_epoch_time_s=sum(row['epoch_time_s'] for row in history) / max(1, len(history)),
+                   peak_mem_gib=max(peaks) if peaks else None, test_images=test_images)
+    return summary
 
 
 def trainable_tensors(model):
@@ -207,23 +299,56 @@ def trainable_tensors(model):
     return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, history):
-    atomic_write(os.path.join(run_dir, 'trainable.safetensors'),
-                 safetensors_bytes(trainable_tensors(model), metadata={'epoch': str(epoch)}))
+def save_trainable(path, model, epoch):
+    atomic_write(path, safetensors_bytes(trainable_tensors(model), metadata={'epoch': str(epoch)}))
+
+
+def rng_states(generator):
+    """Every RNG a run draws from. The torch CPU and CUDA states are gathered from every rank (a collective), so
+    each process resumes its own stream (prompt dropout); the data generator is a CPU one shared by all."""
+    mine = dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    ranks = [mine]
+    if dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    return dict(python=random.getstate(), numpy=np.random.get_state(), data=generator.get_state(), ranks=ranks)
+
+
+def restore_rng(rng, generator):
+    rank, world_size = rank_and_world_size()
+    random.setstate(rng['python'])
+    np.random.set_state(rng['numpy'])
+    generator.set_state(rng['data'])
+    # a run resumed on more processes than saved it seeds the extra ranks' streams from the last saved one
+    mine = rng['ranks'][min(rank, len(rng['ranks']) - 1)]
+    torch.set_rng_state(mine['torch'])
+    if mine['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine['cuda'])  # the current device; a run resumed on the CPU keeps no CUDA stream
+
+
+def save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, history, summary):
+    """Every rank calls this (the RNG states are gathered); rank 0 writes."""
+    rng = rng_states(generator)
+    if rank_and_world_size()[0] != 0:
+        return
+    save_trainable(os.path.join(run_dir, 'trainable.safetensors'), model, epoch)
     state = dict(epoch=epoch, history=history, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                          data=generator.get_state()))
+                 rng=rng)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write(os.path.join(run_dir, 'state.pt'), buffer.getvalue())
     write_metrics(run_dir, history)
+    write_json(os.path.join(run_dir, 'summary.json'), summary)
 
 
-def load_trainable(run_dir, model):
-    """Apply a run's trainable.safetensors to `model` (built from the same config); -> the epoch it was saved at."""
+def load_trainable(path, model):
+    """Apply a run's trainable.safetensors (or best.safetensors) to `model`, built from the same config;
+    -> the epoch it was saved at."""
     from safetensors import safe_open
-    path = os.path.join(run_dir, 'trainable.safetensors')
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} does not exist; best.safetensors needs a run with --val_split > 0, "
+                         f"trainable.safetensors a run that finished at least its setup")
     try:
         with safe_open(path, 'pt') as f:
             epoch = int((f.metadata() or {}).get('epoch', -1))
@@ -240,36 +365,36 @@ def load_trainable(run_dir, model):
 
 def load_state(run_dir):
     # to the CPU: RNG states must be CPU tensors, and optimizer.load_state_dict moves its state to each parameter
-    return torch.load(os.path.join(run_dir, 'state.pt'), map_location='cpu', weights_only=False)
-
-
-def restore_rng(rng, generator):
-    random.setstate(rng['python'])
-    np.random.set_state(rng['numpy'])
-    torch.set_rng_state(rng['torch'])
-    if rng['cuda'] is not None and torch.cuda.is_available() and len(rng['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng['cuda'])
-    generator.set_state(rng['data'])
+    state = torch.load(os.path.join(run_dir, 'state.pt'), map_location='cpu', weights_only=False)
+    if 'ranks' not in state['rng']:
+        raise SystemExit(f"error: {run_dir}/state.pt was written by an older vpt whose data order depended on the "
+                         f"device; it cannot be resumed exactly. Its metrics and trainable.safetensors stay usable "
+                         f"(--eval_only); start a new run to train further")
+    return state
 
 
 # ---------------------------------------------------------------- the run
 
 
-def fit(model, splits, args, run_dir, rank, world_size, device, resume=False):
-    """Train for args.epoch epochs (from the run's last finished epoch if `resume`), evaluating after each,
-    checkpointing and logging on rank 0. Returns the metrics history."""
-    train_images, train_labels, test_images, test_labels = (t.to(device) for t in splits)
-    norm = data.norm_tensors(model.vit.pretrained_cfg, device)
+def fit(model, splits, classes, args, run_dir, device, resume=False):
+    """Train for args.epoch epochs (from the run's last finished epoch if `resume`), evaluating val (if any) and
+    test after each, checkpointing and logging on rank 0. `splits`: {'train', 'val' (or None), 'test'} ->
+    (uint8 images, labels) on the CPU. Returns the metrics history."""
+    rank, world_size = rank_and_world_size()
+    splits = {name: None if split is None else tuple(t.to(device) for t in split) for name, split in splits.items()}
+    train_images, train_labels = splits['train']
+    preprocess = data.preprocessing(model.vit.pretrained_cfg, device, args.img_size)
     steps_per_epoch = len(train_labels) // args.batch_size
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     total_steps = args.epoch * steps_per_epoch
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+    optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
-    generator = torch.Generator(device).manual_seed(args.seed)
-    history, done = [], 0
+    generator = torch.Generator().manual_seed(args.seed)  # data order and augmentation: CPU, device-independent
+    summary_path = os.path.join(run_dir, 'summary.json')
+    history, done, summary = [], 0, {}
     if resume:
         state = load_state(run_dir)
-        saved_epoch = load_trainable(run_dir, model)
+        saved_epoch = load_trainable(os.path.join(run_dir, 'trainable.safetensors'), model)
         if saved_epoch != state['epoch']:
             raise SystemExit(f"error: {run_dir}: trainable.safetensors is from epoch {saved_epoch} but state.pt from "
                              f"epoch {state['epoch']} (killed while saving?); start a new run")
@@ -277,40 +402,80 @@ def fit(model, splits, args, run_dir, rank, world_size, device, resume=False):
         scheduler.load_state_dict(state['scheduler'])
         restore_rng(state['rng'], generator)
         history, done = state['history'], state['epoch']
+        if os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
         if done > args.epoch:
             raise SystemExit(f"error: {run_dir} has already finished {done} epochs; --epoch {args.epoch} cannot undo "
                              f"them: pass --epoch {done + 1} or more to train further")
         if done == args.epoch and rank == 0:
             print(f"{run_dir} has finished all {done} epochs; pass --epoch N to train further", flush=True)
-    elif rank == 0:  # epoch 0: a run stopped in its first epoch can be resumed too
-        save_checkpoint(run_dir, model, optimizer, scheduler, generator, 0, history)
+    else:  # epoch 0: a run stopped in its first epoch can be resumed too
+        if rank > 0:  # every rank built the same model; from here each draws its own prompt-dropout masks
+            torch.manual_seed(args.seed + rank)
+        summary = summarize(history, args.epoch, args.val_split, len(splits['test'][1]))
+        save_checkpoint(run_dir, model, optimizer, scheduler, generator, 0, history, summary)
+    writer = open_tensorboard(run_dir) if args.tensorboard and rank == 0 else None
     if args.compile:
         model.compile()  # in place: parameter names, checkpoints and DDP see the same module
     net = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+    evaluate_on = lambda split: evaluate_split(model, split, args.batch_size, preprocess, args.amp)
     with StopRequest() as stop:
         for epoch in range(done + 1, args.epoch + 1):
             start = time.perf_counter()
-            train = train_epoch(net, optimizer, scheduler, train_images, train_labels, generator, args, norm,
-                                epoch, stop, rank, world_size, device)
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+            batches = data.train_batches(train_images, train_labels, args.batch_size, generator, preprocess, rank,
+                                         world_size)
+            try:
+                with explain_out_of_memory(args.batch_size, args.amp, f'in training epoch {epoch}'):
+                    train = train_epoch(net, optimizer, scheduler, batches, steps_per_epoch, args.amp, stop,
+                                        desc=f'epoch {epoch}/{args.epoch}')
+            except FloatingPointError as e:
+                raise SystemExit(f"error: non-finite training loss at epoch {epoch}, step {e.args[0]}; lower --lr (it is "
+                                 f"{args.lr:g}); the checkpoint of epoch {epoch - 1} is intact")
             if train is None:
                 stopped(stop.signum or signal.SIGTERM, run_dir, epoch - 1, rank, world_size)
             train_time = time.perf_counter() - start
-            test_loss, test_acc = evaluate(model, test_images, test_labels, args.batch_size, norm, args.amp, device,
-                                           rank, world_size)
+            with explain_out_of_memory(args.batch_size, args.amp, f'evaluating epoch {epoch}'):
+                val_loss, val_acc, _ = evaluate_on(splits['val']) if splits['val'] else (None, None, None)
+                test_loss, test_acc, confusion = evaluate_on(splits['test'])
             row = dict(epoch=epoch, train_loss=train[0], train_acc=train[1], test_loss=test_loss, test_acc=test_acc,
                        lr=args.lr * lr_factor(epoch * steps_per_epoch - 1, warmup_steps, total_steps),
                        epoch_time_s=time.perf_counter() - start,
-                       train_images_per_s=steps_per_epoch * args.batch_size / train_time)
+                       train_images_per_s=steps_per_epoch * args.batch_size / train_time,
+                       val_loss=val_loss, val_acc=val_acc,
+                       peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None)
             history.append(row)
+            summary = summarize(history, args.epoch, args.val_split, len(splits['test'][1]), summary)
+            if epoch == args.epoch:  # the finished run's per-class view
+                summary['per_class_acc'] = per_class_accuracy(confusion, classes)
             if rank == 0:
-                save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, history)
+                if best_val_epoch(history) == epoch:
+                    save_trainable(os.path.join(run_dir, 'best.safetensors'), model, epoch)
+                if epoch == args.epoch:
+                    write_confusion(os.path.join(run_dir, 'confusion.csv'), confusion, classes)
+            save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, history, summary)
+            if rank == 0:
+                val_text = f"val acc {val_acc:.2f}%  " if val_acc is not None else ''
                 print(f"epoch {epoch}/{args.epoch}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
-                      f"test loss {test_loss:.4f} acc {test_acc:.2f}%  lr {row['lr']:.2e}  "
+                      f"{val_text}test loss {test_loss:.4f} acc {test_acc:.2f}%  lr {row['lr']:.2e}  "
                       f"{row['epoch_time_s']:.1f}s  {row['train_images_per_s']:.0f} img/s", flush=True)
+                if writer:
+                    log_tensorboard(writer, row, [args.lr * lr_factor(step, warmup_steps, total_steps)
+                                                  for step in range((epoch - 1) * steps_per_epoch,
+                                                                    epoch * steps_per_epoch)],
+                                    (epoch - 1) * steps_per_epoch, confusion if epoch == args.epoch else None, classes)
             if all_agree(stop.signum is not None, device):
                 stopped(stop.signum or signal.SIGTERM, run_dir, epoch, rank, world_size)
+    if writer:
+        writer.close()
+    if rank == 0 and history and best_val_epoch(history) is not None:
+        print(f"best val epoch {summary['best_val_epoch']}: val acc {summary['best_val_acc']:.2f}%, test acc "
+              f"{summary['test_acc_at_best_val']:.2f}% (best.safetensors); final test acc "
+              f"{summary['final_test_acc']:.2f}%", flush=True)
     return history
 
 
@@ -320,3 +485,36 @@ def stopped(signum, run_dir, last_epoch, rank, world_size):
         print(f"\n{signal.Signals(signum).name}: stopped; {run_dir} keeps the checkpoint and metrics of epoch "
               f"{last_epoch}. Resume with:\n  {launcher} main.py --resume {run_dir}", file=sys.stderr, flush=True)
     raise SystemExit(128 + signum)
+
+
+# ---------------------------------------------------------------- TensorBoard (optional dependency)
+
+
+def check_tensorboard():
+    import importlib
+    try:
+        importlib.import_module('tensorboard')  # torch.utils.tensorboard needs the tensorboard package
+    except ImportError:
+        raise SystemExit("error: --tensorboard True needs the tensorboard package; pip install tensorboard "
+                         "(or drop --tensorboard)")
+
+
+def open_tensorboard(run_dir):
+    from torch.utils.tensorboard import SummaryWriter
+    # events are written after each epoch's checkpoint, so a resumed run never repeats a step: no purge needed
+    return SummaryWriter(run_dir)
+
+
+def log_tensorboard(writer, row, step_lrs, first_step, confusion, classes):
+    """The epoch's metrics.csv row as scalars (x: epoch), the lr of every step (x: step), the final confusion
+    matrix as a figure."""
+    for key in METRICS_HEADER[1:]:
+        if row.get(key) is not None:
+            writer.add_scalar(f"epoch/{key}", row[key], row['epoch'])
+    for offset, lr in enumerate(step_lrs):
+        writer.add_scalar('step/lr', lr, first_step + offset + 1)
+    if confusion is not None:
+        import plot
+        writer.add_figure('confusion', plot.confusion_figure(f"epoch {row['epoch']}", classes, confusion.numpy()),
+                          row['epoch'])
+    writer.flush()

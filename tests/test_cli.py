@@ -8,7 +8,9 @@ from safetensors.torch import load_file
 import main
 from conftest import TINY, read_metrics, run_cli, run_main
 
-HEADER = 'epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_time_s,train_images_per_s'
+# today's columns, then the ones added later (appended, so readers by column name keep working)
+HEADER = ('epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_time_s,train_images_per_s,'
+          'val_loss,val_acc,peak_mem_gib')
 
 
 @pytest.mark.parametrize('text,value', [('False', False), ('false', False), ('0', False), ('no', False),
@@ -48,6 +50,10 @@ def test_run_writes_config_metrics_and_checkpoint(tiny_dataset, tmp_path, capsys
     for key in ('trainable_params', 'total_params', 'device_name', 'torch_version', 'timm_version', 'seed', 'model',
                 'dataset', 'weight_decay', 'warmup_epochs', 'prompt_dropout', 'img_size', 'patch_size'):
         assert key in config
+    assert config['command'].startswith('python main.py --model test_vit ') and '--epoch 2' in config['command']
+    assert config['weights_id'] == 'random init (--pretrained False)' and 'cuda_version' in config
+    assert config['git_commit'] is None or len(config['git_commit'].split('-')[0]) == 40
+    assert config['train_images'] == 48 and config['val_images'] == 0 and config['test_images'] == 18
     assert f"{config['trainable_params']:,} trainable parameters" in out
     lines = (run_dir / 'metrics.csv').read_text().splitlines()
     assert lines[0] == HEADER and len(lines) == 3
@@ -56,6 +62,7 @@ def test_run_writes_config_metrics_and_checkpoint(tiny_dataset, tmp_path, capsys
     for row in rows:
         assert 0 <= float(row['train_acc']) <= 100 and 0 <= float(row['test_acc']) <= 100
         assert float(row['train_images_per_s']) > 0 and float(row['epoch_time_s']) > 0
+        assert row['val_acc'] == row['val_loss'] == '' and row['peak_mem_gib'] == ''  # no val split, no GPU
     assert float(rows[1]['lr']) < float(rows[0]['lr'])  # cosine decay
     tensors = load_file(run_dir / 'trainable.safetensors')
     assert sum(t.numel() for t in tensors.values()) == config['trainable_params']

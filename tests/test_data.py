@@ -27,19 +27,31 @@ def test_crop_flip_matches_per_image_reference():
     assert out.dtype == torch.uint8
 
 
-def test_normalize_uses_given_mean_std():
+def test_model_input_normalises_with_given_mean_std():
     images = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 3, 1, 1)
-    out = data.normalize(images, (0.5, 0.5, 0.2), (0.5, 0.25, 0.1))
+    out = data.model_input(images, (0.5, 0.5, 0.2), (0.5, 0.25, 0.1))
     torch.testing.assert_close(out.flatten(), torch.tensor([-1.0, 2.0, 0.0]))
+
+
+def test_model_input_resizes_per_batch():
+    """--img_size 224 on 32 px CIFAR: stored images stay 32 px uint8, each batch is resized on its device."""
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = data.model_input(images, (0.5,) * 3, (0.5,) * 3, img_size=224)
+    expected = F.interpolate(images.float(), size=(224, 224), mode='bilinear', antialias=True, align_corners=False)
+    assert out.shape == (4, 3, 224, 224) and out.dtype == torch.float32
+    torch.testing.assert_close(out, (expected / 255 - 0.5) / 0.5)
+    assert torch.equal(data.model_input(images, (0.5,) * 3, (0.5,) * 3, img_size=32),
+                       data.model_input(images, (0.5,) * 3, (0.5,) * 3))  # no resize at the stored size
 
 
 def test_train_batches_are_seeded_permutations():
     images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 3, 8, 8).contiguous()
     labels = torch.arange(50)
+    identity = ((0.,) * 3, (1.,) * 3, None)
 
     def epoch(seed):
         generator = torch.Generator().manual_seed(seed)
-        return [(x.clone(), y.clone()) for x, y in data.train_batches(images, labels, 16, generator, (0.,) * 3, (1.,) * 3, pad=0)]
+        return [(x.clone(), y.clone()) for x, y in data.train_batches(images, labels, 16, generator, identity)]
     first, again, other = epoch(0), epoch(0), epoch(1)
     assert len(first) == 3  # 50 // 16: the incomplete last batch is dropped
     seen = torch.cat([y for _, y in first])
@@ -47,8 +59,18 @@ def test_train_batches_are_seeded_permutations():
     for (x, y), (x2, y2) in zip(first, again):
         assert torch.equal(x, x2) and torch.equal(y, y2)
     assert not torch.equal(seen, torch.cat([y for _, y in other]))
-    for x, y in first:  # images travel with their labels (flip of a constant image is the image)
-        assert torch.equal(x[:, 0, 0, 0], y.float() / 255)
+    for x, y in first:  # images travel with their labels (the centre pixel survives any 1-px crop and the flip)
+        assert torch.equal(x[:, 0, 4, 4], y.float() / 255)
+
+
+def test_epoch_order_is_drawn_on_the_cpu():
+    """The permutation comes from a CPU generator whatever the device, so a run resumed on another device (or on
+    8 GPUs instead of 1) sees the same images in the same order; a CUDA generator would draw another sequence."""
+    images = torch.zeros(40, 3, 8, 8, dtype=torch.uint8)
+    labels = torch.arange(40)
+    seen = torch.cat([y for _, y in data.train_batches(images, labels, 10, torch.Generator().manual_seed(5),
+                                                        ((0.,) * 3, (1.,) * 3, None))])
+    assert torch.equal(seen, torch.randperm(40, generator=torch.Generator().manual_seed(5)))
 
 
 @pytest.mark.parametrize('world_size', [2, 4])
@@ -56,13 +78,23 @@ def test_rank_slices_reassemble_the_single_process_batch(world_size):
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (40,), generator=generator)
-    norm = ((0.5,) * 3, (0.5,) * 3)
-    single = list(data.train_batches(images, labels, 8, torch.Generator().manual_seed(3), *norm))
-    ranks = [list(data.train_batches(images, labels, 8, torch.Generator().manual_seed(3), *norm, rank, world_size))
-             for rank in range(world_size)]
+    preprocess = ((0.5,) * 3, (0.5,) * 3, 32)
+    single = list(data.train_batches(images, labels, 8, torch.Generator().manual_seed(3), preprocess))
+    ranks = [list(data.train_batches(images, labels, 8, torch.Generator().manual_seed(3), preprocess, rank,
+                                     world_size)) for rank in range(world_size)]
     for step, (x, y) in enumerate(single):
         assert torch.equal(torch.cat([ranks[r][step][0] for r in range(world_size)]), x)  # same crops and flips too
         assert torch.equal(torch.cat([ranks[r][step][1] for r in range(world_size)]), y)
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+    labels = torch.tensor([0] * 500 + [1] * 300 + [2] * 200)[torch.randperm(1000, generator=torch.Generator().manual_seed(1))]
+    train_index, val_index = data.split_validation(labels, 0.1, seed=0)
+    assert torch.bincount(labels[val_index]).tolist() == [50, 30, 20]
+    assert len(set(train_index.tolist()) & set(val_index.tolist())) == 0
+    assert sorted(train_index.tolist() + val_index.tolist()) == list(range(1000))
+    again = data.split_validation(labels, 0.1, seed=0)[1]
+    assert torch.equal(val_index, again) and not torch.equal(val_index, data.split_validation(labels, 0.1, seed=1)[1])
 
 
 @pytest.mark.parametrize('world_size', [1, 2, 3])
@@ -71,7 +103,7 @@ def test_eval_batches_count_every_image_once(world_size):
     labels = torch.arange(23)
     counted = []
     for rank in range(world_size):
-        for x, y, valid in data.eval_batches(images, labels, 5, (0.,) * 3, (1.,) * 3, rank, world_size):
+        for x, y, valid in data.eval_batches(images, labels, 5, ((0.,) * 3, (1.,) * 3, None), rank, world_size):
             assert x.shape[0] == 5 and y.shape[0] == 5  # static shapes, padded
             counted += y[valid].tolist()
     assert sorted(counted) == list(range(23))
@@ -91,10 +123,19 @@ def test_folder_dataset_loads_classes_in_sorted_order(tmp_path):
     root = write_folder_dataset(tmp_path / 'ds', classes=('b_dog', 'a_cat'), train_per_class=3, test_per_class=2, size=40)
     train_x, train_y, test_x, test_y, classes = data.load_dataset(root, img_size=32)
     assert classes == ['a_cat', 'b_dog']
-    assert train_x.shape == (6, 3, 32, 32) and train_x.dtype == torch.uint8  # resized from 40x40
+    assert train_x.shape == (6, 3, 40, 40) and train_x.dtype == torch.uint8  # kept at its own size
     assert train_y.tolist() == [0, 0, 0, 1, 1, 1] and test_y.tolist() == [0, 0, 1, 1]
     # class 'a_cat' was written with the second colour of write_folder_dataset: its mean red is 60 + 80 * 1
     assert abs(train_x[:3, 0].float().mean().item() - 140) < 10
+
+
+def test_folder_of_mixed_sizes_is_resized_to_img_size(tmp_path):
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=40)
+    from PIL import Image
+    Image.new('RGB', (50, 30), (10, 20, 30)).save(os.path.join(root, 'train', 'b', 'odd.png'))
+    train_x, train_y, test_x, _, _ = data.load_dataset(root, img_size=32)
+    assert train_x.shape == (5, 3, 32, 32) and test_x.shape == (2, 3, 40, 40)  # only the mixed split is resized
+    assert train_y.tolist() == [0, 0, 1, 1, 1]
 
 
 def _fake_cifar10(root, train_per_batch=6, test_count=8):

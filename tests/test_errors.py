@@ -143,6 +143,42 @@ def test_eval_only_without_resume(cli):
     cli('--eval_only', expect=['--eval_only needs --resume'], code=2)
 
 
+def test_val_split_out_of_range(cli):
+    cli('--val_split', 1.5, expect=['--val_split', '[0, 1)'], code=2)
+
+
+def test_val_split_too_small_for_the_data(cli):
+    cli('--val_split', 0.01, expect=['--val_split 0.01 of 48 training images leaves 0 for validation'])
+
+
+def test_unfreeze_pattern_matching_nothing(cli):
+    cli('--unfreeze', 'patch_embed', expect=["--unfreeze pattern 'patch_embed' matches no parameter", 'patch_embed.*'])
+
+
+def test_unfreeze_with_full(cli):
+    cli('--unfreeze', 'norm.*', '--full', 'True', expect=['--unfreeze adds to what --full False trains'], code=2)
+
+
+def test_sgd_needs_an_lr(cli):
+    cli('--optimizer', 'sgd', expect=['--optimizer sgd has no default lr', '--lr'], code=2)
+
+
+@pytest.mark.parametrize('flags,expect', [(['--checkpoint', 'best'], '--checkpoint goes with --eval_only or --predict'),
+                                          (['--predict', 'x.png'], '--predict needs --resume'),
+                                          (['--out', 'p.csv'], '--out goes with --predict')])
+def test_action_flags_alone(cli, flags, expect):
+    cli(*flags, expect=[expect], code=2)
+
+
+def test_best_checkpoint_of_a_run_without_val_split(cli, capsys):
+    from conftest import run_main
+    argv = [*TINY, '--dataset', write_folder_dataset(cli.tmp_path / 'ds', train_per_class=4, test_per_class=2),
+            '--epoch', 1, '--batch_size', 8, '--log_dir', cli.tmp_path / 'runs', '--name', 'noval']
+    assert run_main(argv, capsys)[0] == 0
+    code, _, err = run_main(['--eval_only', '--resume', cli.tmp_path / 'runs' / 'noval', '--checkpoint', 'best'], capsys)
+    assert code == 1 and err.strip().count('\n') == 0 and 'best.safetensors needs a run with --val_split > 0' in err
+
+
 @pytest.mark.parametrize('flags,code,expect', [(['--epoch', '0'], 2, '--epoch'),
                                                 (['--model', 'nope', '--device', 'cpu'], 1, 'unknown --model')])
 def test_real_process_prints_one_line(tmp_path, flags, code, expect):

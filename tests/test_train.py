@@ -1,6 +1,4 @@
 """The training step and schedule: what P mode may and may not change, warmup + cosine."""
-import argparse
-
 import pytest
 import torch
 
@@ -16,14 +14,13 @@ def test_prompt_tuning_changes_only_prompts_and_head(prompt_impl):
                         prompt_impl=prompt_impl)
     set_trainable(model, full=False)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    optimizer = train.make_optimizer(model, lr=1e-2, weight_decay=0.05, device=torch.device('cpu'))
+    optimizer = train.make_optimizer(model, 'adamw', lr=1e-2, weight_decay=0.05, device=torch.device('cpu'))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (24,))
-    args = argparse.Namespace(batch_size=8, epoch=1, amp=True, lr=1e-2)
-    with train.StopRequest() as stop:
-        result = train.train_epoch(model, optimizer, scheduler, images, labels, torch.Generator().manual_seed(0), args,
-                                   data.norm_tensors(model.vit.pretrained_cfg, 'cpu'), 1, stop, 0, 1, torch.device('cpu'))
+    preprocess = data.preprocessing(model.vit.pretrained_cfg, 'cpu', 32)
+    batches = data.train_batches(images, labels, 8, torch.Generator().manual_seed(0), preprocess)
+    result = train.train_epoch(model, optimizer, scheduler, batches, 3)
     assert result is not None
     trained = {'prompts.tokens', 'vit.head.weight', 'vit.head.bias'}
     after = model.state_dict()
@@ -50,7 +47,7 @@ def test_warmup_then_cosine_to_zero():
 def test_weight_decay_spares_biases_norms_and_embeddings():
     model = PromptedViT(create_vit('test_vit', 10, 32, 4, pretrained=False), 3)
     set_trainable(model, full=True)
-    optimizer = train.make_optimizer(model, 1e-3, 0.05, torch.device('cpu'))
+    optimizer = train.make_optimizer(model, 'adamw', 1e-3, 0.05, torch.device('cpu'))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g['weight_decay'] > 0 for p in g['params']}
     assert 'vit.blocks.0.attn.qkv.weight' in decayed and 'prompts.tokens' in decayed

@@ -1,0 +1,105 @@
+"""What a researcher looks at after a run: predictions on image files, the confusion matrix and per-class accuracy,
+TensorBoard event files."""
+import csv
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import TINY, read_metrics, run_cli, run_main
+
+
+@pytest.fixture(scope='module')
+def run_dir(tiny_dataset, tmp_path_factory):
+    """One finished 2-epoch run of the tiny model, shared by the tests that only read it."""
+    log_dir = tmp_path_factory.mktemp('outputs')
+    result = run_cli([*TINY, '--dataset', tiny_dataset, '--epoch', 2, '--batch_size', 8, '--lr', 0.02,
+                      '--log_dir', log_dir, '--name', 'run'])
+    assert result.returncode == 0, result.stderr
+    return log_dir / 'run'
+
+
+def read_confusion(path):
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    assert rows[0][0] == 'true\\predicted'
+    return rows[0][1:], {row[0]: [int(v) for v in row[1:]] for row in rows[1:]}
+
+
+def test_confusion_and_per_class_accuracy_match_the_test_accuracy(run_dir):
+    classes, confusion = read_confusion(run_dir / 'confusion.csv')
+    assert classes == ['cat', 'dog', 'frog'] and list(confusion) == classes
+    total = sum(map(sum, confusion.values()))
+    correct = sum(confusion[name][i] for i, name in enumerate(classes))
+    assert total == 18  # every test image once
+    final = read_metrics(run_dir)[-1]
+    assert 100 * correct / total == pytest.approx(float(final['test_acc']), abs=1e-3)
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    for i, name in enumerate(classes):
+        assert summary['per_class_acc'][name] == pytest.approx(100 * confusion[name][i] / sum(confusion[name]), abs=1e-3)
+
+
+def test_predictions_on_image_files_equal_eval_only(run_dir, tiny_dataset, tmp_path, capsys):
+    """--predict on the test images as files: per true class (the folder), the predicted classes must count up to
+    exactly the confusion matrix --eval_only computes on the same images."""
+    code, out, err = run_main(['--eval_only', '--resume', run_dir], capsys)
+    assert code == 0, err
+    classes, confusion = read_confusion(run_dir / 'confusion.csv')
+    (tmp_path / 'broken.png').write_bytes(b'not an image')
+    out_csv = tmp_path / 'predictions.csv'
+    code, out, err = run_main(['--predict', os.path.join(tiny_dataset, 'test'), tmp_path / 'broken.png',
+                               '--resume', run_dir, '--out', out_csv], capsys)
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        line for line in err.splitlines() if line.startswith(f"skipping {tmp_path / 'broken.png'}: cannot read it")]
+    assert len(err.strip().splitlines()) == 1  # the unreadable file, in one line; the rest classified
+    with open(out_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 18 and set(rows[0]) == {'file', 'prediction', 'probability', 'top3'}
+    counted = {name: [0] * len(classes) for name in classes}
+    for row in rows:
+        true_class = os.path.basename(os.path.dirname(row['file']))
+        counted[true_class][classes.index(row['prediction'])] += 1
+        top = row['top3'].split('; ')
+        assert top[0].split()[0] == row['prediction'] and len(top) == 3
+        assert 1 / 3 <= float(row['probability']) <= 1
+    assert counted == confusion
+    assert f"18 images classified by {run_dir} (last, epoch 2)" in out
+
+
+def test_predict_never_overwrites_and_needs_a_run(run_dir, tiny_dataset, capsys):
+    image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
+    for expected in ('predictions.csv', 'predictions-2.csv'):
+        code, out, err = run_main(['--predict', image, '--resume', run_dir], capsys)
+        assert code == 0, err
+        assert out.strip().endswith(f"wrote {run_dir / expected}")
+    code, _, err = run_main(['--predict', image], capsys)
+    assert code == 2 and '--predict needs --resume RUN_DIR' in err
+
+
+def test_tensorboard_event_files_hold_the_metrics(tiny_dataset, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 2, '--batch_size', 8, '--val_split', 0.25,
+                               '--tensorboard', True, '--log_dir', tmp_path, '--name', 'tb'], capsys)
+    assert code == 0, err
+    events = EventAccumulator(str(tmp_path / 'tb'), size_guidance={'scalars': 0, 'images': 0})
+    events.Reload()
+    tags = events.Tags()
+    rows = read_metrics(tmp_path / 'tb')
+    for key in ('train_loss', 'train_acc', 'test_acc', 'val_acc'):
+        values = [(event.step, event.value) for event in events.Scalars(f'epoch/{key}')]
+        assert [step for step, _ in values] == [1, 2]
+        assert [value for _, value in values] == pytest.approx([float(row[key]) for row in rows], abs=1e-3)
+    lrs = events.Scalars('step/lr')
+    assert [event.step for event in lrs] == list(range(1, 9))  # 36 train images / batch 8 = 4 steps per epoch
+    assert lrs[-1].value == pytest.approx(float(rows[-1]['lr']), rel=1e-4)
+    assert 'confusion' in tags['images']
+
+
+def test_tensorboard_missing_is_one_line(tiny_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'tensorboard', None)  # as if it were not installed
+    code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--tensorboard', True, '--log_dir', tmp_path], capsys)
+    assert code == 1 and err.strip() == ("error: --tensorboard True needs the tensorboard package; pip install "
+                                         "tensorboard (or drop --tensorboard)")
+    assert os.listdir(tmp_path) == []

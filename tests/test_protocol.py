@@ -1,0 +1,136 @@
+"""The research protocol: held-out validation, the best-val checkpoint and its honest test number, --unfreeze,
+--optimizer, provenance in config.json."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import TINY, read_metrics, run_main
+
+FAKE_VAL_ACC = {1: 50.0, 2: 90.0, 3: 70.0}  # the best val epoch is 2, neither the first nor the last
+
+
+def test_val_split_best_checkpoint_and_summary(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """Train 3 epochs with a val split whose accuracies are fixed (50, 90, 70 %): best.safetensors must hold the
+    tensors of epoch 2, summary.json the test accuracy of epoch 2 (not the best test epoch), and --eval_only
+    --checkpoint best reproduce it."""
+    saved, evaluate_split = {}, train.evaluate_split
+    save_checkpoint = train.save_checkpoint
+
+    def record(run_dir, model, *args):
+        saved[args[3]] = {name: t.clone() for name, t in train.trainable_tensors(model).items()}  # args[3]: epoch
+        return save_checkpoint(run_dir, model, *args)
+
+    def fixed_val(model, split, *args):
+        loss, acc, confusion = evaluate_split(model, split, *args)
+        return (loss, FAKE_VAL_ACC[len(saved)], confusion) if len(split[1]) == 12 else (loss, acc, confusion)
+    monkeypatch.setattr(train, 'save_checkpoint', record)
+    monkeypatch.setattr(train, 'evaluate_split', fixed_val)
+    code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--val_split', 0.25, '--epoch', 3, '--batch_size', 8,
+                               '--lr', 0.05, '--log_dir', tmp_path, '--name', 'val'], capsys)
+    assert code == 0, err
+    run_dir = tmp_path / 'val'
+    config = json.loads((run_dir / 'config.json').read_text())
+    assert (config['train_images'], config['val_images'], config['test_images']) == (36, 12, 18)  # 25% of 48
+    rows = read_metrics(run_dir)
+    assert [float(row['val_acc']) for row in rows] == [50.0, 90.0, 70.0] and all(row['val_loss'] for row in rows)
+    best = load_file(run_dir / 'best.safetensors')
+    assert set(best) == set(saved[2]) and all(torch.equal(best[name], saved[2][name]) for name in best)
+    assert not all(torch.equal(best[name], saved[3][name]) for name in best)  # epoch 3 trained on
+
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert summary['best_val_epoch'] == 2 and summary['best_val_acc'] == 90.0 and summary['finished']
+    assert summary['test_acc_at_best_val'] == pytest.approx(float(rows[1]['test_acc']), abs=1e-4)
+    assert summary['final_test_acc'] == pytest.approx(float(rows[2]['test_acc']), abs=1e-4)
+    assert f"best val epoch 2: val acc 90.00%, test acc {float(rows[1]['test_acc']):.2f}%" in out
+
+    monkeypatch.setattr(train, 'evaluate_split', evaluate_split)
+    code, out, err = run_main(['--eval_only', '--resume', run_dir, '--checkpoint', 'best'], capsys)
+    assert code == 0, err
+    assert f"(best, epoch 2): test accuracy {float(rows[1]['test_acc']):.4f}%" in out
+    assert (run_dir / 'confusion_best.csv').is_file()
+
+
+def test_val_split_is_held_out_of_training(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """Every image the training loop draws comes from train minus val; val is never augmented or trained on."""
+    import data
+    drawn, batches = [], data.train_batches
+    monkeypatch.setattr(data, 'train_batches', lambda images, *a, **k: drawn.append(images) or batches(images, *a, **k))
+    split, seen_val = data.split_validation, []
+    monkeypatch.setattr(data, 'split_validation', lambda *a: seen_val.append(split(*a)) or seen_val[-1])
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--val_split', 0.5, '--epoch', 1, '--batch_size', 8,
+                             '--log_dir', tmp_path], capsys)
+    assert code == 0, err
+    train_index, val_index = seen_val[0]
+    assert len(drawn[0]) == len(train_index) == 24 and len(val_index) == 24
+
+
+def test_unfreeze_trains_exactly_the_matched_tensors(tiny_dataset, tmp_path, capsys, monkeypatch):
+    import main
+    models = []
+    fit = train.fit
+    monkeypatch.setattr(train, 'fit', lambda model, *a, **k: models.append(model) or fit(model, *a, **k))
+    argv = [*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8, '--unfreeze', 'pos_embed,norm.*',
+            '--log_dir', tmp_path, '--name', 'seedlike']
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / 'seedlike' / 'config.json').read_text())
+    tensors = load_file(tmp_path / 'seedlike' / 'trainable.safetensors')
+    assert set(tensors) == {'prompts.tokens', 'vit.head.weight', 'vit.head.bias', 'vit.pos_embed', 'vit.norm.weight',
+                            'vit.norm.bias'}
+    assert config['trainable_params'] == sum(t.numel() for t in tensors.values())
+    assert config['unfrozen_params'] == tensors['vit.pos_embed'].numel() + 2 * tensors['vit.norm.weight'].numel()
+    fresh, _ = main.build_model(main.parse_args(list(map(str, argv))), 3, torch.device('cpu'))
+    trained = models[0].state_dict()
+    for name, tensor in fresh.state_dict().items():
+        if name in tensors:
+            assert not torch.equal(trained[name], tensor), name
+        else:
+            assert torch.equal(trained[name], tensor), name  # frozen: bit-identical (the blocks' norms too)
+
+
+@pytest.mark.parametrize('optimizer,lr', [('sgd', 0.05), ('adam', 2e-3)])
+def test_other_optimizers_learn(tiny_dataset, tmp_path, capsys, optimizer, lr):
+    code, _, err = run_main([*TINY, '--prompts', 0, '--full', True, '--dataset', tiny_dataset, '--epoch', 4,
+                             '--batch_size', 8, '--optimizer', optimizer, '--lr', lr, '--log_dir', tmp_path,
+                             '--name', 'run'], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / 'run' / 'config.json').read_text())['optimizer'] == optimizer
+    assert float(read_metrics(tmp_path / 'run')[-1]['test_acc']) >= 80  # three colour-coded classes
+
+
+def test_make_optimizer_kinds():
+    from model import PromptedViT, create_vit, set_trainable
+    model = PromptedViT(create_vit('test_vit', 10, 32, 4, pretrained=False), 3)
+    set_trainable(model, full=False)
+    cpu = torch.device('cpu')
+    sgd = train.make_optimizer(model, 'sgd', 0.1, 1e-4, cpu)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults['momentum'] == 0.9 and sgd.defaults['lr'] == 0.1
+    assert type(train.make_optimizer(model, 'adam', 1e-3, 5e-5, cpu)) is torch.optim.Adam
+    assert type(train.make_optimizer(model, 'adamw', 1e-3, 5e-5, cpu)) is torch.optim.AdamW
+
+
+def test_weights_file_identity_is_recorded(tiny_dataset, tmp_path, capsys):
+    import hashlib
+    import timm
+    from safetensors.torch import save_file
+    weights = tmp_path / 'test_vit.safetensors'
+    save_file(timm.create_model('test_vit').state_dict(), weights)
+    code, _, err = run_main([a for a in TINY if a not in ('--pretrained', 'False')] + [
+        '--weights', weights, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 16, '--log_dir', tmp_path / 'logs',
+        '--name', 'w'], capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / 'logs' / 'w' / 'config.json').read_text())
+    assert config['weights_id'].endswith(f"sha256:{hashlib.sha256(weights.read_bytes()).hexdigest()}")
+
+
+def test_seed_recipe_trainable_count_on_vit_b4():
+    """README's 'Reproducing the seed': the seed's trainable set on ViT-B/4 is P's 468,490 plus 89,856."""
+    import main
+    argv = ['--pretrained', 'False', '--unfreeze', 'patch_embed.*,pos_embed,cls_token,norm.*', '--optimizer', 'adam',
+            '--lr', '1e-3', '--weight_decay', '5e-5', '--warmup_epochs', '0']
+    model, unfrozen = main.build_model(main.parse_args(argv), 10, torch.device('cpu'))
+    assert unfrozen == 89_856
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 468_490 + 89_856
