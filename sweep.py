@@ -1,0 +1,655 @@
+"""Hyperparameter sweep over main.py: a grid scored on a val split, then the winner again with fresh seeds.
+
+    python sweep.py --grid lr=1e-3,5e-3,1e-2 weight_decay=0,1e-4 --seeds 3 --val_split 0.1 -- --full False --prompts 50
+    python sweep.py ... --gpus 0,1,2,3               # one trial per GPU at a time on this machine
+    python sweep.py ... --print_commands             # only print the main.py commands, for SLURM, GNU parallel, ...
+    python sweep.py --collect logs/sweep-1a2b3c4d    # sweep.csv and sweep.md from whatever runs exist there
+
+Stage 1 trains every grid point (any main.py flag; values separated by commas) with the base seed (the --seed given
+after --, default 0) on the training set minus a seeded, class-stratified --val_split, and scores it by its best val
+accuracy (the first of equal scores, in grid order, wins). Stage 2 trains the winner again with the fresh seeds
+base+1 .. base+N (--seeds N). Each seed keeps the val split and uses it only to choose its checkpoint epoch: the
+number a seed reports is its test accuracy at its best val epoch (test_acc_at_best_val). The result is the mean and
+sample standard deviation (n-1) of those numbers, with min, max and n; the final-epoch test accuracy is given too.
+The stage-1 winner is not one of the N: it won because its val score was the highest of the grid, which makes it an
+optimistic draw of its own configuration; the fresh seeds are selected on nothing, so their mean is not. Test
+accuracy plays no part in any choice.
+
+Everything goes to --log_dir/<name> (default logs/sweep-<8 hex digits hashed from the grid, seeds, val split and
+main.py flags>, so the same command finds the same sweep again): one run directory per trial (grid_lr=1e-3_...,
+final_seed=1, ...), logs/<run>.log with each trial's output, sweep.json (the definition), sweep.csv (one row per
+run), sweep.md (the report, also printed at the end) and sweep.log (what the sweep did, when).
+
+Re-launching the same command skips finished runs, resumes interrupted ones (main.py --resume), retries failed ones,
+and moves a run directory without a checkpoint aside to <run>.failed-N before starting it afresh. Ctrl-C or SIGTERM
+reaches the running trials, which keep their last finished epoch; the sweep writes its report, prints the command to
+re-launch and exits 130 / 143. Exit status 1 when a run failed (the others still run; stage 2 runs if at least one
+grid point finished). --print_commands prints stage 1's commands, or stage 2's once stage 1 has finished there.
+"""
+import argparse
+import contextlib
+import csv
+import datetime
+import difflib
+import fcntl
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import main as vpt  # argparse and the standard library only: main.py imports torch inside main()
+
+MAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'main.py')
+# main.py flags the sweep sets itself, and the fix to tell a user who sets one; --seed after -- is the base seed
+CONTROLLED = {
+    'seed': "sweep.py sets the seeds: stage 1 uses the --seed given after -- (default 0), stage 2 the next --seeds N",
+    'val_split': "pass --val_split to sweep.py itself (before --): every trial uses the same split",
+    'log_dir': "pass --log_dir to sweep.py itself (before --): runs go to <log_dir>/<sweep name>/<run>",
+    'name': "pass --name to sweep.py itself (before --): it names the sweep; sweep.py names the runs",
+    'resume': "sweep.py resumes its runs itself: re-launch the same sweep command",
+    'eval_only': "sweep.py only trains; evaluate a run afterwards with python main.py --eval_only --resume RUN_DIR",
+    'predict': "sweep.py only trains; classify images afterwards with python main.py --predict ... --resume RUN_DIR",
+    'checkpoint': "sweep.py only trains; --checkpoint goes with main.py --eval_only/--predict --resume RUN_DIR",
+    'out': "sweep.py only trains; --out goes with main.py --predict --resume RUN_DIR",
+}
+
+# main.py's exits after a signal, or a child killed by one before it set its handlers (during its imports)
+INTERRUPTED = {130, 143, -signal.SIGINT, -signal.SIGTERM}
+RESULT_COLUMNS = ['status', 'epochs_done', 'epochs', 'best_val_acc', 'best_val_epoch', 'test_acc_at_best_val',
+                  'final_test_acc', 'exit_code', 'message']
+ANSI = re.compile(r'\x1b\[[0-9;?]*[A-Za-z]')  # tqdm's cursor moves in a log file
+STOP = []  # the first SIGINT/SIGTERM the sweep received
+CHILDREN = {}  # run name -> its running process, so that a signal reaches it
+
+
+def fail(message, code=1):
+    """A user mistake: one line on stderr, a non-zero exit, no traceback."""
+    print(f"sweep.py: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="python sweep.py --grid FLAG=V1,V2,... [FLAG=...] --val_split F [--seeds N] [options] -- [main.py flags]"
+              "\n       python sweep.py --collect SWEEP_DIR")
+    add = parser.add_argument
+    add('--grid', nargs='+', default=[], metavar='FLAG=V1,V2',
+        help='main.py flags to sweep and their values, e.g. lr=1e-3,5e-3 weight_decay=0,1e-4 (every combination)')
+    add('--seeds', type=int, default=3, help='stage 2: fresh seeds for the winning grid point (default 3)')
+    add('--val_split', type=float, default=None,
+        help='required, in (0, 1): the fraction of the training set every trial holds out to be scored on')
+    add('--log_dir', default='logs', help='parent of the sweep directory (default logs/)')
+    add('--name', default=None, help='sweep directory name (default sweep-<hash of the definition>)')
+    add('--gpus', default=None, metavar='IDS',
+        help='e.g. 0,1,2,3: one trial per GPU at a time (CUDA_VISIBLE_DEVICES, and --device cuda unless the '
+             'main.py flags set --device); default: one trial at a time, in this environment')
+    add('--print_commands', action='store_true',
+        help="print the main.py command of every trial still to run (stage 1, or stage 2 once stage 1 has "
+             "finished), one per line, and run nothing")
+    add('--collect', default=None, metavar='SWEEP_DIR',
+        help='write sweep.csv and sweep.md from the runs in SWEEP_DIR, running nothing')
+
+    def error(message):  # one line, no usage dump
+        fail(f"{message} (python sweep.py --help; main.py flags go after --)", 2)
+    parser.error = error
+    return parser
+
+
+def script_path(path):
+    """Relative to the current directory when below it, as a user would type it; absolute otherwise."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith('..') else relative
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_atomic(path, text):
+    """Readers (and a crash) see the old file or the new one, never half of one."""
+    temp = f"{path}.tmp{os.getpid()}"
+    with open(temp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
+
+# ---------------------------------------------------------------- the definition, checked before anything runs
+
+
+def given_main_flags(argv):
+    """{flag: value} for the main.py flags typed in argv, abbreviations resolved as main.py resolves them."""
+    parser = vpt.make_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+
+    def error(message):
+        raise ValueError(message)
+    parser.error = error
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return vars(parser.parse_args(argv))
+    except ValueError as e:
+        fail(f"main.py flags after --: {e} (python main.py --help lists them)", 2)
+    except SystemExit:  # -h
+        fail("main.py flags after --: python main.py --help lists them", 2)
+
+
+def check_trial(argv, label):
+    """main.py's own parsing and checks of a trial's flags -> its resolved flags; one line naming the trial if not."""
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+            return vpt.parse_args(argv)
+    except SystemExit as e:
+        lines = (e.code if isinstance(e.code, str) else errors.getvalue()).strip().splitlines() or ['rejected']
+        fail(f"{label}: {lines[-1].removeprefix('main.py: ').removeprefix('error: ')}", 2)
+
+
+def parse_grid(entries, given):
+    """['lr=1e-3,5e-3', ...] -> {'lr': ['1e-3', '5e-3'], ...}, checked against main.py's flags."""
+    flags = [option[2:] for action in vpt.make_parser()._actions for option in action.option_strings
+             if option.startswith('--') and option != '--help']
+    grid = {}
+    for entry in entries:
+        flag, equals, values = entry.partition('=')
+        flag = flag.removeprefix('--')
+        if not equals or not flag or not values:
+            fail(f"--grid {entry!r}: write FLAG=V1,V2,... such as lr=1e-3,5e-3", 2)
+        if flag not in flags:
+            close = difflib.get_close_matches(flag, flags, 1)
+            fail(f"--grid {entry!r}: main.py has no flag --{flag}"
+                 + (f"; did you mean {close[0]}?" if close else " (python main.py --help lists them)"), 2)
+        if flag in CONTROLLED:
+            fail(f"--grid {entry!r}: {CONTROLLED[flag]}", 2)
+        if flag in given:
+            fail(f"--{flag} is both in --grid and after --; keep one of them", 2)
+        if flag in grid:
+            fail(f"--grid names {flag} twice; give all its values in one entry, {flag}=V1,V2,...", 2)
+        values = values.split(',')
+        if '' in values or len(set(values)) < len(values):
+            fail(f"--grid {entry!r}: an empty or repeated value; list distinct values separated by commas", 2)
+        grid[flag] = values
+    return grid
+
+
+def check_command_line(args, passthrough):
+    """-> (definition, base seed, whether the main.py flags set --device). Exits with one line on a mistake."""
+    if not args.grid:
+        fail("--grid is required: the main.py flags to sweep, e.g. --grid lr=1e-3,5e-3 weight_decay=0,1e-4", 2)
+    if args.val_split is None or not 0 < args.val_split < 1:
+        fail("--val_split F with 0 < F < 1 is required: the grid is scored on that held-out part of the training "
+             "set, never on the test set (e.g. --val_split 0.1)", 2)
+    if args.seeds < 1:
+        fail(f"--seeds {args.seeds}: stage 2 needs at least 1 seed (2 or more give a standard deviation)", 2)
+    if args.name is not None and (not args.name or os.sep in args.name or args.name in ('.', '..')):
+        fail(f"--name {args.name!r} must be a plain directory name; put the parent in --log_dir", 2)
+    if args.gpus is not None:
+        gpus = args.gpus.split(',')
+        if '' in gpus or len(set(gpus)) < len(gpus) or any(' ' in gpu for gpu in gpus):
+            fail(f"--gpus {args.gpus!r}: list distinct GPU ids separated by commas, e.g. --gpus 0,1,2,3", 2)
+        if args.print_commands:
+            fail("--print_commands leaves GPUs to your scheduler; drop --gpus", 2)
+    given = given_main_flags(passthrough)
+    for flag in sorted(set(given) & set(CONTROLLED) - {'seed'}):
+        fail(f"--{flag} after --: {CONTROLLED[flag]}", 2)
+    definition = dict(grid=parse_grid(args.grid, given), seeds=args.seeds, val_split=args.val_split,
+                      main_flags=passthrough)
+    base_seed = given.get('seed', vpt.make_parser().get_default('seed'))
+    for trial in grid_trials(definition, base_seed, os.path.join(args.log_dir, 'sweep')):
+        check_trial(trial['argv'], f"grid point {' '.join(f'{k}={v}' for k, v in trial['values'].items())}")
+    return definition, base_seed, 'device' in given or 'device' in definition['grid']
+
+
+def sweep_name(definition):
+    text = json.dumps(definition, separators=(',', ':'))
+    return f"sweep-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def open_sweep(sweep_dir, definition, command):
+    """Write sweep.json for a new sweep; for an existing one, insist on the same definition."""
+    path = os.path.join(sweep_dir, 'sweep.json')
+    saved = read_json(path)
+    if saved is not None:
+        changed = [key for key in definition if json.dumps(saved.get(key)) != json.dumps(definition[key])]
+        if changed:
+            fail(f"{sweep_dir} holds another sweep (its {', '.join(changed)} differ); re-launch it with its own "
+                 f"command ({saved.get('command')}) or pick another --name")
+        return saved
+    if os.path.exists(path):
+        fail(f"cannot read {path}; repair or remove it, or pick another --name")
+    if os.path.isdir(sweep_dir) and os.listdir(sweep_dir):
+        fail(f"{sweep_dir} exists and is not a sweep (no sweep.json); pick another --name or --log_dir")
+    meta = dict(definition, command=command, created=datetime.datetime.now().isoformat(timespec='seconds'))
+    try:
+        os.makedirs(sweep_dir, exist_ok=True)
+        write_atomic(path, json.dumps(meta, indent=2) + '\n')
+    except OSError as e:
+        fail(f"cannot write {path} ({e.strerror or e}); choose a writable --log_dir")
+    return meta
+
+
+def lock_sweep(sweep_dir):
+    """Two sweep.py processes on one sweep would resume (or set aside) each other's runs."""
+    handle = open(os.path.join(sweep_dir, 'sweep.lock'), 'w')
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fail(f"another sweep.py is running on {sweep_dir}; let it finish or stop it first")
+    return handle  # held until this process exits
+
+
+# ---------------------------------------------------------------- trials
+
+
+def trial_argv(definition, values, seed, sweep_dir, name):
+    flags = []
+    skip = False
+    for token in definition['main_flags']:  # the sweep sets --seed; an abbreviated one is overridden by the last
+        if skip or token == '--seed' or token.startswith('--seed='):
+            skip = token == '--seed'
+            continue
+        flags.append(token)
+    for flag, value in values.items():
+        flags += [f"--{flag}={value}"] if value.startswith('-') else [f"--{flag}", value]
+    return flags + ['--val_split', str(definition['val_split']), '--seed', str(seed), '--log_dir', sweep_dir,
+                    '--name', name]
+
+
+def grid_trials(definition, base_seed, sweep_dir):
+    flags = list(definition['grid'])
+    trials = []
+    for combination in itertools.product(*definition['grid'].values()):
+        values = dict(zip(flags, combination))
+        name = 'grid_' + '_'.join(f"{flag}={re.sub(r'[^A-Za-z0-9.+-]', '-', value)[:40]}"
+                                  for flag, value in values.items())
+        trials.append(dict(name=name, stage='grid', seed=base_seed, values=values))
+    names = [trial['name'] for trial in trials]
+    for trial in trials:  # values that differ only in characters a directory name cannot hold
+        if names.count(trial['name']) > 1:
+            trial['name'] += '-' + hashlib.sha1(json.dumps(trial['values']).encode()).hexdigest()[:6]
+        trial['argv'] = trial_argv(definition, trial['values'], base_seed, sweep_dir, trial['name'])
+    return trials
+
+
+def final_trials(definition, base_seed, winner, sweep_dir):
+    return [dict(name=f"final_seed={seed}", stage='final', seed=seed, values=winner['values'],
+                 argv=trial_argv(definition, winner['values'], seed, sweep_dir, f"final_seed={seed}"))
+            for seed in range(base_seed + 1, base_seed + definition['seeds'] + 1)]
+
+
+def log_path(sweep_dir, name):
+    # not inside the run directory: main.py refuses to start in one that exists
+    return os.path.join(sweep_dir, 'logs', f"{name}.log")
+
+
+def last_exit(path):
+    """(exit code, last line it printed) of a trial's latest attempt, from the lines the sweep adds to its log;
+    (None, '') when it never ran under the sweep, still runs, or the sweep died before it."""
+    try:
+        with open(path, 'rb') as f:
+            f.seek(max(0, os.path.getsize(path) - 65536))
+            tail = f.read().decode(errors='replace')
+    except OSError:
+        return None, ''
+    lines = [line.strip() for line in re.split(r'[\r\n]+', ANSI.sub('', tail)) if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith('[sweep]'):
+            match = re.search(r' exit code (-?\d+)$', lines[i])
+            if not match:
+                return None, ''
+            message = next((line for line in reversed(lines[:i]) if not line.startswith('[sweep]')), '')
+            return int(match.group(1)), message
+    return None, ''
+
+
+def trial_row(sweep_dir, trial):
+    """What the disk says about a trial: one row of sweep.csv."""
+    run_dir = os.path.join(sweep_dir, trial['name'])
+    summary = read_json(os.path.join(run_dir, 'summary.json')) or {}
+    code, message = last_exit(log_path(sweep_dir, trial['name']))
+    if summary.get('finished'):
+        status = 'finished'
+    elif trial['name'] in CHILDREN:
+        status = 'running'
+    elif code is not None and code != 0 and code not in INTERRUPTED:
+        status = 'failed'
+    elif os.path.isdir(run_dir):
+        status = 'interrupted'
+    else:
+        status = 'missing'
+    row = dict(run=trial['name'], stage=trial['stage'], seed=trial['seed'], **trial['values'], status=status)
+    for key in RESULT_COLUMNS[1:-2]:
+        row[key] = summary.get(key)
+    row.update(exit_code=code if status == 'failed' else None, message=message if status == 'failed' else '')
+    return row
+
+
+def sweep_state(sweep_dir, meta, base_seed):
+    """-> (grid trials, their rows, winner row or None, final trials, their rows), all read from disk."""
+    trials1 = grid_trials(meta, base_seed, sweep_dir)
+    rows1 = [trial_row(sweep_dir, trial) for trial in trials1]
+    scored = [row for row in rows1 if row['status'] == 'finished' and row['best_val_acc'] is not None]
+    winner = max(scored, key=lambda row: row['best_val_acc']) if scored else None  # max keeps the first of ties
+    if winner is None:
+        return trials1, rows1, None, [], []
+    winner = dict(winner, values=trials1[rows1.index(winner)]['values'], argv=trials1[rows1.index(winner)]['argv'])
+    trials2 = final_trials(meta, base_seed, winner, sweep_dir)
+    rows2 = [trial_row(sweep_dir, trial) for trial in trials2]
+    if not stage1_done(rows1) and all(row['status'] == 'missing' for row in rows2):
+        return trials1, rows1, winner, [], []  # stage 2 has not begun: its winner is not known yet
+    return trials1, rows1, winner, trials2, rows2
+
+
+def stage1_done(rows1):
+    return all(row['status'] in ('finished', 'failed') for row in rows1)
+
+
+def stale_finals(sweep_dir, winner, trials2):
+    """Final runs trained with another grid point than the winner: a grid run that failed once, retried, won."""
+    expected = vars(check_trial(winner['argv'], winner['run']))
+    stale = []
+    for trial in trials2:
+        config = read_json(os.path.join(sweep_dir, trial['name'], 'config.json'))
+        if config and any(config.get(flag) != expected[flag] for flag in winner['values']):
+            stale.append(trial['name'])
+    return stale
+
+
+# ---------------------------------------------------------------- running trials
+
+
+def say(sweep_dir, message):
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
+    with open(os.path.join(sweep_dir, 'sweep.log'), 'a') as f:
+        f.write(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] {message}\n")
+
+
+def on_signal(signum, frame):
+    # no printing here: a handler that prints while the main thread prints raises "reentrant call"
+    if not STOP:
+        STOP.append(signum)
+    for child in CHILDREN.values():  # a terminal's Ctrl-C reached them already; main.py ignores a repeated signal
+        if child.poll() is None:
+            child.send_signal(signum)
+
+
+def child_command(trial, run_dir, gpu, add_device):
+    """-> (command, environment, what it does) for a trial: resumed when it has a checkpoint, else from scratch."""
+    if os.path.isfile(os.path.join(run_dir, 'state.pt')):
+        done = (read_json(os.path.join(run_dir, 'summary.json')) or {}).get('epochs_done', 0)
+        argv, what = ['--resume', run_dir], f"resume {trial['name']} after epoch {done}"
+    else:
+        argv, what = list(trial['argv']), f"start  {trial['name']}"
+    env = dict(os.environ, PYTHONUNBUFFERED='1')  # its log file fills as it goes
+    if gpu is not None:
+        env['CUDA_VISIBLE_DEVICES'] = gpu
+        argv += ['--device', 'cuda'] if add_device else []
+        what += f" on GPU {gpu}"
+    return [sys.executable, MAIN_PY, *argv], env, what
+
+
+def start_trial(sweep_dir, trial, gpu, add_device):
+    """Launch a trial -> Popen, or None when it has finished already."""
+    run_dir = os.path.join(sweep_dir, trial['name'])
+    summary = read_json(os.path.join(run_dir, 'summary.json')) or {}
+    if summary.get('finished'):
+        say(sweep_dir, f"skip   {trial['name']}: finished ({summary.get('epochs_done')} epochs)")
+        return None
+    if os.path.exists(run_dir) and not os.path.isfile(os.path.join(run_dir, 'state.pt')):
+        n = 1
+        while os.path.exists(f"{run_dir}.failed-{n}"):
+            n += 1
+        os.rename(run_dir, f"{run_dir}.failed-{n}")  # kept, not deleted: it may hold a clue
+        say(sweep_dir, f"note   {trial['name']} stopped before its first checkpoint; moved it to "
+                       f"{os.path.basename(run_dir)}.failed-{n} and starting it afresh")
+    command, env, what = child_command(trial, run_dir, gpu, add_device)
+    path = log_path(sweep_dir, trial['name'])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'a') as log:
+        log.write(f"[sweep] {datetime.datetime.now():%Y-%m-%d %H:%M:%S} start"
+                  + (f" CUDA_VISIBLE_DEVICES={gpu}" if gpu is not None else '') + f": {shlex.join(command)}\n")
+        log.flush()
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    CHILDREN[trial['name']] = child
+    if STOP:  # the signal came between the check and the launch
+        child.send_signal(STOP[0])
+    say(sweep_dir, f"{what} (log {script_path(path)})")
+    return child
+
+
+def end_trial(sweep_dir, trial, child, started):
+    del CHILDREN[trial['name']]
+    with open(log_path(sweep_dir, trial['name']), 'a') as log:
+        log.write(f"\n[sweep] {datetime.datetime.now():%Y-%m-%d %H:%M:%S} exit code {child.returncode}\n")
+    row = trial_row(sweep_dir, trial)
+    if row['status'] == 'finished':
+        detail = f"best val acc {row['best_val_acc']:.2f}% at epoch {row['best_val_epoch']}"
+    elif row['status'] == 'failed':
+        detail = f"exit {row['exit_code']}: {row['message']}"
+    else:
+        detail = f"after epoch {row['epochs_done'] or 0}, resumable"
+    say(sweep_dir, f"end    {trial['name']}: {row['status']}, {detail} ({time.time() - started:.0f} s)")
+
+
+def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device):
+    """Run the trials, one per slot (a GPU, or just one slot) at a time, until done or a signal arrives."""
+    pending, running = list(trials), {}  # slot -> (trial, child, start time)
+    slots = gpus or [None]
+    while running or (pending and not STOP):
+        for slot in slots:
+            while slot not in running and pending and not STOP:
+                trial = pending.pop(0)
+                child = start_trial(sweep_dir, trial, slot, add_device)
+                if child is not None:
+                    running[slot] = (trial, child, time.time())
+        time.sleep(0.1)
+        for slot, (trial, child, started) in list(running.items()):
+            if child.poll() is not None:
+                del running[slot]
+                end_trial(sweep_dir, trial, child, started)
+                write_reports(sweep_dir, meta, base_seed)
+
+
+# ---------------------------------------------------------------- reports
+
+
+def number(value, spec='.2f'):
+    return '' if value is None else format(value, spec)
+
+
+def mean_std(values):
+    """'mean ± sample std (n-1)'; just the value for one seed."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def epochs(row):
+    return '' if row['epochs'] is None else f"{row['epochs_done']}/{row['epochs']}"
+
+
+def write_reports(sweep_dir, meta, base_seed):
+    """sweep.csv and sweep.md from the runs on disk -> sweep.md's text."""
+    trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
+    flags = list(meta['grid'])
+    table = io.StringIO()
+    writer = csv.DictWriter(table, ['run', 'stage', 'seed', *flags, *RESULT_COLUMNS], lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(rows1 + rows2)
+    write_atomic(os.path.join(sweep_dir, 'sweep.csv'), table.getvalue())
+    text = markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2)
+    write_atomic(os.path.join(sweep_dir, 'sweep.md'), text)
+    return text
+
+
+def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
+    flags = list(meta['grid'])
+    seeds = f"seeds {base_seed + 1}..{base_seed + meta['seeds']}" if meta['seeds'] > 1 else f"seed {base_seed + 1}"
+    lines = [f"# Sweep {os.path.basename(os.path.normpath(sweep_dir))}", '', f"    {meta['command']}", '',
+             f"Stage 1 trains each of the {len(rows1)} grid points with seed {base_seed} on the training set minus a "
+             f"class-stratified {meta['val_split']:g} val split and ranks them by best val accuracy. Stage 2 trains "
+             f"the winner with {seeds}; each seed reports its test accuracy at its own best-val epoch.", '',
+             '## Stage 1: grid, by best val accuracy', '',
+             '| | run | ' + ' | '.join(flags) + ' | status | epochs | best val acc | at epoch |',
+             '|---|---|' + '---|' * len(flags) + '---|---|---|---|']
+    ranked = sorted(rows1, key=lambda row: -row['best_val_acc'] if row['status'] == 'finished'
+                    and row['best_val_acc'] is not None else float('inf'))
+    for row in ranked:
+        mark = ('**winner**' if stage1_done(rows1) else 'leading') if winner and row['run'] == winner['run'] else ''
+        lines.append(f"| {mark} | {row['run']} | " + ' | '.join(row[flag] for flag in flags)
+                     + f" | {row['status']} | {epochs(row)} | {number(row['best_val_acc'])} | "
+                     f"{number(row['best_val_epoch'], '')} |")
+    lines += ['', "Test accuracies of the grid runs are in sweep.csv; they play no part in the choice.", '']
+    if not rows2:
+        finished = sum(row['status'] == 'finished' for row in rows1)
+        lines += ['## Result', '', f"Stage 2 waits for stage 1: {finished} of {len(rows1)} grid runs finished."]
+    else:
+        lines += [f"## Stage 2: {winner['run']}, {seeds}", '',
+                  '| run | seed | status | epochs | best val acc | at epoch | test acc at best val | final test acc |',
+                  '|---|---|---|---|---|---|---|---|']
+        for row in rows2:
+            lines.append(f"| {row['run']} | {row['seed']} | {row['status']} | {epochs(row)} | "
+                         f"{number(row['best_val_acc'])} | {number(row['best_val_epoch'], '')} | "
+                         f"{number(row['test_acc_at_best_val'])} | {number(row['final_test_acc'])} |")
+        done = [row for row in rows2 if row['status'] == 'finished']
+        at_best = [row['test_acc_at_best_val'] for row in done]
+        final = [row['final_test_acc'] for row in done]
+        recipe = trials2[0]['argv'][:-4]  # without --log_dir/--name
+        lines += ['', '## Result', '']
+        if done:
+            spread = (f"mean ± sample std over n = {len(done)} seeds, min {min(at_best):.2f}, max {max(at_best):.2f}"
+                      if len(done) > 1 else "n = 1 seed, so no std")
+            if len(done) < len(rows2):
+                spread += f"; {len(rows2) - len(done)} of {len(rows2)} seeds not finished"
+            lines += [f"**Test accuracy {mean_std(at_best)} %** ({spread}): each seed's test accuracy at its own "
+                      f"best val epoch.", '', f"Final-epoch test accuracy: {mean_std(final)} %.", '']
+        else:
+            lines += ["No stage-2 seed has finished yet.", '']
+        lines += [f"Winning flags: {' '.join(f'--{flag} {value}' for flag, value in winner['values'].items())} "
+                  f"(best val acc {winner['best_val_acc']:.2f}% with seed {base_seed}).", '',
+                  f"main.py command of seed {base_seed + 1} (the sweep ran {seeds} as final_seed=<seed> in "
+                  f"this directory):", '',
+                  f"    {shlex.join(['python', script_path(MAIN_PY), *recipe])}"]
+        stale = stale_finals(sweep_dir, winner, trials2)
+        if stale:
+            lines += ['', f"**Warning**: {', '.join(stale)} trained another grid point than the winner; move them "
+                          f"aside and re-launch the sweep."]
+    failed = [row for row in rows1 + rows2 if row['status'] == 'failed']
+    if failed:
+        lines += ['', '## Failed runs', '']
+        lines += [f"- {row['run']}: exit {row['exit_code']}: {row['message']} "
+                  f"(log {os.path.join('logs', row['run'] + '.log')})" for row in failed]
+    return '\n'.join(lines) + '\n'
+
+
+# ---------------------------------------------------------------- the three modes
+
+
+def print_commands(sweep_dir, meta, base_seed):
+    """Stage 1's commands still to run; stage 2's once every grid run has finished (or failed under sweep.py).
+    Runs nothing."""
+    trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
+    stage2 = stage1_done(rows1) and winner is not None
+    if stage2 and stale_finals(sweep_dir, winner, trials2):
+        fail(f"{', '.join(stale_finals(sweep_dir, winner, trials2))} in {sweep_dir} trained another grid point than "
+             f"the winner {winner['run']}; move them aside first")
+    printed = 0
+    for trial in trials2 if stage2 else trials1:
+        run_dir = os.path.join(sweep_dir, trial['name'])
+        if (read_json(os.path.join(run_dir, 'summary.json')) or {}).get('finished'):
+            continue
+        if os.path.exists(run_dir) and not os.path.isfile(os.path.join(run_dir, 'state.pt')):
+            print(f"sweep.py: note: {run_dir} has no checkpoint yet (still starting, or it died before its first); "
+                  f"if it died, move it aside and print the commands again", file=sys.stderr)
+            continue
+        command, env, what = child_command(trial, run_dir, None, False)
+        print(shlex.join(['python', script_path(MAIN_PY), *command[2:]]))
+        printed += 1
+    stage = 'stage 2' if stage2 else 'stage 1'
+    then = (f"python sweep.py --collect {sweep_dir}" if stage2 else
+            "print the commands again for stage 2, or python sweep.py --collect " + sweep_dir)
+    print(f"sweep.py: {printed} {stage} commands to run from this directory; once they have finished: {then}",
+          file=sys.stderr)
+
+
+def collect(sweep_dir):
+    meta = read_json(os.path.join(sweep_dir, 'sweep.json'))
+    if meta is None:
+        fail(f"{sweep_dir} has no readable sweep.json; --collect reads a directory that sweep.py made")
+    base_seed = given_main_flags(meta['main_flags']).get('seed', vpt.make_parser().get_default('seed'))
+    try:
+        print(write_reports(sweep_dir, meta, base_seed), end='')
+    except OSError as e:
+        fail(f"cannot write the reports into {sweep_dir} ({e.strerror or e})")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index('--') if '--' in argv else len(argv)
+    ours, passthrough = argv[:split], argv[split + 1:]
+    args = make_parser().parse_args(ours)
+    if args.collect is not None:
+        if passthrough or [arg for arg in ours if arg.startswith('-') and not arg.startswith('--collect')]:
+            fail("--collect takes only the sweep directory: python sweep.py --collect logs/sweep-1a2b3c4d", 2)
+        return collect(args.collect)
+
+    definition, base_seed, device_given = check_command_line(args, passthrough)
+    sweep_dir = os.path.join(args.log_dir, args.name or sweep_name(definition))
+    relaunch = shlex.join(['python', script_path(os.path.abspath(__file__)), *argv])
+    recorded = [arg for i, arg in enumerate(argv) if i >= split or arg != '--print_commands']
+    meta = open_sweep(sweep_dir, definition, shlex.join(['python', script_path(os.path.abspath(__file__)), *recorded]))
+    if args.print_commands:
+        return print_commands(sweep_dir, meta, base_seed)
+
+    lock = lock_sweep(sweep_dir)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    gpus = args.gpus.split(',') if args.gpus else None
+    grid_size = len(list(itertools.product(*definition['grid'].values())))
+    say(sweep_dir, f"sweep {sweep_dir}: stage 1, {grid_size} grid points; then stage 2, {definition['seeds']} seeds")
+    trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
+    run_trials(sweep_dir, meta, base_seed, trials1, gpus, not device_given)
+    trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
+    stale = stale_finals(sweep_dir, winner, trials2) if trials2 else []
+    if not STOP and stage1_done(rows1) and winner and not stale:
+        say(sweep_dir, f"stage 2: {winner['run']} (best val acc {winner['best_val_acc']:.2f}%) with seeds "
+                       f"{', '.join(str(trial['seed']) for trial in trials2)}")
+        run_trials(sweep_dir, meta, base_seed, trials2, gpus, not device_given)
+    print(write_reports(sweep_dir, meta, base_seed), end='', flush=True)
+    lock.close()
+
+    if STOP:
+        print(f"sweep.py: {signal.Signals(STOP[0]).name}: stopped; the runs keep their last finished epoch. "
+              f"Re-launch with:\n  {relaunch}", file=sys.stderr)
+        sys.exit(128 + STOP[0])
+    if stale:
+        fail(f"{', '.join(stale)} in {sweep_dir} trained another grid point than the winner {winner['run']} (a grid "
+             f"run that failed before has finished since); move them aside and re-launch")
+    trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
+    unfinished = [f"{row['run']} ({row['status']}" + (f", exit {row['exit_code']})" if row['exit_code'] is not None
+                                                      else ')') for row in rows1 + rows2 if row['status'] != 'finished']
+    if winner is None:
+        fail(f"no grid point finished, so there is nothing to select: {', '.join(unfinished)}; see "
+             f"{os.path.join(sweep_dir, 'logs')} and re-launch the same command to retry")
+    if unfinished:
+        fail(f"{len(unfinished)} runs did not finish: {', '.join(unfinished)}; see {os.path.join(sweep_dir, 'logs')}, "
+             f"and re-launch the same command to resume or retry them")
+
+
+if __name__ == '__main__':
+    main()

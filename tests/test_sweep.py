@@ -1,0 +1,293 @@
+"""sweep.py: input checks, grid + seeds end to end, interruption and re-launch, scheduler commands, --collect."""
+import csv
+import json
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+import main
+import sweep
+from conftest import REPO, TINY, read_metrics, run_cli, signal_after_first_epoch, write_folder_dataset
+
+# one torch thread per trial: two trials at a time (or other tests beside these) on a small CPU otherwise slow each
+# other down many times over, OpenMP threads spinning while they wait for a core
+ENV = {'OMP_NUM_THREADS': '1'}
+
+
+def run_sweep(argv, **kwargs):
+    return run_cli(argv, script='sweep.py', env=ENV, **kwargs)
+
+
+def tiny(dataset, epochs=2):
+    return [*TINY, '--dataset', dataset, '--epoch', epochs, '--batch_size', 8]
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def at_best_val(run_dir):
+    """(test acc at the first epoch of highest val acc, final test acc) from a run's own metrics.csv."""
+    rows = read_metrics(run_dir)
+    best = max(rows, key=lambda row: float(row['val_acc']))  # max keeps the first of equal values
+    return float(best['test_acc']), float(rows[-1]['test_acc'])
+
+
+# ---------------------------------------------------------------- mistakes: one line, nothing created
+
+
+@pytest.mark.parametrize('argv,expected', [
+    (['--grid', 'lrr=1e-3,1e-2', '--val_split', 0.1], 'main.py has no flag --lrr; did you mean lr?'),
+    (['--grid', 'lr=1e-3,1e-2', '--val_split', 0.1, '--', '--lr', '1e-3'], '--lr is both in --grid and after --'),
+    (['--grid', 'seed=1,2', '--val_split', 0.1], 'sweep.py sets the seeds'),
+    (['--grid', 'val_split=0.1,0.2', '--val_split', 0.1], 'pass --val_split to sweep.py itself'),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--log_dir', 'x'], 'pass --log_dir to sweep.py itself'),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--resume', 'x'], 'sweep.py resumes its runs itself'),
+    (['--grid', 'lr=1e-3,1e-2'], '--val_split F with 0 < F < 1 is required'),
+    (['--grid', 'lr=1e-3,1e-2', '--val_split', 1], '--val_split F with 0 < F < 1 is required'),
+    (['--grid', 'lr=1e-3,abc', '--val_split', 0.1], "grid point lr=abc: argument --lr: invalid"),
+    (['--grid', 'img_size=30', '--val_split', 0.1], 'grid point img_size=30: --img_size 30 is not divisible'),
+    (['--grid', 'lr', '--val_split', 0.1], 'write FLAG=V1,V2,...'),
+    (['--grid', 'lr=1e-3,1e-3', '--val_split', 0.1], 'an empty or repeated value'),
+    (['--grid', 'lr=1e-3', 'lr=1e-2', '--val_split', 0.1], 'names lr twice'),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--seeds', 0], 'stage 2 needs at least 1 seed'),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--full', 'False'], 'main.py flags go after --'),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--bogus', '1'], 'unrecognized arguments: --bogus'),
+    (['--val_split', 0.1, '--', '--lr', '1e-3'], '--grid is required'),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--gpus', '0,,1'], '--gpus'),
+])
+def test_mistakes_get_one_line_and_create_nothing(tmp_path, argv, expected):
+    split = argv.index('--') if '--' in argv else len(argv)
+    result = run_sweep([*argv[:split], '--log_dir', tmp_path / 'logs', *argv[split:]], cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('sweep.py: error: ') and expected in lines[0], result.stderr
+    assert result.stdout == ''
+    assert os.listdir(tmp_path) == []
+
+
+def test_sweep_starts_without_torch():
+    code = "import sys; import sweep; assert 'torch' not in sys.modules, 'sweep.py imported torch'"
+    subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)
+
+
+def test_trial_commands_on_gpus_and_resume(tmp_path):
+    trial = dict(name='grid_lr=1e-3', argv=['--lr', '1e-3', '--seed', '0', '--log_dir', str(tmp_path), '--name',
+                                             'grid_lr=1e-3'])
+    run_dir = str(tmp_path / 'grid_lr=1e-3')
+    command, env, _ = sweep.child_command(trial, run_dir, '3', add_device=True)
+    assert command == [sys.executable, sweep.MAIN_PY, *trial['argv'], '--device', 'cuda']
+    assert env['CUDA_VISIBLE_DEVICES'] == '3'
+    command, env, _ = sweep.child_command(trial, run_dir, '3', add_device=False)  # the user chose --device
+    assert command[-2:] == ['--name', 'grid_lr=1e-3'] and env['CUDA_VISIBLE_DEVICES'] == '3'
+    command, env, _ = sweep.child_command(trial, run_dir, None, add_device=True)  # no --gpus: the environment as is
+    assert command[2:] == trial['argv'] and env.get('CUDA_VISIBLE_DEVICES') == os.environ.get('CUDA_VISIBLE_DEVICES')
+    os.makedirs(run_dir)
+    open(os.path.join(run_dir, 'state.pt'), 'w').close()
+    command, _, what = sweep.child_command(trial, run_dir, '1', add_device=True)
+    assert command[2:] == ['--resume', run_dir, '--device', 'cuda'] and what.startswith('resume')
+
+
+def test_run_without_checkpoint_is_moved_aside_not_deleted(tmp_path, monkeypatch):
+    launched = []
+
+    class FakeChild:
+        def __init__(self, command, **kwargs):
+            launched.append(command)
+    monkeypatch.setattr(sweep.subprocess, 'Popen', FakeChild)
+    monkeypatch.setattr(sweep, 'CHILDREN', {})
+    trial = dict(name='grid_lr=1e-3', argv=['--lr', '1e-3'])
+    for attempt in (1, 2):
+        os.makedirs(tmp_path / 'grid_lr=1e-3')
+        (tmp_path / 'grid_lr=1e-3' / 'config.json').write_text(f'{{"attempt": {attempt}}}')
+        assert sweep.start_trial(str(tmp_path), trial, None, add_device=False) is not None
+        assert json.loads((tmp_path / f'grid_lr=1e-3.failed-{attempt}' / 'config.json').read_text()) == {
+            'attempt': attempt}
+        assert not (tmp_path / 'grid_lr=1e-3').exists() and launched[-1][2:] == ['--lr', '1e-3']
+    assert 'moved it to grid_lr=1e-3.failed-2' in (tmp_path / 'sweep.log').read_text()
+
+
+# ---------------------------------------------------------------- a whole sweep, two trials at a time
+
+
+@pytest.fixture(scope='module')
+def finished_sweep(tmp_path_factory, tiny_dataset):
+    """3 grid points (one diverges and fails) x 2 seeds, on two 'GPU' slots (CPU runs: --device cpu is given)."""
+    root = tmp_path_factory.mktemp('sweep')
+    result = run_sweep(['--grid', 'lr=3e-4,1e-3,1e30', '--seeds', 2, '--val_split', 0.25, '--gpus', '0,1',
+                      '--log_dir', root, '--name', 'sweep', '--', *tiny(tiny_dataset), '--warmup_epochs', 0])
+    return root / 'sweep', result
+
+
+def test_sweep_selects_on_val_and_reports_seed_mean_and_std(finished_sweep):
+    sweep_dir, result = finished_sweep
+    assert 'Traceback' not in result.stdout + result.stderr
+    # a failed grid point does not stop the sweep, but makes its exit status non-zero
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith('sweep.py: error: 1 runs did not finish: grid_lr=1e30')
+    grid = ['grid_lr=3e-4', 'grid_lr=1e-3', 'grid_lr=1e30']
+    assert sorted(os.listdir(sweep_dir)) == sorted([*grid, 'final_seed=1', 'final_seed=2', 'logs', 'sweep.csv',
+                                                    'sweep.json', 'sweep.lock', 'sweep.log', 'sweep.md'])
+    assert sorted(os.listdir(sweep_dir / 'logs')) == sorted(f'{run}.log' for run in [*grid, 'final_seed=1',
+                                                                                    'final_seed=2'])
+    definition = json.loads((sweep_dir / 'sweep.json').read_text())
+    assert definition['grid'] == {'lr': ['3e-4', '1e-3', '1e30']} and definition['seeds'] == 2
+    assert definition['val_split'] == 0.25 and definition['main_flags'][:2] == ['--model', 'test_vit']
+
+    # the winner: the highest best_val_acc in the grid runs' own summary.json (the first of equal ones)
+    summaries = {run: json.loads((sweep_dir / run / 'summary.json').read_text()) for run in grid}
+    winner = max(grid[:2], key=lambda run: summaries[run]['best_val_acc'])
+    winning_lr = float(winner.split('=')[1])
+    for seed in (1, 2):
+        config = json.loads((sweep_dir / f'final_seed={seed}' / 'config.json').read_text())
+        assert (config['lr'], config['seed'], config['val_split']) == (winning_lr, seed, 0.25)
+    assert json.loads((sweep_dir / 'grid_lr=1e-3' / 'config.json').read_text())['seed'] == 0
+
+    rows = read_csv(sweep_dir / 'sweep.csv')
+    assert [(r['run'], r['stage'], r['seed'], r['lr'], r['status']) for r in rows] == [
+        ('grid_lr=3e-4', 'grid', '0', '3e-4', 'finished'), ('grid_lr=1e-3', 'grid', '0', '1e-3', 'finished'),
+        ('grid_lr=1e30', 'grid', '0', '1e30', 'failed'),
+        ('final_seed=1', 'final', '1', winner.split('=')[1], 'finished'),
+        ('final_seed=2', 'final', '2', winner.split('=')[1], 'finished')]
+    failed = rows[2]
+    assert failed['exit_code'] == '1' and 'non-finite training loss' in failed['message']
+    for row in rows[:2]:
+        assert float(row['best_val_acc']) == summaries[row['run']]['best_val_acc']
+        assert row['epochs_done'] == row['epochs'] == '2'
+
+    # mean ± sample std of the seeds' test accuracy at their best val epoch, recomputed from metrics.csv
+    at_best, final = zip(*(at_best_val(sweep_dir / f'final_seed={seed}') for seed in (1, 2)))
+    for row, value in zip(rows[3:], at_best):
+        assert float(row['test_acc_at_best_val']) == pytest.approx(value, abs=1e-3)
+    report = (sweep_dir / 'sweep.md').read_text()
+    assert f"**Test accuracy {statistics.mean(at_best):.2f} ± {statistics.stdev(at_best):.2f} %**" in report
+    assert f"over n = 2 seeds, min {min(at_best):.2f}, max {max(at_best):.2f})" in report
+    assert f"Final-epoch test accuracy: {statistics.mean(final):.2f} ± {statistics.stdev(final):.2f} %" in report
+    assert re.search(rf"^\| \*\*winner\*\* \| {re.escape(winner)} \|", report, re.M)
+    # the grid table is sorted by val accuracy, the failed point last
+    order = [line.split(' | ')[1] for line in report.splitlines() if line.startswith('| ') and 'grid_lr=' in line]
+    assert order[-1] == 'grid_lr=1e30' and order[0] == winner
+    # the recipe is a command main.py accepts, with the winning flags and the first fresh seed
+    recipe = [line.strip() for line in report.splitlines() if line.startswith('    python ')][-1]
+    args = main.parse_args(shlex.split(recipe)[2:])
+    assert (args.lr, args.seed, args.val_split, args.model) == (winning_lr, 1, 0.25, 'test_vit')
+    assert result.stdout.endswith(report)  # the report is printed at the end
+    # two trials ran at a time, one per GPU slot; --device cpu was given, so no --device cuda was added
+    logs = ''.join((sweep_dir / 'logs' / name).read_text() for name in os.listdir(sweep_dir / 'logs'))
+    assert 'CUDA_VISIBLE_DEVICES=0:' in logs and 'CUDA_VISIBLE_DEVICES=1:' in logs and '--device cuda' not in logs
+
+
+def test_collect_and_print_commands_on_a_finished_sweep(finished_sweep):
+    sweep_dir, _ = finished_sweep
+    report, table = (sweep_dir / 'sweep.md').read_text(), (sweep_dir / 'sweep.csv').read_text()
+    os.remove(sweep_dir / 'sweep.md')
+    result = run_sweep(['--collect', sweep_dir])
+    assert result.returncode == 0, result.stderr
+    assert (sweep_dir / 'sweep.md').read_text() == report == result.stdout
+    assert (sweep_dir / 'sweep.csv').read_text() == table
+    # everything has run: stage 2 is complete, there is nothing left to print
+    definition = json.loads((sweep_dir / 'sweep.json').read_text())
+    command = shlex.split(definition['command'])
+    command.remove('--gpus')
+    command.remove('0,1')
+    result = run_sweep([*command[2:command.index('--')], '--print_commands', *command[command.index('--'):]])
+    assert result.returncode == 0 and result.stdout == '', result.stderr
+    assert '0 stage 2 commands' in result.stderr
+
+
+# ---------------------------------------------------------------- interrupted, then re-launched
+
+
+@pytest.fixture(scope='module')
+def slower_dataset(tmp_path_factory):
+    return write_folder_dataset(tmp_path_factory.mktemp('sweep_data') / 'data', train_per_class=48, test_per_class=8)
+
+
+def test_interrupted_sweep_relaunched_skips_finished_and_resumes(slower_dataset, tmp_path):
+    argv = ['--grid', 'prompt_dropout=0.1', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's',
+            '--', *tiny(slower_dataset, epochs=3)]
+    sweep_dir = tmp_path / 's'
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, 'sweep.py'), *map(str, argv)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED='1', **ENV))
+    # Ctrl-C, as a terminal sends it to the whole process group, once the final run has finished its epoch 1
+    watcher = signal_after_first_epoch(process, sweep_dir / 'final_seed=1', signal.SIGINT, group=True)
+    out, err = process.communicate(timeout=300)
+    watcher.join()
+    assert process.returncode == 130, err
+    assert 'Traceback' not in out + err
+    relaunch = shlex.join(['python', sweep.script_path(os.path.join(REPO, 'sweep.py')), *map(str, argv)])
+    assert err.strip().splitlines()[-1].strip() == relaunch
+    rows = {row['run']: row for row in read_csv(sweep_dir / 'sweep.csv')}
+    assert rows['grid_prompt_dropout=0.1']['status'] == 'finished'
+    assert rows['final_seed=1']['status'] == 'interrupted' and rows['final_seed=1']['epochs_done'] == '1'
+    assert 'Stage 2: grid_prompt_dropout=0.1' in out
+    grid_metrics = sweep_dir / 'grid_prompt_dropout=0.1' / 'metrics.csv'
+    grid_before, grid_mtime = grid_metrics.read_text(), os.stat(grid_metrics).st_mtime_ns
+    (epoch1,) = read_metrics(sweep_dir / 'final_seed=1')
+
+    result = run_sweep(argv)  # the same command again
+    assert result.returncode == 0, result.stderr
+    assert 'skip   grid_prompt_dropout=0.1: finished (3 epochs)' in result.stdout
+    assert 'resume final_seed=1 after epoch 1' in result.stdout
+    assert grid_metrics.read_text() == grid_before and os.stat(grid_metrics).st_mtime_ns == grid_mtime
+    resumed = read_metrics(sweep_dir / 'final_seed=1')
+    assert len(resumed) == 3 and resumed[0] == epoch1
+    assert [row['status'] for row in read_csv(sweep_dir / 'sweep.csv')] == ['finished', 'finished']
+    log = (sweep_dir / 'logs' / 'final_seed=1.log').read_text()
+    assert log.count('[sweep]') == 4 and 'exit code 130' in log and '--resume' in log  # both attempts kept
+    assert 'skip   grid_prompt_dropout=0.1' in (sweep_dir / 'sweep.log').read_text()
+
+
+# ---------------------------------------------------------------- beyond one machine: commands for a scheduler
+
+
+def test_print_commands_for_a_scheduler_then_collect(tiny_dataset, tmp_path):
+    sweep_argv = ['--grid', 'lr=3e-4,1e-3', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's']
+    main_argv = ['--', *tiny(tiny_dataset)]
+    result = run_sweep([*sweep_argv, '--print_commands', *main_argv])
+    assert result.returncode == 0, result.stderr
+    commands = result.stdout.splitlines()
+    assert len(commands) == 2 and '2 stage 1 commands' in result.stderr
+    assert sorted(os.listdir(tmp_path / 's')) == ['sweep.json']  # nothing ran
+    for command, lr in zip(commands, ('3e-4', '1e-3')):
+        words = shlex.split(command)
+        assert words[0] == 'python' and os.path.samefile(words[1], os.path.join(REPO, 'main.py'))
+        args = main.parse_args(words[2:])
+        assert (args.lr, args.seed, args.val_split, args.name) == (float(lr), 0, 0.25, f'grid_lr={lr}')
+        assert args.log_dir == str(tmp_path / 's')
+
+    # the same --name with another definition is refused before anything changes
+    refused = run_sweep([*sweep_argv[:1], 'lr=1e-2', *sweep_argv[2:], '--print_commands', *main_argv])
+    assert refused.returncode != 0 and 'holds another sweep (its grid differ)' in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+    # a scheduler runs them (here: both at once)
+    children = [subprocess.Popen([sys.executable, *shlex.split(command)[1:]], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True, env=dict(os.environ, **ENV))
+                for command in commands]
+    for child in children:
+        assert child.wait(timeout=300) == 0, child.stderr.read()
+
+    # stage 1 is complete: now the stage-2 command of the val winner
+    result = run_sweep([*sweep_argv, '--print_commands', *main_argv])
+    assert result.returncode == 0 and '1 stage 2 commands' in result.stderr
+    summaries = {lr: json.loads((tmp_path / 's' / f'grid_lr={lr}' / 'summary.json').read_text())
+                 for lr in ('3e-4', '1e-3')}
+    winner = max(summaries, key=lambda lr: summaries[lr]['best_val_acc'])
+    (command,) = result.stdout.splitlines()
+    args = main.parse_args(shlex.split(command)[2:])
+    assert (args.lr, args.seed, args.name) == (float(winner), 1, 'final_seed=1')
+
+    result = run_sweep(['--collect', tmp_path / 's'])
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"^\| \*\*winner\*\* \| grid_lr={winner} \|", result.stdout, re.M)
+    assert '| final_seed=1 | 1 | missing |' in result.stdout and 'No stage-2 seed has finished yet.' in result.stdout
+    assert [row['status'] for row in read_csv(tmp_path / 's' / 'sweep.csv')] == ['finished', 'finished', 'missing']
