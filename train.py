@@ -464,10 +464,9 @@ def fit(model, splits, classes, args, run_dir, device, resume=False):
                       f"{val_text}test loss {test_loss:.4f} acc {test_acc:.2f}%  lr {row['lr']:.2e}  "
                       f"{row['epoch_time_s']:.1f}s  {row['train_images_per_s']:.0f} img/s", flush=True)
                 if writer:
-                    log_tensorboard(writer, row, [args.lr * lr_factor(step, warmup_steps, total_steps)
-                                                  for step in range((epoch - 1) * steps_per_epoch,
-                                                                    epoch * steps_per_epoch)],
-                                    (epoch - 1) * steps_per_epoch, confusion if epoch == args.epoch else None, classes)
+                    steps = range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch)
+                    step_lrs = {step + 1: args.lr * lr_factor(step, warmup_steps, total_steps) for step in steps}
+                    log_tensorboard(writer, row, step_lrs, confusion if epoch == args.epoch else None, classes)
             if all_agree(stop.signum is not None, device):
                 stopped(stop.signum or signal.SIGTERM, run_dir, epoch, rank, world_size)
     if writer:
@@ -505,14 +504,14 @@ def open_tensorboard(run_dir):
     return SummaryWriter(run_dir)
 
 
-def log_tensorboard(writer, row, step_lrs, first_step, confusion, classes):
-    """The epoch's metrics.csv row as scalars (x: epoch), the lr of every step (x: step), the final confusion
-    matrix as a figure."""
+def log_tensorboard(writer, row, step_lrs, confusion, classes):
+    """The epoch's metrics.csv row as scalars (x: epoch), the lr of every step ({step: lr}, x: step counted from 1),
+    the final confusion matrix as a figure."""
     for key in METRICS_HEADER[1:]:
         if row.get(key) is not None:
             writer.add_scalar(f"epoch/{key}", row[key], row['epoch'])
-    for offset, lr in enumerate(step_lrs):
-        writer.add_scalar('step/lr', lr, first_step + offset + 1)
+    for step, lr in step_lrs.items():
+        writer.add_scalar('step/lr', lr, step)
     if confusion is not None:
         import plot
         writer.add_figure('confusion', plot.confusion_figure(f"epoch {row['epoch']}", classes, confusion.numpy()),
