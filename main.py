@@ -343,8 +343,8 @@ def predict(args, device):
             inputs.append(data.model_input(torch.tensor(image).permute(2, 0, 1)[None].to(device), *preprocess))
         if not chunk:
             continue
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                             enabled=args.amp and device.type == 'cuda'):
+        with train.explain_out_of_memory(args.batch_size, args.amp, 'predicting'), torch.no_grad(), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == 'cuda'):
             probs = model(torch.cat(inputs)).float().softmax(1)
         values, indices = probs.topk(top, dim=1)
         for path, value, index in zip(chunk, values.tolist(), indices.tolist()):
