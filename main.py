@@ -72,7 +72,10 @@ def make_parser():
     add('--prompt_dropout', type=fraction, default=0.0, help='dropout on the prompt tokens (default 0)')
     add('--prompt_impl', choices=['kv', 'naive'], default='kv',
         help='kv: prompts only as keys/values (exact, faster); naive: concatenate and run the timm blocks')
-    add('--seed', type=int, default=0, help='seeds model init, data order and augmentation')
+    add('--seed', type=int, default=0, help='seeds model init, data order, augmentation and prompt dropout')
+    add('--data_seed', type=int, default=0,
+        help='seeds which images --train_samples/--test_samples keep and which --val_split holds out (default 0): '
+             'fixed while --seed varies, so runs with different seeds see the same train, val and test images')
     add('--unfreeze', default='', metavar='PATTERNS',
         help="comma-separated globs over the timm model's parameter names trained in addition to prompts + head "
              "with --full False, e.g. 'patch_embed.*,pos_embed,cls_token,norm.*' (the seed's trainable set)")
@@ -93,11 +96,11 @@ def make_parser():
     add('--patch_size', type=int_at_least(1), default=4, help='patch size the embedding is resampled to (default 4)')
     add('--dataset', default='cifar10', help='cifar10, cifar100, or a folder with train/<class>/* and test/<class>/*')
     add('--data_dir', default='./data', help='where CIFAR is found or downloaded (default ./data)')
-    add('--train_samples', type=int_at_least(0), default=0, help='use a seeded class-balanced subset (0: all)')
+    add('--train_samples', type=int_at_least(0), default=0, help='use a class-balanced subset (0: all; see --data_seed)')
     add('--test_samples', type=int_at_least(0), default=0, help='likewise for the test set (0: all)')
     add('--val_split', type=fraction, default=0.0,
-        help='hold out this seeded, class-stratified fraction of the training images for validation (never trained '
-             'on or augmented); best.safetensors keeps the best-val epoch, summary.json its test accuracy')
+        help='hold out this class-stratified fraction of the training images for validation (never trained on or '
+             'augmented; see --data_seed); best.safetensors keeps the best-val epoch, summary.json its test accuracy')
     add('--device', default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
     add('--amp', type=str2bool, default=True, help='bf16 autocast on CUDA (default True)')
     add('--compile', type=str2bool, default=False, help='torch.compile the model')
@@ -200,7 +203,7 @@ def main(argv=None):
     from model import check_model_args
 
     check_model_args(args.model, args.weights)
-    if args.tensorboard:
+    if args.tensorboard and not (args.eval_only or args.predict):
         train.check_tensorboard()
     world_size = int(os.environ.get('WORLD_SIZE', '1'))  # set by torchrun
     if args.batch_size % world_size:
@@ -264,7 +267,7 @@ def load_splits(args, rank, world_size):
     train_images, train_labels, test_images, test_labels, classes = load_data_once(args, rank, world_size)
     val = None
     if args.val_split:
-        train_index, val_index = data.split_validation(train_labels, args.val_split, args.seed)
+        train_index, val_index = data.split_validation(train_labels, args.val_split, args.data_seed)
         if len(val_index) == 0 or len(train_index) == 0:
             raise SystemExit(f"error: --val_split {args.val_split} of {len(train_labels)} training images leaves "
                              f"{len(val_index)} for validation and {len(train_index)} for training; pick a fraction "
@@ -396,6 +399,8 @@ def fresh_path(path):
 
 
 def check_writable_file(path):
+    if os.path.isdir(path):
+        raise SystemExit(f"error: --out {path} is a directory; pass a file name such as {os.path.join(path, 'predictions.csv')}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise SystemExit(f"error: cannot write {path} ({parent} is not a writable directory); choose another --out")
@@ -477,7 +482,7 @@ def load_data_once(args, rank, world_size):
     if world_size > 1 and local_rank != 0:
         dist.barrier()
     loaded = data.load_dataset(args.dataset, args.data_dir, args.img_size, args.train_samples,
-                               args.test_samples, args.seed)
+                               args.test_samples, args.data_seed)
     if world_size > 1 and local_rank == 0:
         dist.barrier()
     return loaded

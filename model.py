@@ -203,7 +203,7 @@ def _kv_block(block, x, prompt_tokens, cls_only):
 def set_trainable(model: PromptedViT, full: bool, unfreeze=()):
     """--full False trains prompts + head only; --full True trains everything. `unfreeze`: fnmatch patterns over the
     timm model's parameter names (model.vit.named_parameters(), e.g. 'patch_embed.*', 'pos_embed', 'norm.*') that
-    train as well; each must match something. Returns the sorted names they matched."""
+    train as well; each must match something. Returns the sorted names they made trainable."""
     for param in model.parameters():
         param.requires_grad_(full)
     for param in model.vit.get_classifier().parameters():
@@ -211,7 +211,7 @@ def set_trainable(model: PromptedViT, full: bool, unfreeze=()):
     if model.prompts is not None:
         model.prompts.tokens.requires_grad_(True)
     params = dict(model.vit.named_parameters())
-    matched = set()
+    matched, already = set(), {name for name, param in params.items() if param.requires_grad}
     for pattern in unfreeze:
         # fnmatchcase matches the whole name: 'norm.*' is the final norm, never 'blocks.0.norm1.weight'
         hits = [name for name in params if fnmatch.fnmatchcase(name, pattern)]
@@ -222,7 +222,7 @@ def set_trainable(model: PromptedViT, full: bool, unfreeze=()):
         matched.update(hits)
     for name in matched:
         params[name].requires_grad_(True)
-    return sorted(matched)
+    return sorted(matched - already)  # what the patterns added (the head trains anyway)
 
 
 def _close_names(pattern, names):

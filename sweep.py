@@ -6,8 +6,9 @@
     python sweep.py --collect logs/sweep-1a2b3c4d    # sweep.csv and sweep.md from whatever runs exist there
 
 Stage 1 trains every grid point (any main.py flag; values separated by commas) with the base seed (the --seed given
-after --, default 0) on the training set minus a seeded, class-stratified --val_split, and scores it by its best val
-accuracy (the first of equal scores, in grid order, wins). Stage 2 trains the winner again with the fresh seeds
+after --, default 0) on the training set minus a class-stratified --val_split, and scores it by its best val
+accuracy (the first of equal scores, in grid order, wins); main.py's --data_seed, not --seed, picks the val images, so
+every trial and seed holds out the same ones. Stage 2 trains the winner again with the fresh seeds
 base+1 .. base+N (--seeds N). Each seed keeps the val split and uses it only to choose its checkpoint epoch: the
 number a seed reports is its test accuracy at its best val epoch (test_acc_at_best_val). The result is the mean and
 sample standard deviation (n-1) of those numbers, with min, max and n; the final-epoch test accuracy is given too.

@@ -47,7 +47,7 @@ def setup_distributed(device_arg):
             raise SystemExit(f"error: --device {device_arg} but only {torch.cuda.device_count()} CUDA device(s) exist")
         device = torch.device('cuda', index)
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    if 'WORLD_SIZE' in os.environ and not dist.is_initialized():  # launched by torchrun, even with one process
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world_size, device
 
@@ -71,7 +71,7 @@ def rank_and_world_size():
 
 def all_agree(flag: bool, device) -> bool:
     """True on every rank if `flag` is True on any rank (a collective: every rank must call it)."""
-    if not dist.is_initialized():
+    if not dist.is_initialized() or dist.get_world_size() == 1:  # no host sync for one process
         return flag
     tensor = torch.tensor([float(flag)], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -278,7 +278,8 @@ def summarize(history, planned_epochs, val_split, test_images, previous=None):
     """summary.json: what a run reports. With a val split the headline is the test accuracy at the best-val epoch,
     never the best test epoch."""
     summary = dict(previous or {})
-    summary.pop('per_class_acc', None)  # of the final epoch only: fit adds it back when the run finishes
+    for key in ('per_class_acc', 'per_class_acc_best'):  # of a checkpoint further training replaces: fit adds the
+        summary.pop(key, None)                            # first back when the run finishes, --eval_only the second
     final = history[-1] if history else {}
     best = best_val_epoch(history)
     best_row = next((row for row in history if row['epoch'] == best), {})
@@ -400,6 +401,8 @@ def fit(model, splits, classes, args, run_dir, device, resume=False):
                              f"epoch {state['epoch']} (killed while saving?); start a new run")
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # a changed --epoch re-lays the schedule
+            group['lr'] = base_lr * lr_factor(scheduler.last_epoch, warmup_steps, total_steps)
         restore_rng(state['rng'], generator)
         history, done = state['history'], state['epoch']
         if os.path.isfile(summary_path):
@@ -495,7 +498,7 @@ def check_tensorboard():
         importlib.import_module('tensorboard')  # torch.utils.tensorboard needs the tensorboard package
     except ImportError:
         raise SystemExit("error: --tensorboard True needs the tensorboard package; pip install tensorboard "
-                         "(or drop --tensorboard)")
+                         "(or pass --tensorboard False)")
 
 
 def open_tensorboard(run_dir):

@@ -238,7 +238,8 @@ def test_unfreeze_patterns_add_to_prompt_tuning():
     assert set_trainable(model, False) == [] and count_params(model, trainable_only=True) == 6 * 4 * d + d * 10 + 10
     assert set_trainable(model, False, ['blocks.1.*', 'blocks.1*']) == sorted(  # overlapping patterns: a set
         name for name, _ in model.vit.named_parameters() if name.startswith('blocks.1.'))
-    assert set_trainable(model, True, ['pos_embed']) == ['pos_embed']  # harmless with --full True
+    assert set_trainable(model, False, ['head.*']) == []  # the head trains anyway: nothing added
+    assert set_trainable(model, True, ['pos_embed']) == []  # harmless with --full True: nothing to add
     assert count_params(model, trainable_only=True) == count_params(model)
 
 

@@ -101,5 +101,28 @@ def test_tensorboard_missing_is_one_line(tiny_dataset, tmp_path, capsys, monkeyp
     monkeypatch.setitem(sys.modules, 'tensorboard', None)  # as if it were not installed
     code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--tensorboard', True, '--log_dir', tmp_path], capsys)
     assert code == 1 and err.strip() == ("error: --tensorboard True needs the tensorboard package; pip install "
-                                         "tensorboard (or drop --tensorboard)")
+                                         "tensorboard (or pass --tensorboard False)")
+    assert os.listdir(tmp_path) == []
+
+
+def test_run_logged_to_tensorboard_is_usable_without_it(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """A run directory handed to someone without tensorboard: --eval_only and --predict need no event writer."""
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 16, '--tensorboard', True,
+                             '--log_dir', tmp_path, '--name', 'tb'], capsys)
+    assert code == 0, err
+    monkeypatch.setitem(sys.modules, 'tensorboard', None)
+    assert run_main(['--eval_only', '--resume', tmp_path / 'tb'], capsys)[0] == 0
+    image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
+    assert run_main(['--predict', image, '--resume', tmp_path / 'tb'], capsys)[0] == 0
+    code, _, err = run_main(['--resume', tmp_path / 'tb', '--epoch', 2], capsys)
+    assert code == 1 and 'pass --tensorboard False' in err
+    code, _, err = run_main(['--resume', tmp_path / 'tb', '--epoch', 2, '--tensorboard', False], capsys)
+    assert code == 0, err
+
+
+def test_predict_out_must_be_a_file(run_dir, tiny_dataset, tmp_path, capsys):
+    image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
+    code, _, err = run_main(['--predict', image, '--resume', run_dir, '--out', tmp_path], capsys)
+    assert code == 1 and err.strip() == (f"error: --out {tmp_path} is a directory; pass a file name such as "
+                                         f"{tmp_path / 'predictions.csv'}")
     assert os.listdir(tmp_path) == []

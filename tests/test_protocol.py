@@ -54,17 +54,64 @@ def test_val_split_best_checkpoint_and_summary(tiny_dataset, tmp_path, capsys, m
 
 
 def test_val_split_is_held_out_of_training(tiny_dataset, tmp_path, capsys, monkeypatch):
-    """Every image the training loop draws comes from train minus val; val is never augmented or trained on."""
+    """The training loop draws exactly the train-minus-val images; val is never trained on or augmented."""
     import data
-    drawn, batches = [], data.train_batches
+    loaded, drawn, seen_val = [], [], []
+    load, batches, split = data.load_dataset, data.train_batches, data.split_validation
+    monkeypatch.setattr(data, 'load_dataset', lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
     monkeypatch.setattr(data, 'train_batches', lambda images, *a, **k: drawn.append(images) or batches(images, *a, **k))
-    split, seen_val = data.split_validation, []
     monkeypatch.setattr(data, 'split_validation', lambda *a: seen_val.append(split(*a)) or seen_val[-1])
-    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--val_split', 0.5, '--epoch', 1, '--batch_size', 8,
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--val_split', 0.25, '--epoch', 1, '--batch_size', 8,
                              '--log_dir', tmp_path], capsys)
     assert code == 0, err
+    train_images = loaded[0][0]
     train_index, val_index = seen_val[0]
-    assert len(drawn[0]) == len(train_index) == 24 and len(val_index) == 24
+    assert (len(train_index), len(val_index)) == (36, 12) and not set(train_index.tolist()) & set(val_index.tolist())
+    assert torch.equal(drawn[0], train_images[train_index])
+
+
+def test_data_seed_fixes_the_images_while_seed_varies(tiny_dataset):
+    """Runs that differ in --seed (a sweep's stage 2) train, validate and test on the same images."""
+    import main
+    def splits(*flags):
+        args = main.parse_args([*map(str, TINY), '--dataset', tiny_dataset, '--val_split', '0.25', '--train_samples', '40',
+                                '--test_samples', '9', '--batch_size', '8', *flags])
+        return main.load_splits(args, 0, 1)[0]
+    first, other_seed, other_data = splits('--seed', '0'), splits('--seed', '7'), splits('--data_seed', '7')
+    for name in ('train', 'val', 'test'):
+        assert all(torch.equal(a, b) for a, b in zip(first[name], other_seed[name])), name
+    assert not torch.equal(first['val'][0], other_data['val'][0])
+
+
+def test_training_draws_from_a_cpu_generator(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """Data order and augmentation come from a CPU generator whatever --device is, so a run resumes on another device
+    (a CUDA generator's state cannot be loaded into a CPU one, nor the reverse)."""
+    made, generator = [], torch.Generator
+    monkeypatch.setattr(torch, 'Generator', lambda *a, **k: made.append((a, k)) or generator(*a, **k))
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 16, '--log_dir', tmp_path,
+                             '--name', 'run'], capsys)
+    assert code == 0, err
+    assert made and all(a in ((), ('cpu',)) and k.get('device', 'cpu') == 'cpu' for a, k in made)
+    state = torch.load(tmp_path / 'run' / 'state.pt', weights_only=False)
+    generator().set_state(state['rng']['data'])  # a CPU generator's state
+
+
+def test_resume_with_more_epochs_follows_the_new_schedule_from_its_first_step(tiny_dataset, tmp_path, capsys,
+                                                                               monkeypatch):
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 2, '--batch_size', 8, '--log_dir', tmp_path,
+                             '--name', 'run'], capsys)
+    assert code == 0, err
+    used = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, 'step', lambda self, *a, **k: used.append(self.param_groups[0]['lr'])
+                        or step(self, *a, **k))
+    code, _, err = run_main(['--resume', tmp_path / 'run', '--epoch', 4], capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    steps_per_epoch, total = 6, 24  # 48 images / 8
+    warmup = round(config['warmup_epochs'] * steps_per_epoch)
+    expected = [config['lr'] * train.lr_factor(s, warmup, total) for s in range(2 * steps_per_epoch, total)]
+    assert used == pytest.approx(expected, rel=1e-12) and used[0] > 0  # the finished schedule had reached 0
 
 
 def test_unfreeze_trains_exactly_the_matched_tensors(tiny_dataset, tmp_path, capsys, monkeypatch):
