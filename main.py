@@ -212,8 +212,16 @@ def main(argv=None):
     if args.predict and world_size > 1:
         raise SystemExit("error: --predict runs in one process; launch it with python, not torchrun")
     rank, world_size, device = train.setup_distributed(args.device)
-    train.configure_backends(device)
+    try:
+        run(args, argv, mode, rank, world_size, device)
+    finally:
+        train.close_distributed()
 
+
+def run(args, argv, mode, rank, world_size, device):
+    """Train, evaluate (--eval_only) or predict (--predict) on the device set up by main."""
+    import train
+    train.configure_backends(device)
     if args.predict:
         return predict(args, device)
     splits, classes = load_splits(args, rank, world_size)

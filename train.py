@@ -52,6 +52,12 @@ def setup_distributed(device_arg):
     return rank, world_size, device
 
 
+def close_distributed():
+    """Every process that opened a process group closes it: gloo can abort at interpreter exit otherwise."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def configure_backends(device):
     """TF32 matmuls on CUDA, for training and --eval_only alike (so evaluation reproduces the logged accuracy)."""
     if device.type == 'cuda':
