@@ -108,10 +108,12 @@ def read_images(paths, size=None):
             return False
         out[i] = image.transpose(2, 0, 1)
         return True
-    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # Pillow decodes without holding the GIL
-        if not all(pool.map(fill, range(len(paths)))):
-            return None
-    return torch.from_numpy(out)
+    if height * width <= 64 * 64:  # small images (CIFAR): threads only contend for the GIL, and each keeps a heap
+        filled = all(map(fill, range(len(paths))))
+    else:  # Pillow decodes a large image without holding the GIL
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+            filled = all(pool.map(fill, range(len(paths))))
+    return torch.from_numpy(out) if filled else None
 
 
 def read_image(path, size=None):

@@ -184,3 +184,14 @@ def test_cli_trains_on_cifar10_in_data_dir(fake_cifar10, tmp_path, capsys):
                                '--batch_size', '10', '--log_dir', tmp_path / 'logs', '--name', 'c10'], capsys)
     assert code == 0, err
     assert '30 train / 8 test images, 10 classes' in out
+
+
+def test_large_images_decode_in_threads_into_their_slots(tmp_path):
+    """Images above 64x64 are decoded by a thread pool, each written into its own slot of one tensor."""
+    from PIL import Image
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=5, test_per_class=1, size=80)
+    train_x, train_y, _, _, _ = data.load_dataset(root, img_size=32)
+    assert train_x.shape == (10, 3, 80, 80) and train_y.tolist() == [0] * 5 + [1] * 5
+    for i, path in enumerate(sorted(os.listdir(os.path.join(root, 'train', 'b')))):
+        expected = np.asarray(Image.open(os.path.join(root, 'train', 'b', path)).convert('RGB')).transpose(2, 0, 1)
+        assert torch.equal(train_x[5 + i], torch.from_numpy(expected.copy()))
