@@ -177,8 +177,7 @@ def merge_resume(args, given, error):
     if not os.path.isfile(os.path.join(run_dir, 'state.pt')) or not os.path.isfile(config_path):
         error(f"--resume {run_dir}: no checkpoint there (config.json and state.pt); pass a run directory "
               f"such as logs/<run> that an earlier run wrote")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_json(config_path)
     for flag in sorted(given - RESUME_MAY_CHANGE):
         if flag in config and getattr(args, flag) != config[flag]:
             error(f"--{flag} {getattr(args, flag)} contradicts the run's config ({flag}={config[flag]}); "
@@ -247,7 +246,7 @@ def run(args, argv, mode, rank, world_size, device):
                                                         for name, split in splits.items()},
                       **provenance(args, argv, device))
         if args.resume:  # the run's first command and code stay on record; each resume is added
-            previous = read_config(os.path.join(run_dir, "config.json"))
+            previous = read_json(os.path.join(run_dir, 'config.json'))
             config.update(command=previous.get('command'), git_commit=previous.get('git_commit'),
                           resumed=previous.get('resumed', []) + [dict(command=config['command'],
                                                                       git_commit=config['git_commit'])])
@@ -312,7 +311,7 @@ def evaluate_checkpoint(args, model, splits, classes, device):
     per_class = train.per_class_accuracy(confusion, classes)
     train.write_confusion(os.path.join(args.resume, f'confusion{suffix}.csv'), confusion, classes)
     summary_path = os.path.join(args.resume, 'summary.json')
-    summary = read_config(summary_path) if os.path.isfile(summary_path) else {}
+    summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
     summary[f'per_class_acc{suffix}'] = per_class
     train.write_json(summary_path, summary)
     if 'val' in results:
@@ -332,7 +331,7 @@ def predict(args, device):
     import torch
     import data
     import train
-    config = read_config(os.path.join(args.resume, 'config.json'))
+    config = read_json(os.path.join(args.resume, 'config.json'))
     classes = config['classes']
     model, _ = build_model(args, len(classes), device)
     epoch = train.load_trainable(checkpoint_path(args), model)
@@ -414,7 +413,7 @@ def check_writable_file(path):
         raise SystemExit(f"error: cannot write {path} ({parent} is not a writable directory); choose another --out")
 
 
-def read_config(path):
+def read_json(path):
     with open(path) as f:
         return json.load(f)
 

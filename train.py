@@ -280,25 +280,22 @@ def best_val_epoch(history):
     return max(scored, key=lambda row: row['val_acc'])['epoch'] if scored else None
 
 
-def summarize(history, planned_epochs, val_split, test_images, previous=None):
-    """summary.json: what a run reports. With a val split the headline is the test accuracy at the best-val epoch,
+def summarize(history, planned_epochs, val_split, test_images):
+    """summary.json: what a run reports, made anew from the metrics history after every epoch (per-class accuracy
+    is added once the run finishes). With a val split the headline is the test accuracy at the best-val epoch,
     never the best test epoch."""
-    summary = dict(previous or {})
-    for key in ('per_class_acc', 'per_class_acc_best'):  # of a checkpoint further training replaces: fit adds the
-        summary.pop(key, None)                            # first back when the run finishes, --eval_only the second
     final = history[-1] if history else {}
     best = best_val_epoch(history)
     best_row = next((row for row in history if row['epoch'] == best), {})
     peaks = [row['peak_mem_gib'] for row in history if row.get('peak_mem_gib') is not None]
-    summary.update(epochs_done=len(history) and final['epoch'], epochs=planned_epochs,
-                   finished=bool(history) and final['epoch'] >= planned_epochs,
-                   final_epoch=final.get('epoch'), final_test_acc=final.get('test_acc'),
-                   final_test_loss=final.get('test_loss'), val_split=val_split, best_val_epoch=best,
-                   best_val_acc=best_row.get('val_acc'), test_acc_at_best_val=best_row.get('test_acc'),
-                   total_time_s=sum(row['epoch_time_s'] for row in history),
-                   mean_epoch_time_s=sum(row['epoch_time_s'] for row in history) / max(1, len(history)),
-                   peak_mem_gib=max(peaks) if peaks else None, test_images=test_images)
-    return summary
+    return dict(epochs_done=final.get('epoch', 0), epochs=planned_epochs,
+                finished=final.get('epoch', 0) >= planned_epochs,
+                final_epoch=final.get('epoch'), final_test_acc=final.get('test_acc'),
+                final_test_loss=final.get('test_loss'), val_split=val_split, best_val_epoch=best,
+                best_val_acc=best_row.get('val_acc'), test_acc_at_best_val=best_row.get('test_acc'),
+                total_time_s=sum(row['epoch_time_s'] for row in history),
+                mean_epoch_time_s=sum(row['epoch_time_s'] for row in history) / max(1, len(history)),
+                peak_mem_gib=max(peaks) if peaks else None, test_images=test_images)
 
 
 def trainable_tensors(model):
@@ -397,8 +394,7 @@ def fit(model, splits, classes, args, run_dir, device, resume=False):
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     generator = torch.Generator().manual_seed(args.seed)  # data order and augmentation: CPU, device-independent
-    summary_path = os.path.join(run_dir, 'summary.json')
-    history, done, summary = [], 0, {}
+    history, done = [], 0
     if resume:
         state = load_state(run_dir)
         saved_epoch = load_trainable(os.path.join(run_dir, 'trainable.safetensors'), model)
@@ -411,9 +407,6 @@ def fit(model, splits, classes, args, run_dir, device, resume=False):
             group['lr'] = base_lr * lr_factor(scheduler.last_epoch, warmup_steps, total_steps)
         restore_rng(state['rng'], generator)
         history, done = state['history'], state['epoch']
-        if os.path.isfile(summary_path):
-            with open(summary_path) as f:
-                summary = json.load(f)
         if done > args.epoch:
             raise SystemExit(f"error: {run_dir} has already finished {done} epochs; --epoch {args.epoch} cannot undo "
                              f"them: pass --epoch {done + 1} or more to train further")
@@ -422,8 +415,8 @@ def fit(model, splits, classes, args, run_dir, device, resume=False):
     else:  # epoch 0: a run stopped in its first epoch can be resumed too
         if rank > 0:  # every rank built the same model; from here each draws its own prompt-dropout masks
             torch.manual_seed(args.seed + rank)
-        summary = summarize(history, args.epoch, args.val_split, len(splits['test'][1]))
-        save_checkpoint(run_dir, model, optimizer, scheduler, generator, 0, history, summary)
+        save_checkpoint(run_dir, model, optimizer, scheduler, generator, 0, history,
+                        summarize(history, args.epoch, args.val_split, len(splits['test'][1])))
     writer = open_tensorboard(run_dir) if args.tensorboard and rank == 0 else None
     if args.compile:
         model.compile()  # in place: parameter names, checkpoints and DDP see the same module
@@ -458,7 +451,7 @@ def fit(model, splits, classes, args, run_dir, device, resume=False):
                        val_loss=val_loss, val_acc=val_acc,
                        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None)
             history.append(row)
-            summary = summarize(history, args.epoch, args.val_split, len(splits['test'][1]), summary)
+            summary = summarize(history, args.epoch, args.val_split, len(splits['test'][1]))
             if epoch == args.epoch:  # the finished run's per-class view
                 summary['per_class_acc'] = per_class_accuracy(confusion, classes)
             if rank == 0:
@@ -480,7 +473,8 @@ def fit(model, splits, classes, args, run_dir, device, resume=False):
                 stopped(stop.signum or signal.SIGTERM, run_dir, epoch, rank, world_size)
     if writer:
         writer.close()
-    if rank == 0 and history and best_val_epoch(history) is not None:
+    summary = summarize(history, args.epoch, args.val_split, len(splits['test'][1]))
+    if rank == 0 and summary['best_val_epoch'] is not None:
         print(f"best val epoch {summary['best_val_epoch']}: val acc {summary['best_val_acc']:.2f}%, test acc "
               f"{summary['test_acc_at_best_val']:.2f}% (best.safetensors); final test acc "
               f"{summary['final_test_acc']:.2f}%", flush=True)
