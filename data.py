@@ -48,10 +48,16 @@ def _load_cifar(name, data_dir):
     try:
         train = dataset_class(data_dir, train=True, download=False)
     except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+        created = _missing_folders(data_dir)
         _check_writable(data_dir, '--data_dir', f"to download {name} into it")
         try:
             train = dataset_class(data_dir, train=True, download=True)
         except OSError as e:
+            for folder in created:  # a failed download leaves no empty ./data behind
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
             raise SystemExit(
                 f"error: could not download {name} into --data_dir {data_dir} ({type(e).__name__}: {e}); offline, put "
                 f"{dataset_class.filename} (from {dataset_class.url}) or its extracted {CIFAR_FOLDERS[name]}/ into "
@@ -130,6 +136,15 @@ def _read_or_exit(path, size):
         return read_image(path, size)
     except OSError as e:
         raise SystemExit(f"error: cannot read image {path} ({e}); remove or replace it")
+
+
+def _missing_folders(path):
+    """The folders that creating `path` would make, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def _check_writable(path, flag, purpose):

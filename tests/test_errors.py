@@ -125,6 +125,13 @@ def test_no_network_for_cifar_download(cli, monkeypatch):
                                                             'cifar-10-batches-py', '--dataset FOLDER'])
 
 
+def test_no_network_for_cifar_download_leaves_no_folder(cli, monkeypatch):
+    for var in ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY'):
+        monkeypatch.setenv(var, 'http://127.0.0.1:9')
+    # the folders the download would have filled are made for it, and removed again when it fails (snapshot check)
+    cli('--dataset', 'cifar10', '--data_dir', cli.tmp_path / 'new' / 'data', expect=['could not download cifar10'])
+
+
 def test_no_network_for_pretrained_weights(cli):
     # conftest sets HF_HUB_OFFLINE=1: the hub download fails through the same path as with no network
     cli('--pretrained', 'True', expect=['could not download the pretrained weights', '--weights FILE'])
