@@ -11,13 +11,15 @@ accuracy-against-cost figures.
     python plot.py logs/ --confusion                       # a confusion.png in every run directory that has one
 
 A PATH is a run directory or a directory of runs, one level deep: files next to the runs (sweep.csv, figures) and
-directories that are not runs are ignored, so sweep directories inside logs/ are passed as PATHs of their own.
+directories that are not runs are ignored, so sweep directories inside logs/ are passed as PATHs of their own (a
+warning names each one left out).
 
 Table columns: `test@best val` is the test accuracy at the epoch with the best validation accuracy (the first such
 epoch; `val epoch`), the number to report ('-' for runs trained without a validation split); `best test (oracle)`
 is the highest test accuracy over all epochs, an epoch picked by looking at the test set, so optimistic. Then the final
 epoch's test accuracy, the mean time per epoch and the total (training + evaluation), peak GPU memory ('-' on CPU),
-the size of trainable.safetensors and the trainable parameter count.
+the size of trainable.safetensors and the trainable parameter count. `epochs` reads 2/30 for a run that has not
+finished (stopped, or still training: its summary.json plans more epochs), and a warning says its numbers are not final.
 
 --cost writes cost.png next to accuracy.png (with --out report/acc.pdf: report/acc_cost.pdf): test@best val, or
 the final test accuracy for runs without a validation split (hollow markers), against trainable parameters, mean
@@ -107,8 +109,11 @@ def find_run_dirs(paths):
                     candidates.append(sub)
                 elif os.path.isfile(os.path.join(sub, 'config.json')):  # started, no metrics.csv yet
                     warn(f"skipping run {sub}: no metrics.csv (no epoch written yet)")
-            if not candidates:
-                nested = [os.path.join(path, name) for name in names if holds_runs(os.path.join(path, name))]
+            nested = [os.path.join(path, name) for name in names if holds_runs(os.path.join(path, name))]
+            if candidates:
+                for sub in nested:
+                    warn(f"not plotting the runs in {sub} (a sweep?): pass it as a PATH of its own")
+            else:
                 hint = (f"; {nested[0]} holds runs (a sweep?): pass it" if nested else
                         "; train one with python main.py, or pass the directory that holds the runs")
                 error(f"no runs found under {path} (a run directory holds metrics.csv){hint}")
@@ -208,16 +213,30 @@ def load_run(run_dir):
     best_val = max(validated, key=lambda row: row['val_acc']) if validated else None
     peaks = [row['peak_mem_gib'] for row in history if row['peak_mem_gib'] is not None]
     time_s = sum(row['epoch_time_s'] for row in history)
+    planned = planned_epochs(run_dir)
+    if planned is not None and len(history) < planned:
+        warn(f"run {run_dir} has {len(history)} of {planned} epochs (stopped, or still training): its numbers are "
+             f"not final; --resume it to finish")
     # the directory name, not config['name']: it is what the user passed and what tells runs apart on disk
     return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)),
                 mode=mode if isinstance(mode, str) and mode else '?',
                 params=params if isinstance(params, int) and not isinstance(params, bool) else None,
-                history=history, best_acc=best['test_acc'], best_epoch=best['epoch'],
+                history=history, planned_epochs=planned, best_acc=best['test_acc'], best_epoch=best['epoch'],
                 val_epoch=best_val['epoch'] if best_val else None,
                 test_at_best_val=best_val['test_acc'] if best_val else None,
                 final_acc=history[-1]['test_acc'], time_s=time_s, epoch_time_s=time_s / len(history),
                 peak_mem_gib=max(peaks) if peaks else None,
                 checkpoint_bytes=file_size(os.path.join(run_dir, 'trainable.safetensors')))
+
+
+def planned_epochs(run_dir):
+    """The epochs the run was started (or last resumed) for, from summary.json; None for runs without one."""
+    try:
+        with open(os.path.join(run_dir, 'summary.json')) as f:
+            planned = json.load(f).get('epochs')
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return planned if isinstance(planned, int) and not isinstance(planned, bool) else None
 
 
 def label_runs(runs):
@@ -255,10 +274,16 @@ def percent(value):
     return f"{value:.2f}%" if value is not None else '-'
 
 
+def epochs_cell(run):
+    """'3' for a finished run, '2/30' for one that has not finished."""
+    done, planned = len(run['history']), run['planned_epochs']
+    return f"{done}/{planned}" if planned is not None and done < planned else str(done)
+
+
 def print_table(runs):
     header = ['run', 'mode', 'epochs', 'test@best val', 'val epoch', 'best test (oracle)', 'best epoch', 'final test',
-              'time/epoch', 'train time', 'peak mem', 'checkpoint', 'trainable params']
-    rows = [[run['name'], run['mode'], str(len(run['history'])), percent(run['test_at_best_val']),
+              'time/epoch', 'total time', 'peak mem', 'checkpoint', 'trainable params']
+    rows = [[run['name'], run['mode'], epochs_cell(run), percent(run['test_at_best_val']),
              str(run['val_epoch']) if run['val_epoch'] is not None else '-', percent(run['best_acc']),
              str(run['best_epoch']), percent(run['final_acc']), format_time(run['epoch_time_s']),
              format_time(run['time_s']),

@@ -20,7 +20,7 @@ import plot  # noqa: E402
 HEADER = 'epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_time_s,train_images_per_s'  # before validation
 NEW_HEADER = HEADER + ',val_loss,val_acc,peak_mem_gib'
 COLUMNS = ['run', 'mode', 'epochs', 'test@best val', 'val epoch', 'best test (oracle)', 'best epoch', 'final test',
-           'time/epoch', 'train time', 'peak mem', 'checkpoint', 'trainable params']
+           'time/epoch', 'total time', 'peak mem', 'checkpoint', 'trainable params']
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 close_figure = plt.close  # the real one: tests that look inside figures replace plt.close
 
@@ -31,7 +31,7 @@ RUNS = {
     'P_run': ('P', 92170, [(70.1, 80.3, 4.1), (84.2, 86.9, 4.1), (88.0, 89.4, 4.1)]),
 }
 # what the table must say: mode, epochs, test@best val, its epoch, best test acc (oracle), its epoch, final test acc,
-# time per epoch, train time, peak memory, checkpoint size, trainable params. These runs have the old 8-column
+# time per epoch, total time, peak memory, checkpoint size, trainable params. These runs have the old 8-column
 # metrics.csv: no validation, no memory column, and no checkpoint file.
 EXPECTED = {
     'F_run': ('F', '3', '-', '-', '88.50%', '2', '87.75%', '1m22s', '4m05s', '-', '-', '85,806,346'),
@@ -113,7 +113,7 @@ def table_lines(out):
 
 
 def table(out):
-    """stdout -> {run: (mode, epochs, test@best val, val epoch, best test, best epoch, final, time/epoch, train time,
+    """stdout -> {run: (mode, epochs, test@best val, val epoch, best test, best epoch, final, time/epoch, total time,
     peak mem, checkpoint, params)}, checking the header and the legend are there."""
     header, rows, legend, _ = table_lines(out)
     assert cells(header) == COLUMNS
@@ -441,8 +441,24 @@ def test_sweep_directory_is_a_directory_of_runs(logs, capsys):
     assert code == 0 and err == ''
     assert list(table(out)) == ['P_lr1e-2', 'P_lr1e-3']
     assert_png(os.path.join(sweep, 'accuracy.png'))
-    code, out, err = run_plot([logs], capsys)  # logs/ itself: its runs, not the sweep's (one level)
-    assert code == 0 and err == '' and list(table(out)) == sorted(RUNS)
+    code, out, err = run_plot([logs], capsys)  # logs/ itself: its runs, not the sweep's (one level), and says so
+    assert code == 0 and list(table(out)) == sorted(RUNS)
+    assert err.count('\n') == 1 and 'warning: not plotting the runs in' in err and sweep in err
+    assert 'pass it as a PATH' in err
+
+
+def test_unfinished_run_shows_epochs_done_of_planned(tmp_path, capsys):
+    root = tmp_path / 'logs'
+    epochs = [(70.1, 80.3, 4.1), (84.2, 86.9, 4.1)]
+    for name, planned in (('P_stopped', 30), ('P_done', 2)):
+        run_dir = write_run(root, name, epochs=epochs)
+        with open(os.path.join(run_dir, 'summary.json'), 'w') as f:  # what train.py writes after every epoch
+            json.dump(dict(epochs_done=2, epochs=planned, finished=planned == 2), f)
+    code, out, err = run_plot([root], capsys)
+    assert code == 0
+    assert column(out, 'P_stopped', 'epochs') == '2/30' and column(out, 'P_done', 'epochs') == '2'
+    assert one_line(err).startswith('plot.py: warning: run') and 'P_stopped' in err and 'P_done' not in err
+    assert '2 of 30 epochs' in err and 'not final' in err
 
 
 def test_directory_holding_only_sweeps_points_at_them(tmp_path, capsys):
