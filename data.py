@@ -125,6 +125,8 @@ def read_images(paths, size=None):
 def read_image(path, size=None):
     """-> uint8 (H, W, 3); resized to size x size (bilinear) when `size` is given and differs."""
     with Image.open(path) as image:
+        if image.mode.startswith('I'):  # 16-bit grey (PNG): convert('RGB') would clip every value above 255 to white
+            image = Image.fromarray((np.asarray(image).clip(0, 65535) >> 8).astype(np.uint8))
         image = image.convert('RGB')
         if size and image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
@@ -169,10 +171,11 @@ def balanced_subset(labels, num_samples, seed):
 
 
 def split_validation(labels, fraction, seed):
-    """-> (train_index, val_index): a seeded `fraction` of every class held out, both sorted."""
+    """-> (train_index, val_index): a seeded `fraction` of every class held out (never its last training image),
+    both sorted."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=generator)
-    held_out = [members[:round(fraction * len(members))]
+    held_out = [members[:min(round(fraction * len(members)), len(members) - 1)]
                 for members in (order[labels[order] == label] for label in labels.unique())]
     is_val = torch.zeros(len(labels), dtype=torch.bool)
     is_val[torch.cat(held_out)] = True

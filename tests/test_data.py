@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 
 import data
 from conftest import run_main, TINY, write_folder_dataset
@@ -95,6 +96,22 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
     assert sorted(train_index.tolist() + val_index.tolist()) == list(range(1000))
     again = data.split_validation(labels, 0.1, seed=0)[1]
     assert torch.equal(val_index, again) and not torch.equal(val_index, data.split_validation(labels, 0.1, seed=1)[1])
+
+
+def test_validation_split_keeps_a_training_image_of_every_class():
+    labels = torch.tensor([0] + [1] * 10 + [2] * 2)
+    train_index, val_index = data.split_validation(labels, 0.6, seed=0)
+    assert torch.bincount(labels[train_index]).tolist() == [1, 4, 1]  # round(0.6) = 1 of 1 would leave class 0 none
+    assert torch.bincount(labels[val_index], minlength=3).tolist() == [0, 6, 1]
+
+
+def test_16_bit_png_keeps_its_levels(tmp_path):
+    levels = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0..65472: most above 255
+    Image.fromarray(levels).save(tmp_path / 'grey16.png')
+    assert Image.open(tmp_path / 'grey16.png').mode.startswith('I')
+    image = data.read_image(tmp_path / 'grey16.png')
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    assert np.array_equal(image[..., 1], levels >> 8)  # scaled to 8 bits, not clipped to white
 
 
 @pytest.mark.parametrize('world_size', [1, 2, 3])
