@@ -13,8 +13,12 @@ import argparse
 import datetime
 import hashlib
 import json
+import math
 import os
+import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -22,6 +26,8 @@ import sys
 ACTIONS = {'resume', 'eval_only', 'predict', 'checkpoint', 'out'}
 # flags a resumed run may change; every other flag belongs to the run and must match its config.json
 RESUME_MAY_CHANGE = ACTIONS | {'epoch', 'device', 'data_dir', 'compile', 'amp', 'tensorboard'}
+CIFAR = ('cifar10', 'cifar100')  # --dataset names that are not folders (data.CIFAR_FOLDERS), even where one exists
+SEED_MAX = 2**32 - 1
 # AdamW defaults per mode (batch 128): prompt tuning behind a frozen backbone takes a far larger lr than full tuning
 DEFAULT_LR = {'P': 5e-3, 'linear': 5e-3, 'F': 1e-4, 'P+F': 1e-4}
 DEFAULT_WEIGHT_DECAY = {'P': 1e-4, 'linear': 1e-4, 'F': 0.05, 'P+F': 0.05}
@@ -34,7 +40,7 @@ def str2bool(text):
     return value
 
 
-def int_at_least(minimum):
+def int_at_least(minimum, maximum=None):
     def parse(text):
         try:
             value = int(text)
@@ -42,6 +48,8 @@ def int_at_least(minimum):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
     return parse
 
@@ -55,9 +63,15 @@ def fraction(text):
 
 def non_negative(text):
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def device_flag(text):
+    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def make_parser():
@@ -72,8 +86,8 @@ def make_parser():
     add('--prompt_dropout', type=fraction, default=0.0, help='dropout on the prompt tokens (default 0)')
     add('--prompt_impl', choices=['kv', 'naive'], default='kv',
         help='kv: prompts only as keys/values (exact, faster); naive: concatenate and run the timm blocks')
-    add('--seed', type=int, default=0, help='seeds model init, data order, augmentation and prompt dropout')
-    add('--data_seed', type=int, default=0,
+    add('--seed', type=int_at_least(0, SEED_MAX), default=0, help='seeds model init, data order, augmentation and prompt dropout')
+    add('--data_seed', type=int_at_least(0, SEED_MAX), default=0,
         help='seeds which images --train_samples/--test_samples keep and which --val_split holds out (default 0): '
              'fixed while --seed varies, so runs with different seeds see the same train, val and test images')
     add('--unfreeze', default='', metavar='PATTERNS',
@@ -101,7 +115,7 @@ def make_parser():
     add('--val_split', type=fraction, default=0.0,
         help='hold out this class-stratified fraction of the training images for validation (never trained on or '
              'augmented; see --data_seed); best.safetensors keeps the best-val epoch, summary.json its test accuracy')
-    add('--device', default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
+    add('--device', type=device_flag, default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
     add('--amp', type=str2bool, default=True, help='bf16 autocast on CUDA (default True)')
     add('--compile', type=str2bool, default=False, help='torch.compile the model')
     add('--tensorboard', type=str2bool, default=False,
@@ -130,6 +144,18 @@ def parse_args(argv=None):
     parser.error = error
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
+    if args.resume is not None and not args.resume.strip():
+        error("--resume needs a run directory such as logs/<run>, got an empty string")
+    # paths are stored absolute, so that a run resumes, evaluates and predicts from any working directory
+    if args.dataset not in CIFAR and os.path.isdir(args.dataset):
+        args.dataset = os.path.abspath(args.dataset)
+    if args.weights and os.path.isfile(args.weights):
+        args.weights = os.path.abspath(args.weights)
+    if not args.deep:
+        if 'prompt_impl' in given and args.prompt_impl == 'kv':
+            error("--prompt_impl kv needs --deep True: shallow prompts pass through every layer, so they take "
+                  "--prompt_impl naive")
+        args.prompt_impl = 'naive'
     if args.resume:
         args = merge_resume(args, given, error)
     elif args.eval_only or args.predict:
@@ -178,14 +204,21 @@ def merge_resume(args, given, error):
         error(f"--resume {run_dir}: no checkpoint there (config.json and state.pt); pass a run directory "
               f"such as logs/<run> that an earlier run wrote")
     config = read_json(config_path)
-    for flag in sorted(given - RESUME_MAY_CHANGE):
-        if flag in config and getattr(args, flag) != config[flag]:
+    may_change = RESUME_MAY_CHANGE | ({'batch_size'} if args.eval_only or args.predict else set())
+    for flag in sorted(given - may_change):
+        if flag in config and not same_setting(flag, getattr(args, flag), config[flag]):
             error(f"--{flag} {getattr(args, flag)} contradicts the run's config ({flag}={config[flag]}); "
                   f"drop --{flag} to resume {run_dir}, or start a new run")
     merged = dict(vars(args))
-    merged.update({key: value for key, value in config.items() if key in merged and key not in given & RESUME_MAY_CHANGE})
+    merged.update({key: value for key, value in config.items() if key in merged and key not in given & may_change})
     merged['resume'] = run_dir
     return argparse.Namespace(**merged)
+
+
+def same_setting(flag, value, saved):
+    if flag in ('dataset', 'weights') and isinstance(saved, str) and value:  # runs before absolute paths kept relative ones
+        return os.path.realpath(value) == os.path.realpath(saved)
+    return value == saved
 
 
 def mode_of(args):
@@ -213,6 +246,9 @@ def main(argv=None):
     rank, world_size, device = train.setup_distributed(args.device)
     try:
         run(args, argv, mode, rank, world_size, device)
+    except KeyboardInterrupt:  # outside the training loop (loading data, building the model): no state at risk
+        print("\nSIGINT: stopped", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     finally:
         train.close_distributed()
 
@@ -223,6 +259,12 @@ def run(args, argv, mode, rank, world_size, device):
     train.configure_backends(device)
     if args.predict:
         return predict(args, device)
+    state = None
+    if args.resume and not args.eval_only:
+        state = train.load_state(args.resume)
+        if state['epoch'] > args.epoch:
+            raise SystemExit(f"error: {args.resume} has already finished {state['epoch']} epochs; --epoch {args.epoch} "
+                             f"cannot undo them: pass --epoch {state['epoch'] + 1} or more to train further")
     splits, classes = load_splits(args, rank, world_size)
     model, unfrozen = build_model(args, len(classes), device)
     if args.eval_only:
@@ -253,7 +295,12 @@ def run(args, argv, mode, rank, world_size, device):
         train.write_config(run_dir, config)
         print(f"run directory: {run_dir}", flush=True)
     run_dir = broadcast_run_dir(run_dir, world_size)
-    train.fit(model, splits, classes, args, run_dir, device, resume=bool(args.resume))
+    try:
+        train.fit(model, splits, classes, args, run_dir, device, state)
+    except BaseException:
+        if rank == 0 and not args.resume and not os.path.exists(os.path.join(run_dir, 'state.pt')):
+            shutil.rmtree(run_dir, ignore_errors=True)  # it holds only this run's config.json: nothing to resume
+        raise
 
 
 def build_model(args, num_classes, device):
@@ -281,6 +328,11 @@ def load_splits(args, rank, world_size):
                              f"that leaves images on both sides")
         val = (train_images[val_index], train_labels[val_index])
         train_images, train_labels = train_images[train_index], train_labels[train_index]
+    unseen = [name for name, count in zip(classes, train_labels.bincount(minlength=len(classes)).tolist()) if not count]
+    if unseen and rank == 0:
+        print(f"warning: {len(unseen)} of {len(classes)} classes have no training images ({', '.join(unseen[:5])}"
+              f"{', ...' if len(unseen) > 5 else ''}); the model cannot learn them: raise --train_samples or use a "
+              f"dataset with images of every class", file=sys.stderr, flush=True)
     if args.batch_size > len(train_labels):
         raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(train_labels)} training "
                          f"images; lower --batch_size (or raise --train_samples)")
@@ -306,14 +358,18 @@ def evaluate_checkpoint(args, model, splits, classes, device):
                 results[name] = train.evaluate_split(model, split, args.batch_size, preprocess, args.amp)
     if train.rank_and_world_size()[0] != 0:
         return
-    suffix = '_best' if args.checkpoint == 'best' else ''
+    # the last checkpoint of an unfinished run is not the run's result: its matrix is named by its epoch
+    suffix = '_best' if args.checkpoint == 'best' else '' if epoch >= args.epoch else f'_epoch{epoch}'
     loss, acc, confusion = results['test']
     per_class = train.per_class_accuracy(confusion, classes)
     train.write_confusion(os.path.join(args.resume, f'confusion{suffix}.csv'), confusion, classes)
     summary_path = os.path.join(args.resume, 'summary.json')
-    summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
-    summary[f'per_class_acc{suffix}'] = per_class
-    train.write_json(summary_path, summary)
+    wrote = f"wrote {os.path.join(args.resume, f'confusion{suffix}.csv')}"
+    if not suffix.startswith('_epoch'):
+        summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
+        summary[f'per_class_acc{suffix}'] = per_class
+        train.write_json(summary_path, summary)
+        wrote += f" and per_class_acc{suffix} in {summary_path}"
     if 'val' in results:
         print(f"{args.resume} ({args.checkpoint}, epoch {epoch}): val accuracy {results['val'][1]:.4f}% "
               f"on {len(splits['val'][1])} images")
@@ -321,8 +377,8 @@ def evaluate_checkpoint(args, model, splits, classes, device):
           f"on {len(splits['test'][1])} images")
     width = max(len(name) for name in classes)
     for name, value in per_class.items():
-        print(f"  {name:<{width}}  {value:7.2f}%")
-    print(f"wrote {os.path.join(args.resume, f'confusion{suffix}.csv')} and per_class_acc{suffix} in {summary_path}")
+        print(f"  {name:<{width}}  " + (f"{value:7.2f}%" if value is not None else '      -  (no test images)'))
+    print(wrote)
 
 
 def predict(args, device):
@@ -408,14 +464,20 @@ def fresh_path(path):
 def check_writable_file(path):
     if os.path.isdir(path):
         raise SystemExit(f"error: --out {path} is a directory; pass a file name such as {os.path.join(path, 'predictions.csv')}")
+    if os.path.exists(path):
+        raise SystemExit(f"error: --out {path} already exists and predictions never replace a file; pass a new name, "
+                         f"or drop --out to write a fresh predictions-N.csv in the run directory")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise SystemExit(f"error: cannot write {path} ({parent} is not a writable directory); choose another --out")
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e}); the run directory is damaged")
 
 
 def provenance(args, argv, device):
@@ -505,4 +567,11 @@ def broadcast_run_dir(run_dir, world_size):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if e.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            # stopped by a signal: a repeat (sweep.py and torchrun forward the terminal's) must not break the exit
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise

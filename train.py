@@ -269,9 +269,9 @@ def write_confusion(path, confusion, classes):
 
 
 def per_class_accuracy(confusion, classes):
-    totals = confusion.sum(1).clamp(min=1)
-    return {name: round(100 * hits / total, 4) for name, hits, total in
-            zip(classes, confusion.diagonal().tolist(), totals.tolist())}
+    """{class: accuracy %}, None for a class with no test images."""
+    return {name: round(100 * hits / total, 4) if total else None for name, hits, total in
+            zip(classes, confusion.diagonal().tolist(), confusion.sum(1).tolist())}
 
 
 def best_val_epoch(history):
@@ -368,8 +368,13 @@ def load_trainable(path, model):
 
 
 def load_state(run_dir):
-    # to the CPU: RNG states must be CPU tensors, and optimizer.load_state_dict moves its state to each parameter
-    state = torch.load(os.path.join(run_dir, 'state.pt'), map_location='cpu', weights_only=False)
+    path = os.path.join(run_dir, 'state.pt')
+    try:  # to the CPU: RNG states must be CPU tensors, and optimizer.load_state_dict moves its state to each parameter
+        state = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); the "
+                         f"run's state is damaged: --eval_only still evaluates its trainable.safetensors, or start a "
+                         f"new run")
     if 'ranks' not in state['rng']:
         raise SystemExit(f"error: {run_dir}/state.pt was written by an older vpt whose data order depended on the "
                          f"device; it cannot be resumed exactly. Its metrics and trainable.safetensors stay usable "
@@ -380,10 +385,10 @@ def load_state(run_dir):
 # ---------------------------------------------------------------- the run
 
 
-def fit(model, splits, classes, args, run_dir, device, resume=False):
-    """Train for args.epoch epochs (from the run's last finished epoch if `resume`), evaluating val (if any) and
-    test after each, checkpointing and logging on rank 0. `splits`: {'train', 'val' (or None), 'test'} ->
-    (uint8 images, labels) on the CPU. Returns the metrics history."""
+def fit(model, splits, classes, args, run_dir, device, state=None):
+    """Train for args.epoch epochs (from the last finished epoch of `state`, a resumed run's load_state), evaluating
+    val (if any) and test after each, checkpointing and logging on rank 0. `splits`: {'train', 'val' (or None),
+    'test'} -> (uint8 images, labels) on the CPU. Returns the metrics history."""
     rank, world_size = rank_and_world_size()
     splits = {name: None if split is None else tuple(t.to(device) for t in split) for name, split in splits.items()}
     train_images, train_labels = splits['train']
@@ -395,8 +400,7 @@ def fit(model, splits, classes, args, run_dir, device, resume=False):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     generator = torch.Generator().manual_seed(args.seed)  # data order and augmentation: CPU, device-independent
     history, done = [], 0
-    if resume:
-        state = load_state(run_dir)
+    if state is not None:
         saved_epoch = load_trainable(os.path.join(run_dir, 'trainable.safetensors'), model)
         if saved_epoch != state['epoch']:
             raise SystemExit(f"error: {run_dir}: trainable.safetensors is from epoch {saved_epoch} but state.pt from "
@@ -407,9 +411,6 @@ def fit(model, splits, classes, args, run_dir, device, resume=False):
             group['lr'] = base_lr * lr_factor(scheduler.last_epoch, warmup_steps, total_steps)
         restore_rng(state['rng'], generator)
         history, done = state['history'], state['epoch']
-        if done > args.epoch:
-            raise SystemExit(f"error: {run_dir} has already finished {done} epochs; --epoch {args.epoch} cannot undo "
-                             f"them: pass --epoch {done + 1} or more to train further")
         if done == args.epoch and rank == 0:
             print(f"{run_dir} has finished all {done} epochs; pass --epoch N to train further", flush=True)
     else:  # epoch 0: a run stopped in its first epoch can be resumed too
@@ -470,7 +471,11 @@ def fit(model, splits, classes, args, run_dir, device, resume=False):
                     step_lrs = {step + 1: args.lr * lr_factor(step, warmup_steps, total_steps) for step in steps}
                     log_tensorboard(writer, row, step_lrs, confusion if epoch == args.epoch else None, classes)
             if all_agree(stop.signum is not None, device):
-                stopped(stop.signum or signal.SIGTERM, run_dir, epoch, rank, world_size)
+                if epoch < args.epoch:
+                    stopped(stop.signum or signal.SIGTERM, run_dir, epoch, rank, world_size)
+                elif rank == 0:
+                    print(f"{signal.Signals(stop.signum or signal.SIGTERM).name} came after the last epoch was saved: "
+                          f"{run_dir} is finished", file=sys.stderr, flush=True)
     if writer:
         writer.close()
     summary = summarize(history, args.epoch, args.val_split, len(splits['test'][1]))

@@ -54,6 +54,31 @@ def test_prompts_negative(cli):
     cli('--prompts', -1, expect=['--prompts', 'at least 0'], code=2)
 
 
+def test_empty_resume(cli, monkeypatch):
+    # `--resume "$RUN"` with RUN unset: not a new run trained into the current directory
+    os.makedirs(cli.tmp_path / 'cwd')
+    monkeypatch.chdir(cli.tmp_path / 'cwd')  # inside the snapshot: a run written here fails the test
+    cli('--resume', '', expect=['--resume needs a run directory', 'empty string'], code=2)
+
+
+@pytest.mark.parametrize('flag, value', [('--warmup_epochs', 'inf'), ('--lr', 'nan'), ('--weight_decay', 'inf')])
+def test_non_finite_number(cli, flag, value):
+    cli(flag, value, expect=[flag, 'finite number'], code=2)
+
+
+def test_unknown_device(cli):
+    cli('--device', 'gpu', expect=['--device', 'auto, cpu, cuda or cuda:N', "'gpu'"], code=2)
+
+
+@pytest.mark.parametrize('flag', ['--seed', '--data_seed'])
+def test_seed_out_of_range(cli, flag):
+    cli(flag, 99999999999999999999, expect=[flag, 'at most 4294967295'], code=2)
+
+
+def test_kv_prompts_need_deep(cli):
+    cli('--deep', 'False', '--prompt_impl', 'kv', expect=['--prompt_impl kv needs --deep True', 'naive'], code=2)
+
+
 def test_boolean_flag_garbage(cli):
     cli('--full', 'maybe', expect=['--full', 'True/False'], code=2)
 

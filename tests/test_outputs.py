@@ -120,6 +120,42 @@ def test_run_logged_to_tensorboard_is_usable_without_it(tiny_dataset, tmp_path, 
     assert code == 0, err
 
 
+def test_predict_out_never_replaces_a_file(run_dir, tiny_dataset, capsys):
+    image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
+    before = (run_dir / 'metrics.csv').read_bytes()
+    code, _, err = run_main(['--predict', image, '--resume', run_dir, '--out', run_dir / 'metrics.csv'], capsys)
+    assert code == 1 and err.strip().startswith(f"error: --out {run_dir / 'metrics.csv'} already exists")
+    assert (run_dir / 'metrics.csv').read_bytes() == before
+
+
+def test_eval_only_of_an_unfinished_run_names_its_epoch(tiny_dataset, tmp_path, capsys):
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8, '--log_dir', tmp_path,
+                             '--name', 'r'], capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / 'r' / 'config.json').read_text())
+    config['epoch'] = 3  # as a run stopped after epoch 1 of 3 looks
+    (tmp_path / 'r' / 'config.json').write_text(json.dumps(config))
+    os.remove(tmp_path / 'r' / 'confusion.csv')
+    summary = (tmp_path / 'r' / 'summary.json').read_bytes()
+    code, out, err = run_main(['--eval_only', '--resume', tmp_path / 'r'], capsys)
+    assert code == 0, err
+    assert os.path.isfile(tmp_path / 'r' / 'confusion_epoch1.csv')  # not confusion.csv: not the run's result
+    assert not os.path.exists(tmp_path / 'r' / 'confusion.csv')
+    assert (tmp_path / 'r' / 'summary.json').read_bytes() == summary
+
+
+def test_class_without_images(tiny_dataset, tmp_path, capsys):
+    # 2 test images of 3 classes: one class has none, and its accuracy is unknown, not 0%; likewise 2 training images
+    code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 2, '--train_samples', 2,
+                               '--test_samples', 2, '--log_dir', tmp_path, '--name', 'r'], capsys)
+    assert code == 0, err
+    assert err.strip().splitlines()[0].startswith('warning: 1 of 3 classes have no training images (')
+    per_class = json.loads((tmp_path / 'r' / 'summary.json').read_text())['per_class_acc']
+    assert list(per_class.values()).count(None) == 1
+    code, out, err = run_main(['--eval_only', '--resume', tmp_path / 'r'], capsys)
+    assert code == 0 and '(no test images)' in out, err
+
+
 def test_predict_out_must_be_a_file(run_dir, tiny_dataset, tmp_path, capsys):
     image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
     code, _, err = run_main(['--predict', image, '--resume', run_dir, '--out', tmp_path], capsys)

@@ -100,3 +100,96 @@ def test_resume_refuses_a_contradicting_flag(tiny_dataset, tmp_path, capsys):
     rows = read_metrics(tmp_path / 'r')
     assert len(rows) == 2 and (tmp_path / 'r' / 'metrics.csv').read_text().startswith(before)
     assert json.loads((tmp_path / 'r' / 'config.json').read_text())['epoch'] == 2
+
+
+def tiny_run(tiny_dataset, log_dir, name, *extra, epochs=1):
+    return [*TINY, '--dataset', tiny_dataset, '--epoch', epochs, '--batch_size', 8, '--log_dir', log_dir,
+            '--name', name, *extra]
+
+
+def files(run_dir):
+    return {name: (run_dir / name).read_bytes() for name in sorted(os.listdir(run_dir))}
+
+
+def test_refused_resume_writes_nothing_and_the_run_still_resumes(tiny_dataset, tmp_path, capsys):
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', epochs=2), capsys)
+    assert code == 0, err
+    before = files(tmp_path / 'r')
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 1], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: {tmp_path / 'r'} has already finished 2 epochs; --epoch 1 cannot undo them: pass --epoch 3 or more "
+        f"to train further"]
+    assert files(tmp_path / 'r') == before  # config.json untouched: no 'epoch': 1, no 'resumed' entry
+    code, out, err = run_main(['--resume', tmp_path / 'r'], capsys)
+    assert code == 0 and 'has finished all 2 epochs' in out, err
+
+
+def test_damaged_run_files_are_one_line(tiny_dataset, tmp_path, capsys):
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    (tmp_path / 'r' / 'state.pt').write_bytes(b'file,prediction\n')
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
+    assert code == 1 and 'Traceback' not in err and len(err.strip().splitlines()) == 1
+    assert f"cannot read {tmp_path / 'r' / 'state.pt'}" in err and '--eval_only' in err
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--eval_only'], capsys)  # as the message says
+    assert code == 0, err
+    (tmp_path / 'r' / 'config.json').write_text('{"epoch": ')
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--eval_only'], capsys)
+    assert code == 1 and err.strip().startswith(f"error: cannot read {tmp_path / 'r' / 'config.json'}")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_eval_and_predict_take_another_batch_size(tiny_dataset, tmp_path, capsys):
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    code, out, err = run_main(['--resume', tmp_path / 'r', '--eval_only', '--batch_size', 5], capsys)
+    assert code == 0, err
+    assert f"test accuracy {read_metrics(tmp_path / 'r')[0]['test_acc']}%" in out  # the same number in other batches
+    code, out, err = run_main(['--resume', tmp_path / 'r', '--predict', os.path.join(tiny_dataset, 'test'),
+                               '--batch_size', 1000], capsys)
+    assert code == 0 and '18 images classified' in out, err
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--batch_size', 5, '--epoch', 2], capsys)  # training: no
+    assert code == 2 and '--batch_size 5 contradicts' in err
+
+
+def test_run_with_relative_paths_resumes_from_anywhere(tiny_dataset, tmp_path, capsys, monkeypatch):
+    import shutil
+    shutil.copytree(tiny_dataset, tmp_path / 'project' / 'data')
+    monkeypatch.chdir(tmp_path / 'project')
+    code, _, err = run_main(tiny_run('data', 'logs', 'r'), capsys)
+    assert code == 0, err
+    run_dir = tmp_path / 'project' / 'logs' / 'r'
+    assert json.loads((run_dir / 'config.json').read_text())['dataset'] == str(tmp_path / 'project' / 'data')
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(['--resume', run_dir, '--eval_only'], capsys)
+    assert code == 0 and 'test accuracy' in out, err
+    code, out, err = run_main(['--resume', run_dir, '--epoch', 2, '--dataset', 'project/data'], capsys)  # same folder
+    assert code == 0 and len(read_metrics(run_dir)) == 2, err
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tiny_dataset, tmp_path, capsys,
+                                                                          monkeypatch):
+    import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the run is being set up
+    monkeypatch.setattr(train, 'make_optimizer', interrupted)
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)
+    assert code == 130 and err.strip() == 'SIGINT: stopped'
+    assert os.listdir(tmp_path / 'logs') == []  # no config.json-only directory that --resume would refuse
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)  # the name is free again
+    assert code == 130
+
+
+def test_signal_during_the_last_evaluation_finishes_the_run(tiny_dataset, tmp_path, capsys, monkeypatch):
+    import train
+    evaluate_split = train.evaluate_split
+
+    def evaluate_then_signal(model, split, *args):
+        os.kill(os.getpid(), signal.SIGINT)  # caught by the training loop's handler: a stop is requested
+        return evaluate_split(model, split, *args)
+    monkeypatch.setattr(train, 'evaluate_split', evaluate_then_signal)
+    code, out, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    assert err.strip().splitlines()[-1] == f"SIGINT came after the last epoch was saved: {tmp_path / 'r'} is finished"
+    assert json.loads((tmp_path / 'r' / 'summary.json').read_text())['finished'] is True
