@@ -34,6 +34,7 @@ Epoch estimate = 50,000 / train images/s + 10,000 / eval images/s (a CIFAR-10 ep
 import argparse
 import gc
 import json
+import os
 import signal
 import sys
 import time
@@ -45,7 +46,7 @@ from PIL import Image
 
 import data
 import train
-from main import int_at_least, str2bool
+from main import device_flag, int_at_least, str2bool
 from model import PromptedViT, count_params, create_vit, set_trainable
 
 NUM_CLASSES = 10
@@ -298,14 +299,20 @@ def make_parser():
     add('--prompt_impl', choices=['kv', 'naive'], default='kv', help='prompt implementation of the modes (default kv)')
     add('--compile', type=str2bool, default=False, help='torch.compile the model after set_trainable')
     add('--amp', type=str2bool, default=True, help='bf16 autocast on CUDA (default True)')
-    add('--device', default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
+    add('--device', type=device_flag, default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
     add('--peak_tflops', type=float, default=None, help='dense bf16 peak TFLOP/s for MFU (default: by device name)')
-    add('--json', default=None, metavar='FILE', help='also write every number to FILE as JSON')
+    add('--json', default=None, metavar='FILE',
+        help='also write every number to FILE as JSON (a new file; missing parent folders are made)')
     return parser
 
 
 def parse_args(argv=None):
     parser = make_parser()
+
+    def error(message):  # one line, no usage dump
+        print(f"bench.py: error: {message} (python bench.py --help lists the flags)", file=sys.stderr)
+        sys.exit(2)
+    parser.error = error
     args = parser.parse_args(argv)
     args.baseline = args.baseline and not args.no_baseline
     args.modes = [m.strip() for m in args.modes.split(',') if m.strip()]
@@ -314,6 +321,14 @@ def parse_args(argv=None):
         parser.error(f"--modes: unknown mode(s) {', '.join(unknown) or '(none given)'}; choose from P, F, P+F")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         parser.error(f"--peak_tflops must be positive, got {args.peak_tflops}")
+    if args.json:  # checked before minutes of measuring, not after
+        if os.path.exists(args.json):
+            parser.error(f"--json {args.json} already exists and bench.py never replaces a file; pass a new name")
+        existing = os.path.dirname(os.path.abspath(args.json))
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            parser.error(f"cannot write --json {args.json} ({existing} is not a writable directory); choose another")
     return args
 
 
@@ -419,9 +434,8 @@ def main(argv=None):
                       peak_memory='torch.cuda.max_memory_allocated, reset per mode' if device.type == 'cuda'
                       else 'n/a on CPU',
                       modes=results, baseline=baseline)
-        with open(args.json, 'w') as f:
-            json.dump(report, f, indent=2)
-            f.write('\n')
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        train.write_json(args.json, report)
         print(f"wrote {args.json}")
     if stop.signum is not None:
         sys.exit(128 + stop.signum)

@@ -22,7 +22,7 @@ def positive_finite(value):
 
 
 def test_bench_tiny_cpu_run(tmp_path):
-    out = tmp_path / 'bench.json'
+    out = tmp_path / 'docs' / 'bench.json'  # a missing folder is made, as for docs/bench-h100.json
     result = subprocess.run([sys.executable, 'bench.py', *TINY, '--json', str(out)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -44,6 +44,23 @@ def test_bench_tiny_cpu_run(tmp_path):
     assert report['modes']['P']['backward_factor'] == 1
     assert report['modes']['F']['backward_factor'] == 2 and report['modes']['F']['prompts'] == 0
     assert report['modes']['P+F']['backward_factor'] == 2 and report['modes']['P+F']['prompts'] == 50
+
+
+def test_bench_refuses_before_measuring(tmp_path):
+    existing = tmp_path / 'bench.json'
+    existing.write_text('{"an earlier run": 1}')
+    (tmp_path / 'a_file').write_text('x')
+    for flags, expect in (
+            (['--json', existing], f"--json {existing} already exists"),  # never replaced
+            (['--json', tmp_path], f"--json {tmp_path} already exists"),  # a directory
+            (['--json', tmp_path / 'a_file' / 'x.json'], 'is not a writable directory'),
+            (['--device', 'tpu'], "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+            (['--modes', 'Q'], '--modes: unknown mode(s) Q')):
+        result = subprocess.run([sys.executable, 'bench.py', *TINY, *map(str, flags)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2 and result.stdout == '', result.stderr
+        assert result.stderr.count('\n') == 1 and expect in result.stderr, result.stderr  # one line, no usage dump
+    assert existing.read_text() == '{"an earlier run": 1}'
 
 
 def test_forward_flops_vit_b4():
