@@ -10,6 +10,7 @@
     torchrun --nproc_per_node=8 main.py ...                   # data parallel; --batch_size stays the global batch
 """
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -135,12 +136,18 @@ def make_parser():
     return parser
 
 
+def say_once(message, code=1):
+    """Exit with a one-line error that every torchrun process finds alike: rank 0 prints it, the others are quiet."""
+    if os.environ.get('RANK', '0') == '0':
+        print(message, file=sys.stderr)
+    sys.exit(code)
+
+
 def parse_args(argv=None):
     parser = make_parser()
 
-    def error(message):  # one line, no usage dump
-        print(f"main.py: error: {message} (python main.py --help lists the flags)", file=sys.stderr)
-        sys.exit(2)
+    def error(message):  # one line, no usage dump; under torchrun from the first process only
+        say_once(f"main.py: error: {message} (python main.py --help lists the flags)", 2)
     parser.error = error
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
@@ -239,10 +246,10 @@ def main(argv=None):
         train.check_tensorboard()
     world_size = int(os.environ.get('WORLD_SIZE', '1'))  # set by torchrun
     if args.batch_size % world_size:
-        raise SystemExit(f"error: --batch_size {args.batch_size} does not divide by the {world_size} processes; "
-                         f"--batch_size is the global batch, use a multiple of {world_size}")
+        say_once(f"error: --batch_size {args.batch_size} does not divide by the {world_size} processes; "
+                 f"--batch_size is the global batch, use a multiple of {world_size}")
     if args.predict and world_size > 1:
-        raise SystemExit("error: --predict runs in one process; launch it with python, not torchrun")
+        say_once("error: --predict runs in one process; launch it with python, not torchrun")
     rank, world_size, device = train.setup_distributed(args.device)
     try:
         run(args, argv, mode, rank, world_size, device)
@@ -259,17 +266,27 @@ def run(args, argv, mode, rank, world_size, device):
     train.configure_backends(device)
     if args.predict:
         return predict(args, device)
+    if args.eval_only:
+        splits, classes = load_splits(args, rank, world_size)
+        model, _ = build_model(args, len(classes), device)
+        return evaluate_checkpoint(args, model, splits, classes, device)
+    with contextlib.ExitStack() as held:  # the run's lock, released when training ends, however it ends
+        train_run(args, argv, mode, rank, world_size, device, held)
+
+
+def train_run(args, argv, mode, rank, world_size, device, held):
+    """A new run, or a resumed one: check, load, build, write config.json, fit."""
+    import train
     state = None
-    if args.resume and not args.eval_only:
+    if args.resume:
+        if rank == 0:
+            held.enter_context(lock_run(args.resume))
         state = train.load_state(args.resume)
         if state['epoch'] > args.epoch:
             raise SystemExit(f"error: {args.resume} has already finished {state['epoch']} epochs; --epoch {args.epoch} "
                              f"cannot undo them: pass --epoch {state['epoch'] + 1} or more to train further")
     splits, classes = load_splits(args, rank, world_size)
     model, unfrozen = build_model(args, len(classes), device)
-    if args.eval_only:
-        return evaluate_checkpoint(args, model, splits, classes, device)
-
     run_dir = args.resume
     if rank == 0:
         from model import count_params
@@ -280,6 +297,7 @@ def run(args, argv, mode, rank, world_size, device):
               + (f" x{world_size}" if world_size > 1 else ''), flush=True)
         if run_dir is None:
             run_dir = make_run_dir(args, mode)
+            held.enter_context(lock_run(run_dir))
             args.name = os.path.basename(run_dir)
         config = dict({key: value for key, value in vars(args).items() if key not in ACTIONS}, mode=mode,
                       trainable_params=trainable, total_params=total, unfrozen_params=unfrozen,
@@ -541,6 +559,19 @@ def make_run_dir(args, mode):
         except OSError as e:
             raise SystemExit(f"error: cannot create {path} ({e.strerror or e}); choose a writable --log_dir")
     raise SystemExit(f"error: could not create a fresh run directory under {args.log_dir}")
+
+
+def lock_run(run_dir):
+    """One process trains a run at a time: two (a second --resume, a sweep's --print_commands run by hand) would
+    interleave their checkpoints and metrics. The lock goes with the process, however it ends."""
+    import fcntl
+    handle = open(os.path.join(run_dir, 'run.lock'), 'w')
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"error: {run_dir} is being trained by another process; let it finish, or stop it (it keeps "
+                         f"its last epoch) and --resume {run_dir}")
+    return handle
 
 
 def load_data_once(args, rank, world_size):

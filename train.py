@@ -24,6 +24,7 @@ import data
 
 METRICS_HEADER = ['epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'lr', 'epoch_time_s',
                   'train_images_per_s', 'val_loss', 'val_acc', 'peak_mem_gib']
+EXIT_DIVERGED = 3  # exit status of a run stopped by a non-finite loss: a result of its settings, not a crash (sweep.py)
 SYNC_EVERY = 20  # steps between host<->device syncs (progress bar, non-finite check, stop agreement across ranks)
 
 
@@ -437,8 +438,10 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                     train = train_epoch(net, optimizer, scheduler, batches, steps_per_epoch, args.amp, stop,
                                         desc=f'epoch {epoch}/{args.epoch}')
             except FloatingPointError as e:
-                raise SystemExit(f"error: non-finite training loss at epoch {epoch}, step {e.args[0]}; lower --lr (it is "
-                                 f"{args.lr:g}); the checkpoint of epoch {epoch - 1} is intact")
+                if rank == 0:
+                    print(f"error: non-finite training loss at epoch {epoch}, step {e.args[0]}; lower --lr (it is "
+                          f"{args.lr:g}); the checkpoint of epoch {epoch - 1} is intact", file=sys.stderr, flush=True)
+                raise SystemExit(EXIT_DIVERGED)
             if train is None:
                 stopped(stop.signum or signal.SIGTERM, run_dir, epoch - 1, rank, world_size)
             train_time = time.perf_counter() - start

@@ -74,3 +74,10 @@ def test_global_batch_must_divide_by_world_size(tiny_dataset, tmp_path, capsys, 
     code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--batch_size', 8, '--log_dir', tmp_path], capsys)
     assert code == 1 and '--batch_size 8 does not divide by the 3 processes' in err and 'global batch' in err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_mistake_every_process_makes_is_said_once(dataset, tmp_path):
+    process = torchrun([*flags(dataset, tmp_path, 'odd', False)[:-6], '--batch_size', 7, '--log_dir', tmp_path])
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert err.count('error: --batch_size 7 does not divide by the 2 processes') == 1, err  # (torchrun adds its own report)

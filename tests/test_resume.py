@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -79,7 +80,7 @@ def test_sigterm_keeps_last_epoch_and_eval_only_reproduces_it(dataset, tmp_path,
 def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoint(tiny_dataset, tmp_path, capsys):
     code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 2, '--batch_size', 8, '--lr', '1e30',
                                '--warmup_epochs', 0, '--log_dir', tmp_path, '--name', 'nan'], capsys)
-    assert code != 0
+    assert code == 3  # train.EXIT_DIVERGED: sweep.py records the settings as diverged instead of retrying them
     line = err.strip().splitlines()[-1]
     assert 'non-finite training loss at epoch 1, step' in line and 'lower --lr' in line
     step = int(line.split('step ')[1].split(';')[0])
@@ -193,3 +194,19 @@ def test_signal_during_the_last_evaluation_finishes_the_run(tiny_dataset, tmp_pa
     assert code == 0, err
     assert err.strip().splitlines()[-1] == f"SIGINT came after the last epoch was saved: {tmp_path / 'r'} is finished"
     assert json.loads((tmp_path / 'r' / 'summary.json').read_text())['finished'] is True
+
+
+def test_a_run_in_training_cannot_be_resumed_twice(dataset, tmp_path, capsys):
+    run_dir = tmp_path / 'run'
+    process = start(flags(dataset, tmp_path, 'run', epochs=3))
+    deadline = time.time() + 120
+    while not (run_dir / 'state.pt').exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)  # the epoch-0 checkpoint: from here a --resume would find something to resume
+    code, _, err = run_main(['--resume', run_dir], capsys)
+    assert code == 1 and err.strip() == (f"error: {run_dir} is being trained by another process; let it finish, or "
+                                         f"stop it (it keeps its last epoch) and --resume {run_dir}")
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=240)
+    assert process.returncode in (0, 130)
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 1], capsys)  # the lock went with the process
+    assert code == 0 or 'already finished' in err, err
