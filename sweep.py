@@ -5,9 +5,9 @@
     python sweep.py ... --print_commands             # only print the main.py commands, for SLURM, GNU parallel, ...
     python sweep.py --collect logs/sweep-1a2b3c4d    # sweep.csv and sweep.md from whatever runs exist there
 
-Stage 1 trains every grid point (any main.py flag; values separated by commas) with the base seed (the --seed given
-after --, default 0) on the training set minus a class-stratified --val_split, and scores it by its best val
-accuracy (the first of equal scores, in grid order, wins); main.py's --data_seed, not --seed, picks the val images, so
+Stage 1 trains every grid point (any main.py flag; values separated by commas, \\, for a comma inside one; --grid
+may be repeated) with the base seed (the --seed given after --, default 0) on the training set minus a
+class-stratified --val_split, and scores it by its best val accuracy (the first of equal scores, in grid order, wins); main.py's --data_seed, not --seed, picks the val images, so
 every trial and seed holds out the same ones. Stage 2 trains the winner again with the fresh seeds
 base+1 .. base+N (--seeds N). Each seed keeps the val split and uses it only to choose its checkpoint epoch: the
 number a seed reports is its test accuracy at its best val epoch (test_acc_at_best_val). The result is the mean and
@@ -22,7 +22,9 @@ final_seed=1, ...), logs/<run>.log with each trial's output, sweep.json (the def
 run), sweep.md (the report, also printed at the end) and sweep.log (what the sweep did, when).
 
 Re-launching the same command skips finished runs, resumes interrupted ones (main.py --resume), retries failed ones,
-and moves a run directory without a checkpoint aside to <run>.failed-N before starting it afresh. Ctrl-C or SIGTERM
+and moves a run directory without a checkpoint aside to <run>.failed-N before starting it afresh. A run that stopped
+on a non-finite loss (main.py's exit status 3) is 'diverged': a result of its settings, ranked last, left out of the
+seeds' mean (the report counts it) and not retried. Ctrl-C or SIGTERM
 reaches the running trials, which keep their last finished epoch; the sweep writes its report, prints the command to
 re-launch and exits 130 / 143. Exit status 1 when a run failed (the others still run; stage 2 runs if at least one
 grid point finished). --print_commands prints stage 1's commands, or stage 2's once stage 1 has finished there.
@@ -64,6 +66,7 @@ CONTROLLED = {
 
 # main.py's exits after a signal, or a child killed by one before it set its handlers (during its imports)
 INTERRUPTED = {130, 143, -signal.SIGINT, -signal.SIGTERM}
+DIVERGED = 3  # main.py's exit after a non-finite loss (train.EXIT_DIVERGED): a result of the settings, not retried
 RESULT_COLUMNS = ['status', 'epochs_done', 'epochs', 'best_val_acc', 'best_val_epoch', 'test_acc_at_best_val',
                   'final_test_acc', 'exit_code', 'message']
 ANSI = re.compile(r'\x1b\[[0-9;?]*[A-Za-z]')  # tqdm's cursor moves in a log file
@@ -83,8 +86,9 @@ def make_parser():
         usage="python sweep.py --grid FLAG=V1,V2,... [FLAG=...] --val_split F [--seeds N] [options] -- [main.py flags]"
               "\n       python sweep.py --collect SWEEP_DIR")
     add = parser.add_argument
-    add('--grid', nargs='+', default=[], metavar='FLAG=V1,V2',
-        help='main.py flags to sweep and their values, e.g. lr=1e-3,5e-3 weight_decay=0,1e-4 (every combination)')
+    add('--grid', nargs='+', action='extend', default=[], metavar='FLAG=V1,V2',
+        help='main.py flags to sweep and their values, e.g. lr=1e-3,5e-3 weight_decay=0,1e-4 (every combination); '
+             r"a comma inside a value is written \, as in unfreeze='pos_embed,cls_token\,pos_embed'")
     add('--seeds', type=int, default=3, help='stage 2: fresh seeds for the winning grid point (default 3)')
     add('--val_split', type=float, default=None,
         help='required, in (0, 1): the fraction of the training set every trial holds out to be scored on')
@@ -181,11 +185,27 @@ def parse_grid(entries, given):
             fail(f"--{flag} is both in --grid and after --; keep one of them", 2)
         if flag in grid:
             fail(f"--grid names {flag} twice; give all its values in one entry, {flag}=V1,V2,...", 2)
-        values = values.split(',')
-        if '' in values or len(set(values)) < len(values):
-            fail(f"--grid {entry!r}: an empty or repeated value; list distinct values separated by commas", 2)
+        values = [value.strip().replace('\\,', ',') for value in re.split(r'(?<!\\),', values)]
+        if '' in values:
+            fail(f"--grid {entry!r}: an empty value; list values separated by commas", 2)
+        typed = [typed_value(flag, value) for value in values]  # as main.py reads them: 1e-3 and 0.001 are one
+        if len(set(typed)) < len(typed):
+            fail(f"--grid {entry!r}: a repeated value (main.py reads two of them alike); list distinct values", 2)
         grid[flag] = values
     return grid
+
+
+def typed_value(flag, value):
+    """`value` as main.py's parser reads it for --flag (the text itself when main.py rejects it: check_trial says so)."""
+    parser = vpt.make_parser()
+
+    def error(message):
+        raise ValueError(message)
+    parser.error = error
+    try:
+        return repr(getattr(parser.parse_known_args([f"--{flag}={value}"])[0], flag))
+    except ValueError:
+        return value
 
 
 def check_command_line(args, passthrough):
@@ -211,6 +231,9 @@ def check_command_line(args, passthrough):
     definition = dict(grid=parse_grid(args.grid, given), seeds=args.seeds, val_split=args.val_split,
                       main_flags=passthrough)
     base_seed = given.get('seed', vpt.make_parser().get_default('seed'))
+    if base_seed + args.seeds > vpt.SEED_MAX:
+        fail(f"--seed {base_seed} after -- leaves no room for stage 2's seeds {base_seed + 1}..{base_seed + args.seeds}"
+             f" (main.py takes at most {vpt.SEED_MAX}); pass a smaller --seed", 2)
     for trial in grid_trials(definition, base_seed, os.path.join(args.log_dir, 'sweep')):
         check_trial(trial['argv'], f"grid point {' '.join(f'{k}={v}' for k, v in trial['values'].items())}")
     return definition, base_seed, 'device' in given or 'device' in definition['grid']
@@ -245,8 +268,12 @@ def open_sweep(sweep_dir, definition, command):
 
 
 def lock_sweep(sweep_dir):
-    """Two sweep.py processes on one sweep would resume (or set aside) each other's runs."""
-    handle = open(os.path.join(sweep_dir, 'sweep.lock'), 'w')
+    """Two sweep.py processes on one sweep would resume (or set aside) each other's runs; --print_commands and
+    --collect take the lock too, as they would print the resume command of a run in training, or report it."""
+    try:
+        handle = open(os.path.join(sweep_dir, 'sweep.lock'), 'w')
+    except OSError as e:
+        fail(f"cannot write into {sweep_dir} ({e.strerror or e}); choose a writable --log_dir")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -327,6 +354,8 @@ def trial_row(sweep_dir, trial):
         status = 'finished'
     elif trial['name'] in CHILDREN:
         status = 'running'
+    elif code == DIVERGED:
+        status = 'diverged'
     elif code is not None and code != 0 and code not in INTERRUPTED:
         status = 'failed'
     elif os.path.isdir(run_dir):
@@ -336,7 +365,8 @@ def trial_row(sweep_dir, trial):
     row = dict(run=trial['name'], stage=trial['stage'], seed=trial['seed'], **trial['values'], status=status)
     for key in RESULT_COLUMNS[1:-2]:
         row[key] = summary.get(key)
-    row.update(exit_code=code if status == 'failed' else None, message=message if status == 'failed' else '')
+    ended = status in ('failed', 'diverged')
+    row.update(exit_code=code if ended else None, message=message if ended else '')
     return row
 
 
@@ -357,7 +387,7 @@ def sweep_state(sweep_dir, meta, base_seed):
 
 
 def stage1_done(rows1):
-    return all(row['status'] in ('finished', 'failed') for row in rows1)
+    return all(row['status'] in ('finished', 'failed', 'diverged') for row in rows1)
 
 
 def stale_finals(sweep_dir, winner, trials2):
@@ -411,6 +441,9 @@ def start_trial(sweep_dir, trial, gpu, add_device):
     if summary.get('finished'):
         say(sweep_dir, f"skip   {trial['name']}: finished ({summary.get('epochs_done')} epochs)")
         return None
+    if last_exit(log_path(sweep_dir, trial['name']))[0] == DIVERGED:
+        say(sweep_dir, f"skip   {trial['name']}: diverged (a non-finite loss); remove it and its log to run it again")
+        return None
     if os.path.exists(run_dir) and not os.path.isfile(os.path.join(run_dir, 'state.pt')):
         n = 1
         while os.path.exists(f"{run_dir}.failed-{n}"):
@@ -440,7 +473,7 @@ def end_trial(sweep_dir, trial, child, started):
     row = trial_row(sweep_dir, trial)
     if row['status'] == 'finished':
         detail = f"best val acc {row['best_val_acc']:.2f}% at epoch {row['best_val_epoch']}"
-    elif row['status'] == 'failed':
+    elif row['status'] in ('failed', 'diverged'):
         detail = f"exit {row['exit_code']}: {row['message']}"
     else:
         detail = f"after epoch {row['epochs_done'] or 0}, resumable"
@@ -535,8 +568,11 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
         if done:
             spread = (f"mean ± sample std over n = {len(done)} seeds, min {min(at_best):.2f}, max {max(at_best):.2f}"
                       if len(done) > 1 else "n = 1 seed, so no std")
-            if len(done) < len(rows2):
-                spread += f"; {len(rows2) - len(done)} of {len(rows2)} seeds not finished"
+            diverged = sum(row['status'] == 'diverged' for row in rows2)
+            if diverged:
+                spread += f"; {diverged} of {len(rows2)} seeds diverged (non-finite loss) and are not counted"
+            if len(done) + diverged < len(rows2):
+                spread += f"; {len(rows2) - len(done) - diverged} of {len(rows2)} seeds not finished"
             lines += [f"**Test accuracy {mean_std(at_best)} %** ({spread}): each seed's test accuracy at its own "
                       f"best val epoch.", '', f"Final-epoch test accuracy: {mean_std(final)} %.", '']
         else:
@@ -550,10 +586,10 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
         if stale:
             lines += ['', f"**Warning**: {', '.join(stale)} trained another grid point than the winner; move them "
                           f"aside and re-launch the sweep."]
-    failed = [row for row in rows1 + rows2 if row['status'] == 'failed']
+    failed = [row for row in rows1 + rows2 if row['status'] in ('failed', 'diverged')]
     if failed:
-        lines += ['', '## Failed runs', '']
-        lines += [f"- {row['run']}: exit {row['exit_code']}: {row['message']} "
+        lines += ['', '## Failed and diverged runs', '']
+        lines += [f"- {row['run']} ({row['status']}): exit {row['exit_code']}: {row['message']} "
                   f"(log {os.path.join('logs', row['run'] + '.log')})" for row in failed]
     return '\n'.join(lines) + '\n'
 
@@ -590,13 +626,15 @@ def print_commands(sweep_dir, meta, base_seed):
 
 def collect(sweep_dir):
     meta = read_json(os.path.join(sweep_dir, 'sweep.json'))
-    if meta is None:
+    if not isinstance(meta, dict) or not {'grid', 'seeds', 'val_split', 'main_flags', 'command'} <= set(meta):
         fail(f"{sweep_dir} has no readable sweep.json; --collect reads a directory that sweep.py made")
+    lock = lock_sweep(sweep_dir)
     base_seed = given_main_flags(meta['main_flags']).get('seed', vpt.make_parser().get_default('seed'))
     try:
         print(write_reports(sweep_dir, meta, base_seed), end='')
     except OSError as e:
         fail(f"cannot write the reports into {sweep_dir} ({e.strerror or e})")
+    lock.close()
 
 
 def main(argv=None):
@@ -614,10 +652,9 @@ def main(argv=None):
     relaunch = shlex.join(['python', script_path(os.path.abspath(__file__)), *argv])
     recorded = [arg for i, arg in enumerate(argv) if i >= split or arg != '--print_commands']
     meta = open_sweep(sweep_dir, definition, shlex.join(['python', script_path(os.path.abspath(__file__)), *recorded]))
+    lock = lock_sweep(sweep_dir)
     if args.print_commands:
         return print_commands(sweep_dir, meta, base_seed)
-
-    lock = lock_sweep(sweep_dir)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
     gpus = args.gpus.split(',') if args.gpus else None
@@ -643,7 +680,8 @@ def main(argv=None):
              f"run that failed before has finished since); move them aside and re-launch")
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
     unfinished = [f"{row['run']} ({row['status']}" + (f", exit {row['exit_code']})" if row['exit_code'] is not None
-                                                      else ')') for row in rows1 + rows2 if row['status'] != 'finished']
+                                                      else ')') for row in rows1 + rows2
+                  if row['status'] not in ('finished', 'diverged')]
     if winner is None:
         fail(f"no grid point finished, so there is nothing to select: {', '.join(unfinished)}; see "
              f"{os.path.join(sweep_dir, 'logs')} and re-launch the same command to retry")
