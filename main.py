@@ -156,6 +156,7 @@ def parse_args(argv=None):
     # paths are stored absolute, so that a run resumes, evaluates and predicts from any working directory
     if args.dataset not in CIFAR and os.path.isdir(args.dataset):
         args.dataset = os.path.abspath(args.dataset)
+    args.data_dir = os.path.abspath(args.data_dir)
     if args.weights and os.path.isfile(args.weights):
         args.weights = os.path.abspath(args.weights)
     if not args.deep:
@@ -278,15 +279,17 @@ def train_run(args, argv, mode, rank, world_size, device, held):
     """A new run, or a resumed one: check, load, build, write config.json, fit."""
     import train
     state = None
-    if args.resume:
+    if args.resume:  # everything that can refuse the resume comes before config.json is rewritten
         if rank == 0:
-            held.enter_context(lock_run(args.resume))
+            held.callback(os.close, lock_run(args.resume))
         state = train.load_state(args.resume)
         if state['epoch'] > args.epoch:
             raise SystemExit(f"error: {args.resume} has already finished {state['epoch']} epochs; --epoch {args.epoch} "
                              f"cannot undo them: pass --epoch {state['epoch'] + 1} or more to train further")
     splits, classes = load_splits(args, rank, world_size)
     model, unfrozen = build_model(args, len(classes), device)
+    if args.resume:
+        train.load_resumed_trainable(args.resume, model, state)
     run_dir = args.resume
     if rank == 0:
         from model import count_params
@@ -297,28 +300,36 @@ def train_run(args, argv, mode, rank, world_size, device, held):
               + (f" x{world_size}" if world_size > 1 else ''), flush=True)
         if run_dir is None:
             run_dir = make_run_dir(args, mode)
-            held.enter_context(lock_run(run_dir))
+            held.callback(os.close, lock_run(run_dir))
             args.name = os.path.basename(run_dir)
-        config = dict({key: value for key, value in vars(args).items() if key not in ACTIONS}, mode=mode,
-                      trainable_params=trainable, total_params=total, unfrozen_params=unfrozen,
-                      num_classes=len(classes), classes=classes, world_size=world_size,
-                      prompt_impl=model.prompt_impl, **{f'{name}_images': len(split[1]) if split else 0
-                                                        for name, split in splits.items()},
-                      **provenance(args, argv, device))
-        if args.resume:  # the run's first command and code stay on record; each resume is added
-            previous = read_json(os.path.join(run_dir, 'config.json'))
-            config.update(command=previous.get('command'), git_commit=previous.get('git_commit'),
-                          resumed=previous.get('resumed', []) + [dict(command=config['command'],
-                                                                      git_commit=config['git_commit'])])
-        train.write_config(run_dir, config)
-        print(f"run directory: {run_dir}", flush=True)
-    run_dir = broadcast_run_dir(run_dir, world_size)
     try:
+        if rank == 0:
+            write_run_config(args, argv, mode, run_dir, model, unfrozen, splits, classes, world_size, device)
+        run_dir = broadcast_run_dir(run_dir, world_size)
         train.fit(model, splits, classes, args, run_dir, device, state)
     except BaseException:
         if rank == 0 and not args.resume and not os.path.exists(os.path.join(run_dir, 'state.pt')):
             shutil.rmtree(run_dir, ignore_errors=True)  # it holds only this run's config.json: nothing to resume
         raise
+
+
+def write_run_config(args, argv, mode, run_dir, model, unfrozen, splits, classes, world_size, device):
+    """config.json: the resolved flags, the model's counts, the data, and what makes the numbers traceable."""
+    import train
+    from model import count_params
+    config = dict({key: value for key, value in vars(args).items() if key not in ACTIONS}, mode=mode,
+                  trainable_params=count_params(model, trainable_only=True), total_params=count_params(model),
+                  unfrozen_params=unfrozen, num_classes=len(classes), classes=classes, world_size=world_size,
+                  prompt_impl=model.prompt_impl,
+                  **{f'{name}_images': len(split[1]) if split else 0 for name, split in splits.items()},
+                  **provenance(args, argv, device))
+    if args.resume:  # the run's first command and code stay on record; each resume is added
+        previous = read_json(os.path.join(run_dir, 'config.json'))
+        config.update(command=previous.get('command'), git_commit=previous.get('git_commit'),
+                      resumed=previous.get('resumed', []) + [dict(command=config['command'],
+                                                                  git_commit=config['git_commit'])])
+    train.write_config(run_dir, config)
+    print(f"run directory: {run_dir}", flush=True)
 
 
 def build_model(args, num_classes, device):
@@ -377,7 +388,8 @@ def evaluate_checkpoint(args, model, splits, classes, device):
     if train.rank_and_world_size()[0] != 0:
         return
     # the last checkpoint of an unfinished run is not the run's result: its matrix is named by its epoch
-    suffix = '_best' if args.checkpoint == 'best' else '' if epoch >= args.epoch else f'_epoch{epoch}'
+    planned = read_json(os.path.join(args.resume, 'config.json')).get('epoch', epoch)  # not an --epoch given here
+    suffix = '_best' if args.checkpoint == 'best' else '' if epoch >= planned else f'_epoch{epoch}'
     loss, acc, confusion = results['test']
     per_class = train.per_class_accuracy(confusion, classes)
     train.write_confusion(os.path.join(args.resume, f'confusion{suffix}.csv'), confusion, classes)
@@ -562,16 +574,18 @@ def make_run_dir(args, mode):
 
 
 def lock_run(run_dir):
-    """One process trains a run at a time: two (a second --resume, a sweep's --print_commands run by hand) would
-    interleave their checkpoints and metrics. The lock goes with the process, however it ends."""
+    """-> a file descriptor holding the run directory's lock (close it to release): one process trains a run at a
+    time, as two (a second --resume, a sweep's --print_commands run by hand) would interleave their checkpoints and
+    metrics. The lock is on the directory itself, so nothing is written, and it goes with the process however it ends."""
     import fcntl
-    handle = open(os.path.join(run_dir, 'run.lock'), 'w')
+    descriptor = os.open(run_dir, os.O_RDONLY)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+        os.close(descriptor)
         raise SystemExit(f"error: {run_dir} is being trained by another process; let it finish, or stop it (it keeps "
                          f"its last epoch) and --resume {run_dir}")
-    return handle
+    return descriptor
 
 
 def load_data_once(args, rank, world_size):

@@ -368,6 +368,14 @@ def load_trainable(path, model):
     return epoch
 
 
+def load_resumed_trainable(run_dir, model, state):
+    """A resumed run's trainable.safetensors into `model`, checked to be from the epoch of its state.pt."""
+    saved_epoch = load_trainable(os.path.join(run_dir, 'trainable.safetensors'), model)
+    if saved_epoch != state['epoch']:
+        raise SystemExit(f"error: {run_dir}: trainable.safetensors is from epoch {saved_epoch} but state.pt from "
+                         f"epoch {state['epoch']} (killed while saving?); start a new run")
+
+
 def load_state(run_dir):
     path = os.path.join(run_dir, 'state.pt')
     try:  # to the CPU: RNG states must be CPU tensors, and optimizer.load_state_dict moves its state to each parameter
@@ -387,9 +395,9 @@ def load_state(run_dir):
 
 
 def fit(model, splits, classes, args, run_dir, device, state=None):
-    """Train for args.epoch epochs (from the last finished epoch of `state`, a resumed run's load_state), evaluating
-    val (if any) and test after each, checkpointing and logging on rank 0. `splits`: {'train', 'val' (or None),
-    'test'} -> (uint8 images, labels) on the CPU. Returns the metrics history."""
+    """Train for args.epoch epochs, evaluating val (if any) and test after each, checkpointing and logging on rank 0.
+    A resumed run passes `state` (load_state) and has its trainable tensors in `model` (load_resumed_trainable).
+    `splits`: {'train', 'val' (or None), 'test'} -> (uint8 images, labels) on the CPU. Returns the metrics history."""
     rank, world_size = rank_and_world_size()
     splits = {name: None if split is None else tuple(t.to(device) for t in split) for name, split in splits.items()}
     train_images, train_labels = splits['train']
@@ -402,10 +410,6 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
     generator = torch.Generator().manual_seed(args.seed)  # data order and augmentation: CPU, device-independent
     history, done = [], 0
     if state is not None:
-        saved_epoch = load_trainable(os.path.join(run_dir, 'trainable.safetensors'), model)
-        if saved_epoch != state['epoch']:
-            raise SystemExit(f"error: {run_dir}: trainable.safetensors is from epoch {saved_epoch} but state.pt from "
-                             f"epoch {state['epoch']} (killed while saving?); start a new run")
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # a changed --epoch re-lays the schedule
@@ -438,7 +442,10 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                     train = train_epoch(net, optimizer, scheduler, batches, steps_per_epoch, args.amp, stop,
                                         desc=f'epoch {epoch}/{args.epoch}')
             except FloatingPointError as e:
-                if rank == 0:
+                if rank == 0:  # on record for plot.py: this run is not one to --resume, as it would diverge again
+                    write_json(os.path.join(run_dir, 'summary.json'),
+                               dict(summarize(history, args.epoch, args.val_split, len(splits['test'][1])),
+                                    diverged=dict(epoch=epoch, step=e.args[0])))
                     print(f"error: non-finite training loss at epoch {epoch}, step {e.args[0]}; lower --lr (it is "
                           f"{args.lr:g}); the checkpoint of epoch {epoch - 1} is intact", file=sys.stderr, flush=True)
                 raise SystemExit(EXIT_DIVERGED)

@@ -142,6 +142,8 @@ def test_eval_only_of_an_unfinished_run_names_its_epoch(tiny_dataset, tmp_path, 
     assert os.path.isfile(tmp_path / 'r' / 'confusion_epoch1.csv')  # not confusion.csv: not the run's result
     assert not os.path.exists(tmp_path / 'r' / 'confusion.csv')
     assert (tmp_path / 'r' / 'summary.json').read_bytes() == summary
+    code, out, err = run_main(['--eval_only', '--resume', tmp_path / 'r', '--epoch', 1], capsys)  # the run decides
+    assert code == 0 and not os.path.exists(tmp_path / 'r' / 'confusion.csv'), err
 
 
 def test_class_without_images(tiny_dataset, tmp_path, capsys):

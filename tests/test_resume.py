@@ -86,6 +86,8 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoint(tiny_dataset, 
     step = int(line.split('step ')[1].split(';')[0])
     assert 1 <= step <= 6
     assert torch.load(tmp_path / 'nan' / 'state.pt', weights_only=False)['epoch'] == 0  # the last good checkpoint
+    summary = json.loads((tmp_path / 'nan' / 'summary.json').read_text())
+    assert summary['diverged'] == dict(epoch=1, step=step) and summary['finished'] is False  # for plot.py
     assert read_metrics(tmp_path / 'nan') == []
 
 
@@ -123,6 +125,16 @@ def test_refused_resume_writes_nothing_and_the_run_still_resumes(tiny_dataset, t
     assert files(tmp_path / 'r') == before  # config.json untouched: no 'epoch': 1, no 'resumed' entry
     code, out, err = run_main(['--resume', tmp_path / 'r'], capsys)
     assert code == 0 and 'has finished all 2 epochs' in out, err
+    # a checkpoint from another epoch than state.pt (killed while saving) is refused before anything is written too
+    before = files(tmp_path / 'r')
+    with safe_open(tmp_path / 'r' / 'trainable.safetensors', 'pt') as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    from safetensors.torch import save_file
+    save_file(tensors, tmp_path / 'r' / 'trainable.safetensors', metadata={'epoch': '1'})
+    before['trainable.safetensors'] = (tmp_path / 'r' / 'trainable.safetensors').read_bytes()
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 3], capsys)
+    assert code == 1 and 'trainable.safetensors is from epoch 1 but state.pt from epoch 2' in err
+    assert files(tmp_path / 'r') == before
 
 
 def test_damaged_run_files_are_one_line(tiny_dataset, tmp_path, capsys):
@@ -160,7 +172,9 @@ def test_run_with_relative_paths_resumes_from_anywhere(tiny_dataset, tmp_path, c
     code, _, err = run_main(tiny_run('data', 'logs', 'r'), capsys)
     assert code == 0, err
     run_dir = tmp_path / 'project' / 'logs' / 'r'
-    assert json.loads((run_dir / 'config.json').read_text())['dataset'] == str(tmp_path / 'project' / 'data')
+    config = json.loads((run_dir / 'config.json').read_text())
+    assert config['dataset'] == str(tmp_path / 'project' / 'data')
+    assert config['data_dir'] == str(tmp_path / 'project' / 'data')  # the default ./data, where CIFAR would be
     monkeypatch.chdir(tmp_path)
     code, out, err = run_main(['--resume', run_dir, '--eval_only'], capsys)
     assert code == 0 and 'test accuracy' in out, err
@@ -168,13 +182,12 @@ def test_run_with_relative_paths_resumes_from_anywhere(tiny_dataset, tmp_path, c
     assert code == 0 and len(read_metrics(run_dir)) == 2, err
 
 
+@pytest.mark.parametrize('module, step', [('main', 'provenance'), ('train', 'make_optimizer')])
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tiny_dataset, tmp_path, capsys,
-                                                                          monkeypatch):
-    import train
-
+                                                                          monkeypatch, module, step):
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # Ctrl-C while the run is being set up
-    monkeypatch.setattr(train, 'make_optimizer', interrupted)
+        raise KeyboardInterrupt  # Ctrl-C while the run is being set up: writing config.json, or in fit
+    monkeypatch.setattr(__import__(module), step, interrupted)
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)
     assert code == 130 and err.strip() == 'SIGINT: stopped'
     assert os.listdir(tmp_path / 'logs') == []  # no config.json-only directory that --resume would refuse
@@ -208,5 +221,6 @@ def test_a_run_in_training_cannot_be_resumed_twice(dataset, tmp_path, capsys):
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=240)
     assert process.returncode in (0, 130)
-    code, _, err = run_main(['--resume', run_dir, '--epoch', 1], capsys)  # the lock went with the process
-    assert code == 0 or 'already finished' in err, err
+    assert not [name for name in os.listdir(run_dir) if 'lock' in name]  # the lock was on the directory itself
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)  # the lock went with the process
+    assert code == 0 and len(read_metrics(run_dir)) == 3, err
