@@ -324,6 +324,8 @@ def parse_args(argv=None):
     if args.json:  # checked before minutes of measuring, not after
         if os.path.exists(args.json):
             parser.error(f"--json {args.json} already exists and bench.py never replaces a file; pass a new name")
+        if not os.path.basename(args.json):
+            parser.error(f"--json {args.json} names a folder; pass a file name such as {args.json}bench.json")
         existing = os.path.dirname(os.path.abspath(args.json))
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)

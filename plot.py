@@ -213,8 +213,13 @@ def load_run(run_dir):
     best_val = max(validated, key=lambda row: row['val_acc']) if validated else None
     peaks = [row['peak_mem_gib'] for row in history if row['peak_mem_gib'] is not None]
     time_s = sum(row['epoch_time_s'] for row in history)
-    planned = planned_epochs(run_dir)
-    if planned is not None and len(history) < planned:
+    summary = read_summary(run_dir)
+    planned = summary.get('epochs')
+    planned = planned if isinstance(planned, int) and not isinstance(planned, bool) else None
+    if isinstance(summary.get('diverged'), dict):
+        warn(f"run {run_dir} diverged (a non-finite loss) in epoch {summary['diverged'].get('epoch')}: its numbers are "
+             f"those of the epochs before; a run with a lower --lr is the fix, not --resume")
+    elif planned is not None and len(history) < planned:
         warn(f"run {run_dir} has {len(history)} of {planned} epochs (stopped, or still training): its numbers are "
              f"not final; --resume it to finish")
     # the directory name, not config['name']: it is what the user passed and what tells runs apart on disk
@@ -229,14 +234,15 @@ def load_run(run_dir):
                 checkpoint_bytes=file_size(os.path.join(run_dir, 'trainable.safetensors')))
 
 
-def planned_epochs(run_dir):
-    """The epochs the run was started (or last resumed) for, from summary.json; None for runs without one."""
+def read_summary(run_dir):
+    """summary.json -> dict ({} for runs without a readable one): the epochs the run was started (or last resumed)
+    for, and whether it diverged."""
     try:
         with open(os.path.join(run_dir, 'summary.json')) as f:
-            planned = json.load(f).get('epochs')
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None
-    return planned if isinstance(planned, int) and not isinstance(planned, bool) else None
+            summary = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def label_runs(runs):

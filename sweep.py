@@ -386,6 +386,12 @@ def sweep_state(sweep_dir, meta, base_seed):
     return trials1, rows1, winner, trials2, rows2
 
 
+def count_statuses(rows):
+    """'2 diverged, 1 failed'."""
+    statuses = [row['status'] for row in rows]
+    return ', '.join(f"{statuses.count(status)} {status}" for status in dict.fromkeys(statuses))
+
+
 def stage1_done(rows1):
     return all(row['status'] in ('finished', 'failed', 'diverged') for row in rows1)
 
@@ -396,7 +402,7 @@ def stale_finals(sweep_dir, winner, trials2):
     stale = []
     for trial in trials2:
         config = read_json(os.path.join(sweep_dir, trial['name'], 'config.json'))
-        if config and any(config.get(flag) != expected[flag] for flag in winner['values']):
+        if config and any(not vpt.same_setting(flag, config.get(flag), expected[flag]) for flag in winner['values']):
             stale.append(trial['name'])
     return stale
 
@@ -551,7 +557,8 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
     lines += ['', "Test accuracies of the grid runs are in sweep.csv; they play no part in the choice.", '']
     if not rows2:
         finished = sum(row['status'] == 'finished' for row in rows1)
-        lines += ['## Result', '', f"Stage 2 waits for stage 1: {finished} of {len(rows1)} grid runs finished."]
+        lines += ['## Result', '', f"No grid point finished ({count_statuses(rows1)}): nothing to select." if
+                  stage1_done(rows1) else f"Stage 2 waits for stage 1: {finished} of {len(rows1)} grid runs finished."]
     else:
         lines += [f"## Stage 2: {winner['run']}, {seeds}", '',
                   '| run | seed | status | epochs | best val acc | at epoch | test acc at best val | final test acc |',
@@ -575,6 +582,9 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
                 spread += f"; {len(rows2) - len(done) - diverged} of {len(rows2)} seeds not finished"
             lines += [f"**Test accuracy {mean_std(at_best)} %** ({spread}): each seed's test accuracy at its own "
                       f"best val epoch.", '', f"Final-epoch test accuracy: {mean_std(final)} %.", '']
+        elif all(row['status'] == 'diverged' for row in rows2):
+            lines += ["Every stage-2 seed diverged (non-finite loss): no result. The winning settings are unstable.",
+                      '']
         else:
             lines += ["No stage-2 seed has finished yet.", '']
         lines += [f"Winning flags: {' '.join(f'--{flag} {value}' for flag, value in winner['values'].items())} "
@@ -609,6 +619,9 @@ def print_commands(sweep_dir, meta, base_seed):
     for trial in trials2 if stage2 else trials1:
         run_dir = os.path.join(sweep_dir, trial['name'])
         if (read_json(os.path.join(run_dir, 'summary.json')) or {}).get('finished'):
+            continue
+        if last_exit(log_path(sweep_dir, trial['name']))[0] == DIVERGED:
+            print(f"sweep.py: note: {trial['name']} diverged (a non-finite loss): not printed again", file=sys.stderr)
             continue
         if os.path.exists(run_dir) and not os.path.isfile(os.path.join(run_dir, 'state.pt')):
             print(f"sweep.py: note: {run_dir} has no checkpoint yet (still starting, or it died before its first); "
@@ -683,8 +696,14 @@ def main(argv=None):
                                                       else ')') for row in rows1 + rows2
                   if row['status'] not in ('finished', 'diverged')]
     if winner is None:
+        if all(row['status'] == 'diverged' for row in rows1):
+            fail(f"every grid point diverged (a non-finite loss), so there is nothing to select; sweep smaller "
+                 f"learning rates (see {os.path.join(sweep_dir, 'sweep.md')})")
         fail(f"no grid point finished, so there is nothing to select: {', '.join(unfinished)}; see "
              f"{os.path.join(sweep_dir, 'logs')} and re-launch the same command to retry")
+    if rows2 and all(row['status'] == 'diverged' for row in rows2):
+        fail(f"every stage-2 seed of {winner['run']} diverged (a non-finite loss): no result; its settings are "
+             f"unstable (see {os.path.join(sweep_dir, 'sweep.md')})")
     if unfinished:
         fail(f"{len(unfinished)} runs did not finish: {', '.join(unfinished)}; see {os.path.join(sweep_dir, 'logs')}, "
              f"and re-launch the same command to resume or retry them")

@@ -54,6 +54,7 @@ def test_bench_refuses_before_measuring(tmp_path):
             (['--json', existing], f"--json {existing} already exists"),  # never replaced
             (['--json', tmp_path], f"--json {tmp_path} already exists"),  # a directory
             (['--json', tmp_path / 'a_file' / 'x.json'], 'is not a writable directory'),
+            (['--json', f"{tmp_path / 'new'}/"], 'names a folder'),
             (['--device', 'tpu'], "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
             (['--modes', 'Q'], '--modes: unknown mode(s) Q')):
         result = subprocess.run([sys.executable, 'bench.py', *TINY, *map(str, flags)], cwd=ROOT, capture_output=True,

@@ -214,6 +214,19 @@ def test_collect_and_print_commands_on_a_finished_sweep(finished_sweep):
     assert 'skip   grid_lr=1e30: diverged' in result.stdout and 'start' not in result.stdout
 
 
+def test_a_grid_that_only_diverges_says_so(tiny_dataset, tmp_path):
+    argv = ['--grid', 'lr=1e30,1e31', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's', '--',
+            *tiny(tiny_dataset), '--warmup_epochs', 0]
+    result = run_sweep(argv)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        'sweep.py: error: every grid point diverged (a non-finite loss), so there is nothing to select')
+    assert 'No grid point finished (2 diverged): nothing to select.' in (tmp_path / 's' / 'sweep.md').read_text()
+    result = run_sweep([*argv[:argv.index('--')], '--print_commands', *argv[argv.index('--'):]])
+    assert result.returncode == 0 and result.stdout == ''  # a scheduler would only diverge again
+    assert result.stderr.count('diverged (a non-finite loss): not printed again') == 2
+
+
 def test_collect_waits_for_a_running_sweep(finished_sweep):
     import fcntl
     sweep_dir, _ = finished_sweep
