@@ -303,33 +303,26 @@ def train_run(args, argv, mode, rank, world_size, device, held):
             held.callback(os.close, lock_run(run_dir))
             args.name = os.path.basename(run_dir)
     try:
-        if rank == 0:
-            write_run_config(args, argv, mode, run_dir, model, unfrozen, splits, classes, world_size, device)
+        if rank == 0:  # config.json: the resolved flags, counts, data, and what makes the numbers traceable
+            config = dict({key: value for key, value in vars(args).items() if key not in ACTIONS}, mode=mode,
+                          trainable_params=trainable, total_params=total, unfrozen_params=unfrozen,
+                          num_classes=len(classes), classes=classes, world_size=world_size,
+                          prompt_impl=model.prompt_impl, **{f'{name}_images': len(split[1]) if split else 0
+                                                            for name, split in splits.items()},
+                          **provenance(args, argv, device))
+            if args.resume:  # the run's first command and code stay on record; each resume is added
+                previous = read_json(os.path.join(run_dir, 'config.json'))
+                config.update(command=previous.get('command'), git_commit=previous.get('git_commit'),
+                              resumed=previous.get('resumed', []) + [dict(command=config['command'],
+                                                                          git_commit=config['git_commit'])])
+            train.write_config(run_dir, config)
+            print(f"run directory: {run_dir}", flush=True)
         run_dir = broadcast_run_dir(run_dir, world_size)
         train.fit(model, splits, classes, args, run_dir, device, state)
     except BaseException:
         if rank == 0 and not args.resume and not os.path.exists(os.path.join(run_dir, 'state.pt')):
             shutil.rmtree(run_dir, ignore_errors=True)  # it holds only this run's config.json: nothing to resume
         raise
-
-
-def write_run_config(args, argv, mode, run_dir, model, unfrozen, splits, classes, world_size, device):
-    """config.json: the resolved flags, the model's counts, the data, and what makes the numbers traceable."""
-    import train
-    from model import count_params
-    config = dict({key: value for key, value in vars(args).items() if key not in ACTIONS}, mode=mode,
-                  trainable_params=count_params(model, trainable_only=True), total_params=count_params(model),
-                  unfrozen_params=unfrozen, num_classes=len(classes), classes=classes, world_size=world_size,
-                  prompt_impl=model.prompt_impl,
-                  **{f'{name}_images': len(split[1]) if split else 0 for name, split in splits.items()},
-                  **provenance(args, argv, device))
-    if args.resume:  # the run's first command and code stay on record; each resume is added
-        previous = read_json(os.path.join(run_dir, 'config.json'))
-        config.update(command=previous.get('command'), git_commit=previous.get('git_commit'),
-                      resumed=previous.get('resumed', []) + [dict(command=config['command'],
-                                                                  git_commit=config['git_commit'])])
-    train.write_config(run_dir, config)
-    print(f"run directory: {run_dir}", flush=True)
 
 
 def build_model(args, num_classes, device):
