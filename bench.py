@@ -33,7 +33,6 @@ Epoch estimate = 50,000 / train images/s + 10,000 / eval images/s (a CIFAR-10 ep
 """
 import argparse
 import gc
-import json
 import os
 import signal
 import sys
@@ -46,7 +45,7 @@ from PIL import Image
 
 import data
 import train
-from main import device_flag, int_at_least, str2bool
+from main import device_flag, int_at_least, nearest_existing, str2bool
 from model import PromptedViT, count_params, create_vit, set_trainable
 
 NUM_CLASSES = 10
@@ -326,9 +325,7 @@ def parse_args(argv=None):
             parser.error(f"--json {args.json} already exists and bench.py never replaces a file; pass a new name")
         if not os.path.basename(args.json):
             parser.error(f"--json {args.json} names a folder; pass a file name such as {args.json}bench.json")
-        existing = os.path.dirname(os.path.abspath(args.json))
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
+        existing = nearest_existing(os.path.dirname(os.path.abspath(args.json)))
         if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
             parser.error(f"cannot write --json {args.json} ({existing} is not a writable directory); choose another")
     return args

@@ -29,6 +29,7 @@ ACTIONS = {'resume', 'eval_only', 'predict', 'checkpoint', 'out'}
 RESUME_MAY_CHANGE = ACTIONS | {'epoch', 'device', 'data_dir', 'compile', 'amp', 'tensorboard'}
 CIFAR = ('cifar10', 'cifar100')  # --dataset names that are not folders (data.CIFAR_FOLDERS), even where one exists
 SEED_MAX = 2**32 - 1
+EXIT_DIVERGED = 3  # exit status of a run stopped by a non-finite loss: a result of its settings, not a crash (sweep.py)
 # AdamW defaults per mode (batch 128): prompt tuning behind a frozen backbone takes a far larger lr than full tuning
 DEFAULT_LR = {'P': 5e-3, 'linear': 5e-3, 'F': 1e-4, 'P+F': 1e-4}
 DEFAULT_WEIGHT_DECAY = {'P': 1e-4, 'linear': 1e-4, 'F': 0.05, 'P+F': 0.05}
@@ -87,7 +88,8 @@ def make_parser():
     add('--prompt_dropout', type=fraction, default=0.0, help='dropout on the prompt tokens (default 0)')
     add('--prompt_impl', choices=['kv', 'naive'], default='kv',
         help='kv: prompts only as keys/values (exact, faster); naive: concatenate and run the timm blocks')
-    add('--seed', type=int_at_least(0, SEED_MAX), default=0, help='seeds model init, data order, augmentation and prompt dropout')
+    add('--seed', type=int_at_least(0, SEED_MAX), default=0,
+        help='seeds model init, data order, augmentation and prompt dropout')
     add('--data_seed', type=int_at_least(0, SEED_MAX), default=0,
         help='seeds which images --train_samples/--test_samples keep and which --val_split holds out (default 0): '
              'fixed while --seed varies, so runs with different seeds see the same train, val and test images')
@@ -254,6 +256,8 @@ def main(argv=None):
     rank, world_size, device = train.setup_distributed(args.device)
     try:
         run(args, argv, mode, rank, world_size, device)
+    except FloatingPointError as e:  # train.fit: a non-finite loss, said with its epoch and step
+        say_once(str(e), EXIT_DIVERGED)
     except KeyboardInterrupt:  # outside the training loop (loading data, building the model): no state at risk
         print("\nSIGINT: stopped", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
@@ -542,12 +546,18 @@ def check_log_dir(args):
     if args.name and os.path.exists(os.path.join(args.log_dir, args.name)):
         raise SystemExit(f"error: run {os.path.join(args.log_dir, args.name)} already exists; pick another --name, "
                          f"or continue it with --resume {os.path.join(args.log_dir, args.name)}")
-    existing = os.path.abspath(args.log_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(args.log_dir)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise SystemExit(f"error: cannot write to --log_dir {args.log_dir} ({existing} is not a writable directory); "
                          f"choose a writable --log_dir")
+
+
+def nearest_existing(path):
+    """`path`, or the closest folder above it that exists: where creating it would start."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def make_run_dir(args, mode):

@@ -7,7 +7,8 @@
 
 Stage 1 trains every grid point (any main.py flag; values separated by commas, \\, for a comma inside one; --grid
 may be repeated) with the base seed (the --seed given after --, default 0) on the training set minus a
-class-stratified --val_split, and scores it by its best val accuracy (the first of equal scores, in grid order, wins); main.py's --data_seed, not --seed, picks the val images, so
+class-stratified --val_split, and scores it by its best val accuracy (the first of equal scores, in grid order,
+wins); main.py's --data_seed, not --seed, picks the val images, so
 every trial and seed holds out the same ones. Stage 2 trains the winner again with the fresh seeds
 base+1 .. base+N (--seeds N). Each seed keeps the val split and uses it only to choose its checkpoint epoch: the
 number a seed reports is its test accuracy at its best val epoch (test_acc_at_best_val). The result is the mean and
@@ -66,7 +67,7 @@ CONTROLLED = {
 
 # main.py's exits after a signal, or a child killed by one before it set its handlers (during its imports)
 INTERRUPTED = {130, 143, -signal.SIGINT, -signal.SIGTERM}
-DIVERGED = 3  # main.py's exit after a non-finite loss (train.EXIT_DIVERGED): a result of the settings, not retried
+DIVERGED = vpt.EXIT_DIVERGED  # main.py's exit after a non-finite loss: a result of the settings, not retried
 RESULT_COLUMNS = ['status', 'epochs_done', 'epochs', 'best_val_acc', 'best_val_epoch', 'test_acc_at_best_val',
                   'final_test_acc', 'exit_code', 'message']
 ANSI = re.compile(r'\x1b\[[0-9;?]*[A-Za-z]')  # tqdm's cursor moves in a log file

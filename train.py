@@ -24,7 +24,6 @@ import data
 
 METRICS_HEADER = ['epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'lr', 'epoch_time_s',
                   'train_images_per_s', 'val_loss', 'val_acc', 'peak_mem_gib']
-EXIT_DIVERGED = 3  # exit status of a run stopped by a non-finite loss: a result of its settings, not a crash (sweep.py)
 SYNC_EVERY = 20  # steps between host<->device syncs (progress bar, non-finite check, stop agreement across ranks)
 
 
@@ -408,6 +407,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     generator = torch.Generator().manual_seed(args.seed)  # data order and augmentation: CPU, device-independent
+    summary_of = lambda history: summarize(history, args.epoch, args.val_split, len(splits['test'][1]))
     history, done = [], 0
     if state is not None:
         optimizer.load_state_dict(state['optimizer'])
@@ -422,7 +422,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
         if rank > 0:  # every rank built the same model; from here each draws its own prompt-dropout masks
             torch.manual_seed(args.seed + rank)
         save_checkpoint(run_dir, model, optimizer, scheduler, generator, 0, history,
-                        summarize(history, args.epoch, args.val_split, len(splits['test'][1])))
+                        summary_of(history))
     writer = open_tensorboard(run_dir) if args.tensorboard and rank == 0 else None
     if args.compile:
         model.compile()  # in place: parameter names, checkpoints and DDP see the same module
@@ -444,11 +444,9 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             except FloatingPointError as e:
                 if rank == 0:  # on record for plot.py: this run is not one to --resume, as it would diverge again
                     write_json(os.path.join(run_dir, 'summary.json'),
-                               dict(summarize(history, args.epoch, args.val_split, len(splits['test'][1])),
-                                    diverged=dict(epoch=epoch, step=e.args[0])))
-                    print(f"error: non-finite training loss at epoch {epoch}, step {e.args[0]}; lower --lr (it is "
-                          f"{args.lr:g}); the checkpoint of epoch {epoch - 1} is intact", file=sys.stderr, flush=True)
-                raise SystemExit(EXIT_DIVERGED)
+                               dict(summary_of(history), diverged=dict(epoch=epoch, step=e.args[0])))
+                raise FloatingPointError(f"error: non-finite training loss at epoch {epoch}, step {e.args[0]}; lower "
+                                         f"--lr (it is {args.lr:g}); the checkpoint of epoch {epoch - 1} is intact")
             if train is None:
                 stopped(stop.signum or signal.SIGTERM, run_dir, epoch - 1, rank, world_size)
             train_time = time.perf_counter() - start
@@ -462,7 +460,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                        val_loss=val_loss, val_acc=val_acc,
                        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None)
             history.append(row)
-            summary = summarize(history, args.epoch, args.val_split, len(splits['test'][1]))
+            summary = summary_of(history)
             if epoch == args.epoch:  # the finished run's per-class view
                 summary['per_class_acc'] = per_class_accuracy(confusion, classes)
             if rank == 0:
@@ -488,7 +486,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                           f"{run_dir} is finished", file=sys.stderr, flush=True)
     if writer:
         writer.close()
-    summary = summarize(history, args.epoch, args.val_split, len(splits['test'][1]))
+    summary = summary_of(history)
     if rank == 0 and summary['best_val_epoch'] is not None:
         print(f"best val epoch {summary['best_val_epoch']}: val acc {summary['best_val_acc']:.2f}%, test acc "
               f"{summary['test_acc_at_best_val']:.2f}% (best.safetensors); final test acc "

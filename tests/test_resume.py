@@ -80,7 +80,7 @@ def test_sigterm_keeps_last_epoch_and_eval_only_reproduces_it(dataset, tmp_path,
 def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoint(tiny_dataset, tmp_path, capsys):
     code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 2, '--batch_size', 8, '--lr', '1e30',
                                '--warmup_epochs', 0, '--log_dir', tmp_path, '--name', 'nan'], capsys)
-    assert code == 3  # train.EXIT_DIVERGED: sweep.py records the settings as diverged instead of retrying them
+    assert code == 3  # main.EXIT_DIVERGED: sweep.py records the settings as diverged instead of retrying them
     line = err.strip().splitlines()[-1]
     assert 'non-finite training loss at epoch 1, step' in line and 'lower --lr' in line
     step = int(line.split('step ')[1].split(';')[0])
