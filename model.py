@@ -8,8 +8,11 @@ Two forward implementations give the same logits and gradients:
 """
 import difflib
 import fnmatch
+import math
 import os
+import zipfile
 
+import numpy as np
 import timm
 import torch
 import torch.nn as nn
@@ -24,7 +27,9 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
     which resamples the patch embedding (PI-resize) and the position grid to the new patch and image size."""
     check_model_args(model_name, weights)
     kwargs = dict(img_size=img_size, patch_size=patch_size, num_classes=num_classes, global_pool='token')
-    if weights:
+    if weights and weights.lower().endswith('.npz'):
+        kwargs['pretrained_cfg_overlay'] = dict(state_dict=_npz_state_dict(model_name, weights, num_classes))
+    elif weights:
         kwargs['pretrained_cfg_overlay'] = dict(file=os.path.abspath(weights), custom_load=False)
     elif pretrained:
         _check_hub_reachable(model_name)
@@ -47,7 +52,48 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
     if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
         raise SystemExit(f"error: --model {model_name} is not a timm VisionTransformer with a class token, "
                          "which VPT needs; use e.g. vit_base_patch16_224.augreg_in21k")
+    vit.pretrained_cfg.pop('state_dict', None)  # an .npz's converted tensors: loaded, no need to keep a second copy
     return vit
+
+
+def _npz_state_dict(model_name, weights, num_classes):
+    """Google's original JAX checkpoints (ViT-B_16.npz, the file official VPT loads) are read by timm's own .npz
+    reader into the model at the checkpoint's own geometry (224 px, 16x16 patches for ViT-B_16): no resampling there,
+    so the state dict then takes the same resampling path (PI-resize, position grid) as the hub's weights."""
+    unreadable = (f"error: cannot read --weights {weights} ({{}}); an .npz must be one of Google's JAX ViT "
+                  "checkpoints, e.g. imagenet21k/ViT-B_16.npz")
+    if not zipfile.is_zipfile(weights):
+        raise SystemExit(unreadable.format('not an .npz archive'))
+    try:
+        with np.load(weights) as npz:
+            kernel = next((npz[name] for name in npz.files if name.endswith('embedding/kernel')), None)
+            table = next((npz[name] for name in npz.files if name.endswith('pos_embedding')), None)
+            blocks = {name.split('encoderblock_')[1].split('/')[0] for name in npz.files if 'encoderblock_' in name}
+    except Exception as e:  # a damaged archive, pickled objects
+        raise SystemExit(unreadable.format(f"{type(e).__name__}: {_first_line(e)}"))
+    if kernel is None or table is None or kernel.ndim != 4:
+        raise SystemExit(unreadable.format("no ViT patch embedding 'embedding/kernel' and position table in it"))
+    patch_size, rows = kernel.shape[0], table.shape[-2]
+    grid = math.isqrt(rows) if math.isqrt(rows) ** 2 == rows else math.isqrt(rows - 1)  # with a class-token row
+    try:
+        with torch.random.fork_rng(devices=[]):  # the source's random init leaves the seeded head and prompts alone
+            source = timm.create_model(model_name, pretrained=False, num_classes=num_classes,
+                                       img_size=grid * patch_size, patch_size=patch_size)
+    except TypeError as e:  # not a ViT: no img_size/patch_size
+        raise SystemExit(f"error: cannot build --model {model_name}: {_first_line(e)}")
+    if not isinstance(source, VisionTransformer):
+        raise SystemExit(f"error: --weights {weights}: timm reads JAX .npz checkpoints for its VisionTransformer only; "
+                         f"pass a timm state dict (.safetensors or .pth) for --model {model_name}")
+    if blocks and len(blocks) != len(source.blocks):  # timm's reader would quietly load only the first blocks
+        raise SystemExit(f"error: --weights {weights} does not fit --model {model_name}: it holds {len(blocks)} "
+                         f"encoder blocks, the model has {len(source.blocks)}")
+    try:
+        source.load_pretrained(weights)
+    except (KeyError, RuntimeError) as e:  # a parameter missing from the archive, or of another shape
+        raise SystemExit(f"error: --weights {weights} does not fit --model {model_name}: {_first_line(e)}")
+    except Exception as e:
+        raise SystemExit(unreadable.format(f"{type(e).__name__}: {_first_line(e)}"))
+    return source.state_dict()
 
 
 def check_model_args(model_name, weights=None):
@@ -56,7 +102,8 @@ def check_model_args(model_name, weights=None):
         raise SystemExit(f"error: unknown --model {model_name!r}; pick a timm ViT, e.g. vit_base_patch16_224.augreg_in21k "
                          f"(python -c \"import timm; print(timm.list_models('vit_*', pretrained=True))\")")
     if weights and not os.path.isfile(weights):
-        raise SystemExit(f"error: --weights {weights}: no such file; pass a timm checkpoint (.safetensors, .pth or .bin)")
+        raise SystemExit(f"error: --weights {weights}: no such file; pass a timm checkpoint (.safetensors, .pth or "
+                         ".bin) or a JAX .npz (ViT-B_16.npz)")
 
 
 def _first_line(error):

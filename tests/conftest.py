@@ -5,6 +5,7 @@ import tarfile
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,32 @@ def signal_after_first_epoch(process, run_dir, signum, group=False, timeout=240)
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def write_jax_npz(vit, path):
+    """A timm ViT saved in the layout of Google's original JAX checkpoints (imagenet21k/ViT-B_16.npz): the inverse
+    of the name and axis mapping timm's .npz reader applies."""
+    state = {name: tensor.detach().numpy() for name, tensor in vit.state_dict().items()}
+    heads = vit.blocks[0].attn.num_heads
+    dim = vit.embed_dim
+    npz = {'embedding/kernel': state['patch_embed.proj.weight'].transpose(2, 3, 1, 0),  # OIHW -> HWIO
+           'embedding/bias': state['patch_embed.proj.bias'], 'cls': state['cls_token'],
+           'Transformer/posembed_input/pos_embedding': state['pos_embed'],
+           'Transformer/encoder_norm/scale': state['norm.weight'], 'Transformer/encoder_norm/bias': state['norm.bias'],
+           'head/kernel': state['head.weight'].T, 'head/bias': state['head.bias']}
+    for i in range(len(vit.blocks)):
+        block, jax = f'blocks.{i}.', f'Transformer/encoderblock_{i}/'
+        attention = jax + 'MultiHeadDotProductAttention_1/'
+        for norm, name in (('norm1', 'LayerNorm_0'), ('norm2', 'LayerNorm_2')):
+            npz[f'{jax}{name}/scale'] = state[f'{block}{norm}.weight']
+            npz[f'{jax}{name}/bias'] = state[f'{block}{norm}.bias']
+        for part, weight, bias in zip(('query', 'key', 'value'), state[block + 'attn.qkv.weight'].reshape(3, dim, dim),
+                                      state[block + 'attn.qkv.bias'].reshape(3, dim)):
+            npz[f'{attention}{part}/kernel'] = weight.T.reshape(dim, heads, -1)
+            npz[f'{attention}{part}/bias'] = bias.reshape(heads, -1)
+        npz[f'{attention}out/kernel'] = state[block + 'attn.proj.weight'].reshape(dim, heads, -1).transpose(1, 2, 0)
+        npz[f'{attention}out/bias'] = state[block + 'attn.proj.bias']
+        for r in range(2):
+            npz[f'{jax}MlpBlock_3/Dense_{r}/kernel'] = state[f'{block}mlp.fc{r + 1}.weight'].T
+            npz[f'{jax}MlpBlock_3/Dense_{r}/bias'] = state[f'{block}mlp.fc{r + 1}.bias']
+    np.savez(path, **npz)

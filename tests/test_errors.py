@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from conftest import TINY, run_cli, run_main, write_folder_dataset
+from conftest import TINY, run_cli, run_main, write_folder_dataset, write_jax_npz
 
 
 def snapshot(root):
@@ -100,6 +100,23 @@ def test_weights_corrupt(cli, suffix):
     path = cli.tmp_path / f'corrupt.{suffix}'
     path.write_bytes(b'this is not a checkpoint' * 10)
     cli('--weights', path, expect=['cannot read --weights', str(path)])
+
+
+@pytest.mark.parametrize('content', [b'this is not a checkpoint' * 10, 'arrays'])
+def test_weights_npz_unreadable(cli, content):
+    import numpy as np
+    path = cli.tmp_path / 'ViT-B_16.npz'
+    if content == 'arrays':
+        np.savez(path, embedding=np.zeros(3))  # an .npz, but not of a ViT
+    else:
+        path.write_bytes(content)
+    cli('--weights', path, expect=['cannot read --weights', str(path), 'ViT-B_16.npz'])
+
+
+def test_weights_npz_of_another_architecture(cli):
+    path = cli.tmp_path / 'ViT-S_16.npz'
+    write_jax_npz(timm.create_model('vit_small_patch16_224', depth=2), path)  # 384-dim, 2 blocks; test_vit: 64, 6
+    cli('--weights', path, expect=['does not fit --model test_vit', 'encoder blocks'])
 
 
 def test_weights_of_another_architecture(cli):

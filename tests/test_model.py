@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from conftest import REPO
+from conftest import REPO, write_jax_npz
 from model import PromptedViT, count_params, create_vit, set_trainable
 
 VIT_B = 'vit_base_patch16_224.augreg_in21k'
@@ -74,6 +74,28 @@ def test_weights_file_goes_through_timm_resampling(tmp_path, suffix):
     torch.testing.assert_close(vit.pos_embed.data, expected_pos)
     assert torch.equal(vit.blocks[3].mlp.fc1.weight, state['blocks.3.mlp.fc1.weight'])
     assert vit.head.out_features == 10  # a new head: the checkpoint's 21-way head is dropped
+
+
+def test_jax_npz_weights_load_as_the_same_state_dict_would(tmp_path):
+    """--weights ViT-B_16.npz (the file official VPT loads) gives exactly the model the same weights give as a timm
+    state dict: same PI-resized patch embedding, same 8x8 position grid, same blocks, same seeded head."""
+    torch.manual_seed(1)
+    source = timm.create_model('test_vit', img_size=224, num_classes=21)
+    write_jax_npz(source, tmp_path / 'ViT-T_16.npz')
+    torch.save(source.state_dict(), tmp_path / 'vit16.pth')
+    torch.manual_seed(0)
+    from_npz = create_vit('test_vit', 10, img_size=32, patch_size=4, weights=str(tmp_path / 'ViT-T_16.npz'))
+    torch.manual_seed(0)
+    from_state_dict = create_vit('test_vit', 10, img_size=32, patch_size=4, weights=str(tmp_path / 'vit16.pth'))
+    expected = from_state_dict.state_dict()
+    loaded = from_npz.state_dict()
+    assert loaded.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(loaded[name], expected[name]), name
+    assert from_npz.pos_embed.shape == (1, 65, 64)
+    assert not torch.equal(from_npz.blocks[0].attn.qkv.weight, timm.create_model('test_vit').blocks[0].attn.qkv.weight)
+    assert 'state_dict' not in from_npz.pretrained_cfg  # the converted tensors are not kept alive a second time
+    assert from_npz.pretrained_cfg['mean'] == (0.5, 0.5, 0.5)
 
 
 def _block_inputs(model, images):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import TINY, read_metrics, run_main
+from conftest import TINY, read_metrics, run_main, write_jax_npz
 
 FAKE_VAL_ACC = {1: 50.0, 2: 90.0, 3: 70.0}  # the best val epoch is 2, neither the first nor the last
 
@@ -159,12 +159,14 @@ def test_make_optimizer_kinds():
     assert type(train.make_optimizer(model, 'adamw', 1e-3, 5e-5, cpu)) is torch.optim.AdamW
 
 
-def test_weights_file_identity_is_recorded(tiny_dataset, tmp_path, capsys):
+@pytest.mark.parametrize('suffix', ['safetensors', 'npz'])
+def test_weights_file_identity_is_recorded(tiny_dataset, tmp_path, capsys, suffix):
     import hashlib
     import timm
     from safetensors.torch import save_file
-    weights = tmp_path / 'test_vit.safetensors'
-    save_file(timm.create_model('test_vit').state_dict(), weights)
+    weights = tmp_path / f'test_vit.{suffix}'
+    source = timm.create_model('test_vit', img_size=224)
+    save_file(source.state_dict(), weights) if suffix == 'safetensors' else write_jax_npz(source, weights)
     code, _, err = run_main([a for a in TINY if a not in ('--pretrained', 'False')] + [
         '--weights', weights, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 16, '--log_dir', tmp_path / 'logs',
         '--name', 'w'], capsys)
