@@ -6,8 +6,10 @@ Two forward implementations give the same logits and gradients:
   layer's prompt outputs and the head reads only CLS. So they get norm1 + the K/V projection and nothing else,
   and in the last block only the CLS row gets its query, output projection and MLP.
 """
+import contextlib
 import difflib
 import fnmatch
+import logging
 import math
 import os
 import zipfile
@@ -34,7 +36,8 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
     elif pretrained:
         _check_hub_reachable(model_name)
     try:
-        vit = timm.create_model(model_name, pretrained=pretrained or bool(weights), **kwargs)
+        with _timm_load_report() as load_report:
+            vit = timm.create_model(model_name, pretrained=pretrained or bool(weights), **kwargs)
     except AssertionError as e:  # timm's constructor asserts, e.g. 'Token pooling needs the class token.'
         raise SystemExit(f"error: cannot build --model {model_name} for VPT ({_first_line(e) or 'AssertionError'}); "
                          "pick a timm ViT with a class token, e.g. vit_base_patch16_224.augreg_in21k")
@@ -53,7 +56,55 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
         raise SystemExit(f"error: --model {model_name} is not a timm VisionTransformer with a class token, "
                          "which VPT needs; use e.g. vit_base_patch16_224.augreg_in21k")
     vit.pretrained_cfg.pop('state_dict', None)  # an .npz's converted tensors: loaded, no need to keep a second copy
+    _check_fit(vit, load_report, f"--weights {weights} does not fit --model {model_name}" if weights else
+               f"the pretrained weights of {model_name} do not fit the ViT that VPT builds from it")
     return vit
+
+
+@contextlib.contextmanager
+def _timm_load_report():
+    """timm loads pretrained weights non-strictly whenever the head changes size (always, here) and only logs the
+    keys it could not place: 'Missing keys (...)' at INFO, 'Unexpected keys (...)' at WARNING. -> {'Missing':
+    [...], 'Unexpected': [...]}, filled from those records; timm's other records pass on as usual."""
+    logger = logging.getLogger('timm.models._builder')
+    records, handler = [], logging.Handler(logging.INFO)
+    handler.emit = records.append
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    report = {'Missing': [], 'Unexpected': []}
+    try:
+        yield report
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+        for record in records:
+            message = record.getMessage()
+            kind = message.split(' ', 1)[0]
+            if kind in report and message.startswith(f'{kind} keys ('):
+                report[kind] += message[message.index('(') + 1:message.rindex(')')].split(', ')
+            elif record.levelno >= logging.WARNING:
+                logger.handle(record)
+
+
+def _check_fit(vit, load_report, problem):
+    """A checkpoint that leaves backbone tensors at their random init, or holds tensors the model has no place for,
+    is refused; only the classifier (replaced for the new classes) may be left out."""
+    classifier = vit.pretrained_cfg.get('classifier') or 'head'
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    missing, unexpected = ([key for key in load_report[kind] if key.rsplit('.', 1)[0] not in heads]
+                           for kind in ('Missing', 'Unexpected'))
+    if not missing and not unexpected:
+        return
+    listed = lambda keys: ', '.join(keys[:3]) + (f' and {len(keys) - 3} more' if len(keys) > 3 else '')
+    found = '; '.join(text for text in (missing and f"the model's {listed(missing)} are not in it",
+                                        unexpected and f"it holds {listed(unexpected)}, which the model has no place for")
+                      if text)
+    if any(key.startswith(('vit.', 'prompts.')) for key in unexpected):
+        found += " (a vpt run's checkpoint: use it with --resume RUN)"
+    raise SystemExit(f"error: {problem}: {found}")
 
 
 def _npz_state_dict(model_name, weights, num_classes):
@@ -253,8 +304,9 @@ def set_trainable(model: PromptedViT, full: bool, unfreeze=()):
     train as well; each must match something. Returns the sorted names they made trainable."""
     for param in model.parameters():
         param.requires_grad_(full)
-    for param in model.vit.get_classifier().parameters():
-        param.requires_grad_(True)
+    heads = model.vit.get_classifier()  # a distilled DeiT has two: (head, head_dist), averaged at inference
+    for head in heads if isinstance(heads, tuple) else (heads,):
+        head.requires_grad_(True)
     if model.prompts is not None:
         model.prompts.tokens.requires_grad_(True)
     params = dict(model.vit.named_parameters())

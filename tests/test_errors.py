@@ -119,6 +119,13 @@ def test_weights_npz_of_another_architecture(cli):
     cli('--weights', path, expect=['does not fit --model test_vit', 'encoder blocks'])
 
 
+def test_weights_of_a_vpt_run(cli):
+    from safetensors.torch import save_file
+    path = cli.tmp_path / 'trainable.safetensors'  # what a run writes: prompts + head (+ backbone), under 'vit.'
+    save_file({'vit.' + name: tensor for name, tensor in timm.create_model('test_vit').state_dict().items()}, path)
+    cli('--weights', path, expect=['does not fit --model test_vit', 'not in it', '--resume RUN'])
+
+
 def test_weights_of_another_architecture(cli):
     path = cli.tmp_path / 'vit_small.pth'
     torch.save(timm.create_model('vit_small_patch16_224', depth=2).state_dict(), path)  # 384-dim, test_vit is 64-dim

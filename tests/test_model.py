@@ -98,6 +98,29 @@ def test_jax_npz_weights_load_as_the_same_state_dict_would(tmp_path):
     assert from_npz.pretrained_cfg['mean'] == (0.5, 0.5, 0.5)
 
 
+@pytest.mark.parametrize('change', ['deeper', 'shallower', 'avg_pool_norm', 'vpt_run'])
+def test_weights_that_leave_tensors_unloaded_are_refused(tmp_path, change):
+    """timm loads non-strictly when the head changes size and only logs what it could not place: a file that would
+    leave backbone tensors at their random init, or drop some of its own, is refused with one line instead."""
+    if change == 'vpt_run':  # a run's trainable.safetensors is prompts + head (+ the backbone with --full): not a backbone
+        model = PromptedViT(timm.create_model('test_vit', num_classes=3), 4)
+        state = {'vit.' + name: tensor for name, tensor in model.vit.state_dict().items()}
+        expected = ["the model's cls_token", 'it holds vit.cls_token', "a vpt run's checkpoint: use it with --resume RUN"]
+    else:
+        kwargs = dict(deeper=dict(depth=7), shallower=dict(depth=5), avg_pool_norm=dict(global_pool='avg'))[change]
+        state = timm.create_model('test_vit', **kwargs).state_dict()
+        expected = dict(deeper=['it holds blocks.6.', 'no place for'], shallower=["the model's blocks.5.", 'not in it'],
+                        avg_pool_norm=["the model's norm.weight, norm.bias are not in it", 'fc_norm.weight'])[change]
+    torch.save(state, tmp_path / 'weights.pth')
+    with pytest.raises(SystemExit) as error:
+        create_vit('test_vit', 10, 32, 4, weights=str(tmp_path / 'weights.pth'))
+    message = str(error.value)
+    assert message.startswith(f'error: --weights {tmp_path / "weights.pth"} does not fit --model test_vit: ')
+    assert '\n' not in message
+    for text in expected:
+        assert text in message, message
+
+
 def _block_inputs(model, images):
     seen = []
     hooks = [block.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
@@ -240,6 +263,10 @@ def test_distilled_vit_needs_the_naive_path():
         PromptedViT(vit, 4)
     model = PromptedViT(vit, 4, prompt_impl='naive').eval()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)  # prompts after CLS and dist; the head reads both
+    set_trainable(model, full=False)  # P trains both heads, which the distilled ViT averages
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable == {'prompts.tokens', 'vit.head.weight', 'vit.head.bias', 'vit.head_dist.weight',
+                         'vit.head_dist.bias'}
 
 
 def test_model_without_class_token_is_one_line_error():
