@@ -21,10 +21,10 @@ CIFAR_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python
 def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_samples=0, seed=0):
     """-> (train_images, train_labels, test_images, test_labels, class_names); images uint8 (N, 3, H, W).
 
-    Images keep their own size when all of a split share one (CIFAR: 32x32), whatever `img_size` is: batches are
-    resized on the device, so a 224 px run holds no more host memory than a 32 px one. A folder whose images differ
-    in size is resized to `img_size` as it is decoded. train_samples/test_samples > 0 keep a seeded class-balanced
-    subset (for a folder, only those files are decoded).
+    Images keep their own size when all of a split share one no larger than `img_size` (CIFAR: 32x32): batches are
+    resized on the device, so a 224 px run holds no more host memory than a 32 px one. Other folder images are resized
+    to `img_size` as they are decoded. train_samples/test_samples > 0 keep a seeded class-balanced subset (for a
+    folder, only those files are decoded).
     """
     if dataset in CIFAR_FOLDERS:
         splits = []
@@ -70,74 +70,108 @@ def _load_folder(root, img_size, samples, seed):
     split_dirs = [os.path.join(root, split) for split in ('train', 'test')]
     for split_dir in split_dirs:
         if not os.path.isdir(split_dir):
-            raise SystemExit(f"error: --dataset {root} has no {os.path.basename(split_dir)}/ folder; "
+            hint = " (rename val/ to test/ to evaluate on it)" if split_dir == split_dirs[1] and os.path.isdir(
+                os.path.join(root, 'val')) else ''
+            raise SystemExit(f"error: --dataset {root} has no {os.path.basename(split_dir)}/ folder{hint}; "
                              "a folder dataset needs train/<class>/* and test/<class>/* images")
-    classes = sorted(entry.name for entry in os.scandir(split_dirs[0]) if entry.is_dir())
+    classes = _class_folders(split_dirs[0])
     if not classes:
         raise SystemExit(f"error: {split_dirs[0]} has no class folders; put each class's images in train/<class>/")
-    test_classes = sorted(entry.name for entry in os.scandir(split_dirs[1]) if entry.is_dir())
+    test_classes = _class_folders(split_dirs[1])
     if test_classes != classes:
-        raise SystemExit(f"error: the class folders of {split_dirs[1]} ({', '.join(test_classes)}) differ from those "
-                         f"of {split_dirs[0]} ({', '.join(classes)}); both splits need the same classes")
+        only_train, only_test = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
+        raise SystemExit(f"error: {split_dirs[0]} and {split_dirs[1]} need the same class folders, but "
+                         + '; '.join(f"{', '.join(map(repr, names[:5]))}{' ...' if len(names) > 5 else ''} only in "
+                                     f"{where}/" for names, where in ((only_train, 'train'), (only_test, 'test'))
+                                     if names))
     splits = []
     for split_dir, num_samples in zip(split_dirs, samples):
         paths, labels = [], []
         for label, name in enumerate(classes):
-            class_dir = os.path.join(split_dir, name)
-            files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+            files = image_files(os.path.join(split_dir, name))
             if not files:
-                raise SystemExit(f"error: class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                                 "add images or remove the folder from both splits")
-            paths += [os.path.join(class_dir, file) for file in files]
+                raise SystemExit(f"error: class folder {os.path.join(split_dir, name)} has no images "
+                                 f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder from both splits")
+            paths += files
             labels += [label] * len(files)
         labels = torch.tensor(labels)
         keep = balanced_subset(labels, num_samples, seed)
-        chosen = [paths[i] for i in keep.tolist()]
-        images = read_images(chosen)
-        if images is None:  # sizes differ: one common size is needed to stack them
-            images = read_images(chosen, img_size)
-        splits.append((images, labels[keep]))
+        splits.append((read_images([paths[i] for i in keep.tolist()], img_size), labels[keep]))
     return splits, classes
 
 
-def read_images(paths, size=None):
+def _visible(name):
+    return not name.startswith('.') and name != '__MACOSX'  # .DS_Store, ._x.jpg, .ipynb_checkpoints, macOS zips
+
+
+def _class_folders(split_dir):
+    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and _visible(entry.name))
+
+
+def image_files(folder):
+    """The image files in `folder` and its subfolders (as torchvision's ImageFolder finds them), sorted; hidden files
+    and folders left out."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if _visible(d))
+        found += [os.path.join(root, f) for f in sorted(files) if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
+def read_images(paths, img_size):
     """Decode image files into one uint8 (N, 3, H, W) tensor, each written straight into its slot (no second copy
-    of the split). With `size`, images of another size are resized to it; without, the images keep their own size
-    and None is returned when they do not all share one."""
-    first = _read_or_exit(paths[0], size)
-    height, width = first.shape[:2]
-    out = np.empty((len(paths), 3, height, width), np.uint8)
+    of the split). Images that all share one size no larger than img_size keep it (CIFAR-like 32x32 images stay so
+    for a 224 px model: batches are resized on the device); otherwise every image is resized to img_size x img_size as
+    it is decoded, so a split never holds more than N x 3 x img_size^2 bytes, however large the files."""
+    images = _decode_all(paths, img_size, larger_only=True)
+    return images if images is not None else _decode_all(paths, img_size)
+
+
+def _decode_all(paths, size, larger_only=False):
+    """-> uint8 tensor, or None when the decoded images do not all share the first one's size. Unreadable files are
+    collected and named together in one error."""
+    out, unreadable = None, []
 
     def fill(i):
-        image = first if i == 0 else _read_or_exit(paths[i], size)
-        if image.shape[:2] != (height, width):
+        nonlocal out
+        try:
+            image = read_image(paths[i], size, larger_only)
+        except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError...
+            unreadable.append(f"{paths[i]} ({type(e).__name__}: {e})")
+            return True
+        if out is None:  # the first readable image sets the size, before any thread starts
+            out = np.empty((len(paths), 3, *image.shape[:2]), np.uint8)
+        if image.shape[:2] != out.shape[2:]:
             return False
         out[i] = image.transpose(2, 0, 1)
         return True
-    if height * width <= 64 * 64:  # small images (CIFAR): threads only contend for the GIL, and each keeps a heap
-        filled = all(map(fill, range(len(paths))))
-    else:  # Pillow decodes a large image without holding the GIL
+    first = 0
+    while out is None and first < len(paths):
+        fill(first)
+        first += 1
+    if out is None or out.shape[2] * out.shape[3] <= 64 * 64:  # small (CIFAR): threads only contend for the GIL
+        filled = all(map(fill, range(first, len(paths))))
+    else:  # Pillow decodes and resizes a large image without holding the GIL
         with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-            filled = all(pool.map(fill, range(len(paths))))
-    return torch.from_numpy(out) if filled else None
+            filled = all(pool.map(fill, range(first, len(paths))))
+    if not filled:
+        return None
+    if unreadable:
+        raise SystemExit(f"error: cannot read {len(unreadable)} of {len(paths)} images: {'; '.join(unreadable[:3])}"
+                         f"{f' and {len(unreadable) - 3} more' if len(unreadable) > 3 else ''}; remove or replace them")
+    return torch.from_numpy(out)
 
 
-def read_image(path, size=None):
-    """-> uint8 (H, W, 3); resized to size x size (bilinear) when `size` is given and differs."""
+def read_image(path, size=None, larger_only=False):
+    """-> uint8 (H, W, 3); resized to size x size (bilinear, antialiased) when `size` is given and differs, or with
+    `larger_only` only when the image is larger than `size` on a side."""
     with Image.open(path) as image:
         if image.mode.startswith('I'):  # 16-bit grey (PNG): convert('RGB') would clip every value above 255 to white
             image = Image.fromarray((np.asarray(image).clip(0, 65535) >> 8).astype(np.uint8))
         image = image.convert('RGB')
-        if size and image.size != (size, size):
+        if size and image.size != (size, size) and not (larger_only and max(image.size) <= size):
             image = image.resize((size, size), Image.BILINEAR)
         return np.asarray(image)
-
-
-def _read_or_exit(path, size):
-    try:
-        return read_image(path, size)
-    except OSError as e:
-        raise SystemExit(f"error: cannot read image {path} ({e}); remove or replace it")
 
 
 def _missing_folders(path):

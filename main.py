@@ -424,14 +424,15 @@ def predict(args, device):
     paths = image_paths(args.predict)
     preprocess = data.preprocessing(model.vit.pretrained_cfg, device, args.img_size)
     model.eval()
-    rows, top = [], min(5, len(classes))
+    rows, top, skipped = [], min(5, len(classes)), 0
     for start in range(0, len(paths), args.batch_size):
         chunk, inputs = [], []
         for path in paths[start:start + args.batch_size]:
             try:
-                image = data.read_image(path)
+                image = data.read_image(path, args.img_size, larger_only=True)  # as the run's folder images were
             except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError...
                 print(f"skipping {path}: cannot read it as an image ({type(e).__name__}: {e})", file=sys.stderr)
+                skipped += 1
                 continue
             chunk.append(path)
             inputs.append(data.model_input(torch.tensor(image).permute(2, 0, 1)[None].to(device), *preprocess))
@@ -458,7 +459,8 @@ def predict(args, device):
     print(f"{'file':<{width}}  {'prediction':<12}  prob    top-{top}")
     for path, label, prob, best in rows:
         print(f"{path:<{width}}  {label:<12}  {prob}  {best}")
-    print(f"{len(rows)} images classified by {args.resume} ({args.checkpoint}, epoch {epoch}); wrote {out}")
+    print(f"{len(rows)} images classified by {args.resume} ({args.checkpoint}, epoch {epoch}); wrote {out}"
+          + (f"; {skipped} unreadable file{'s' * (skipped > 1)} skipped (above)" if skipped else ''))
 
 
 def image_paths(paths):
@@ -467,9 +469,7 @@ def image_paths(paths):
     found = []
     for path in paths:
         if os.path.isdir(path):
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(data.IMAGE_EXTENSIONS)]
+            found += data.image_files(path)
         elif os.path.exists(path):
             found.append(path)
         else:

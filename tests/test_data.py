@@ -138,9 +138,9 @@ def test_balanced_subset():
 
 def test_folder_dataset_loads_classes_in_sorted_order(tmp_path):
     root = write_folder_dataset(tmp_path / 'ds', classes=('b_dog', 'a_cat'), train_per_class=3, test_per_class=2, size=40)
-    train_x, train_y, test_x, test_y, classes = data.load_dataset(root, img_size=32)
+    train_x, train_y, test_x, test_y, classes = data.load_dataset(root, img_size=48)
     assert classes == ['a_cat', 'b_dog']
-    assert train_x.shape == (6, 3, 40, 40) and train_x.dtype == torch.uint8  # kept at its own size
+    assert train_x.shape == (6, 3, 40, 40) and train_x.dtype == torch.uint8  # no larger than 48: kept at its own size
     assert train_y.tolist() == [0, 0, 0, 1, 1, 1] and test_y.tolist() == [0, 0, 1, 1]
     # class 'a_cat' was written with the second colour of write_folder_dataset: its mean red is 60 + 80 * 1
     assert abs(train_x[:3, 0].float().mean().item() - 140) < 10
@@ -150,9 +150,73 @@ def test_folder_of_mixed_sizes_is_resized_to_img_size(tmp_path):
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=40)
     from PIL import Image
     Image.new('RGB', (50, 30), (10, 20, 30)).save(os.path.join(root, 'train', 'b', 'odd.png'))
-    train_x, train_y, test_x, _, _ = data.load_dataset(root, img_size=32)
-    assert train_x.shape == (5, 3, 32, 32) and test_x.shape == (2, 3, 40, 40)  # only the mixed split is resized
+    train_x, train_y, test_x, _, _ = data.load_dataset(root, img_size=48)
+    assert train_x.shape == (5, 3, 48, 48) and test_x.shape == (2, 3, 40, 40)  # only the mixed split is resized
     assert train_y.tolist() == [0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize('first', ['large', 'small'])
+def test_images_larger_than_img_size_are_shrunk_as_decoded(tmp_path, first):
+    """However large the files, a split holds at most N x 3 x img_size^2 bytes: a folder of 12 MP photos must not
+    need 36 MB per image (or, with one large image first, an array of the large size for every image)."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=3, test_per_class=1, size=24)
+    photo = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    name = '0000.png' if first == 'large' else 'zzzz.png'  # decoded first or last
+    Image.fromarray(photo).save(os.path.join(root, 'train', 'a', name))
+    for test_file in os.listdir(os.path.join(root, 'test', 'b')):  # a split of large images only
+        Image.fromarray(photo).save(os.path.join(root, 'test', 'b', test_file))
+    Image.fromarray(photo).save(os.path.join(root, 'test', 'a', '0000.png'))
+    train_x, train_y, test_x, _, _ = data.load_dataset(root, img_size=32)
+    assert train_x.shape == (6 + (first == 'small'), 3, 32, 32) and test_x.shape == (2, 3, 32, 32)
+    expected = np.asarray(Image.fromarray(photo).resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1)
+    assert torch.equal(test_x[0], torch.from_numpy(expected.copy()))
+
+
+def test_hidden_files_are_skipped_and_subfolders_searched(tmp_path):
+    """What a macOS zip, Finder or Jupyter leaves in a dataset is not data; images in subfolders of a class are (as
+    torchvision's ImageFolder finds them)."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1)
+    (tmp_path / 'ds' / 'train' / 'a' / '._0000.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+    (tmp_path / 'ds' / 'train' / '.DS_Store').write_bytes(b'Bud1')
+    for junk in ('__MACOSX/a', '.ipynb_checkpoints', 'b/.ipynb_checkpoints'):
+        os.makedirs(tmp_path / 'ds' / 'train' / junk)
+    Image.new('RGB', (32, 32)).save(tmp_path / 'ds' / 'train' / '__MACOSX' / 'a' / 'x.png')
+    os.makedirs(tmp_path / 'ds' / 'train' / 'b' / 'more' / 'deeper')
+    for folder in ('more', 'more/deeper'):
+        Image.new('RGB', (32, 32), (1, 2, 3)).save(tmp_path / 'ds' / 'train' / 'b' / folder / 'x.png')
+    train_x, train_y, _, _, classes = data.load_dataset(root, img_size=32)
+    assert classes == ['a', 'b'] and train_y.tolist() == [0, 0, 1, 1, 1, 1]
+    assert train_x[-1].flatten(1).T.unique(dim=0).tolist() == [[1, 2, 3]]  # more/deeper/x.png, sorted last
+
+
+def test_every_unreadable_image_is_named_in_one_error(tmp_path, monkeypatch):
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=3, test_per_class=1)
+    for name in ('a/0001.png', 'b/0002.png'):
+        (tmp_path / 'ds' / 'train' / name).write_bytes(b'not an image')
+    Image.new('RGB', (50, 50)).save(tmp_path / 'ds' / 'train' / 'b' / '0000.png')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1024)  # 32x32 passes; 50x50, over twice that, is a "bomb"
+    with pytest.raises(SystemExit) as error:
+        data.load_dataset(root, img_size=32)
+    message = str(error.value)
+    assert message.startswith('error: cannot read 3 of 6 images: ') and message.endswith('remove or replace them')
+    for name in ('a/0001.png', 'b/0002.png', 'b/0000.png (DecompressionBombError'):
+        assert os.path.join('train', name) in message, message
+
+
+def test_split_class_mismatch_names_only_the_differences(tmp_path):
+    root = write_folder_dataset(tmp_path / 'ds', classes=[f'class{i:03d}' for i in range(30)], train_per_class=1,
+                                test_per_class=1, size=8)
+    os.rename(tmp_path / 'ds' / 'test' / 'class007', tmp_path / 'ds' / 'test' / 'class007 ')
+    with pytest.raises(SystemExit, match=r"'class007' only in train/; 'class007 ' only in test/$") as error:
+        data.load_dataset(root, img_size=8)
+    assert 'class008' not in str(error.value)
+
+
+def test_val_folder_without_test_folder_gets_a_hint(tmp_path):
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=1, test_per_class=1, size=8)
+    os.rename(tmp_path / 'ds' / 'test', tmp_path / 'ds' / 'val')
+    with pytest.raises(SystemExit, match=r'no test/ folder \(rename val/ to test/ to evaluate on it\)'):
+        data.load_dataset(root, img_size=8)
 
 
 def _fake_cifar10(root, train_per_batch=6, test_count=8):
@@ -207,7 +271,7 @@ def test_large_images_decode_in_threads_into_their_slots(tmp_path):
     """Images above 64x64 are decoded by a thread pool, each written into its own slot of one tensor."""
     from PIL import Image
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=5, test_per_class=1, size=80)
-    train_x, train_y, _, _, _ = data.load_dataset(root, img_size=32)
+    train_x, train_y, _, _, _ = data.load_dataset(root, img_size=96)
     assert train_x.shape == (10, 3, 80, 80) and train_y.tolist() == [0] * 5 + [1] * 5
     for i, path in enumerate(sorted(os.listdir(os.path.join(root, 'train', 'b')))):
         expected = np.asarray(Image.open(os.path.join(root, 'train', 'b', path)).convert('RGB')).transpose(2, 0, 1)
