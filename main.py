@@ -25,8 +25,9 @@ import sys
 
 # flags that act on an existing run without being part of it (never stored in config.json)
 ACTIONS = {'resume', 'eval_only', 'predict', 'checkpoint', 'out'}
-# flags a resumed run may change; every other flag belongs to the run and must match its config.json
-RESUME_MAY_CHANGE = ACTIONS | {'epoch', 'device', 'data_dir', 'compile', 'amp', 'tensorboard'}
+# flags a resumed run may change; every other flag belongs to the run and must match its config.json. --dataset and
+# --data_dir may point to a moved copy: load_splits checks that it holds the run's classes and image counts
+RESUME_MAY_CHANGE = ACTIONS | {'epoch', 'device', 'dataset', 'data_dir', 'compile', 'amp', 'tensorboard'}
 CIFAR = ('cifar10', 'cifar100')  # --dataset names that are not folders (data.CIFAR_FOLDERS), even where one exists
 SEED_MAX = 2**32 - 1
 EXIT_DIVERGED = 3  # exit status of a run stopped by a non-finite loss: a result of its settings, not a crash (sweep.py)
@@ -345,6 +346,9 @@ def build_model(args, num_classes, device):
 def load_splits(args, rank, world_size):
     """-> ({'train', 'val' (None without --val_split), 'test'}: (uint8 images, labels)), class names)."""
     import data
+    if args.resume and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
+        raise SystemExit(f"error: the dataset folder of {args.resume}, {args.dataset}, is gone; if it moved, pass "
+                         f"--dataset NEW_PATH")
     train_images, train_labels, test_images, test_labels, classes = load_data_once(args, rank, world_size)
     val = None
     if args.val_split:
@@ -363,7 +367,31 @@ def load_splits(args, rank, world_size):
     if args.batch_size > len(train_labels):
         raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(train_labels)} training "
                          f"images; lower --batch_size (or raise --train_samples)")
-    return dict(train=(train_images, train_labels), val=val, test=(test_images, test_labels)), classes
+    splits = dict(train=(train_images, train_labels), val=val, test=(test_images, test_labels))
+    if args.resume:
+        check_same_data(args, splits, classes)
+    return splits, classes
+
+
+def check_same_data(args, splits, classes):
+    """A resumed or evaluated run must see the data it was trained on: a renamed class folder would reassign the
+    labels, added images would change the numbers its records hold. Compared: the class names in order, the counts."""
+    config = read_json(os.path.join(args.resume, 'config.json'))
+    differences = []
+    if config.get('classes', classes) != classes:
+        gone = [name for name in config['classes'] if name not in classes]
+        new = [name for name in classes if name not in config['classes']]
+        changes = [f"{', '.join(map(repr, names[:3]))}{' ...' if len(names) > 3 else ''} {what}"
+                   for names, what in ((gone, 'gone'), (new, 'new')) if names]
+        differences.append('classes ' + ' and '.join(changes) if changes else 'the classes are in another order')
+    for name, split in splits.items():
+        count, recorded = len(split[1]) if split else 0, config.get(f'{name}_images')
+        if recorded is not None and count != recorded:
+            differences.append(f"{name} has {count} images where the run had {recorded}")
+    if differences:
+        raise SystemExit(f"error: --dataset {args.dataset} is not the data {args.resume} was trained on: "
+                         f"{'; '.join(differences)}; restore it (or pass --dataset with the run's copy), or train a "
+                         f"new run on this data")
 
 
 def checkpoint_path(args):

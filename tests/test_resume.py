@@ -224,3 +224,35 @@ def test_a_run_in_training_cannot_be_resumed_twice(dataset, tmp_path, capsys):
     assert not [name for name in os.listdir(run_dir) if 'lock' in name]  # the lock was on the directory itself
     code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)  # the lock went with the process
     assert code == 0 and len(read_metrics(run_dir)) == 3, err
+
+
+def test_a_changed_dataset_is_refused_and_a_moved_one_accepted(tmp_path, capsys):
+    """A renamed class folder reassigned the labels by sorted order and added images changed the counts, both
+    without a word, and --eval_only then rewrote confusion.csv under the wrong names; a moved copy is the run's."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('cat', 'dog', 'frog'), train_per_class=4, test_per_class=2,
+                                size=16)
+    code, _, err = run_main(tiny_run(root, tmp_path / 'logs', 'r', '--patch_size', 8, '--val_split', 0.25), capsys)
+    assert code == 0, err
+    run_dir = tmp_path / 'logs' / 'r'
+    before = files(run_dir)
+    for split in ('train', 'test'):
+        os.rename(tmp_path / 'ds' / split / 'cat', tmp_path / 'ds' / split / 'tiger')
+    for action in (['--eval_only'], ['--epoch', 2]):
+        code, _, err = run_main(['--resume', run_dir, *action], capsys)
+        assert code == 1 and err.strip().splitlines() == [
+            f"error: --dataset {root} is not the data {run_dir} was trained on: classes 'cat' gone and 'tiger' new; "
+            f"restore it (or pass --dataset with the run's copy), or train a new run on this data"], err
+    for split in ('train', 'test'):
+        os.rename(tmp_path / 'ds' / split / 'tiger', tmp_path / 'ds' / split / 'cat')
+    (tmp_path / 'ds' / 'test' / 'dog' / 'extra.png').write_bytes((tmp_path / 'ds' / 'test' / 'dog' / '0000.png').read_bytes())
+    code, _, err = run_main(['--resume', run_dir, '--eval_only'], capsys)
+    assert code == 1 and 'test has 7 images where the run had 6' in err, err
+    assert files(run_dir) == before
+    os.remove(tmp_path / 'ds' / 'test' / 'dog' / 'extra.png')
+    os.rename(tmp_path / 'ds', tmp_path / 'moved')
+    code, _, err = run_main(['--resume', run_dir, '--eval_only'], capsys)
+    assert code == 1 and err.strip() == (f"error: the dataset folder of {run_dir}, {root}, is gone; if it moved, pass "
+                                         f"--dataset NEW_PATH")
+    code, out, err = run_main(['--resume', run_dir, '--epoch', 2, '--dataset', tmp_path / 'moved'], capsys)
+    assert code == 0 and 'epoch 2/2' in out, err
+    assert json.loads((run_dir / 'config.json').read_text())['dataset'] == str(tmp_path / 'moved')
