@@ -353,10 +353,18 @@ def load_splits(args, rank, world_size):
     val = None
     if args.val_split:
         train_index, val_index = data.split_validation(train_labels, args.val_split, args.data_seed)
+        per_class = "it is rounded per class: each holds out round(fraction x its images), keeping one to train on"
         if len(val_index) == 0 or len(train_index) == 0:
             raise SystemExit(f"error: --val_split {args.val_split} of {len(train_labels)} training images leaves "
-                             f"{len(val_index)} for validation and {len(train_index)} for training; pick a fraction "
-                             f"that leaves images on both sides")
+                             f"{len(val_index)} for validation and {len(train_index)} for training ({per_class}); "
+                             f"pick a fraction that leaves images on both sides")
+        held_out = len(val_index) / len(train_labels)
+        no_val = (train_labels.bincount(minlength=len(classes)) > 0) & (
+            train_labels[val_index].bincount(minlength=len(classes)) == 0)
+        if rank == 0 and (abs(held_out - args.val_split) >= 0.01 or no_val.any()):
+            missing = f" and no image of {int(no_val.sum())} of the {len(classes)} classes" if no_val.any() else ''
+            print(f"warning: --val_split {args.val_split} holds out {len(val_index)} of {len(train_labels)} training "
+                  f"images ({100 * held_out:.1f}%){missing}: {per_class}", file=sys.stderr, flush=True)
         val = (train_images[val_index], train_labels[val_index])
         train_images, train_labels = train_images[train_index], train_labels[train_index]
     unseen = [name for name, count in zip(classes, train_labels.bincount(minlength=len(classes)).tolist()) if not count]

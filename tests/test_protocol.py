@@ -1,13 +1,14 @@
 """The research protocol: held-out validation, the best-val checkpoint and its honest test number, --unfreeze,
 --optimizer, provenance in config.json."""
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import TINY, read_metrics, run_main, write_jax_npz
+from conftest import TINY, read_metrics, run_main, write_folder_dataset, write_jax_npz
 
 FAKE_VAL_ACC = {1: 50.0, 2: 90.0, 3: 70.0}  # the best val epoch is 2, neither the first nor the last
 
@@ -81,6 +82,25 @@ def test_data_seed_fixes_the_images_while_seed_varies(tiny_dataset):
     for name in ('train', 'val', 'test'):
         assert all(torch.equal(a, b) for a, b in zip(first[name], other_seed[name])), name
     assert not torch.equal(first['val'][0], other_data['val'][0])
+
+
+def test_val_split_rounding_per_class_is_said(tmp_path, capsys):
+    """--val_split rounds per class: on 2 images a class, 0.3 holds out half of the training set and 0.2 none. Neither
+    may pass as the fraction asked for."""
+    import main
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b', 'c'), train_per_class=2, test_per_class=1, size=8)
+    split = lambda fraction: main.load_splits(main.parse_args([*map(str, TINY), '--dataset', root, '--val_split',
+                                                               fraction, '--batch_size', '1']), 0, 1)[0]
+    assert len(split('0.3')['val'][1]) == 3
+    assert capsys.readouterr().err.strip() == (
+        "warning: --val_split 0.3 holds out 3 of 6 training images (50.0%): it is rounded per class: each holds out "
+        "round(fraction x its images), keeping one to train on")
+    with pytest.raises(SystemExit, match=r'leaves 0 for validation and 6 for training \(it is rounded per class'):
+        split('0.2')
+    assert len(split('0.5')['val'][1]) == 3 and capsys.readouterr().err == ''  # exactly what was asked: no warning
+    os.remove(tmp_path / 'ds' / 'train' / 'a' / '0001.png')  # a class of one image keeps it for training
+    assert len(split('0.5')['val'][1]) == 2
+    assert '2 of 5 training images (40.0%) and no image of 1 of the 3 classes: it is rounded' in capsys.readouterr().err
 
 
 def test_training_draws_from_a_cpu_generator(tiny_dataset, tmp_path, capsys, monkeypatch):
