@@ -414,9 +414,9 @@ def evaluate_checkpoint(args, model, splits, classes, device):
     epoch = train.load_trainable(checkpoint_path(args), model)
     preprocess = data.preprocessing(model.vit.pretrained_cfg, device, args.img_size)
     results = {}
-    for name in ('val', 'test'):
-        if splits[name] is not None:
-            split = tuple(t.to(device) for t in splits[name])
+    on_device = train.splits_to_device(dict(val=splits['val'], test=splits['test']), device)
+    for name, split in on_device.items():
+        if split is not None:
             with train.explain_out_of_memory(args.batch_size, args.amp, f'evaluating {name}'):
                 results[name] = train.evaluate_split(model, split, args.batch_size, preprocess, args.amp)
     if train.rank_and_world_size()[0] != 0:

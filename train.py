@@ -101,6 +101,17 @@ def explain_out_of_memory(batch_size, amp, where):
                          f"(e.g. {max(1, batch_size // 2)}){hint}") from None
 
 
+def splits_to_device(splits, device):
+    """{name: (uint8 images, labels) or None} onto the device, once (CIFAR-10's 60,000 images are 184 MB)."""
+    try:
+        return {name: None if split is None else tuple(t.to(device) for t in split) for name, split in splits.items()}
+    except torch.cuda.OutOfMemoryError:
+        size = sum(t.numel() * t.element_size() for split in splits.values() if split is not None for t in split)
+        raise SystemExit(f"error: out of GPU memory moving the dataset ({size / 2**30:.1f} GiB of uint8 images) onto "
+                         f"the device; keep fewer images with --train_samples/--test_samples, or pass a smaller "
+                         f"--img_size (a folder's images larger than it are shrunk as they are decoded)") from None
+
+
 # ---------------------------------------------------------------- optimizer and schedule
 
 
@@ -398,7 +409,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
     A resumed run passes `state` (load_state) and has its trainable tensors in `model` (load_resumed_trainable).
     `splits`: {'train', 'val' (or None), 'test'} -> (uint8 images, labels) on the CPU. Returns the metrics history."""
     rank, world_size = rank_and_world_size()
-    splits = {name: None if split is None else tuple(t.to(device) for t in split) for name, split in splits.items()}
+    splits = splits_to_device(splits, device)
     train_images, train_labels = splits['train']
     preprocess = data.preprocessing(model.vit.pretrained_cfg, device, args.img_size)
     steps_per_epoch = len(train_labels) // args.batch_size

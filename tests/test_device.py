@@ -115,3 +115,25 @@ def test_bench_stopped_by_a_signal_reports_what_it_measured(tmp_path):
     rows = [line.split()[0] for line in out.splitlines()[-8:] if line[:2] in ('P ', 'F ')]
     assert rows == ['P', 'F']
     assert (tmp_path / 'bench.json').is_file()
+
+
+def test_a_dataset_too_large_for_the_gpu_is_one_line():
+    """The whole dataset goes onto the device once; when that runs out of memory the fix is fewer or smaller images,
+    not --batch_size."""
+    class HostTensor:  # stands for a split whose copy to the GPU runs out of memory
+        def __init__(self, nbytes):
+            self.nbytes = nbytes
+
+        def numel(self):
+            return self.nbytes
+
+        def element_size(self):
+            return 1
+
+        def to(self, device):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 30.00 GiB")
+    splits = dict(train=(HostTensor(30 * 2**30), HostTensor(8)), val=None, test=(HostTensor(3 * 2**30), HostTensor(8)))
+    with pytest.raises(SystemExit) as error:
+        train.splits_to_device(splits, torch.device('cuda'))
+    assert str(error.value).startswith('error: out of GPU memory moving the dataset (33.0 GiB of uint8 images) onto '
+                                       'the device; keep fewer images with --train_samples/--test_samples')
