@@ -350,6 +350,10 @@ def load_splits(args, rank, world_size):
         raise SystemExit(f"error: the dataset folder of {args.resume}, {args.dataset}, is gone; if it moved, pass "
                          f"--dataset NEW_PATH")
     train_images, train_labels, test_images, test_labels, classes = load_data_once(args, rank, world_size)
+    for flag, asked, labels in (('train', args.train_samples, train_labels), ('test', args.test_samples, test_labels)):
+        if asked > len(labels) and rank == 0:  # config.json keeps both numbers; the log should say it too
+            print(f"warning: --{flag}_samples {asked} is more than the {len(labels)} {flag} images there are; all are "
+                  f"used", file=sys.stderr, flush=True)
     val = None
     if args.val_split:
         train_index, val_index = data.split_validation(train_labels, args.val_split, args.data_seed)

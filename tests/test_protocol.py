@@ -103,6 +103,17 @@ def test_val_split_rounding_per_class_is_said(tmp_path, capsys):
     assert '2 of 5 training images (40.0%) and no image of 1 of the 3 classes: it is rounded' in capsys.readouterr().err
 
 
+def test_more_samples_than_images_is_said(tmp_path, capsys):
+    import main
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=3, test_per_class=2, size=8)
+    args = main.parse_args([*map(str, TINY), '--dataset', root, '--train_samples', '1000', '--test_samples', '4',
+                            '--batch_size', '2'])
+    splits, _ = main.load_splits(args, 0, 1)
+    assert len(splits['train'][1]) == 6 and len(splits['test'][1]) == 4
+    assert capsys.readouterr().err.strip() == ("warning: --train_samples 1000 is more than the 6 train images there "
+                                               "are; all are used")
+
+
 def test_training_draws_from_a_cpu_generator(tiny_dataset, tmp_path, capsys, monkeypatch):
     """Data order and augmentation come from a CPU generator whatever --device is, so a run resumes on another device
     (a CUDA generator's state cannot be loaded into a CPU one, nor the reverse)."""
