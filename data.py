@@ -111,9 +111,10 @@ def _class_folders(split_dir):
 def image_files(folder):
     """The image files in `folder` and its subfolders (as torchvision's ImageFolder finds them), sorted; hidden files
     and folders left out."""
-    found = []
+    found, seen = [], {os.path.realpath(folder)}
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if _visible(d))
+        dirs[:] = [d for d in sorted(dirs) if _visible(d) and os.path.realpath(os.path.join(root, d)) not in seen]
+        seen.update(os.path.realpath(os.path.join(root, d)) for d in dirs)  # a linked folder once, and no link loops
         found += [os.path.join(root, f) for f in sorted(files) if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
     return found
 

@@ -184,6 +184,7 @@ def test_hidden_files_are_skipped_and_subfolders_searched(tmp_path):
     os.makedirs(tmp_path / 'ds' / 'train' / 'b' / 'more' / 'deeper')
     for folder in ('more', 'more/deeper'):
         Image.new('RGB', (32, 32), (1, 2, 3)).save(tmp_path / 'ds' / 'train' / 'b' / folder / 'x.png')
+    os.symlink(tmp_path / 'ds' / 'train' / 'b', tmp_path / 'ds' / 'train' / 'b' / 'more' / 'loop')  # walked once
     train_x, train_y, _, _, classes = data.load_dataset(root, img_size=32)
     assert classes == ['a', 'b'] and train_y.tolist() == [0, 0, 1, 1, 1, 1]
     assert train_x[-1].flatten(1).T.unique(dim=0).tolist() == [[1, 2, 3]]  # more/deeper/x.png, sorted last
