@@ -152,6 +152,10 @@ def check_model_args(model_name, weights=None):
     if not timm.is_model(model_name):
         raise SystemExit(f"error: unknown --model {model_name!r}; pick a timm ViT, e.g. vit_base_patch16_224.augreg_in21k "
                          f"(python -c \"import timm; print(timm.list_models('vit_*', pretrained=True))\")")
+    if timm.models.model_entrypoint(model_name).__module__.endswith('_hybrid'):
+        raise SystemExit(f"error: --model {model_name} is a hybrid ViT (a ResNet stem, then patches of its feature "
+                         "map): --patch_size and VPT's prompt init mean image patches here; pick a plain ViT, e.g. "
+                         "vit_base_patch16_224.augreg_in21k")
     if weights and not os.path.isfile(weights):
         raise SystemExit(f"error: --weights {weights}: no such file; pass a timm checkpoint (.safetensors, .pth or "
                          ".bin) or a JAX .npz (ViT-B_16.npz)")

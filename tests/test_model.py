@@ -269,6 +269,14 @@ def test_distilled_vit_needs_the_naive_path():
                          'vit.head_dist.bias'}
 
 
+@pytest.mark.parametrize('name', ['vit_tiny_r_s16_p8_224', 'vit_base_r50_s16_224'])
+def test_hybrid_vit_is_refused_before_building(name):
+    """A hybrid's --patch_size would patch the ResNet's feature map (the tiny one built at 32/4 as 4 tokens of 16 px,
+    silently); r50 asserted inside timm, said as 'pick a ViT with a class token'."""
+    with pytest.raises(SystemExit, match=f'--model {name} is a hybrid ViT .*patches of its feature map'):
+        create_vit(name, 10, 32, 4, pretrained=False)
+
+
 def test_model_without_class_token_is_one_line_error():
     with pytest.raises(SystemExit, match='cannot build --model vit_base_patch16_siglip_224 .*class token'):
         create_vit('vit_base_patch16_siglip_224', 10, pretrained=False)  # timm asserts before allocating weights
