@@ -53,8 +53,10 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
                              "it must be a timm state dict saved with safetensors or torch.save")
         raise SystemExit(_download_error(model_name, e))
     if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
-        raise SystemExit(f"error: --model {model_name} is not a timm VisionTransformer with a class token, "
-                         "which VPT needs; use e.g. vit_base_patch16_224.augreg_in21k")
+        what = ("has no class token" if isinstance(vit, VisionTransformer) else
+                f"is timm's {type(vit).__name__}, not its VisionTransformer")
+        raise SystemExit(f"error: --model {model_name} {what}; VPT here needs timm's VisionTransformer with a class "
+                         "token, e.g. vit_base_patch16_224.augreg_in21k")
     vit.pretrained_cfg.pop('state_dict', None)  # an .npz's converted tensors: loaded, no need to keep a second copy
     _check_fit(vit, load_report, f"--weights {weights} does not fit --model {model_name}" if weights else
                f"the pretrained weights of {model_name} do not fit the ViT that VPT builds from it")

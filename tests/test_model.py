@@ -277,6 +277,11 @@ def test_hybrid_vit_is_refused_before_building(name):
         create_vit(name, 10, 32, 4, pretrained=False)
 
 
+def test_another_vit_family_is_named_in_its_refusal():
+    with pytest.raises(SystemExit, match="--model eva02_tiny_patch14_224 is timm's Eva, not its VisionTransformer; "):
+        create_vit('eva02_tiny_patch14_224', 10, 32, 4, pretrained=False)
+
+
 def test_model_without_class_token_is_one_line_error():
     with pytest.raises(SystemExit, match='cannot build --model vit_base_patch16_siglip_224 .*class token'):
         create_vit('vit_base_patch16_siglip_224', 10, pretrained=False)  # timm asserts before allocating weights
