@@ -6,6 +6,7 @@ crop with zero padding + horizontal flip, the seed's recipe) is one gather over 
 model's input size (e.g. CIFAR at 224 px) and normalisation happen per batch on the device.
 """
 import os
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,9 +17,15 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 CIFAR_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
+# How a folder dataset's files are found and decoded; config.json records it, so a run resumes and evaluates on the
+# images it was trained on. 2: a class's subfolders searched, hidden files and folders left out, images larger than
+# img_size shrunk as decoded. 1 (runs made before): one folder level, every image file, all kept at their own size
+# when they share one.
+FOLDER_READING = 2
 
 
-def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_samples=0, seed=0):
+def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_samples=0, seed=0,
+                 reading=FOLDER_READING):
     """-> (train_images, train_labels, test_images, test_labels, class_names); images uint8 (N, 3, H, W).
 
     Images keep their own size when all of a split share one no larger than `img_size` (CIFAR: 32x32): batches are
@@ -34,7 +41,7 @@ def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_
             subset = images_hwc if len(keep) == len(labels) else images_hwc[keep.numpy()]
             splits.append((torch.from_numpy(subset).permute(0, 3, 1, 2).contiguous(), labels[keep]))
     elif os.path.isdir(dataset):
-        splits, classes = _load_folder(dataset, img_size, (train_samples, test_samples), seed)
+        splits, classes = _load_folder(dataset, img_size, (train_samples, test_samples), seed, reading)
     else:
         raise SystemExit(f"error: --dataset {dataset!r} is neither cifar10, cifar100 nor a folder; "
                          "a folder dataset needs train/<class>/* and test/<class>/* images")
@@ -66,7 +73,7 @@ def _load_cifar(name, data_dir):
     return [(split.data, torch.tensor(split.targets)) for split in (train, test)], list(train.classes)
 
 
-def _load_folder(root, img_size, samples, seed):
+def _load_folder(root, img_size, samples, seed, reading):
     split_dirs = [os.path.join(root, split) for split in ('train', 'test')]
     for split_dir in split_dirs:
         if not os.path.isdir(split_dir):
@@ -74,10 +81,10 @@ def _load_folder(root, img_size, samples, seed):
                 os.path.join(root, 'val')) else ''
             raise SystemExit(f"error: --dataset {root} has no {os.path.basename(split_dir)}/ folder{hint}; "
                              "a folder dataset needs train/<class>/* and test/<class>/* images")
-    classes = _class_folders(split_dirs[0])
+    classes = _class_folders(split_dirs[0], reading)
     if not classes:
         raise SystemExit(f"error: {split_dirs[0]} has no class folders; put each class's images in train/<class>/")
-    test_classes = _class_folders(split_dirs[1])
+    test_classes = _class_folders(split_dirs[1], reading)
     if test_classes != classes:
         only_train, only_test = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
         raise SystemExit(f"error: {split_dirs[0]} and {split_dirs[1]} need the same class folders, but "
@@ -88,7 +95,7 @@ def _load_folder(root, img_size, samples, seed):
     for split_dir, num_samples in zip(split_dirs, samples):
         paths, labels = [], []
         for label, name in enumerate(classes):
-            files = image_files(os.path.join(split_dir, name))
+            files = image_files(os.path.join(split_dir, name), reading)
             if not files:
                 raise SystemExit(f"error: class folder {os.path.join(split_dir, name)} has no images "
                                  f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder from both splits")
@@ -96,7 +103,7 @@ def _load_folder(root, img_size, samples, seed):
             labels += [label] * len(files)
         labels = torch.tensor(labels)
         keep = balanced_subset(labels, num_samples, seed)
-        splits.append((read_images([paths[i] for i in keep.tolist()], img_size), labels[keep]))
+        splits.append((read_images([paths[i] for i in keep.tolist()], img_size, reading), labels[keep]))
     return splits, classes
 
 
@@ -104,13 +111,22 @@ def _visible(name):
     return not name.startswith('.') and name != '__MACOSX'  # .DS_Store, ._x.jpg, .ipynb_checkpoints, macOS zips
 
 
-def _class_folders(split_dir):
-    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and _visible(entry.name))
+def _class_folders(split_dir, reading=FOLDER_READING):
+    folders = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    if reading < 2:
+        return folders
+    hidden = [name for name in folders if not _visible(name) and image_files(os.path.join(split_dir, name))]
+    if hidden and os.environ.get('RANK', '0') == '0':  # a class renamed '.cat' must not vanish without a word
+        print(f"warning: {split_dir}: hidden folders are not classes, left out with their images: "
+              f"{', '.join(hidden)}", file=sys.stderr, flush=True)
+    return [name for name in folders if _visible(name)]
 
 
-def image_files(folder):
+def image_files(folder, reading=FOLDER_READING):
     """The image files in `folder` and its subfolders (as torchvision's ImageFolder finds them), sorted; hidden files
     and folders left out."""
+    if reading < 2:
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
     found, seen = [], {os.path.realpath(folder)}
     for root, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = [d for d in sorted(dirs) if _visible(d) and os.path.realpath(os.path.join(root, d)) not in seen]
@@ -119,12 +135,12 @@ def image_files(folder):
     return found
 
 
-def read_images(paths, img_size):
+def read_images(paths, img_size, reading=FOLDER_READING):
     """Decode image files into one uint8 (N, 3, H, W) tensor, each written straight into its slot (no second copy
     of the split). Images that all share one size no larger than img_size keep it (CIFAR-like 32x32 images stay so
     for a 224 px model: batches are resized on the device); otherwise every image is resized to img_size x img_size as
     it is decoded, so a split never holds more than N x 3 x img_size^2 bytes, however large the files."""
-    images = _decode_all(paths, img_size, larger_only=True)
+    images = _decode_all(paths, img_size if reading >= 2 else None, larger_only=True)
     return images if images is not None else _decode_all(paths, img_size)
 
 
@@ -150,7 +166,7 @@ def _decode_all(paths, size, larger_only=False):
     while out is None and first < len(paths):
         fill(first)
         first += 1
-    if out is None or out.shape[2] * out.shape[3] <= 64 * 64:  # small (CIFAR): threads only contend for the GIL
+    if out is None or _pixels(paths[first - 1]) <= 64 * 64:  # small files (CIFAR): threads only contend for the GIL
         filled = all(map(fill, range(first, len(paths))))
     else:  # Pillow decodes and resizes a large image without holding the GIL
         with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
@@ -161,6 +177,12 @@ def _decode_all(paths, size, larger_only=False):
         raise SystemExit(f"error: cannot read {len(unreadable)} of {len(paths)} images: {'; '.join(unreadable[:3])}"
                          f"{f' and {len(unreadable) - 3} more' if len(unreadable) > 3 else ''}; remove or replace them")
     return torch.from_numpy(out)
+
+
+def _pixels(path):
+    """The file's own pixel count (its header only): what decoding costs, whatever the image is resized to."""
+    with Image.open(path) as image:
+        return image.width * image.height
 
 
 def read_image(path, size=None, larger_only=False):

@@ -224,6 +224,7 @@ def merge_resume(args, given, error):
     merged = dict(vars(args))
     merged.update({key: value for key, value in config.items() if key in merged and key not in given & may_change})
     merged['resume'] = run_dir
+    merged['folder_reading'] = config.get('folder_reading', 1)  # data.FOLDER_READING; runs before it was recorded: 1
     return argparse.Namespace(**merged)
 
 
@@ -313,7 +314,8 @@ def train_run(args, argv, mode, rank, world_size, device, held):
             config = dict({key: value for key, value in vars(args).items() if key not in ACTIONS}, mode=mode,
                           trainable_params=trainable, total_params=total, unfrozen_params=unfrozen,
                           num_classes=len(classes), classes=classes, world_size=world_size,
-                          prompt_impl=model.prompt_impl, **{f'{name}_images': len(split[1]) if split else 0
+                          prompt_impl=model.prompt_impl, folder_reading=folder_reading(args),
+                          **{f'{name}_images': len(split[1]) if split else 0
                                                             for name, split in splits.items()},
                           **provenance(args, argv, device))
             if args.resume:  # the run's first command and code stay on record; each resume is added
@@ -347,8 +349,8 @@ def load_splits(args, rank, world_size):
     """-> ({'train', 'val' (None without --val_split), 'test'}: (uint8 images, labels)), class names)."""
     import data
     if args.resume and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
-        raise SystemExit(f"error: the dataset folder of {args.resume}, {args.dataset}, is gone; if it moved, pass "
-                         f"--dataset NEW_PATH")
+        say_once(f"error: the dataset folder of {args.resume}, {args.dataset}, is gone; if it moved, pass "
+                 f"--dataset NEW_PATH (or, for a sweep's runs, link the old path to it)")
     train_images, train_labels, test_images, test_labels, classes = load_data_once(args, rank, world_size)
     for flag, asked, labels in (('train', args.train_samples, train_labels), ('test', args.test_samples, test_labels)):
         if asked > len(labels) and rank == 0:  # config.json keeps both numbers; the log should say it too
@@ -401,9 +403,9 @@ def check_same_data(args, splits, classes):
         if recorded is not None and count != recorded:
             differences.append(f"{name} has {count} images where the run had {recorded}")
     if differences:
-        raise SystemExit(f"error: --dataset {args.dataset} is not the data {args.resume} was trained on: "
-                         f"{'; '.join(differences)}; restore it (or pass --dataset with the run's copy), or train a "
-                         f"new run on this data")
+        say_once(f"error: --dataset {args.dataset} is not the data {args.resume} was trained on: "
+                 f"{'; '.join(differences)}; restore it (or pass --dataset with the run's copy), or train a new run "
+                 f"on this data")
 
 
 def checkpoint_path(args):
@@ -469,7 +471,8 @@ def predict(args, device):
         chunk, inputs = [], []
         for path in paths[start:start + args.batch_size]:
             try:
-                image = data.read_image(path, args.img_size, larger_only=True)  # as the run's folder images were
+                image = data.read_image(path, args.img_size if folder_reading(args) >= 2 else None,
+                                        larger_only=True)  # as the run's folder images were read
             except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError...
                 print(f"skipping {path}: cannot read it as an image ({type(e).__name__}: {e})", file=sys.stderr)
                 skipped += 1
@@ -639,11 +642,22 @@ def load_data_once(args, rank, world_size):
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if world_size > 1 and local_rank != 0:
         dist.barrier()
-    loaded = data.load_dataset(args.dataset, args.data_dir, args.img_size, args.train_samples,
-                               args.test_samples, args.data_seed)
+    try:
+        loaded = data.load_dataset(args.dataset, args.data_dir, args.img_size, args.train_samples,
+                                   args.test_samples, args.data_seed, folder_reading(args))
+    except SystemExit as error:  # a problem of the data, which every process then finds alike: said once
+        if world_size > 1 and local_rank == 0:
+            dist.barrier()  # release the processes waiting for this download or check; they fail the same way
+        say_once(str(error.code))
     if world_size > 1 and local_rank == 0:
         dist.barrier()
     return loaded
+
+
+def folder_reading(args):
+    """How a folder dataset is read (data.FOLDER_READING): a resumed run's own way, the current one for a new run."""
+    import data
+    return getattr(args, 'folder_reading', data.FOLDER_READING)
 
 
 def broadcast_run_dir(run_dir, world_size):

@@ -107,9 +107,10 @@ def splits_to_device(splits, device):
         return {name: None if split is None else tuple(t.to(device) for t in split) for name, split in splits.items()}
     except torch.cuda.OutOfMemoryError:
         size = sum(t.numel() * t.element_size() for split in splits.values() if split is not None for t in split)
-        raise SystemExit(f"error: out of GPU memory moving the dataset ({size / 2**30:.1f} GiB of uint8 images) onto "
-                         f"the device; keep fewer images with --train_samples/--test_samples, or pass a smaller "
-                         f"--img_size (a folder's images larger than it are shrunk as they are decoded)") from None
+        raise SystemExit(f"error: out of GPU memory moving the dataset ({size / 2**20:,.0f} MiB of uint8 images) "
+                         f"onto the device; a new run can keep fewer images (--train_samples/--test_samples) or a "
+                         f"smaller --img_size (a folder's larger images are shrunk as decoded); a run resumed or "
+                         f"evaluated needs a GPU with more free memory, or --device cpu") from None
 
 
 # ---------------------------------------------------------------- optimizer and schedule

@@ -190,6 +190,18 @@ def test_hidden_files_are_skipped_and_subfolders_searched(tmp_path):
     assert train_x[-1].flatten(1).T.unique(dim=0).tolist() == [[1, 2, 3]]  # more/deeper/x.png, sorted last
 
 
+def test_a_hidden_folder_with_images_is_named_when_left_out(tmp_path, capsys):
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b', 'c'), train_per_class=2, test_per_class=1, size=8)
+    os.makedirs(tmp_path / 'ds' / 'train' / '.ipynb_checkpoints')  # no images: left out quietly
+    for split in ('train', 'test'):
+        os.rename(tmp_path / 'ds' / split / 'c', tmp_path / 'ds' / split / '.c')
+    *_, classes = data.load_dataset(root, img_size=8)
+    assert classes == ['a', 'b']
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"warning: {os.path.join(root, split)}: hidden folders are not classes, left out with their images: .c"
+        for split in ('train', 'test')]
+
+
 def test_every_unreadable_image_is_named_in_one_error(tmp_path, monkeypatch):
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=3, test_per_class=1)
     for name in ('a/0001.png', 'b/0002.png'):
@@ -268,12 +280,17 @@ def test_cli_trains_on_cifar10_in_data_dir(fake_cifar10, tmp_path, capsys):
     assert '30 train / 8 test images, 10 classes' in out
 
 
-def test_large_images_decode_in_threads_into_their_slots(tmp_path):
-    """Images above 64x64 are decoded by a thread pool, each written into its own slot of one tensor."""
-    from PIL import Image
+@pytest.mark.parametrize('img_size', [96, 32])
+def test_large_images_decode_in_threads_into_their_slots(tmp_path, monkeypatch, img_size):
+    """Files above 64x64 are decoded by a thread pool (whatever size they are shrunk to: decoding is the cost), each
+    written into its own slot of one tensor."""
+    pools, pool = [], data.ThreadPoolExecutor
+    monkeypatch.setattr(data, 'ThreadPoolExecutor', lambda *a, **k: pools.append(a) or pool(*a, **k))
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=5, test_per_class=1, size=80)
-    train_x, train_y, _, _, _ = data.load_dataset(root, img_size=96)
-    assert train_x.shape == (10, 3, 80, 80) and train_y.tolist() == [0] * 5 + [1] * 5
+    train_x, train_y, _, _, _ = data.load_dataset(root, img_size=img_size)
+    assert len(pools) == 2  # train and test
+    side = min(80, img_size)
+    assert train_x.shape == (10, 3, side, side) and train_y.tolist() == [0] * 5 + [1] * 5
     for i, path in enumerate(sorted(os.listdir(os.path.join(root, 'train', 'b')))):
-        expected = np.asarray(Image.open(os.path.join(root, 'train', 'b', path)).convert('RGB')).transpose(2, 0, 1)
-        assert torch.equal(train_x[5 + i], torch.from_numpy(expected.copy()))
+        image = Image.open(os.path.join(root, 'train', 'b', path)).convert('RGB').resize((side, side), Image.BILINEAR)
+        assert torch.equal(train_x[5 + i], torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()))

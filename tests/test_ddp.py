@@ -81,3 +81,15 @@ def test_a_mistake_every_process_makes_is_said_once(dataset, tmp_path):
     out, err = process.communicate(timeout=120)
     assert process.returncode != 0
     assert err.count('error: --batch_size 7 does not divide by the 2 processes') == 1, err  # (torchrun adds its own report)
+
+
+def test_a_data_problem_under_torchrun_is_said_once(tmp_path):
+    """An unreadable image failed only the first process, and the other died on its barrier with a gloo traceback."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=8, test_per_class=2, size=16)
+    (tmp_path / 'ds' / 'train' / 'b' / '0003.png').write_bytes(b'not an image')
+    process = torchrun([*TINY, '--patch_size', 8, '--dataset', root, '--batch_size', 4, '--log_dir', tmp_path / 'logs'])
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert err.count('error: cannot read 1 of 16 images') == 1, err
+    assert 'Traceback' not in err.split('error: cannot read')[0] and 'Connection closed' not in err, err
+    assert not os.path.exists(tmp_path / 'logs') or os.listdir(tmp_path / 'logs') == []

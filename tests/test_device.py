@@ -135,5 +135,6 @@ def test_a_dataset_too_large_for_the_gpu_is_one_line():
     splits = dict(train=(HostTensor(30 * 2**30), HostTensor(8)), val=None, test=(HostTensor(3 * 2**30), HostTensor(8)))
     with pytest.raises(SystemExit) as error:
         train.splits_to_device(splits, torch.device('cuda'))
-    assert str(error.value).startswith('error: out of GPU memory moving the dataset (33.0 GiB of uint8 images) onto '
-                                       'the device; keep fewer images with --train_samples/--test_samples')
+    assert str(error.value).startswith('error: out of GPU memory moving the dataset (33,792 MiB of uint8 images) '
+                                       'onto the device; a new run can keep fewer images (--train_samples/')
+    assert str(error.value).endswith('a run resumed or evaluated needs a GPU with more free memory, or --device cpu')

@@ -252,7 +252,33 @@ def test_a_changed_dataset_is_refused_and_a_moved_one_accepted(tmp_path, capsys)
     os.rename(tmp_path / 'ds', tmp_path / 'moved')
     code, _, err = run_main(['--resume', run_dir, '--eval_only'], capsys)
     assert code == 1 and err.strip() == (f"error: the dataset folder of {run_dir}, {root}, is gone; if it moved, pass "
-                                         f"--dataset NEW_PATH")
+                                         f"--dataset NEW_PATH (or, for a sweep's runs, link the old path to it)")
     code, out, err = run_main(['--resume', run_dir, '--epoch', 2, '--dataset', tmp_path / 'moved'], capsys)
     assert code == 0 and 'epoch 2/2' in out, err
     assert json.loads((run_dir / 'config.json').read_text())['dataset'] == str(tmp_path / 'moved')
+
+
+def test_runs_made_before_folder_reading_2_read_their_folder_as_they_did(tmp_path, capsys, monkeypatch):
+    """Folder reading 2 searches subfolders and shrinks images larger than --img_size as decoded; a run recorded
+    without 'folder_reading' was read by 1 (one level, own size), and must still resume and evaluate on exactly that."""
+    import data
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=4, test_per_class=2, size=64)
+    code, _, err = run_main(tiny_run(root, tmp_path / 'logs', 'old', '--patch_size', 8), capsys)
+    assert code == 0, err
+    run_dir = tmp_path / 'logs' / 'old'
+    config = json.loads((run_dir / 'config.json').read_text())
+    assert config['folder_reading'] == data.FOLDER_READING == 2
+    del config['folder_reading']  # as a run written before the reading was recorded
+    (run_dir / 'config.json').write_text(json.dumps(config))
+    os.makedirs(tmp_path / 'ds' / 'train' / 'a' / 'later')
+    (tmp_path / 'ds' / 'train' / 'a' / 'later' / 'x.png').write_bytes((tmp_path / 'ds' / 'train' / 'a' / '0000.png').read_bytes())
+    loaded, load = [], data.load_dataset
+    monkeypatch.setattr(data, 'load_dataset', lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)
+    assert code == 0, err
+    train_images, train_labels = loaded[-1][:2]
+    assert train_images.shape == (8, 3, 64, 64) and len(train_labels) == 8  # own size, one level: as it was trained
+    assert json.loads((run_dir / 'config.json').read_text())['folder_reading'] == 1  # and stays on record
+    code, _, err = run_main(tiny_run(root, tmp_path / 'logs', 'new', '--patch_size', 8), capsys)
+    assert code == 0, err
+    assert loaded[-1][0].shape == (9, 3, 32, 32)  # a new run reads by 2: the subfolder's image, shrunk to 32
