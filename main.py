@@ -157,6 +157,12 @@ def parse_args(argv=None):
     given = explicit_flags(parser, argv)
     if args.resume is not None and not args.resume.strip():
         error("--resume needs a run directory such as logs/<run>, got an empty string")
+    if not args.resume and args.dataset not in CIFAR and not os.path.isdir(args.dataset):  # before torch loads
+        error(f"--dataset {args.dataset!r} is neither cifar10, cifar100 nor a folder; a folder dataset needs "
+              f"train/<class>/* and test/<class>/* images")
+    if args.weights and not os.path.isfile(args.weights):
+        error(f"--weights {args.weights}: no such file; pass a timm checkpoint (.safetensors, .pth or .bin) or a JAX "
+              f".npz (ViT-B_16.npz)")
     # paths are stored absolute, so that a run resumes, evaluates and predicts from any working directory
     if args.dataset not in CIFAR and os.path.isdir(args.dataset):
         args.dataset = os.path.abspath(args.dataset)

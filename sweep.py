@@ -252,8 +252,11 @@ def open_sweep(sweep_dir, definition, command):
     if saved is not None:
         changed = [key for key in definition if json.dumps(saved.get(key)) != json.dumps(definition[key])]
         if changed:
+            unstarted = not set(os.listdir(sweep_dir)) - {'sweep.json', 'sweep.lock'}  # as --print_commands leaves it
             fail(f"{sweep_dir} holds another sweep (its {', '.join(changed)} differ); re-launch it with its own "
-                 f"command ({saved.get('command')}) or pick another --name")
+                 f"command ({saved.get('command')}) or pick another --name"
+                 + (f"; none of its runs has started: if its printed commands will never run, remove {sweep_dir}"
+                    if unstarted else ''))
         return saved
     if os.path.exists(path):
         fail(f"cannot read {path}; repair or remove it, or pick another --name")

@@ -66,6 +66,8 @@ def at_best_val(run_dir):
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--bogus', '1'], 'unrecognized arguments: --bogus'),
     (['--val_split', 0.1, '--', '--lr', '1e-3'], '--grid is required'),
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--gpus', '0,,1'], '--gpus'),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--dataset', 'nowhere'], "--dataset 'nowhere' is neither"),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--weights', 'ViT-B_16.npz'], '--weights ViT-B_16.npz: no such'),
 ])
 def test_mistakes_get_one_line_and_create_nothing(tmp_path, argv, expected):
     split = argv.index('--') if '--' in argv else len(argv)
@@ -305,6 +307,8 @@ def test_print_commands_for_a_scheduler_then_collect(tiny_dataset, tmp_path):
     refused = run_sweep([*sweep_argv[:1], 'lr=1e-2', *sweep_argv[2:], '--print_commands', *main_argv])
     assert refused.returncode != 0 and 'holds another sweep (its grid differ)' in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.strip().endswith(f"none of its runs has started: if its printed commands will never run, "
+                                           f"remove {tmp_path / 's'}")  # a typo in a dry run: the way out
 
     # a scheduler runs them (here: both at once)
     children = [subprocess.Popen([sys.executable, *shlex.split(command)[1:]], stdout=subprocess.DEVNULL,
