@@ -485,8 +485,10 @@ def end_trial(sweep_dir, trial, child, started):
         detail = f"best val acc {row['best_val_acc']:.2f}% at epoch {row['best_val_epoch']}"
     elif row['status'] in ('failed', 'diverged'):
         detail = f"exit {row['exit_code']}: {row['message']}"
-    else:
+    elif os.path.isfile(os.path.join(sweep_dir, trial['name'], 'state.pt')):
         detail = f"after epoch {row['epochs_done'] or 0}, resumable"
+    else:  # stopped before its first checkpoint (still importing, say): a re-launch starts it afresh
+        detail = "stopped before its first checkpoint, starts afresh on a re-launch"
     say(sweep_dir, f"end    {trial['name']}: {row['status']}, {detail} ({time.time() - started:.0f} s)")
 
 

@@ -249,6 +249,25 @@ def slower_dataset(tmp_path_factory):
     return write_folder_dataset(tmp_path_factory.mktemp('sweep_data') / 'data', train_per_class=48, test_per_class=8)
 
 
+def test_a_trial_stopped_before_its_first_checkpoint_is_not_called_resumable(tiny_dataset, tmp_path):
+    """Ctrl-C while a trial still imports torch: it has nothing to resume, and its end line says so."""
+    import time
+    argv = ['--grid', 'lr=1e-3', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's', '--',
+            *tiny(tiny_dataset)]
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, 'sweep.py'), *map(str, argv)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED='1', **ENV))
+    log = tmp_path / 's' / 'sweep.log'
+    while not (log.exists() and 'start  grid_lr=1e-3' in log.read_text()) and process.poll() is None:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)  # the trial is still importing torch (seconds), far from a checkpoint
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert not os.path.exists(tmp_path / 's' / 'grid_lr=1e-3' / 'state.pt')
+    assert ('end    grid_lr=1e-3: missing, stopped before its first checkpoint, starts afresh on a re-launch'
+            in log.read_text()), log.read_text()
+
+
 def test_interrupted_sweep_relaunched_skips_finished_and_resumes(slower_dataset, tmp_path):
     argv = ['--grid', 'prompt_dropout=0.1', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's',
             '--', *tiny(slower_dataset, epochs=3)]
