@@ -321,8 +321,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                           trainable_params=trainable, total_params=total, unfrozen_params=unfrozen,
                           num_classes=len(classes), classes=classes, world_size=world_size,
                           prompt_impl=model.prompt_impl, folder_reading=folder_reading(args),
-                          **{f'{name}_images': len(split[1]) if split else 0
-                                                            for name, split in splits.items()},
+                          **{f'{name}_images': len(split[1]) if split else 0 for name, split in splits.items()},
                           **provenance(args, argv, device))
             if args.resume:  # the run's first command and code stay on record; each resume is added
                 previous = read_json(os.path.join(run_dir, 'config.json'))

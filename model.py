@@ -101,12 +101,14 @@ def _check_fit(vit, load_report, problem):
     if not missing and not unexpected:
         return
     listed = lambda keys: ', '.join(keys[:3]) + (f' and {len(keys) - 3} more' if len(keys) > 3 else '')
-    found = '; '.join(text for text in (missing and f"the model's {listed(missing)} are not in it",
-                                        unexpected and f"it holds {listed(unexpected)}, which the model has no place for")
-                      if text)
+    found = []
+    if missing:
+        found.append(f"the model's {listed(missing)} are not in it")
+    if unexpected:
+        found.append(f"it holds {listed(unexpected)}, which the model has no place for")
     if any(key.startswith(('vit.', 'prompts.')) for key in unexpected):
-        found += " (a vpt run's checkpoint: use it with --resume RUN)"
-    raise SystemExit(f"error: {problem}: {found}")
+        found[-1] += " (a vpt run's checkpoint: use it with --resume RUN)"
+    raise SystemExit(f"error: {problem}: {'; '.join(found)}")
 
 
 def _npz_state_dict(model_name, weights, num_classes):

@@ -102,10 +102,11 @@ def test_jax_npz_weights_load_as_the_same_state_dict_would(tmp_path):
 def test_weights_that_leave_tensors_unloaded_are_refused(tmp_path, change):
     """timm loads non-strictly when the head changes size and only logs what it could not place: a file that would
     leave backbone tensors at their random init, or drop some of its own, is refused with one line instead."""
-    if change == 'vpt_run':  # a run's trainable.safetensors is prompts + head (+ the backbone with --full): not a backbone
+    if change == 'vpt_run':  # a run's trainable.safetensors (prompts + head, + the backbone with --full): not a backbone
         model = PromptedViT(timm.create_model('test_vit', num_classes=3), 4)
         state = {'vit.' + name: tensor for name, tensor in model.vit.state_dict().items()}
-        expected = ["the model's cls_token", 'it holds vit.cls_token', "a vpt run's checkpoint: use it with --resume RUN"]
+        expected = ["the model's cls_token", 'it holds vit.cls_token',
+                    "a vpt run's checkpoint: use it with --resume RUN"]
     else:
         kwargs = dict(deeper=dict(depth=7), shallower=dict(depth=5), avg_pool_norm=dict(global_pool='avg'))[change]
         state = timm.create_model('test_vit', **kwargs).state_dict()

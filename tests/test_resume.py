@@ -1,6 +1,7 @@
 """Checkpoints, exact resume, signals, non-finite loss, --eval_only."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,7 +245,7 @@ def test_a_changed_dataset_is_refused_and_a_moved_one_accepted(tmp_path, capsys)
             f"restore it (or pass --dataset with the run's copy), or train a new run on this data"], err
     for split in ('train', 'test'):
         os.rename(tmp_path / 'ds' / split / 'tiger', tmp_path / 'ds' / split / 'cat')
-    (tmp_path / 'ds' / 'test' / 'dog' / 'extra.png').write_bytes((tmp_path / 'ds' / 'test' / 'dog' / '0000.png').read_bytes())
+    shutil.copy(tmp_path / 'ds' / 'test' / 'dog' / '0000.png', tmp_path / 'ds' / 'test' / 'dog' / 'extra.png')
     code, _, err = run_main(['--resume', run_dir, '--eval_only'], capsys)
     assert code == 1 and 'test has 7 images where the run had 6' in err, err
     assert files(run_dir) == before
@@ -271,7 +272,7 @@ def test_runs_made_before_folder_reading_2_read_their_folder_as_they_did(tmp_pat
     del config['folder_reading']  # as a run written before the reading was recorded
     (run_dir / 'config.json').write_text(json.dumps(config))
     os.makedirs(tmp_path / 'ds' / 'train' / 'a' / 'later')
-    (tmp_path / 'ds' / 'train' / 'a' / 'later' / 'x.png').write_bytes((tmp_path / 'ds' / 'train' / 'a' / '0000.png').read_bytes())
+    shutil.copy(tmp_path / 'ds' / 'train' / 'a' / '0000.png', tmp_path / 'ds' / 'train' / 'a' / 'later' / 'x.png')
     loaded, load = [], data.load_dataset
     monkeypatch.setattr(data, 'load_dataset', lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
     code, _, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)
