@@ -116,7 +116,7 @@ def _class_folders(split_dir, reading=FOLDER_READING):
     if reading < 2:
         return folders
     hidden = [name for name in folders if not _visible(name) and image_files(os.path.join(split_dir, name))]
-    if hidden and os.environ.get('RANK', '0') == '0':  # a class renamed '.cat' must not vanish without a word
+    if hidden and os.environ.get('LOCAL_RANK', '0') == '0':  # a class renamed '.cat' must not vanish without a word
         print(f"warning: {split_dir}: hidden folders are not classes, left out with their images: "
               f"{', '.join(hidden)}", file=sys.stderr, flush=True)
     return [name for name in folders if _visible(name)]

@@ -141,8 +141,9 @@ def make_parser():
 
 
 def say_once(message, code=1):
-    """Exit with a one-line error that every torchrun process finds alike: rank 0 prints it, the others are quiet."""
-    if os.environ.get('RANK', '0') == '0':
+    """Exit with a one-line error that every torchrun process finds alike: the first process on each machine prints
+    it (every machine's log says why it stopped; one machine's copy of the data may differ), the others are quiet."""
+    if os.environ.get('LOCAL_RANK', '0') == '0':
         print(message, file=sys.stderr)
     sys.exit(code)
 
@@ -157,12 +158,6 @@ def parse_args(argv=None):
     given = explicit_flags(parser, argv)
     if args.resume is not None and not args.resume.strip():
         error("--resume needs a run directory such as logs/<run>, got an empty string")
-    if not args.resume and args.dataset not in CIFAR and not os.path.isdir(args.dataset):  # before torch loads
-        error(f"--dataset {args.dataset!r} is neither cifar10, cifar100 nor a folder; a folder dataset needs "
-              f"train/<class>/* and test/<class>/* images")
-    if args.weights and not os.path.isfile(args.weights):
-        error(f"--weights {args.weights}: no such file; pass a timm checkpoint (.safetensors, .pth or .bin) or a JAX "
-              f".npz (ViT-B_16.npz)")
     # paths are stored absolute, so that a run resumes, evaluates and predicts from any working directory
     if args.dataset not in CIFAR and os.path.isdir(args.dataset):
         args.dataset = os.path.abspath(args.dataset)
@@ -180,6 +175,12 @@ def parse_args(argv=None):
         error(f"--{'eval_only' if args.eval_only else 'predict'} needs --resume RUN_DIR: the run whose model to use")
     if args.eval_only and args.predict:
         error("--eval_only and --predict are two actions; run them one at a time")
+    if (not args.resume or 'dataset' in given) and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
+        error(f"--dataset {args.dataset!r} is neither cifar10, cifar100 nor a folder; a folder dataset needs "
+              f"train/<class>/* and test/<class>/* images")  # before torch loads (and before sweep.py starts)
+    if 'weights' in given and not os.path.isfile(args.weights):
+        error(f"--weights {args.weights}: no such file; pass a timm checkpoint (.safetensors, .pth or .bin) or a JAX "
+              f".npz (ViT-B_16.npz)")
     if 'checkpoint' in given and not (args.eval_only or args.predict):
         error("--checkpoint goes with --eval_only or --predict")
     if args.out and not args.predict:

@@ -414,6 +414,13 @@ def stale_finals(sweep_dir, winner, trials2):
 # ---------------------------------------------------------------- running trials
 
 
+def read_old_way(sweep_dir, trial):
+    """Whether the trial's run read its dataset folder by main.py's folder reading 1 (its config.json predates the
+    record): a sweep mixing it with runs started now would compare runs on other images."""
+    config = read_json(os.path.join(sweep_dir, trial['name'], 'config.json')) or {}
+    return bool(config) and 'folder_reading' not in config and config.get('dataset') not in vpt.CIFAR
+
+
 def say(sweep_dir, message):
     print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
     with open(os.path.join(sweep_dir, 'sweep.log'), 'a') as f:
@@ -680,6 +687,14 @@ def main(argv=None):
     grid_size = len(list(itertools.product(*definition['grid'].values())))
     say(sweep_dir, f"sweep {sweep_dir}: stage 1, {grid_size} grid points; then stage 2, {definition['seeds']} seeds")
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
+    old_reading = [trial['name'] for trial in trials1 + trials2 if read_old_way(sweep_dir, trial)]
+    fresh = [trial for trial in trials1 + trials2
+             if not os.path.isfile(os.path.join(sweep_dir, trial['name'], 'config.json'))]
+    if old_reading and fresh:
+        say(sweep_dir, f"warning: {', '.join(old_reading)} read the dataset folder as vpt did before it recorded "
+                       f"folder_reading (one level, every file, images at their own size); a trial started now reads "
+                       f"it as main.py does today, which may be other images: for numbers that compare, start this "
+                       f"sweep afresh under another --name")
     run_trials(sweep_dir, meta, base_seed, trials1, gpus, not device_given)
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
     stale = stale_finals(sweep_dir, winner, trials2) if trials2 else []

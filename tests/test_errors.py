@@ -133,6 +133,36 @@ def test_weights_of_another_architecture(cli):
     assert 'blocks.' in line or 'patch_embed' in line or 'cls_token' in line
 
 
+def test_paths_are_checked_before_torch_loads_and_in_order(tmp_path, capsys):
+    """A missing --dataset folder or --weights file is a usage error of parse_args (so sweep.py refuses it before
+    writing anything); with --resume, a typo in a --dataset given for a moved copy is named as such."""
+    import main
+    for argv, expected in (
+            (['--dataset', 'nowhere'], "--dataset 'nowhere' is neither cifar10, cifar100 nor a folder"),
+            (['--weights', 'nope.npz'], '--weights nope.npz: no such file'),
+            (['--eval_only', '--dataset', 'nowhere'], '--eval_only needs --resume RUN_DIR'),
+            (['--resume', tmp_path / 'run', '--dataset', 'nowhere'], "--dataset 'nowhere' is neither")):
+        os.makedirs(tmp_path / 'run', exist_ok=True)
+        for name in ('config.json', 'state.pt'):
+            (tmp_path / 'run' / name).write_text('{}')
+        with pytest.raises(SystemExit) as error:
+            main.parse_args([str(arg) for arg in argv])
+        assert error.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and expected in err, err
+
+
+def test_a_data_error_is_said_by_the_first_process_of_every_machine(monkeypatch, capsys):
+    """Under torchrun on several machines, the one whose copy of the data is bad must say why it stopped."""
+    import main
+    for rank, local_rank, printed in (('0', '0', True), ('3', '0', True), ('1', '1', False)):
+        monkeypatch.setenv('RANK', rank)
+        monkeypatch.setenv('LOCAL_RANK', local_rank)
+        with pytest.raises(SystemExit):
+            main.say_once('error: cannot read 1 of 25 images')
+        assert (capsys.readouterr().err == 'error: cannot read 1 of 25 images\n') == printed
+
+
 def test_dataset_folder_without_splits(cli):
     os.makedirs(cli.tmp_path / 'flat' / 'cat')
     cli('--dataset', cli.tmp_path / 'flat', expect=['no train/ folder', 'train/<class>'])

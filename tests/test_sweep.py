@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -266,6 +267,25 @@ def test_a_trial_stopped_before_its_first_checkpoint_is_not_called_resumable(tin
     assert not os.path.exists(tmp_path / 's' / 'grid_lr=1e-3' / 'state.pt')
     assert ('end    grid_lr=1e-3: missing, stopped before its first checkpoint, starts afresh on a re-launch'
             in log.read_text()), log.read_text()
+
+
+def test_a_sweep_mixing_old_and_new_folder_reading_says_so(tiny_dataset, tmp_path):
+    """A sweep begun before main.py recorded folder_reading, re-launched now: its new trials may read other images."""
+    argv = ['--grid', 'lr=1e-3', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's', '--',
+            *tiny(tiny_dataset, epochs=1)]
+    assert run_sweep(argv).returncode == 0
+    config_path = tmp_path / 's' / 'grid_lr=1e-3' / 'config.json'
+    config = json.loads(config_path.read_text())
+    del config['folder_reading']  # as main.py wrote it before
+    config_path.write_text(json.dumps(config))
+    result = run_sweep(argv)  # everything finished: nothing new starts, nothing to say
+    assert result.returncode == 0 and 'warning' not in result.stdout
+    shutil.rmtree(tmp_path / 's' / 'final_seed=1')
+    os.remove(tmp_path / 's' / 'logs' / 'final_seed=1.log')
+    result = run_sweep(argv)
+    assert result.returncode == 0, result.stderr
+    assert ('warning: grid_lr=1e-3 read the dataset folder as vpt did before it recorded folder_reading'
+            in result.stdout), result.stdout
 
 
 def test_interrupted_sweep_relaunched_skips_finished_and_resumes(slower_dataset, tmp_path):
