@@ -271,8 +271,8 @@ def crop_flip(images, shifts, flips, pad=4):
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def train_batches(images, labels, batch_size, generator, preprocess, rank=0, world_size=1):
-    """One epoch of augmented training batches: (model input, labels) for this rank.
+def train_batches(images, labels, batch_size, generator, preprocess, rank=0, world_size=1, augment=True):
+    """One epoch of training batches, augmented unless `augment` is False: (model input, labels) for this rank.
 
     `batch_size` is the global batch. The permutation and the crop/flip draws of the whole epoch come from the CPU
     `generator` (so the images and their order do not depend on the device, or on how many there are, and its state
@@ -283,10 +283,15 @@ def train_batches(images, labels, batch_size, generator, preprocess, rank=0, wor
     steps, device = len(labels) // batch_size, images.device
     pad = min(images.shape[-2:]) // 8
     order = torch.randperm(len(labels), generator=generator)[:steps * batch_size].view(steps, batch_size)
+    local = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+    order = order[:, local].to(device)
+    if not augment:
+        for step in range(steps):
+            yield model_input(images[order[step]], *preprocess), labels[order[step]]
+        return
     shifts = torch.randint(0, 2 * pad + 1, (steps, batch_size, 2), generator=generator)
     flips = torch.randint(0, 2, (steps, batch_size), generator=generator, dtype=torch.bool)
-    local = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
-    order, shifts, flips = (t[:, local].to(device) for t in (order, shifts, flips))
+    shifts, flips = (t[:, local].to(device) for t in (shifts, flips))
     for step in range(steps):
         index = order[step]
         yield model_input(crop_flip(images[index], shifts[step], flips[step], pad), *preprocess), labels[index]

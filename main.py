@@ -117,6 +117,9 @@ def make_parser():
     add('--data_dir', default='./data', help='where CIFAR is found or downloaded (default ./data)')
     add('--train_samples', type=int_at_least(0), default=0, help='use a class-balanced subset (0: all; see --data_seed)')
     add('--test_samples', type=int_at_least(0), default=0, help='likewise for the test set (0: all)')
+    add('--augment', type=str2bool, default=True,
+        help='random crop (zero padding of 1/8 of the side) and horizontal flip of the training images; False: none '
+             '(as official VPT trains on VTAB)')
     add('--val_split', type=fraction, default=0.0,
         help='hold out this class-stratified fraction of the training images for validation (never trained on or '
              'augmented; see --data_seed); best.safetensors keeps the best-val epoch, summary.json its test accuracy')

@@ -448,7 +448,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             if device.type == 'cuda':
                 torch.cuda.reset_peak_memory_stats(device)
             batches = data.train_batches(train_images, train_labels, args.batch_size, generator, preprocess, rank,
-                                         world_size)
+                                         world_size, args.augment)
             try:
                 with explain_out_of_memory(args.batch_size, args.amp, f'in training epoch {epoch}'):
                     train = train_epoch(net, optimizer, scheduler, batches, steps_per_epoch, args.amp, stop,

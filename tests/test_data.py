@@ -64,6 +64,19 @@ def test_train_batches_are_seeded_permutations():
         assert torch.equal(x[:, 0, 4, 4], y.float() / 255)
 
 
+def test_augment_false_gives_the_same_order_unaltered():
+    """--augment False (official VPT on VTAB): the epoch's permutation as with augmentation, each image untouched."""
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(40)
+    identity = ((0.,) * 3, (1.,) * 3, None)
+    plain = list(data.train_batches(images, labels, 16, torch.Generator().manual_seed(2), identity, augment=False))
+    augmented = list(data.train_batches(images, labels, 16, torch.Generator().manual_seed(2), identity))
+    assert [y.tolist() for _, y in plain] == [y.tolist() for _, y in augmented]
+    for x, y in plain:
+        assert torch.equal(x, images[y].float() / 255)
+    assert any(not torch.equal(x, images[y].float() / 255) for x, y in augmented)  # crops and flips, by contrast
+
+
 def test_epoch_order_is_drawn_on_the_cpu():
     """The permutation comes from a CPU generator whatever the device, so a run resumed on another device (or on
     8 GPUs instead of 1) sees the same images in the same order; a CUDA generator would draw another sequence."""

@@ -103,6 +103,16 @@ def test_val_split_rounding_per_class_is_said(tmp_path, capsys):
     assert '2 of 5 training images (40.0%) and no image of 1 of the 3 classes: it is rounded' in capsys.readouterr().err
 
 
+def test_augment_false_reaches_the_training_batches(tiny_dataset, tmp_path, capsys, monkeypatch):
+    import data
+    seen, batches = [], data.train_batches
+    monkeypatch.setattr(data, 'train_batches', lambda *a: seen.append(a[7]) or batches(*a))
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 16, '--augment', 'False',
+                             '--log_dir', tmp_path, '--name', 'plain'], capsys)
+    assert code == 0, err
+    assert seen == [False] and json.loads((tmp_path / 'plain' / 'config.json').read_text())['augment'] is False
+
+
 def test_more_samples_than_images_is_said(tmp_path, capsys):
     import main
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=3, test_per_class=2, size=8)
