@@ -414,13 +414,6 @@ def stale_finals(sweep_dir, winner, trials2):
 # ---------------------------------------------------------------- running trials
 
 
-def read_old_way(sweep_dir, trial):
-    """Whether the trial's run read its dataset folder by main.py's folder reading 1 (its config.json predates the
-    record): a sweep mixing it with runs started now would compare runs on other images."""
-    config = read_json(os.path.join(sweep_dir, trial['name'], 'config.json')) or {}
-    return bool(config) and 'folder_reading' not in config and config.get('dataset') not in vpt.CIFAR
-
-
 def say(sweep_dir, message):
     print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
     with open(os.path.join(sweep_dir, 'sweep.log'), 'a') as f:
@@ -687,10 +680,13 @@ def main(argv=None):
     grid_size = len(list(itertools.product(*definition['grid'].values())))
     say(sweep_dir, f"sweep {sweep_dir}: stage 1, {grid_size} grid points; then stage 2, {definition['seeds']} seeds")
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
-    old_reading = [trial['name'] for trial in trials1 + trials2 if read_old_way(sweep_dir, trial)]
-    fresh = [trial for trial in trials1 + trials2
-             if not os.path.isfile(os.path.join(sweep_dir, trial['name'], 'config.json'))]
-    if old_reading and fresh:
+    # a run whose config.json predates main.py's folder_reading read its folder the old way; trials started beside it
+    # now would be compared on other images
+    configs = {trial['name']: read_json(os.path.join(sweep_dir, trial['name'], 'config.json'))
+               for trial in trials1 + trials2}
+    old_reading = [name for name, config in configs.items()
+                   if config and 'folder_reading' not in config and config.get('dataset') not in vpt.CIFAR]
+    if old_reading and None in configs.values():
         say(sweep_dir, f"warning: {', '.join(old_reading)} read the dataset folder as vpt did before it recorded "
                        f"folder_reading (one level, every file, images at their own size); a trial started now reads "
                        f"it as main.py does today, which may be other images: for numbers that compare, start this "
