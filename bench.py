@@ -30,6 +30,14 @@ FLOP convention (analytic, so that TFLOP/s and MFU compare across --prompt_impl 
 Peak memory is torch.cuda.max_memory_allocated, reset at the start of each mode (weights, optimizer state,
 activations and the synthetic data pool held on the device); n/a on CPU.
 Epoch estimate = 50,000 / train images/s + 10,000 / eval images/s (a CIFAR-10 epoch plus its test pass).
+
+--profile True: after each mode's timed steps, torch.profiler records PROFILE_STEPS more and bench.py prints where a
+step's time goes. Each op's own time (on CUDA: the time of the kernels it launched) is put under the first that fits:
+data (building the batch: gather, crop, flip, normalise), optimizer (inside optimizer.step/zero_grad), matmul (mm,
+addmm, bmm, linear, the patch-embedding convolution), attention (every SDPA kernel, forward and backward), and
+elementwise (the rest: norms, GELU, adds, copies; under --compile, inductor's fused Triton kernels). idle is the
+step's wall time outside them: on CUDA the GPU waiting for Python, launches or a sync; on the CPU, Python itself.
+The profiled steps are a little slower than the timed ones (the profiler's own cost).
 """
 import argparse
 import gc
@@ -55,6 +63,11 @@ CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 MODES = {'P': (False, True), 'F': (True, False), 'P+F': (True, True)}  # name -> (full, with prompts)
 # dense bf16 tensor-core peak, TFLOP/s; first match of the key in the device name wins
 PEAK_BF16_TFLOPS = [('H100 PCIe', 756), ('H100 NVL', 835), ('H100', 989), ('H200', 989), ('A100', 312)]
+PROFILE_STEPS = 10
+PROFILE_KINDS = ('matmul', 'attention', 'elementwise', 'optimizer', 'data', 'idle')
+MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::matmul', 'aten::linear', 'aten::addmv',
+              'aten::mv', 'aten::_addmm_activation', 'aten::_scaled_mm', 'aten::convolution', 'aten::_convolution',
+              'aten::cudnn_convolution', 'aten::mkldnn_convolution', 'aten::convolution_backward')
 
 
 # ---------------------------------------------------------------- analytic FLOPs
@@ -135,6 +148,74 @@ def set_tf32(matmul, cudnn):
     return previous
 
 
+# ---------------------------------------------------------------- where the time goes (--profile)
+
+
+def op_kind(event):
+    """The PROFILE_KINDS entry of one profiler op event (see the module docstring), by its enclosing ranges first."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == 'data':
+            return 'data'
+        if parent.name.startswith('Optimizer.'):
+            return 'optimizer'
+        parent = parent.cpu_parent
+    name, lowered = event.name, event.name.lower()
+    if name == 'data':
+        return 'data'
+    if name.startswith('Optimizer.'):
+        return 'optimizer'
+    if name in MATMUL_OPS or 'mmbackward' in lowered or 'convolutionbackward' in lowered:
+        return 'matmul'
+    if 'attention' in lowered or 'sdpa' in lowered:
+        return 'attention'
+    return 'elementwise'
+
+
+def time_by_kind(events, on_gpu, wall_us):
+    """{kind: microseconds} over the profiled events: each op's own time (on a GPU, its own kernels') under its kind;
+    'idle' is what the wall time `wall_us` leaves."""
+    totals = dict.fromkeys(PROFILE_KINDS, 0.0)
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # kernels count through the op that launched them
+        if on_gpu:
+            own = getattr(event, 'self_device_time_total', None)
+            own = event.self_cuda_time_total if own is None else own
+        else:
+            own = event.self_cpu_time_total
+        if own > 0:
+            totals[op_kind(event)] += own
+    totals['idle'] = max(0.0, wall_us - sum(totals.values()))
+    return totals
+
+
+def labelled(batches, label):
+    """`batches`, with the work of producing each one recorded as the profiler range `label`."""
+    iterator = iter(batches)
+    while True:
+        with torch.profiler.record_function(label):
+            batch = next(iterator, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def profile_steps(train_steps, device):
+    """PROFILE_STEPS training steps under torch.profiler -> dict(steps, ms_per_step, ms_by_kind)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == 'cuda':
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        train_steps(PROFILE_STEPS, label='data')
+        sync(device)
+        wall_us = (time.perf_counter() - start) * 1e6
+    totals = time_by_kind(profiler.events(), device.type == 'cuda', wall_us)
+    return dict(steps=PROFILE_STEPS, ms_per_step=wall_us / 1e3 / PROFILE_STEPS,
+                ms_by_kind={kind: us / 1e3 / PROFILE_STEPS for kind, us in totals.items()})
+
+
 # ---------------------------------------------------------------- the optimised modes
 
 
@@ -160,9 +241,11 @@ def run_mode(name, args, device, pool, test_set, stop):
     preprocess = data.preprocessing(model.vit.pretrained_cfg, device, IMG_SIZE)
     generator = torch.Generator().manual_seed(0)
 
-    def train_steps(steps):  # one train.train_epoch over exactly `steps` batches of the pool
+    def train_steps(steps, label=None):  # one train.train_epoch over exactly `steps` batches of the pool
         images, labels = pool[0][:steps * args.batch_size], pool[1][:steps * args.batch_size]
         batches = data.train_batches(images, labels, args.batch_size, generator, preprocess)
+        if label:
+            batches = labelled(batches, label)
         result = train.train_epoch(model, optimizer, scheduler, batches, steps, args.amp, stop, desc=name)
         if result is None:
             raise KeyboardInterrupt
@@ -177,6 +260,7 @@ def run_mode(name, args, device, pool, test_set, stop):
     mean_loss, _ = train_steps(args.steps)  # returns host numbers: synced
     train_s = time.perf_counter() - start
     peak_gib = peak_memory_gib(device)
+    profiled = profile_steps(train_steps, device) if args.profile else None
 
     test_images, test_labels = test_set
     warm = args.batch_size * args.warmup
@@ -191,7 +275,8 @@ def run_mode(name, args, device, pool, test_set, stop):
         torch._dynamo.reset()
     return dict(full=full, prompts=num_prompts, trainable_params=trainable, total_params=total,
                 train_img_s=args.steps * args.batch_size / train_s, eval_img_s=(len(test_labels) - warm) / eval_s,
-                peak_mem_gib=peak_gib, warmup_s=warmup_s, train_s=train_s, eval_s=eval_s, mean_train_loss=mean_loss)
+                peak_mem_gib=peak_gib, warmup_s=warmup_s, train_s=train_s, eval_s=eval_s, mean_train_loss=mean_loss,
+                profile=profiled)
 
 
 # ---------------------------------------------------------------- the seed's recipe (baseline)
@@ -270,9 +355,7 @@ def fmt(value, spec, missing='n/a'):
     return missing if value is None else format(value, spec)
 
 
-def print_table(rows):
-    columns = [('mode', '<'), ('batch', '>'), ('train img/s', '>'), ('eval img/s', '>'), ('epoch s', '>'),
-               ('peak GiB', '>'), ('train TFLOP/s', '>'), ('MFU', '>'), ('fwd GFLOP/img', '>'), ('speed-up', '>')]
+def print_table(columns, rows):
     widths = [max(len(title), *(len(row[i]) for row in rows)) for i, (title, _) in enumerate(columns)]
     line = lambda cells: '  '.join(format(c, f'{a}{w}') for c, (_, a), w in zip(cells, columns, widths)).rstrip()
     print(line([title for title, _ in columns]))
@@ -299,6 +382,8 @@ def make_parser():
     add('--compile', type=str2bool, default=False, help='torch.compile the model after set_trainable')
     add('--amp', type=str2bool, default=True, help='bf16 autocast on CUDA (default True)')
     add('--device', type=device_flag, default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
+    add('--profile', type=str2bool, default=False,
+        help=f'after each mode, profile {PROFILE_STEPS} more train steps and print where their time goes')
     add('--peak_tflops', type=float, default=None, help='dense bf16 peak TFLOP/s for MFU (default: by device name)')
     add('--json', default=None, metavar='FILE',
         help='also write every number to FILE as JSON (a new file; missing parent folders are made)')
@@ -417,10 +502,22 @@ def main(argv=None):
                      f"{r['fwd_gflop_naive']:.4g}",
                      '1.00x' if mode == 'baseline' else fmt(r['speedup_vs_baseline'], '.2f', '-') + 'x' * bool(baseline)])
     print()
-    print_table(rows)
+    print_table([('mode', '<'), ('batch', '>'), ('train img/s', '>'), ('eval img/s', '>'), ('epoch s', '>'),
+                 ('peak GiB', '>'), ('train TFLOP/s', '>'), ('MFU', '>'), ('fwd GFLOP/img', '>'), ('speed-up', '>')], rows)
     print(f"\nepoch s = {CIFAR_TRAIN:,} / train img/s + {CIFAR_TEST:,} / eval img/s; peak GiB = "
           f"{'torch.cuda.max_memory_allocated per mode' if device.type == 'cuda' else 'n/a on CPU'}; MFU vs dense "
           f"bf16 peak ({fmt(peak, 'g', 'unknown')} TFLOP/s); speed-up = train img/s over the baseline's")
+
+    profiles = {mode: r['profile'] for mode, r in results.items() if r['profile']}
+    if profiles:
+        measured = ('kernel time by the op that launched it; idle = the GPU waiting' if device.type == 'cuda'
+                    else 'CPU time of the ops; idle = Python')
+        print(f"\nwhere a training step's time goes, ms per step (share of it): torch.profiler over {PROFILE_STEPS} "
+              f"steps after the timed ones; {measured}")
+        share = lambda p, kind: f"{p['ms_by_kind'][kind]:.2f} ({p['ms_by_kind'][kind] / p['ms_per_step']:.0%})"
+        print_table([('mode', '<'), ('ms/step', '>')] + [(kind, '>') for kind in PROFILE_KINDS],
+                    [[mode, f"{p['ms_per_step']:.2f}"] + [share(p, kind) for kind in PROFILE_KINDS]
+                     for mode, p in profiles.items()])
 
     if args.json:
         report = dict(device=name, device_type=device.type, torch=torch.__version__, timm=timm.__version__,

@@ -1,4 +1,4 @@
-"""bench.py: the tiny CPU run end to end (subprocess, --json), and the analytic FLOP counts of ViT-B/4."""
+"""bench.py: the tiny CPU run end to end (subprocess, --json), --profile, and the analytic FLOP counts of ViT-B/4."""
 import json
 import math
 import os
@@ -44,6 +44,44 @@ def test_bench_tiny_cpu_run(tmp_path):
     assert report['modes']['P']['backward_factor'] == 1
     assert report['modes']['F']['backward_factor'] == 2 and report['modes']['F']['prompts'] == 0
     assert report['modes']['P+F']['backward_factor'] == 2 and report['modes']['P+F']['prompts'] == 50
+
+
+def test_bench_profile_splits_a_step_into_kinds(tmp_path):
+    out = tmp_path / 'bench.json'
+    result = subprocess.run([sys.executable, 'bench.py', *TINY, '--modes', 'P,F', '--no_baseline', '--profile', 'True',
+                             '--json', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "where a training step's time goes" in result.stdout
+    header = next(line for line in result.stdout.splitlines() if line.startswith('mode  ms/step'))
+    assert header.split() == ['mode', 'ms/step', *bench.PROFILE_KINDS]
+    for mode, r in json.loads(out.read_text())['modes'].items():
+        profile = r['profile']
+        assert profile['steps'] == bench.PROFILE_STEPS and positive_finite(profile['ms_per_step'])
+        kinds = profile['ms_by_kind']
+        assert set(kinds) == set(bench.PROFILE_KINDS) and min(kinds.values()) >= 0, (mode, kinds)
+        # the parts add up to the profiled step: idle is what the ops leave of the wall time
+        assert sum(kinds.values()) == pytest.approx(profile['ms_per_step'], rel=1e-6), (mode, kinds)
+        # a tiny ViT step on the CPU does every kind of work
+        assert all(kinds[kind] > 0 for kind in ('matmul', 'attention', 'elementwise', 'optimizer', 'data')), (mode, kinds)
+
+
+def test_profile_kinds_of_h100_ops():
+    """The op names of a compiled ViT-B/4 P step on an H100 (torch 2.11), and where --profile puts them."""
+    from types import SimpleNamespace
+
+    def op(name, parent=None):
+        return SimpleNamespace(name=name, cpu_parent=parent)
+    step, data_range = op('Optimizer.step#AdamW.step'), op('data')
+    assert bench.op_kind(op('aten::addmm')) == 'matmul' and bench.op_kind(op('aten::mm')) == 'matmul'
+    assert bench.op_kind(op('aten::convolution_backward')) == 'matmul'
+    assert bench.op_kind(op('aten::_cudnn_attention_backward')) == 'attention'
+    assert bench.op_kind(op('aten::_efficient_attention_forward')) == 'attention'
+    assert bench.op_kind(op('aten::_scaled_dot_product_flash_attention_for_cpu')) == 'attention'
+    assert bench.op_kind(op('triton_poi_fused_gelu_gelu_backward_view_11')) == 'elementwise'
+    assert bench.op_kind(op('aten::native_layer_norm_backward')) == 'elementwise'
+    assert bench.op_kind(op('aten::_fused_adamw_', op('aten::something', step))) == 'optimizer'
+    assert bench.op_kind(op('aten::index', data_range)) == 'data' and bench.op_kind(data_range) == 'data'
+    assert bench.op_kind(op('aten::mm', data_range)) == 'data'  # the enclosing range decides first
 
 
 def test_bench_refuses_before_measuring(tmp_path):

@@ -252,11 +252,14 @@ def run_bench(tmp_path, *argv):
 
 def test_bench_tiny_on_cuda(tmp_path):
     report = run_bench(tmp_path, '--model', 'test_vit', '--batch_size', 32, '--steps', 3, '--warmup', 1,
-                       '--eval_steps', 2, '--baseline_steps', 2)
+                       '--eval_steps', 2, '--baseline_steps', 2, '--profile', True)
     assert report['device_type'] == 'cuda' and report['device'] == GPU_NAME and report['amp'] is True
     assert set(report['modes']) == {'P', 'F', 'P+F'}
     for mode, r in report['modes'].items():
         assert r['train_img_s'] > 0 and r['eval_img_s'] > 0 and r['peak_mem_gib'] > 0, mode
+        kinds = r['profile']['ms_by_kind']  # GPU kernel time by the op that launched it
+        assert kinds['matmul'] > 0 and kinds['attention'] > 0 and kinds['optimizer'] > 0 and kinds['data'] > 0, kinds
+        assert sum(kinds.values()) == pytest.approx(r['profile']['ms_per_step'], rel=1e-6), kinds
     assert report['baseline']['train_img_s'] > 0 and report['baseline']['peak_mem_gib'] > 0
 
 
