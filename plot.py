@@ -48,8 +48,11 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 # Columns are read by name: these must be there, the optional ones may be (empty cells = no value), others are ignored.
 METRICS_HEADER = ['epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'lr', 'epoch_time_s',
                   'train_images_per_s']
-METRICS_OPTIONAL = ['val_loss', 'val_acc', 'peak_mem_gib']  # empty without a validation split / on CPU
-MUST_BE_FINITE = ('epoch', 'train_acc', 'test_acc', 'epoch_time_s', 'val_acc', 'peak_mem_gib')  # losses may be nan
+# val_* empty without a validation split, peak_mem_gib on CPU; includes_compile (1: the epoch also compiled the model)
+# missing in runs older than it
+METRICS_OPTIONAL = ['val_loss', 'val_acc', 'peak_mem_gib', 'includes_compile']
+MUST_BE_FINITE = ('epoch', 'train_acc', 'test_acc', 'epoch_time_s', 'val_acc', 'peak_mem_gib',
+                  'includes_compile')  # losses may be nan
 MARKERS_UP_TO = 30  # draw a marker at every epoch while the longest run has at most this many
 ANNOTATE_UP_TO = 20  # write the percentage into every confusion-matrix cell up to this many classes
 MODE_STYLE = {'P': ('tab:blue', 'o'), 'F': ('tab:orange', 's'), 'P+F': ('tab:green', '^'),
@@ -213,6 +216,8 @@ def load_run(run_dir):
     best_val = max(validated, key=lambda row: row['val_acc']) if validated else None
     peaks = [row['peak_mem_gib'] for row in history if row['peak_mem_gib'] is not None]
     time_s = sum(row['epoch_time_s'] for row in history)
+    # time per epoch as train.summarize reports it: the epochs that also compiled the model left out, unless all did
+    timed = [row for row in history if not row['includes_compile']] or history
     summary = read_summary(run_dir)
     planned = summary.get('epochs')
     planned = planned if isinstance(planned, int) and not isinstance(planned, bool) else None
@@ -229,7 +234,8 @@ def load_run(run_dir):
                 history=history, planned_epochs=planned, best_acc=best['test_acc'], best_epoch=best['epoch'],
                 val_epoch=best_val['epoch'] if best_val else None,
                 test_at_best_val=best_val['test_acc'] if best_val else None,
-                final_acc=history[-1]['test_acc'], time_s=time_s, epoch_time_s=time_s / len(history),
+                final_acc=history[-1]['test_acc'], time_s=time_s,
+                epoch_time_s=sum(row['epoch_time_s'] for row in timed) / len(timed),
                 peak_mem_gib=max(peaks) if peaks else None,
                 checkpoint_bytes=file_size(os.path.join(run_dir, 'trainable.safetensors')))
 

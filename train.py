@@ -23,7 +23,7 @@ from tqdm import tqdm
 import data
 
 METRICS_HEADER = ['epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'lr', 'epoch_time_s',
-                  'train_images_per_s', 'val_loss', 'val_acc', 'peak_mem_gib']
+                  'train_images_per_s', 'val_loss', 'val_acc', 'peak_mem_gib', 'includes_compile']
 SYNC_EVERY = 20  # steps between host<->device syncs (progress bar, non-finite check, stop agreement across ranks)
 
 
@@ -261,7 +261,7 @@ def write_config(run_dir, config):
 
 def write_metrics(run_dir, history):
     formats = dict(train_loss='.6f', train_acc='.4f', test_loss='.6f', test_acc='.4f', lr='.6g', epoch_time_s='.3f',
-                   train_images_per_s='.1f', val_loss='.6f', val_acc='.4f', peak_mem_gib='.3f')
+                   train_images_per_s='.1f', val_loss='.6f', val_acc='.4f', peak_mem_gib='.3f', includes_compile='d')
     out = io.StringIO()
     writer = csv.writer(out, lineterminator='\n')
     writer.writerow(METRICS_HEADER)
@@ -300,14 +300,21 @@ def summarize(history, planned_epochs, val_split, test_images):
     best = best_val_epoch(history)
     best_row = next((row for row in history if row['epoch'] == best), {})
     peaks = [row['peak_mem_gib'] for row in history if row.get('peak_mem_gib') is not None]
+    timed = steady_epochs(history)
     return dict(epochs_done=final.get('epoch', 0), epochs=planned_epochs,
                 finished=final.get('epoch', 0) >= planned_epochs,
                 final_epoch=final.get('epoch'), final_test_acc=final.get('test_acc'),
                 final_test_loss=final.get('test_loss'), val_split=val_split, best_val_epoch=best,
                 best_val_acc=best_row.get('val_acc'), test_acc_at_best_val=best_row.get('test_acc'),
                 total_time_s=sum(row['epoch_time_s'] for row in history),
-                mean_epoch_time_s=sum(row['epoch_time_s'] for row in history) / max(1, len(history)),
+                mean_epoch_time_s=sum(row['epoch_time_s'] for row in timed) / max(1, len(timed)),
                 peak_mem_gib=max(peaks) if peaks else None, test_images=test_images)
+
+
+def steady_epochs(history):
+    """The epochs whose time is training and evaluation alone: not those that also compiled the model (a process's
+    first with --compile), unless every epoch did."""
+    return [row for row in history if not row.get('includes_compile')] or history
 
 
 def trainable_tensors(model):
@@ -438,6 +445,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
     writer = open_tensorboard(run_dir) if args.tensorboard and rank == 0 else None
     if args.compile:
         model.compile()  # in place: parameter names, checkpoints and DDP see the same module
+    compiling = args.compile  # the first epoch of this process also compiles the training and evaluation graphs
     net = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
@@ -470,7 +478,9 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                        epoch_time_s=time.perf_counter() - start,
                        train_images_per_s=steps_per_epoch * args.batch_size / train_time,
                        val_loss=val_loss, val_acc=val_acc,
-                       peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None)
+                       peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None,
+                       includes_compile=int(compiling))
+            compiling = False
             history.append(row)
             summary = summary_of(history)
             if epoch == args.epoch:  # the finished run's per-class view
@@ -485,7 +495,8 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                 val_text = f"val acc {val_acc:.2f}%  " if val_acc is not None else ''
                 print(f"epoch {epoch}/{args.epoch}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
                       f"{val_text}test loss {test_loss:.4f} acc {test_acc:.2f}%  lr {row['lr']:.2e}  "
-                      f"{row['epoch_time_s']:.1f}s  {row['train_images_per_s']:.0f} img/s", flush=True)
+                      f"{row['epoch_time_s']:.1f}s  {row['train_images_per_s']:.0f} img/s"
+                      + ('  (includes compiling)' if row['includes_compile'] else ''), flush=True)
                 if writer:
                     steps = range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch)
                     step_lrs = {step + 1: args.lr * lr_factor(step, warmup_steps, total_steps) for step in steps}
@@ -536,7 +547,7 @@ def log_tensorboard(writer, row, step_lrs, confusion, classes):
     """The epoch's metrics.csv row as scalars (x: epoch), the lr of every step ({step: lr}, x: step counted from 1),
     the final confusion matrix as a figure."""
     for key in METRICS_HEADER[1:]:
-        if row.get(key) is not None:
+        if row.get(key) is not None and key != 'includes_compile':
             writer.add_scalar(f"epoch/{key}", row[key], row['epoch'])
     for step, lr in step_lrs.items():
         writer.add_scalar('step/lr', lr, step)

@@ -10,7 +10,7 @@ from conftest import TINY, read_metrics, run_cli, run_main
 
 # today's columns, then the ones added later (appended, so readers by column name keep working)
 HEADER = ('epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_time_s,train_images_per_s,'
-          'val_loss,val_acc,peak_mem_gib')
+          'val_loss,val_acc,peak_mem_gib,includes_compile')
 
 
 @pytest.mark.parametrize('text,value', [('False', False), ('false', False), ('0', False), ('no', False),
@@ -63,6 +63,7 @@ def test_run_writes_config_metrics_and_checkpoint(tiny_dataset, tmp_path, capsys
         assert 0 <= float(row['train_acc']) <= 100 and 0 <= float(row['test_acc']) <= 100
         assert float(row['train_images_per_s']) > 0 and float(row['epoch_time_s']) > 0
         assert row['val_acc'] == row['val_loss'] == '' and row['peak_mem_gib'] == ''  # no val split, no GPU
+        assert row['includes_compile'] == '0'  # --compile False
     assert float(rows[1]['lr']) < float(rows[0]['lr'])  # cosine decay
     tensors = load_file(run_dir / 'trainable.safetensors')
     assert sum(t.numel() for t in tensors.values()) == config['trainable_params']

@@ -27,7 +27,7 @@ from model import PromptedViT, create_vit, set_trainable  # noqa: E402
 
 GPU_NAME = torch.cuda.get_device_name(0)
 # columns that measure the machine rather than the training: they differ between any two runs
-MACHINE_COLUMNS = ('epoch_time_s', 'train_images_per_s', 'peak_mem_gib')
+MACHINE_COLUMNS = ('epoch_time_s', 'train_images_per_s', 'peak_mem_gib', 'includes_compile')
 # Two CUDA runs of one command are not bitwise equal by default (flash attention's backward accumulates dQ with
 # atomics; cuBLAS may pick non-deterministic kernels). The runs compared bit for bit therefore go through main.main()
 # with deterministic algorithms and the math attention kernel, so the comparison isolates what resuming must restore:

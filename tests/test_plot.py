@@ -393,7 +393,8 @@ def test_old_and_new_metrics_headers_read_by_column_name(tmp_path):
                     peak=[None, None])  # no validation split, CPU: the three new cells are empty
     for run_dir in (old, new):
         history = plot.read_metrics(os.path.join(run_dir, 'metrics.csv'))
-        assert all(row['val_acc'] is row['val_loss'] is row['peak_mem_gib'] is None for row in history)
+        assert all(row['val_acc'] is row['val_loss'] is row['peak_mem_gib'] is row['includes_compile'] is None
+                   for row in history)
     assert [row['test_acc'] for row in history] == [55.0, 65.0]
     # any order of columns, unknown ones ignored
     shuffled = os.path.join(str(tmp_path), 'shuffled.csv')

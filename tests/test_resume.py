@@ -56,6 +56,30 @@ def test_interrupt_and_resume_equals_uninterrupted_run(dataset, tmp_path, capsys
     assert without_time(resumed) == without_time(straight)  # bit-for-bit the same run, as printed
 
 
+def test_epochs_that_compile_are_marked_and_left_out_of_the_time_per_epoch(tiny_dataset, tmp_path, capsys,
+                                                                             monkeypatch):
+    # a compiling epoch took 30-60 s against 4-5 s for the next on an H100: in a mean over a short run it swamped the
+    # comparison of P and F. Compiling itself is test_gpu.py's (a minute here); this checks the bookkeeping only.
+    import plot
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda self, *args, **kwargs: None)
+    run_dir = tmp_path / 'run'
+    code, out, err = run_main([*TINY, '--patch_size', 8, '--dataset', tiny_dataset, '--epoch', 2, '--batch_size', 16,
+                               '--compile', True, '--log_dir', tmp_path, '--name', 'run'], capsys)
+    assert code == 0, err
+    epoch_lines = [line for line in out.splitlines() if line.startswith('epoch ')]
+    assert ['(includes compiling)' in line for line in epoch_lines] == [True, False]
+    code, out, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)  # a new process compiles again
+    assert code == 0, err
+    rows = read_metrics(run_dir)
+    assert [row['includes_compile'] for row in rows] == ['1', '0', '1']
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    times = [float(row['epoch_time_s']) for row in rows]
+    assert summary['mean_epoch_time_s'] == pytest.approx(times[1], abs=1e-3)  # epoch 2 alone
+    assert summary['total_time_s'] == pytest.approx(sum(times), abs=3e-3)  # everything the run took
+    run = plot.load_run(str(run_dir))
+    assert run['epoch_time_s'] == pytest.approx(times[1]) and run['time_s'] == pytest.approx(sum(times))
+
+
 def test_sigterm_keeps_last_epoch_and_eval_only_reproduces_it(dataset, tmp_path, capsys):
     run_dir = tmp_path / 'run'
     process = start(flags(dataset, tmp_path, 'run', epochs=3))
