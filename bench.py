@@ -31,13 +31,15 @@ Peak memory is torch.cuda.max_memory_allocated, reset at the start of each mode 
 activations and the synthetic data pool held on the device); n/a on CPU.
 Epoch estimate = 50,000 / train images/s + 10,000 / eval images/s (a CIFAR-10 epoch plus its test pass).
 
---profile True: after each mode's timed steps, torch.profiler records PROFILE_STEPS more and bench.py prints where a
-step's time goes. Each op's own time (on CUDA: the time of the kernels it launched) is put under the first that fits:
-data (building the batch: gather, crop, flip, normalise), optimizer (inside optimizer.step/zero_grad), matmul (mm,
-addmm, bmm, linear, the patch-embedding convolution), attention (every SDPA kernel, forward and backward), and
-elementwise (the rest: norms, GELU, adds, copies; under --compile, inductor's fused Triton kernels). idle is the
-step's wall time outside them: on CUDA the GPU waiting for Python, launches or a sync; on the CPU, Python itself.
-The profiled steps are a little slower than the timed ones (the profiler's own cost).
+--profile True: after each mode's timed training and evaluation, torch.profiler records PROFILE_STEPS more training
+steps and bench.py prints where a step's time goes. Each op's own time (on CUDA: the time of the kernels it launched)
+is put under the first that fits: data (building the batch: gather, crop, flip, normalise), optimizer (inside
+optimizer.step/zero_grad), elementwise for the kernels inductor fused under --compile (norms, GELU, adds, copies, and
+whatever attention or matmul glue they absorbed), matmul (mm, addmm, bmm, linear, the patch-embedding convolution, and
+inductor's matmul templates), attention (the SDPA ops, forward and backward), and elementwise for the rest. idle is
+the step's wall time outside all ops: on CUDA the GPU waiting for Python, launches or a sync; on the CPU, Python
+between ops. The profiled steps are a little slower than the timed ones (the profiler's own cost); take the headline
+numbers from a run without --profile.
 """
 import argparse
 import gc
@@ -67,7 +69,10 @@ PROFILE_STEPS = 10
 PROFILE_KINDS = ('matmul', 'attention', 'elementwise', 'optimizer', 'data', 'idle')
 MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::matmul', 'aten::linear', 'aten::addmv',
               'aten::mv', 'aten::_addmm_activation', 'aten::_scaled_mm', 'aten::convolution', 'aten::_convolution',
-              'aten::cudnn_convolution', 'aten::mkldnn_convolution', 'aten::convolution_backward')
+              'aten::cudnn_convolution', 'aten::mkldnn_convolution', 'aten::convolution_backward',
+              'MmBackward0', 'AddmmBackward0', 'BmmBackward0', 'ConvolutionBackward0')
+ATTENTION_OPS = ('aten::scaled_dot_product_attention', 'aten::_scaled_dot_product', 'aten::_flash_attention',
+                 'aten::_efficient_attention', 'aten::_cudnn_attention', 'ScaledDotProduct')  # name prefixes
 
 
 # ---------------------------------------------------------------- analytic FLOPs
@@ -160,14 +165,18 @@ def op_kind(event):
         if parent.name.startswith('Optimizer.'):
             return 'optimizer'
         parent = parent.cpu_parent
-    name, lowered = event.name, event.name.lower()
+    name = event.name
     if name == 'data':
         return 'data'
     if name.startswith('Optimizer.'):
         return 'optimizer'
-    if name in MATMUL_OPS or 'mmbackward' in lowered or 'convolutionbackward' in lowered:
+    if name.startswith('triton_tem'):  # inductor's matmul templates (max-autotune), epilogue fused in
         return 'matmul'
-    if 'attention' in lowered or 'sdpa' in lowered:
+    if name.startswith(('triton_', 'cpp_fused')):  # named after the ops fused in, attention or mm among them
+        return 'elementwise'
+    if name in MATMUL_OPS or name.startswith(('mkldnn::_linear', 'mkl::_mkl_linear')):
+        return 'matmul'
+    if name.startswith(ATTENTION_OPS):
         return 'attention'
     return 'elementwise'
 
@@ -202,7 +211,8 @@ def labelled(batches, label):
 
 
 def profile_steps(train_steps, device):
-    """PROFILE_STEPS training steps under torch.profiler -> dict(steps, ms_per_step, ms_by_kind)."""
+    """PROFILE_STEPS training steps under torch.profiler -> dict(steps (as the profiler counted optimizer steps),
+    ms_per_step, ms_by_kind)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == 'cuda':
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -211,9 +221,11 @@ def profile_steps(train_steps, device):
         train_steps(PROFILE_STEPS, label='data')
         sync(device)
         wall_us = (time.perf_counter() - start) * 1e6
-    totals = time_by_kind(profiler.events(), device.type == 'cuda', wall_us)
-    return dict(steps=PROFILE_STEPS, ms_per_step=wall_us / 1e3 / PROFILE_STEPS,
-                ms_by_kind={kind: us / 1e3 / PROFILE_STEPS for kind, us in totals.items()})
+    events = profiler.events()
+    steps = sum(1 for event in events if event.name.startswith('Optimizer.step'))
+    totals = time_by_kind(events, device.type == 'cuda', wall_us)
+    return dict(steps=steps, ms_per_step=wall_us / 1e3 / max(1, steps),
+                ms_by_kind={kind: us / 1e3 / max(1, steps) for kind, us in totals.items()})
 
 
 # ---------------------------------------------------------------- the optimised modes
@@ -243,6 +255,7 @@ def run_mode(name, args, device, pool, test_set, stop):
 
     def train_steps(steps, label=None):  # one train.train_epoch over exactly `steps` batches of the pool
         images, labels = pool[0][:steps * args.batch_size], pool[1][:steps * args.batch_size]
+        assert len(labels) == steps * args.batch_size, f"the synthetic pool holds fewer than {steps} batches"
         batches = data.train_batches(images, labels, args.batch_size, generator, preprocess)
         if label:
             batches = labelled(batches, label)
@@ -260,7 +273,6 @@ def run_mode(name, args, device, pool, test_set, stop):
     mean_loss, _ = train_steps(args.steps)  # returns host numbers: synced
     train_s = time.perf_counter() - start
     peak_gib = peak_memory_gib(device)
-    profiled = profile_steps(train_steps, device) if args.profile else None
 
     test_images, test_labels = test_set
     warm = args.batch_size * args.warmup
@@ -271,6 +283,7 @@ def run_mode(name, args, device, pool, test_set, stop):
     start = time.perf_counter()
     evaluate(test_images[warm:], test_labels[warm:])
     eval_s = time.perf_counter() - start
+    profiled = profile_steps(train_steps, device) if args.profile else None  # after this mode's timed regions
     if args.compile:
         torch._dynamo.reset()
     return dict(full=full, prompts=num_prompts, trainable_params=trainable, total_params=total,
@@ -448,11 +461,11 @@ def main(argv=None):
               f"(prompt K/V per image), {kv_run / 1e9:.4g} as model.py runs it (prompt K/V once per batch of "
               f"{args.batch_size}) | train {naive * (1 + b) / 1e9:.4g} GFLOP (b = {b})")
 
-    # one synthetic pool on the device, large enough for every timed region (capped at CIFAR-10's size)
+    # one synthetic pool on the device, large enough for every timed (and profiled) region
     generator = torch.Generator(device).manual_seed(0)
-    need = max(args.batch_size * (args.warmup + args.steps),
+    need = max(args.batch_size * (args.warmup + max(args.steps, PROFILE_STEPS if args.profile else 0)),
                args.baseline_batch_size * (args.warmup + args.baseline_steps) if args.baseline else 0)
-    pool_size = max(args.batch_size, min(CIFAR_TRAIN, need))
+    pool_size = max(args.batch_size, need)
     pool = (torch.randint(0, 256, (pool_size, 3, IMG_SIZE, IMG_SIZE), dtype=torch.uint8, device=device,
                           generator=generator),
             torch.randint(0, NUM_CLASSES, (pool_size,), device=device, generator=generator))

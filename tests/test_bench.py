@@ -56,17 +56,18 @@ def test_bench_profile_splits_a_step_into_kinds(tmp_path):
     assert header.split() == ['mode', 'ms/step', *bench.PROFILE_KINDS]
     for mode, r in json.loads(out.read_text())['modes'].items():
         profile = r['profile']
+        # all PROFILE_STEPS ran, though --steps 2 --warmup 1 alone would have sized the data pool for 3 batches
         assert profile['steps'] == bench.PROFILE_STEPS and positive_finite(profile['ms_per_step'])
         kinds = profile['ms_by_kind']
         assert set(kinds) == set(bench.PROFILE_KINDS) and min(kinds.values()) >= 0, (mode, kinds)
-        # the parts add up to the profiled step: idle is what the ops leave of the wall time
-        assert sum(kinds.values()) == pytest.approx(profile['ms_per_step'], rel=1e-6), (mode, kinds)
         # a tiny ViT step on the CPU does every kind of work
-        assert all(kinds[kind] > 0 for kind in ('matmul', 'attention', 'elementwise', 'optimizer', 'data')), (mode, kinds)
+        working = ('matmul', 'attention', 'elementwise', 'optimizer', 'data')
+        assert all(kinds[kind] > 0 for kind in working), (mode, kinds)
 
 
-def test_profile_kinds_of_h100_ops():
-    """The op names of a compiled ViT-B/4 P step on an H100 (torch 2.11), and where --profile puts them."""
+def test_profile_kinds_of_op_names():
+    """Where --profile puts ops. Names seen in a torch 2.11 profile of the compiled ViT-B/4 P step on an H100 (the
+    README's table), in CPU profiles here, and inductor's naming of fused kernels (after the ops fused in)."""
     from types import SimpleNamespace
 
     def op(name, parent=None):
@@ -74,10 +75,18 @@ def test_profile_kinds_of_h100_ops():
     step, data_range = op('Optimizer.step#AdamW.step'), op('data')
     assert bench.op_kind(op('aten::addmm')) == 'matmul' and bench.op_kind(op('aten::mm')) == 'matmul'
     assert bench.op_kind(op('aten::convolution_backward')) == 'matmul'
+    assert bench.op_kind(op('AddmmBackward0')) == 'matmul'
+    assert bench.op_kind(op('triton_tem_fused_addmm_gelu_0')) == 'matmul'  # a max-autotune template
     assert bench.op_kind(op('aten::_cudnn_attention_backward')) == 'attention'
     assert bench.op_kind(op('aten::_efficient_attention_forward')) == 'attention'
     assert bench.op_kind(op('aten::_scaled_dot_product_flash_attention_for_cpu')) == 'attention'
+    assert bench.op_kind(op('ScaledDotProductFlashAttentionForCpuBackward0')) == 'attention'
     assert bench.op_kind(op('triton_poi_fused_gelu_gelu_backward_view_11')) == 'elementwise'
+    assert bench.op_kind(op('triton_poi_fused_cat_expand_permute_select_view_9')) == 'elementwise'
+    # fused kernels named after an attention op they absorbed glue from are still fused elementwise work
+    assert bench.op_kind(op('cpp_fused__scaled_dot_product_flash_attention_for_cpu_add_bmm_expand_12')) == 'elementwise'
+    assert bench.op_kind(op('triton_per_fused__scaled_dot_product_cudnn_attention_native_layer_norm_3')) == \
+        'elementwise'
     assert bench.op_kind(op('aten::native_layer_norm_backward')) == 'elementwise'
     assert bench.op_kind(op('aten::_fused_adamw_', op('aten::something', step))) == 'optimizer'
     assert bench.op_kind(op('aten::index', data_range)) == 'data' and bench.op_kind(data_range) == 'data'

