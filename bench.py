@@ -157,19 +157,16 @@ def set_tf32(matmul, cudnn):
 
 
 def op_kind(event):
-    """The PROFILE_KINDS entry of one profiler op event (see the module docstring), by its enclosing ranges first."""
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name == 'data':
+    """The PROFILE_KINDS entry of one profiler op event (see the module docstring): the data or optimizer range it is,
+    or lies in, first; then its own name."""
+    node = event
+    while node is not None:
+        if node.name == 'data':
             return 'data'
-        if parent.name.startswith('Optimizer.'):
+        if node.name.startswith('Optimizer.'):
             return 'optimizer'
-        parent = parent.cpu_parent
+        node = node.cpu_parent
     name = event.name
-    if name == 'data':
-        return 'data'
-    if name.startswith('Optimizer.'):
-        return 'optimizer'
     if name.startswith('triton_tem'):  # inductor's matmul templates (max-autotune), epilogue fused in
         return 'matmul'
     if name.startswith(('triton_', 'cpp_fused')):  # named after the ops fused in, attention or mm among them
