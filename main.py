@@ -253,7 +253,27 @@ def main(argv=None):
     args = parse_args(argv)
     mode = mode_of(args)
     check_log_dir(args)
+    # Outside the training loop (which takes both signals over: train.StopRequest) SIGTERM stops as Ctrl-C does, by an
+    # exception: a run being set up removes its half-made directory, and the exit is one line rather than a kill.
+    sigterm = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        start(args, argv, mode)
+    except FloatingPointError as e:  # train.fit: a non-finite loss, said with its epoch and step
+        say_once(str(e), EXIT_DIVERGED)
+    except KeyboardInterrupt as e:  # importing torch, loading data, building the model: no state at risk
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f"\n{signal.Signals(signum).name}: stopped", file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
 
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
+def start(args, argv, mode):
+    """Check what needs torch, open the process group (under torchrun) and run."""
     import train
     from model import check_model_args
 
@@ -269,11 +289,6 @@ def main(argv=None):
     rank, world_size, device = train.setup_distributed(args.device)
     try:
         run(args, argv, mode, rank, world_size, device)
-    except FloatingPointError as e:  # train.fit: a non-finite loss, said with its epoch and step
-        say_once(str(e), EXIT_DIVERGED)
-    except KeyboardInterrupt:  # outside the training loop (loading data, building the model): no state at risk
-        print("\nSIGINT: stopped", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
     finally:
         train.close_distributed()
 

@@ -207,17 +207,27 @@ def test_run_with_relative_paths_resumes_from_anywhere(tiny_dataset, tmp_path, c
     assert code == 0 and len(read_metrics(run_dir)) == 2, err
 
 
-@pytest.mark.parametrize('module, step', [('main', 'provenance'), ('train', 'make_optimizer')])
-def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tiny_dataset, tmp_path, capsys,
-                                                                          monkeypatch, module, step):
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize('module, step', [('model', 'check_model_args'), ('main', 'provenance'),
+                                          ('train', 'make_optimizer')])
+def test_a_signal_before_training_is_one_line_and_leaves_no_directory(tiny_dataset, tmp_path, capsys, monkeypatch,
+                                                                      module, step, signum):
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # Ctrl-C while the run is being set up: writing config.json, or in fit
+        if signal.getsignal(signum) in (signal.SIG_DFL, previous) and signum == signal.SIGTERM:
+            raise AssertionError("SIGTERM has its default action here: it would kill the process (and pytest)")
+        os.kill(os.getpid(), signum)  # Ctrl-C or a scheduler's SIGTERM while torch loads, config.json is written, fit starts
+        time.sleep(5)  # the handler runs at once; reaching the end of this would fail the test
+    previous = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(__import__(module), step, interrupted)
-    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)
-    assert code == 130 and err.strip() == 'SIGINT: stopped'
-    assert os.listdir(tmp_path / 'logs') == []  # no config.json-only directory that --resume would refuse
+    try:
+        code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main(): the user gets a traceback")
+    assert code == 128 + signum and err.strip() == f'{signal.Signals(signum).name}: stopped'
+    assert list((tmp_path / 'logs').glob('*')) == []  # no config.json-only directory that --resume would refuse
+    assert signal.getsignal(signal.SIGTERM) is previous  # main() gives the handler back
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)  # the name is free again
-    assert code == 130
+    assert code == 128 + signum
 
 
 def test_signal_during_the_last_evaluation_finishes_the_run(tiny_dataset, tmp_path, capsys, monkeypatch):
