@@ -235,9 +235,25 @@ def check_command_line(args, passthrough):
     if base_seed + args.seeds > vpt.SEED_MAX:
         fail(f"--seed {base_seed} after -- leaves no room for stage 2's seeds {base_seed + 1}..{base_seed + args.seeds}"
              f" (main.py takes at most {vpt.SEED_MAX}); pass a smaller --seed", 2)
+    models = set()
     for trial in grid_trials(definition, base_seed, os.path.join(args.log_dir, 'sweep')):
-        check_trial(trial['argv'], f"grid point {' '.join(f'{k}={v}' for k, v in trial['values'].items())}")
+        models.add(check_trial(trial['argv'], f"grid point {' '.join(f'{k}={v}' for k, v in trial['values'].items())}")
+                   .model)
+    if 'model' in given or 'model' in definition['grid']:  # the default model needs no check
+        check_models(sorted(models))
     return definition, base_seed, 'device' in given or 'device' in definition['grid']
+
+
+def check_models(names):
+    """main.py checks --model once torch is imported, as each trial starts, so a typo would fail every trial in
+    turn. One child process (timm imports torch: a few seconds) runs main.py's check on each model first."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from model import check_model_args\n"
+            "for name in sys.argv[2:]: check_model_args(name)")
+    result = subprocess.run([sys.executable, '-c', code, os.path.dirname(MAIN_PY), *names], capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL)
+    if result.returncode:
+        lines = result.stderr.strip().splitlines() or [f"checking --model failed (exit {result.returncode})"]
+        fail(lines[-1].removeprefix('error: '), 2)
 
 
 def sweep_name(definition):

@@ -69,6 +69,8 @@ def at_best_val(run_dir):
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--gpus', '0,,1'], '--gpus'),
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--dataset', 'nowhere'], "--dataset 'nowhere' is neither"),
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--weights', 'ViT-B_16.npz'], '--weights ViT-B_16.npz: no such'),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--model', 'test_vitt'], "unknown --model 'test_vitt'"),
+    (['--grid', 'model=test_vit,vit_small_r26_s32_224', '--val_split', 0.1], 'vit_small_r26_s32_224 is a hybrid ViT'),
 ])
 def test_mistakes_get_one_line_and_create_nothing(tmp_path, argv, expected):
     split = argv.index('--') if '--' in argv else len(argv)
