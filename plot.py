@@ -30,17 +30,22 @@ normalised to 100%, colour on a square-root scale so that small confusions show.
 only; for several runs drop it and every run gets <run>/confusion.png.
 """
 import argparse
+import contextlib
 import csv
 import json
+import logging
 import math
 import os
 import sys
+import warnings
 
 import matplotlib
 matplotlib.use('Agg')  # files only, no display needed
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import font_manager
 from matplotlib.colors import PowerNorm
+from matplotlib.ft2font import FT2Font
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
@@ -323,11 +328,70 @@ def save_figure(fig, out):
         parent = os.path.dirname(out)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        fig.savefig(out, dpi=150, format=fmt)
+        fit_fonts(fig)
+        with quiet_font_search():
+            fig.savefig(out, dpi=150, format=fmt)
     except (OSError, ValueError) as e:
         error(f"cannot write {out}: {one_line(e)}")
     finally:
         plt.close(fig)
+
+
+def fit_fonts(fig):
+    """matplotlib's default font, DejaVu Sans, has no Chinese, Japanese or Korean characters, so class and run names
+    in them would be drawn as empty boxes. Each text needing characters its font lacks gets, as a fallback, the
+    installed font that has most of them; where none has them all, one warning says what to install."""
+    lacking = {}
+    for text in fig.findobj(matplotlib.text.Text):
+        font = font_manager.findfont(text.get_fontproperties())
+        chars = {char for char in text.get_text() if not char.isspace() and ord(char) not in font_charmap(font)}
+        if chars:
+            lacking[text] = chars
+    if not lacking:
+        return
+    needed = set().union(*lacking.values())
+    fonts = sorted({(entry.name, entry.fname) for entry in font_manager.fontManager.ttflist
+                    if not entry.name.startswith('Last Resort')})  # matplotlib's: a box for every character
+    covers = lambda font: len({ord(char) for char in needed} & font_charmap(font[1]).keys())
+    best = max(fonts, key=covers, default=None)  # the first of equal coverage, in name order
+    if best is not None and covers(best):
+        for text in lacking:
+            families = list(text.get_fontfamily())
+            if best[0] not in families:
+                text.set_fontfamily(families + [best[0]])
+    unmet = sorted(needed - set(map(chr, font_charmap(best[1])))) if best is not None else sorted(needed)
+    if unmet:
+        warn(f"no installed font has {' '.join(unmet[:5])}{' ...' if len(unmet) > 5 else ''} (in the class or run "
+             f"names): they are drawn as boxes; install a font that has them, e.g. Noto Sans CJK (apt install "
+             f"fonts-noto-cjk), then delete matplotlib's font list {matplotlib.get_cachedir()}/fontlist-*.json")
+
+
+@contextlib.contextmanager
+def quiet_font_search():
+    """fit_fonts has said what is missing once; matplotlib would repeat it per character, and log that a fallback font
+    comes in another weight ('Failed to find font weight normal for WenQuanYi Zen Hei, now using 500')."""
+    logger = logging.getLogger('matplotlib.font_manager')
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='Glyph .* missing from font')
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+_charmaps = {}
+
+
+def font_charmap(path):
+    """{code point: glyph} of a font file; empty for one FreeType cannot read."""
+    if path not in _charmaps:
+        try:
+            _charmaps[path] = FT2Font(path).get_charmap()
+        except (OSError, RuntimeError, ValueError):
+            _charmaps[path] = {}
+    return _charmaps[path]
 
 
 def run_colours(count):

@@ -553,6 +553,8 @@ def log_tensorboard(writer, row, step_lrs, confusion, classes):
         writer.add_scalar('step/lr', lr, step)
     if confusion is not None:
         import plot
-        writer.add_figure('confusion', plot.confusion_figure(f"epoch {row['epoch']}", classes, confusion.numpy()),
-                          row['epoch'])
+        figure = plot.confusion_figure(f"epoch {row['epoch']}", classes, confusion.numpy())
+        plot.fit_fonts(figure)
+        with plot.quiet_font_search():
+            writer.add_figure('confusion', figure, row['epoch'])
     writer.flush()

@@ -576,6 +576,59 @@ def test_confusion_heatmap_is_row_normalised(n, logs, capsys, monkeypatch):
     close_figure(fig)
 
 
+def write_font(path, chars, family):
+    """A TrueType font with a square glyph for each of `chars`, as a CJK font stands for here."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+    names = {char: f'uni{ord(char):04X}' for char in chars}
+    pen = TTGlyphPen(None)
+    pen.moveTo((100, 0)), pen.lineTo((100, 700)), pen.lineTo((800, 700)), pen.lineTo((800, 0)), pen.closePath()
+    square = pen.glyph()
+    builder = FontBuilder(1000, isTTF=True)
+    builder.setupGlyphOrder(['.notdef', *names.values()])
+    builder.setupCharacterMap({ord(char): name for char, name in names.items()})
+    builder.setupGlyf({name: square for name in ['.notdef', *names.values()]})
+    builder.setupHorizontalMetrics({name: (1000, 0) for name in ['.notdef', *names.values()]})
+    builder.setupHorizontalHeader(ascent=800, descent=-200)
+    builder.setupNameTable(dict(familyName=family, styleName='Regular'))
+    builder.setupOS2()
+    builder.setupPost()
+    builder.save(str(path))
+
+
+def only_fonts(monkeypatch, extra=()):
+    """matplotlib sees its own DejaVu fonts and `extra` font files only, whatever this machine has installed."""
+    from matplotlib import font_manager
+    manager = font_manager.fontManager
+    monkeypatch.setattr(manager, 'ttflist', [entry for entry in manager.ttflist if entry.name.startswith('DejaVu')])
+    for path in extra:
+        manager.addfont(str(path))
+
+
+@pytest.mark.parametrize('cjk_font', [True, False])
+def test_class_names_without_glyphs_in_the_default_font(cjk_font, logs, tmp_path, capsys, monkeypatch, recwarn):
+    font = tmp_path / 'cjk.ttf'
+    write_font(font, '猫狗', 'VPT Test CJK')
+    only_fonts(monkeypatch, [font] if cjk_font else [])
+    run_dir = os.path.join(logs, 'P_run')
+    write_confusion(run_dir, ['猫', '狗', 'bird'], [[5, 1, 0], [2, 7, 0], [0, 0, 4]])
+    figures = captured_figures(monkeypatch)
+    code, out, err = run_plot([run_dir, '--confusion'], capsys)
+    assert code == 0 and out.strip() == f"wrote {os.path.join(run_dir, 'confusion.png')}"
+    assert not [w for w in recwarn if 'Glyph' in str(w.message)]  # not one matplotlib warning per character
+    (fig,) = figures
+    labels = {t.get_text(): t for t in fig.axes[0].get_yticklabels()}
+    if cjk_font:  # the font that has them is the fallback of the texts that need it, and only of those
+        assert err == ''
+        assert labels['猫'].get_fontfamily()[-1] == 'VPT Test CJK' and labels['狗'].get_fontfamily()[-1] == 'VPT Test CJK'
+        assert 'VPT Test CJK' not in labels['bird'].get_fontfamily()
+    else:  # boxes, and one line that says so and what to install
+        line = one_line(err)
+        assert line.startswith('plot.py: warning: no installed font has 狗 猫') and 'fonts-noto-cjk' in line
+        assert 'fontlist-*.json' in line
+    close_figure(fig)
+
+
 def test_confusion_for_several_runs_and_missing_csv(logs, capsys):
     write_confusion(os.path.join(logs, 'F_run'), ['a', 'b'], [[5, 1], [2, 7]])
     write_confusion(os.path.join(logs, 'P_run'), ['a', 'b'], [[3, 0], [0, 3]])
