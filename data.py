@@ -189,6 +189,8 @@ def read_image(path, size=None, larger_only=False):
     """-> uint8 (H, W, 3); resized to size x size (bilinear, antialiased) when `size` is given and differs, or with
     `larger_only` only when the image is larger than `size` on a side."""
     with Image.open(path) as image:
+        if image.mode == 'F':  # convert('RGB') would clip to 0..255 as it stands: values in [0, 1] turn black
+            raise ValueError("floating-point pixels, whose range is unknown; save it as an 8- or 16-bit image")
         if image.mode.startswith('I'):  # 16-bit grey (PNG): convert('RGB') would clip every value above 255 to white
             image = Image.fromarray((np.asarray(image).clip(0, 65535) >> 8).astype(np.uint8))
         image = image.convert('RGB')

@@ -127,6 +127,12 @@ def test_16_bit_png_keeps_its_levels(tmp_path):
     assert np.array_equal(image[..., 1], levels >> 8)  # scaled to 8 bits, not clipped to white
 
 
+def test_a_float_image_is_refused_not_clipped(tmp_path):
+    Image.fromarray(np.full((32, 32), 0.75, np.float32)).save(tmp_path / 'float.tif')  # mode F: 0.75 would become 0
+    with pytest.raises(ValueError, match='floating-point pixels'):
+        data.read_image(tmp_path / 'float.tif')
+
+
 @pytest.mark.parametrize('world_size', [1, 2, 3])
 def test_eval_batches_count_every_image_once(world_size):
     images = torch.zeros(23, 3, 4, 4, dtype=torch.uint8)
