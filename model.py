@@ -29,12 +29,17 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
     which resamples the patch embedding (PI-resize) and the position grid to the new patch and image size."""
     check_model_args(model_name, weights)
     kwargs = dict(img_size=img_size, patch_size=patch_size, num_classes=num_classes, global_pool='token')
+    # timm drops the checkpoint's classifier only when its class count differs from ours; when they agree (1,000
+    # classes on an in1k ViT) it loads that head, strictly. The head here is always new, initialised under --seed: a
+    # class count no checkpoint has (-1) makes timm drop it whatever the file holds.
+    overlay = dict(num_classes=-1)
     if weights and weights.lower().endswith('.npz'):
-        kwargs['pretrained_cfg_overlay'] = dict(state_dict=_npz_state_dict(model_name, weights, num_classes))
+        kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=_npz_state_dict(model_name, weights, num_classes))
     elif weights:
-        kwargs['pretrained_cfg_overlay'] = dict(file=os.path.abspath(weights), custom_load=False)
+        kwargs['pretrained_cfg_overlay'] = dict(overlay, file=os.path.abspath(weights), custom_load=False)
     elif pretrained:
         _check_hub_reachable(model_name)
+        kwargs['pretrained_cfg_overlay'] = overlay
     try:
         with _timm_load_report() as load_report:
             vit = timm.create_model(model_name, pretrained=pretrained or bool(weights), **kwargs)
@@ -58,6 +63,8 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
         raise SystemExit(f"error: --model {model_name} {what}; VPT here needs timm's VisionTransformer with a class "
                          "token, e.g. vit_base_patch16_224.augreg_in21k")
     vit.pretrained_cfg.pop('state_dict', None)  # an .npz's converted tensors: loaded, no need to keep a second copy
+    if 'pretrained_cfg_overlay' in kwargs:
+        vit.pretrained_cfg['num_classes'] = getattr(timm.models.get_pretrained_cfg(model_name), 'num_classes', None)
     _check_fit(vit, load_report, f"--weights {weights} does not fit --model {model_name}" if weights else
                f"the pretrained weights of {model_name} do not fit the ViT that VPT builds from it")
     return vit

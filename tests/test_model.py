@@ -76,6 +76,26 @@ def test_weights_file_goes_through_timm_resampling(tmp_path, suffix):
     assert vit.head.out_features == 10  # a new head: the checkpoint's 21-way head is dropped
 
 
+@pytest.mark.parametrize('file_classes', [1000, 21843])
+def test_the_head_is_new_even_when_the_class_counts_agree(tmp_path, file_classes):
+    """timm keeps a checkpoint's classifier when its class count equals the model's (test_vit's pretrained cfg says
+    1,000): a 1,000-class dataset would start from the file's head, the same for every --seed, and a file with another
+    head size would be refused. The head is always new and seeded; the backbone still comes from the file."""
+    assert timm.models.get_pretrained_cfg('test_vit').num_classes == 1000
+    source = timm.create_model('test_vit', num_classes=file_classes)
+    torch.save(source.state_dict(), tmp_path / 'weights.pth')
+    heads = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        vit = create_vit('test_vit', 1000, 32, 4, weights=str(tmp_path / 'weights.pth'))
+        assert torch.equal(vit.blocks[2].attn.qkv.weight, source.blocks[2].attn.qkv.weight)
+        heads.append(vit.head.weight.detach().clone())
+    assert heads[0].shape == (1000, 64) and not torch.equal(heads[0], heads[1])
+    if file_classes == 1000:
+        assert not torch.equal(heads[0], source.head.weight)
+    assert vit.pretrained_cfg['num_classes'] == 1000  # the cfg still describes the pretrained weights
+
+
 def test_jax_npz_weights_load_as_the_same_state_dict_would(tmp_path):
     """--weights ViT-B_16.npz (the file official VPT loads) gives exactly the model the same weights give as a timm
     state dict: same PI-resized patch embedding, same 8x8 position grid, same blocks, same seeded head."""
