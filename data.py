@@ -224,8 +224,12 @@ def balanced_subset(labels, num_samples, seed):
         return torch.arange(len(labels))
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=generator)
-    one_hot = F.one_hot(labels[order])
-    rank_in_class = (one_hot.cumsum(0) * one_hot).sum(1)  # 1 for a class's first image in `order`, 2 for its second...
+    # each image's rank within its class in `order` (0 for the class's first image there), in O(N) memory
+    by_class = torch.argsort(labels[order], stable=True)
+    class_sizes = torch.bincount(labels)
+    class_starts = class_sizes.cumsum(0) - class_sizes
+    rank_in_class = torch.empty_like(by_class)
+    rank_in_class[by_class] = torch.arange(len(labels)) - class_starts[labels[order][by_class]]
     return order[torch.argsort(rank_in_class, stable=True)[:num_samples]].sort().values
 
 

@@ -145,6 +145,20 @@ def test_eval_batches_count_every_image_once(world_size):
     assert sorted(counted) == list(range(23))
 
 
+@pytest.mark.parametrize('seed', [0, 3])
+def test_balanced_subset_picks_what_it_always_picked(seed):
+    """The subset a --train_samples run keeps, as the first implementation chose it (it held an N x classes one-hot
+    matrix: about 33 GB for ImageNet-1k's training set), so runs made before still resume on their own images."""
+    labels = torch.randint(0, 7, (500,), generator=torch.Generator().manual_seed(seed))
+    labels[labels == 4] = 5  # a class with no images
+    for num_samples in (1, 35, 123, 499):
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        one_hot = F.one_hot(labels[order])
+        rank_in_class = (one_hot.cumsum(0) * one_hot).sum(1)
+        expected = order[torch.argsort(rank_in_class, stable=True)[:num_samples]].sort().values
+        assert torch.equal(data.balanced_subset(labels, num_samples, seed), expected)
+
+
 def test_balanced_subset():
     labels = torch.tensor([0] * 500 + [1] * 300 + [2] * 200)
     subset = data.balanced_subset(labels, 90, seed=0)
