@@ -402,7 +402,7 @@ def load_splits(args, rank, world_size):
         print(f"warning: {len(unseen)} of {len(classes)} classes have no training images ({', '.join(unseen[:5])}"
               f"{', ...' if len(unseen) > 5 else ''}); the model cannot learn them: raise --train_samples or use a "
               f"dataset with images of every class", file=sys.stderr, flush=True)
-    if args.batch_size > len(train_labels):
+    if args.batch_size > len(train_labels) and not args.eval_only:  # evaluation pads its last batch
         raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(train_labels)} training "
                          f"images; lower --batch_size (or raise --train_samples)")
     splits = dict(train=(train_images, train_labels), val=val, test=(test_images, test_labels))

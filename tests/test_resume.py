@@ -183,6 +183,8 @@ def test_eval_and_predict_take_another_batch_size(tiny_dataset, tmp_path, capsys
     code, out, err = run_main(['--resume', tmp_path / 'r', '--eval_only', '--batch_size', 5], capsys)
     assert code == 0, err
     assert f"test accuracy {read_metrics(tmp_path / 'r')[0]['test_acc']}%" in out  # the same number in other batches
+    code, out, err = run_main(['--resume', tmp_path / 'r', '--eval_only', '--batch_size', 1000], capsys)  # > 48 train
+    assert code == 0 and f"test accuracy {read_metrics(tmp_path / 'r')[0]['test_acc']}%" in out, err
     code, out, err = run_main(['--resume', tmp_path / 'r', '--predict', os.path.join(tiny_dataset, 'test'),
                                '--batch_size', 1000], capsys)
     assert code == 0 and '18 images classified' in out, err
