@@ -271,6 +271,12 @@ def write_metrics(run_dir, history):
     atomic_write(os.path.join(run_dir, 'metrics.csv'), out.getvalue().encode())
 
 
+def remove_stale(run_dir, name):
+    """Remove a file that describes a checkpoint the run has replaced (--eval_only writes it again)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(run_dir, name))
+
+
 def write_confusion(path, confusion, classes):
     out = io.StringIO()
     writer = csv.writer(out, lineterminator='\n')
@@ -427,7 +433,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     generator = torch.Generator().manual_seed(args.seed)  # data order and augmentation: CPU, device-independent
     summary_of = lambda history: summarize(history, args.epoch, args.val_split, len(splits['test'][1]))
-    history, done = [], 0
+    history, done, kept = [], 0, {}
     if state is not None:
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
@@ -435,6 +441,9 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             group['lr'] = base_lr * lr_factor(scheduler.last_epoch, warmup_steps, total_steps)
         restore_rng(state['rng'], generator)
         history, done = state['history'], state['epoch']
+        with contextlib.suppress(OSError, ValueError):  # --eval_only --checkpoint best's view, while that epoch stays best
+            with open(os.path.join(run_dir, 'summary.json')) as f:
+                kept = {key: value for key, value in json.load(f).items() if key == 'per_class_acc_best'}
         if done == args.epoch and rank == 0:
             print(f"{run_dir} has finished all {done} epochs; pass --epoch N to train further", flush=True)
     else:  # epoch 0: a run stopped in its first epoch can be resumed too
@@ -482,14 +491,20 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                        includes_compile=int(compiling))
             compiling = False
             history.append(row)
-            summary = summary_of(history)
+            new_best = best_val_epoch(history) == epoch
+            if new_best:
+                kept = {}
+            summary = dict(summary_of(history), **kept)
             if epoch == args.epoch:  # the finished run's per-class view
                 summary['per_class_acc'] = per_class_accuracy(confusion, classes)
             if rank == 0:
-                if best_val_epoch(history) == epoch:
+                if new_best:
                     save_trainable(os.path.join(run_dir, 'best.safetensors'), model, epoch)
+                    remove_stale(run_dir, 'confusion_best.csv')  # --eval_only's, of the best checkpoint until now
                 if epoch == args.epoch:
                     write_confusion(os.path.join(run_dir, 'confusion.csv'), confusion, classes)
+                else:  # a resume training past the run's former last epoch: its matrix no longer is the result
+                    remove_stale(run_dir, 'confusion.csv')
             save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, history, summary)
             if rank == 0:
                 val_text = f"val acc {val_acc:.2f}%  " if val_acc is not None else ''

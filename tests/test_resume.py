@@ -246,6 +246,41 @@ def test_signal_during_the_last_evaluation_finishes_the_run(tiny_dataset, tmp_pa
     assert json.loads((tmp_path / 'r' / 'summary.json').read_text())['finished'] is True
 
 
+def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """--eval_only's confusion_best.csv and per_class_acc_best describe best.safetensors: they stay while its epoch
+    stays the best and go when a resumed run saves a better one; confusion.csv of a finished run goes once a resume
+    trains past that epoch, and comes back with the new last epoch."""
+    import train
+    run_dir = tmp_path / 'r'
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', '--val_split', 0.25), capsys)
+    assert code == 0, err
+    code, _, err = run_main(['--resume', run_dir, '--eval_only', '--checkpoint', 'best'], capsys)
+    assert code == 0 and (run_dir / 'confusion_best.csv').exists() and (run_dir / 'confusion.csv').exists(), err
+    best_view = json.loads((run_dir / 'summary.json').read_text())['per_class_acc_best']
+
+    evaluate_split = train.evaluate_split
+
+    def stop_in_epoch_2(model, split, *args):
+        if len(read_metrics(run_dir)) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the loop stops once epoch 2 is saved
+        return evaluate_split(model, split, *args)
+    monkeypatch.setattr(train, 'evaluate_split', stop_in_epoch_2)
+    monkeypatch.setattr(train, 'best_val_epoch', lambda history: 1)  # epoch 2 is no better than epoch 1
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)
+    assert code == 130 and len(read_metrics(run_dir)) == 2, err
+    assert (run_dir / 'confusion_best.csv').exists()
+    assert json.loads((run_dir / 'summary.json').read_text())['per_class_acc_best'] == best_view
+    assert not (run_dir / 'confusion.csv').exists()  # epoch 1's matrix: no longer the run's last epoch
+
+    monkeypatch.setattr(train, 'evaluate_split', evaluate_split)
+    monkeypatch.setattr(train, 'best_val_epoch', lambda history: len(history))  # epoch 3 is the new best
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)
+    assert code == 0, err
+    assert not (run_dir / 'confusion_best.csv').exists()
+    assert 'per_class_acc_best' not in json.loads((run_dir / 'summary.json').read_text())
+    assert (run_dir / 'confusion.csv').exists()
+
+
 def test_a_run_in_training_cannot_be_resumed_twice(dataset, tmp_path, capsys):
     run_dir = tmp_path / 'run'
     process = start(flags(dataset, tmp_path, 'run', epochs=3))
