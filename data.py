@@ -93,14 +93,18 @@ def _load_folder(root, img_size, samples, seed, reading):
                                      if names))
     splits = []
     for split_dir, num_samples in zip(split_dirs, samples):
-        paths, labels = [], []
+        paths, labels, hidden = [], [], []
         for label, name in enumerate(classes):
-            files = image_files(os.path.join(split_dir, name), reading)
+            files = image_files(os.path.join(split_dir, name), reading, hidden)
             if not files:
                 raise SystemExit(f"error: class folder {os.path.join(split_dir, name)} has no images "
                                  f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder from both splits")
             paths += files
             labels += [label] * len(files)
+        if hidden and os.environ.get('LOCAL_RANK', '0') == '0':
+            print(f"warning: {split_dir}: hidden folders are left out with their images: "
+                  f"{', '.join(os.path.relpath(path, split_dir) for path in hidden[:5])}"
+                  f"{' ...' if len(hidden) > 5 else ''}", file=sys.stderr, flush=True)
         labels = torch.tensor(labels)
         keep = balanced_subset(labels, num_samples, seed)
         splits.append((read_images([paths[i] for i in keep.tolist()], img_size, reading), labels[keep]))
@@ -122,15 +126,23 @@ def _class_folders(split_dir, reading=FOLDER_READING):
     return [name for name in folders if _visible(name)]
 
 
-def image_files(folder, reading=FOLDER_READING):
+def image_files(folder, reading=FOLDER_READING, hidden=None):
     """The image files in `folder` and its subfolders (as torchvision's ImageFolder finds them), sorted; hidden files
-    and folders left out."""
+    and folders left out (those holding images are added to the list `hidden`, when one is given)."""
     if reading < 2:
         return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
     found, seen = [], {os.path.realpath(folder)}
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in sorted(dirs) if _visible(d) and os.path.realpath(os.path.join(root, d)) not in seen]
-        seen.update(os.path.realpath(os.path.join(root, d)) for d in dirs)  # a linked folder once, and no link loops
+        kept = []
+        for name in sorted(dirs):  # a linked folder once, even beside its target, and no link loops
+            real = os.path.realpath(os.path.join(root, name))
+            if not _visible(name):
+                if hidden is not None and image_files(os.path.join(root, name)):
+                    hidden.append(os.path.join(root, name))
+            elif real not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirs[:] = kept
         found += [os.path.join(root, f) for f in sorted(files) if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
     return found
 

@@ -223,16 +223,35 @@ def test_hidden_files_are_skipped_and_subfolders_searched(tmp_path):
     assert train_x[-1].flatten(1).T.unique(dim=0).tolist() == [[1, 2, 3]]  # more/deeper/x.png, sorted last
 
 
+def test_a_linked_folder_beside_its_target_is_read_once(tmp_path):
+    """A class folder with 2019/ and a link latest -> 2019: the images once, not twice (a duplicate could land in the
+    training set and in the val split)."""
+    write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1)
+    class_dir = tmp_path / 'ds' / 'train' / 'a'
+    os.makedirs(class_dir / '2019')
+    for name in ('0000.png', '0001.png'):
+        os.rename(class_dir / name, class_dir / '2019' / name)
+    os.symlink('2019', class_dir / 'latest')
+    os.symlink(class_dir / '2019', class_dir / '0_first')  # sorted before its target: the link is read, once
+    assert [os.path.relpath(path, class_dir) for path in data.image_files(str(class_dir))] == [
+        os.path.join('0_first', '0000.png'), os.path.join('0_first', '0001.png')]
+
+
 def test_a_hidden_folder_with_images_is_named_when_left_out(tmp_path, capsys):
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b', 'c'), train_per_class=2, test_per_class=1, size=8)
     os.makedirs(tmp_path / 'ds' / 'train' / '.ipynb_checkpoints')  # no images: left out quietly
+    os.makedirs(tmp_path / 'ds' / 'train' / 'a' / '.ipynb_checkpoints')
     for split in ('train', 'test'):
         os.rename(tmp_path / 'ds' / split / 'c', tmp_path / 'ds' / split / '.c')
-    *_, classes = data.load_dataset(root, img_size=8)
-    assert classes == ['a', 'b']
+    os.makedirs(tmp_path / 'ds' / 'train' / 'b' / 'more' / '.old')  # inside a class, deeper: named too
+    os.rename(tmp_path / 'ds' / 'train' / 'b' / '0001.png', tmp_path / 'ds' / 'train' / 'b' / 'more' / '.old' / 'x.png')
+    _, train_y, _, _, classes = data.load_dataset(root, img_size=8)
+    assert classes == ['a', 'b'] and train_y.tolist() == [0, 0, 1]
+    train, test = (os.path.join(root, split) for split in ('train', 'test'))
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"warning: {os.path.join(root, split)}: hidden folders are not classes, left out with their images: .c"
-        for split in ('train', 'test')]
+        f"warning: {train}: hidden folders are not classes, left out with their images: .c",
+        f"warning: {test}: hidden folders are not classes, left out with their images: .c",
+        f"warning: {train}: hidden folders are left out with their images: {os.path.join('b', 'more', '.old')}"]
 
 
 def test_every_unreadable_image_is_named_in_one_error(tmp_path, monkeypatch):
