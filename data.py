@@ -26,7 +26,8 @@ FOLDER_READING = 2
 
 def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_samples=0, seed=0,
                  reading=FOLDER_READING):
-    """-> (train_images, train_labels, test_images, test_labels, class_names); images uint8 (N, 3, H, W).
+    """-> (train_images, train_labels, test_images, test_labels, class_names, available); images uint8 (N, 3, H, W);
+    available: {'train': N, 'test': N}, the images each split holds before train_samples/test_samples.
 
     Images keep their own size when all of a split share one no larger than `img_size` (CIFAR: 32x32): batches are
     resized on the device, so a 224 px run holds no more host memory than a 32 px one. Other folder images are resized
@@ -36,17 +37,18 @@ def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_
     if dataset in CIFAR_FOLDERS:
         splits = []
         loaded, classes = _load_cifar(dataset, data_dir)
+        available = dict(train=len(loaded[0][1]), test=len(loaded[1][1]))
         for (images_hwc, labels), num_samples in zip(loaded, (train_samples, test_samples)):
             keep = balanced_subset(labels, num_samples, seed)
             subset = images_hwc if len(keep) == len(labels) else images_hwc[keep.numpy()]
             splits.append((torch.from_numpy(subset).permute(0, 3, 1, 2).contiguous(), labels[keep]))
     elif os.path.isdir(dataset):
-        splits, classes = _load_folder(dataset, img_size, (train_samples, test_samples), seed, reading)
+        splits, classes, available = _load_folder(dataset, img_size, (train_samples, test_samples), seed, reading)
     else:
         raise SystemExit(f"error: --dataset {dataset!r} is neither cifar10, cifar100 nor a folder; "
                          "a folder dataset needs train/<class>/* and test/<class>/* images")
     (train_images, train_labels), (test_images, test_labels) = splits
-    return train_images, train_labels, test_images, test_labels, classes
+    return train_images, train_labels, test_images, test_labels, classes, available
 
 
 def _load_cifar(name, data_dir):
@@ -91,7 +93,7 @@ def _load_folder(root, img_size, samples, seed, reading):
                          + '; '.join(f"{', '.join(map(repr, names[:5]))}{' ...' if len(names) > 5 else ''} only in "
                                      f"{where}/" for names, where in ((only_train, 'train'), (only_test, 'test'))
                                      if names))
-    splits = []
+    splits, available = [], {}
     for split_dir, num_samples in zip(split_dirs, samples):
         paths, labels, hidden = [], [], []
         for label, name in enumerate(classes):
@@ -106,9 +108,10 @@ def _load_folder(root, img_size, samples, seed, reading):
                   f"{', '.join(os.path.relpath(path, split_dir) for path in hidden[:5])}"
                   f"{' ...' if len(hidden) > 5 else ''}", file=sys.stderr, flush=True)
         labels = torch.tensor(labels)
+        available[os.path.basename(split_dir)] = len(labels)
         keep = balanced_subset(labels, num_samples, seed)
         splits.append((read_images([paths[i] for i in keep.tolist()], img_size, reading), labels[keep]))
-    return splits, classes
+    return splits, classes, available
 
 
 def _visible(name):

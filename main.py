@@ -300,7 +300,7 @@ def run(args, argv, mode, rank, world_size, device):
     if args.predict:
         return predict(args, device)
     if args.eval_only:
-        splits, classes = load_splits(args, rank, world_size)
+        splits, classes, _ = load_splits(args, rank, world_size)
         model, _ = build_model(args, len(classes), device)
         return evaluate_checkpoint(args, model, splits, classes, device)
     with contextlib.ExitStack() as held:  # the run's lock, released when training ends, however it ends
@@ -318,7 +318,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
         if state['epoch'] > args.epoch:
             raise SystemExit(f"error: {args.resume} has already finished {state['epoch']} epochs; --epoch {args.epoch} "
                              f"cannot undo them: pass --epoch {state['epoch'] + 1} or more to train further")
-    splits, classes = load_splits(args, rank, world_size)
+    splits, classes, available = load_splits(args, rank, world_size)
     model, unfrozen = build_model(args, len(classes), device)
     if args.resume:
         train.load_resumed_trainable(args.resume, model, state)
@@ -338,7 +338,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
         if rank == 0:  # config.json: the resolved flags, counts, data, and what makes the numbers traceable
             config = dict({key: value for key, value in vars(args).items() if key not in ACTIONS}, mode=mode,
                           trainable_params=trainable, total_params=total, unfrozen_params=unfrozen,
-                          num_classes=len(classes), classes=classes, world_size=world_size,
+                          num_classes=len(classes), classes=classes, dataset_images=available, world_size=world_size,
                           prompt_impl=model.prompt_impl, folder_reading=folder_reading(args),
                           **{f'{name}_images': len(split[1]) if split else 0 for name, split in splits.items()},
                           **provenance(args, argv, device))
@@ -375,7 +375,7 @@ def load_splits(args, rank, world_size):
     if args.resume and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
         say_once(f"error: the dataset folder of {args.resume}, {args.dataset}, is gone; if it moved, pass "
                  f"--dataset NEW_PATH (or, for a sweep's runs, link the old path to it)")
-    train_images, train_labels, test_images, test_labels, classes = load_data_once(args, rank, world_size)
+    train_images, train_labels, test_images, test_labels, classes, available = load_data_once(args, rank, world_size)
     for flag, asked, labels in (('train', args.train_samples, train_labels), ('test', args.test_samples, test_labels)):
         if asked > len(labels) and rank == 0:  # config.json keeps both numbers; the log should say it too
             print(f"warning: --{flag}_samples {asked} is more than the {len(labels)} {flag} images there are; all are "
@@ -407,13 +407,14 @@ def load_splits(args, rank, world_size):
                          f"images; lower --batch_size (or raise --train_samples)")
     splits = dict(train=(train_images, train_labels), val=val, test=(test_images, test_labels))
     if args.resume:
-        check_same_data(args, splits, classes)
-    return splits, classes
+        check_same_data(args, splits, classes, available)
+    return splits, classes, available
 
 
-def check_same_data(args, splits, classes):
+def check_same_data(args, splits, classes, available):
     """A resumed or evaluated run must see the data it was trained on: a renamed class folder would reassign the
-    labels, added images would change the numbers its records hold. Compared: the class names in order, the counts."""
+    labels, added images would change the numbers its records hold (and, under --train_samples/--test_samples, which
+    images the subset keeps). Compared: the class names in order, the counts before and after subsetting."""
     config = read_json(os.path.join(args.resume, 'config.json'))
     differences = []
     if config.get('classes', classes) != classes:
@@ -422,10 +423,14 @@ def check_same_data(args, splits, classes):
         changes = [f"{', '.join(map(repr, names[:3]))}{' ...' if len(names) > 3 else ''} {what}"
                    for names, what in ((gone, 'gone'), (new, 'new')) if names]
         differences.append('classes ' + ' and '.join(changes) if changes else 'the classes are in another order')
-    for name, split in splits.items():
-        count, recorded = len(split[1]) if split else 0, config.get(f'{name}_images')
-        if recorded is not None and count != recorded:
-            differences.append(f"{name} has {count} images where the run had {recorded}")
+    held = config.get('dataset_images', {})
+    changed = [f"its {name} split holds {count} images where it held {held[name]}"
+               for name, count in available.items() if held.get(name, count) != count]
+    if not changed:  # the dataset's own counts agree, or were not recorded (older runs): the counts the run used
+        sizes = {name: len(split[1]) if split else 0 for name, split in splits.items()}
+        changed = [f"{name} has {count} images where the run had {config[f'{name}_images']}"
+                   for name, count in sizes.items() if config.get(f'{name}_images', count) != count]
+    differences += changed
     if differences:
         say_once(f"error: --dataset {args.dataset} is not the data {args.resume} was trained on: "
                  f"{'; '.join(differences)}; restore it (or pass --dataset with the run's copy), or train a new run "

@@ -171,7 +171,7 @@ def test_balanced_subset():
 
 def test_folder_dataset_loads_classes_in_sorted_order(tmp_path):
     root = write_folder_dataset(tmp_path / 'ds', classes=('b_dog', 'a_cat'), train_per_class=3, test_per_class=2, size=40)
-    train_x, train_y, test_x, test_y, classes = data.load_dataset(root, img_size=48)
+    train_x, train_y, test_x, test_y, classes, _ = data.load_dataset(root, img_size=48)
     assert classes == ['a_cat', 'b_dog']
     assert train_x.shape == (6, 3, 40, 40) and train_x.dtype == torch.uint8  # no larger than 48: kept at its own size
     assert train_y.tolist() == [0, 0, 0, 1, 1, 1] and test_y.tolist() == [0, 0, 1, 1]
@@ -183,7 +183,7 @@ def test_folder_of_mixed_sizes_is_resized_to_img_size(tmp_path):
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=40)
     from PIL import Image
     Image.new('RGB', (50, 30), (10, 20, 30)).save(os.path.join(root, 'train', 'b', 'odd.png'))
-    train_x, train_y, test_x, _, _ = data.load_dataset(root, img_size=48)
+    train_x, train_y, test_x, *_ = data.load_dataset(root, img_size=48)
     assert train_x.shape == (5, 3, 48, 48) and test_x.shape == (2, 3, 40, 40)  # only the mixed split is resized
     assert train_y.tolist() == [0, 0, 1, 1, 1]
 
@@ -199,7 +199,7 @@ def test_images_larger_than_img_size_are_shrunk_as_decoded(tmp_path, first):
     for test_file in os.listdir(os.path.join(root, 'test', 'b')):  # a split of large images only
         Image.fromarray(photo).save(os.path.join(root, 'test', 'b', test_file))
     Image.fromarray(photo).save(os.path.join(root, 'test', 'a', '0000.png'))
-    train_x, train_y, test_x, _, _ = data.load_dataset(root, img_size=32)
+    train_x, train_y, test_x, *_ = data.load_dataset(root, img_size=32)
     assert train_x.shape == (6 + (first == 'small'), 3, 32, 32) and test_x.shape == (2, 3, 32, 32)
     expected = np.asarray(Image.fromarray(photo).resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1)
     assert torch.equal(test_x[0], torch.from_numpy(expected.copy()))
@@ -218,7 +218,7 @@ def test_hidden_files_are_skipped_and_subfolders_searched(tmp_path):
     for folder in ('more', 'more/deeper'):
         Image.new('RGB', (32, 32), (1, 2, 3)).save(tmp_path / 'ds' / 'train' / 'b' / folder / 'x.png')
     os.symlink(tmp_path / 'ds' / 'train' / 'b', tmp_path / 'ds' / 'train' / 'b' / 'more' / 'loop')  # walked once
-    train_x, train_y, _, _, classes = data.load_dataset(root, img_size=32)
+    train_x, train_y, _, _, classes, _ = data.load_dataset(root, img_size=32)
     assert classes == ['a', 'b'] and train_y.tolist() == [0, 0, 1, 1, 1, 1]
     assert train_x[-1].flatten(1).T.unique(dim=0).tolist() == [[1, 2, 3]]  # more/deeper/x.png, sorted last
 
@@ -245,7 +245,7 @@ def test_a_hidden_folder_with_images_is_named_when_left_out(tmp_path, capsys):
         os.rename(tmp_path / 'ds' / split / 'c', tmp_path / 'ds' / split / '.c')
     os.makedirs(tmp_path / 'ds' / 'train' / 'b' / 'more' / '.old')  # inside a class, deeper: named too
     os.rename(tmp_path / 'ds' / 'train' / 'b' / '0001.png', tmp_path / 'ds' / 'train' / 'b' / 'more' / '.old' / 'x.png')
-    _, train_y, _, _, classes = data.load_dataset(root, img_size=8)
+    _, train_y, _, _, classes, _ = data.load_dataset(root, img_size=8)
     assert classes == ['a', 'b'] and train_y.tolist() == [0, 0, 1]
     train, test = (os.path.join(root, split) for split in ('train', 'test'))
     assert capsys.readouterr().err.strip().splitlines() == [
@@ -317,8 +317,9 @@ def fake_cifar10(tmp_path, monkeypatch):
 
 
 def test_cifar10_from_data_dir(fake_cifar10):
-    train_x, train_y, test_x, test_y, classes = data.load_dataset('cifar10', fake_cifar10)
+    train_x, train_y, test_x, test_y, classes, available = data.load_dataset('cifar10', fake_cifar10)
     assert train_x.shape == (30, 3, 32, 32) and test_x.shape == (8, 3, 32, 32) and train_x.dtype == torch.uint8
+    assert available == dict(train=30, test=8)
     assert classes[0] == 'airplane' and len(classes) == 10
     reference = torchvision.datasets.CIFAR10(fake_cifar10, train=True)
     image, label = reference[7]
@@ -339,7 +340,7 @@ def test_large_images_decode_in_threads_into_their_slots(tmp_path, monkeypatch, 
     pools, pool = [], data.ThreadPoolExecutor
     monkeypatch.setattr(data, 'ThreadPoolExecutor', lambda *a, **k: pools.append(a) or pool(*a, **k))
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=5, test_per_class=1, size=80)
-    train_x, train_y, _, _, _ = data.load_dataset(root, img_size=img_size)
+    train_x, train_y, *_ = data.load_dataset(root, img_size=img_size)
     assert len(pools) == 2  # train and test
     side = min(80, img_size)
     assert train_x.shape == (10, 3, side, side) and train_y.tolist() == [0] * 5 + [1] * 5

@@ -318,7 +318,7 @@ def test_a_changed_dataset_is_refused_and_a_moved_one_accepted(tmp_path, capsys)
         os.rename(tmp_path / 'ds' / split / 'tiger', tmp_path / 'ds' / split / 'cat')
     shutil.copy(tmp_path / 'ds' / 'test' / 'dog' / '0000.png', tmp_path / 'ds' / 'test' / 'dog' / 'extra.png')
     code, _, err = run_main(['--resume', run_dir, '--eval_only'], capsys)
-    assert code == 1 and 'test has 7 images where the run had 6' in err, err
+    assert code == 1 and 'its test split holds 7 images where it held 6; restore it' in err, err
     assert files(run_dir) == before
     os.remove(tmp_path / 'ds' / 'test' / 'dog' / 'extra.png')
     os.rename(tmp_path / 'ds', tmp_path / 'moved')
@@ -328,6 +328,32 @@ def test_a_changed_dataset_is_refused_and_a_moved_one_accepted(tmp_path, capsys)
     code, out, err = run_main(['--resume', run_dir, '--epoch', 2, '--dataset', tmp_path / 'moved'], capsys)
     assert code == 0 and 'epoch 2/2' in out, err
     assert json.loads((run_dir / 'config.json').read_text())['dataset'] == str(tmp_path / 'moved')
+
+
+def test_images_added_to_a_subset_run_dataset_are_found(tmp_path, capsys):
+    """With --train_samples/--test_samples the counts a run used stay the same whatever the folder holds, while the
+    images the subset keeps (and the val split of them) change: the dataset's own counts are recorded and compared."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('cat', 'dog', 'frog'), train_per_class=6, test_per_class=3,
+                                size=16)
+    code, _, err = run_main(tiny_run(root, tmp_path / 'logs', 'r', '--patch_size', 8, '--val_split', 0.25,
+                                     '--train_samples', 12, '--test_samples', 6), capsys)
+    assert code == 0, err
+    run_dir = tmp_path / 'logs' / 'r'
+    assert json.loads((run_dir / 'config.json').read_text())['dataset_images'] == dict(train=18, test=9)
+    before = files(run_dir)
+    write_folder_dataset(tmp_path / 'more', classes=('cat', 'dog', 'frog'), train_per_class=2, test_per_class=1,
+                         size=16, seed=1)
+    for split in ('train', 'test'):
+        for name in ('cat', 'dog', 'frog'):
+            for image in os.listdir(tmp_path / 'more' / split / name):
+                shutil.copy(tmp_path / 'more' / split / name / image, tmp_path / 'ds' / split / name / f'new_{image}')
+    for action in (['--eval_only'], ['--epoch', 2]):
+        code, _, err = run_main(['--resume', run_dir, *action], capsys)
+        assert code == 1 and err.strip() == (
+            f"error: --dataset {root} is not the data {run_dir} was trained on: its train split holds 24 images where "
+            f"it held 18; its test split holds 12 images where it held 9; restore it (or pass --dataset with the "
+            f"run's copy), or train a new run on this data"), err
+    assert files(run_dir) == before
 
 
 def test_runs_made_before_folder_reading_2_read_their_folder_as_they_did(tmp_path, capsys, monkeypatch):
