@@ -91,7 +91,7 @@ def test_224px_run_keeps_the_images_at_their_own_size(tiny_dataset, tmp_path, ca
     code, out, err = run_main([*TINY, '--img_size', 224, '--patch_size', 32, '--dataset', tiny_dataset, '--epoch', 1,
                                '--batch_size', 16, '--log_dir', tmp_path, '--name', 'big'], capsys)
     assert code == 0, err
-    train_images, _, test_images, _, _ = seen[0]
+    train_images, _, test_images, *_ = seen[0]
     assert train_images.shape[1:] == (3, 32, 32) and test_images.dtype == torch.uint8
     assert len(read_metrics(tmp_path / 'big')) == 1
 

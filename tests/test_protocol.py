@@ -118,7 +118,7 @@ def test_more_samples_than_images_is_said(tmp_path, capsys):
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=3, test_per_class=2, size=8)
     args = main.parse_args([*map(str, TINY), '--dataset', root, '--train_samples', '1000', '--test_samples', '4',
                             '--batch_size', '2'])
-    splits, _ = main.load_splits(args, 0, 1)
+    splits, *_ = main.load_splits(args, 0, 1)
     assert len(splits['train'][1]) == 6 and len(splits['test'][1]) == 4
     assert capsys.readouterr().err.strip() == ("warning: --train_samples 1000 is more than the 6 train images there "
                                                "are; all are used")
