@@ -25,7 +25,9 @@ run), sweep.md (the report, also printed at the end) and sweep.log (what the swe
 Re-launching the same command skips finished runs, resumes interrupted ones (main.py --resume), retries failed ones,
 and moves a run directory without a checkpoint aside to <run>.failed-N before starting it afresh. A run that stopped
 on a non-finite loss (main.py's exit status 3) is 'diverged': a result of its settings, ranked last, left out of the
-seeds' mean (the report counts it) and not retried. Ctrl-C or SIGTERM
+seeds' mean (the report counts it) and not retried (its summary.json says so, wherever it ran). A final run that
+trained another grid point than the winner (a failed grid run, retried, won) is 'stale': not counted, and the
+sweep stops until it is moved aside. Ctrl-C or SIGTERM
 reaches the running trials, which keep their last finished epoch; the sweep writes its report, prints the command to
 re-launch and exits 130 / 143. Exit status 1 when a run failed (the others still run; stage 2 runs if at least one
 grid point finished). --print_commands prints stage 1's commands, or stage 2's once stage 1 has finished there.
@@ -196,15 +198,20 @@ def parse_grid(entries, given):
     return grid
 
 
-def typed_value(flag, value):
-    """`value` as main.py's parser reads it for --flag (the text itself when main.py rejects it: check_trial says so)."""
+def parsed_value(flag, value):
+    """`value` as main.py's parser reads it for --flag, without main.py's checks of paths; ValueError if rejected."""
     parser = vpt.make_parser()
 
     def error(message):
         raise ValueError(message)
     parser.error = error
+    return getattr(parser.parse_known_args([f"--{flag}={value}"])[0], flag)
+
+
+def typed_value(flag, value):
+    """repr of parsed_value (the text itself when main.py rejects it: check_trial says so)."""
     try:
-        return repr(getattr(parser.parse_known_args([f"--{flag}={value}"])[0], flag))
+        return repr(parsed_value(flag, value))
     except ValueError:
         return value
 
@@ -365,11 +372,22 @@ def last_exit(path):
     return None, ''
 
 
+def trial_exit(sweep_dir, name):
+    """last_exit of a trial; a run that stopped on a non-finite loss outside the sweep (a --print_commands command)
+    left no exit code in the sweep's log, but its summary.json says so."""
+    code, message = last_exit(log_path(sweep_dir, name))
+    diverged = (read_json(os.path.join(sweep_dir, name, 'summary.json')) or {}).get('diverged')
+    if code is None and isinstance(diverged, dict):
+        code, message = DIVERGED, (f"non-finite training loss at epoch {diverged.get('epoch')}, step "
+                                   f"{diverged.get('step')}")
+    return code, message
+
+
 def trial_row(sweep_dir, trial):
     """What the disk says about a trial: one row of sweep.csv."""
     run_dir = os.path.join(sweep_dir, trial['name'])
     summary = read_json(os.path.join(run_dir, 'summary.json')) or {}
-    code, message = last_exit(log_path(sweep_dir, trial['name']))
+    code, message = trial_exit(sweep_dir, trial['name'])
     if summary.get('finished'):
         status = 'finished'
     elif trial['name'] in CHILDREN:
@@ -403,6 +421,9 @@ def sweep_state(sweep_dir, meta, base_seed):
     rows2 = [trial_row(sweep_dir, trial) for trial in trials2]
     if not stage1_done(rows1) and all(row['status'] == 'missing' for row in rows2):
         return trials1, rows1, winner, [], []  # stage 2 has not begun: its winner is not known yet
+    for row, trained in zip(rows2, stale_values(sweep_dir, winner, trials2)):
+        if trained:  # its row says what it trained, and it counts for nothing
+            row.update(trained, status='stale')
     return trials1, rows1, winner, trials2, rows2
 
 
@@ -416,15 +437,20 @@ def stage1_done(rows1):
     return all(row['status'] in ('finished', 'failed', 'diverged') for row in rows1)
 
 
-def stale_finals(sweep_dir, winner, trials2):
-    """Final runs trained with another grid point than the winner: a grid run that failed once, retried, won."""
-    expected = vars(check_trial(winner['argv'], winner['run']))
-    stale = []
+def stale_values(sweep_dir, winner, trials2):
+    """Per final trial: the grid values it trained ({flag: value from its config.json}) when they are not the
+    winner's (a grid run that failed once, was retried and then won), else None."""
+    expected = {flag: parsed_value(flag, value) for flag, value in winner['values'].items()}
+    found = []
     for trial in trials2:
         config = read_json(os.path.join(sweep_dir, trial['name'], 'config.json'))
-        if config and any(not vpt.same_setting(flag, config.get(flag), expected[flag]) for flag in winner['values']):
-            stale.append(trial['name'])
-    return stale
+        stale = config and any(not vpt.same_setting(flag, config.get(flag), expected[flag]) for flag in expected)
+        found.append({flag: str(config.get(flag)) for flag in expected} if stale else None)
+    return found
+
+
+def stale_finals(sweep_dir, winner, trials2):
+    return [trial['name'] for trial, trained in zip(trials2, stale_values(sweep_dir, winner, trials2)) if trained]
 
 
 # ---------------------------------------------------------------- running trials
@@ -467,7 +493,7 @@ def start_trial(sweep_dir, trial, gpu, add_device):
     if summary.get('finished'):
         say(sweep_dir, f"skip   {trial['name']}: finished ({summary.get('epochs_done')} epochs)")
         return None
-    if last_exit(log_path(sweep_dir, trial['name']))[0] == DIVERGED:
+    if trial_exit(sweep_dir, trial['name'])[0] == DIVERGED:
         say(sweep_dir, f"skip   {trial['name']}: diverged (a non-finite loss); remove it and its log to run it again")
         return None
     if os.path.exists(run_dir) and not os.path.isfile(os.path.join(run_dir, 'state.pt')):
@@ -600,13 +626,18 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
             diverged = sum(row['status'] == 'diverged' for row in rows2)
             if diverged:
                 spread += f"; {diverged} of {len(rows2)} seeds diverged (non-finite loss) and are not counted"
-            if len(done) + diverged < len(rows2):
-                spread += f"; {len(rows2) - len(done) - diverged} of {len(rows2)} seeds not finished"
+            stale = sum(row['status'] == 'stale' for row in rows2)
+            if stale:
+                spread += f"; {stale} of {len(rows2)} seeds trained another grid point (stale) and are not counted"
+            if len(done) + diverged + stale < len(rows2):
+                spread += f"; {len(rows2) - len(done) - diverged - stale} of {len(rows2)} seeds not finished"
             lines += [f"**Test accuracy {mean_std(at_best)} %** ({spread}): each seed's test accuracy at its own "
                       f"best val epoch.", '', f"Final-epoch test accuracy: {mean_std(final)} %.", '']
         elif all(row['status'] == 'diverged' for row in rows2):
             lines += ["Every stage-2 seed diverged (non-finite loss): no result. The winning settings are unstable.",
                       '']
+        elif any(row['status'] == 'stale' for row in rows2):
+            lines += ["No result: the stage-2 runs trained another grid point than the winner (stale).", '']
         else:
             lines += ["No stage-2 seed has finished yet.", '']
         lines += [f"Winning flags: {' '.join(f'--{flag} {value}' for flag, value in winner['values'].items())} "
@@ -614,7 +645,7 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
                   f"main.py command of seed {base_seed + 1} (the sweep ran {seeds} as final_seed=<seed> in "
                   f"this directory):", '',
                   f"    {shlex.join(['python', script_path(MAIN_PY), *recipe])}"]
-        stale = stale_finals(sweep_dir, winner, trials2)
+        stale = [row['run'] for row in rows2 if row['status'] == 'stale']
         if stale:
             lines += ['', f"**Warning**: {', '.join(stale)} trained another grid point than the winner; move them "
                           f"aside and re-launch the sweep."]
@@ -642,7 +673,7 @@ def print_commands(sweep_dir, meta, base_seed):
         run_dir = os.path.join(sweep_dir, trial['name'])
         if (read_json(os.path.join(run_dir, 'summary.json')) or {}).get('finished'):
             continue
-        if last_exit(log_path(sweep_dir, trial['name']))[0] == DIVERGED:
+        if trial_exit(sweep_dir, trial['name'])[0] == DIVERGED:
             print(f"sweep.py: note: {trial['name']} diverged (a non-finite loss): not printed again", file=sys.stderr)
             continue
         if os.path.exists(run_dir) and not os.path.isfile(os.path.join(run_dir, 'state.pt')):

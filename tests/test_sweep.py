@@ -227,9 +227,44 @@ def test_a_grid_that_only_diverges_says_so(tiny_dataset, tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(
         'sweep.py: error: every grid point diverged (a non-finite loss), so there is nothing to select')
     assert 'No grid point finished (2 diverged): nothing to select.' in (tmp_path / 's' / 'sweep.md').read_text()
-    result = run_sweep([*argv[:argv.index('--')], '--print_commands', *argv[argv.index('--'):]])
+    print_commands = [*argv[:argv.index('--')], '--print_commands', *argv[argv.index('--'):]]
+    result = run_sweep(print_commands)
     assert result.returncode == 0 and result.stdout == ''  # a scheduler would only diverge again
     assert result.stderr.count('diverged (a non-finite loss): not printed again') == 2
+    # runs started from printed commands leave no exit code in the sweep's logs: their summary.json says it
+    shutil.rmtree(tmp_path / 's' / 'logs')
+    result = run_sweep(print_commands)
+    assert result.returncode == 0 and result.stdout == '', result.stdout
+    assert result.stderr.count('diverged (a non-finite loss): not printed again') == 2
+    result = run_sweep(['--collect', tmp_path / 's'])
+    assert 'No grid point finished (2 diverged): nothing to select.' in result.stdout
+    assert 'non-finite training loss at epoch 1, step' in result.stdout
+
+
+def test_finals_that_trained_another_grid_point_are_stale_and_not_counted(tmp_path):
+    """A grid run that failed, was retried and then won: the finals trained for the former winner are marked stale
+    in sweep.csv (with the values they trained) and left out of the result. The report is written from any
+    directory: --dataset 'data' (relative, not here) is not checked again."""
+    sweep_dir = tmp_path / 's'
+    meta = dict(grid={'lr': ['1e-3', '5e-3']}, seeds=2, val_split=0.25, command='python sweep.py ...',
+                main_flags=['--model', 'test_vit', '--dataset', 'data', '--epoch', '2'])
+
+    def run(name, lr, best_val_acc, test_acc):
+        os.makedirs(sweep_dir / name)
+        (sweep_dir / name / 'config.json').write_text(json.dumps(dict(lr=lr, dataset=str(tmp_path / 'data'))))
+        (sweep_dir / name / 'summary.json').write_text(json.dumps(dict(
+            finished=True, epochs_done=2, epochs=2, best_val_acc=best_val_acc, best_val_epoch=2,
+            test_acc_at_best_val=test_acc, final_test_acc=test_acc)))
+    run('grid_lr=1e-3', 1e-3, 50.0, 40.0)
+    run('grid_lr=5e-3', 5e-3, 60.0, 45.0)  # the winner
+    run('final_seed=1', 1e-3, 55.0, 41.0)  # trained when grid_lr=1e-3 led
+    run('final_seed=2', 5e-3, 61.0, 47.0)
+    report = sweep.write_reports(str(sweep_dir), meta, 0)
+    rows = read_csv(sweep_dir / 'sweep.csv')
+    assert [(row['run'], row['lr'], row['status']) for row in rows[2:]] == [('final_seed=1', '0.001', 'stale'),
+                                                                         ('final_seed=2', '5e-3', 'finished')]
+    assert '**Test accuracy 47.00 %** (n = 1 seed, so no std; 1 of 2 seeds trained another grid point (stale)' in report
+    assert '**Warning**: final_seed=1 trained another grid point than the winner' in report
 
 
 def test_collect_waits_for_a_running_sweep(finished_sweep):
