@@ -281,6 +281,24 @@ def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset,
     assert (run_dir / 'confusion.csv').exists()
 
 
+def test_a_resume_to_more_epochs_makes_the_run_unfinished_at_once(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """config.json plans the new --epoch from the start of the resume: summary.json (what plot.py and sweep.py read)
+    must not go on calling the run finished when the resume stops before its first new epoch."""
+    import data
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0 and json.loads((tmp_path / 'r' / 'summary.json').read_text())['finished'] is True, err
+    train_batches = data.train_batches
+
+    def stop_at_once(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the loop stops at its first step, before epoch 2 is done
+        return train_batches(*args, **kwargs)
+    monkeypatch.setattr(data, 'train_batches', stop_at_once)
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 3], capsys)
+    assert code == 130 and len(read_metrics(tmp_path / 'r')) == 1, err
+    summary = json.loads((tmp_path / 'r' / 'summary.json').read_text())
+    assert (summary['finished'], summary['epochs_done'], summary['epochs']) == (False, 1, 3)
+
+
 def test_a_run_in_training_cannot_be_resumed_twice(dataset, tmp_path, capsys):
     run_dir = tmp_path / 'run'
     process = start(flags(dataset, tmp_path, 'run', epochs=3))
