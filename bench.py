@@ -23,12 +23,15 @@ FLOP convention (analytic, so that TFLOP/s and MFU compare across --prompt_impl 
 - the KV-only path (--prompt_impl kv, model.py's default) is printed for information: prompt rows only get the
   K/V projection, and the last block computes only the CLS row past K/V: 11.96 GFLOP/image with 50 prompts when the
   prompt K/V is counted per image; model.py computes it once per batch when prompt dropout is off ("as run").
-- training FLOPs per image = forward x (1 + b): b = 2 when the backbone trains (F, P+F: input and weight
-  gradients), b = 1 in P (the frozen backbone only passes input gradients back to the prompts), b = 0 with nothing
-  before the head to train (P with --prompts 0).
+- training FLOPs per image = the forward plus the gradients computed, part by part (TRAIN_FACTORS): 3x forward when
+  the backbone trains (F, P+F; the patch embedding 2x, its input being the image); in P the frozen linear layers 2x
+  (input gradients back to the prompts), attention's two products 3x (both operands are activations), the patch
+  embedding 1x; with nothing before the head to train (P with --prompts 0) the head's weight gradient only.
+  ViT-B/4 with 50 prompts: P 40.54, F 33.60, P+F 60.08 GFLOP per training image (torch's FlopCounterMode agrees).
 - MFU = achieved training TFLOP/s / the device's dense bf16 peak (table below, or --peak_tflops); n/a when unknown.
 Peak memory is torch.cuda.max_memory_allocated, reset at the start of each mode (weights, optimizer state,
-activations and the synthetic data pool held on the device); n/a on CPU.
+activations and the synthetic data pool held on the device, as main.py holds the dataset); for the baseline, whose
+DataLoader reads host copies, less the pool; n/a on CPU.
 Epoch estimate = 50,000 / train images/s + 10,000 / eval images/s (a CIFAR-10 epoch plus its test pass).
 
 --profile True: after each mode's timed training and evaluation, torch.profiler records PROFILE_STEPS more training
@@ -96,26 +99,46 @@ def forward_flops(embed_dim, depth, mlp_hidden, num_patches, patch_size, num_pro
     The prompt K/V is counted per image, unless batch_size is given: then once per batch (model.py without
     prompt dropout), i.e. divided by batch_size.
     """
+    if impl == 'naive':
+        return 2 * sum(naive_macs(embed_dim, depth, mlp_hidden, num_patches, patch_size, num_prompts, num_classes,
+                                  in_chans, num_prefix).values())
+    if impl != 'kv':
+        raise ValueError(f"impl must be 'naive' or 'kv', got {impl!r}")
     d, h, p = embed_dim, mlp_hidden, num_prompts
     rows = num_prefix + num_patches  # image rows (CLS + patches)
+    keys = rows + p
+    prompt_kv = p * 2 * d * d / (batch_size or 1)
+    full_block = rows * 3 * d * d + 2 * rows * keys * d + rows * d * d + 2 * rows * d * h
+    last_block = rows * 2 * d * d + d * d + 2 * keys * d + d * d + 2 * d * h  # K/V all rows; CLS q, attn, proj, MLP
     macs = num_patches * in_chans * patch_size * patch_size * d + d * num_classes  # patch embedding + head
-    if impl == 'naive':
-        t = rows + p
-        macs += depth * (t * 3 * d * d + 2 * t * t * d + t * d * d + 2 * t * d * h)
-    elif impl == 'kv':
-        keys = rows + p
-        prompt_kv = p * 2 * d * d / (batch_size or 1)
-        full_block = rows * 3 * d * d + 2 * rows * keys * d + rows * d * d + 2 * rows * d * h
-        last_block = rows * 2 * d * d + d * d + 2 * keys * d + d * d + 2 * d * h  # K/V all rows; CLS q, attn, proj, MLP
-        macs += (depth - 1) * full_block + last_block + depth * prompt_kv
-    else:
-        raise ValueError(f"impl must be 'naive' or 'kv', got {impl!r}")
-    return 2 * macs
+    return 2 * (macs + (depth - 1) * full_block + last_block + depth * prompt_kv)
 
 
-def backward_factor(full, num_prompts):
-    """Backward FLOPs as a multiple of the forward: 2 with a training backbone, 1 for frozen-backbone prompts."""
-    return 2 if full else (1 if num_prompts > 0 else 0)
+def naive_macs(embed_dim, depth, mlp_hidden, num_patches, patch_size, num_prompts=0, num_classes=NUM_CLASSES,
+               in_chans=3, num_prefix=1):
+    """Multiply-accumulates per image of the naive path's forward, by part: the patch embedding, the blocks' linear
+    layers (qkv, proj, MLP), attention's two products (QK^T, AV), the head."""
+    d, t = embed_dim, num_prefix + num_patches + num_prompts
+    return dict(patch=num_patches * in_chans * patch_size * patch_size * d,
+                linear=depth * (t * 3 * d * d + t * d * d + 2 * t * d * mlp_hidden),
+                attention=depth * 2 * t * t * d, head=d * num_classes)
+
+
+# Training FLOPs of each part as a multiple of its forward: a weight gradient costs a forward where the weight trains,
+# an input gradient one where something before the part trains. Full (F, P+F): both, but the patch embedding's input
+# is the image. P: the frozen linear layers pass input gradients back to the prompts, attention's products need both
+# operands' gradients (they multiply activations), the patch embedding needs none, the head both. Linear probe: the
+# head's weight gradient only.
+TRAIN_FACTORS = {'full': dict(patch=2, linear=3, attention=3, head=3),
+                 'prompts': dict(patch=1, linear=2, attention=3, head=3),
+                 'head': dict(patch=1, linear=1, attention=1, head=2)}
+
+
+def train_flops(geometry, num_prompts, full):
+    """Training FLOPs per image (forward + backward) of the naive path; geometry as vit_geometry gives it."""
+    factors = TRAIN_FACTORS['full' if full else 'prompts' if num_prompts else 'head']
+    parts = naive_macs(**geometry, num_prompts=num_prompts)
+    return 2 * sum(parts[part] * factors[part] for part in parts)
 
 
 def peak_bf16_tflops(name, override=None):
@@ -310,6 +333,7 @@ def run_baseline(args, device, pool, stop):
     """fp32 (no autocast, TF32 off), eager, naive prompts, P mode, DataLoader of PIL images, plain AdamW, .item()."""
     from torchvision import transforms
     reset_memory(device)
+    held = torch.cuda.memory_allocated(device) if device.type == 'cuda' else 0  # bench's data pool: not the recipe's
     model = build_model(args, args.prompts, False, 'naive', device)
     norm = (model.vit.pretrained_cfg['mean'], model.vit.pretrained_cfg['std'])  # as sequences, for torchvision
     transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
@@ -353,7 +377,7 @@ def run_baseline(args, device, pool, stop):
         train_s = time.perf_counter() - start
     finally:
         set_tf32(*previous)
-    peak_gib = peak_memory_gib(device)
+    peak_gib = peak_memory_gib(device) - held / 2**30 if device.type == 'cuda' else None
     return dict(full=False, prompts=args.prompts, batch_size=args.baseline_batch_size, prompt_impl='naive',
                 amp=False, tf32=False, train_img_s=images_done / train_s, train_s=train_s, peak_mem_gib=peak_gib)
 
@@ -443,20 +467,20 @@ def main(argv=None):
 
     flops = {}
     print("analytic FLOPs per image (2 x MACs of qkv, QK^T, AV, proj, MLP, patch embedding, head); TFLOP/s and MFU "
-          "use the naive count for every --prompt_impl; train = fwd x (1 + b), b = 2 when the backbone trains, "
-          "1 for P (frozen backbone: input gradients only):")
+          "use the naive count for every --prompt_impl; train = forward + the gradients that are computed (about "
+          "3x forward when the backbone trains, 2x for P: its frozen layers pass input gradients only):")
     for mode in args.modes:
         full, with_prompts = MODES[mode]
         p = args.prompts if with_prompts else 0
         naive = forward_flops(**geometry, num_prompts=p, impl='naive')
         kv = forward_flops(**geometry, num_prompts=p, impl='kv')
         kv_run = forward_flops(**geometry, num_prompts=p, impl='kv', batch_size=args.batch_size)
-        b = backward_factor(full, p)
+        trained = train_flops(geometry, p, full)
         flops[mode] = dict(fwd_gflop_naive=naive / 1e9, fwd_gflop_kv=kv / 1e9, fwd_gflop_kv_as_run=kv_run / 1e9,
-                           backward_factor=b, train_gflop_per_img=naive * (1 + b) / 1e9)
+                           train_gflop_per_img=trained / 1e9)
         print(f"  {mode:<4} {p:>3} prompts: fwd naive {naive / 1e9:.4g} GFLOP | kv {kv / 1e9:.4g} "
               f"(prompt K/V per image), {kv_run / 1e9:.4g} as model.py runs it (prompt K/V once per batch of "
-              f"{args.batch_size}) | train {naive * (1 + b) / 1e9:.4g} GFLOP (b = {b})")
+              f"{args.batch_size}) | train {trained / 1e9:.4g} GFLOP")
 
     # one synthetic pool on the device, large enough for every timed (and profiled) region
     generator = torch.Generator(device).manual_seed(0)
@@ -486,10 +510,8 @@ def main(argv=None):
             if args.baseline:
                 print("running the baseline ...", file=sys.stderr, flush=True)
                 baseline = run_baseline(args, device, pool, stop)
-                naive = forward_flops(**geometry, num_prompts=args.prompts, impl='naive')
-                b = backward_factor(False, args.prompts)
-                baseline.update(fwd_gflop_naive=naive / 1e9, backward_factor=b,
-                                train_gflop_per_img=naive * (1 + b) / 1e9)
+                baseline.update(fwd_gflop_naive=forward_flops(**geometry, num_prompts=args.prompts) / 1e9,
+                                train_gflop_per_img=train_flops(geometry, args.prompts, False) / 1e9)
         except KeyboardInterrupt:
             stop.signum = stop.signum or signal.SIGINT
     if stop.signum is not None:
