@@ -613,8 +613,13 @@ def provenance(args, argv, device):
 
 
 def check_log_dir(args):
-    """Fail before any work if the run directory cannot be made; create nothing yet."""
+    """Fail before any work if the run directory cannot be made, or a resumed run's written; create nothing yet."""
     if args.resume:
+        writes = ('its predictions' if args.predict else 'its confusion matrix and per-class accuracy'
+                  if args.eval_only else 'its checkpoints')
+        if not (args.predict and args.out) and not os.access(args.resume, os.W_OK | os.X_OK):
+            raise SystemExit(f"error: cannot write to {args.resume} ({writes} go there); make it writable, or work "
+                             f"on a copy of the run" + (", or pass --out FILE" if args.predict else ''))
         return
     if args.name and os.path.exists(os.path.join(args.log_dir, args.name)):
         raise SystemExit(f"error: run {os.path.join(args.log_dir, args.name)} already exists; pick another --name, "

@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import signal
 import sys
 import time
@@ -241,25 +242,45 @@ def evaluate_split(model, split, batch_size, preprocess, amp):
 # ---------------------------------------------------------------- run directory: config, metrics, checkpoints
 
 
+def write_files(files, then='run the command again'):
+    """{path: bytes, or a function making them}: each written to a temp file (flush + fsync), then all renamed over
+    their paths, so a reader sees the old files or the new ones, never half of one, and a full disk or a lost
+    permission fails before any of them changes: the temps are removed and one line says what to do, then `then`."""
+    temps = []
+    try:
+        for path, payload in files.items():
+            temps.append((f'{path}.tmp', path))
+            with open(temps[-1][0], 'wb') as f:
+                f.write(payload() if callable(payload) else payload)
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        for temp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.remove(temp)
+        raise SystemExit(f"error: cannot write {path} ({e.strerror or e}); the files already there are unchanged: free "
+                         f"disk space or make {os.path.dirname(path) or '.'} writable, then {then}")
+    for temp, path in temps:
+        os.replace(temp, path)
+
+
 def atomic_write(path, payload: bytes):
-    """Write to a temp file, flush+fsync, then rename over `path`: a reader sees the old file or the new, never half."""
-    temp = f'{path}.tmp'
-    with open(temp, 'wb') as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+    write_files({path: payload})
+
+
+def json_bytes(payload):
+    return (json.dumps(payload, indent=2) + '\n').encode()
 
 
 def write_json(path, payload):
-    atomic_write(path, (json.dumps(payload, indent=2) + '\n').encode())
+    atomic_write(path, json_bytes(payload))
 
 
 def write_config(run_dir, config):
     write_json(os.path.join(run_dir, 'config.json'), config)
 
 
-def write_metrics(run_dir, history):
+def metrics_bytes(history):
     formats = dict(train_loss='.6f', train_acc='.4f', test_loss='.6f', test_acc='.4f', lr='.6g', epoch_time_s='.3f',
                    train_images_per_s='.1f', val_loss='.6f', val_acc='.4f', peak_mem_gib='.3f', includes_compile='d')
     out = io.StringIO()
@@ -268,7 +289,7 @@ def write_metrics(run_dir, history):
     for row in history:  # a missing value (no val split, no GPU) is an empty cell
         writer.writerow([row['epoch']] + ['' if row.get(key) is None else format(row[key], formats[key])
                                           for key in METRICS_HEADER[1:]])
-    atomic_write(os.path.join(run_dir, 'metrics.csv'), out.getvalue().encode())
+    return out.getvalue().encode()
 
 
 def remove_stale(run_dir, name):
@@ -277,13 +298,17 @@ def remove_stale(run_dir, name):
         os.remove(os.path.join(run_dir, name))
 
 
-def write_confusion(path, confusion, classes):
+def confusion_bytes(confusion, classes):
     out = io.StringIO()
     writer = csv.writer(out, lineterminator='\n')
     writer.writerow(['true\\predicted', *classes])
     for name, row in zip(classes, confusion.tolist()):
         writer.writerow([name, *row])
-    atomic_write(path, out.getvalue().encode())
+    return out.getvalue().encode()
+
+
+def write_confusion(path, confusion, classes):
+    atomic_write(path, confusion_bytes(confusion, classes))
 
 
 def per_class_accuracy(confusion, classes):
@@ -328,8 +353,8 @@ def trainable_tensors(model):
     return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def save_trainable(path, model, epoch):
-    atomic_write(path, safetensors_bytes(trainable_tensors(model), metadata={'epoch': str(epoch)}))
+def trainable_bytes(model, epoch):
+    return safetensors_bytes(trainable_tensors(model), metadata={'epoch': str(epoch)})
 
 
 def rng_states(generator):
@@ -356,19 +381,24 @@ def restore_rng(rng, generator):
         torch.cuda.set_rng_state(mine['cuda'])  # the current device; a run resumed on the CPU keeps no CUDA stream
 
 
-def save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, history, summary):
-    """Every rank calls this (the RNG states are gathered); rank 0 writes."""
+def save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, history, summary, extra=None):
+    """Every rank calls this (the RNG states are gathered); rank 0 writes the checkpoint and its metrics, and the
+    `extra` files ({name: bytes}), all or none of them (write_files)."""
     rng = rng_states(generator)
-    if rank_and_world_size()[0] != 0:
+    rank, world_size = rank_and_world_size()
+    if rank != 0:
         return
-    save_trainable(os.path.join(run_dir, 'trainable.safetensors'), model, epoch)
-    state = dict(epoch=epoch, history=history, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 rng=rng)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(os.path.join(run_dir, 'state.pt'), buffer.getvalue())
-    write_metrics(run_dir, history)
-    write_json(os.path.join(run_dir, 'summary.json'), summary)
+
+    def state_bytes():
+        buffer = io.BytesIO()
+        torch.save(dict(epoch=epoch, history=history, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), rng=rng), buffer)
+        return buffer.getvalue()
+    files = {'trainable.safetensors': lambda: trainable_bytes(model, epoch), **(extra or {}), 'state.pt': state_bytes,
+             'metrics.csv': metrics_bytes(history), 'summary.json': json_bytes(summary)}
+    then = (f"resume it, from epoch {epoch - 1}: {resume_command(run_dir, world_size)}" if epoch else
+            "run the command again")
+    write_files({os.path.join(run_dir, name): payload for name, payload in files.items()}, then)
 
 
 def load_trainable(path, model):
@@ -499,15 +529,16 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             summary = dict(summary_of(history), **kept)
             if epoch == args.epoch:  # the finished run's per-class view
                 summary['per_class_acc'] = per_class_accuracy(confusion, classes)
-            if rank == 0:
-                if new_best:
-                    save_trainable(os.path.join(run_dir, 'best.safetensors'), model, epoch)
-                    remove_stale(run_dir, 'confusion_best.csv')  # --eval_only's, of the best checkpoint until now
-                if epoch == args.epoch:
-                    write_confusion(os.path.join(run_dir, 'confusion.csv'), confusion, classes)
-                else:  # a resume training past the run's former last epoch: its matrix no longer is the result
-                    remove_stale(run_dir, 'confusion.csv')
-            save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, history, summary)
+            extra = {}  # saved with the checkpoint, all or none
+            if rank == 0 and new_best:
+                extra['best.safetensors'] = trainable_bytes(model, epoch)
+            if rank == 0 and epoch == args.epoch:
+                extra['confusion.csv'] = confusion_bytes(confusion, classes)
+            save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, history, summary, extra)
+            if rank == 0 and new_best:
+                remove_stale(run_dir, 'confusion_best.csv')  # --eval_only's, of the best checkpoint until now
+            if rank == 0 and epoch < args.epoch:  # a resume past the run's former last epoch: no longer the result
+                remove_stale(run_dir, 'confusion.csv')
             if rank == 0:
                 val_text = f"val acc {val_acc:.2f}%  " if val_acc is not None else ''
                 print(f"epoch {epoch}/{args.epoch}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
@@ -536,10 +567,14 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
 
 def stopped(signum, run_dir, last_epoch, rank, world_size):
     if rank == 0:
-        launcher = 'python' if world_size == 1 else f'torchrun --nproc_per_node={world_size}'
         print(f"\n{signal.Signals(signum).name}: stopped; {run_dir} keeps the checkpoint and metrics of epoch "
-              f"{last_epoch}. Resume with:\n  {launcher} main.py --resume {run_dir}", file=sys.stderr, flush=True)
+              f"{last_epoch}. Resume with:\n  {resume_command(run_dir, world_size)}", file=sys.stderr, flush=True)
     raise SystemExit(128 + signum)
+
+
+def resume_command(run_dir, world_size):
+    launcher = 'python' if world_size == 1 else f'torchrun --nproc_per_node={world_size}'
+    return f"{launcher} main.py --resume {shlex.quote(str(run_dir))}"
 
 
 # ---------------------------------------------------------------- TensorBoard (optional dependency)

@@ -299,6 +299,49 @@ def test_a_resume_to_more_epochs_makes_the_run_unfinished_at_once(tiny_dataset, 
     assert (summary['finished'], summary['epochs_done'], summary['epochs']) == (False, 1, 3)
 
 
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """state.pt failing to fit on the disk used to leave trainable.safetensors of the new epoch beside state.pt of
+    the old one, which --resume refuses, and a traceback. All of an epoch's files are written, then renamed."""
+    import errno
+    fsync, state_writes = os.fsync, []
+
+    def disk_full_at_epoch_2(descriptor):
+        if os.readlink(f'/proc/self/fd/{descriptor}').endswith('state.pt.tmp'):
+            state_writes.append(descriptor)
+            if len(state_writes) == 3:  # epochs 0 and 1 fit
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fsync(descriptor)
+    monkeypatch.setattr(os, 'fsync', disk_full_at_epoch_2)
+    run_dir = tmp_path / 'my runs' / 'r'  # a space: the printed command quotes it
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'my runs', 'r', '--val_split', 0.25, epochs=3), capsys)
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        f"error: cannot write {run_dir / 'state.pt'} (No space left on device); the files already there are "
+        f"unchanged: free disk space or make {run_dir} writable, then resume it, from epoch 1: python main.py "
+        f"--resume '{run_dir}'"), err
+    assert not [name for name in os.listdir(run_dir) if name.endswith('.tmp')]
+    with safe_open(str(run_dir / 'trainable.safetensors'), 'pt') as f:
+        assert f.metadata()['epoch'] == '1'
+    monkeypatch.setattr(os, 'fsync', fsync)
+    code, _, err = run_main(['--resume', run_dir], capsys)
+    assert code == 0 and len(read_metrics(run_dir)) == 3, err
+
+
+def test_an_unwritable_run_is_refused_before_any_work(tiny_dataset, tmp_path, capsys, monkeypatch):
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    before = files(tmp_path / 'r')
+    access = os.access
+    monkeypatch.setattr(os, 'access', lambda path, mode: False if str(path) == str(tmp_path / 'r') else access(path, mode))
+    for action, writes in ((['--epoch', 2], 'its checkpoints'),
+                           (['--eval_only'], 'its confusion matrix and per-class accuracy'),
+                           (['--predict', tiny_dataset], 'its predictions')):
+        code, _, err = run_main(['--resume', tmp_path / 'r', *action], capsys)
+        assert code == 1 and err.strip().startswith(f"error: cannot write to {tmp_path / 'r'} ({writes} go there)"), err
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--predict', tiny_dataset, '--out', tmp_path / 'p.csv'], capsys)
+    assert code == 0 and (tmp_path / 'p.csv').exists(), err  # --out elsewhere needs nothing of the run directory
+    assert files(tmp_path / 'r') == before
+
+
 def test_a_run_in_training_cannot_be_resumed_twice(dataset, tmp_path, capsys):
     run_dir = tmp_path / 'run'
     process = start(flags(dataset, tmp_path, 'run', epochs=3))
