@@ -361,6 +361,12 @@ def build_model(args, num_classes, device):
     """The run's model: the base ViT (hub, --weights or random) with prompts; -> (model, unfrozen parameter count)."""
     import torch
     from model import PromptedViT, create_vit, set_trainable
+    if args.resume and args.weights:  # same path, other contents: another frozen backbone, without a word
+        recorded = str(read_json(os.path.join(args.resume, 'config.json')).get('weights_id'))
+        if 'sha256:' in recorded and weights_sha256(args.weights) != recorded.split('sha256:')[-1]:
+            say_once(f"error: --weights {args.weights} is not the file {args.resume} was trained from (its sha256 "
+                     f"differs from config.json's weights_id {recorded.split('sha256:')[-1][:12]}...); put the run's "
+                     f"weights back at that path")
     torch.manual_seed(args.seed)  # the random parts of the model (head, prompts, a random backbone) are reproducible
     vit = create_vit(args.model, num_classes, args.img_size, args.patch_size, args.pretrained, args.weights)
     model = PromptedViT(vit, args.prompts, args.deep, args.prompt_dropout, args.prompt_impl).to(device)
@@ -595,11 +601,7 @@ def provenance(args, argv, device):
     except (OSError, subprocess.SubprocessError):
         commit = None
     if args.weights:
-        sha256 = hashlib.sha256()
-        with open(args.weights, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 20), b''):
-                sha256.update(block)
-        weights = f"file {os.path.abspath(args.weights)} sha256:{sha256.hexdigest()}"
+        weights = f"file {os.path.abspath(args.weights)} sha256:{weights_sha256(args.weights)}"
     elif args.pretrained:
         cfg = timm.models.get_pretrained_cfg(args.model)
         weights = f"hf-hub:{cfg.hf_hub_id if cfg and cfg.hf_hub_id else args.model}"
@@ -610,6 +612,14 @@ def provenance(args, argv, device):
                 timm_version=timm.__version__, cuda_version=torch.version.cuda,
                 cudnn_version=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                 weights_id=weights)
+
+
+def weights_sha256(path):
+    sha256 = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            sha256.update(block)
+    return sha256.hexdigest()
 
 
 def check_log_dir(args):

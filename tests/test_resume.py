@@ -342,6 +342,24 @@ def test_an_unwritable_run_is_refused_before_any_work(tiny_dataset, tmp_path, ca
     assert files(tmp_path / 'r') == before
 
 
+def test_weights_changed_under_a_run_are_refused(tiny_dataset, tmp_path, capsys):
+    """--weights is compared by path on resume: a file replaced at that path would give another frozen backbone
+    (and overwrite the recorded sha256) without a word."""
+    import timm
+    torch.manual_seed(0)
+    torch.save(timm.create_model('test_vit', num_classes=5).state_dict(), tmp_path / 'w.pth')
+    run = [arg for arg in tiny_run(tiny_dataset, tmp_path, 'r') if arg not in ('--pretrained', 'False')]
+    code, _, err = run_main([*run, '--weights', tmp_path / 'w.pth'], capsys)
+    assert code == 0, err
+    config = (tmp_path / 'r' / 'config.json').read_text()
+    torch.save(timm.create_model('test_vit', num_classes=5).state_dict(), tmp_path / 'w.pth')  # other tensors
+    for action in (['--epoch', 2], ['--eval_only'], ['--predict', tiny_dataset]):
+        code, _, err = run_main(['--resume', tmp_path / 'r', *action], capsys)
+        assert code == 1 and err.strip().startswith(f"error: --weights {tmp_path / 'w.pth'} is not the file "
+                                                    f"{tmp_path / 'r'} was trained from"), err
+    assert (tmp_path / 'r' / 'config.json').read_text() == config and len(read_metrics(tmp_path / 'r')) == 1
+
+
 def test_a_run_in_training_cannot_be_resumed_twice(dataset, tmp_path, capsys):
     run_dir = tmp_path / 'run'
     process = start(flags(dataset, tmp_path, 'run', epochs=3))
