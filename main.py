@@ -252,12 +252,15 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     args = parse_args(argv)
     mode = mode_of(args)
-    check_log_dir(args)
     # Outside the training loop (which takes both signals over: train.StopRequest) SIGTERM stops as Ctrl-C does, by an
     # exception: a run being set up removes its half-made directory, and the exit is one line rather than a kill.
     sigterm = signal.signal(signal.SIGTERM, interrupt)
     try:
         start(args, argv, mode)
+    except SystemExit as e:
+        if isinstance(e.code, str):  # a one-line error: under torchrun the first process on each machine says it
+            say_once(e.code)
+        raise
     except FloatingPointError as e:  # train.fit: a non-finite loss, said with its epoch and step
         say_once(str(e), EXIT_DIVERGED)
     except KeyboardInterrupt as e:  # importing torch, loading data, building the model: no state at risk
@@ -274,6 +277,7 @@ def interrupt(signum, frame):
 
 def start(args, argv, mode):
     """Check what needs torch, open the process group (under torchrun) and run."""
+    check_log_dir(args)
     import train
     from model import check_model_args
 
@@ -289,6 +293,11 @@ def start(args, argv, mode):
     rank, world_size, device = train.setup_distributed(args.device)
     try:
         run(args, argv, mode, rank, world_size, device)
+    except RuntimeError as e:
+        if rank == 0 or not train.lost_peer(e):
+            raise
+        first = ' '.join(str(e).split())[:160]
+        say_once(f"error: process {rank} lost the others ({first}); the first process's error above says why")
     finally:
         train.close_distributed()
 

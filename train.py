@@ -76,6 +76,13 @@ def rank_and_world_size():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def lost_peer(error):
+    """A collective failed because another process has gone: it stopped on an error of its own, which it reports."""
+    text = str(error)
+    return (isinstance(error, dist.DistBackendError) or 'Connection closed by peer' in text
+            or 'Connection reset by peer' in text)
+
+
 def all_agree(flag: bool, device) -> bool:
     """True on every rank if `flag` is True on any rank (a collective: every rank must call it)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:  # no host sync for one process

@@ -93,3 +93,25 @@ def test_a_data_problem_under_torchrun_is_said_once(tmp_path):
     assert err.count('error: cannot read 1 of 16 images') == 1, err
     assert 'Traceback' not in err.split('error: cannot read')[0] and 'Connection closed' not in err, err
     assert not os.path.exists(tmp_path / 'logs') or os.listdir(tmp_path / 'logs') == []
+
+
+def test_an_error_of_the_first_process_alone_is_said_once(dataset, tmp_path, capsys):
+    """Only the first process takes the run's lock (or writes): when it stops on a user error, the others lost it
+    at their next collective and each printed a gloo traceback; an existing --name was said by every process."""
+    import fcntl
+    code, _, err = run_main([*flags(dataset, tmp_path, 'r', False)[:-8], '--epoch', 1, '--batch_size', 32,
+                             '--log_dir', tmp_path, '--name', 'r'], capsys)
+    assert code == 0, err
+    descriptor = os.open(tmp_path / 'r', os.O_RDONLY)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)  # as a process training the run holds it
+    try:
+        process = torchrun(['--resume', tmp_path / 'r', '--epoch', 2])
+        out, err = process.communicate(timeout=120)
+    finally:
+        os.close(descriptor)
+    assert process.returncode != 0
+    assert err.count('error: ') == 1 and f"error: {tmp_path / 'r'} is being trained by another process" in err, err
+    assert '[rank1]' not in err and 'Connection closed' not in err, err
+    process = torchrun(flags(dataset, tmp_path, 'r', False))  # the name exists: found by every process
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and err.count(f"error: run {tmp_path / 'r'} already exists") == 1, err
