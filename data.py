@@ -6,6 +6,7 @@ crop with zero padding + horizontal flip, the seed's recipe) is one gather over 
 model's input size (e.g. CIFAR at 224 px) and normalisation happen per batch on the device.
 """
 import os
+import stat
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -203,6 +204,8 @@ def _pixels(path):
 def read_image(path, size=None, larger_only=False):
     """-> uint8 (H, W, 3); resized to size x size (bilinear, antialiased) when `size` is given and differs, or with
     `larger_only` only when the image is larger than `size` on a side."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO named *.png would block the whole load on open
+        raise ValueError("not a regular file")
     with Image.open(path) as image:
         if image.mode == 'F':  # convert('RGB') would clip to 0..255 as it stands: values in [0, 1] turn black
             raise ValueError("floating-point pixels, whose range is unknown; save it as an 8- or 16-bit image")

@@ -445,7 +445,11 @@ def load_state(run_dir):
         raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); the "
                          f"run's state is damaged: --eval_only still evaluates its trainable.safetensors, or start a "
                          f"new run")
-    if 'ranks' not in state['rng']:
+    if not isinstance(state, dict) or not {'epoch', 'history', 'optimizer', 'scheduler', 'rng'} <= set(state):
+        raise SystemExit(f"error: {path} is not a vpt run's state (epoch, history, optimizer, scheduler and rng); the "
+                         f"run directory is damaged: --eval_only still evaluates its trainable.safetensors, or start a "
+                         f"new run")
+    if not isinstance(state['rng'], dict) or 'ranks' not in state['rng']:
         raise SystemExit(f"error: {run_dir}/state.pt was written by an older vpt whose data order depended on the "
                          f"device; it cannot be resumed exactly. Its metrics and trainable.safetensors stay usable "
                          f"(--eval_only); start a new run to train further")

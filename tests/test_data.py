@@ -1,6 +1,8 @@
 """The data path: uint8 tensors, balanced subsets, batched crop/flip, epoch order, rank slices, eval coverage."""
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torchvision
 from PIL import Image
 
 import data
-from conftest import run_main, TINY, write_folder_dataset
+from conftest import REPO, run_main, TINY, write_folder_dataset
 
 
 def test_crop_flip_matches_per_image_reference():
@@ -221,6 +223,17 @@ def test_hidden_files_are_skipped_and_subfolders_searched(tmp_path):
     train_x, train_y, _, _, classes, _ = data.load_dataset(root, img_size=32)
     assert classes == ['a', 'b'] and train_y.tolist() == [0, 0, 1, 1, 1, 1]
     assert train_x[-1].flatten(1).T.unique(dim=0).tolist() == [[1, 2, 3]]  # more/deeper/x.png, sorted last
+
+
+def test_a_fifo_named_like_an_image_is_unreadable_not_a_hang(tmp_path):
+    """Opening a FIFO blocks until someone writes to it: a dataset load (or --predict on the folder) hung forever."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=8)
+    os.mkfifo(tmp_path / 'ds' / 'train' / 'a' / 'zz.png')
+    code = f"import sys; sys.path.insert(0, {REPO!r}); import data; data.load_dataset({root!r}, img_size=8)"
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"error: cannot read 1 of 5 images: {tmp_path / 'ds' / 'train' / 'a' / 'zz.png'} (ValueError: not a regular "
+        f"file); remove or replace them")
 
 
 def test_a_linked_folder_beside_its_target_is_read_once(tmp_path):

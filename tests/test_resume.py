@@ -171,10 +171,18 @@ def test_damaged_run_files_are_one_line(tiny_dataset, tmp_path, capsys):
     assert f"cannot read {tmp_path / 'r' / 'state.pt'}" in err and '--eval_only' in err
     code, _, err = run_main(['--resume', tmp_path / 'r', '--eval_only'], capsys)  # as the message says
     assert code == 0, err
+    torch.save({'foo': 1}, tmp_path / 'r' / 'state.pt')  # another tool's file
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
+    assert code == 1 and err.strip() == (f"error: {tmp_path / 'r' / 'state.pt'} is not a vpt run's state (epoch, "
+                                         f"history, optimizer, scheduler and rng); the run directory is damaged: "
+                                         f"--eval_only still evaluates its trainable.safetensors, or start a new run")
     (tmp_path / 'r' / 'config.json').write_text('{"epoch": ')
     code, _, err = run_main(['--resume', tmp_path / 'r', '--eval_only'], capsys)
     assert code == 1 and err.strip().startswith(f"error: cannot read {tmp_path / 'r' / 'config.json'}")
     assert len(err.strip().splitlines()) == 1
+    (tmp_path / 'r' / 'config.json').write_text('[1, 2]')
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--eval_only'], capsys)
+    assert code == 2 and f"its config.json is not a vpt run's" in err and len(err.strip().splitlines()) == 1
 
 
 def test_eval_and_predict_take_another_batch_size(tiny_dataset, tmp_path, capsys):
