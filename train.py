@@ -364,6 +364,15 @@ def trainable_bytes(model, epoch):
     return safetensors_bytes(trainable_tensors(model), metadata={'epoch': str(epoch)})
 
 
+def best_view(run_dir):
+    """{'per_class_acc_best': ...} that --eval_only --checkpoint best wrote into summary.json (read anew each epoch:
+    it may run beside the training), kept while its epoch stays the best; {} when there is none."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        with open(os.path.join(run_dir, 'summary.json')) as f:
+            return {key: value for key, value in json.load(f).items() if key == 'per_class_acc_best'}
+    return {}
+
+
 def rng_states(generator):
     """Every RNG a run draws from. The torch CPU and CUDA states are gathered from every rank (a collective), so
     each process resumes its own stream (prompt dropout); the data generator is a CPU one shared by all."""
@@ -474,7 +483,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     generator = torch.Generator().manual_seed(args.seed)  # data order and augmentation: CPU, device-independent
     summary_of = lambda history: summarize(history, args.epoch, args.val_split, len(splits['test'][1]))
-    history, done, kept = [], 0, {}
+    history, done = [], 0
     if state is not None:
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
@@ -482,13 +491,10 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             group['lr'] = base_lr * lr_factor(scheduler.last_epoch, warmup_steps, total_steps)
         restore_rng(state['rng'], generator)
         history, done = state['history'], state['epoch']
-        with contextlib.suppress(OSError, ValueError):  # --eval_only --checkpoint best's view, while that epoch stays best
-            with open(os.path.join(run_dir, 'summary.json')) as f:
-                kept = {key: value for key, value in json.load(f).items() if key == 'per_class_acc_best'}
         if done == args.epoch and rank == 0:
             print(f"{run_dir} has finished all {done} epochs; pass --epoch N to train further", flush=True)
         elif rank == 0:  # a raised --epoch: config.json plans more epochs now, so the run is no longer finished
-            write_json(os.path.join(run_dir, 'summary.json'), dict(summary_of(history), **kept))
+            write_json(os.path.join(run_dir, 'summary.json'), dict(summary_of(history), **best_view(run_dir)))
     else:  # epoch 0: a run stopped in its first epoch can be resumed too
         if rank > 0:  # every rank built the same model; from here each draws its own prompt-dropout masks
             torch.manual_seed(args.seed + rank)
@@ -535,9 +541,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             compiling = False
             history.append(row)
             new_best = best_val_epoch(history) == epoch
-            if new_best:
-                kept = {}
-            summary = dict(summary_of(history), **kept)
+            summary = dict(summary_of(history), **({} if new_best else best_view(run_dir)))
             if epoch == args.epoch:  # the finished run's per-class view
                 summary['per_class_acc'] = per_class_accuracy(confusion, classes)
             extra = {}  # saved with the checkpoint, all or none

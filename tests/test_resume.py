@@ -289,6 +289,26 @@ def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset,
     assert (run_dir / 'confusion.csv').exists()
 
 
+def test_eval_only_beside_the_training_keeps_its_per_class_view(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """--eval_only --checkpoint best takes no lock: run beside the training, the next epoch's summary.json dropped
+    its per_class_acc_best while confusion_best.csv stayed."""
+    import train
+    run_dir = tmp_path / 'r'
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', '--val_split', 0.25), capsys)
+    assert code == 0, err
+    evaluate_split = train.evaluate_split
+
+    def eval_only_meanwhile(model, split, *args):
+        summary = json.loads((run_dir / 'summary.json').read_text())
+        (run_dir / 'summary.json').write_text(json.dumps(dict(summary, per_class_acc_best={'cat': 50.0})))
+        return evaluate_split(model, split, *args)
+    monkeypatch.setattr(train, 'evaluate_split', eval_only_meanwhile)
+    monkeypatch.setattr(train, 'best_val_epoch', lambda history: 1)  # epoch 2 is no better
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)
+    assert code == 0, err
+    assert json.loads((run_dir / 'summary.json').read_text())['per_class_acc_best'] == {'cat': 50.0}
+
+
 def test_a_resume_to_more_epochs_makes_the_run_unfinished_at_once(tiny_dataset, tmp_path, capsys, monkeypatch):
     """config.json plans the new --epoch from the start of the resume: summary.json (what plot.py and sweep.py read)
     must not go on calling the run finished when the resume stops before its first new epoch."""
