@@ -226,9 +226,9 @@ def merge_resume(args, given, error):
         error(f"--resume {run_dir}: no checkpoint there (config.json and state.pt); pass a run directory "
               f"such as logs/<run> that an earlier run wrote")
     config = read_json(config_path)
-    if not isinstance(config, dict) or not {'model', 'epoch', 'mode'} <= set(config):
-        error(f"--resume {run_dir}: its config.json is not a vpt run's (no model, epoch and mode in it); pass a run "
-              f"directory that main.py wrote")
+    if not isinstance(config, dict):
+        error(f"--resume {run_dir}: its config.json is not a vpt run's (not a JSON object); pass a run directory that "
+              f"main.py wrote")
     may_change = RESUME_MAY_CHANGE | ({'batch_size'} if args.eval_only or args.predict else set())
     for flag in sorted(given - may_change):
         if flag in config and not same_setting(flag, getattr(args, flag), config[flag]):
