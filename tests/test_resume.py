@@ -229,14 +229,22 @@ def test_a_signal_before_training_is_one_line_and_leaves_no_directory(tiny_datas
         time.sleep(5)  # the handler runs at once; reaching the end of this would fail the test
     previous = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(__import__(module), step, interrupted)
+    # Ctrl-C raises KeyboardInterrupt as in a terminal, also where this test runs as a background job (SIGINT ignored)
+    int_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)
     except KeyboardInterrupt:
         pytest.fail("KeyboardInterrupt escaped main(): the user gets a traceback")
+    finally:
+        signal.signal(signal.SIGINT, int_handler)
     assert code == 128 + signum and err.strip() == f'{signal.Signals(signum).name}: stopped'
     assert list((tmp_path / 'logs').glob('*')) == []  # no config.json-only directory that --resume would refuse
     assert signal.getsignal(signal.SIGTERM) is previous  # main() gives the handler back
-    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)  # the name is free again
+    int_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)  # the name is free again
+    finally:
+        signal.signal(signal.SIGINT, int_handler)
     assert code == 128 + signum
 
 
