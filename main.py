@@ -260,10 +260,6 @@ def main(argv=None):
     sigterm = signal.signal(signal.SIGTERM, interrupt)
     try:
         start(args, argv, mode)
-    except SystemExit as e:
-        if isinstance(e.code, str):  # a one-line error: under torchrun the first process on each machine says it
-            say_once(e.code)
-        raise
     except FloatingPointError as e:  # train.fit: a non-finite loss, said with its epoch and step
         say_once(str(e), EXIT_DIVERGED)
     except KeyboardInterrupt as e:  # importing torch, loading data, building the model: no state at risk
@@ -278,13 +274,25 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
+@contextlib.contextmanager
+def said_once():
+    """One-line errors that every process meets alike (the same flags, files and data): under torchrun the first
+    process on each machine says them (say_once). Not for errors of one process (its GPU, its memory)."""
+    try:
+        yield
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            say_once(e.code)
+        raise
+
+
 def start(args, argv, mode):
     """Check what needs torch, open the process group (under torchrun) and run."""
-    check_log_dir(args)
+    with said_once():
+        check_log_dir(args)
+        from model import check_model_args
+        check_model_args(args.model, args.weights)
     import train
-    from model import check_model_args
-
-    check_model_args(args.model, args.weights)
     if args.tensorboard and not (args.eval_only or args.predict):
         train.check_tensorboard()
     world_size = int(os.environ.get('WORLD_SIZE', '1'))  # set by torchrun
@@ -312,8 +320,9 @@ def run(args, argv, mode, rank, world_size, device):
     if args.predict:
         return predict(args, device)
     if args.eval_only:
-        splits, classes, _ = load_splits(args, rank, world_size)
-        model, _ = build_model(args, len(classes), device)
+        with said_once():
+            splits, classes, _ = load_splits(args, rank, world_size)
+            model, _ = build_model(args, len(classes), device)
         return evaluate_checkpoint(args, model, splits, classes, device)
     with contextlib.ExitStack() as held:  # the run's lock, released when training ends, however it ends
         train_run(args, argv, mode, rank, world_size, device, held)
@@ -323,17 +332,19 @@ def train_run(args, argv, mode, rank, world_size, device, held):
     """A new run, or a resumed one: check, load, build, write config.json, fit."""
     import train
     state = None
-    if args.resume:  # everything that can refuse the resume comes before config.json is rewritten
-        if rank == 0:
-            held.callback(os.close, lock_run(args.resume))
-        state = train.load_state(args.resume)
-        if state['epoch'] > args.epoch:
-            raise SystemExit(f"error: {args.resume} has already finished {state['epoch']} epochs; --epoch {args.epoch} "
-                             f"cannot undo them: pass --epoch {state['epoch'] + 1} or more to train further")
-    splits, classes, available = load_splits(args, rank, world_size)
-    model, unfrozen = build_model(args, len(classes), device)
-    if args.resume:
-        train.load_resumed_trainable(args.resume, model, state)
+    with said_once():  # everything that can refuse a resume comes before config.json is rewritten
+        if args.resume:
+            if rank == 0:
+                held.callback(os.close, lock_run(args.resume))
+            state = train.load_state(args.resume)
+            if state['epoch'] > args.epoch:
+                raise SystemExit(f"error: {args.resume} has already finished {state['epoch']} epochs; --epoch "
+                                 f"{args.epoch} cannot undo them: pass --epoch {state['epoch'] + 1} or more to train "
+                                 f"further")
+        splits, classes, available = load_splits(args, rank, world_size)
+        model, unfrozen = build_model(args, len(classes), device)
+        if args.resume:
+            train.load_resumed_trainable(args.resume, model, state)
     run_dir = args.resume
     if rank == 0:
         from model import count_params

@@ -115,3 +115,16 @@ def test_an_error_of_the_first_process_alone_is_said_once(dataset, tmp_path, cap
     process = torchrun(flags(dataset, tmp_path, 'r', False))  # the name exists: found by every process
     out, err = process.communicate(timeout=120)
     assert process.returncode != 0 and err.count(f"error: run {tmp_path / 'r'} already exists") == 1, err
+
+
+def test_an_error_of_one_process_alone_is_said_by_it(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """torchrun with more processes per node than GPUs: only the processes without a GPU fail, and they must say why
+    (errors every process meets alike are said by the first process of each machine only)."""
+    import torch
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    for name, value in dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='1').items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_main([*TINY, '--device', 'cuda', '--dataset', tiny_dataset, '--batch_size', 8,
+                             '--log_dir', tmp_path], capsys)
+    assert code == 1 and err.strip() == 'error: --device cuda but only 1 CUDA device(s) exist', err
