@@ -198,20 +198,15 @@ def parse_grid(entries, given):
     return grid
 
 
-def parsed_value(flag, value):
-    """`value` as main.py's parser reads it for --flag, without main.py's checks of paths; ValueError if rejected."""
+def typed_value(flag, value):
+    """`value` as main.py's parser reads it for --flag (the text itself when main.py rejects it: check_trial says so)."""
     parser = vpt.make_parser()
 
     def error(message):
         raise ValueError(message)
     parser.error = error
-    return getattr(parser.parse_known_args([f"--{flag}={value}"])[0], flag)
-
-
-def typed_value(flag, value):
-    """repr of parsed_value (the text itself when main.py rejects it: check_trial says so)."""
     try:
-        return repr(parsed_value(flag, value))
+        return repr(getattr(parser.parse_known_args([f"--{flag}={value}"])[0], flag))
     except ValueError:
         return value
 
@@ -439,13 +434,14 @@ def stage1_done(rows1):
 
 def stale_values(sweep_dir, winner, trials2):
     """Per final trial: the grid values it trained ({flag: value from its config.json}) when they are not the
-    winner's (a grid run that failed once, was retried and then won), else None."""
-    expected = {flag: parsed_value(flag, value) for flag, value in winner['values'].items()}
+    winner's (a grid run that failed once, was retried and then won), else None. Both sides are main.py's resolved
+    values, read from the runs' config.json (paths absolute), so the check holds from any directory."""
+    expected = read_json(os.path.join(sweep_dir, winner['run'], 'config.json')) or {}
     found = []
     for trial in trials2:
         config = read_json(os.path.join(sweep_dir, trial['name'], 'config.json'))
-        stale = config and any(not vpt.same_setting(flag, config.get(flag), expected[flag]) for flag in expected)
-        found.append({flag: str(config.get(flag)) for flag in expected} if stale else None)
+        stale = config and any(config.get(flag) != expected.get(flag) for flag in winner['values'])
+        found.append({flag: str(config.get(flag)) for flag in winner['values']} if stale else None)
     return found
 
 

@@ -241,28 +241,33 @@ def test_a_grid_that_only_diverges_says_so(tiny_dataset, tmp_path):
     assert 'non-finite training loss at epoch 1, step' in result.stdout
 
 
-def test_finals_that_trained_another_grid_point_are_stale_and_not_counted(tmp_path):
+@pytest.mark.parametrize('flag, values', [('lr', ['1e-3', '5e-3']), ('data_dir', ['d1', 'd2'])])
+def test_finals_that_trained_another_grid_point_are_stale_and_not_counted(tmp_path, monkeypatch, flag, values):
     """A grid run that failed, was retried and then won: the finals trained for the former winner are marked stale
-    in sweep.csv (with the values they trained) and left out of the result. The report is written from any
-    directory: --dataset 'data' (relative, not here) is not checked again."""
+    in sweep.csv (with the values they trained) and left out of the result. Runs are compared by their config.json,
+    as main.py resolved them (a path typed relative is stored absolute), so the report is the same from any
+    directory; --dataset 'data' (relative, not here) is not checked again."""
     sweep_dir = tmp_path / 's'
-    meta = dict(grid={'lr': ['1e-3', '5e-3']}, seeds=2, val_split=0.25, command='python sweep.py ...',
+    meta = dict(grid={flag: values}, seeds=2, val_split=0.25, command='python sweep.py ...',
                 main_flags=['--model', 'test_vit', '--dataset', 'data', '--epoch', '2'])
+    resolved = {'1e-3': 1e-3, '5e-3': 5e-3, 'd1': str(tmp_path / 'd1'), 'd2': str(tmp_path / 'd2')}
 
-    def run(name, lr, best_val_acc, test_acc):
+    def run(name, value, best_val_acc, test_acc):
         os.makedirs(sweep_dir / name)
-        (sweep_dir / name / 'config.json').write_text(json.dumps(dict(lr=lr, dataset=str(tmp_path / 'data'))))
+        config = {flag: resolved[value], 'dataset': str(tmp_path / 'data')}
+        (sweep_dir / name / 'config.json').write_text(json.dumps(config))
         (sweep_dir / name / 'summary.json').write_text(json.dumps(dict(
             finished=True, epochs_done=2, epochs=2, best_val_acc=best_val_acc, best_val_epoch=2,
             test_acc_at_best_val=test_acc, final_test_acc=test_acc)))
-    run('grid_lr=1e-3', 1e-3, 50.0, 40.0)
-    run('grid_lr=5e-3', 5e-3, 60.0, 45.0)  # the winner
-    run('final_seed=1', 1e-3, 55.0, 41.0)  # trained when grid_lr=1e-3 led
-    run('final_seed=2', 5e-3, 61.0, 47.0)
+    run(f'grid_{flag}={values[0]}', values[0], 50.0, 40.0)
+    run(f'grid_{flag}={values[1]}', values[1], 60.0, 45.0)  # the winner
+    run('final_seed=1', values[0], 55.0, 41.0)  # trained when the first grid point led
+    run('final_seed=2', values[1], 61.0, 47.0)
+    monkeypatch.chdir(tmp_path / 's')  # not where the sweep was launched
     report = sweep.write_reports(str(sweep_dir), meta, 0)
     rows = read_csv(sweep_dir / 'sweep.csv')
-    assert [(row['run'], row['lr'], row['status']) for row in rows[2:]] == [('final_seed=1', '0.001', 'stale'),
-                                                                         ('final_seed=2', '5e-3', 'finished')]
+    assert [(row['run'], row[flag], row['status']) for row in rows[2:]] == [
+        ('final_seed=1', str(resolved[values[0]]), 'stale'), ('final_seed=2', values[1], 'finished')]
     assert '**Test accuracy 47.00 %** (n = 1 seed, so no std; 1 of 2 seeds trained another grid point (stale)' in report
     assert '**Warning**: final_seed=1 trained another grid point than the winner' in report
 
