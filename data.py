@@ -19,10 +19,10 @@ from PIL import Image
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 CIFAR_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
 # How a folder dataset's files are found and decoded; config.json records it, so a run resumes and evaluates on the
-# images it was trained on. 2: a class's subfolders searched, hidden files and folders left out, images larger than
-# img_size shrunk as decoded. 1 (runs made before): one folder level, every image file, all kept at their own size
-# when they share one.
-FOLDER_READING = 2
+# images it was trained on. 3: as 2, and a linked folder beside its target read once. 2: a class's subfolders
+# searched, hidden files and folders left out, images larger than img_size shrunk as decoded. 1 (runs made before):
+# one folder level, every image file, all kept at their own size when they share one.
+FOLDER_READING = 3
 
 
 def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_samples=0, seed=0,
@@ -138,14 +138,16 @@ def image_files(folder, reading=FOLDER_READING, hidden=None):
     found, seen = [], {os.path.realpath(folder)}
     for root, dirs, files in os.walk(folder, followlinks=True):
         kept = []
-        for name in sorted(dirs):  # a linked folder once, even beside its target, and no link loops
+        for name in sorted(dirs):  # a linked folder once (reading 2: not when it is beside its target), no loops
             real = os.path.realpath(os.path.join(root, name))
             if not _visible(name):
                 if hidden is not None and image_files(os.path.join(root, name)):
                     hidden.append(os.path.join(root, name))
             elif real not in seen:
-                seen.add(real)
                 kept.append(name)
+                if reading >= 3:
+                    seen.add(real)
+        seen.update(os.path.realpath(os.path.join(root, name)) for name in kept)  # reading 2 marked them only here
         dirs[:] = kept
         found += [os.path.join(root, f) for f in sorted(files) if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
     return found

@@ -256,17 +256,20 @@ def write_files(files, then='run the command again'):
     temps = []
     try:
         for path, payload in files.items():
+            content = payload() if callable(payload) else payload
             temps.append((f'{path}.tmp', path))
             with open(temps[-1][0], 'wb') as f:
-                f.write(payload() if callable(payload) else payload)
+                f.write(content)
                 f.flush()
                 os.fsync(f.fileno())
-    except OSError as e:
+    except BaseException as e:  # a full disk, a lost permission, a signal, or a payload that failed: no fragments
         for temp, _ in temps:
             with contextlib.suppress(OSError):
                 os.remove(temp)
+        if not isinstance(e, OSError):
+            raise
         raise SystemExit(f"error: cannot write {path} ({e.strerror or e}); the files already there are unchanged: free "
-                         f"disk space or make {os.path.dirname(path) or '.'} writable, then {then}")
+                         f"disk space or make {os.path.dirname(path) or '.'} writable, then {then}") from None
     for temp, path in temps:
         os.replace(temp, path)
 

@@ -248,6 +248,8 @@ def test_a_linked_folder_beside_its_target_is_read_once(tmp_path):
     os.symlink(class_dir / '2019', class_dir / '0_first')  # sorted before its target: the link is read, once
     assert [os.path.relpath(path, class_dir) for path in data.image_files(str(class_dir))] == [
         os.path.join('0_first', '0000.png'), os.path.join('0_first', '0001.png')]
+    # a run recorded with folder_reading 2 read them three times, and resumes on exactly that
+    assert len(data.image_files(str(class_dir), reading=2)) == 6
 
 
 def test_a_hidden_folder_with_images_is_named_when_left_out(tmp_path, capsys):

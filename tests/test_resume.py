@@ -362,6 +362,23 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(tiny_dataset, tmp_pa
     assert code == 0 and len(read_metrics(run_dir)) == 3, err
 
 
+def test_write_files_changes_all_or_nothing(tmp_path):
+    """A payload that fails (a signal, memory) or a write that fails leaves the old files and no temp file."""
+    import train
+    for name in ('a', 'b'):
+        (tmp_path / name).write_text('old')
+
+    def failing():
+        raise MemoryError
+    with pytest.raises(MemoryError):
+        train.write_files({tmp_path / 'a': b'new', tmp_path / 'b': failing})
+    with pytest.raises(SystemExit, match=r"cannot write .*missing/c \(No such file or directory\); the files already"):
+        train.write_files({tmp_path / 'a': b'new', tmp_path / 'missing' / 'c': b'new'})
+    assert sorted(os.listdir(tmp_path)) == ['a', 'b'] and (tmp_path / 'a').read_text() == 'old'
+    train.write_files({tmp_path / 'a': b'new', tmp_path / 'b': lambda: b'new'})
+    assert (tmp_path / 'a').read_text() == (tmp_path / 'b').read_text() == 'new'
+
+
 def test_an_unwritable_run_is_refused_before_any_work(tiny_dataset, tmp_path, capsys, monkeypatch):
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
     assert code == 0, err
@@ -480,7 +497,7 @@ def test_runs_made_before_folder_reading_2_read_their_folder_as_they_did(tmp_pat
     assert code == 0, err
     run_dir = tmp_path / 'logs' / 'old'
     config = json.loads((run_dir / 'config.json').read_text())
-    assert config['folder_reading'] == data.FOLDER_READING == 2
+    assert config['folder_reading'] == data.FOLDER_READING == 3
     del config['folder_reading']  # as a run written before the reading was recorded
     (run_dir / 'config.json').write_text(json.dumps(config))
     os.makedirs(tmp_path / 'ds' / 'train' / 'a' / 'later')
