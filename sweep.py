@@ -54,6 +54,7 @@ import time
 import main as vpt  # argparse and the standard library only: main.py imports torch inside main()
 
 MAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'main.py')
+FOLDER_READING = 3  # data.FOLDER_READING, repeated: sweep.py stays free of torch (a test keeps them equal)
 # main.py flags the sweep sets itself, and the fix to tell a user who sets one; --seed after -- is the base seed
 CONTROLLED = {
     'seed': "sweep.py sets the seeds: stage 1 uses the --seed given after -- (default 0), stage 2 the next --seeds N",
@@ -723,17 +724,17 @@ def main(argv=None):
     grid_size = len(list(itertools.product(*definition['grid'].values())))
     say(sweep_dir, f"sweep {sweep_dir}: stage 1, {grid_size} grid points; then stage 2, {definition['seeds']} seeds")
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
-    # a run whose config.json predates main.py's folder_reading read its folder the old way; trials started beside it
-    # now would be compared on other images
+    # a run that read its folder as an older vpt did (config.json's folder_reading; none recorded: 1) may have read
+    # other images than a trial started beside it now
     configs = {trial['name']: read_json(os.path.join(sweep_dir, trial['name'], 'config.json'))
                for trial in trials1 + trials2}
-    old_reading = [name for name, config in configs.items()
-                   if config and 'folder_reading' not in config and config.get('dataset') not in vpt.CIFAR]
+    old_reading = [f"{name} (folder_reading {config.get('folder_reading', 1)})" for name, config in configs.items()
+                   if config and config.get('folder_reading', 1) != FOLDER_READING
+                   and config.get('dataset') not in vpt.CIFAR]
     if old_reading and None in configs.values():
-        say(sweep_dir, f"warning: {', '.join(old_reading)} read the dataset folder as vpt did before it recorded "
-                       f"folder_reading (one level, every file, images at their own size); a trial started now reads "
-                       f"it as main.py does today, which may be other images: for numbers that compare, start this "
-                       f"sweep afresh under another --name")
+        say(sweep_dir, f"warning: {', '.join(old_reading)} read the dataset folder as an older vpt did; a trial started "
+                       f"now reads it as main.py does today (folder_reading {FOLDER_READING}), which may be other "
+                       f"images: for numbers that compare, start this sweep afresh under another --name")
     run_trials(sweep_dir, meta, base_seed, trials1, gpus, not device_given)
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
     stale = stale_finals(sweep_dir, winner, trials2) if trials2 else []

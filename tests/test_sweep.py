@@ -312,13 +312,14 @@ def test_a_trial_stopped_before_its_first_checkpoint_is_not_called_resumable(tin
 
 
 def test_a_sweep_mixing_old_and_new_folder_reading_says_so(tiny_dataset, tmp_path):
-    """A sweep begun before main.py recorded folder_reading, re-launched now: its new trials may read other images."""
+    """A sweep begun by an older vpt (another folder_reading), re-launched now: its new trials may read other images."""
     argv = ['--grid', 'lr=1e-3', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's', '--',
             *tiny(tiny_dataset, epochs=1)]
     assert run_sweep(argv).returncode == 0
     config_path = tmp_path / 's' / 'grid_lr=1e-3' / 'config.json'
     config = json.loads(config_path.read_text())
-    del config['folder_reading']  # as main.py wrote it before
+    assert config['folder_reading'] == sweep.FOLDER_READING  # sweep.py's copy of data.FOLDER_READING
+    config['folder_reading'] = 2  # as main.py wrote it before linked folders beside their target were read once
     config_path.write_text(json.dumps(config))
     result = run_sweep(argv)  # everything finished: nothing new starts, nothing to say
     assert result.returncode == 0 and 'warning' not in result.stdout
@@ -326,8 +327,8 @@ def test_a_sweep_mixing_old_and_new_folder_reading_says_so(tiny_dataset, tmp_pat
     os.remove(tmp_path / 's' / 'logs' / 'final_seed=1.log')
     result = run_sweep(argv)
     assert result.returncode == 0, result.stderr
-    assert ('warning: grid_lr=1e-3 read the dataset folder as vpt did before it recorded folder_reading'
-            in result.stdout), result.stdout
+    assert ('warning: grid_lr=1e-3 (folder_reading 2) read the dataset folder as an older vpt did; a trial started '
+            'now reads it as main.py does today (folder_reading 3)' in result.stdout), result.stdout
 
 
 def test_interrupted_sweep_relaunched_skips_finished_and_resumes(slower_dataset, tmp_path):
