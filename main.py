@@ -225,7 +225,8 @@ def merge_resume(args, given, error):
     if not os.path.isfile(os.path.join(run_dir, 'state.pt')) or not os.path.isfile(config_path):
         error(f"--resume {run_dir}: no checkpoint there (config.json and state.pt); pass a run directory "
               f"such as logs/<run> that an earlier run wrote")
-    config = read_json(config_path)
+    with said_once():
+        config = read_json(config_path)
     if not isinstance(config, dict):
         error(f"--resume {run_dir}: its config.json is not a vpt run's (not a JSON object); pass a run directory that "
               f"main.py wrote")
@@ -292,16 +293,17 @@ def start(args, argv, mode):
         check_log_dir(args)
         from model import check_model_args
         check_model_args(args.model, args.weights)
-    import train
-    if args.tensorboard and not (args.eval_only or args.predict):
-        train.check_tensorboard()
+        import train
+        if args.tensorboard and not (args.eval_only or args.predict):
+            train.check_tensorboard()
     world_size = int(os.environ.get('WORLD_SIZE', '1'))  # set by torchrun
     if args.batch_size % world_size:
         say_once(f"error: --batch_size {args.batch_size} does not divide by the {world_size} processes; "
                  f"--batch_size is the global batch, use a multiple of {world_size}")
     if args.predict and world_size > 1:
         say_once("error: --predict runs in one process; launch it with python, not torchrun")
-    rank, world_size, device = train.setup_distributed(args.device)
+    with said_once():  # its GPU-count error, one process's own, is printed by that process itself
+        rank, world_size, device = train.setup_distributed(args.device)
     try:
         run(args, argv, mode, rank, world_size, device)
     except RuntimeError as e:
@@ -475,7 +477,8 @@ def evaluate_checkpoint(args, model, splits, classes, device):
     (confusion.csv, or confusion_best.csv for --checkpoint best) and per-class accuracy (in summary.json)."""
     import data
     import train
-    epoch = train.load_trainable(checkpoint_path(args), model)
+    with said_once():
+        epoch = train.load_trainable(checkpoint_path(args), model)
     preprocess = data.preprocessing(model.vit.pretrained_cfg, device, args.img_size)
     results = {}
     on_device = train.splits_to_device(dict(val=splits['val'], test=splits['test']), device)
@@ -518,7 +521,8 @@ def predict(args, device):
     config = read_json(os.path.join(args.resume, 'config.json'))
     classes = config['classes']
     model, _ = build_model(args, len(classes), device)
-    epoch = train.load_trainable(checkpoint_path(args), model)
+    with said_once():
+        epoch = train.load_trainable(checkpoint_path(args), model)
     out = args.out or fresh_path(os.path.join(args.resume, 'predictions.csv'))
     check_writable_file(out)
     paths = image_paths(args.predict)

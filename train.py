@@ -44,8 +44,10 @@ def setup_distributed(device_arg):
     if device.type == 'cuda':
         # set_device needs an index: one process uses the given or current device, torchrun's use their local rank
         index = local_rank if world_size > 1 else (torch.cuda.current_device() if device.index is None else device.index)
-        if index >= torch.cuda.device_count():
-            raise SystemExit(f"error: --device {device_arg} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        if index >= torch.cuda.device_count():  # this process's own error (torchrun: more processes than GPUs)
+            print(f"error: --device {device_arg} but only {torch.cuda.device_count()} CUDA device(s) exist",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(1)
         device = torch.device('cuda', index)
         torch.cuda.set_device(device)
     if 'WORLD_SIZE' in os.environ and not dist.is_initialized():  # launched by torchrun, even with one process

@@ -128,3 +128,21 @@ def test_an_error_of_one_process_alone_is_said_by_it(tiny_dataset, tmp_path, cap
     code, _, err = run_main([*TINY, '--device', 'cuda', '--dataset', tiny_dataset, '--batch_size', 8,
                              '--log_dir', tmp_path], capsys)
     assert code == 1 and err.strip() == 'error: --device cuda but only 1 CUDA device(s) exist', err
+
+
+def test_errors_of_every_process_are_said_once(dataset, tmp_path, capsys):
+    """No CUDA, a damaged checkpoint for --eval_only, a damaged config.json: every process meets them alike."""
+    process = torchrun([*flags(dataset, tmp_path, 'gpu', False), '--device', 'cuda'])
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and err.count('error: --device cuda but CUDA is not available') == 1, err
+    code, _, err = run_main([*flags(dataset, tmp_path, 'r', False)[:-8], '--epoch', 1, '--batch_size', 32,
+                             '--log_dir', tmp_path, '--name', 'r'], capsys)
+    assert code == 0, err
+    (tmp_path / 'r' / 'trainable.safetensors').write_bytes(b'garbage')
+    process = torchrun(['--resume', tmp_path / 'r', '--eval_only'])
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and err.count('error: cannot read') == 1, err
+    (tmp_path / 'r' / 'config.json').write_text('{')
+    process = torchrun(['--resume', tmp_path / 'r', '--epoch', 2])
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and err.count('error: cannot read') == 1, err
