@@ -110,8 +110,8 @@ def forward_flops(embed_dim, depth, mlp_hidden, num_patches, patch_size, num_pro
     prompt_kv = p * 2 * d * d / (batch_size or 1)
     full_block = rows * 3 * d * d + 2 * rows * keys * d + rows * d * d + 2 * rows * d * h
     last_block = rows * 2 * d * d + d * d + 2 * keys * d + d * d + 2 * d * h  # K/V all rows; CLS q, attn, proj, MLP
-    macs = num_patches * in_chans * patch_size * patch_size * d + d * num_classes  # patch embedding + head
-    return 2 * (macs + (depth - 1) * full_block + last_block + depth * prompt_kv)
+    ends = naive_macs(d, depth, h, num_patches, patch_size, p, num_classes, in_chans, num_prefix)  # as the naive path
+    return 2 * (ends['patch'] + ends['head'] + (depth - 1) * full_block + last_block + depth * prompt_kv)
 
 
 def naive_macs(embed_dim, depth, mlp_hidden, num_patches, patch_size, num_prompts=0, num_classes=NUM_CLASSES,

@@ -104,10 +104,8 @@ def _load_folder(root, img_size, samples, seed, reading):
                                  f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder from both splits")
             paths += files
             labels += [label] * len(files)
-        if hidden and os.environ.get('LOCAL_RANK', '0') == '0':
-            print(f"warning: {split_dir}: hidden folders are left out with their images: "
-                  f"{', '.join(os.path.relpath(path, split_dir) for path in hidden[:5])}"
-                  f"{' ...' if len(hidden) > 5 else ''}", file=sys.stderr, flush=True)
+        _warn_hidden(split_dir, "hidden folders are left out with their images",
+                     [os.path.relpath(path, split_dir) for path in hidden[:5]] + (['...'] if len(hidden) > 5 else []))
         labels = torch.tensor(labels)
         available[os.path.basename(split_dir)] = len(labels)
         keep = balanced_subset(labels, num_samples, seed)
@@ -124,10 +122,14 @@ def _class_folders(split_dir, reading=FOLDER_READING):
     if reading < 2:
         return folders
     hidden = [name for name in folders if not _visible(name) and image_files(os.path.join(split_dir, name))]
-    if hidden and os.environ.get('LOCAL_RANK', '0') == '0':  # a class renamed '.cat' must not vanish without a word
-        print(f"warning: {split_dir}: hidden folders are not classes, left out with their images: "
-              f"{', '.join(hidden)}", file=sys.stderr, flush=True)
+    _warn_hidden(split_dir, "hidden folders are not classes, left out with their images", hidden)  # '.cat' say
     return [name for name in folders if _visible(name)]
+
+
+def _warn_hidden(split_dir, what, names):
+    """Images left out for a hidden folder must not vanish without a word (once per machine under torchrun)."""
+    if names and os.environ.get('LOCAL_RANK', '0') == '0':
+        print(f"warning: {split_dir}: {what}: {', '.join(names)}", file=sys.stderr, flush=True)
 
 
 def image_files(folder, reading=FOLDER_READING, hidden=None):

@@ -389,9 +389,9 @@ def build_model(args, num_classes, device):
     if args.resume and args.weights:  # same path, other contents: another frozen backbone, without a word
         recorded = str(read_json(os.path.join(args.resume, 'config.json')).get('weights_id'))
         if 'sha256:' in recorded and weights_sha256(args.weights) != recorded.split('sha256:')[-1]:
-            say_once(f"error: --weights {args.weights} is not the file {args.resume} was trained from (its sha256 "
-                     f"differs from config.json's weights_id {recorded.split('sha256:')[-1][:12]}...); put the run's "
-                     f"weights back at that path")
+            raise SystemExit(f"error: --weights {args.weights} is not the file {args.resume} was trained from (its "
+                             f"sha256 differs from config.json's weights_id {recorded.split('sha256:')[-1][:12]}...); "
+                             f"put the run's weights back at that path")
     torch.manual_seed(args.seed)  # the random parts of the model (head, prompts, a random backbone) are reproducible
     vit = create_vit(args.model, num_classes, args.img_size, args.patch_size, args.pretrained, args.weights)
     model = PromptedViT(vit, args.prompts, args.deep, args.prompt_dropout, args.prompt_impl).to(device)
@@ -404,8 +404,8 @@ def load_splits(args, rank, world_size):
     """-> ({'train', 'val' (None without --val_split), 'test'}: (uint8 images, labels)), class names)."""
     import data
     if args.resume and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
-        say_once(f"error: the dataset folder of {args.resume}, {args.dataset}, is gone; if it moved, pass "
-                 f"--dataset NEW_PATH (or, for a sweep's runs, link the old path to it)")
+        raise SystemExit(f"error: the dataset folder of {args.resume}, {args.dataset}, is gone; if it moved, pass "
+                         f"--dataset NEW_PATH (or, for a sweep's runs, link the old path to it)")
     train_images, train_labels, test_images, test_labels, classes, available = load_data_once(args, rank, world_size)
     for flag, asked, labels in (('train', args.train_samples, train_labels), ('test', args.test_samples, test_labels)):
         if asked > len(labels) and rank == 0:  # config.json keeps both numbers; the log should say it too
@@ -463,9 +463,9 @@ def check_same_data(args, splits, classes, available):
                    for name, count in sizes.items() if config.get(f'{name}_images', count) != count]
     differences += changed
     if differences:
-        say_once(f"error: --dataset {args.dataset} is not the data {args.resume} was trained on: "
-                 f"{'; '.join(differences)}; restore it (or pass --dataset with the run's copy), or train a new run "
-                 f"on this data")
+        raise SystemExit(f"error: --dataset {args.dataset} is not the data {args.resume} was trained on: "
+                         f"{'; '.join(differences)}; restore it (or pass --dataset with the run's copy), or train a "
+                         f"new run on this data")
 
 
 def checkpoint_path(args):
@@ -521,8 +521,7 @@ def predict(args, device):
     config = read_json(os.path.join(args.resume, 'config.json'))
     classes = config['classes']
     model, _ = build_model(args, len(classes), device)
-    with said_once():
-        epoch = train.load_trainable(checkpoint_path(args), model)
+    epoch = train.load_trainable(checkpoint_path(args), model)  # one process: main refuses --predict under torchrun
     out = args.out or fresh_path(os.path.join(args.resume, 'predictions.csv'))
     check_writable_file(out)
     paths = image_paths(args.predict)
@@ -716,10 +715,10 @@ def load_data_once(args, rank, world_size):
     try:
         loaded = data.load_dataset(args.dataset, args.data_dir, args.img_size, args.train_samples,
                                    args.test_samples, args.data_seed, folder_reading(args))
-    except SystemExit as error:  # a problem of the data, which every process then finds alike: said once
+    except SystemExit:  # a problem of the data, which every process then finds alike (said once: said_once)
         if world_size > 1 and local_rank == 0:
             dist.barrier()  # release the processes waiting for this download or check; they fail the same way
-        say_once(str(error.code))
+        raise
     if world_size > 1 and local_rank == 0:
         dist.barrier()
     return loaded

@@ -446,8 +446,9 @@ def stale_values(sweep_dir, winner, trials2):
     return found
 
 
-def stale_finals(sweep_dir, winner, trials2):
-    return [trial['name'] for trial, trained in zip(trials2, stale_values(sweep_dir, winner, trials2)) if trained]
+def stale_runs(rows2):
+    """The final runs sweep_state marked stale."""
+    return [row['run'] for row in rows2 if row['status'] == 'stale']
 
 
 # ---------------------------------------------------------------- running trials
@@ -623,7 +624,7 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
             diverged = sum(row['status'] == 'diverged' for row in rows2)
             if diverged:
                 spread += f"; {diverged} of {len(rows2)} seeds diverged (non-finite loss) and are not counted"
-            stale = sum(row['status'] == 'stale' for row in rows2)
+            stale = len(stale_runs(rows2))
             if stale:
                 spread += f"; {stale} of {len(rows2)} seeds trained another grid point (stale) and are not counted"
             if len(done) + diverged + stale < len(rows2):
@@ -633,7 +634,7 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
         elif all(row['status'] == 'diverged' for row in rows2):
             lines += ["Every stage-2 seed diverged (non-finite loss): no result. The winning settings are unstable.",
                       '']
-        elif any(row['status'] == 'stale' for row in rows2):
+        elif stale_runs(rows2):
             lines += ["No result: the stage-2 runs trained another grid point than the winner (stale).", '']
         else:
             lines += ["No stage-2 seed has finished yet.", '']
@@ -642,7 +643,7 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
                   f"main.py command of seed {base_seed + 1} (the sweep ran {seeds} as final_seed=<seed> in "
                   f"this directory):", '',
                   f"    {shlex.join(['python', script_path(MAIN_PY), *recipe])}"]
-        stale = [row['run'] for row in rows2 if row['status'] == 'stale']
+        stale = stale_runs(rows2)
         if stale:
             lines += ['', f"**Warning**: {', '.join(stale)} trained another grid point than the winner; move them "
                           f"aside and re-launch the sweep."]
@@ -662,8 +663,8 @@ def print_commands(sweep_dir, meta, base_seed):
     Runs nothing."""
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
     stage2 = stage1_done(rows1) and winner is not None
-    if stage2 and stale_finals(sweep_dir, winner, trials2):
-        fail(f"{', '.join(stale_finals(sweep_dir, winner, trials2))} in {sweep_dir} trained another grid point than "
+    if stage2 and stale_runs(rows2):
+        fail(f"{', '.join(stale_runs(rows2))} in {sweep_dir} trained another grid point than "
              f"the winner {winner['run']}; move them aside first")
     printed = 0
     for trial in trials2 if stage2 else trials1:
@@ -737,7 +738,7 @@ def main(argv=None):
                        f"images: for numbers that compare, start this sweep afresh under another --name")
     run_trials(sweep_dir, meta, base_seed, trials1, gpus, not device_given)
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
-    stale = stale_finals(sweep_dir, winner, trials2) if trials2 else []
+    stale = stale_runs(rows2)
     if not STOP and stage1_done(rows1) and winner and not stale:
         say(sweep_dir, f"stage 2: {winner['run']} (best val acc {winner['best_val_acc']:.2f}%) with seeds "
                        f"{', '.join(str(trial['seed']) for trial in trials2)}")
