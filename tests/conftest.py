@@ -1,7 +1,9 @@
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 
@@ -45,10 +47,17 @@ def cifar_folder(tmp_path_factory):
     if not os.path.isfile(CIFAR_JPG):  # a data file outside the repo, not a package: say so loudly (pytest -rs)
         pytest.skip(f"REAL-DATA TEST NOT RUN: {os.path.abspath(CIFAR_JPG)} is missing; set VPT_CIFAR_JPG to "
                     f"cifar10-jpg.tar.gz (train/<class>/*.jpg, test/<class>/*.jpg) to run it")
-    root = tmp_path_factory.mktemp('cifar10jpg')
-    with tarfile.open(CIFAR_JPG) as archive:
-        archive.extractall(root, filter='data')
-    return str(root)
+    # 60,000 small files: on a VM's disk creating them takes 20-40 s, in a RAM-backed /dev/shm about 4 s
+    shm = '/dev/shm'
+    in_memory = os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 ** 30
+    root = tempfile.mkdtemp(prefix='vpt-cifar10jpg-', dir=shm) if in_memory else tmp_path_factory.mktemp('cifar10jpg')
+    try:
+        with tarfile.open(CIFAR_JPG) as archive:
+            archive.extractall(root, filter='data')
+        yield str(root)
+    finally:
+        if in_memory:  # not under pytest's tmp_path, so nobody else removes it
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def run_main(argv, capsys):
