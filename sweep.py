@@ -213,7 +213,8 @@ def typed_value(flag, value):
 
 
 def check_command_line(args, passthrough):
-    """-> (definition, base seed, whether the main.py flags set --device). Exits with one line on a mistake."""
+    """-> (definition, base seed, whether the main.py flags set --device, the --model names to check). Exits with
+    one line on a mistake."""
     if not args.grid:
         fail("--grid is required: the main.py flags to sweep, e.g. --grid lr=1e-3,5e-3 weight_decay=0,1e-4", 2)
     if args.val_split is None or not 0 < args.val_split < 1:
@@ -242,9 +243,8 @@ def check_command_line(args, passthrough):
     for trial in grid_trials(definition, base_seed, os.path.join(args.log_dir, 'sweep')):
         models.add(check_trial(trial['argv'], f"grid point {' '.join(f'{k}={v}' for k, v in trial['values'].items())}")
                    .model)
-    if 'model' in given or 'model' in definition['grid']:  # the default model needs no check
-        check_models(sorted(models))
-    return definition, base_seed, 'device' in given or 'device' in definition['grid']
+    models = sorted(models) if 'model' in given or 'model' in definition['grid'] else []  # the default needs none
+    return definition, base_seed, 'device' in given or 'device' in definition['grid'], models
 
 
 def check_models(names):
@@ -264,8 +264,9 @@ def sweep_name(definition):
     return f"sweep-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
-def open_sweep(sweep_dir, definition, command):
-    """Write sweep.json for a new sweep; for an existing one, insist on the same definition."""
+def open_sweep(sweep_dir, definition, command, models):
+    """Write sweep.json for a new sweep once its `models` pass main.py's check; for an existing one, insist on the
+    same definition (its models were checked when it was written)."""
     path = os.path.join(sweep_dir, 'sweep.json')
     saved = read_json(path)
     if saved is not None:
@@ -281,6 +282,8 @@ def open_sweep(sweep_dir, definition, command):
         fail(f"cannot read {path}; repair or remove it, or pick another --name")
     if os.path.isdir(sweep_dir) and os.listdir(sweep_dir):
         fail(f"{sweep_dir} exists and is not a sweep (no sweep.json); pick another --name or --log_dir")
+    if models:
+        check_models(models)
     meta = dict(definition, command=command, created=datetime.datetime.now().isoformat(timespec='seconds'))
     try:
         os.makedirs(sweep_dir, exist_ok=True)
@@ -711,11 +714,12 @@ def main(argv=None):
             fail("--collect takes only the sweep directory: python sweep.py --collect logs/sweep-1a2b3c4d", 2)
         return collect(args.collect)
 
-    definition, base_seed, device_given = check_command_line(args, passthrough)
+    definition, base_seed, device_given, models = check_command_line(args, passthrough)
     sweep_dir = os.path.join(args.log_dir, args.name or sweep_name(definition))
     relaunch = shlex.join(['python', script_path(os.path.abspath(__file__)), *argv])
     recorded = [arg for i, arg in enumerate(argv) if i >= split or arg != '--print_commands']
-    meta = open_sweep(sweep_dir, definition, shlex.join(['python', script_path(os.path.abspath(__file__)), *recorded]))
+    meta = open_sweep(sweep_dir, definition, shlex.join(['python', script_path(os.path.abspath(__file__)), *recorded]),
+                      models)
     lock = lock_sweep(sweep_dir)
     if args.print_commands:
         return print_commands(sweep_dir, meta, base_seed)

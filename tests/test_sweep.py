@@ -130,6 +130,23 @@ def test_run_without_checkpoint_is_moved_aside_not_deleted(tmp_path, monkeypatch
 
 # ---------------------------------------------------------------- a whole sweep, two trials at a time
 
+def test_model_is_checked_when_the_sweep_is_made_not_on_every_launch(tmp_path, monkeypatch, capsys):
+    """The --model check (a child process importing torch and timm: seconds) runs before sweep.json is written;
+    a re-launch of the same sweep (after a stop, or for --print_commands' stage 2) does not pay for it again."""
+    checked = []
+    monkeypatch.setattr(sweep, 'check_models', checked.append)
+    argv = ['--grid', 'lr=1e-3,1e-2', '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's', '--print_commands',
+            '--', '--model', 'test_vit', '--dataset', 'cifar10']
+    for _ in range(2):
+        sweep.main(list(map(str, argv)))
+        assert len(capsys.readouterr().out.splitlines()) == 2  # the two stage-1 commands
+    assert checked == [['test_vit']]
+    monkeypatch.setattr(sweep, 'check_models', lambda names: sweep.fail(f"unknown --model {names[0]!r}", 2))
+    with pytest.raises(SystemExit):  # another sweep (here: another model) is checked before it is written
+        sweep.main(list(map(str, argv[:5] + ['--name', 't', *argv[7:-1], 'test_vitt'])))
+    assert not os.path.exists(tmp_path / 't')
+
+
 
 @pytest.fixture(scope='module')
 def finished_sweep(tmp_path_factory, tiny_dataset):
