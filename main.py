@@ -288,7 +288,13 @@ def said_once():
 
 
 def start(args, argv, mode):
-    """Check what needs torch, open the process group (under torchrun) and run."""
+    """Check what the parser could not (what needs no torch first), open the process group (under torchrun), run."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))  # set by torchrun
+    if args.batch_size % world_size:
+        say_once(f"error: --batch_size {args.batch_size} does not divide by the {world_size} processes; "
+                 f"--batch_size is the global batch, use a multiple of {world_size}")
+    if args.predict and world_size > 1:
+        say_once("error: --predict runs in one process; launch it with python, not torchrun")
     with said_once():
         check_log_dir(args)
         from model import check_model_args
@@ -296,12 +302,6 @@ def start(args, argv, mode):
         import train
         if args.tensorboard and not (args.eval_only or args.predict):
             train.check_tensorboard()
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))  # set by torchrun
-    if args.batch_size % world_size:
-        say_once(f"error: --batch_size {args.batch_size} does not divide by the {world_size} processes; "
-                 f"--batch_size is the global batch, use a multiple of {world_size}")
-    if args.predict and world_size > 1:
-        say_once("error: --predict runs in one process; launch it with python, not torchrun")
     with said_once():  # its GPU-count error, one process's own, is printed by that process itself
         rank, world_size, device = train.setup_distributed(args.device)
     try:
