@@ -231,6 +231,8 @@ def merge_resume(args, given, error):
         error(f"--resume {run_dir}: its config.json is not a vpt run's (not a JSON object); pass a run directory that "
               f"main.py wrote")
     may_change = RESUME_MAY_CHANGE | ({'batch_size'} if args.eval_only or args.predict else set())
+    if config.get('weights'):  # a --weights file that moved: build_model checks it is the same file (its sha256)
+        may_change = may_change | {'weights'}
     for flag in sorted(given - may_change):
         if flag in config and not same_setting(flag, getattr(args, flag), config[flag]):
             error(f"--{flag} {getattr(args, flag)} contradicts the run's config ({flag}={config[flag]}); "
@@ -239,6 +241,9 @@ def merge_resume(args, given, error):
     merged.update({key: value for key, value in config.items() if key in merged and key not in given & may_change})
     merged['resume'] = run_dir
     merged['folder_reading'] = config.get('folder_reading', 1)  # data.FOLDER_READING; runs before it was recorded: 1
+    if merged.get('weights') and not os.path.isfile(merged['weights']):
+        error(f"the run's --weights file {merged['weights']} is gone; if it moved, pass --weights NEW_PATH (it must be "
+              f"the same file: its sha256 is checked)")
     return argparse.Namespace(**merged)
 
 

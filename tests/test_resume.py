@@ -413,6 +413,33 @@ def test_weights_changed_under_a_run_are_refused(tiny_dataset, tmp_path, capsys)
     assert (tmp_path / 'r' / 'config.json').read_text() == config and len(read_metrics(tmp_path / 'r')) == 1
 
 
+def test_a_weights_file_that_moved_is_passed_again(tiny_dataset, tmp_path, capsys):
+    """As a moved dataset folder is given with --dataset NEW_PATH, a moved --weights file is given with --weights
+    NEW_PATH: accepted when it is the same file (sha256), refused otherwise."""
+    import timm
+    torch.manual_seed(0)
+    torch.save(timm.create_model('test_vit', num_classes=5).state_dict(), tmp_path / 'w.pth')
+    run = [arg for arg in tiny_run(tiny_dataset, tmp_path, 'r') if arg not in ('--pretrained', 'False')]
+    code, out, err = run_main([*run, '--weights', tmp_path / 'w.pth'], capsys)
+    assert code == 0, err
+    logged = read_metrics(tmp_path / 'r')[-1]['test_acc']
+    os.makedirs(tmp_path / 'moved')
+    os.rename(tmp_path / 'w.pth', tmp_path / 'moved' / 'w.pth')
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--eval_only'], capsys)
+    assert code == 2 and err.strip() == (f"main.py: error: the run's --weights file {tmp_path / 'w.pth'} is gone; if it "
+                                         f"moved, pass --weights NEW_PATH (it must be the same file: its sha256 is "
+                                         f"checked) (python main.py --help lists the flags)"), err
+    code, out, err = run_main(['--resume', tmp_path / 'r', '--eval_only', '--weights', tmp_path / 'moved' / 'w.pth'],
+                              capsys)
+    assert code == 0 and f"test accuracy {logged}%" in out, out + err
+    torch.save(timm.create_model('test_vit', num_classes=5).state_dict(), tmp_path / 'other.pth')
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2, '--weights', tmp_path / 'other.pth'], capsys)
+    assert code == 1 and 'is not the file' in err, err
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2, '--weights', tmp_path / 'moved' / 'w.pth'],
+                            capsys)
+    assert code == 0 and len(read_metrics(tmp_path / 'r')) == 2, err
+
+
 def test_a_run_in_training_cannot_be_resumed_twice(dataset, tmp_path, capsys):
     run_dir = tmp_path / 'run'
     process = start(flags(dataset, tmp_path, 'run', epochs=3))
