@@ -27,7 +27,9 @@ time per epoch and checkpoint size, one point per run; a run lacking a quantity 
 
 --confusion draws only the confusion matrices (no accuracy figure, no table): rows are true classes, each row
 normalised to 100%, colour on a square-root scale so that small confusions show. --out is allowed with a single run
-only; for several runs drop it and every run gets <run>/confusion.png.
+only; for several runs drop it and every run gets <run>/confusion.png. A run that has not finished has no
+confusion.csv; the newest confusion_epoch<N>.csv that main.py --eval_only wrote for its last checkpoint is drawn
+instead, into <run>/confusion_epoch<N>.png.
 """
 import argparse
 import contextlib
@@ -36,6 +38,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -499,33 +502,34 @@ def plot_cost(runs, out):
 def read_confusion(path):
     """confusion.csv (header `true\\predicted,<class>,...`, then `<class>,<count>,...` per true class) ->
     (class names, counts as an int array). Raises ValueError with a one-line reason."""
+    file = os.path.basename(path)
     try:
         with open(path, newline='') as f:
             rows = [row for row in csv.reader(f) if row]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"cannot read confusion.csv ({one_line(e)})")
+        raise ValueError(f"cannot read {file} ({one_line(e)})")
     if not rows or len(rows[0]) < 2:
-        raise ValueError("confusion.csv is empty or its header names no class")
+        raise ValueError(f"{file} is empty or its header names no class")
     names = rows[0][1:]
     if len(rows) - 1 != len(names):
-        raise ValueError(f"confusion.csv has {len(rows) - 1} rows for the {len(names)} classes of its header")
+        raise ValueError(f"{file} has {len(rows) - 1} rows for the {len(names)} classes of its header")
     counts = []
     for line, (row, name) in enumerate(zip(rows[1:], names), start=2):
         if len(row) != len(names) + 1:
-            raise ValueError(f"confusion.csv row {line} has {len(row)} columns, expected {len(names) + 1}")
+            raise ValueError(f"{file} row {line} has {len(row)} columns, expected {len(names) + 1}")
         if row[0] != name:
-            raise ValueError(f"confusion.csv row {line} is class {row[0][:40]!r}, expected {name[:40]!r} "
+            raise ValueError(f"{file} row {line} is class {row[0][:40]!r}, expected {name[:40]!r} "
                              f"(the header's order)")
         try:
             values = [int(cell) for cell in row[1:]]
         except ValueError:
-            raise ValueError(f"confusion.csv row {line} has a count that is not an integer")
+            raise ValueError(f"{file} row {line} has a count that is not an integer")
         if min(values) < 0:
-            raise ValueError(f"confusion.csv row {line} has a negative count")
+            raise ValueError(f"{file} row {line} has a negative count")
         counts.append(values)
     counts = np.array(counts, dtype=np.int64)
     if counts.sum() == 0:
-        raise ValueError("confusion.csv counts are all zero")
+        raise ValueError(f"{file} counts are all zero")
     return names, counts
 
 
@@ -584,18 +588,23 @@ def draw_confusions(run_dirs, paths, out):
     label_runs(runs)
     drawn = 0
     for run in runs:
-        path = os.path.join(run['dir'], 'confusion.csv')
-        if not os.path.exists(path):
-            warn(f"run {run['dir']}: no confusion.csv (it is written after the last epoch, or by "
-                 f"python main.py --eval_only --resume {run['dir']})")
-            continue
+        path, title = os.path.join(run['dir'], 'confusion.csv'), run['name']
+        if not os.path.exists(path):  # an unfinished run: --eval_only wrote its last checkpoint's matrix, if anything
+            epochs = sorted(int(match[1]) for match in map(re.compile(r'confusion_epoch(\d+)\.csv$').match,
+                                                             os.listdir(run['dir'])) if match)
+            if not epochs:
+                warn(f"run {run['dir']}: no confusion.csv (it is written after the last epoch; for an unfinished run "
+                     f"python main.py --eval_only --resume {run['dir']} writes its last checkpoint's)")
+                continue
+            path = os.path.join(run['dir'], f"confusion_epoch{epochs[-1]}.csv")
+            title = f"{run['name']}, epoch {epochs[-1]} (unfinished)"
         try:
             classes, counts = read_confusion(path)
         except ValueError as e:
             warn(f"skipping run {run['dir']}: {e}")
             continue
-        target = out or os.path.join(run['dir'], 'confusion.png')
-        plot_confusion(run['name'], classes, counts, target)
+        target = out or os.path.join(run['dir'], os.path.basename(path)[:-len('.csv')] + '.png')
+        plot_confusion(title, classes, counts, target)
         print(f"wrote {target}")
         drawn += 1
     if not drawn:

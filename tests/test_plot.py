@@ -645,6 +645,23 @@ def test_confusion_for_several_runs_and_missing_csv(logs, capsys):
     assert not os.path.exists(os.path.join(logs, 'accuracy.png'))
 
 
+def test_an_unfinished_run_gets_its_newest_checkpoint_matrix(logs, capsys, monkeypatch):
+    """No confusion.csv before the last epoch: --eval_only writes confusion_epoch<N>.csv, and that is what is drawn
+    (plot.py used to send the user back to --eval_only in a circle)."""
+    run_dir = os.path.join(logs, 'P_run')
+    for epoch, counts in ((1, [[1, 5], [2, 7]]), (3, [[5, 1], [2, 7]])):
+        write_confusion(run_dir, ['a', 'b'], counts)
+        os.rename(os.path.join(run_dir, 'confusion.csv'), os.path.join(run_dir, f'confusion_epoch{epoch}.csv'))
+    drawn, draw = [], plot.plot_confusion
+    monkeypatch.setattr(plot, 'plot_confusion', lambda *args: (drawn.append(args), draw(*args)))
+    code, out, err = run_plot([run_dir, '--confusion'], capsys)
+    target = os.path.join(run_dir, 'confusion_epoch3.png')
+    assert code == 0 and err == '' and out.strip() == f"wrote {target}", err
+    ((title, classes, counts, path),) = drawn
+    assert title == 'P_run, epoch 3 (unfinished)' and counts.tolist() == [[5, 1], [2, 7]] and path == target
+    assert_png(target, min_width=500)
+
+
 def test_confusion_out_for_one_run(logs, tmp_path, capsys):
     write_confusion(os.path.join(logs, 'P_run'), ['a', 'b'], [[5, 1], [2, 7]])
     code, out, err = run_plot([os.path.join(logs, 'P_run'), '--confusion', '--out', tmp_path / 'cm.png'], capsys)
