@@ -68,6 +68,13 @@ def _load_cifar(name, data_dir):
                     os.rmdir(folder)
                 except OSError:
                     break
+            present = [f for f in (dataset_class.filename, CIFAR_FOLDERS[name]) if os.path.exists(os.path.join(data_dir, f))]
+            if present:  # torchvision found them, but not with the published md5 sums: "put them there" would not help
+                raise SystemExit(
+                    f"error: {' and '.join(present)} in --data_dir {data_dir} failed torchvision's checksum check (a "
+                    f"partial download, or an altered copy), and downloading a fresh copy failed ({type(e).__name__}: "
+                    f"{e}); replace it with the official {dataset_class.filename} (from {dataset_class.url}), or "
+                    f"remove it and run again with network")
             raise SystemExit(
                 f"error: could not download {name} into --data_dir {data_dir} ({type(e).__name__}: {e}); offline, put "
                 f"{dataset_class.filename} (from {dataset_class.url}) or its extracted {CIFAR_FOLDERS[name]}/ into "

@@ -204,6 +204,20 @@ def test_no_network_for_cifar_download(cli, monkeypatch):
                                                             'cifar-10-batches-py', '--dataset FOLDER'])
 
 
+@pytest.mark.parametrize('damaged', ['cifar-10-python.tar.gz', 'cifar-10-batches-py/data_batch_1'])
+def test_a_damaged_cifar_copy_is_named_not_asked_for(cli, monkeypatch, damaged):
+    """A truncated archive or batch file is in --data_dir: "put cifar-10-python.tar.gz into DIR" would send the user
+    round in a circle; the error says the copy there failed torchvision's checksum."""
+    for var in ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY'):
+        monkeypatch.setenv(var, 'http://127.0.0.1:9')
+    data_dir = cli.tmp_path / 'damaged_data'
+    os.makedirs((data_dir / damaged).parent)
+    (data_dir / damaged).write_bytes(b'the first bytes of a download that stopped')
+    cli('--dataset', 'cifar10', '--data_dir', data_dir,
+        expect=[f"{damaged.split('/')[0]} in --data_dir {data_dir} failed torchvision's checksum check",
+                'replace it with the official cifar-10-python.tar.gz', 'or remove it'])
+
+
 def test_no_network_for_cifar_download_leaves_no_folder(cli, monkeypatch):
     for var in ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY'):
         monkeypatch.setenv(var, 'http://127.0.0.1:9')
