@@ -348,6 +348,10 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                 raise SystemExit(f"error: {args.resume} has already finished {state['epoch']} epochs; --epoch "
                                  f"{args.epoch} cannot undo them: pass --epoch {state['epoch'] + 1} or more to train "
                                  f"further")
+            if state['epoch'] == args.epoch:  # nothing to train: the run stays as it is, config.json included
+                if rank == 0:
+                    print(f"{args.resume} has finished all {args.epoch} epochs; pass --epoch N to train further")
+                return
         splits, classes, available = load_splits(args, rank, world_size)
         model, unfrozen = build_model(args, len(classes), device)
         if args.resume:

@@ -148,8 +148,11 @@ def test_refused_resume_writes_nothing_and_the_run_still_resumes(tiny_dataset, t
         f"error: {tmp_path / 'r'} has already finished 2 epochs; --epoch 1 cannot undo them: pass --epoch 3 or more "
         f"to train further"]
     assert files(tmp_path / 'r') == before  # config.json untouched: no 'epoch': 1, no 'resumed' entry
-    code, out, err = run_main(['--resume', tmp_path / 'r'], capsys)
-    assert code == 0 and 'has finished all 2 epochs' in out, err
+    for resume in (['--resume', tmp_path / 'r'], ['--resume', tmp_path / 'r', '--tensorboard', True, '--compile', True]):
+        code, out, err = run_main(resume, capsys)
+        assert code == 0 and f"{tmp_path / 'r'} has finished all 2 epochs" in out, err
+        # nothing trained, nothing changed: not a 'resumed' entry, nor compile/tensorboard for every later resume
+        assert files(tmp_path / 'r') == before
     # a checkpoint from another epoch than state.pt (killed while saving) is refused before anything is written too
     before = files(tmp_path / 'r')
     with safe_open(tmp_path / 'r' / 'trainable.safetensors', 'pt') as f:
