@@ -71,6 +71,13 @@ def non_negative(text):
     return value
 
 
+def positive(text):
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def device_flag(text):
     if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', text):
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
@@ -100,7 +107,7 @@ def make_parser():
     add('--optimizer', choices=['adamw', 'adam', 'sgd'], default='adamw',
         help='adamw (default); adam (L2 weight decay, as the seed); sgd (momentum 0.9, as official VPT tunes '
              'prompts; needs --lr)')
-    add('--lr', type=non_negative, default=None,
+    add('--lr', type=positive, default=None,
         help='peak lr, absolute: not scaled by the batch size (official VPT uses base_lr * batch / 256); '
              'default for adamw/adam 5e-3 for P/linear, 1e-4 for F/P+F')
     add('--weight_decay', type=non_negative, default=None, help='weight decay (default 1e-4 P/linear, 0.05 F/P+F)')
@@ -193,7 +200,7 @@ def parse_args(argv=None):
               f"pick sizes such as --img_size 32 --patch_size 4")
     if args.weights and 'pretrained' in given and not args.pretrained:
         error("--weights loads pretrained weights but --pretrained False asks for none; drop one of them")
-    if args.name and os.sep in args.name:
+    if args.name is not None and (not args.name or os.sep in args.name or args.name in ('.', '..')):
         error(f"--name {args.name!r} must be a plain directory name; put the parent in --log_dir")
     if args.unfreeze and args.full:
         error("--unfreeze adds to what --full False trains; with --full True everything trains already")
@@ -204,6 +211,9 @@ def parse_args(argv=None):
     args.lr = DEFAULT_LR[mode] if args.lr is None else args.lr
     args.weight_decay = DEFAULT_WEIGHT_DECAY[mode] if args.weight_decay is None else args.weight_decay
     args.warmup_epochs = 0.1 * args.epoch if args.warmup_epochs is None else args.warmup_epochs
+    if not args.resume and args.warmup_epochs and args.warmup_epochs >= args.epoch:
+        error(f"--warmup_epochs {args.warmup_epochs:g} is not shorter than --epoch {args.epoch}: the lr would never reach "
+              f"--lr nor decay; warm up for part of the run (default: 10% of --epoch)")
     return args
 
 

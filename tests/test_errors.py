@@ -38,6 +38,18 @@ def cli(tmp_path, tiny_dataset, capsys):
     return run
 
 
+@pytest.mark.parametrize('flags, expect', [
+    (['--lr', 0], ['--lr', 'must be a finite number > 0, got 0']),
+    (['--epoch', 2, '--warmup_epochs', 2], ['--warmup_epochs 2 is not shorter than --epoch 2', 'never reach']),
+    (['--epoch', 1, '--warmup_epochs', 5], ['--warmup_epochs 5 is not shorter than --epoch 1', '10% of --epoch']),
+    (['--name', '..'], ["--name '..' must be a plain directory name"]),
+    (['--name', ''], ["--name '' must be a plain directory name"]),
+])
+def test_settings_that_cannot_mean_what_they_say(cli, flags, expect):
+    """--lr 0 trains nothing and a warmup as long as the run never reaches the lr nor decays: both ran silently."""
+    cli(*flags, expect=expect, code=2)
+
+
 def test_epoch_zero(cli):
     cli('--epoch', 0, expect=['--epoch', 'at least 1'], code=2)
 
