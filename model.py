@@ -12,6 +12,7 @@ import fnmatch
 import logging
 import math
 import os
+import sys
 import zipfile
 
 import numpy as np
@@ -166,6 +167,13 @@ def check_model_args(model_name, weights=None):
     if timm.models.model_entrypoint(model_name).__module__.endswith('_hybrid'):
         raise SystemExit(f"error: --model {model_name} is a hybrid ViT (a ResNet stem, then patches of its feature "
                          "map): --patch_size and VPT's prompt init mean image patches here; pick a plain ViT, e.g. "
+                         "vit_base_patch16_224.augreg_in21k")
+    module = sys.modules[timm.models.model_entrypoint(model_name).__module__]
+    if not any(isinstance(value, type) and issubclass(value, VisionTransformer) for value in vars(module).values()):
+        # a ResNet, Swin, EVA...: its module never builds a VisionTransformer. Said before timm fails on img_size or
+        # patch_size as an unexpected argument, or the hub is asked for weights that could not be used anyway
+        raise SystemExit(f"error: --model {model_name} is not one of timm's VisionTransformer models (it comes from "
+                         f"{module.__name__}); VPT here needs a ViT with a class token, e.g. "
                          "vit_base_patch16_224.augreg_in21k")
     if weights and not os.path.isfile(weights):
         raise SystemExit(f"error: --weights {weights}: no such file; pass a timm checkpoint (.safetensors, .pth or "
