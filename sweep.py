@@ -143,6 +143,10 @@ def write_atomic(path, text):
 def given_main_flags(argv):
     """{flag: value} for the main.py flags typed in argv, abbreviations resolved as main.py resolves them."""
     parser = vpt.make_parser()
+    ours = set(make_parser()._option_string_actions) - set(parser._option_string_actions)
+    for arg in argv:
+        if arg.split('=')[0] in ours:
+            fail(f"{arg.split('=')[0]} is sweep.py's own flag: put it before the --, which starts main.py's flags", 2)
     for action in parser._actions:
         action.default = argparse.SUPPRESS
 
