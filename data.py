@@ -94,6 +94,9 @@ def _load_folder(root, img_size, samples, seed, reading):
     classes = _class_folders(split_dirs[0], reading)
     if not classes:
         raise SystemExit(f"error: {split_dirs[0]} has no class folders; put each class's images in train/<class>/")
+    if len(classes) == 1:  # one logit: every prediction right and the loss zero whatever the model does
+        raise SystemExit(f"error: {split_dirs[0]} has one class folder ({classes[0]}); classification needs two or more, "
+                         f"each class's images in train/<class>/ and test/<class>/")
     test_classes = _class_folders(split_dirs[1], reading)
     if test_classes != classes:
         only_train, only_test = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))

@@ -292,6 +292,13 @@ def test_split_class_mismatch_names_only_the_differences(tmp_path):
     assert 'class008' not in str(error.value)
 
 
+def test_a_single_class_is_refused(tmp_path):
+    """One class trains nothing (softmax over one logit: loss 0, accuracy 100%): often the folder one level too deep."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('photos',), train_per_class=2, test_per_class=1, size=8)
+    with pytest.raises(SystemExit, match=r"train has one class folder \(photos\); classification needs two or more"):
+        data.load_dataset(root, img_size=8)
+
+
 def test_val_folder_without_test_folder_gets_a_hint(tmp_path):
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=1, test_per_class=1, size=8)
     os.rename(tmp_path / 'ds' / 'test', tmp_path / 'ds' / 'val')
