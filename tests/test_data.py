@@ -66,6 +66,32 @@ def test_train_batches_are_seeded_permutations():
         assert torch.equal(x[:, 0, 4, 4], y.float() / 255)
 
 
+def test_augmentation_draws_every_shift_and_flips_half():
+    """The seed's recipe: a random crop of the image padded by 1/8 of its side (4 px at 32: shifts 0..8 each way,
+    every one of them) and a horizontal flip of half the images. Each pixel here holds its own row and column + 1
+    (0 is padding), so the centre pixel of an augmented image says where it came from."""
+    n, side, pad = 512, 32, 4
+    rows = torch.arange(1, side + 1).view(side, 1).expand(side, side)
+    image = torch.stack([rows, rows.T, rows]).to(torch.uint8)
+    images = image[None].expand(n, -1, -1, -1).contiguous()
+    identity = ((0.0,) * 3, (1 / 255,) * 3, None)  # model_input divides by 255: back to the stored values
+    ((batch, _),) = data.train_batches(images, torch.zeros(n, dtype=torch.long), n, torch.Generator().manual_seed(0),
+                                       identity)
+    centre = batch[:, :2, side // 2, side // 2].round().long() - 1  # (source row, source column) of pixel (16, 16)
+    flipped = batch[:, 1, side // 2, side // 2 + 1] < batch[:, 1, side // 2, side // 2]  # columns run backwards
+    row_shifts = centre[:, 0] - side // 2 + pad
+    col_shifts = torch.where(flipped, side - 1 - centre[:, 1], centre[:, 1]) - side // 2 + pad
+    assert set(row_shifts.tolist()) == set(range(2 * pad + 1)) == set(col_shifts.tolist())
+    assert 0.4 < flipped.float().mean().item() < 0.6
+
+
+def test_preprocessing_uses_the_weights_mean_and_std_in_order():
+    """0.5/0.5 for the default weights would hide a swap; DeiT's or CLIP's weights would not."""
+    mean, std, size = data.preprocessing(dict(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6)), 'cpu', 32)
+    assert mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3]) and size == 32
+    assert std.flatten().tolist() == pytest.approx([0.4, 0.5, 0.6])
+
+
 def test_augment_false_gives_the_same_order_unaltered():
     """--augment False (official VPT on VTAB): the epoch's permutation as with augmentation, each image untouched."""
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -346,6 +372,18 @@ def test_cifar10_from_data_dir(fake_cifar10):
     reference = torchvision.datasets.CIFAR10(fake_cifar10, train=True)
     image, label = reference[7]
     assert torch.equal(train_x[7], torch.from_numpy(np.array(image)).permute(2, 0, 1)) and train_y[7] == label
+
+
+def test_a_subset_keeps_each_image_with_its_own_label(fake_cifar10, tmp_path):
+    """--train_samples picks images and labels by one index, for CIFAR and for folders alike."""
+    folder = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b', 'c'), train_per_class=6, test_per_class=2)
+    for dataset, root in (('cifar10', fake_cifar10), (folder, None)):
+        full_x, full_y, *_ = data.load_dataset(dataset, root or './data', train_samples=0)
+        part_x, part_y, *_ = data.load_dataset(dataset, root or './data', train_samples=9, seed=3)
+        assert len(part_y) == 9
+        for image, label in zip(part_x, part_y):
+            (index,) = [i for i in range(len(full_x)) if torch.equal(full_x[i], image)]
+            assert full_y[index] == label, dataset
 
 
 def test_cli_trains_on_cifar10_in_data_dir(fake_cifar10, tmp_path, capsys):
