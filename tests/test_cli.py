@@ -32,6 +32,8 @@ def test_defaults():
     assert args.model == 'vit_base_patch16_224.augreg_in21k' and args.dataset == 'cifar10'
     assert (args.img_size, args.patch_size, args.log_dir, args.prompt_impl) == (32, 4, 'logs', 'kv')
     assert main.parse_args(['--full', 'True']).lr == 1e-4  # full fine-tuning gets a far smaller default lr
+    assert (args.lr, args.weight_decay, args.optimizer) == (5e-3, 1e-4, 'adamw')  # README's P defaults
+    assert main.parse_args(['--full', 'True', '--prompts', '0']).weight_decay == 0.05
     assert main.parse_args(['--epoch', '20']).warmup_epochs == pytest.approx(2.0)
 
 
@@ -61,6 +63,7 @@ def test_run_writes_config_metrics_and_checkpoint(tiny_dataset, tmp_path, capsys
     assert [r['epoch'] for r in rows] == ['1', '2']
     for row in rows:
         assert 0 <= float(row['train_acc']) <= 100 and 0 <= float(row['test_acc']) <= 100
+        assert 0 < float(row['train_loss']) < 5 and 0 < float(row['test_loss']) < 5  # cross-entropy, 3 classes: ~1.1
         assert float(row['train_images_per_s']) > 0 and float(row['epoch_time_s']) > 0
         assert row['val_acc'] == row['val_loss'] == '' and row['peak_mem_gib'] == ''  # no val split, no GPU
         assert row['includes_compile'] == '0'  # --compile False

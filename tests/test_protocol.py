@@ -113,6 +113,28 @@ def test_augment_false_reaches_the_training_batches(tiny_dataset, tmp_path, caps
     assert seen == [False] and json.loads((tmp_path / 'plain' / 'config.json').read_text())['augment'] is False
 
 
+def test_seed_sets_the_data_order_and_augmentation(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """Stage-2 seeds must differ in data order and augmentation too, not only in the head and prompts: --seed seeds
+    the epoch's generator. (--data_seed chooses images, not their order.)"""
+    import data
+    seen, batches = [], data.train_batches
+
+    def recorded(*args, **kwargs):
+        for inputs, labels in batches(*args, **kwargs):
+            seen[-1].append((inputs.clone(), labels.clone()))
+            yield inputs, labels
+    monkeypatch.setattr(data, 'train_batches', recorded)
+    for name, seeds in (('s0', []), ('s1', ['--seed', 1]), ('d5', ['--data_seed', 5])):
+        seen.append([])
+        code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 16, '--log_dir',
+                                 tmp_path, '--name', name, *seeds], capsys)
+        assert code == 0, err
+    same = lambda a, b: all(torch.equal(x, y) and torch.equal(l, m) for (x, l), (y, m) in zip(a, b))
+    assert not same(seen[0], seen[1])
+    assert [l.tolist() for _, l in seen[0]] != [l.tolist() for _, l in seen[1]]  # the order itself differs
+    assert same(seen[0], seen[2])  # all images are used either way: --data_seed alone changes nothing here
+
+
 def test_more_samples_than_images_is_said(tmp_path, capsys):
     import main
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=3, test_per_class=2, size=8)

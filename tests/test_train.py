@@ -54,3 +54,56 @@ def test_weight_decay_spares_biases_norms_and_embeddings():
     for name in ('vit.pos_embed', 'vit.cls_token', 'vit.blocks.0.norm1.weight', 'vit.blocks.0.attn.qkv.bias'):
         assert name not in decayed
     assert sum(len(g['params']) for g in optimizer.param_groups) == len(names)
+
+
+def tiny_model_and_data(images=24, classes=3):
+    torch.manual_seed(0)
+    model = PromptedViT(create_vit('test_vit', classes, 32, 4, pretrained=False), 2)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    y = torch.randint(0, classes, (images,), generator=generator)
+    return model, x, y, data.preprocessing(model.vit.pretrained_cfg, 'cpu', 32)
+
+
+def test_train_loss_and_accuracy_are_means_over_the_images():
+    """metrics.csv's train_loss/train_acc: the cross-entropy and accuracy over every image the epoch trained on (the
+    model as each batch saw it; lr 0 keeps it fixed, so one pass over the same batches must give the same numbers)."""
+    model, images, labels, preprocess = tiny_model_and_data()
+    set_trainable(model, full=False)
+    optimizer = train.make_optimizer(model, 'adamw', 0.0, 0.0, torch.device('cpu'))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batches = lambda: data.train_batches(images, labels, 8, torch.Generator().manual_seed(0), preprocess)
+    loss, accuracy = train.train_epoch(model, optimizer, scheduler, batches(), 3)
+    model.eval()
+    with torch.no_grad():
+        inputs, targets = zip(*batches())
+        logits, targets = model(torch.cat(inputs)), torch.cat(targets)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
+    assert accuracy == pytest.approx(100 * (logits.argmax(1) == targets).float().mean().item())
+
+
+def test_evaluation_does_not_depend_on_the_batch_size():
+    """The last batch is padded to a full one (static shapes for --compile); the padding rows must count in neither
+    the loss nor the accuracy, or test_loss would change with --batch_size and --eval_only would not reproduce it."""
+    model, images, labels, preprocess = tiny_model_and_data(images=18)
+    whole = train.evaluate_split(model, (images, labels), 18, preprocess, False)
+    padded = train.evaluate_split(model, (images, labels), 5, preprocess, False)  # 4 batches, the last 3 of 5 real
+    assert padded[0] == pytest.approx(whole[0], rel=1e-5) and padded[1] == whole[1]
+    assert torch.equal(padded[2], whole[2])  # the confusion matrix
+    with torch.no_grad():
+        predicted = model(data.model_input(images, *preprocess)).argmax(1)
+    expected = torch.zeros(3, 3, dtype=torch.long)
+    for true, guess in zip(labels.tolist(), predicted.tolist()):
+        expected[true, guess] += 1  # rows: the true class, as confusion.csv and per-class accuracy read it
+    assert torch.equal(whole[2], expected)
+    assert train.per_class_accuracy(expected, ['a', 'b', 'c']) == pytest.approx({
+        name: 100 * expected[i, i].item() / expected[i].sum().item() for i, name in enumerate('abc')}, abs=1e-4)
+
+
+def test_best_val_epoch_is_the_first_of_equal_ones():
+    """summary.json and best.safetensors take the first epoch with the best val accuracy, as plot.py and sweep.py
+    read it: otherwise test_acc_at_best_val would differ between them on ties (common with small val sets)."""
+    history = [dict(epoch=epoch, val_acc=val, test_acc=test, epoch_time_s=1.0)
+               for epoch, val, test in ((1, 80.0, 70.0), (2, 90.0, 71.0), (3, 90.0, 75.0))]
+    assert train.best_val_epoch(history) == 2
+    assert train.summarize(history, 3, 0.1, 10)['test_acc_at_best_val'] == 71.0
