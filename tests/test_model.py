@@ -233,6 +233,21 @@ def test_kv_path_matches_naive(num_prompts, trainable, train):
             assert not torch.allclose(model(images), logits, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize('options', [dict(qk_norm=True), dict(attn_drop_rate=0.2)], ids=['qk_norm', 'attn_drop'])
+def test_kv_path_matches_naive_for_other_block_options(options):
+    """Attention options of timm's Block that the kv path reimplements: prompt keys go through k_norm like the image
+    keys, and attention dropout acts in training only, as in timm."""
+    torch.manual_seed(0)
+    model = PromptedViT(tiny_vit(global_pool='token', **options), 5).eval()
+    set_trainable(model, full=True)
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    results = {}
+    for impl in ('naive', 'kv'):
+        model.prompt_impl = impl
+        results[impl] = forward_backward(model, images, labels)
+    assert_same(results['kv'], results['naive'])
+
+
 @pytest.mark.parametrize('full', [False, True])
 def test_kv_without_prompts_equals_plain_timm(full):
     """prompts=0 through the KV path (last block: CLS row only) against an independently built timm model holding

@@ -68,6 +68,19 @@ def test_predictions_on_image_files_equal_eval_only(run_dir, tiny_dataset, tmp_p
     assert f"18 images classified by {run_dir} (last, epoch 2)" in out and '; 1 unreadable file skipped' in out
 
 
+def test_predict_runs_the_model_in_eval_mode(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """A run trained with --prompt_dropout predicts without dropping prompts, as evaluation does."""
+    import model
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8, '--prompt_dropout',
+                             0.5, '--log_dir', tmp_path, '--name', 'r'], capsys)
+    assert code == 0, err
+    training, forward = [], model.PromptedViT.forward
+    monkeypatch.setattr(model.PromptedViT, 'forward', lambda self, x: training.append(self.training) or forward(self, x))
+    code, _, err = run_main(['--predict', os.path.join(tiny_dataset, 'test'), '--resume', tmp_path / 'r'], capsys)
+    assert code == 0, err
+    assert training and not any(training)
+
+
 def test_predict_never_overwrites_and_needs_a_run(run_dir, tiny_dataset, capsys):
     image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
     for expected in ('predictions.csv', 'predictions-2.csv'):

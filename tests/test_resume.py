@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import main
 from conftest import REPO, TINY, read_metrics, run_main, signal_after_first_epoch, write_folder_dataset
 
 TIME_COLUMNS = ('epoch_time_s', 'train_images_per_s')
@@ -114,6 +115,30 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoint(tiny_dataset, 
     summary = json.loads((tmp_path / 'nan' / 'summary.json').read_text())
     assert summary['diverged'] == dict(epoch=1, step=step) and summary['finished'] is False  # for plot.py
     assert read_metrics(tmp_path / 'nan') == []
+
+
+# a value for every main.py flag that differs from the run tiny_run makes; all but RESUME_MAY_CHANGE's are refused
+OTHER_VALUES = dict(batch_size=16, full=True, prompts=2, deep=False, prompt_dropout=0.3, prompt_impl='naive',
+                    optimizer='sgd', lr=0.5, weight_decay=0.5, warmup_epochs=0.5, unfreeze='pos_embed', augment=False,
+                    val_split=0.2, seed=3, data_seed=3, model='vit_tiny_patch16_224', pretrained=True,
+                    weights='other.safetensors', img_size=64, patch_size=8, train_samples=10, test_samples=5,
+                    log_dir='elsewhere', name='other', epoch=7, device='cuda', dataset='cifar10', data_dir='d',
+                    compile=True, amp=False, tensorboard=True)
+
+
+def test_only_the_flags_that_cannot_change_the_result_may_change_on_resume(tiny_dataset, tmp_path, capsys):
+    """A resume that took --weight_decay 0.5 or --augment False would change a run half way through and record the
+    new value as if it had held throughout."""
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    flags = {action.dest for action in main.make_parser()._actions} - {'help'} - main.ACTIONS
+    assert set(OTHER_VALUES) == flags  # a new flag gets a value here, and a decision
+    assert main.RESUME_MAY_CHANGE - main.ACTIONS == {'epoch', 'device', 'dataset', 'data_dir', 'compile', 'amp',
+                                                     'tensorboard'}
+    for flag in sorted(flags - main.RESUME_MAY_CHANGE):
+        with pytest.raises(SystemExit) as stop:
+            main.parse_args(['--resume', str(tmp_path / 'r'), f'--{flag}', str(OTHER_VALUES[flag])])
+        assert stop.value.code == 2 and f"--{flag} {OTHER_VALUES[flag]} contradicts" in capsys.readouterr().err, flag
 
 
 def test_resume_refuses_a_contradicting_flag(tiny_dataset, tmp_path, capsys):

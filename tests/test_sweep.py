@@ -261,6 +261,21 @@ def test_a_grid_that_only_diverges_says_so(tiny_dataset, tmp_path):
     assert 'non-finite training loss at epoch 1, step' in result.stdout
 
 
+def test_the_winner_is_chosen_on_val_never_on_test(tmp_path):
+    """The grid point with the best val accuracy wins, even where another has a far better test accuracy (on the tiny
+    data of the end-to-end sweep the two rankings agree, so that test could not tell)."""
+    sweep_dir = tmp_path / 's'
+    meta = dict(grid={'lr': ['1e-3', '5e-3']}, seeds=1, val_split=0.25, command='python sweep.py ...',
+                main_flags=['--model', 'test_vit'])
+    for name, val, test in (('grid_lr=1e-3', 50.0, 90.0), ('grid_lr=5e-3', 60.0, 45.0)):
+        os.makedirs(sweep_dir / name)
+        (sweep_dir / name / 'summary.json').write_text(json.dumps(dict(
+            finished=True, epochs_done=2, epochs=2, best_val_acc=val, best_val_epoch=2, test_acc_at_best_val=test,
+            final_test_acc=test)))
+    assert sweep.sweep_state(str(sweep_dir), meta, 0)[2]['run'] == 'grid_lr=5e-3'
+    assert re.search(r"^\| \*\*winner\*\* \| grid_lr=5e-3 \|", sweep.write_reports(str(sweep_dir), meta, 0), re.M)
+
+
 @pytest.mark.parametrize('flag, values', [('lr', ['1e-3', '5e-3']), ('data_dir', ['d1', 'd2'])])
 def test_finals_that_trained_another_grid_point_are_stale_and_not_counted(tmp_path, monkeypatch, flag, values):
     """A grid run that failed, was retried and then won: the finals trained for the former winner are marked stale
