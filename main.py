@@ -269,16 +269,15 @@ def mode_of(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
-    args = parse_args(argv)
-    mode = mode_of(args)
     # Outside the training loop (which takes both signals over: train.StopRequest) SIGTERM stops as Ctrl-C does, by an
     # exception: a run being set up removes its half-made directory, and the exit is one line rather than a kill.
     sigterm = signal.signal(signal.SIGTERM, interrupt)
     try:
-        start(args, argv, mode)
+        args = parse_args(argv)
+        start(args, argv, mode_of(args))
     except FloatingPointError as e:  # train.fit: a non-finite loss, said with its epoch and step
         say_once(str(e), EXIT_DIVERGED)
-    except KeyboardInterrupt as e:  # importing torch, loading data, building the model: no state at risk
+    except KeyboardInterrupt as e:  # parsing, importing torch, loading data, building the model: no state at risk
         signum = e.args[0] if e.args else signal.SIGINT
         print(f"\n{signal.Signals(signum).name}: stopped", file=sys.stderr)
         sys.exit(128 + signum)

@@ -206,6 +206,15 @@ def assert_same(result, expected):
         torch.testing.assert_close(grads[name], grads_expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def both_paths(model, images, labels):
+    """{'naive': ..., 'kv': ...}: forward_backward through each prompt path of the same model."""
+    results = {}
+    for impl in ('naive', 'kv'):
+        model.prompt_impl = impl
+        results[impl] = forward_backward(model, images, labels)
+    return results
+
+
 @pytest.mark.parametrize('num_prompts', [1, 7, 50])
 @pytest.mark.parametrize('trainable', ['P', 'F', 'P+unfreeze'])
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train-dropout'])
@@ -219,10 +228,7 @@ def test_kv_path_matches_naive(num_prompts, trainable, train):
     set_trainable(model, trainable == 'F', UNFREEZE_ALL_BUT_BLOCKS if trainable == 'P+unfreeze' else ())
     model.train(train)
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    results = {}
-    for impl in ('naive', 'kv'):
-        model.prompt_impl = impl
-        results[impl] = forward_backward(model, images, labels)
+    results = both_paths(model, images, labels)
     assert_same(results['kv'], results['naive'])
     logits, grads = results['naive']
     assert len(grads) == sum(p.requires_grad for p in model.parameters())
@@ -241,10 +247,7 @@ def test_kv_path_matches_naive_for_other_block_options(options):
     model = PromptedViT(tiny_vit(global_pool='token', **options), 5).eval()
     set_trainable(model, full=True)
     images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
-    results = {}
-    for impl in ('naive', 'kv'):
-        model.prompt_impl = impl
-        results[impl] = forward_backward(model, images, labels)
+    results = both_paths(model, images, labels)
     assert_same(results['kv'], results['naive'])
 
 

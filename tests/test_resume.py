@@ -210,7 +210,7 @@ def test_damaged_run_files_are_one_line(tiny_dataset, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
     (tmp_path / 'r' / 'config.json').write_text('[1, 2]')
     code, _, err = run_main(['--resume', tmp_path / 'r', '--eval_only'], capsys)
-    assert code == 2 and f"its config.json is not a vpt run's" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "its config.json is not a vpt run's" in err and len(err.strip().splitlines()) == 1
 
 
 def test_eval_and_predict_take_another_batch_size(tiny_dataset, tmp_path, capsys):
@@ -246,8 +246,8 @@ def test_run_with_relative_paths_resumes_from_anywhere(tiny_dataset, tmp_path, c
 
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
-@pytest.mark.parametrize('module, step', [('model', 'check_model_args'), ('main', 'provenance'),
-                                          ('train', 'make_optimizer')])
+@pytest.mark.parametrize('module, step', [('main', 'parse_args'), ('model', 'check_model_args'),
+                                          ('main', 'provenance'), ('train', 'make_optimizer')])
 def test_a_signal_before_training_is_one_line_and_leaves_no_directory(tiny_dataset, tmp_path, capsys, monkeypatch,
                                                                       module, step, signum):
     def interrupted(*args, **kwargs):

@@ -338,6 +338,7 @@ def test_a_trial_stopped_before_its_first_checkpoint_is_not_called_resumable(tin
     log = tmp_path / 's' / 'sweep.log'
     while not (log.exists() and 'start  grid_lr=1e-3' in log.read_text()) and process.poll() is None:
         time.sleep(0.02)
+    time.sleep(0.5)  # the trial's Python has started (a signal in its first few ms finds no handler of ours yet)
     os.killpg(process.pid, signal.SIGINT)  # the trial is still importing torch (seconds), far from a checkpoint
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
