@@ -68,7 +68,8 @@ def _load_cifar(name, data_dir):
                     os.rmdir(folder)
                 except OSError:
                     break
-            present = [f for f in (dataset_class.filename, CIFAR_FOLDERS[name]) if os.path.exists(os.path.join(data_dir, f))]
+            present = [found for found in (dataset_class.filename, CIFAR_FOLDERS[name])
+                       if os.path.exists(os.path.join(data_dir, found))]
             if present:  # torchvision found them, but not with the published md5 sums: "put them there" would not help
                 raise SystemExit(
                     f"error: {' and '.join(present)} in --data_dir {data_dir} failed torchvision's checksum check (a "
@@ -114,7 +115,7 @@ def _load_folder(root, img_size, samples, seed, reading):
                                  f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder from both splits")
             paths += files
             labels += [label] * len(files)
-        _warn_hidden(split_dir, "hidden folders are left out with their images",
+        _warn_hidden(split_dir, "hidden (and __MACOSX) folders are left out with their images",
                      [os.path.relpath(path, split_dir) for path in hidden[:5]] + (['...'] if len(hidden) > 5 else []))
         labels = torch.tensor(labels)
         available[os.path.basename(split_dir)] = len(labels)
@@ -132,7 +133,8 @@ def _class_folders(split_dir, reading=FOLDER_READING):
     if reading < 2:
         return folders
     hidden = [name for name in folders if not _visible(name) and image_files(os.path.join(split_dir, name))]
-    _warn_hidden(split_dir, "hidden folders are not classes, left out with their images", hidden)  # '.cat' say
+    # '.cat', say
+    _warn_hidden(split_dir, "hidden (and __MACOSX) folders are not classes, left out with their images", hidden)
     return [name for name in folders if _visible(name)]
 
 

@@ -212,8 +212,8 @@ def parse_args(argv=None):
     args.weight_decay = DEFAULT_WEIGHT_DECAY[mode] if args.weight_decay is None else args.weight_decay
     args.warmup_epochs = 0.1 * args.epoch if args.warmup_epochs is None else args.warmup_epochs
     if not args.resume and args.warmup_epochs and args.warmup_epochs >= args.epoch:
-        error(f"--warmup_epochs {args.warmup_epochs:g} is not shorter than --epoch {args.epoch}: the lr would never reach "
-              f"--lr nor decay; warm up for part of the run (default: 10% of --epoch)")
+        error(f"--warmup_epochs {args.warmup_epochs:g} is not shorter than --epoch {args.epoch}: the lr would never "
+              f"reach --lr nor decay; warm up for part of the run (default: 10% of --epoch)")
     return args
 
 

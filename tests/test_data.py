@@ -290,9 +290,9 @@ def test_a_hidden_folder_with_images_is_named_when_left_out(tmp_path, capsys):
     assert classes == ['a', 'b'] and train_y.tolist() == [0, 0, 1]
     train, test = (os.path.join(root, split) for split in ('train', 'test'))
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"warning: {train}: hidden folders are not classes, left out with their images: .c",
-        f"warning: {test}: hidden folders are not classes, left out with their images: .c",
-        f"warning: {train}: hidden folders are left out with their images: {os.path.join('b', 'more', '.old')}"]
+        f"warning: {train}: hidden (and __MACOSX) folders are not classes, left out with their images: .c",
+        f"warning: {test}: hidden (and __MACOSX) folders are not classes, left out with their images: .c",
+        f"warning: {train}: hidden (and __MACOSX) folders are left out with their images: {os.path.join('b', 'more', '.old')}"]
 
 
 def test_every_unreadable_image_is_named_in_one_error(tmp_path, monkeypatch):
