@@ -649,16 +649,16 @@ def test_an_unfinished_run_gets_its_newest_checkpoint_matrix(logs, capsys, monke
     """No confusion.csv before the last epoch: --eval_only writes confusion_epoch<N>.csv, and that is what is drawn
     (plot.py used to send the user back to --eval_only in a circle)."""
     run_dir = os.path.join(logs, 'P_run')
-    for epoch, counts in ((1, [[1, 5], [2, 7]]), (3, [[5, 1], [2, 7]])):
+    for epoch, counts in ((9, [[1, 5], [2, 7]]), (10, [[5, 1], [2, 7]])):  # 10 after 9: by number, not by name
         write_confusion(run_dir, ['a', 'b'], counts)
         os.rename(os.path.join(run_dir, 'confusion.csv'), os.path.join(run_dir, f'confusion_epoch{epoch}.csv'))
     drawn, draw = [], plot.plot_confusion
     monkeypatch.setattr(plot, 'plot_confusion', lambda *args: (drawn.append(args), draw(*args)))
     code, out, err = run_plot([run_dir, '--confusion'], capsys)
-    target = os.path.join(run_dir, 'confusion_epoch3.png')
+    target = os.path.join(run_dir, 'confusion_epoch10.png')
     assert code == 0 and err == '' and out.strip() == f"wrote {target}", err
     ((title, classes, counts, path),) = drawn
-    assert title == 'P_run, epoch 3 (unfinished)' and counts.tolist() == [[5, 1], [2, 7]] and path == target
+    assert title == 'P_run, epoch 10 (unfinished)' and counts.tolist() == [[5, 1], [2, 7]] and path == target
     assert_png(target, min_width=500)
 
 
@@ -729,3 +729,29 @@ def test_command_line(logs, tmp_path):
     result = subprocess.run([sys.executable, 'plot.py', str(tmp_path / 'nowhere')], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and 'Traceback' not in result.stderr and 'does not exist' in one_line(result.stderr)
+
+
+def test_cost_without_val_uses_the_final_epoch_not_the_oracle(tmp_path, capsys, monkeypatch):
+    write_run(tmp_path, 'F_noval', 'F', 1000, [(70.0, 80.0, 10.0), (80.0, 75.0, 10.0)], checkpoint_bytes=4000)
+    figures = captured_figures(monkeypatch)
+    code, _, err = run_plot([tmp_path, '--cost'], capsys)
+    assert code == 0, err
+    assert points(figures[1].axes[0]).tolist() == [[1000, 75.0]]  # final 75, not the best 80
+    for fig in figures:
+        close_figure(fig)
+
+
+def test_oracle_epoch_is_the_first_of_equal_test_accuracies(tmp_path, capsys):
+    write_run(tmp_path, 'r', epochs=[(70.0, 80.0, 1.0), (80.0, 90.0, 1.0), (85.0, 90.0, 1.0)])
+    code, out, _ = run_plot([tmp_path], capsys)
+    assert code == 0 and table(out)['r'][4:6] == ('90.00%', '2')
+
+
+def test_same_run_name_in_two_log_dirs_is_labelled_by_path(tmp_path, capsys):
+    a = write_run(tmp_path / 'a', 'P_run', epochs=[(70.0, 80.0, 1.0)])
+    b = write_run(tmp_path / 'b', 'P_run', epochs=[(70.0, 60.0, 1.0)])
+    code, out, _ = run_plot([tmp_path / 'a', tmp_path / 'b'], capsys)
+    assert code == 0
+    rows = table(out)
+    assert set(rows) == {os.path.normpath(a), os.path.normpath(b)}
+    assert rows[os.path.normpath(b)][6] == '60.00%'

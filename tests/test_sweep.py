@@ -450,3 +450,93 @@ def test_print_commands_for_a_scheduler_then_collect(tiny_dataset, tmp_path):
     assert re.search(rf"^\| \*\*winner\*\* \| grid_lr={winner} \|", result.stdout, re.M)
     assert '| final_seed=1 | 1 | missing |' in result.stdout and 'No stage-2 seed has finished yet.' in result.stdout
     assert [row['status'] for row in read_csv(tmp_path / 's' / 'sweep.csv')] == ['finished', 'finished', 'missing']
+
+
+def fake_sweep(root, seeds, finals, base_seed=0, grid=(('grid_lr=1e-3', 50.0, 80.0),), main_flags=()):
+    """A sweep directory with finished grid runs and final runs written from summaries:
+    finals = [(seed, summary overrides)]."""
+    meta = dict(grid={'lr': [name.split('=')[1] for name, _, _ in grid]}, seeds=seeds, val_split=0.25,
+                command='python sweep.py ...', main_flags=['--model', 'test_vit', *main_flags])
+    os.makedirs(root)
+    with open(os.path.join(root, 'sweep.json'), 'w') as f:
+        json.dump(meta, f)
+
+    def write(name, **summary):
+        os.makedirs(os.path.join(root, name))
+        with open(os.path.join(root, name, 'summary.json'), 'w') as f:
+            json.dump(dict(dict(finished=True, epochs_done=2, epochs=2, best_val_epoch=1), **summary), f)
+    for name, val, test in grid:
+        write(name, best_val_acc=val, test_acc_at_best_val=test, final_test_acc=test)
+    for seed, summary in finals:
+        write(f'final_seed={seed}', **summary)
+    return meta
+
+
+def test_report_numbers_are_those_of_the_seeds(tmp_path):
+    root = str(tmp_path / 's')
+    meta = fake_sweep(root, 3, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0)),
+                                (2, dict(best_val_acc=60, test_acc_at_best_val=74.0, final_test_acc=62.0)),
+                                (3, dict(best_val_acc=60, test_acc_at_best_val=78.0, final_test_acc=67.0))])
+    report = sweep.write_reports(root, meta, 0)
+    assert '**Test accuracy 74.00 ± 4.00 %** (mean ± sample std over n = 3 seeds, min 70.00, max 78.00)' in report
+    assert 'Final-epoch test accuracy: 63.00 ± 3.61 %.' in report
+
+
+def test_a_diverged_seed_is_left_out_of_the_mean(tmp_path):
+    root = str(tmp_path / 's')
+    meta = fake_sweep(root, 2, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0)),
+                                (2, dict(finished=False, epochs_done=1, best_val_acc=60, test_acc_at_best_val=10.0,
+                                         final_test_acc=10.0, diverged=dict(epoch=2, step=3)))])
+    report = sweep.write_reports(root, meta, 0)
+    assert '**Test accuracy 70.00 %** (n = 1 seed, so no std; 1 of 2 seeds diverged' in report
+
+
+def test_collect_uses_the_sweeps_own_base_seed(tmp_path, capsys):
+    root = str(tmp_path / 's')
+    fake_sweep(root, 2, [(6, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0)),
+                         (7, dict(best_val_acc=60, test_acc_at_best_val=74.0, final_test_acc=62.0))],
+               main_flags=('--seed', '5'))
+    sweep.collect(root)
+    out = capsys.readouterr().out
+    assert '**Test accuracy 72.00 ± 2.83 %**' in out and 'seeds 6..7' in out
+
+
+def test_an_unfinished_grid_run_cannot_win(tmp_path):
+    root = str(tmp_path / 's')
+    meta = fake_sweep(root, 1, [], grid=(('grid_lr=1e-3', 50.0, 80.0),))
+    meta['grid']['lr'].append('5e-3')
+    os.makedirs(os.path.join(root, 'grid_lr=5e-3'))  # stopped after epoch 1 of 2, with a higher val score so far
+    with open(os.path.join(root, 'grid_lr=5e-3', 'summary.json'), 'w') as f:
+        json.dump(dict(finished=False, epochs_done=1, epochs=2, best_val_acc=99.0, best_val_epoch=1,
+                       test_acc_at_best_val=90.0, final_test_acc=90.0), f)
+    assert sweep.sweep_state(root, meta, 0)[2]['run'] == 'grid_lr=1e-3'
+
+
+def test_an_interrupted_trial_is_not_failed(tmp_path):
+    root = str(tmp_path / 's')
+    os.makedirs(os.path.join(root, 'logs'))
+    os.makedirs(os.path.join(root, 'grid_lr=1e-3'))
+    with open(os.path.join(root, 'logs', 'grid_lr=1e-3.log'), 'w') as f:
+        f.write('[sweep] start: ...\nepoch 1/2 ...\nSIGINT: stopped\n\n[sweep] 2024-01-01 00:00:00 exit code 130\n')
+    row = sweep.trial_row(root, dict(name='grid_lr=1e-3', stage='grid', seed=0, values={'lr': '1e-3'}))
+    assert row['status'] == 'interrupted' and row['exit_code'] is None
+
+
+def test_every_trial_gets_the_data_seed_and_val_split(tmp_path):
+    definition = dict(grid={'lr': ['1e-3']}, seeds=2, val_split=0.2,
+                      main_flags=['--data_seed', '3', '--seed', '5', '--epoch', '2'])
+    trials = sweep.grid_trials(definition, 5, str(tmp_path))
+    trials += sweep.final_trials(definition, 5, dict(trials[0], run=trials[0]['name']), str(tmp_path))
+    for trial, seed in zip(trials, (5, 6, 7)):
+        args = main.parse_args(trial['argv'])
+        assert (args.data_seed, args.seed, args.val_split, args.epoch) == (3, seed, 0.2, 2)
+
+
+def test_a_failed_trial_is_retried(tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr(sweep.subprocess, 'Popen', lambda command, **kwargs: launched.append(command) or object())
+    monkeypatch.setattr(sweep, 'CHILDREN', {})
+    os.makedirs(tmp_path / 'logs')
+    (tmp_path / 'logs' / 'grid_lr=1e-3.log').write_text('Traceback ...\nRuntimeError: boom\n\n[sweep] x exit code 1\n')
+    assert sweep.start_trial(str(tmp_path), dict(name='grid_lr=1e-3', argv=['--lr', '1e-3']), None, False) is not None
+    assert launched
