@@ -190,3 +190,19 @@ def test_train_flops_match_torch_flop_counter(full, prompts):
         torch.nn.functional.cross_entropy(model(torch.randn(batch, 3, 32, 32)), torch.arange(batch)).backward()
     expected = bench.train_flops(bench.vit_geometry(model.vit), prompts, full)
     assert counter.get_total_flops() / batch == pytest.approx(expected, rel=1e-9)
+
+
+def test_bench_eval_rate_counts_only_the_timed_images(monkeypatch):
+    """eval img/s = images evaluated in the timed region / its time (the warm-up batches are not in it)."""
+    import time
+    import torch
+    evaluated = []
+    monkeypatch.setattr(bench.train, 'evaluate_split',
+                        lambda model, split, *args: evaluated.append(len(split[1])) or time.sleep(0.01 * len(split[1])))
+    args = bench.parse_args(['--device', 'cpu', '--model', 'test_vit', '--batch_size', '8', '--steps', '1',
+                             '--warmup', '2', '--eval_steps', '1', '--no_baseline'])
+    pool = (torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (24,)))
+    test_set = (torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (24,)))
+    result = bench.run_mode('P', args, torch.device('cpu'), pool, test_set, bench.train.StopRequest())
+    assert evaluated == [16, 8]
+    assert result['eval_img_s'] <= 105  # 8 images in >= 0.08 s; counting the 16 warm ones too would give ~300

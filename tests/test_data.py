@@ -407,3 +407,26 @@ def test_large_images_decode_in_threads_into_their_slots(tmp_path, monkeypatch, 
     for i, path in enumerate(sorted(os.listdir(os.path.join(root, 'train', 'b')))):
         image = Image.open(os.path.join(root, 'train', 'b', path)).convert('RGB').resize((side, side), Image.BILINEAR)
         assert torch.equal(train_x[5 + i], torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()))
+
+
+def test_an_image_larger_on_one_side_only_is_shrunk(tmp_path):
+    from PIL import Image
+    import data
+    Image.new('RGB', (40, 20)).save(tmp_path / 'wide.png')
+    assert data.read_image(str(tmp_path / 'wide.png'), 32, larger_only=True).shape == (32, 32, 3)
+
+
+def test_class_subfolders_are_read_in_sorted_order(tmp_path, monkeypatch):
+    import data
+    for sub in ('b', 'a', 'c'):
+        os.makedirs(tmp_path / 'cls' / sub)
+        (tmp_path / 'cls' / sub / 'x.png').write_bytes(b'')
+    walk = os.walk
+
+    def reversed_walk(*args, **kwargs):  # a filesystem that lists entries in another order
+        for root, dirs, files in walk(*args, **kwargs):
+            dirs.reverse()
+            yield root, dirs, files
+    monkeypatch.setattr(data.os, 'walk', reversed_walk)
+    found = [os.path.basename(os.path.dirname(p)) for p in data.image_files(str(tmp_path / 'cls'))]
+    assert found == ['a', 'b', 'c']

@@ -387,3 +387,10 @@ def test_kv_path_rejects_blocks_it_cannot_shortcut():
     vit.blocks[0] = timm.models.vision_transformer.ResPostBlock(64, 2)  # ...a post-norm block is not
     with pytest.raises(SystemExit, match='--prompt_impl naive'):
         PromptedViT(vit, 2)
+
+
+def test_unfreeze_pattern_is_the_whole_name():
+    from model import PromptedViT, create_vit, set_trainable
+    model = PromptedViT(create_vit('test_vit', 3, 32, 4, pretrained=False), 4)
+    with pytest.raises(SystemExit):
+        set_trainable(model, False, ['proj.weight'])  # no parameter is named exactly proj.weight

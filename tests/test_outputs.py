@@ -177,3 +177,11 @@ def test_predict_out_must_be_a_file(run_dir, tiny_dataset, tmp_path, capsys):
     assert code == 1 and err.strip() == (f"error: --out {tmp_path} is a directory; pass a file name such as "
                                          f"{tmp_path / 'predictions.csv'}")
     assert os.listdir(tmp_path) == []
+
+
+def test_fresh_path_skips_every_existing_name(tmp_path):
+    """--predict's default CSV: predictions.csv, then -2, -3...; never an existing file."""
+    import main
+    for name in ('p.csv', 'p-2.csv'):
+        (tmp_path / name).write_text('')
+    assert main.fresh_path(str(tmp_path / 'p.csv')) == str(tmp_path / 'p-3.csv')

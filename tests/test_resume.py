@@ -567,3 +567,26 @@ def test_runs_made_before_folder_reading_2_read_their_folder_as_they_did(tmp_pat
     code, _, err = run_main(tiny_run(root, tmp_path / 'logs', 'new', '--patch_size', 8), capsys)
     assert code == 0, err
     assert loaded[-1][0].shape == (9, 3, 32, 32)  # a new run reads by 2: the subfolder's image, shrunk to 32
+
+
+def test_resumed_run_keeps_the_best_checkpoint_of_before_the_interruption(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """Val 90 at epoch 1, then (resumed) 50 at epoch 2: best.safetensors and summary.json stay at epoch 1."""
+    import train
+    evaluate_split = train.evaluate_split
+    val_acc = {1: 90.0, 2: 50.0}
+
+    def fixed_val(model, split, *args):
+        loss, acc, confusion = evaluate_split(model, split, *args)
+        epoch = len(read_metrics(tmp_path / 'r')) + 1 if (tmp_path / 'r' / 'metrics.csv').exists() else 1
+        is_val = len(split[1]) == 12  # 25% of the 48 training images; the test split has 18
+        return (loss, val_acc[epoch], confusion) if is_val else (loss, acc, confusion)
+    monkeypatch.setattr(train, 'evaluate_split', fixed_val)
+    argv = [*TINY, '--dataset', tiny_dataset, '--val_split', 0.25, '--epoch', 1, '--batch_size', 8,
+            '--log_dir', tmp_path, '--name', 'r']
+    code, _, err = run_main(argv, capsys)
+    assert code == 0, err
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
+    assert code == 0, err
+    with safe_open(str(tmp_path / 'r' / 'best.safetensors'), 'pt') as f:
+        assert f.metadata()['epoch'] == '1'
+    assert json.loads((tmp_path / 'r' / 'summary.json').read_text())['best_val_epoch'] == 1

@@ -1,4 +1,6 @@
 """The training step and schedule: what P mode may and may not change, warmup + cosine."""
+import signal
+
 import pytest
 import torch
 
@@ -107,3 +109,31 @@ def test_best_val_epoch_is_the_first_of_equal_ones():
                for epoch, val, test in ((1, 80.0, 70.0), (2, 90.0, 71.0), (3, 90.0, 75.0))]
     assert train.best_val_epoch(history) == 2
     assert train.summarize(history, 3, 0.1, 10)['test_acc_at_best_val'] == 71.0
+
+
+def test_summary_peak_memory_is_the_maximum_over_epochs():
+    rows = [dict(epoch=i + 1, test_acc=50.0, test_loss=1.0, epoch_time_s=1.0, peak_mem_gib=p)
+            for i, p in enumerate([2.0, 3.5, 1.0])]
+    assert train.summarize(rows, 3, 0.0, 10)['peak_mem_gib'] == 3.5
+
+
+def test_confusion_csv_rows_are_true_classes():
+    text = train.confusion_bytes(torch.tensor([[5, 1], [0, 6]]), ['a', 'b']).decode()
+    assert text.splitlines() == ['true\\predicted,a,b', 'a,5,1', 'b,0,6']
+
+
+def test_a_single_process_stops_at_the_next_step():
+    """SIGTERM in one process: the epoch stops at its next step, not at the next 20-step sync."""
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stop = train.StopRequest()
+    stop.signum = signal.SIGTERM
+    steps = []
+
+    def batches():
+        for i in range(30):
+            steps.append(i)
+            yield torch.randn(2, 4), torch.tensor([0, 1])
+    assert train.train_epoch(model, optimizer, scheduler, batches(), 30, amp=False, stop=stop) is None
+    assert len(steps) == 1
