@@ -766,3 +766,6 @@ if __name__ == '__main__':
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise
+    except BrokenPipeError:  # the reader went away (| head): stop with a line, not a traceback; files are written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes stdout
+        sys.exit("main.py: stopped: the program reading its output (head, say) exited")

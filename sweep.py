@@ -702,9 +702,10 @@ def collect(sweep_dir):
     lock = lock_sweep(sweep_dir)
     base_seed = given_main_flags(meta['main_flags']).get('seed', vpt.make_parser().get_default('seed'))
     try:
-        print(write_reports(sweep_dir, meta, base_seed), end='')
+        report = write_reports(sweep_dir, meta, base_seed)
     except OSError as e:
         fail(f"cannot write the reports into {sweep_dir} ({e.strerror or e})")
+    print(report, end='')
     lock.close()
 
 
@@ -780,4 +781,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes stdout
+        sys.exit(1)

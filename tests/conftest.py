@@ -85,6 +85,16 @@ def run_cli(argv, script='main.py', timeout=300, **kwargs):
                           text=True, timeout=timeout, env=env, **kwargs)
 
 
+def stderr_when_the_reader_goes_away(argv, script):
+    """Run a script with its stdout a pipe nobody reads (as `| head` leaves it once head exits): -> (exit code,
+    stderr)."""
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, argv)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    process.stdout.close()  # before the script writes anything: its first write finds no reader
+    err = process.stderr.read()
+    return process.wait(timeout=120), err
+
+
 def read_metrics(run_dir):
     import csv
     with open(os.path.join(run_dir, 'metrics.csv')) as f:

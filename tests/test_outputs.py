@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import TINY, read_metrics, run_cli, run_main
+from conftest import TINY, read_metrics, run_cli, run_main, stderr_when_the_reader_goes_away
 
 
 @pytest.fixture(scope='module')
@@ -185,3 +185,14 @@ def test_fresh_path_skips_every_existing_name(tmp_path):
     for name in ('p.csv', 'p-2.csv'):
         (tmp_path / name).write_text('')
     assert main.fresh_path(str(tmp_path / 'p.csv')) == str(tmp_path / 'p-3.csv')
+
+
+def test_a_reader_that_goes_away_is_one_line_not_a_traceback(run_dir, tiny_dataset, tmp_path):
+    """python main.py --predict ... | head, python plot.py logs/ | head: the CSV is written before the table is
+    printed, and the closed pipe is one line (main.py) or nothing (plot.py), not Python's BrokenPipeError traceback."""
+    code, err = stderr_when_the_reader_goes_away(['--predict', os.path.join(tiny_dataset, 'test'), '--resume', run_dir,
+                                                  '--out', tmp_path / 'p.csv'], 'main.py')
+    assert code == 1 and err.strip() == "main.py: stopped: the program reading its output (head, say) exited", err
+    assert len((tmp_path / 'p.csv').read_text().splitlines()) == 1 + 18  # header + every test image
+    code, err = stderr_when_the_reader_goes_away([os.path.dirname(run_dir), '--out', tmp_path / 'a.png'], 'plot.py')
+    assert code == 1 and err == '', err

@@ -14,7 +14,8 @@ import pytest
 
 import main
 import sweep
-from conftest import REPO, TINY, read_metrics, run_cli, signal_after_first_epoch, write_folder_dataset
+from conftest import (REPO, TINY, read_metrics, run_cli, signal_after_first_epoch, stderr_when_the_reader_goes_away,
+                      write_folder_dataset)
 
 # one torch thread per trial: two trials at a time (or other tests beside these) on a small CPU otherwise slow each
 # other down many times over, OpenMP threads spinning while they wait for a core
@@ -540,3 +541,10 @@ def test_a_failed_trial_is_retried(tmp_path, monkeypatch):
     (tmp_path / 'logs' / 'grid_lr=1e-3.log').write_text('Traceback ...\nRuntimeError: boom\n\n[sweep] x exit code 1\n')
     assert sweep.start_trial(str(tmp_path), dict(name='grid_lr=1e-3', argv=['--lr', '1e-3']), None, False) is not None
     assert launched
+
+
+def test_collect_into_a_pipe_nobody_reads_is_no_traceback(tmp_path):
+    root = str(tmp_path / 's')
+    fake_sweep(root, 1, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0))])
+    code, err = stderr_when_the_reader_goes_away(['--collect', root], 'sweep.py')
+    assert code == 1 and err == '', err
