@@ -75,6 +75,33 @@ def test_run_writes_config_metrics_and_checkpoint(tiny_dataset, tmp_path, capsys
     assert 'epoch 2/2' in out and 'test loss' in out
 
 
+def test_images_per_second_time_the_training_alone(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """metrics.csv: train_images_per_s divides the epoch's training images by the training time alone, epoch_time_s
+    includes the evaluation. A fake clock: each training batch takes 1 s, each evaluation 100 s."""
+    import types
+    import data
+    import train
+    clock = [0.0]
+    monkeypatch.setattr(train, 'time', types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    batches, evaluate_split = data.train_batches, train.evaluate_split
+
+    def one_second_each(*args, **kwargs):
+        for batch in batches(*args, **kwargs):
+            clock[0] += 1.0
+            yield batch
+
+    def hundred_seconds(*args, **kwargs):
+        clock[0] += 100.0
+        return evaluate_split(*args, **kwargs)
+    monkeypatch.setattr(data, 'train_batches', one_second_each)
+    monkeypatch.setattr(train, 'evaluate_split', hundred_seconds)
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8, '--log_dir', tmp_path,
+                             '--name', 'r'], capsys)
+    assert code == 0, err
+    (row,) = read_metrics(tmp_path / 'r')  # 48 training images: 6 batches of 8, then one test evaluation
+    assert (float(row['train_images_per_s']), float(row['epoch_time_s'])) == (8.0, 106.0)
+
+
 def test_runs_never_share_a_directory(tiny_dataset, tmp_path, capsys):
     argv = [*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 16, '--log_dir', tmp_path]
     assert run_main(argv, capsys)[0] == 0
