@@ -251,7 +251,7 @@ def merge_resume(args, given, error):
     merged.update({key: value for key, value in config.items() if key in merged and key not in given & may_change})
     merged['resume'] = run_dir
     merged['folder_reading'] = config.get('folder_reading', 1)  # data.FOLDER_READING; runs before it was recorded: 1
-    if merged.get('weights') and not os.path.isfile(merged['weights']):
+    if merged.get('weights') and 'weights' not in given and not os.path.isfile(merged['weights']):
         error(f"the run's --weights file {merged['weights']} is gone; if it moved, pass --weights NEW_PATH (it must be "
               f"the same file: its sha256 is checked)")
     return argparse.Namespace(**merged)

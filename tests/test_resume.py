@@ -457,6 +457,9 @@ def test_a_weights_file_that_moved_is_passed_again(tiny_dataset, tmp_path, capsy
     assert code == 2 and err.strip() == (f"main.py: error: the run's --weights file {tmp_path / 'w.pth'} is gone; if it "
                                          f"moved, pass --weights NEW_PATH (it must be the same file: its sha256 is "
                                          f"checked) (python main.py --help lists the flags)"), err
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--eval_only', '--weights', tmp_path / 'moved' / 'w.pt'],
+                            capsys)  # a typo in the new path is said as such
+    assert code == 2 and f"--weights {tmp_path / 'moved' / 'w.pt'}: no such file" in err, err
     code, out, err = run_main(['--resume', tmp_path / 'r', '--eval_only', '--weights', tmp_path / 'moved' / 'w.pth'],
                               capsys)
     assert code == 0 and f"test accuracy {logged}%" in out, out + err
