@@ -496,7 +496,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             group['lr'] = base_lr * lr_factor(scheduler.last_epoch, warmup_steps, total_steps)
         restore_rng(state['rng'], generator)
         history, done = state['history'], state['epoch']
-        if rank == 0:  # a raised --epoch: config.json plans more epochs now, so the run is no longer finished
+        if rank == 0:  # main.py resumes only a run with epochs left; after a raised --epoch it is no longer finished
             write_json(os.path.join(run_dir, 'summary.json'), dict(summary_of(history), **best_view(run_dir)))
     else:  # epoch 0: a run stopped in its first epoch can be resumed too
         if rank > 0:  # every rank built the same model; from here each draws its own prompt-dropout masks
