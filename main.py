@@ -384,7 +384,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                           num_classes=len(classes), classes=classes, dataset_images=available, world_size=world_size,
                           prompt_impl=model.prompt_impl, folder_reading=folder_reading(args),
                           **{f'{name}_images': len(split[1]) if split else 0 for name, split in splits.items()},
-                          **provenance(args, argv, device))
+                          **provenance(args, argv, world_size, device))
             if args.resume:  # the run's first command and code stay on record; each resume is added
                 previous = read_json(os.path.join(run_dir, 'config.json'))
                 config.update(command=previous.get('command'), git_commit=previous.get('git_commit'),
@@ -630,7 +630,7 @@ def read_json(path):
         raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e}); the run directory is damaged")
 
 
-def provenance(args, argv, device):
+def provenance(args, argv, world_size, device):
     """What makes a run's numbers traceable: the command, the code, the software and hardware, the weights."""
     import torch
     import timm
@@ -651,7 +651,7 @@ def provenance(args, argv, device):
         weights = f"hf-hub:{cfg.hf_hub_id if cfg and cfg.hf_hub_id else args.model}"
     else:
         weights = 'random init (--pretrained False)'
-    return dict(command=shlex.join(['python', 'main.py', *argv]), git_commit=commit,
+    return dict(command=f"{train.launcher(world_size)} {shlex.join(['main.py', *argv])}", git_commit=commit,
                 device_name=train.device_name(device), torch_version=torch.__version__,
                 timm_version=timm.__version__, cuda_version=torch.version.cuda,
                 cudnn_version=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,

@@ -590,9 +590,17 @@ def stopped(signum, run_dir, last_epoch, rank, world_size):
     raise SystemExit(128 + signum)
 
 
+def launcher(world_size):
+    """How this process was started: python, or torchrun with its layout (torchrun sets LOCAL_WORLD_SIZE)."""
+    if world_size == 1:
+        return 'python'
+    per_node = int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
+    nodes = world_size // per_node
+    return 'torchrun ' + (f'--nnodes={nodes} ' if nodes > 1 else '') + f'--nproc_per_node={per_node}'
+
+
 def resume_command(run_dir, world_size):
-    launcher = 'python' if world_size == 1 else f'torchrun --nproc_per_node={world_size}'
-    return f"{launcher} main.py --resume {shlex.quote(str(run_dir))}"
+    return f"{launcher(world_size)} main.py --resume {shlex.quote(str(run_dir))}"
 
 
 # ---------------------------------------------------------------- TensorBoard (optional dependency)

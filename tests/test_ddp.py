@@ -1,4 +1,5 @@
 """torchrun/DDP on CPU with gloo: two processes train exactly what one process trains with the same global batch."""
+import json
 import os
 import signal
 import subprocess
@@ -45,6 +46,8 @@ def test_two_processes_match_one(dataset, tmp_path, capsys, full):
     assert out.count('run directory:') == 1 and 'device cpu x2' in out  # only rank 0 reports and writes
     assert sorted(os.listdir(tmp_path)) == ['one', 'two']
     assert_same_metrics(read_metrics(tmp_path / 'two'), read_metrics(tmp_path / 'one'))
+    with open(tmp_path / 'two' / 'config.json') as f:  # the record says how to run it again
+        assert json.load(f)['command'].startswith('torchrun --nproc_per_node=2 main.py --model test_vit ')
 
 
 def test_interrupted_two_process_run_resumes_exactly_under_two_processes(dataset, tmp_path):
