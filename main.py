@@ -566,7 +566,7 @@ def predict(args, device):
         values, indices = probs.topk(top, dim=1)
         for path, value, index in zip(chunk, values.tolist(), indices.tolist()):
             rows.append([path, classes[index[0]], f"{value[0]:.4f}",
-                         '; '.join(f"{classes[i]} {v:.4f}" for i, v in zip(index, value))])
+                         '; '.join(f"{classes[i]} {v:.4f}" for i, v in zip(index, value)), args.checkpoint, epoch])
     if not rows:
         raise SystemExit(f"error: none of {', '.join(args.predict)} could be read as an image; pass image files "
                          f"({', '.join(data.IMAGE_EXTENSIONS)}) or folders holding them")
@@ -574,12 +574,12 @@ def predict(args, device):
     import io
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator='\n')
-    writer.writerow(['file', 'prediction', 'probability', f'top{top}'])
+    writer.writerow(['file', 'prediction', 'probability', f'top{top}', 'checkpoint', 'epoch'])  # which model said it
     writer.writerows(rows)
     train.atomic_write(out, buffer.getvalue().encode())
     width = max(len(row[0]) for row in rows)
     print(f"{'file':<{width}}  {'prediction':<12}  prob    top-{top}")
-    for path, label, prob, best in rows:
+    for path, label, prob, best, *_ in rows:
         print(f"{path:<{width}}  {label:<12}  {prob}  {best}")
     print(f"{len(rows)} images classified by {args.resume} ({args.checkpoint}, epoch {epoch}); wrote {out}"
           + (f"; {skipped} unreadable file{'s' * (skipped > 1)} skipped (above)" if skipped else ''))

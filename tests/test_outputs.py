@@ -56,7 +56,8 @@ def test_predictions_on_image_files_equal_eval_only(run_dir, tiny_dataset, tmp_p
     assert len(err.strip().splitlines()) == 1  # the unreadable file, in one line; the rest classified
     with open(out_csv) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 18 and set(rows[0]) == {'file', 'prediction', 'probability', 'top3'}
+    assert len(rows) == 18 and list(rows[0]) == ['file', 'prediction', 'probability', 'top3', 'checkpoint', 'epoch']
+    assert {(row['checkpoint'], row['epoch']) for row in rows} == {('last', '2')}
     counted = {name: [0] * len(classes) for name in classes}
     for row in rows:
         true_class = os.path.basename(os.path.dirname(row['file']))
