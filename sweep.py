@@ -458,6 +458,36 @@ def stale_runs(rows2):
     return [row['run'] for row in rows2 if row['status'] == 'stale']
 
 
+def check_data(sweep_dir, trials, launched=True):
+    """Every run of a sweep must have read one dataset, the one this launch reads, or its numbers do not compare.
+    A relative --dataset (or CIFAR's --data_dir) resolves against the working directory, which the sweep's name does
+    not hold; a folder may gain or lose images between two launches. Checked against each run's config.json (paths
+    absolute there): where it is, the classes, and the images each split held before subsetting."""
+    seen = {}
+    for trial in trials:
+        config = read_json(os.path.join(sweep_dir, trial['name'], 'config.json'))
+        if not isinstance(config, dict):
+            continue
+        cifar = config.get('dataset') in vpt.CIFAR
+        where = (config.get('dataset'), config.get('data_dir') if cifar else None)
+        if launched:
+            args = check_trial(trial['argv'], trial['name'])
+            now = (args.dataset, args.data_dir if args.dataset in vpt.CIFAR else None)
+            if now != where:
+                flag, was, reads = (('data_dir', where[1], now[1]) if cifar and now[0] == where[0] else
+                                    ('dataset', where[0], now[0]))
+                fail(f"{trial['name']} of {sweep_dir} trained on --{flag} {was}, but this launch reads --{flag} as "
+                     f"{reads}: re-launch from the directory the sweep was started in; for a sweep of this data, "
+                     f"pick another --name")
+        content = (config.get('classes'), config.get('dataset_images'))
+        first = seen.setdefault(where, (trial['name'], content))
+        if first[1] != content:
+            fail(f"{first[0]} and {trial['name']} of {sweep_dir} read different data from {where[0]} (classes "
+                 f"{first[1][0]}, images per split {first[1][1]} against {content[0]}, {content[1]}): the dataset "
+                 f"changed while the sweep ran, so its numbers do not compare; restore it, or sweep the data as it is "
+                 f"now under another --name")
+
+
 # ---------------------------------------------------------------- running trials
 
 
@@ -701,6 +731,8 @@ def collect(sweep_dir):
         fail(f"{sweep_dir} has no readable sweep.json; --collect reads a directory that sweep.py made")
     lock = lock_sweep(sweep_dir)
     base_seed = given_main_flags(meta['main_flags']).get('seed', vpt.make_parser().get_default('seed'))
+    trials1, _, _, trials2, _ = sweep_state(sweep_dir, meta, base_seed)
+    check_data(sweep_dir, trials1 + trials2, launched=False)
     try:
         report = write_reports(sweep_dir, meta, base_seed)
     except OSError as e:
@@ -726,6 +758,8 @@ def main(argv=None):
     meta = open_sweep(sweep_dir, definition, shlex.join(['python', script_path(os.path.abspath(__file__)), *recorded]),
                       models)
     lock = lock_sweep(sweep_dir)
+    trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
+    check_data(sweep_dir, trials1 + trials2)
     if args.print_commands:
         return print_commands(sweep_dir, meta, base_seed)
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -733,7 +767,6 @@ def main(argv=None):
     gpus = args.gpus.split(',') if args.gpus else None
     grid_size = len(list(itertools.product(*definition['grid'].values())))
     say(sweep_dir, f"sweep {sweep_dir}: stage 1, {grid_size} grid points; then stage 2, {definition['seeds']} seeds")
-    trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
     # a run that read its folder as an older vpt did (config.json's folder_reading; none recorded: 1) may have read
     # other images than a trial started beside it now
     configs = {trial['name']: read_json(os.path.join(sweep_dir, trial['name'], 'config.json'))
@@ -747,11 +780,13 @@ def main(argv=None):
                        f"images: for numbers that compare, start this sweep afresh under another --name")
     run_trials(sweep_dir, meta, base_seed, trials1, gpus, not device_given)
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
+    check_data(sweep_dir, trials1, launched=False)  # before a winner goes on to stage 2
     stale = stale_runs(rows2)
     if not STOP and stage1_done(rows1) and winner and not stale:
         say(sweep_dir, f"stage 2: {winner['run']} (best val acc {winner['best_val_acc']:.2f}%) with seeds "
                        f"{', '.join(str(trial['seed']) for trial in trials2)}")
         run_trials(sweep_dir, meta, base_seed, trials2, gpus, not device_given)
+        check_data(sweep_dir, trials1 + trials2, launched=False)
     print(write_reports(sweep_dir, meta, base_seed), end='', flush=True)
     lock.close()
 

@@ -453,6 +453,37 @@ def test_print_commands_for_a_scheduler_then_collect(tiny_dataset, tmp_path):
     assert [row['status'] for row in read_csv(tmp_path / 's' / 'sweep.csv')] == ['finished', 'finished', 'missing']
 
 
+def test_a_sweep_never_mixes_two_datasets(tiny_dataset, tmp_path):
+    """A relative --dataset resolves against the working directory, which the sweep's name does not hold, and a
+    folder may change between launches: a launch that would train on other data than the sweep's runs is refused."""
+    for project in ('a', 'b'):
+        shutil.copytree(tiny_dataset, tmp_path / project / 'data')
+    argv = ['--grid', 'lr=3e-4,1e-3', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path / 'sweeps', '--name',
+            's', '--', *tiny('data', epochs=1)]
+    result = run_sweep(['--print_commands', *argv], cwd=tmp_path / 'a')
+    assert result.returncode == 0, result.stderr
+    first = shlex.split(result.stdout.splitlines()[0])  # a scheduler runs one trial in project a
+    subprocess.run([sys.executable, *first[1:]], cwd=tmp_path / 'a', env=dict(os.environ, **ENV), check=True,
+                   capture_output=True)
+
+    refused = run_sweep(argv, cwd=tmp_path / 'b')  # the same command in project b
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert (f"grid_lr=3e-4 of {tmp_path / 'sweeps' / 's'} trained on --dataset {tmp_path / 'a' / 'data'}, but this "
+            f"launch reads --dataset as {tmp_path / 'b' / 'data'}: re-launch from the directory the sweep was started "
+            f"in") in refused.stderr
+    assert sorted(os.listdir(tmp_path / 'sweeps' / 's')) == ['grid_lr=3e-4', 'sweep.json', 'sweep.lock']
+
+    shutil.copy(tmp_path / 'a' / 'data' / 'train' / 'cat' / '0000.png', tmp_path / 'a' / 'data' / 'train' / 'cat' /
+                'new.png')  # project a's data gains an image before the sweep goes on there
+    changed = run_sweep(argv, cwd=tmp_path / 'a')
+    assert changed.returncode == 1
+    assert (f"grid_lr=3e-4 and grid_lr=1e-3 of {tmp_path / 'sweeps' / 's'} read different data from "
+            f"{tmp_path / 'a' / 'data'}") in changed.stderr and 'the dataset changed while the sweep ran' in changed.stderr
+    assert "'train': 48" in changed.stderr and "'train': 49" in changed.stderr
+    assert not os.path.exists(tmp_path / 'sweeps' / 's' / 'final_seed=1')  # no winner of mixed data goes on
+    assert run_sweep(['--collect', tmp_path / 'sweeps' / 's']).returncode == 1  # nor into a report
+
+
 def fake_sweep(root, seeds, finals, base_seed=0, grid=(('grid_lr=1e-3', 50.0, 80.0),), main_flags=()):
     """A sweep directory with finished grid runs and final runs written from summaries:
     finals = [(seed, summary overrides)]."""
