@@ -462,27 +462,24 @@ def check_data(sweep_dir, trials, launched=True):
     """Every run of a sweep must have read one dataset, the one this launch reads, or its numbers do not compare.
     A relative --dataset (or CIFAR's --data_dir) resolves against the working directory, which the sweep's name does
     not hold; a folder may gain or lose images between two launches. Checked against each run's config.json (paths
-    absolute there): where it is, the classes, and the images each split held before subsetting."""
+    absolute there): where it is, the classes, and the images each split held before subsetting. (CIFAR is the
+    same wherever --data_dir puts it: torchvision checks its files.)"""
     seen = {}
     for trial in trials:
         config = read_json(os.path.join(sweep_dir, trial['name'], 'config.json'))
         if not isinstance(config, dict):
             continue
-        cifar = config.get('dataset') in vpt.CIFAR
-        where = (config.get('dataset'), config.get('data_dir') if cifar else None)
-        if launched:
-            args = check_trial(trial['argv'], trial['name'])
-            now = (args.dataset, args.data_dir if args.dataset in vpt.CIFAR else None)
-            if now != where:
-                flag, was, reads = (('data_dir', where[1], now[1]) if cifar and now[0] == where[0] else
-                                    ('dataset', where[0], now[0]))
-                fail(f"{trial['name']} of {sweep_dir} trained on --{flag} {was}, but this launch reads --{flag} as "
-                     f"{reads}: re-launch from the directory the sweep was started in; for a sweep of this data, "
+        dataset = config.get('dataset')
+        if launched and dataset not in vpt.CIFAR:
+            reads = check_trial(trial['argv'], trial['name']).dataset
+            if reads != dataset:
+                fail(f"{trial['name']} of {sweep_dir} trained on --dataset {dataset}, but this launch reads --dataset "
+                     f"as {reads}: re-launch from the directory the sweep was started in; for a sweep of this data, "
                      f"pick another --name")
         content = (config.get('classes'), config.get('dataset_images'))
-        first = seen.setdefault(where, (trial['name'], content))
+        first = seen.setdefault(dataset, (trial['name'], content))
         if first[1] != content:
-            fail(f"{first[0]} and {trial['name']} of {sweep_dir} read different data from {where[0]} (classes "
+            fail(f"{first[0]} and {trial['name']} of {sweep_dir} read different data from {dataset} (classes "
                  f"{first[1][0]}, images per split {first[1][1]} against {content[0]}, {content[1]}): the dataset "
                  f"changed while the sweep ran, so its numbers do not compare; restore it, or sweep the data as it is "
                  f"now under another --name")
