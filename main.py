@@ -630,6 +630,12 @@ def read_json(path):
         raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e}); the run directory is damaged")
 
 
+def script_path(path):
+    """Relative to the current directory when below it, as a user would type it; absolute otherwise."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith('..') else relative
+
+
 def provenance(args, argv, world_size, device):
     """What makes a run's numbers traceable: the command, the code, the software and hardware, the weights."""
     import torch
@@ -651,7 +657,7 @@ def provenance(args, argv, world_size, device):
         weights = f"hf-hub:{cfg.hf_hub_id if cfg and cfg.hf_hub_id else args.model}"
     else:
         weights = 'random init (--pretrained False)'
-    return dict(command=f"{train.launcher(world_size)} {shlex.join(['main.py', *argv])}", git_commit=commit,
+    return dict(command=f"{train.launcher(world_size)} {shlex.join(argv)}", git_commit=commit,
                 device_name=train.device_name(device), torch_version=torch.__version__,
                 timm_version=timm.__version__, cuda_version=torch.version.cuda,
                 cudnn_version=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,

@@ -113,12 +113,6 @@ def make_parser():
     return parser
 
 
-def script_path(path):
-    """Relative to the current directory when below it, as a user would type it; absolute otherwise."""
-    relative = os.path.relpath(path)
-    return path if relative.startswith('..') else relative
-
-
 def read_json(path):
     try:
         with open(path) as f:
@@ -546,7 +540,7 @@ def start_trial(sweep_dir, trial, gpu, add_device):
     CHILDREN[trial['name']] = child
     if STOP:  # the signal came between the check and the launch
         child.send_signal(STOP[0])
-    say(sweep_dir, f"{what} (log {script_path(path)})")
+    say(sweep_dir, f"{what} (log {vpt.script_path(path)})")
     return child
 
 
@@ -676,7 +670,7 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
                   f"(best val acc {winner['best_val_acc']:.2f}% with seed {base_seed}).", '',
                   f"main.py command of seed {base_seed + 1} (the sweep ran {seeds} as final_seed=<seed> in "
                   f"this directory):", '',
-                  f"    {shlex.join(['python', script_path(MAIN_PY), *recipe])}"]
+                  f"    {shlex.join(['python', vpt.script_path(MAIN_PY), *recipe])}"]
         stale = stale_runs(rows2)
         if stale:
             lines += ['', f"**Warning**: {', '.join(stale)} trained another grid point than the winner; move them "
@@ -713,7 +707,7 @@ def print_commands(sweep_dir, meta, base_seed):
                   f"if it died, move it aside and print the commands again", file=sys.stderr)
             continue
         command, env, what = child_command(trial, run_dir, None, False)
-        print(shlex.join(['python', script_path(MAIN_PY), *command[2:]]))
+        print(shlex.join(['python', vpt.script_path(MAIN_PY), *command[2:]]))
         printed += 1
     stage = 'stage 2' if stage2 else 'stage 1'
     then = (f"python sweep.py --collect {sweep_dir}" if stage2 else
@@ -750,9 +744,9 @@ def main(argv=None):
 
     definition, base_seed, device_given, models = check_command_line(args, passthrough)
     sweep_dir = os.path.join(args.log_dir, args.name or sweep_name(definition))
-    relaunch = shlex.join(['python', script_path(os.path.abspath(__file__)), *argv])
+    relaunch = shlex.join(['python', vpt.script_path(os.path.abspath(__file__)), *argv])
     recorded = [arg for i, arg in enumerate(argv) if i >= split or arg != '--print_commands']
-    meta = open_sweep(sweep_dir, definition, shlex.join(['python', script_path(os.path.abspath(__file__)), *recorded]),
+    meta = open_sweep(sweep_dir, definition, shlex.join(['python', vpt.script_path(os.path.abspath(__file__)), *recorded]),
                       models)
     lock = lock_sweep(sweep_dir)
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)

@@ -591,16 +591,19 @@ def stopped(signum, run_dir, last_epoch, rank, world_size):
 
 
 def launcher(world_size):
-    """How this process was started: python, or torchrun with its layout (torchrun sets LOCAL_WORLD_SIZE)."""
+    """How to start main.py as this process was, from the current directory: python or torchrun with its layout
+    (torchrun sets LOCAL_WORLD_SIZE), then main.py's path (relative below the current directory, else absolute)."""
+    import main
+    script = shlex.quote(main.script_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'main.py')))
     if world_size == 1:
-        return 'python'
+        return f'python {script}'
     per_node = int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
     nodes = world_size // per_node
-    return 'torchrun ' + (f'--nnodes={nodes} ' if nodes > 1 else '') + f'--nproc_per_node={per_node}'
+    return 'torchrun ' + (f'--nnodes={nodes} ' if nodes > 1 else '') + f'--nproc_per_node={per_node} {script}'
 
 
 def resume_command(run_dir, world_size):
-    return f"{launcher(world_size)} main.py --resume {shlex.quote(str(run_dir))}"
+    return f"{launcher(world_size)} --resume {shlex.quote(str(run_dir))}"
 
 
 # ---------------------------------------------------------------- TensorBoard (optional dependency)

@@ -1,12 +1,13 @@
 """The command line end to end on a tiny model: flags, run directory, config.json, metrics.csv, checkpoints, plot."""
 import json
 import os
+import shlex
 
 import pytest
 from safetensors.torch import load_file
 
 import main
-from conftest import TINY, read_metrics, run_cli, run_main
+from conftest import REPO, TINY, read_metrics, run_cli, run_main
 
 # today's columns, then the ones added later (appended, so readers by column name keep working)
 HEADER = ('epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_time_s,train_images_per_s,'
@@ -52,7 +53,8 @@ def test_run_writes_config_metrics_and_checkpoint(tiny_dataset, tmp_path, capsys
     for key in ('trainable_params', 'total_params', 'device_name', 'torch_version', 'timm_version', 'seed', 'model',
                 'dataset', 'weight_decay', 'warmup_epochs', 'prompt_dropout', 'img_size', 'patch_size'):
         assert key in config
-    assert config['command'].startswith('python main.py --model test_vit ') and '--epoch 2' in config['command']
+    assert config['command'].startswith(f"python {main.script_path(os.path.join(REPO, 'main.py'))} --model test_vit ")
+    assert '--epoch 2' in config['command']
     assert config['weights_id'] == 'random init (--pretrained False)' and 'cuda_version' in config
     assert config['git_commit'] is None or len(config['git_commit'].split('-')[0]) == 40
     assert config['train_images'] == 48 and config['val_images'] == 0 and config['test_images'] == 18
@@ -130,3 +132,21 @@ def test_command_line_then_plot(tiny_dataset, tmp_path):
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     row = next(line for line in result.stdout.splitlines() if line.startswith('cli'))
     assert ' P ' in f' {row} ' and '2' in row.split()
+
+
+def test_recorded_command_and_resume_hint_work_from_any_directory(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """config.json's command and the resume hint name main.py as the user would type it where they are: relative
+    below the current directory, absolute elsewhere; under torchrun with its process layout."""
+    import train
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8, '--log_dir', 'logs',
+                             '--name', 'r'], capsys)
+    assert code == 0, err
+    command = shlex.split(json.loads((tmp_path / 'logs' / 'r' / 'config.json').read_text())['command'])
+    assert command[:2] == ['python', os.path.join(REPO, 'main.py')] and command[2:4] == ['--model', 'test_vit']
+    assert train.resume_command('logs/r', 1) == f"python {os.path.join(REPO, 'main.py')} --resume logs/r"
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
+    assert train.resume_command('logs/r', 8) == (f"torchrun --nnodes=2 --nproc_per_node=4 "
+                                                 f"{os.path.join(REPO, 'main.py')} --resume logs/r")
+    monkeypatch.chdir(REPO)
+    assert train.resume_command('logs/r', 4) == "torchrun --nproc_per_node=4 main.py --resume logs/r"
