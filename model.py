@@ -37,7 +37,7 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
     if weights and weights.lower().endswith('.npz'):
         kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=_npz_state_dict(model_name, weights, num_classes))
     elif weights:
-        kwargs['pretrained_cfg_overlay'] = dict(overlay, file=os.path.abspath(weights), custom_load=False)
+        kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=_read_state_dict(weights))
     elif pretrained:
         _check_hub_reachable(model_name)
         kwargs['pretrained_cfg_overlay'] = overlay
@@ -53,10 +53,7 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
         if 'Unknown model' in str(e) or not pretrained:
             raise SystemExit(f"error: cannot build --model {model_name}: {_first_line(e)}")
         raise SystemExit(_download_error(model_name, e))
-    except Exception as e:  # safetensors/pickle/zip errors for a corrupt file, network errors for the hub
-        if weights:
-            raise SystemExit(f"error: cannot read --weights {weights} ({type(e).__name__}: {_first_line(e)}); "
-                             "it must be a timm state dict saved with safetensors or torch.save")
+    except Exception as e:  # network errors for the hub
         raise SystemExit(_download_error(model_name, e))
     if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
         what = ("has no class token" if isinstance(vit, VisionTransformer) else
@@ -69,6 +66,19 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
     _check_fit(vit, load_report, f"--weights {weights} does not fit --model {model_name}" if weights else
                f"the pretrained weights of {model_name} do not fit the ViT that VPT builds from it")
     return vit
+
+
+def _read_state_dict(weights):
+    """A .safetensors/.pth/.bin file read as timm reads one (a 'model' or 'state_dict' entry, 'module.' prefixes
+    dropped), here rather than inside create_model, so that a file that cannot be read is not taken for one that does
+    not fit the model."""
+    try:
+        return timm.models.load_state_dict(weights)
+    except Exception as e:  # safetensors/pickle/zip errors of a damaged file, or a pickled model object
+        reason = _first_line(e).split('. ')[0].rstrip('.')  # torch's long advice to trust the file stays out
+        raise SystemExit(f"error: cannot read --weights {weights} ({type(e).__name__}: {reason}); it must be a whole "
+                         f"timm state dict, saved with safetensors or torch.save(model.state_dict()) (a pickled model "
+                         f"object is not read)")
 
 
 @contextlib.contextmanager

@@ -114,6 +114,21 @@ def test_weights_corrupt(cli, suffix):
     cli('--weights', path, expect=['cannot read --weights', str(path)])
 
 
+@pytest.mark.parametrize('damage', ['truncated', 'whole model'])
+def test_weights_unreadable_are_not_called_a_misfit(cli, damage):
+    """An interrupted copy, or torch.save(model) instead of its state dict: the file cannot be read, which is not
+    the same as weights that do not fit the model, and torch's advice to load with weights_only=False is left out."""
+    model = timm.create_model('test_vit')
+    path = cli.tmp_path / 'weights.pth'
+    if damage == 'truncated':
+        torch.save(model.state_dict(), path)
+        path.write_bytes(path.read_bytes()[:100_000])
+    else:
+        torch.save(model, path)
+    line = cli('--weights', path, expect=['cannot read --weights', str(path), 'torch.save(model.state_dict())'])
+    assert 'does not fit' not in line and 'weights_only=False' not in line
+
+
 @pytest.mark.parametrize('content', [b'this is not a checkpoint' * 10, 'arrays'])
 def test_weights_npz_unreadable(cli, content):
     import numpy as np
