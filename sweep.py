@@ -242,7 +242,20 @@ def check_command_line(args, passthrough):
         models.add(check_trial(trial['argv'], f"grid point {' '.join(f'{k}={v}' for k, v in trial['values'].items())}")
                    .model)
     models = sorted(models) if 'model' in given or 'model' in definition['grid'] else []  # the default needs none
-    return definition, base_seed, 'device' in given or 'device' in definition['grid'], models
+    device_given = 'device' in given or 'device' in definition['grid']
+    if args.gpus is not None and not device_given:
+        check_cuda(args.gpus)
+    return definition, base_seed, device_given, models
+
+
+def check_cuda(gpus):
+    """--gpus without a --device after --: each trial gets --device cuda, and on a machine where torch sees no GPU
+    every one of them would fail in turn. One child process asks torch (it imports torch: a few seconds)."""
+    result = subprocess.run([sys.executable, '-c', 'import torch; print(torch.cuda.device_count())'],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if result.returncode == 0 and result.stdout.strip() == '0':
+        fail(f"--gpus {gpus}: torch sees no CUDA GPU here, and each trial would run with --device cuda; drop --gpus "
+             f"to run the trials one after another on the CPU", 2)
 
 
 def check_models(names):

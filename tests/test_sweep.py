@@ -86,6 +86,15 @@ def test_mistakes_get_one_line_and_create_nothing(tmp_path, argv, expected):
     assert os.listdir(tmp_path) == []
 
 
+def test_gpus_where_torch_sees_none_are_refused_before_anything_runs(tmp_path):
+    """--gpus gives each trial --device cuda: without a GPU every trial would fail in turn."""
+    argv = ['--grid', 'lr=1e-3', '--val_split', 0.1, '--gpus', '0', '--log_dir', tmp_path, '--', '--dataset', 'cifar10']
+    result = run_cli(argv, script='sweep.py', env=dict(ENV, CUDA_VISIBLE_DEVICES=''))  # no GPU, on any machine
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert '--gpus 0: torch sees no CUDA GPU here' in result.stderr and 'drop --gpus' in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_grid_entries_add_up_and_a_comma_can_be_escaped():
     args = sweep.make_parser().parse_args(['--grid', 'lr=1e-3, 1e-2', '--grid', r'unfreeze=pos_embed,cls_token\,pos_embed'])
     assert sweep.parse_grid(args.grid, {}) == {'lr': ['1e-3', '1e-2'], 'unfreeze': ['pos_embed', 'cls_token,pos_embed']}
