@@ -451,6 +451,11 @@ def load_splits(args, rank, world_size):
         print(f"warning: {len(unseen)} of {len(classes)} classes have no training images ({', '.join(unseen[:5])}"
               f"{', ...' if len(unseen) > 5 else ''}); the model cannot learn them: raise --train_samples or use a "
               f"dataset with images of every class", file=sys.stderr, flush=True)
+    untested = [name for name, count in zip(classes, test_labels.bincount(minlength=len(classes)).tolist()) if not count]
+    if untested and rank == 0:  # the headline accuracy would be over the other classes only
+        print(f"warning: {len(untested)} of {len(classes)} classes have no test images ({', '.join(untested[:5])}"
+              f"{', ...' if len(untested) > 5 else ''}); test accuracy leaves them out: raise --test_samples to "
+              f"{len(classes)} or more", file=sys.stderr, flush=True)
     if args.batch_size > len(train_labels) and not args.eval_only:  # evaluation pads its last batch
         raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(train_labels)} training "
                          f"images; lower --batch_size (or raise --train_samples)")

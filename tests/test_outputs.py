@@ -165,7 +165,9 @@ def test_class_without_images(tiny_dataset, tmp_path, capsys):
     code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 2, '--train_samples', 2,
                                '--test_samples', 2, '--log_dir', tmp_path, '--name', 'r'], capsys)
     assert code == 0, err
-    assert err.strip().splitlines()[0].startswith('warning: 1 of 3 classes have no training images (')
+    warnings = err.strip().splitlines()
+    assert warnings[0].startswith('warning: 1 of 3 classes have no training images (')
+    assert warnings[1].startswith('warning: 1 of 3 classes have no test images (') and 'to 3 or more' in warnings[1]
     per_class = json.loads((tmp_path / 'r' / 'summary.json').read_text())['per_class_acc']
     assert list(per_class.values()).count(None) == 1
     code, out, err = run_main(['--eval_only', '--resume', tmp_path / 'r'], capsys)
