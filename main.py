@@ -188,6 +188,11 @@ def parse_args(argv=None):
     if (not args.resume or 'dataset' in given) and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
         error(f"--dataset {args.dataset!r} is neither cifar10, cifar100 nor a folder; a folder dataset needs "
               f"train/<class>/* and test/<class>/* images")  # before torch loads (and before sweep.py starts)
+    if 'weights' in given and os.path.isdir(args.weights):  # e.g. a hub download's folder
+        found = sorted(name for name in os.listdir(args.weights)
+                       if name.endswith(('.safetensors', '.pth', '.bin', '.npz')))
+        error(f"--weights {args.weights} is a folder; pass the checkpoint file in it"
+              + (f", e.g. {os.path.join(args.weights, found[0])}" if found else " (.safetensors, .pth, .bin or .npz)"))
     if 'weights' in given and not os.path.isfile(args.weights):
         error(f"--weights {args.weights}: no such file; pass a timm checkpoint (.safetensors, .pth or .bin) or a JAX "
               f".npz (ViT-B_16.npz)")
@@ -451,7 +456,8 @@ def load_splits(args, rank, world_size):
         print(f"warning: {len(unseen)} of {len(classes)} classes have no training images ({', '.join(unseen[:5])}"
               f"{', ...' if len(unseen) > 5 else ''}); the model cannot learn them: raise --train_samples or use a "
               f"dataset with images of every class", file=sys.stderr, flush=True)
-    untested = [name for name, count in zip(classes, test_labels.bincount(minlength=len(classes)).tolist()) if not count]
+    test_counts = test_labels.bincount(minlength=len(classes)).tolist()
+    untested = [name for name, count in zip(classes, test_counts) if not count]
     if untested and rank == 0:  # the headline accuracy would be over the other classes only
         print(f"warning: {len(untested)} of {len(classes)} classes have no test images ({', '.join(untested[:5])}"
               f"{', ...' if len(untested) > 5 else ''}); test accuracy leaves them out: raise --test_samples to "
@@ -581,6 +587,7 @@ def predict(args, device):
     writer = csv.writer(buffer, lineterminator='\n')
     writer.writerow(['file', 'prediction', 'probability', f'top{top}', 'checkpoint', 'epoch'])  # which model said it
     writer.writerows(rows)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     train.atomic_write(out, buffer.getvalue().encode())
     width = max(len(row[0]) for row in rows)
     print(f"{'file':<{width}}  {'prediction':<12}  prob    top-{top}")
@@ -622,9 +629,9 @@ def check_writable_file(path):
     if os.path.exists(path):
         raise SystemExit(f"error: --out {path} already exists and predictions never replace a file; pass a new name, "
                          f"or drop --out to write a fresh predictions-N.csv in the run directory")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise SystemExit(f"error: cannot write {path} ({parent} is not a writable directory); choose another --out")
+    existing = nearest_existing(os.path.dirname(os.path.abspath(path)))  # missing folders are made as it is written
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: cannot write {path} ({existing} is not a writable directory); choose another --out")
 
 
 def read_json(path):

@@ -757,10 +757,10 @@ def main(argv=None):
 
     definition, base_seed, device_given, models = check_command_line(args, passthrough)
     sweep_dir = os.path.join(args.log_dir, args.name or sweep_name(definition))
-    relaunch = shlex.join(['python', vpt.script_path(os.path.abspath(__file__)), *argv])
+    script = vpt.script_path(os.path.abspath(__file__))
+    relaunch = shlex.join(['python', script, *argv])
     recorded = [arg for i, arg in enumerate(argv) if i >= split or arg != '--print_commands']
-    meta = open_sweep(sweep_dir, definition, shlex.join(['python', vpt.script_path(os.path.abspath(__file__)), *recorded]),
-                      models)
+    meta = open_sweep(sweep_dir, definition, shlex.join(['python', script, *recorded]), models)
     lock = lock_sweep(sweep_dir)
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
     check_data(sweep_dir, trials1 + trials2)

@@ -107,6 +107,15 @@ def test_weights_missing(cli):
     cli('--weights', cli.tmp_path / 'nope.safetensors', expect=['--weights', 'no such file'])
 
 
+def test_weights_folder_names_the_file_in_it(cli):
+    os.makedirs(cli.tmp_path / 'hub')
+    (cli.tmp_path / 'hub' / 'config.json').write_text('{}')
+    (cli.tmp_path / 'hub' / 'model.safetensors').write_bytes(b'')
+    cli('--weights', cli.tmp_path / 'hub', code=2, expect=[
+        f"--weights {cli.tmp_path / 'hub'} is a folder; pass the checkpoint file in it, e.g. "
+        f"{cli.tmp_path / 'hub' / 'model.safetensors'}"])
+
+
 @pytest.mark.parametrize('suffix', ['safetensors', 'pth'])
 def test_weights_corrupt(cli, suffix):
     path = cli.tmp_path / f'corrupt.{suffix}'

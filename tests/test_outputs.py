@@ -174,6 +174,17 @@ def test_class_without_images(tiny_dataset, tmp_path, capsys):
     assert code == 0 and '(no test images)' in out, err
 
 
+def test_predict_out_makes_missing_folders_but_not_under_a_file(run_dir, tiny_dataset, tmp_path, capsys):
+    image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
+    (tmp_path / 'a_file').write_text('')
+    code, _, err = run_main(['--predict', image, '--resume', run_dir, '--out', tmp_path / 'a_file' / 'p.csv'], capsys)
+    assert code == 1 and f"({tmp_path / 'a_file'} is not a writable directory)" in err
+    code, out, err = run_main(['--predict', image, '--resume', run_dir, '--out', tmp_path / 'new' / 'sub' / 'p.csv'],
+                              capsys)
+    assert code == 0, err
+    assert (tmp_path / 'new' / 'sub' / 'p.csv').read_text().startswith('file,prediction,')
+
+
 def test_predict_out_must_be_a_file(run_dir, tiny_dataset, tmp_path, capsys):
     image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
     code, _, err = run_main(['--predict', image, '--resume', run_dir, '--out', tmp_path], capsys)
