@@ -9,6 +9,7 @@ import os
 import stat
 import sys
 import tempfile
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -101,6 +102,13 @@ def _load_folder(root, img_size, samples, seed, reading):
     test_classes = _class_folders(split_dirs[1], reading)
     if test_classes != classes:
         only_train, only_test = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
+        composed = {unicodedata.normalize('NFC', name): name for name in only_test}
+        for name in only_train:  # 'café' with é as one character or as e + accent (as macOS writes names)
+            if unicodedata.normalize('NFC', name) in composed:
+                raise SystemExit(f"error: class folder {name!r} is written with other Unicode characters in "
+                                 f"{split_dirs[0]} ({ascii(name)}) than in {split_dirs[1]} "
+                                 f"({ascii(composed[unicodedata.normalize('NFC', name)])}): the same letters, composed "
+                                 f"and decomposed, so two classes; rename one folder to match the other")
         raise SystemExit(f"error: {split_dirs[0]} and {split_dirs[1]} need the same class folders, but "
                          + '; '.join(f"{', '.join(map(repr, names[:5]))}{' ...' if len(names) > 5 else ''} only in "
                                      f"{where}/" for names, where in ((only_train, 'train'), (only_test, 'test'))

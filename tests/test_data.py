@@ -318,6 +318,17 @@ def test_split_class_mismatch_names_only_the_differences(tmp_path):
     assert 'class008' not in str(error.value)
 
 
+def test_class_names_in_two_unicode_forms_are_told_apart(tmp_path):
+    """'café' composed on one side and decomposed on the other (macOS) looks like the same name printed twice."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('caf\u00e9', 'dog'), train_per_class=1, test_per_class=1,
+                                size=8)
+    os.rename(tmp_path / 'ds' / 'test' / 'caf\u00e9', tmp_path / 'ds' / 'test' / 'cafe\u0301')
+    with pytest.raises(SystemExit) as error:
+        data.load_dataset(root, img_size=8)
+    assert "('caf\\xe9')" in str(error.value) and "('cafe\\u0301')" in str(error.value)
+    assert 'composed and decomposed' in str(error.value) and 'rename one folder to match the other' in str(error.value)
+
+
 def test_a_single_class_is_refused(tmp_path):
     """One class trains nothing (softmax over one logit: loss 0, accuracy 100%): often the folder one level too deep."""
     root = write_folder_dataset(tmp_path / 'ds', classes=('photos',), train_per_class=2, test_per_class=1, size=8)
