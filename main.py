@@ -589,10 +589,10 @@ def predict(args, device):
     writer.writerows(rows)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     train.atomic_write(out, buffer.getvalue().encode())
-    width = max(len(row[0]) for row in rows)
-    print(f"{'file':<{width}}  {'prediction':<12}  prob    top-{top}")
+    width, label_width = max(len(row[0]) for row in rows), max(len('prediction'), *(len(row[1]) for row in rows))
+    print(f"{'file':<{width}}  {'prediction':<{label_width}}  prob    top-{top}")
     for path, label, prob, best, *_ in rows:
-        print(f"{path:<{width}}  {label:<12}  {prob}  {best}")
+        print(f"{path:<{width}}  {label:<{label_width}}  {prob}  {best}")
     print(f"{len(rows)} images classified by {args.resume} ({args.checkpoint}, epoch {epoch}); wrote {out}"
           + (f"; {skipped} unreadable file{'s' * (skipped > 1)} skipped (above)" if skipped else ''))
 

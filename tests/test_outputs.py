@@ -3,11 +3,12 @@ TensorBoard event files."""
 import csv
 import json
 import os
+import re
 import sys
 
 import pytest
 
-from conftest import TINY, read_metrics, run_cli, run_main, stderr_when_the_reader_goes_away
+from conftest import TINY, read_metrics, run_cli, run_main, stderr_when_the_reader_goes_away, write_folder_dataset
 
 
 @pytest.fixture(scope='module')
@@ -183,6 +184,20 @@ def test_predict_out_makes_missing_folders_but_not_under_a_file(run_dir, tiny_da
                               capsys)
     assert code == 0, err
     assert (tmp_path / 'new' / 'sub' / 'p.csv').read_text().startswith('file,prediction,')
+
+
+def test_predict_table_columns_line_up_with_long_class_names(tmp_path, capsys):
+    dataset = write_folder_dataset(tmp_path / 'ds', classes=('a', 'a rather long class name'), train_per_class=4,
+                                   test_per_class=2, size=8)
+    code, _, err = run_main([*TINY, '--patch_size', 4, '--img_size', 8, '--dataset', dataset, '--epoch', 1,
+                             '--batch_size', 4, '--log_dir', tmp_path, '--name', 'r'], capsys)
+    assert code == 0, err
+    code, out, err = run_main(['--predict', os.path.join(dataset, 'test'), '--resume', tmp_path / 'r'], capsys)
+    assert code == 0, err
+    header, *table = out.splitlines()[:-1]
+    assert len(table) == 4
+    for line in table:  # each probability under 'prob', whatever class name comes before it
+        assert re.match(r'[01]\.\d{4}  ', line[header.index('prob'):]), (header, line)
 
 
 def test_predict_out_must_be_a_file(run_dir, tiny_dataset, tmp_path, capsys):
