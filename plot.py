@@ -125,7 +125,8 @@ def find_run_dirs(paths):
                 for sub in nested:
                     warn(f"not plotting the runs in {sub} (a sweep?): pass it as a PATH of its own")
             else:
-                hint = (f"; {nested[0]} holds runs (a sweep?): pass it" if nested else
+                hint = (f"; {nested[0]} holds runs (a sweep?): pass it" if len(nested) == 1 else
+                        f"; {', '.join(nested)} hold runs (sweeps?): pass one or more of them" if nested else
                         "; train one with python main.py, or pass the directory that holds the runs")
                 error(f"no runs found under {path} (a run directory holds metrics.csv){hint}")
         for run_dir in candidates:

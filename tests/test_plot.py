@@ -448,6 +448,15 @@ def test_sweep_directory_is_a_directory_of_runs(logs, capsys):
     assert 'pass it as a PATH' in err
 
 
+def test_a_folder_of_sweeps_names_every_one(tmp_path, capsys):
+    for name in ('sweep-a', 'sweep-b'):
+        write_run(tmp_path / 'sweeps' / name, 'grid_lr=1e-3', epochs=[(50.0, 55.0, 2.0)])
+    code, out, err = run_plot([tmp_path / 'sweeps'], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1
+    assert (f"{tmp_path / 'sweeps' / 'sweep-a'}, {tmp_path / 'sweeps' / 'sweep-b'} hold runs (sweeps?): pass one or "
+            f"more of them") in err
+
+
 def test_unfinished_run_shows_epochs_done_of_planned(tmp_path, capsys):
     root = tmp_path / 'logs'
     epochs = [(70.1, 80.3, 4.1), (84.2, 86.9, 4.1)]
