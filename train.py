@@ -310,6 +310,15 @@ def remove_stale(run_dir, name):
         os.remove(os.path.join(run_dir, name))
 
 
+def keep_as_epoch(run_dir, epoch):
+    """A finished run's confusion.csv, and plot.py's confusion.png of it, once a resume trains past that epoch: no
+    longer the run's result, kept under the names --eval_only gives an unfinished run's, confusion_epoch<N>."""
+    for extension in ('.csv', '.png'):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(os.path.join(run_dir, f'confusion{extension}'),
+                       os.path.join(run_dir, f'confusion_epoch{epoch}{extension}'))
+
+
 def confusion_bytes(confusion, classes):
     out = io.StringIO()
     writer = csv.writer(out, lineterminator='\n')
@@ -556,7 +565,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             if rank == 0 and new_best:
                 remove_stale(run_dir, 'confusion_best.csv')  # --eval_only's, of the best checkpoint until now
             if rank == 0 and epoch < args.epoch:  # a resume past the run's former last epoch: no longer the result
-                remove_stale(run_dir, 'confusion.csv')
+                keep_as_epoch(run_dir, epoch - 1)
             if rank == 0:
                 val_text = f"val acc {val_acc:.2f}%  " if val_acc is not None else ''
                 print(f"epoch {epoch}/{args.epoch}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "

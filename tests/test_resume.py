@@ -292,12 +292,15 @@ def test_signal_during_the_last_evaluation_finishes_the_run(tiny_dataset, tmp_pa
 
 def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset, tmp_path, capsys, monkeypatch):
     """--eval_only's confusion_best.csv and per_class_acc_best describe best.safetensors: they stay while its epoch
-    stays the best and go when a resumed run saves a better one; confusion.csv of a finished run goes once a resume
-    trains past that epoch, and comes back with the new last epoch."""
+    stays the best and go when a resumed run saves a better one; confusion.csv of a finished run (and plot.py's
+    figure of it) becomes confusion_epoch<N> once a resume trains past that epoch, and comes back with the new last
+    epoch."""
     import train
     run_dir = tmp_path / 'r'
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', '--val_split', 0.25), capsys)
     assert code == 0, err
+    final = (run_dir / 'confusion.csv').read_bytes()
+    (run_dir / 'confusion.png').write_bytes(b'as plot.py --confusion draws it')
     code, _, err = run_main(['--resume', run_dir, '--eval_only', '--checkpoint', 'best'], capsys)
     assert code == 0 and (run_dir / 'confusion_best.csv').exists() and (run_dir / 'confusion.csv').exists(), err
     best_view = json.loads((run_dir / 'summary.json').read_text())['per_class_acc_best']
@@ -315,6 +318,9 @@ def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset,
     assert (run_dir / 'confusion_best.csv').exists()
     assert json.loads((run_dir / 'summary.json').read_text())['per_class_acc_best'] == best_view
     assert not (run_dir / 'confusion.csv').exists()  # epoch 1's matrix: no longer the run's last epoch
+    assert (run_dir / 'confusion_epoch1.csv').read_bytes() == final
+    assert (run_dir / 'confusion_epoch1.png').read_bytes() == b'as plot.py --confusion draws it'
+    assert not (run_dir / 'confusion.png').exists()
 
     monkeypatch.setattr(train, 'evaluate_split', evaluate_split)
     monkeypatch.setattr(train, 'best_val_epoch', lambda history: len(history))  # epoch 3 is the new best
