@@ -390,7 +390,7 @@ def test_interrupted_sweep_relaunched_skips_finished_and_resumes(slower_dataset,
     watcher.join()
     assert process.returncode == 130, err
     assert 'Traceback' not in out + err
-    relaunch = shlex.join(['python', sweep.script_path(os.path.join(REPO, 'sweep.py')), *map(str, argv)])
+    relaunch = shlex.join(['python', main.script_path(os.path.join(REPO, 'sweep.py')), *map(str, argv)])
     assert err.strip().splitlines()[-1].strip() == relaunch
     rows = {row['run']: row for row in read_csv(sweep_dir / 'sweep.csv')}
     assert rows['grid_prompt_dropout=0.1']['status'] == 'finished'
