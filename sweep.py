@@ -467,10 +467,10 @@ def stale_runs(rows2):
 
 def check_data(sweep_dir, trials, launched=True):
     """Every run of a sweep must have read one dataset, the one this launch reads, or its numbers do not compare.
-    A relative --dataset (or CIFAR's --data_dir) resolves against the working directory, which the sweep's name does
-    not hold; a folder may gain or lose images between two launches. Checked against each run's config.json (paths
-    absolute there): where it is, the classes, and the images each split held before subsetting. (CIFAR is the
-    same wherever --data_dir puts it: torchvision checks its files.)"""
+    A relative --dataset resolves against the working directory, which the sweep's name does not hold; a folder may
+    gain or lose images between two launches. Checked against each run's config.json (paths absolute there): where
+    the folder is, its classes, and the images each split held before subsetting. (CIFAR is the same wherever
+    --data_dir puts it: torchvision checks its files.)"""
     seen = {}
     for trial in trials:
         config = read_json(os.path.join(sweep_dir, trial['name'], 'config.json'))
@@ -486,10 +486,11 @@ def check_data(sweep_dir, trials, launched=True):
         content = (config.get('classes'), config.get('dataset_images'))
         first = seen.setdefault(dataset, (trial['name'], content))
         if first[1] != content:
-            fail(f"{first[0]} and {trial['name']} of {sweep_dir} read different data from {dataset} (classes "
-                 f"{first[1][0]}, images per split {first[1][1]} against {content[0]}, {content[1]}): the dataset "
-                 f"changed while the sweep ran, so its numbers do not compare; restore it, or sweep the data as it is "
-                 f"now under another --name")
+            differ = ('other classes' if first[1][0] != content[0] else
+                      f"images per split {first[1][1]} against {content[1]}")
+            fail(f"{first[0]} and {trial['name']} of {sweep_dir} read different data from {dataset} ({differ}): the "
+                 f"dataset changed while the sweep ran, so its numbers do not compare; restore it, or sweep the data "
+                 f"as it is now under another --name")
 
 
 # ---------------------------------------------------------------- running trials
