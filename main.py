@@ -644,7 +644,10 @@ def read_json(path):
 
 def script_path(path):
     """Relative to the current directory when below it, as a user would type it; absolute otherwise."""
-    relative = os.path.relpath(path)
+    try:
+        relative = os.path.relpath(path)
+    except OSError:  # the current directory was removed
+        return path
     return path if relative.startswith('..') else relative
 
 
