@@ -311,8 +311,8 @@ def remove_stale(run_dir, name):
 
 
 def keep_as_epoch(run_dir, epoch):
-    """A finished run's confusion.csv, and plot.py's confusion.png of it, once a resume trains past that epoch: no
-    longer the run's result, kept under the names --eval_only gives an unfinished run's, confusion_epoch<N>."""
+    """A finished run's confusion.csv, and plot.py's confusion.png of it, once a resume trains on from its last epoch
+    `epoch`: no longer the run's result, kept under the names --eval_only gives an unfinished run's."""
     for extension in ('.csv', '.png'):
         with contextlib.suppress(FileNotFoundError):
             os.replace(os.path.join(run_dir, f'confusion{extension}'),
@@ -507,6 +507,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
         history, done = state['history'], state['epoch']
         if rank == 0:  # main.py resumes only a run with epochs left; after a raised --epoch it is no longer finished
             write_json(os.path.join(run_dir, 'summary.json'), dict(summary_of(history), **best_view(run_dir)))
+            keep_as_epoch(run_dir, done)  # so its confusion.csv, if it had finished, is no longer the result
     else:  # epoch 0: a run stopped in its first epoch can be resumed too
         if rank > 0:  # every rank built the same model; from here each draws its own prompt-dropout masks
             torch.manual_seed(args.seed + rank)
@@ -564,8 +565,6 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, history, summary, extra)
             if rank == 0 and new_best:
                 remove_stale(run_dir, 'confusion_best.csv')  # --eval_only's, of the best checkpoint until now
-            if rank == 0 and epoch < args.epoch:  # a resume past the run's former last epoch: no longer the result
-                keep_as_epoch(run_dir, epoch - 1)
             if rank == 0:
                 val_text = f"val acc {val_acc:.2f}%  " if val_acc is not None else ''
                 print(f"epoch {epoch}/{args.epoch}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "

@@ -331,6 +331,21 @@ def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset,
     assert (run_dir / 'confusion.csv').exists()
 
 
+def test_one_more_epoch_sets_the_former_result_aside_too(tiny_dataset, tmp_path, capsys):
+    """--epoch N+1 trains a single epoch that is also the new last one: the former confusion.csv and its figure are
+    kept as confusion_epoch<N>, not overwritten (csv) or left beside the new result (png)."""
+    run_dir = tmp_path / 'r'
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    former = (run_dir / 'confusion.csv').read_bytes()
+    (run_dir / 'confusion.png').write_bytes(b'as plot.py --confusion draws it')
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)
+    assert code == 0, err
+    assert (run_dir / 'confusion_epoch1.csv').read_bytes() == former
+    assert (run_dir / 'confusion_epoch1.png').read_bytes() == b'as plot.py --confusion draws it'
+    assert (run_dir / 'confusion.csv').exists() and not (run_dir / 'confusion.png').exists()
+
+
 def test_eval_only_beside_the_training_keeps_its_per_class_view(tiny_dataset, tmp_path, capsys, monkeypatch):
     """--eval_only --checkpoint best takes no lock: run beside the training, the next epoch's summary.json dropped
     its per_class_acc_best while confusion_best.csv stayed."""
