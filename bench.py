@@ -557,8 +557,10 @@ def main(argv=None):
                       amp=args.amp and device.type == 'cuda', prompt_impl=args.prompt_impl, prompts=args.prompts,
                       steps=args.steps, warmup=args.warmup, eval_steps=args.eval_steps,
                       baseline_steps=args.baseline_steps, peak_bf16_tflops=peak,
-                      flop_convention='naive-path analytic FLOPs (2 x MACs); train = fwd x (1 + b), b = 2 full, '
-                                      '1 for P (frozen backbone), 0 with nothing to train before the head',
+                      flop_convention="naive-path analytic FLOPs (2 x MACs); training = each part's forward x its "
+                                      "train_factors entry (full: F, P+F; prompts: P; head: nothing before the head "
+                                      "trains)",
+                      train_factors=TRAIN_FACTORS,
                       peak_memory='torch.cuda.max_memory_allocated, reset per mode' if device.type == 'cuda'
                       else 'n/a on CPU',
                       modes=results, baseline=baseline)

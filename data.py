@@ -1,7 +1,8 @@
 """Datasets as whole uint8 tensors, and batches cut from them with batched tensor ops (no Python per image).
 
-Each split is one (N, 3, H, W) uint8 tensor plus an int64 label tensor, kept at the images' own size (32x32 for
-CIFAR); train.py moves them onto the training device once. An epoch is a seeded permutation; augmentation (random
+Each split is one (N, 3, H, W) uint8 tensor plus an int64 label tensor, kept at the images' own size when they all
+share one no larger than the model's input (CIFAR: 32x32; other folder images are resized as they are decoded);
+train.py moves them onto the training device once. An epoch is a seeded permutation; augmentation (random
 crop with zero padding + horizontal flip, the seed's recipe) is one gather over the whole batch; resizing to the
 model's input size (e.g. CIFAR at 224 px) and normalisation happen per batch on the device.
 """

@@ -45,6 +45,7 @@ def test_bench_tiny_cpu_run(tmp_path):
     for mode, r in report['modes'].items():  # the printed rate is the counted work over the measured time
         assert r['train_tflops'] == pytest.approx(r['train_img_s'] * r['train_gflop_per_img'] / 1e3)
     assert report['modes']['P']['train_gflop_per_img'] < report['modes']['P+F']['train_gflop_per_img']
+    assert report['train_factors']['prompts'] == dict(patch=1, linear=2, attention=3, head=3)  # what P's FLOPs count
 
 
 def test_bench_profile_splits_a_step_into_kinds(tmp_path):
