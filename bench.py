@@ -230,6 +230,13 @@ def labelled(batches, label):
         yield batch
 
 
+def optimizer_steps(events):
+    """The optimizer steps among profiler events: CPU ranges only, as with CUDA activity the profiler repeats each
+    range as a GPU annotation."""
+    return sum(1 for event in events
+               if event.name.startswith('Optimizer.step') and event.device_type == torch.autograd.DeviceType.CPU)
+
+
 def profile_steps(train_steps, device):
     """PROFILE_STEPS training steps under torch.profiler -> dict(steps (as the profiler counted optimizer steps),
     ms_per_step, ms_by_kind)."""
@@ -242,7 +249,7 @@ def profile_steps(train_steps, device):
         sync(device)
         wall_us = (time.perf_counter() - start) * 1e6
     events = profiler.events()
-    steps = sum(1 for event in events if event.name.startswith('Optimizer.step'))
+    steps = optimizer_steps(events)
     totals = time_by_kind(events, device.type == 'cuda', wall_us)
     return dict(steps=steps, ms_per_step=wall_us / 1e3 / max(1, steps),
                 ms_by_kind={kind: us / 1e3 / max(1, steps) for kind, us in totals.items()})
