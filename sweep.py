@@ -68,6 +68,9 @@ CONTROLLED = {
     'out': "sweep.py only trains; --out goes with main.py --predict --resume RUN_DIR",
 }
 
+# flags that choose the images: the grid points must be scored on one val split, so they go after -- (every trial)
+SAME_DATA = ('dataset', 'data_dir', 'data_seed', 'train_samples', 'test_samples')
+
 # main.py's exits after a signal, or a child killed by one before it set its handlers (during its imports)
 INTERRUPTED = {130, 143, -signal.SIGINT, -signal.SIGTERM}
 DIVERGED = vpt.EXIT_DIVERGED  # main.py's exit after a non-finite loss: a result of the settings, not retried
@@ -183,6 +186,9 @@ def parse_grid(entries, given):
                  + (f"; did you mean {close[0]}?" if close else " (python main.py --help lists them)"), 2)
         if flag in CONTROLLED:
             fail(f"--grid {entry!r}: {CONTROLLED[flag]}", 2)
+        if flag in SAME_DATA:
+            fail(f"--grid {entry!r}: --{flag} chooses the images, and the grid points must be ranked on the same val "
+                 f"images; pass one --{flag} after -- (a sweep per value, to compare them)", 2)
         if flag in given:
             fail(f"--{flag} is both in --grid and after --; keep one of them", 2)
         if flag in grid:

@@ -50,6 +50,8 @@ def at_best_val(run_dir):
     (['--grid', 'lr=1e-3,1e-2', '--val_split', 0.1, '--', '--lr', '1e-3'], '--lr is both in --grid and after --'),
     (['--grid', 'seed=1,2', '--val_split', 0.1], 'sweep.py sets the seeds'),
     (['--grid', 'val_split=0.1,0.2', '--val_split', 0.1], 'pass --val_split to sweep.py itself'),
+    (['--grid', 'data_seed=0,1', '--val_split', 0.1], '--data_seed chooses the images, and the grid points must be'),
+    (['--grid', 'train_samples=100,200', '--val_split', 0.1], 'pass one --train_samples after --'),
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--log_dir', 'x'], 'pass --log_dir to sweep.py itself'),
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--resume', 'x'], 'sweep.py resumes its runs itself'),
     (['--grid', 'lr=1e-3,1e-2'], '--val_split F with 0 < F < 1 is required'),
