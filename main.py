@@ -269,7 +269,14 @@ def same_setting(flag, value, saved):
 
 
 def mode_of(args):
+    """The method, which picks the default lr and weight decay: P, F, P+F or linear."""
     return ('P+F' if args.prompts else 'F') if args.full else ('P' if args.prompts else 'linear')
+
+
+def mode_label(args):
+    """What the run is called in its config, name and plots: a P or linear run that trains backbone tensors too
+    (--unfreeze) is not the method with the backbone frozen."""
+    return mode_of(args) + ('+unfreeze' if args.unfreeze else '')
 
 
 def main(argv=None):
@@ -279,7 +286,7 @@ def main(argv=None):
     sigterm = signal.signal(signal.SIGTERM, interrupt)
     try:
         args = parse_args(argv)
-        start(args, argv, mode_of(args))
+        start(args, argv, mode_label(args))
     except FloatingPointError as e:  # train.fit: a non-finite loss, said with its epoch and step
         say_once(str(e), EXIT_DIVERGED)
     except KeyboardInterrupt as e:  # parsing, importing torch, loading data, building the model: no state at risk

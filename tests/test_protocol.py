@@ -187,6 +187,8 @@ def test_unfreeze_trains_exactly_the_matched_tensors(tiny_dataset, tmp_path, cap
     code, out, err = run_main(argv, capsys)
     assert code == 0, err
     config = json.loads((tmp_path / 'seedlike' / 'config.json').read_text())
+    assert config['mode'] == 'P+unfreeze' and 'mode P+unfreeze: ' in out  # not P: the backbone is not all frozen
+    assert config['lr'] == main.DEFAULT_LR['P']  # the method's defaults still
     tensors = load_file(tmp_path / 'seedlike' / 'trainable.safetensors')
     assert set(tensors) == {'prompts.tokens', 'vit.head.weight', 'vit.head.bias', 'vit.pos_embed', 'vit.norm.weight',
                             'vit.norm.bias'}
