@@ -213,6 +213,10 @@ def load_run(run_dir):
         history = read_metrics(os.path.join(run_dir, 'metrics.csv'))
         config = read_config(os.path.join(run_dir, 'config.json'))
     except ValueError as e:
+        diverged = read_summary(run_dir).get('diverged')
+        if isinstance(diverged, dict) and diverged.get('epoch') == 1:  # nothing finished: not 'yet', and not resumable
+            e = (f"it diverged (a non-finite loss) in epoch 1, step {diverged.get('step')}, before any epoch finished; "
+                 f"a run with a lower --lr is the fix, not --resume")
         warn(f"skipping run {run_dir}: {e}")
         return None
     if config is None:

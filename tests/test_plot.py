@@ -476,6 +476,19 @@ def test_unfinished_run_shows_epochs_done_of_planned(tmp_path, capsys):
     assert 'diverged (a non-finite loss) in epoch 3' in one_line(err) and '--resume it' not in err
 
 
+def test_a_run_that_diverged_in_its_first_epoch_is_not_called_unfinished(tmp_path, capsys):
+    """No epoch finished, so metrics.csv has only its header; 'no finished epoch yet' would invite a --resume that
+    diverges again."""
+    write_run(tmp_path / 'logs', 'P_ok')
+    run_dir = write_run(tmp_path / 'logs', 'F_lr1e8', epochs=())
+    with open(os.path.join(run_dir, 'summary.json'), 'w') as f:  # as train.py writes it on a non-finite loss
+        json.dump(dict(epochs_done=0, epochs=2, finished=False, diverged=dict(epoch=1, step=3)), f)
+    code, out, err = run_plot([tmp_path / 'logs'], capsys)
+    assert code == 0 and list(table(out)) == ['P_ok']
+    assert one_line(err) == (f"plot.py: warning: skipping run {run_dir}: it diverged (a non-finite loss) in epoch 1, "
+                             f"step 3, before any epoch finished; a run with a lower --lr is the fix, not --resume")
+
+
 def test_directory_holding_only_sweeps_points_at_them(tmp_path, capsys):
     write_run(tmp_path / 'logs' / 'my_sweep', 'a_run')
     code, out, err = run_plot([tmp_path / 'logs'], capsys)
