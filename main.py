@@ -399,9 +399,11 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                           **provenance(args, argv, world_size, device))
             if args.resume:  # the run's first command and code stay on record; each resume is added
                 previous = read_json(os.path.join(run_dir, 'config.json'))
+                # from_epoch and, when --epoch changed, the plan before: the lr schedule was re-laid over the new one
+                resume = dict(command=config['command'], git_commit=config['git_commit'], from_epoch=state['epoch'],
+                              **({'epoch_before': previous.get('epoch')} if previous.get('epoch') != args.epoch else {}))
                 config.update(command=previous.get('command'), git_commit=previous.get('git_commit'),
-                              resumed=previous.get('resumed', []) + [dict(command=config['command'],
-                                                                          git_commit=config['git_commit'])])
+                              resumed=previous.get('resumed', []) + [resume])
             train.write_config(run_dir, config)
             print(f"run directory: {run_dir}", flush=True)
         run_dir = broadcast_run_dir(run_dir, world_size)

@@ -55,6 +55,8 @@ def test_interrupt_and_resume_equals_uninterrupted_run(dataset, tmp_path, capsys
     resumed, straight = read_metrics(tmp_path / 'interrupted'), read_metrics(tmp_path / 'straight')
     assert len(resumed) == 2
     assert without_time(resumed) == without_time(straight)  # bit-for-bit the same run, as printed
+    (resume,) = json.loads((tmp_path / 'interrupted' / 'config.json').read_text())['resumed']
+    assert resume['from_epoch'] == 1 and 'epoch_before' not in resume  # the same plan: one schedule, unbroken
 
 
 def test_epochs_that_compile_are_marked_and_left_out_of_the_time_per_epoch(tiny_dataset, tmp_path, capsys,
@@ -344,6 +346,8 @@ def test_one_more_epoch_sets_the_former_result_aside_too(tiny_dataset, tmp_path,
     assert (run_dir / 'confusion_epoch1.csv').read_bytes() == former
     assert (run_dir / 'confusion_epoch1.png').read_bytes() == b'as plot.py --confusion draws it'
     assert (run_dir / 'confusion.csv').exists() and not (run_dir / 'confusion.png').exists()
+    (resume,) = json.loads((run_dir / 'config.json').read_text())['resumed']
+    assert (resume['from_epoch'], resume['epoch_before']) == (1, 1)  # the lr schedule was re-laid from epoch 2 on
 
 
 def test_eval_only_beside_the_training_keeps_its_per_class_view(tiny_dataset, tmp_path, capsys, monkeypatch):
