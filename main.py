@@ -460,17 +460,14 @@ def load_splits(args, rank, world_size):
                   f"images ({100 * held_out:.1f}%){missing}: {per_class}", file=sys.stderr, flush=True)
         val = (train_images[val_index], train_labels[val_index])
         train_images, train_labels = train_images[train_index], train_labels[train_index]
-    unseen = [name for name, count in zip(classes, train_labels.bincount(minlength=len(classes)).tolist()) if not count]
-    if unseen and rank == 0:
-        print(f"warning: {len(unseen)} of {len(classes)} classes have no training images ({', '.join(unseen[:5])}"
-              f"{', ...' if len(unseen) > 5 else ''}); the model cannot learn them: raise --train_samples or use a "
-              f"dataset with images of every class", file=sys.stderr, flush=True)
-    test_counts = test_labels.bincount(minlength=len(classes)).tolist()
-    untested = [name for name, count in zip(classes, test_counts) if not count]
-    if untested and rank == 0:  # the headline accuracy would be over the other classes only
-        print(f"warning: {len(untested)} of {len(classes)} classes have no test images ({', '.join(untested[:5])}"
-              f"{', ...' if len(untested) > 5 else ''}); test accuracy leaves them out: raise --test_samples to "
-              f"{len(classes)} or more", file=sys.stderr, flush=True)
+    for split, labels, consequence in (
+            ('training', train_labels, "the model cannot learn them: raise --train_samples or use a dataset with "
+                                       "images of every class"),
+            ('test', test_labels, f"test accuracy leaves them out: raise --test_samples to {len(classes)} or more")):
+        absent = [name for name, count in zip(classes, labels.bincount(minlength=len(classes)).tolist()) if not count]
+        if absent and rank == 0:
+            print(f"warning: {len(absent)} of {len(classes)} classes have no {split} images ({', '.join(absent[:5])}"
+                  f"{', ...' if len(absent) > 5 else ''}); {consequence}", file=sys.stderr, flush=True)
     if args.batch_size > len(train_labels) and not args.eval_only:  # evaluation pads its last batch
         raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(train_labels)} training "
                          f"images; lower --batch_size (or raise --train_samples)")
