@@ -63,8 +63,8 @@ MUST_BE_FINITE = ('epoch', 'train_acc', 'test_acc', 'epoch_time_s', 'val_acc', '
                   'includes_compile')  # losses may be nan
 MARKERS_UP_TO = 30  # draw a marker at every epoch while the longest run has at most this many
 ANNOTATE_UP_TO = 20  # write the percentage into every confusion-matrix cell up to this many classes
-MODE_STYLE = {'P': ('tab:blue', 'o'), 'F': ('tab:orange', 's'), 'P+F': ('tab:green', '^'),
-              'linear': ('tab:purple', 'D')}
+MODE_STYLE = {'P': ('tab:blue', 'o'), 'P+unfreeze': ('tab:blue', 'v'), 'F': ('tab:orange', 's'),
+              'P+F': ('tab:green', '^'), 'linear': ('tab:purple', 'D'), 'linear+unfreeze': ('tab:purple', 'v')}
 OTHER_STYLE = ('tab:gray', 'X')  # mode '?' (no config.json) or one this script does not know
 
 

@@ -777,3 +777,20 @@ def test_same_run_name_in_two_log_dirs_is_labelled_by_path(tmp_path, capsys):
     rows = table(out)
     assert set(rows) == {os.path.normpath(a), os.path.normpath(b)}
     assert rows[os.path.normpath(b)][6] == '60.00%'
+
+
+def test_cost_figure_styles_unfreeze_runs_as_their_method(tmp_path, capsys, monkeypatch):
+    """main.py labels a P or linear run with --unfreeze 'P+unfreeze' / 'linear+unfreeze': drawn in its method's
+    colour with a marker of its own, not as the grey cross of a run plot.py cannot place."""
+    root = tmp_path / 'logs'
+    for name, mode in (('p', 'P'), ('pu', 'P+unfreeze'), ('lu', 'linear+unfreeze')):
+        write_run(root, name, mode, 1000, [(50.0, 50.0, 1.0)], checkpoint_bytes=1000)
+    figures = captured_figures(monkeypatch)
+    code, _, err = run_plot([str(root), '--cost'], capsys)
+    assert code == 0, err
+    legend = figures[1].legends[0]
+    styles = {text.get_text(): (handle.get_color(), handle.get_marker())
+              for text, handle in zip(legend.get_texts(), legend.legend_handles)}
+    assert styles == {'P': ('tab:blue', 'o'), 'P+unfreeze': ('tab:blue', 'v'), 'linear+unfreeze': ('tab:purple', 'v')}
+    for fig in figures:
+        close_figure(fig)
