@@ -216,7 +216,10 @@ def parse_args(argv=None):
     args.lr = DEFAULT_LR[mode] if args.lr is None else args.lr
     args.weight_decay = DEFAULT_WEIGHT_DECAY[mode] if args.weight_decay is None else args.weight_decay
     args.warmup_epochs = 0.1 * args.epoch if args.warmup_epochs is None else args.warmup_epochs
-    if not args.resume and args.warmup_epochs and args.warmup_epochs >= args.epoch:
+    if args.warmup_epochs and args.warmup_epochs >= args.epoch and not (args.eval_only or args.predict):
+        if args.resume:  # a resume may lower --epoch, not the run's warmup
+            error(f"--epoch {args.epoch} would end {args.resume} within its {args.warmup_epochs:g} warmup epochs: the "
+                  f"lr would never reach --lr nor decay; pass --epoch {math.floor(args.warmup_epochs) + 1} or more")
         error(f"--warmup_epochs {args.warmup_epochs:g} is not shorter than --epoch {args.epoch}: the lr would never "
               f"reach --lr nor decay; warm up for part of the run (default: 10% of --epoch)")
     return args
@@ -249,7 +252,7 @@ def merge_resume(args, given, error):
     if config.get('weights'):  # a --weights file that moved: build_model checks it is the same file (its sha256)
         may_change = may_change | {'weights'}
     for flag in sorted(given - may_change):
-        if flag in config and not same_setting(flag, getattr(args, flag), config[flag]):
+        if flag in config and getattr(args, flag) != config[flag]:
             error(f"--{flag} {getattr(args, flag)} contradicts the run's config ({flag}={config[flag]}); "
                   f"drop --{flag} to resume {run_dir}, or start a new run")
     merged = dict(vars(args))
@@ -260,12 +263,6 @@ def merge_resume(args, given, error):
         error(f"the run's --weights file {merged['weights']} is gone; if it moved, pass --weights NEW_PATH (it must be "
               f"the same file: its sha256 is checked)")
     return argparse.Namespace(**merged)
-
-
-def same_setting(flag, value, saved):
-    if flag in ('dataset', 'weights') and isinstance(saved, str) and value:  # runs before absolute paths kept relative ones
-        return os.path.realpath(value) == os.path.realpath(saved)
-    return value == saved
 
 
 def mode_of(args):
@@ -342,7 +339,7 @@ def start(args, argv, mode):
 
 
 def run(args, argv, mode, rank, world_size, device):
-    """Train, evaluate (--eval_only) or predict (--predict) on the device set up by main."""
+    """Train, evaluate (--eval_only) or predict (--predict) on the device set up by start."""
     import train
     train.configure_backends(device)
     if args.predict:
@@ -369,6 +366,11 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                 raise SystemExit(f"error: {args.resume} has already finished {state['epoch']} epochs; --epoch "
                                  f"{args.epoch} cannot undo them: pass --epoch {state['epoch'] + 1} or more to train "
                                  f"further")
+            planned = read_json(os.path.join(args.resume, 'config.json')).get('epoch')
+            if state['epoch'] == args.epoch != planned:  # cut short here, it would stay unfinished: no result files
+                raise SystemExit(f"error: {args.resume} stopped after {state['epoch']} of its {planned} epochs; "
+                                 f"--epoch {args.epoch} would end it untrained and still unfinished: drop --epoch to "
+                                 f"resume it, or evaluate it as it is with --eval_only")
             if state['epoch'] == args.epoch:  # nothing to train: the run stays as it is, config.json included
                 if rank == 0:
                     print(f"{args.resume} has finished all {args.epoch} epochs; pass --epoch N to train further")
@@ -433,7 +435,8 @@ def build_model(args, num_classes, device):
 
 
 def load_splits(args, rank, world_size):
-    """-> ({'train', 'val' (None without --val_split), 'test'}: (uint8 images, labels)), class names)."""
+    """-> ({'train', 'val' (None without --val_split), 'test'}: (uint8 images, labels)), class names, the image
+    counts of the train and test splits before --train_samples/--test_samples (config.json's dataset_images))."""
     import data
     if args.resume and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
         raise SystemExit(f"error: the dataset folder of {args.resume}, {args.dataset}, is gone; if it moved, pass "

@@ -85,7 +85,7 @@ def lost_peer(error):
             or 'Connection reset by peer' in text)
 
 
-def all_agree(flag: bool, device) -> bool:
+def any_rank(flag: bool, device) -> bool:
     """True on every rank if `flag` is True on any rank (a collective: every rank must call it)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:  # no host sync for one process
         return flag
@@ -139,7 +139,7 @@ def make_optimizer(model, name, lr, weight_decay, device):
 
 
 def lr_factor(step, warmup_steps, total_steps):
-    """Linear warmup to the peak, then cosine decay to zero at the last step."""
+    """Linear warmup to the peak, then cosine decay towards zero (reached one step after the last)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -200,7 +200,7 @@ def train_epoch(model, optimizer, scheduler, batches, steps, amp=True, stop=None
             sync = step % SYNC_EVERY == 0 or step == steps
             stopping = stop is not None and stop.signum is not None
             # one process checks the flag every step for free; several agree on it at sync steps only
-            if (sync or world_size == 1) and all_agree(stopping, device):
+            if (sync or world_size == 1) and any_rank(stopping, device):
                 return None
             if sync:
                 first_bad = _first_bad(bad_step)
@@ -259,7 +259,7 @@ def write_files(files, then='run the command again'):
     try:
         for path, payload in files.items():
             content = payload() if callable(payload) else payload
-            temps.append((f'{path}.tmp', path))
+            temps.append((f'{path}.tmp{os.getpid()}', path))  # per process: --eval_only may write beside training
             with open(temps[-1][0], 'wb') as f:
                 f.write(content)
                 f.flush()
@@ -399,13 +399,15 @@ def rng_states(generator):
     return dict(python=random.getstate(), numpy=np.random.get_state(), data=generator.get_state(), ranks=ranks)
 
 
-def restore_rng(rng, generator):
+def restore_rng(rng, generator, seed):
     rank, world_size = rank_and_world_size()
     random.setstate(rng['python'])
     np.random.set_state(rng['numpy'])
     generator.set_state(rng['data'])
-    # a run resumed on more processes than saved it seeds the extra ranks' streams from the last saved one
-    mine = rng['ranks'][min(rank, len(rng['ranks']) - 1)]
+    if rank >= len(rng['ranks']):  # a run resumed on more processes than saved it: a rank's own stream, as in fit
+        torch.manual_seed(seed + rank)
+        return
+    mine = rng['ranks'][rank]
     torch.set_rng_state(mine['torch'])
     if mine['cuda'] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(mine['cuda'])  # the current device; a run resumed on the CPU keeps no CUDA stream
@@ -503,7 +505,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
         scheduler.load_state_dict(state['scheduler'])
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # a changed --epoch re-lays the schedule
             group['lr'] = base_lr * lr_factor(scheduler.last_epoch, warmup_steps, total_steps)
-        restore_rng(state['rng'], generator)
+        restore_rng(state['rng'], generator, args.seed)
         history, done = state['history'], state['epoch']
         if rank == 0:  # main.py resumes only a run with epochs left; after a raised --epoch it is no longer finished
             write_json(os.path.join(run_dir, 'summary.json'), dict(summary_of(history), **best_view(run_dir)))
@@ -575,7 +577,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                     steps = range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch)
                     step_lrs = {step + 1: args.lr * lr_factor(step, warmup_steps, total_steps) for step in steps}
                     log_tensorboard(writer, row, step_lrs, confusion if epoch == args.epoch else None, classes)
-            if all_agree(stop.signum is not None, device):
+            if any_rank(stop.signum is not None, device):
                 if epoch < args.epoch:
                     stopped(stop.signum or signal.SIGTERM, run_dir, epoch, rank, world_size)
                 elif rank == 0:

@@ -96,7 +96,7 @@ def test_sigterm_keeps_last_epoch_and_eval_only_reproduces_it(dataset, tmp_path,
     with safe_open(run_dir / 'trainable.safetensors', 'pt') as f:
         assert f.metadata()['epoch'] == '1'
         assert set(f.keys()) == {'prompts.tokens', 'vit.head.weight', 'vit.head.bias'}  # P mode ships only these
-    assert not [f for f in os.listdir(run_dir) if f.endswith('.tmp')]
+    assert not [f for f in os.listdir(run_dir) if '.tmp' in f]
     # the base model (rebuilt from config.json) + the saved prompts and head give the logged test accuracy exactly
     code, out, err = run_main(['--eval_only', '--resume', run_dir], capsys)
     assert code == 0, err
@@ -395,7 +395,7 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(tiny_dataset, tmp_pa
     fsync, state_writes = os.fsync, []
 
     def disk_full_at_epoch_2(descriptor):
-        if os.readlink(f'/proc/self/fd/{descriptor}').endswith('state.pt.tmp'):
+        if 'state.pt.tmp' in os.readlink(f'/proc/self/fd/{descriptor}'):
             state_writes.append(descriptor)
             if len(state_writes) == 3:  # epochs 0 and 1 fit
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -407,7 +407,7 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(tiny_dataset, tmp_pa
         f"error: cannot write {run_dir / 'state.pt'} (No space left on device); the files already there are "
         f"unchanged: free disk space or make {run_dir} writable, then resume it, from epoch 1: python main.py "
         f"--resume '{run_dir}'"), err
-    assert not [name for name in os.listdir(run_dir) if name.endswith('.tmp')]
+    assert not [name for name in os.listdir(run_dir) if '.tmp' in name]
     with safe_open(str(run_dir / 'trainable.safetensors'), 'pt') as f:
         assert f.metadata()['epoch'] == '1'
     monkeypatch.setattr(os, 'fsync', fsync)
@@ -618,3 +618,78 @@ def test_resumed_run_keeps_the_best_checkpoint_of_before_the_interruption(tiny_d
     with safe_open(str(tmp_path / 'r' / 'best.safetensors'), 'pt') as f:
         assert f.metadata()['epoch'] == '1'
     assert json.loads((tmp_path / 'r' / 'summary.json').read_text())['best_val_epoch'] == 1
+
+
+def test_a_resume_that_would_end_inside_the_warmup_is_refused(tmp_path, capsys):
+    """A resume may lower --epoch; below the run's warmup the lr would still be rising at the last step."""
+    import main
+    run_dir = tmp_path / 'r'
+    run_dir.mkdir()
+    (run_dir / 'config.json').write_text(json.dumps({'epoch': 10, 'warmup_epochs': 4.5}))
+    (run_dir / 'state.pt').write_bytes(b'')
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(['--resume', str(run_dir), '--epoch', '4'])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"main.py: error: --epoch 4 would end {run_dir} within its 4.5 warmup epochs: the lr would never reach --lr "
+        f"nor decay; pass --epoch 5 or more (python main.py --help lists the flags)")
+    assert main.parse_args(['--resume', str(run_dir), '--epoch', '5']).epoch == 5
+    assert main.parse_args(['--resume', str(run_dir), '--eval_only']).eval_only  # nothing trains: nothing to refuse
+
+
+def test_ending_an_unfinished_run_where_it_stopped_is_refused(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """--epoch N at the epoch an unfinished run stopped would train nothing and leave it unfinished (no
+    confusion.csv, summary 'finished': false), not 'finished all N epochs'."""
+    import train
+    run_dir = tmp_path / 'r'
+    evaluate_split = train.evaluate_split
+
+    def stop_in_epoch_1(model, split, *args):
+        os.kill(os.getpid(), signal.SIGINT)  # the loop stops once epoch 1 is saved
+        return evaluate_split(model, split, *args)
+    monkeypatch.setattr(train, 'evaluate_split', stop_in_epoch_1)
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', epochs=3), capsys)
+    assert code == 130 and len(read_metrics(run_dir)) == 1, err
+    monkeypatch.setattr(train, 'evaluate_split', evaluate_split)
+    before = files(run_dir)
+    code, out, err = run_main(['--resume', run_dir, '--epoch', 1], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: {run_dir} stopped after 1 of its 3 epochs; --epoch 1 would end it untrained and still unfinished: "
+        f"drop --epoch to resume it, or evaluate it as it is with --eval_only"], (out, err)
+    assert files(run_dir) == before
+    code, _, err = run_main(['--resume', run_dir], capsys)
+    assert code == 0 and len(read_metrics(run_dir)) == 3, err
+
+
+def test_ranks_a_resume_adds_draw_their_own_random_streams(monkeypatch):
+    """A 1-process run resumed under torchrun with 2: rank 1 has no saved stream; it must not copy rank 0's (the
+    same prompt-dropout masks on both halves of the batch), but start its own, as a new run's rank 1 does."""
+    import train
+    torch.manual_seed(123)
+    saved = train.rng_states(torch.Generator().manual_seed(0))  # one process saved the run
+    draws = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(train, 'rank_and_world_size', lambda rank=rank: (rank, 2))
+        torch.manual_seed(999)
+        train.restore_rng(saved, torch.Generator(), seed=7)
+        draws[rank] = torch.rand(8)
+    torch.manual_seed(123)
+    assert torch.equal(draws[0], torch.rand(8))  # rank 0 continues the saved stream
+    torch.manual_seed(7 + 1)
+    assert torch.equal(draws[1], torch.rand(8))  # rank 1: --seed + its rank
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_two_processes_writing_the_same_file_do_not_trip_over_each_other(tmp_path):
+    """--eval_only beside a training run: both rewrite summary.json; a shared temp name made one process rename the
+    other's temp file away (FileNotFoundError, the training killed by a traceback)."""
+    code = ("import sys, train\n"
+            "for i in range(300):\n"
+            "    train.write_json(sys.argv[1], dict(writer=sys.argv[2], i=i))\n")
+    target = tmp_path / 'summary.json'
+    writers = [subprocess.Popen([sys.executable, '-c', code, str(target), name], cwd=REPO, stderr=subprocess.PIPE,
+                                text=True) for name in ('a', 'b')]
+    results = [(writer.wait(timeout=120), writer.stderr.read()) for writer in writers]
+    assert results == [(0, ''), (0, '')]
+    assert json.loads(target.read_text())['i'] == 299
+    assert os.listdir(tmp_path) == ['summary.json']
