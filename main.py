@@ -581,7 +581,7 @@ def predict(args, device):
         if not chunk:
             continue
         with train.explain_out_of_memory(args.batch_size, args.amp, 'predicting'), torch.no_grad(), \
-                torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == 'cuda'):
+                train.autocast(device, args.amp):
             probs = model(torch.cat(inputs)).float().softmax(1)
         values, indices = probs.topk(top, dim=1)
         for path, value, index in zip(chunk, values.tolist(), indices.tolist()):

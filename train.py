@@ -171,6 +171,11 @@ class StopRequest:
 # ---------------------------------------------------------------- loops
 
 
+def autocast(device, amp):
+    """bf16 autocast where --amp asks for it and the device is a GPU; a no-op on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == 'cuda')
+
+
 def train_epoch(model, optimizer, scheduler, batches, steps, amp=True, stop=None, desc='train'):
     """One pass over `steps` training `batches` -> (mean loss, accuracy %) over all ranks, or None once `stop` (a
     StopRequest) has caught a signal. A non-finite loss raises FloatingPointError(its step)."""
@@ -184,7 +189,7 @@ def train_epoch(model, optimizer, scheduler, batches, steps, amp=True, stop=None
     bar = tqdm(total=steps, desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True)
     with bar:  # closed (and its line cleared) however the epoch ends, so an error message starts on a clean line
         for step, (images, labels) in enumerate(batches, 1):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == 'cuda'):
+            with autocast(device, amp):
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -230,7 +235,7 @@ def evaluate(model, batches, num_classes, amp=True):
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     for images, labels, valid in batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == 'cuda'):
+        with autocast(device, amp):
             logits = model(images)
         loss_sum += (F.cross_entropy(logits.float(), labels, reduction='none') * valid).sum()
         confusion.index_add_(0, labels * num_classes + logits.argmax(1), valid.long())  # no host sync, unlike bincount
@@ -532,7 +537,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                                          world_size, args.augment)
             try:
                 with explain_out_of_memory(args.batch_size, args.amp, f'in training epoch {epoch}'):
-                    train = train_epoch(net, optimizer, scheduler, batches, steps_per_epoch, args.amp, stop,
+                    trained = train_epoch(net, optimizer, scheduler, batches, steps_per_epoch, args.amp, stop,
                                         desc=f'epoch {epoch}/{args.epoch}')
             except FloatingPointError as e:
                 if rank == 0:  # on record for plot.py: this run is not one to --resume, as it would diverge again
@@ -540,13 +545,13 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                                dict(summary_of(history), diverged=dict(epoch=epoch, step=e.args[0])))
                 raise FloatingPointError(f"error: non-finite training loss at epoch {epoch}, step {e.args[0]}; lower "
                                          f"--lr (it is {args.lr:g}); the checkpoint of epoch {epoch - 1} is intact")
-            if train is None:
+            if trained is None:
                 stopped(stop.signum or signal.SIGTERM, run_dir, epoch - 1, rank, world_size)
             train_time = time.perf_counter() - start
             with explain_out_of_memory(args.batch_size, args.amp, f'evaluating epoch {epoch}'):
                 val_loss, val_acc, _ = evaluate_on(splits['val']) if splits['val'] else (None, None, None)
                 test_loss, test_acc, confusion = evaluate_on(splits['test'])
-            row = dict(epoch=epoch, train_loss=train[0], train_acc=train[1], test_loss=test_loss, test_acc=test_acc,
+            row = dict(epoch=epoch, train_loss=trained[0], train_acc=trained[1], test_loss=test_loss, test_acc=test_acc,
                        lr=args.lr * lr_factor(epoch * steps_per_epoch - 1, warmup_steps, total_steps),
                        epoch_time_s=time.perf_counter() - start,
                        train_images_per_s=steps_per_epoch * args.batch_size / train_time,
