@@ -88,8 +88,8 @@ def fail(message, code=1):
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(  # no abbreviations: --seed (main.py's) must not pass for --seeds
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         usage="python sweep.py --grid FLAG=V1,V2,... [FLAG=...] --val_split F [--seeds N] [options] -- [main.py flags]"
               "\n       python sweep.py --collect SWEEP_DIR")
     add = parser.add_argument
@@ -699,7 +699,7 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
     if failed:
         lines += ['', '## Failed and diverged runs', '']
         lines += [f"- {row['run']} ({row['status']}): exit {row['exit_code']}: {row['message']} "
-                  f"(log {os.path.join('logs', row['run'] + '.log')})" for row in failed]
+                  f"(log {vpt.script_path(log_path(sweep_dir, row['run']))})" for row in failed]
     return '\n'.join(lines) + '\n'
 
 
@@ -756,6 +756,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index('--') if '--' in argv else len(argv)
     ours, passthrough = argv[:split], argv[split + 1:]
+    main_only = set(vpt.make_parser()._option_string_actions) - set(make_parser()._option_string_actions)
+    for arg in ours:
+        if arg.split('=')[0] in main_only:
+            fail(f"{arg.split('=')[0]} is a main.py flag: put it after the --, with main.py's other flags", 2)
     args = make_parser().parse_args(ours)
     if args.collect is not None:
         if passthrough or [arg for arg in ours if arg.startswith('-') and not arg.startswith('--collect')]:
@@ -826,9 +830,16 @@ def main(argv=None):
              f"and re-launch the same command to resume or retry them")
 
 
-if __name__ == '__main__':
+def run_cli():
     try:
         main()
     except BrokenPipeError:  # the reader went away (| head): stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes stdout
+        on_signal(signal.SIGTERM, None)  # a trial left running would train on unseen, holding its run's lock
+        for child in CHILDREN.values():
+            child.wait()  # it stops at its next step, keeping its last finished epoch
         sys.exit(1)
+
+
+if __name__ == '__main__':
+    run_cli()

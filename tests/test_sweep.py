@@ -66,7 +66,11 @@ def at_best_val(run_dir):
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--seed', 4294967295], 'leaves no room for stage 2'),
     (['--grid', 'lr=1e-3', 'lr=1e-2', '--val_split', 0.1], 'names lr twice'),
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--seeds', 0], 'stage 2 needs at least 1 seed'),
-    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--full', 'False'], 'main.py flags go after --'),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--full', 'False'], "--full is a main.py flag: put it after the --"),
+    # argparse would read --seed as an abbreviation of --seeds: 7 stage-2 seeds instead of seeds from 7
+    (['--grid', 'lr=1e-3', '--seeds', 3, '--seed', 7, '--val_split', 0.1], "--seed is a main.py flag: put it after"),
+    (['--grid', 'lr=1e-3', '--seed=7', '--val_split', 0.1], "--seed is a main.py flag: put it after the --"),
+    (['--grid', 'lr=1e-3', '--val', 0.1], 'unrecognized arguments: --val 0.1'),
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--bogus', '1'], 'unrecognized arguments: --bogus'),
     (['--val_split', 0.1, '--', '--lr', '1e-3'], '--grid is required'),
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--epoch', '2', '--print_commands'],
@@ -254,11 +258,14 @@ def test_collect_and_print_commands_on_a_finished_sweep(finished_sweep):
 def test_a_grid_that_only_diverges_says_so(tiny_dataset, tmp_path):
     argv = ['--grid', 'lr=1e30,1e31', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's', '--',
             *tiny(tiny_dataset), '--warmup_epochs', 0]
-    result = run_sweep(argv)
+    result = run_sweep(argv, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
         'sweep.py: error: every grid point diverged (a non-finite loss), so there is nothing to select')
     assert 'No grid point finished (2 diverged): nothing to select.' in (tmp_path / 's' / 'sweep.md').read_text()
+    # the printed report names each failed run's log by a path that opens from where the sweep was launched
+    logs = re.findall(r'\(log ([^)]+)\)', result.stdout)
+    assert len(logs) == 4 and all((tmp_path / log).is_file() for log in logs), result.stdout  # launched, failed
     print_commands = [*argv[:argv.index('--')], '--print_commands', *argv[argv.index('--'):]]
     result = run_sweep(print_commands)
     assert result.returncode == 0 and result.stdout == ''  # a scheduler would only diverge again
@@ -590,3 +597,21 @@ def test_collect_into_a_pipe_nobody_reads_is_no_traceback(tmp_path):
     fake_sweep(root, 1, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0))])
     code, err = stderr_when_the_reader_goes_away(['--collect', root], 'sweep.py')
     assert code == 1 and err == '', err
+
+
+def test_a_closed_pipe_stops_the_running_trial_too(tmp_path):
+    """sweep.py | head: when head has gone, the sweep stops quietly, and so does the trial it had just launched
+    (left running, it trained on unseen and held its run's lock, so a re-launch reported it failed)."""
+    code = ("import subprocess, sys\n"
+            "import sweep\n"
+            "trial = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(0.05)'])\n"
+            "sweep.CHILDREN['grid_lr=1e-3'] = trial\n"
+            "def reader_gone():\n"
+            "    raise BrokenPipeError\n"
+            "sweep.main = reader_gone\n"
+            "try:\n"
+            "    sweep.run_cli()\n"
+            "finally:\n"
+            "    print('trial', trial.poll(), file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip() == f'trial {-signal.SIGTERM}', result.stderr
