@@ -652,12 +652,13 @@ def read_json(path):
 
 
 def script_path(path):
-    """Relative to the current directory when below it, as a user would type it; absolute otherwise."""
+    """A script (main.py, sweep.py) as a recorded or printed command names it: its bare name when run from its own
+    folder, as a user types it there; absolute from anywhere else, as the command is kept without its directory."""
     try:
-        relative = os.path.relpath(path)
+        here = os.getcwd()
     except OSError:  # the current directory was removed
         return path
-    return path if relative.startswith('..') else relative
+    return os.path.basename(path) if os.path.dirname(path) == here else path
 
 
 def provenance(args, argv, world_size, device):

@@ -363,6 +363,15 @@ def final_trials(definition, base_seed, winner, sweep_dir):
             for seed in range(base_seed + 1, base_seed + definition['seeds'] + 1)]
 
 
+def shown_path(path):
+    """A file as the console names it: relative to the current directory when below it, else absolute."""
+    try:
+        relative = os.path.relpath(path)
+    except OSError:  # the current directory was removed
+        return path
+    return os.path.abspath(path) if relative.startswith('..') else relative
+
+
 def log_path(sweep_dir, name):
     # not inside the run directory: main.py refuses to start in one that exists
     return os.path.join(sweep_dir, 'logs', f"{name}.log")
@@ -560,7 +569,7 @@ def start_trial(sweep_dir, trial, gpu, add_device):
     CHILDREN[trial['name']] = child
     if STOP:  # the signal came between the check and the launch
         child.send_signal(STOP[0])
-    say(sweep_dir, f"{what} (log {vpt.script_path(path)})")
+    say(sweep_dir, f"{what} (log {shown_path(path)})")
     return child
 
 
@@ -699,7 +708,7 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
     if failed:
         lines += ['', '## Failed and diverged runs', '']
         lines += [f"- {row['run']} ({row['status']}): exit {row['exit_code']}: {row['message']} "
-                  f"(log {vpt.script_path(log_path(sweep_dir, row['run']))})" for row in failed]
+                  f"(log {shown_path(log_path(sweep_dir, row['run']))})" for row in failed]
     return '\n'.join(lines) + '\n'
 
 

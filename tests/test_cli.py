@@ -150,3 +150,14 @@ def test_recorded_command_and_resume_hint_work_from_any_directory(tiny_dataset, 
                                                  f"{os.path.join(REPO, 'main.py')} --resume logs/r")
     monkeypatch.chdir(REPO)
     assert train.resume_command('logs/r', 4) == "torchrun --nproc_per_node=4 main.py --resume logs/r"
+
+
+def test_recorded_commands_name_main_py_by_a_path_that_works_wherever_they_are_read(tmp_path, monkeypatch):
+    """config.json's command (and sweep.json's) is kept without its working directory: from below the repository's
+    parent, a relative 'main/main.py' only worked from that one directory."""
+    script = os.path.join(REPO, 'main.py')
+    monkeypatch.chdir(REPO)
+    assert main.script_path(script) == 'main.py'  # as typed there
+    for elsewhere in (os.path.dirname(REPO), tmp_path, os.path.join(REPO, 'tests')):
+        monkeypatch.chdir(elsewhere)
+        assert main.script_path(script) == script
