@@ -351,6 +351,10 @@ def set_trainable(model: PromptedViT, full: bool, unfreeze=()):
             raise SystemExit(f"error: --unfreeze pattern {pattern!r} matches no parameter of --model "
                              f"{model.vit.pretrained_cfg.get('architecture')}; "
                              f"closest names: {', '.join(_close_names(pattern, params))}")
+        if not full and not set(hits) - already:  # with --full everything trains: nothing to say
+            raise SystemExit(f"error: --unfreeze pattern {pattern!r} matches only {', '.join(hits[:3])}"
+                             f"{', ...' if len(hits) > 3 else ''}, which train{'s' if len(hits) == 1 else ''} "
+                             f"anyway; drop it, or name the backbone tensors to train as well")
         matched.update(hits)
     for name in matched:
         params[name].requires_grad_(True)

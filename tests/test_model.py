@@ -343,7 +343,10 @@ def test_unfreeze_patterns_add_to_prompt_tuning():
     assert set_trainable(model, False) == [] and count_params(model, trainable_only=True) == 6 * 4 * d + d * 10 + 10
     assert set_trainable(model, False, ['blocks.1.*', 'blocks.1*']) == sorted(  # overlapping patterns: a set
         name for name, _ in model.vit.named_parameters() if name.startswith('blocks.1.'))
-    assert set_trainable(model, False, ['head.*']) == []  # the head trains anyway: nothing added
+    for pattern, named in (('head.*', "'head.*' matches only head.weight, head.bias, which train anyway"),
+                           ('head.weight', "'head.weight' matches only head.weight, which trains anyway")):
+        with pytest.raises(SystemExit, match=named):  # it would label the run P+unfreeze and unfreeze nothing
+            set_trainable(model, False, [pattern])
     assert set_trainable(model, True, ['pos_embed']) == []  # harmless with --full True: nothing to add
     assert count_params(model, trainable_only=True) == count_params(model)
 
