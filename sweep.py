@@ -18,9 +18,11 @@ optimistic draw of its own configuration; the fresh seeds are selected on nothin
 accuracy plays no part in any choice.
 
 Everything goes to --log_dir/<name> (default logs/sweep-<8 hex digits hashed from the grid, seeds, val split and
-main.py flags>, so the same command finds the same sweep again): one run directory per trial (grid_lr=1e-3_...,
-final_seed=1, ...), logs/<run>.log with each trial's output, sweep.json (the definition), sweep.csv (one row per
-run), sweep.md (the report, also printed at the end) and sweep.log (what the sweep did, when).
+main.py flags as typed, so the same command finds the same sweep again; the same settings typed otherwise are
+refused with the sweep's own command, unless --name asks for a second one): one run directory per trial
+(grid_lr=1e-3_..., final_seed=1, ...), logs/<run>.log with each trial's output, sweep.json (the definition),
+sweep.csv (one row per run), sweep.md (the report, also printed at the end) and sweep.log (what the sweep did,
+when).
 
 Re-launching the same command skips finished runs, resumes interrupted ones (main.py --resume), retries failed ones,
 and moves a run directory without a checkpoint aside to <run>.failed-N before starting it afresh. A run that stopped
@@ -274,6 +276,39 @@ def check_models(names):
     if result.returncode:
         lines = result.stderr.strip().splitlines() or [f"checking --model failed (exit {result.returncode})"]
         fail(lines[-1].removeprefix('error: '), 2)
+
+
+def settings(definition):
+    """What a sweep trains, as main.py reads its flags: the same however its command was typed (flag order, 1e-3 or
+    0.001, False or false, a folder with or without a trailing /)."""
+    flags = given_main_flags(definition['main_flags'])
+    for flag in ('dataset', 'data_dir', 'weights'):
+        if isinstance(flags.get(flag), str):
+            flags[flag] = os.path.normpath(flags[flag])
+    grid = {flag: sorted(typed_value(flag, value) for value in values) for flag, values in definition['grid'].items()}
+    return json.dumps(dict(grid=grid, seeds=definition['seeds'], val_split=definition['val_split'],
+                           main_flags={flag: repr(value) for flag, value in flags.items()}), sort_keys=True)
+
+
+def same_settings_elsewhere(log_dir, definition):
+    """-> (directory, command) of a sweep in log_dir that has these settings under another name, or None."""
+    mine = settings(definition)
+    try:
+        names = sorted(os.listdir(log_dir))
+    except OSError:
+        return None
+    for name in names:
+        meta = read_json(os.path.join(log_dir, name, 'sweep.json'))
+        if not isinstance(meta, dict) or not {'grid', 'seeds', 'val_split', 'main_flags'} <= set(meta):
+            continue
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # a sweep.json main.py no longer reads is another sweep
+                theirs = settings(meta)
+        except (SystemExit, Exception):
+            continue
+        if theirs == mine:
+            return os.path.join(log_dir, name), meta.get('command')
+    return None
 
 
 def sweep_name(definition):
@@ -777,6 +812,11 @@ def main(argv=None):
 
     definition, base_seed, device_given, models = check_command_line(args, passthrough)
     sweep_dir = os.path.join(args.log_dir, args.name or sweep_name(definition))
+    if args.name is None and not os.path.exists(os.path.join(sweep_dir, 'sweep.json')):
+        twin = same_settings_elsewhere(args.log_dir, definition)  # a sweep's name hashes its command as typed
+        if twin:
+            fail(f"{twin[0]} is a sweep of these settings, typed differently; continue it with its own command "
+                 f"({twin[1]}), or pass --name to start a second one", 2)
     script = vpt.script_path(os.path.abspath(__file__))
     relaunch = shlex.join(['python', script, *argv])
     recorded = [arg for i, arg in enumerate(argv) if i >= split or arg != '--print_commands']

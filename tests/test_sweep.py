@@ -615,3 +615,26 @@ def test_a_closed_pipe_stops_the_running_trial_too(tmp_path):
             "    print('trial', trial.poll(), file=sys.stderr)\n")
     result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.strip() == f'trial {-signal.SIGTERM}', result.stderr
+
+
+def test_the_same_sweep_typed_differently_is_not_started_afresh(tiny_dataset, tmp_path):
+    """A sweep's name hashes its command as typed: re-typing the main.py flags in another order, 0.01 for 1e-2 or
+    false for False started the whole sweep again under a new name, without a word."""
+    first = ['--grid', 'lr=1e-3,1e-2', '--val_split', 0.25, '--log_dir', tmp_path, '--print_commands', '--',
+             *tiny(tiny_dataset), '--full', 'False']
+    assert run_sweep(first).returncode == 0
+    (name,) = os.listdir(tmp_path)
+    command = json.loads((tmp_path / name / 'sweep.json').read_text())['command']
+    retyped = ['--print_commands', '--log_dir', tmp_path, '--val_split', '0.25', '--grid', 'lr=0.01,0.001', '--',
+               '--full', 'false', *tiny(str(tiny_dataset) + '/')]
+    result = run_sweep(retyped)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"sweep.py: error: {tmp_path / name} is a sweep of these settings, typed differently; continue it with its "
+        f"own command ({command}), or pass --name to start a second one"], result.stderr
+    assert os.listdir(tmp_path) == [name]
+    assert run_sweep(first).returncode == 0  # its own command goes on with it
+    assert run_sweep(['--name', 'second', *retyped]).returncode == 0  # a second sweep, asked for by name
+    assert sorted(os.listdir(tmp_path)) == sorted([name, 'second'])
+    other = ['--grid', 'lr=1e-3,1e-2', '--val_split', 0.25, '--log_dir', tmp_path, '--print_commands', '--',
+             *tiny(tiny_dataset), '--full', 'False', '--prompts', 8]  # other settings: a new sweep
+    assert run_sweep(other).returncode == 0 and len(os.listdir(tmp_path)) == 3
