@@ -531,14 +531,6 @@ def evaluate_checkpoint(args, model, splits, classes, device):
     suffix = '_best' if args.checkpoint == 'best' else '' if epoch >= planned else f'_epoch{epoch}'
     loss, acc, confusion = results['test']
     per_class = train.per_class_accuracy(confusion, classes)
-    train.write_confusion(os.path.join(args.resume, f'confusion{suffix}.csv'), confusion, classes)
-    summary_path = os.path.join(args.resume, 'summary.json')
-    wrote = f"wrote {os.path.join(args.resume, f'confusion{suffix}.csv')}"
-    if not suffix.startswith('_epoch'):
-        summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
-        summary[f'per_class_acc{suffix}'] = per_class
-        train.write_json(summary_path, summary)
-        wrote += f" and per_class_acc{suffix} in {summary_path}"
     if 'val' in results:
         print(f"{args.resume} ({args.checkpoint}, epoch {epoch}): val accuracy {results['val'][1]:.4f}% "
               f"on {len(splits['val'][1])} images")
@@ -547,6 +539,15 @@ def evaluate_checkpoint(args, model, splits, classes, device):
     width = max(len(name) for name in classes)
     for name, value in per_class.items():
         print(f"  {name:<{width}}  " + (f"{value:7.2f}%" if value is not None else '      -  (no test images)'))
+    # written after printing: a run directory that cannot be written to (read-only, full) still shows its accuracy
+    train.write_confusion(os.path.join(args.resume, f'confusion{suffix}.csv'), confusion, classes)
+    summary_path = os.path.join(args.resume, 'summary.json')
+    wrote = f"wrote {os.path.join(args.resume, f'confusion{suffix}.csv')}"
+    if not suffix.startswith('_epoch'):
+        summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
+        summary[f'per_class_acc{suffix}'] = per_class
+        train.write_json(summary_path, summary)
+        wrote += f" and per_class_acc{suffix} in {summary_path}"
     print(wrote)
 
 

@@ -161,6 +161,24 @@ def test_eval_only_of_an_unfinished_run_names_its_epoch(tiny_dataset, tmp_path, 
     assert code == 0 and not os.path.exists(tmp_path / 'r' / 'confusion.csv'), err
 
 
+def test_eval_only_on_a_run_directory_it_cannot_write_still_shows_the_accuracy(run_dir, capsys, monkeypatch):
+    """A read-only (or full) run directory: the evaluation is done, so its accuracy is printed before the one line
+    saying the confusion matrix could not be written, and nothing of the run changes."""
+    import errno
+    before = {name: open(os.path.join(run_dir, name), 'rb').read() for name in os.listdir(run_dir)
+              if os.path.isfile(os.path.join(run_dir, name))}
+
+    def read_only(descriptor):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(os, 'fsync', read_only)
+    code, out, err = run_main(['--eval_only', '--resume', run_dir], capsys)
+    assert code == 1 and re.search(r'test accuracy [0-9.]+% test loss', out), (out, err)
+    assert err.strip().splitlines()[-1].startswith(f"error: cannot write {os.path.join(run_dir, 'confusion.csv')} "
+                                                   f"(Read-only file system)"), err
+    assert {name: open(os.path.join(run_dir, name), 'rb').read() for name in os.listdir(run_dir)
+            if os.path.isfile(os.path.join(run_dir, name))} == before
+
+
 def test_class_without_images(tiny_dataset, tmp_path, capsys):
     # 2 test images of 3 classes: one class has none, and its accuracy is unknown, not 0%; likewise 2 training images
     code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 2, '--train_samples', 2,
