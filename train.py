@@ -538,7 +538,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             try:
                 with explain_out_of_memory(args.batch_size, args.amp, f'in training epoch {epoch}'):
                     trained = train_epoch(net, optimizer, scheduler, batches, steps_per_epoch, args.amp, stop,
-                                        desc=f'epoch {epoch}/{args.epoch}')
+                                          desc=f'epoch {epoch}/{args.epoch}')
             except FloatingPointError as e:
                 if rank == 0:  # on record for plot.py: this run is not one to --resume, as it would diverge again
                     write_json(os.path.join(run_dir, 'summary.json'),
