@@ -421,7 +421,8 @@ def plot_runs(runs, out):
     for ax, title in zip(axes, ('train accuracy', 'test accuracy')):
         ax.set_title(title)
         ax.set_xlabel('epoch')
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # min_n_ticks=1: with one epoch only 1 is an integer in view, and the default (2) falls back to fractions
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel('accuracy (%)')
     axes[1].tick_params(labelleft=True)  # shared scale, but each panel keeps its numbers

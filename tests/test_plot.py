@@ -794,3 +794,16 @@ def test_cost_figure_styles_unfreeze_runs_as_their_method(tmp_path, capsys, monk
     assert styles == {'P': ('tab:blue', 'o'), 'P+unfreeze': ('tab:blue', 'v'), 'linear+unfreeze': ('tab:purple', 'v')}
     for fig in figures:
         close_figure(fig)
+
+
+def test_one_epoch_runs_have_integer_epoch_ticks(tmp_path, capsys, monkeypatch):
+    """Only one integer (1) lies on the epoch axis of one-epoch runs; it is the one tick, not 0.945, 0.96, ..."""
+    for name in ('P_a', 'P_b'):
+        write_run(tmp_path, name, epochs=[(70.0, 80.0, 4.1)])
+    figures = captured_figures(monkeypatch)
+    code, _, err = run_plot([tmp_path], capsys)
+    assert code == 0, err
+    for ax in figures[0].axes:
+        low, high = ax.get_xlim()
+        assert [tick for tick in ax.get_xticks() if low <= tick <= high] == [1]
+    close_figure(figures[0])
