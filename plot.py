@@ -402,21 +402,22 @@ def font_charmap(path):
     return _charmaps[path]
 
 
-def run_colours(count):
-    cmap = plt.get_cmap('tab10' if count <= 10 else 'tab20')
-    if count <= 20:
-        return [cmap(i) for i in range(count)]
-    return [plt.get_cmap('viridis')(i / (count - 1)) for i in range(count)]
+def run_styles(count):
+    """(colour, line style, marker) of each run: tab10, tab20 past 10 runs; past 20 the colours come round again with
+    the next line style and marker (a continuous colour map would give neighbouring runs near-identical colours)."""
+    colours = plt.get_cmap('tab10' if count <= 10 else 'tab20').colors
+    styles = [('-', 'o'), ('--', 's'), (':', '^'), ('-.', 'D')]
+    return [(colours[i % len(colours)], *styles[i // len(colours) % len(styles)]) for i in range(count)]
 
 
 def plot_runs(runs, out):
     longest = max(len(run['history']) for run in runs)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout='constrained')
-    for run, colour in zip(runs, run_colours(len(runs))):
+    for run, (colour, linestyle, marker) in zip(runs, run_styles(len(runs))):
         epochs = [row['epoch'] for row in run['history']]
-        marker = 'o' if longest <= MARKERS_UP_TO or len(epochs) == 1 else None
         for ax, key in zip(axes, ('train_acc', 'test_acc')):
-            ax.plot(epochs, [row[key] for row in run['history']], color=colour, marker=marker, markersize=4,
+            ax.plot(epochs, [row[key] for row in run['history']], color=colour, linestyle=linestyle,
+                    marker=marker if longest <= MARKERS_UP_TO or len(epochs) == 1 else None, markersize=4,
                     linewidth=1.8, label=f"{run['name']} ({run['mode']})")
     for ax, title in zip(axes, ('train accuracy', 'test accuracy')):
         ax.set_title(title)
@@ -427,10 +428,26 @@ def plot_runs(runs, out):
     axes[0].set_ylabel('accuracy (%)')
     axes[1].tick_params(labelleft=True)  # shared scale, but each panel keeps its numbers
     handles, labels = axes[0].get_legend_handles_labels()
-    longest_label = max(len(label) for label in labels)
-    columns = max(1, min(len(labels), 110 // (longest_label + 6)))
-    fig.legend(handles, labels, loc='outside lower center', ncol=columns, frameon=False)
+    add_legend_below(fig, handles, labels, panels_height=3.95)
     save_figure(fig, out)
+
+
+def add_legend_below(fig, handles, labels, panels_height):
+    """The legend under the panels, in as many columns as the figure's width holds; the figure's height becomes
+    panels_height (inches: the panels with their titles and axis labels) plus the legend's, so the panels keep their
+    size however many runs and however long their names."""
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legend(handles, labels, loc='outside lower center', ncol=1, frameon=False)
+    entry_width = legend.get_window_extent(renderer).width  # one column: the widest entry
+    spacing = legend.columnspacing * legend.prop.get_size_in_points() * fig.dpi / 72
+    columns = max(1, min(len(labels), int((fig.bbox.width + spacing) // (entry_width + spacing))))
+    while True:
+        legend.remove()
+        legend = fig.legend(handles, labels, loc='outside lower center', ncol=columns, frameon=False)
+        if columns == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
+            break
+        columns -= 1
+    fig.set_figheight(panels_height + legend.get_window_extent(renderer).height / fig.dpi)
 
 
 def cost_path(out, first_path):

@@ -214,6 +214,51 @@ def test_figure_shows_train_and_test_of_each_run(logs, tmp_path, capsys, monkeyp
     close_figure(figures[0])
 
 
+def panel_heights(fig):
+    """Inches of each axes' height, as laid out when the figure was saved."""
+    return [ax.get_position().height * fig.get_figheight() for ax in fig.axes]
+
+
+@pytest.mark.parametrize('count', [8, 16])
+def test_many_long_named_runs_keep_the_panels_size(count, logs, tmp_path, capsys, monkeypatch, recwarn):
+    """main.py's names are ~55 characters; in a figure of fixed height the legend used to leave the panels 40% of
+    it with 8 such runs, and with 16 cover the curves (matplotlib warned that constrained layout collapsed them)."""
+    many = tmp_path / 'many'
+    for i in range(count):
+        write_run(many, f'P_vit_base_patch16_224.augreg_in21k_20261126-01{i:02d}03')
+    figures = captured_figures(monkeypatch)
+    assert run_plot([logs, '--out', tmp_path / 'few.png'], capsys)[0] == 0
+    assert run_plot([many, '--out', tmp_path / 'many.png'], capsys)[0] == 0
+    few_fig, many_fig = figures
+    assert not [w for w in recwarn if 'collapsed' in str(w.message)]
+    assert min(panel_heights(many_fig)) >= 0.95 * min(panel_heights(few_fig)) > 2.5  # inches, as with 3 runs
+    renderer = many_fig.canvas.get_renderer()
+    many_fig.draw_without_rendering()
+    (legend,) = many_fig.legends
+    box = legend.get_window_extent(renderer)
+    assert len(legend.get_texts()) == count and many_fig.bbox.contains(box.x0, box.y0) and \
+        many_fig.bbox.contains(box.x1, box.y1)  # the whole legend is in the figure
+    assert all(box.y1 <= ax.get_window_extent(renderer).y0 for ax in many_fig.axes)  # below the curves
+    for fig in figures:
+        close_figure(fig)
+
+
+def test_runs_past_twenty_stay_distinguishable(tmp_path, capsys, monkeypatch):
+    """Past tab20's 20 colours the runs used to get viridis, neighbours in near-identical colours: any two runs
+    drawn in the same line style must differ clearly in colour."""
+    for i in range(24):
+        write_run(tmp_path, f'P_run{i:02d}')
+    figures = captured_figures(monkeypatch)
+    assert run_plot([tmp_path], capsys)[0] == 0
+    lines = figures[0].axes[1].get_lines()
+    assert len(lines) == 24
+    rgb = [np.array(matplotlib.colors.to_rgb(line.get_color())) for line in lines]
+    style = [(line.get_linestyle(), line.get_marker()) for line in lines]
+    closest = min(np.linalg.norm(rgb[i] - rgb[j]) for i in range(24) for j in range(i) if style[i] == style[j])
+    assert closest > 0.09  # tab20's closest pair is 0.098 apart in RGB; 24 viridis colours came 0.043 apart
+    close_figure(figures[0])
+
+
 def test_run_directory_directly(logs, capsys):
     run_dir = os.path.join(logs, 'P_run')
     code, out, err = run_plot([run_dir], capsys)
