@@ -23,7 +23,8 @@ finished (stopped, or still training: its summary.json plans more epochs), and a
 
 --cost writes cost.png next to accuracy.png (with --out report/acc.pdf: report/acc_cost.pdf): test@best val, or
 the final test accuracy for runs without a validation split (hollow markers), against trainable parameters, mean
-time per epoch and checkpoint size, one point per run; a run lacking a quantity is left out of that panel.
+time per epoch and checkpoint size, one point per run (runs at the same point share its label); a run lacking a
+quantity is left out of that panel.
 
 --confusion draws only the confusion matrices (no accuracy figure, no table): rows are true classes, each row
 normalised to 100%, colour on a square-root scale so that small confusions show. --out is allowed with a single run
@@ -50,6 +51,8 @@ from matplotlib import font_manager
 from matplotlib.colors import PowerNorm
 from matplotlib.ft2font import FT2Font
 from matplotlib.lines import Line2D
+from matplotlib.patches import ConnectionPatch
+from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 # train.METRICS_HEADER, repeated rather than imported: plot.py stays free of torch and starts in a second.
@@ -473,6 +476,7 @@ def plot_cost(runs, out):
     order = list(MODE_STYLE)
     modes = sorted({run['mode'] for run in runs}, key=lambda m: (order.index(m) if m in order else len(order), m))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), sharey=True, layout='constrained')
+    labels = []
     for ax, (key, xlabel) in zip(axes, panels):
         points = [(x_of(run, key), accuracy(run), run) for run in runs if x_of(run, key) is not None]
         for mode in modes:
@@ -494,12 +498,17 @@ def plot_cost(runs, out):
             ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5) if right / left < 300 else (1,)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
-        for x, y, run in points:  # names of points in a panel's right part go below-left, others above-right
+        names_at = {}  # runs at the same point share one label, their names one under the other
+        for x, y, run in points:
+            names_at.setdefault((x, y), []).append(run['name'])
+        for (x, y), names in names_at.items():  # in a panel's right part below-left of the point, else above-right
             where = ((math.log(x / left) / math.log(right / left)) if ax.get_xscale() == 'log' else
                      (x - left) / (right - left))
-            ax.annotate(run['name'], (x, y), xytext=(-5, -10) if where > 0.55 else (5, 3),
-                        textcoords='offset points', ha='right' if where > 0.55 else 'left', fontsize=6.5,
-                        color='0.25')
+            label = ax.annotate('\n'.join(names), (x, y), xytext=(-5, -3) if where > 0.55 else (5, 3),
+                                textcoords='offset points', ha='right' if where > 0.55 else 'left',
+                                va='top' if where > 0.55 else 'bottom', fontsize=6.5, color='0.25')
+            label.set_in_layout(False)  # fit_point_labels moves it into the axes once the layout is done
+            labels.append(label)
         ax.set_xlabel(xlabel)
         ax.grid(True, which='major', alpha=0.3)
         ax.tick_params(labelleft=True)
@@ -516,7 +525,98 @@ def plot_cost(runs, out):
                     Line2D([], [], linestyle='none', marker='o', markersize=7, color='0.3', markerfacecolor='none',
                            label='hollow: final epoch (no val split)')]
     fig.legend(handles=handles, loc='outside lower center', ncol=len(handles), frameon=False)
+    fit_point_labels(fig, labels)
     save_figure(fig, out)
+
+
+def fit_point_labels(fig, labels):
+    """Puts each point label (an annotation offset in points from its point) where it fits in its axes: its side of
+    the point, the other side, or centred over it, else moved in from the edge; then down, or else up, off the labels
+    placed before it (top to bottom) and the other points' markers. Run names are long enough to reach past a panel's
+    edge (past the figure's at the outer panels), and near points would print their names over each other."""
+    fig.draw_without_rendering()  # the layout, which leaves the labels out: the axes' final positions
+    renderer = fig.canvas.get_renderer()
+    pad = 2 * fig.dpi / 72  # pixels between a label and the axes' frame, another label or a marker
+    placed = {}  # axes -> the boxes of its labels placed so far
+    for label in sorted(labels, key=lambda label: -label.axes.transData.transform(label.xy)[1]):
+        ax = label.axes
+        frame = ax.get_window_extent(renderer)
+        box = label.get_window_extent(renderer)
+        if box.width > frame.width - 2 * pad:  # wider than the panel (a run named by its path): over several lines
+            label.set_text(wrap_name(label.get_text(), len(label.get_text()) * (frame.width - 2 * pad) / box.width))
+        (x, y), ha, va = label.xyann, label.get_ha(), label.get_va()
+        other_side = ((-x, -y), 'right' if ha == 'left' else 'left', 'top' if va == 'bottom' else 'bottom')
+        centred = ((0, math.copysign(5, y)), 'center', va)
+        overhangs = []  # (pixels past the frame's left and right sides, place) of the places tried
+        for place in ((x, y), ha, va), other_side, centred:
+            box = put_label(label, place, renderer)
+            overhangs.append((max(frame.x0 + pad - box.x0, 0) + max(box.x1 - frame.x1 + pad, 0), place))
+            if not overhangs[-1][0]:
+                break
+        box = put_label(label, min(overhangs, key=lambda tried: tried[0])[1], renderer)  # else the least overhang
+        dx = max(frame.x0 + pad - box.x0, 0) or min(frame.x1 - pad - box.x1, 0)
+        dy = max(frame.y0 + pad - box.y0, 0) or min(frame.y1 - pad - box.y1, 0)
+        box = box.translated(dx, dy)
+        obstacles = placed.setdefault(ax, []) + marker_boxes(ax, fig.dpi, leaving_out=label.xy)
+        for down in (True, False):
+            shift = clearing_shift(box, obstacles, pad, down)
+            if frame.y0 <= box.y0 + shift and box.y1 + shift <= frame.y1:
+                break
+        else:
+            shift = 0  # no room either way: it stays, over something
+        box = box.translated(0, shift)
+        placed[ax].append(box)
+        x, y = label.xyann
+        label.xyann = (x + dx * 72 / fig.dpi, y + (dy + shift) * 72 / fig.dpi)
+        point_x, point_y = ax.transData.transform(label.xy)
+        nearest_x, nearest_y = min(max(point_x, box.x0), box.x1), min(max(point_y, box.y0), box.y1)  # of the label
+        if math.hypot(point_x - nearest_x, point_y - nearest_y) > label.get_fontsize() * fig.dpi / 72:
+            # a line from there back to its point; figure points, unlike pixels, stay put at savefig's dpi
+            leader = ConnectionPatch((nearest_x * 72 / fig.dpi, nearest_y * 72 / fig.dpi), label.xy, 'figure points',
+                                     'data', axesB=ax, color='0.6', linewidth=0.5, shrinkA=1, shrinkB=4)
+            leader.set_in_layout(False)
+            ax.add_artist(leader)
+
+
+def put_label(label, place, renderer):
+    """Gives label the offset and alignments of place, (offset, ha, va) -> the display box of its text."""
+    label.xyann, ha, va = place
+    label.set(ha=ha, va=va)
+    return label.get_window_extent(renderer)
+
+
+def marker_boxes(ax, dpi, leaving_out):
+    """Display boxes of the scatter markers in ax but those at the data point leaving_out."""
+    boxes = []
+    for points in ax.collections:
+        radii = np.broadcast_to(np.sqrt(points.get_sizes()) / 2 * dpi / 72, len(points.get_offsets()))
+        for (x, y), point, radius in zip(ax.transData.transform(points.get_offsets()), points.get_offsets(), radii):
+            if tuple(point) != tuple(leaving_out):
+                boxes.append(Bbox.from_bounds(x - radius, y - radius, 2 * radius, 2 * radius))
+    return boxes
+
+
+def clearing_shift(box, obstacles, pad, down):
+    """Pixels to move box down (negative) or up by until it is at least pad away from every one of obstacles."""
+    shift = 0
+    while True:
+        hits = [other for other in obstacles if box.translated(0, shift).overlaps(other.padded(pad / 2))]
+        if not hits:
+            return shift
+        shift = (min(other.y0 for other in hits) - pad - box.y1 if down else
+                 max(other.y1 for other in hits) + pad - box.y0)
+
+
+def wrap_name(text, characters):
+    """Each line of text broken after a '/', '_' or '-' into lines of at most about `characters`."""
+    lines = []
+    for line in text.split('\n'):
+        lines.append('')
+        for piece in re.findall(r'[^/_-]*[/_-]?', line):
+            if lines[-1] and len(lines[-1]) + len(piece) > characters:
+                lines.append('')
+            lines[-1] += piece
+    return '\n'.join(lines)
 
 
 # ---------------------------------------------------------------- confusion matrices

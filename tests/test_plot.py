@@ -581,6 +581,36 @@ def test_cost_figure(cost_logs, capsys, monkeypatch):
         close_figure(fig)
 
 
+def test_cost_labels_stay_in_their_panel_and_apart(tmp_path, capsys, monkeypatch):
+    """main.py's ~55-character run names used to run past the panels' edges (and the figure's), and two runs at the
+    same point printed their names over each other."""
+    root = tmp_path / 'logs'
+    costs = [(1000, 1.0, 4_000), (92170, 4.1, 1_874_000), (92170, 4.1, 1_874_000), (92170, 9.0, 1_874_000),
+             (2_000_000, 30.0, 8_000_000), (85806346, 120.0, 343_000_000), (85844746, 125.0, 343_400_000),
+             (85806346, 119.0, 343_000_000)]
+    names = []
+    for i, (params, seconds, size) in enumerate(costs):
+        names.append(f'P_vit_base_patch16_224.augreg_in21k_20261126-01{i:02d}03')
+        accuracy = 80.0 if i in (1, 2) else 75.0 + i  # runs 1 and 2: the same point in every panel
+        write_run(root, names[-1], 'P', params, [(70.0, accuracy, seconds)], checkpoint_bytes=size)
+    figures = captured_figures(monkeypatch)
+    code, _, err = run_plot([root, '--cost'], capsys)
+    assert code == 0, err
+    fig = figures[1]
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        frame = ax.get_window_extent(renderer)
+        boxes = [label.get_window_extent(renderer) for label in ax.texts]
+        assert sorted(name for label in ax.texts for name in label.get_text().split('\n')) == names
+        for box in boxes:
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        for i, box in enumerate(boxes):
+            assert not any(box.overlaps(other) for other in boxes[:i])
+    for fig in figures:
+        close_figure(fig)
+
+
 def test_cost_axis_says_which_accuracy(cost_logs, tmp_path, capsys, monkeypatch):
     figures = captured_figures(monkeypatch)
     run_plot([os.path.join(cost_logs, 'P_val'), '--cost', '--out', tmp_path / 'acc.png'], capsys)
