@@ -41,6 +41,7 @@ import math
 import os
 import re
 import sys
+import unicodedata
 import warnings
 
 import matplotlib
@@ -308,6 +309,12 @@ def epochs_cell(run):
     return f"{done}/{planned}" if planned is not None and done < planned else str(done)
 
 
+def shown_width(text):
+    """Terminal columns of text: wide (CJK) characters take two, combining marks none."""
+    return sum(0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in 'WF' else 1
+               for char in text)
+
+
 def print_table(runs):
     header = ['run', 'mode', 'epochs', 'test@best val', 'val epoch', 'best test (oracle)', 'best epoch', 'final test',
               'time/epoch', 'total time', 'peak mem', 'checkpoint', 'trainable params']
@@ -318,9 +325,10 @@ def print_table(runs):
              f"{run['peak_mem_gib']:.1f} GiB" if run['peak_mem_gib'] is not None else '-',
              format_bytes(run['checkpoint_bytes']) if run['checkpoint_bytes'] is not None else '-',
              f"{run['params']:,}" if run['params'] is not None else '?'] for run in runs]
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    widths = [max(shown_width(row[i]) for row in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:  # text columns left-aligned, numbers right-aligned
-        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        pads = [' ' * (w - shown_width(cell)) for cell, w in zip(row, widths)]
+        cells = [cell + pad if i < 2 else pad + cell for i, (cell, pad) in enumerate(zip(row, pads))]
         print('  '.join(cells).rstrip())
     print("test@best val: test accuracy at the epoch of best validation accuracy, the number to report ('-': no "
           "validation split); best test (oracle): best test accuracy over epochs, chosen on the test set (optimistic)")

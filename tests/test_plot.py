@@ -882,3 +882,17 @@ def test_one_epoch_runs_have_integer_epoch_ticks(tmp_path, capsys, monkeypatch):
         low, high = ax.get_xlim()
         assert [tick for tick in ax.get_xticks() if low <= tick <= high] == [1]
     close_figure(figures[0])
+
+
+def test_table_columns_line_up_with_wide_characters_in_run_names(tmp_path, capsys):
+    """A CJK character takes two terminal columns: counted as one, every column after a Chinese run name slid left."""
+    root = tmp_path / 'logs'
+    write_run(root, '基线_P', 'P')
+    write_run(root, 'baseline_P', 'P')
+    code, out, err = run_plot([str(root), '--out', tmp_path / 'acc.png'], capsys)
+    assert code == 0, err
+    header, rows, _, _ = table_lines(out)
+    import unicodedata
+    columns = lambda text: sum(2 if unicodedata.east_asian_width(char) in 'WF' else 1 for char in text)
+    mode_column = [columns(line[:line.index(' P ') + 1]) for line in rows]
+    assert len(rows) == 2 and mode_column[0] == mode_column[1] == header.index('mode'), out
