@@ -426,10 +426,11 @@ def plot_runs(runs, out):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout='constrained')
     for run, (colour, linestyle, marker) in zip(runs, run_styles(len(runs))):
         epochs = [row['epoch'] for row in run['history']]
+        unfinished = f", {epochs_cell(run)} epochs" if '/' in epochs_cell(run) else ''  # its curves end early
         for ax, key in zip(axes, ('train_acc', 'test_acc')):
             ax.plot(epochs, [row[key] for row in run['history']], color=colour, linestyle=linestyle,
                     marker=marker if longest <= MARKERS_UP_TO or len(epochs) == 1 else None, markersize=4,
-                    linewidth=1.8, label=f"{run['name']} ({run['mode']})")
+                    linewidth=1.8, label=f"{run['name']} ({run['mode']}{unfinished})")
     for ax, title in zip(axes, ('train accuracy', 'test accuracy')):
         ax.set_title(title)
         ax.set_xlabel('epoch')

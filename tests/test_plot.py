@@ -502,7 +502,8 @@ def test_a_folder_of_sweeps_names_every_one(tmp_path, capsys):
             f"more of them") in err
 
 
-def test_unfinished_run_shows_epochs_done_of_planned(tmp_path, capsys):
+def test_unfinished_run_shows_epochs_done_of_planned(tmp_path, capsys, monkeypatch):
+    figures = captured_figures(monkeypatch)
     root = tmp_path / 'logs'
     epochs = [(70.1, 80.3, 4.1), (84.2, 86.9, 4.1)]
     for name, planned in (('P_stopped', 30), ('P_done', 2)):
@@ -514,6 +515,7 @@ def test_unfinished_run_shows_epochs_done_of_planned(tmp_path, capsys):
     assert column(out, 'P_stopped', 'epochs') == '2/30' and column(out, 'P_done', 'epochs') == '2'
     assert one_line(err).startswith('plot.py: warning: run') and 'P_stopped' in err and 'P_done' not in err
     assert '2 of 30 epochs' in err and 'not final' in err
+    assert [text.get_text() for text in figures[0].legends[0].get_texts()] == ['P_done (P)', 'P_stopped (P, 2/30 epochs)']
     with open(os.path.join(root, 'P_stopped', 'summary.json'), 'w') as f:  # as train.py writes it on a non-finite loss
         json.dump(dict(epochs_done=2, epochs=30, finished=False, diverged=dict(epoch=3, step=17)), f)
     code, out, err = run_plot([root], capsys)
