@@ -449,17 +449,18 @@ def add_legend_below(fig, handles, labels, panels_height):
     panels_height (inches: the panels with their titles and axis labels) plus the legend's, so the panels keep their
     size however many runs and however long their names."""
     renderer = fig.canvas.get_renderer()
-    legend = fig.legend(handles, labels, loc='outside lower center', ncol=1, frameon=False)
-    entry_width = legend.get_window_extent(renderer).width  # one column: the widest entry
-    spacing = legend.columnspacing * legend.prop.get_size_in_points() * fig.dpi / 72
-    columns = max(1, min(len(labels), int((fig.bbox.width + spacing) // (entry_width + spacing))))
-    while True:
-        legend.remove()
-        legend = fig.legend(handles, labels, loc='outside lower center', ncol=columns, frameon=False)
-        if columns == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
-            break
-        columns -= 1
-    fig.set_figheight(panels_height + legend.get_window_extent(renderer).height / fig.dpi)
+    with quiet_font_search():  # measured in the default font: save_figure's fit_fonts says once what is missing
+        legend = fig.legend(handles, labels, loc='outside lower center', ncol=1, frameon=False)
+        entry_width = legend.get_window_extent(renderer).width  # one column: the widest entry
+        spacing = legend.columnspacing * legend.prop.get_size_in_points() * fig.dpi / 72
+        columns = max(1, min(len(labels), int((fig.bbox.width + spacing) // (entry_width + spacing))))
+        while True:
+            legend.remove()
+            legend = fig.legend(handles, labels, loc='outside lower center', ncol=columns, frameon=False)
+            if columns == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
+                break
+            columns -= 1
+        fig.set_figheight(panels_height + legend.get_window_extent(renderer).height / fig.dpi)
 
 
 def cost_path(out, first_path):
@@ -534,7 +535,8 @@ def plot_cost(runs, out):
                     Line2D([], [], linestyle='none', marker='o', markersize=7, color='0.3', markerfacecolor='none',
                            label='hollow: final epoch (no val split)')]
     fig.legend(handles=handles, loc='outside lower center', ncol=len(handles), frameon=False)
-    fit_point_labels(fig, labels)
+    with quiet_font_search():  # measured in the default font: save_figure's fit_fonts says once what is missing
+        fit_point_labels(fig, labels)
     save_figure(fig, out)
 
 
