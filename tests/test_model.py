@@ -347,6 +347,9 @@ def test_unfreeze_patterns_add_to_prompt_tuning():
                            ('head.weight', "'head.weight' matches only head.weight, which trains anyway")):
         with pytest.raises(SystemExit, match=named):  # it would label the run P+unfreeze and unfreeze nothing
             set_trainable(model, False, [pattern])
+    # a pattern that matches the head and backbone tensors as well adds those: it is not refused
+    assert set_trainable(model, False, ['*.bias']) == sorted(
+        name for name, _ in model.vit.named_parameters() if name.endswith('.bias') and name != 'head.bias')
     assert set_trainable(model, True, ['pos_embed']) == []  # harmless with --full True: nothing to add
     assert count_params(model, trainable_only=True) == count_params(model)
 

@@ -2,6 +2,7 @@
 for bad inputs."""
 import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -903,3 +904,84 @@ def test_table_columns_line_up_with_wide_characters_in_run_names(tmp_path, capsy
     columns = lambda text: sum(2 if unicodedata.east_asian_width(char) in 'WF' else 1 for char in text)
     mode_column = [columns(line[:line.index(' P ') + 1]) for line in rows]
     assert len(rows) == 2 and mode_column[0] == mode_column[1] == header.index('mode'), out
+
+
+def check_cost_labels(fig, names_at):
+    """Each panel of cost.png: one label per point, holding the names of the runs there (names_at(panel index) ->
+    {(x, y): [names]}), inside its panel, off the other labels and the other points' markers, with a leader line back
+    to its point when, and only when, it was moved away from it."""
+    from matplotlib.patches import ConnectionPatch
+    from matplotlib.transforms import Bbox
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    for index, ax in enumerate(fig.axes):
+        frame = ax.get_window_extent(renderer)
+        expected = names_at(index)
+        assert {tuple(label.xy): label.get_text().replace('\n', '') for label in ax.texts} == {
+            point: ''.join(names) for point, names in expected.items()} and len(ax.texts) == len(expected)
+        leaders = [tuple(patch.xy2) for patch in ax.patches if isinstance(patch, ConnectionPatch)]
+        markers = []
+        for points in ax.collections:
+            offsets = points.get_offsets()
+            radii = np.broadcast_to(np.sqrt(points.get_sizes()) / 2 * fig.dpi / 72, len(offsets))
+            markers += [(tuple(point), Bbox.from_bounds(x - r, y - r, 2 * r, 2 * r))
+                        for (x, y), point, r in zip(ax.transData.transform(offsets), offsets, radii)]
+        boxes = []
+        for label in ax.texts:
+            box = label.get_window_extent(renderer)
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, label
+            assert not any(box.overlaps(other) for other in boxes), label
+            assert not any(box.overlaps(marker) for point, marker in markers if point != tuple(label.xy)), label
+            boxes.append(box)
+            x, y = ax.transData.transform(label.xy)
+            away = math.hypot(x - min(max(x, box.x0), box.x1), y - min(max(y, box.y0), box.y1))
+            assert leaders.count(tuple(label.xy)) == (away > label.get_fontsize() * fig.dpi / 72), label
+
+
+def test_cost_labels_of_long_names_and_crowded_points_stay_readable(tmp_path, capsys, monkeypatch):
+    """A run named by its path is wider than a panel: wrapped over lines and moved in from the panel's edge. Three
+    runs at the top point share one label, taller than the room above it: moved down. Points close together keep their
+    labels off each other's markers, and a label moved away from its point gets a line back to it."""
+    root = tmp_path / 'logs'
+    long_name = '_'.join(['P', 'vit_base_patch16_224.augreg_in21k'] + [f'20261126-01{i:02d}03' for i in range(6)])
+    runs = [(long_name, 30_000, 10.0, 2_000_000, 70.0),
+            ('P_top_a', 92170, 4.1, 1_874_000, 90.0), ('P_top_b', 92170, 4.1, 1_874_000, 90.0),
+            ('P_top_c', 92170, 4.1, 1_874_000, 90.0), ('P_near_1', 300_000, 20.0, 6_000_000, 80.0),
+            ('P_near_2', 330_000, 21.0, 6_300_000, 80.4), ('P_near_3', 360_000, 22.0, 6_600_000, 80.8),
+            ('P_far', 85806346, 120.0, 343_000_000, 60.0)]
+    for name, params, seconds, size, accuracy in runs:
+        write_run(root, name, 'P', params, [(70.0, accuracy, seconds)], checkpoint_bytes=size)
+    figures = captured_figures(monkeypatch)
+    code, _, err = run_plot([root, '--cost'], capsys)
+    assert code == 0, err
+
+    def names_at(index):
+        at = {}
+        for name, params, seconds, size, accuracy in sorted(runs):
+            at.setdefault(((params, seconds, size / 1e6)[index], accuracy), []).append(name)
+        return at
+    check_cost_labels(figures[1], names_at)
+    assert all('\n' in label.get_text() for ax in figures[1].axes for label in ax.texts
+               if label.get_text().replace('\n', '') == long_name)
+    for fig in figures:
+        close_figure(fig)
+
+
+def test_shown_width_counts_fullwidth_and_combining_characters():
+    """Fullwidth forms ('F', e.g. a fullwidth Ｐ) take two terminal columns like CJK ('W'); a combining accent (a
+    decomposed é, as macOS file names have it) takes none: the table's columns after such run names line up."""
+    assert plot.shown_width('基线_P') == 6
+    assert plot.shown_width('Ｐ_run') == 6
+    assert plot.shown_width('cafe\u0301') == 4
+
+
+def test_up_to_twenty_runs_get_a_colour_each(tmp_path, capsys, monkeypatch):
+    """Past 10 runs tab20's colours: 12 runs in 12 colours, all drawn as solid lines."""
+    for i in range(12):
+        write_run(tmp_path, f'P_run{i:02d}')
+    figures = captured_figures(monkeypatch)
+    assert run_plot([tmp_path], capsys)[0] == 0
+    lines = figures[0].axes[1].get_lines()
+    assert len({matplotlib.colors.to_hex(line.get_color()) for line in lines}) == 12
+    assert {line.get_linestyle() for line in lines} == {'-'}
+    close_figure(figures[0])

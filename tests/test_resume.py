@@ -693,3 +693,35 @@ def test_two_processes_writing_the_same_file_do_not_trip_over_each_other(tmp_pat
     assert results == [(0, ''), (0, '')]
     assert json.loads(target.read_text())['i'] == 299
     assert os.listdir(tmp_path) == ['summary.json']
+
+
+def test_the_refused_warmup_resume_names_an_epoch_count_that_is_accepted(tmp_path, capsys):
+    """The default warmup of a 20-epoch run is 2.0 epochs: --epoch 2 ends inside it, and the --epoch the message asks
+    for must be one that is accepted (3), not 2 again; --eval_only and --predict train nothing and take any --epoch."""
+    import main
+    run_dir = tmp_path / 'r'
+    run_dir.mkdir()
+    (run_dir / 'config.json').write_text(json.dumps({'epoch': 20, 'warmup_epochs': 2.0}))
+    (run_dir / 'state.pt').write_bytes(b'')
+    with pytest.raises(SystemExit):
+        main.parse_args(['--resume', str(run_dir), '--epoch', '2'])
+    err = capsys.readouterr().err
+    assert f"--epoch 2 would end {run_dir} within its 2 warmup epochs" in err and "pass --epoch 3 or more" in err, err
+    assert main.parse_args(['--resume', str(run_dir), '--epoch', '3']).epoch == 3
+    assert main.parse_args(['--resume', str(run_dir), '--eval_only', '--epoch', '2']).eval_only
+    assert main.parse_args(['--resume', str(run_dir), '--predict', str(tmp_path), '--epoch', '2']).predict
+
+
+def test_a_resume_seeds_the_ranks_it_adds_from_the_runs_seed(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """fit hands the run's --seed (from config.json) to restore_rng, which seeds the ranks a resume adds with it."""
+    import train
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', '--seed', 11, epochs=1), capsys)
+    assert code == 0, err
+    seeds, restore_rng = [], train.restore_rng
+
+    def spy(rng, generator, seed):
+        seeds.append(seed)
+        return restore_rng(rng, generator, seed)
+    monkeypatch.setattr(train, 'restore_rng', spy)
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
+    assert code == 0 and seeds == [11], (seeds, err)

@@ -266,6 +266,7 @@ def test_a_grid_that_only_diverges_says_so(tiny_dataset, tmp_path):
     # the printed report names each failed run's log by a path that opens from where the sweep was launched
     logs = re.findall(r'\(log ([^)]+)\)', result.stdout)
     assert len(logs) == 4 and all((tmp_path / log).is_file() for log in logs), result.stdout  # launched, failed
+    assert not [log for log in logs if os.path.isabs(log)], result.stdout  # below the launch directory: relative
     print_commands = [*argv[:argv.index('--')], '--print_commands', *argv[argv.index('--'):]]
     result = run_sweep(print_commands)
     assert result.returncode == 0 and result.stdout == ''  # a scheduler would only diverge again
@@ -638,3 +639,31 @@ def test_the_same_sweep_typed_differently_is_not_started_afresh(tiny_dataset, tm
     other = ['--grid', 'lr=1e-3,1e-2', '--val_split', 0.25, '--log_dir', tmp_path, '--print_commands', '--',
              *tiny(tiny_dataset), '--full', 'False', '--prompts', 8]  # other settings: a new sweep
     assert run_sweep(other).returncode == 0 and len(os.listdir(tmp_path)) == 3
+
+
+def test_settings_ignore_how_a_sweep_was_typed_but_not_what_it_trains():
+    """Two commands for the same sweep (flag order, 0.01 for 1e-2, false for False, a folder with a trailing /) have
+    the same settings; another grid, seed count or val split is another sweep, not one to refuse as a retyped twin."""
+    base = dict(grid={'lr': ['1e-3', '1e-2']}, seeds=3, val_split=0.1,
+                main_flags=['--dataset', 'cifar10', '--data_dir', 'data', '--weights', 'w.npz', '--full', 'False'])
+    retyped = dict(grid={'lr': ['0.01', '0.001']}, seeds=3, val_split=0.1,
+                   main_flags=['--full', 'false', '--weights', './w.npz', '--data_dir', 'data/',
+                               '--dataset', 'cifar10'])
+    assert sweep.settings(base) == sweep.settings(retyped)
+    for change in (dict(seeds=4), dict(val_split=0.2), dict(grid={'lr': ['1e-3']}),
+                   dict(grid={'weight_decay': ['1e-3', '1e-2']}),
+                   dict(main_flags=[*base['main_flags'], '--prompts', '8'])):
+        assert sweep.settings(dict(base, **change)) != sweep.settings(base), change
+
+
+def test_a_sweep_json_main_py_no_longer_reads_is_another_sweep(tmp_path, capsys):
+    """Looking for a retyped twin reads every sweep.json in --log_dir; one whose main.py flags main.py now refuses
+    (a flag since removed) is skipped quietly, and the search goes on to the twin after it."""
+    definition = dict(grid={'lr': ['1e-3', '1e-2']}, seeds=3, val_split=0.1, main_flags=['--full', 'False'])
+    for name, main_flags in (('a_old', ['--flag_since_removed', '1']), ('b_twin', ['--full', 'false'])):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / 'sweep.json').write_text(json.dumps(dict(definition, main_flags=main_flags,
+                                                                    command=f'python sweep.py {name}')))
+    assert sweep.same_settings_elsewhere(str(tmp_path), definition) == (str(tmp_path / 'b_twin'),
+                                                                        'python sweep.py b_twin')
+    assert capsys.readouterr().err == ''
