@@ -453,13 +453,10 @@ def add_legend_below(fig, handles, labels, panels_height):
         legend = fig.legend(handles, labels, loc='outside lower center', ncol=1, frameon=False)
         entry_width = legend.get_window_extent(renderer).width  # one column: the widest entry
         spacing = legend.columnspacing * legend.prop.get_size_in_points() * fig.dpi / 72
+        # no column is wider than the widest entry, so this many always fit
         columns = max(1, min(len(labels), int((fig.bbox.width + spacing) // (entry_width + spacing))))
-        while True:
-            legend.remove()
-            legend = fig.legend(handles, labels, loc='outside lower center', ncol=columns, frameon=False)
-            if columns == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
-                break
-            columns -= 1
+        legend.remove()
+        legend = fig.legend(handles, labels, loc='outside lower center', ncol=columns, frameon=False)
         fig.set_figheight(panels_height + legend.get_window_extent(renderer).height / fig.dpi)
 
 

@@ -405,7 +405,7 @@ def rng_states(generator):
 
 
 def restore_rng(rng, generator, seed):
-    rank, world_size = rank_and_world_size()
+    rank = rank_and_world_size()[0]
     random.setstate(rng['python'])
     np.random.set_state(rng['numpy'])
     generator.set_state(rng['data'])
@@ -606,8 +606,8 @@ def stopped(signum, run_dir, last_epoch, rank, world_size):
 
 
 def launcher(world_size):
-    """How to start main.py as this process was, from the current directory: python or torchrun with its layout
-    (torchrun sets LOCAL_WORLD_SIZE), then main.py's path (relative below the current directory, else absolute)."""
+    """How to start main.py as this process was: python or torchrun with its layout (torchrun sets
+    LOCAL_WORLD_SIZE), then main.py's path (main.script_path: bare in its own folder, else absolute)."""
     import main
     script = shlex.quote(main.script_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'main.py')))
     if world_size == 1:

@@ -517,7 +517,8 @@ def test_unfinished_run_shows_epochs_done_of_planned(tmp_path, capsys, monkeypat
     assert column(out, 'P_stopped', 'epochs') == '2/30' and column(out, 'P_done', 'epochs') == '2'
     assert one_line(err).startswith('plot.py: warning: run') and 'P_stopped' in err and 'P_done' not in err
     assert '2 of 30 epochs' in err and 'not final' in err
-    assert [text.get_text() for text in figures[0].legends[0].get_texts()] == ['P_done (P)', 'P_stopped (P, 2/30 epochs)']
+    legend = [text.get_text() for text in figures[0].legends[0].get_texts()]
+    assert legend == ['P_done (P)', 'P_stopped (P, 2/30 epochs)']
     with open(os.path.join(root, 'P_stopped', 'summary.json'), 'w') as f:  # as train.py writes it on a non-finite loss
         json.dump(dict(epochs_done=2, epochs=30, finished=False, diverged=dict(epoch=3, step=17)), f)
     code, out, err = run_plot([root], capsys)
