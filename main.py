@@ -474,6 +474,18 @@ def load_splits(args, rank, world_size):
     if args.batch_size > len(train_labels) and not args.eval_only:  # evaluation pads its last batch
         raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(train_labels)} training "
                          f"images; lower --batch_size (or raise --train_samples)")
+    if not args.eval_only:  # parse_args compared epochs; in whole steps the cosine may still have no step to run
+        import train
+        per_epoch, warmup, total = train.schedule_steps(len(train_labels), args.batch_size, args.epoch,
+                                                        args.warmup_epochs)
+        if warmup and warmup >= total - 1:  # the warmup's last step is the peak; the decay starts the step after
+            steps = f"{warmup} of the {total} steps ({per_epoch} per epoch): the lr would never decay"
+            if args.resume:
+                raise SystemExit(f"error: --epoch {args.epoch} would end {args.resume} inside its warmup "
+                                 f"({args.warmup_epochs:g} epochs, {steps}); pass --epoch "
+                                 f"{-(-(warmup + 2) // per_epoch)} or more")
+            raise SystemExit(f"error: --warmup_epochs {args.warmup_epochs:g} is {steps}; pass --warmup_epochs "
+                             f"{max(0, math.floor((total - 2) / per_epoch * 1e4) / 1e4):g} or less")
     splits = dict(train=(train_images, train_labels), val=val, test=(test_images, test_labels))
     if args.resume:
         check_same_data(args, splits, classes, available)

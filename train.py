@@ -138,6 +138,12 @@ def make_optimizer(model, name, lr, weight_decay, device):
     return optimizer_class(groups, lr=lr, fused=fused)
 
 
+def schedule_steps(train_images, batch_size, epochs, warmup_epochs):
+    """-> (steps per epoch, warmup steps, total steps): the last incomplete batch is dropped, the warmup rounded."""
+    steps_per_epoch = train_images // batch_size
+    return steps_per_epoch, round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch
+
+
 def lr_factor(step, warmup_steps, total_steps):
     """Linear warmup to the peak, then cosine decay towards zero (reached one step after the last)."""
     if step < warmup_steps:
@@ -497,9 +503,8 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
     splits = splits_to_device(splits, device)
     train_images, train_labels = splits['train']
     preprocess = data.preprocessing(model.vit.pretrained_cfg, device, args.img_size)
-    steps_per_epoch = len(train_labels) // args.batch_size
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    total_steps = args.epoch * steps_per_epoch
+    steps_per_epoch, warmup_steps, total_steps = schedule_steps(len(train_labels), args.batch_size, args.epoch,
+                                                                args.warmup_epochs)
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     generator = torch.Generator().manual_seed(args.seed)  # data order and augmentation: CPU, device-independent

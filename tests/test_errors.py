@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from conftest import TINY, run_cli, run_main, write_folder_dataset, write_jax_npz
+from conftest import TINY, read_metrics, run_cli, run_main, write_folder_dataset, write_jax_npz
 
 
 def snapshot(root):
@@ -34,7 +34,7 @@ def cli(tmp_path, tiny_dataset, capsys):
             assert word in lines[0], lines[0]
         assert snapshot(tmp_path) == before  # nothing written, nothing overwritten
         return lines[0]
-    run.tmp_path, run.log_dir = tmp_path, log_dir
+    run.tmp_path, run.log_dir, run.tiny_dataset = tmp_path, log_dir, tiny_dataset
     return run
 
 
@@ -48,6 +48,18 @@ def cli(tmp_path, tiny_dataset, capsys):
 def test_settings_that_cannot_mean_what_they_say(cli, flags, expect):
     """--lr 0 trains nothing and a warmup as long as the run never reaches the lr nor decays: both ran silently."""
     cli(*flags, expect=expect, code=2)
+
+
+def test_a_warmup_that_rounds_to_every_step_is_refused(cli, capsys):
+    """--warmup_epochs is compared with --epoch in epochs; rounded to whole steps, 0.9 of 1 epoch at 6 steps an epoch
+    is 5 warmup steps, the 6th at the peak lr: the cosine never ran. The suggested value leaves a step to decay."""
+    cli('--warmup_epochs', 0.9, code=1, expect=[
+        '--warmup_epochs 0.9 is 5 of the 6 steps (6 per epoch): the lr would never decay',
+        'pass --warmup_epochs 0.6666 or less'])
+    code, _, err = run_main([*TINY, '--dataset', cli.tiny_dataset, '--epoch', 1, '--batch_size', 8, '--lr', 1e-3,
+                             '--warmup_epochs', 0.6666, '--log_dir', cli.log_dir, '--name', 'ok'], capsys)
+    assert code == 0, err
+    assert float(read_metrics(cli.log_dir / 'ok')[-1]['lr']) == pytest.approx(5e-4)  # step 5 of 6, 4 warmup steps: half-way down the cosine
 
 
 def test_epoch_zero(cli):

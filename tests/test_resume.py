@@ -637,6 +637,30 @@ def test_a_resume_that_would_end_inside_the_warmup_is_refused(tmp_path, capsys):
     assert main.parse_args(['--resume', str(run_dir), '--eval_only']).eval_only  # nothing trains: nothing to refuse
 
 
+def test_a_resume_whose_steps_would_end_inside_the_warmup_is_refused(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """1.9 warmup epochs pass parse_args' check against --epoch 2, but at 6 steps an epoch they are 11 of 12 steps:
+    the lr would peak at the last step and never decay. Refused before anything is rewritten; the suggestion works."""
+    import train
+    run_dir = tmp_path / 'r'
+    evaluate_split = train.evaluate_split
+
+    def stop_in_epoch_1(model, split, *args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate_split(model, split, *args)
+    monkeypatch.setattr(train, 'evaluate_split', stop_in_epoch_1)
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', '--warmup_epochs', 1.9, epochs=3), capsys)
+    assert code == 130 and len(read_metrics(run_dir)) == 1, err
+    monkeypatch.setattr(train, 'evaluate_split', evaluate_split)
+    before = files(run_dir)
+    code, out, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: --epoch 2 would end {run_dir} inside its warmup (1.9 epochs, 11 of the 12 steps (6 per epoch): the "
+        f"lr would never decay); pass --epoch 3 or more"], (out, err)
+    assert files(run_dir) == before
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)
+    assert code == 0 and len(read_metrics(run_dir)) == 3, err
+
+
 def test_ending_an_unfinished_run_where_it_stopped_is_refused(tiny_dataset, tmp_path, capsys, monkeypatch):
     """--epoch N at the epoch an unfinished run stopped would train nothing and leave it unfinished (no
     confusion.csv, summary 'finished': false), not 'finished all N epochs'."""
