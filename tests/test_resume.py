@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import main
 from conftest import REPO, TINY, read_metrics, run_main, signal_after_first_epoch, write_folder_dataset
@@ -39,9 +40,11 @@ def without_time(rows):
 
 
 def test_interrupt_and_resume_equals_uninterrupted_run(dataset, tmp_path, capsys):
-    interrupted = start(flags(dataset, tmp_path, 'interrupted'))
+    """Data order, augmentation, prompt-dropout masks, optimizer and schedule all continue: the same metrics and the
+    same weights, bit for bit, last and best (--val_split) alike."""
+    interrupted = start(flags(dataset, tmp_path, 'interrupted') + ['--val_split', 0.1])
     watcher = signal_after_first_epoch(interrupted, tmp_path / 'interrupted', signal.SIGINT)
-    code, _, err = run_main(flags(dataset, tmp_path, 'straight'), capsys)  # the reference, meanwhile, in-process
+    code, _, err = run_main(flags(dataset, tmp_path, 'straight') + ['--val_split', 0.1], capsys)  # meanwhile
     assert code == 0, err
     watcher.join()
     out, err = interrupted.communicate(timeout=240)
@@ -55,6 +58,10 @@ def test_interrupt_and_resume_equals_uninterrupted_run(dataset, tmp_path, capsys
     resumed, straight = read_metrics(tmp_path / 'interrupted'), read_metrics(tmp_path / 'straight')
     assert len(resumed) == 2
     assert without_time(resumed) == without_time(straight)  # bit-for-bit the same run, as printed
+    for checkpoint in ('trainable.safetensors', 'best.safetensors'):
+        weights, expected = (load_file(tmp_path / run / checkpoint) for run in ('interrupted', 'straight'))
+        assert weights.keys() == expected.keys()
+        assert all(torch.equal(weights[name], expected[name]) for name in expected), checkpoint
     (resume,) = json.loads((tmp_path / 'interrupted' / 'config.json').read_text())['resumed']
     assert resume['from_epoch'] == 1 and 'epoch_before' not in resume  # the same plan: one schedule, unbroken
 
