@@ -13,12 +13,14 @@ from conftest import REPO, TINY, read_metrics, run_main, signal_after_first_epoc
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
     return write_folder_dataset(tmp_path_factory.mktemp('ddp') / 'data', classes=('a', 'b', 'c', 'd'),
-                                train_per_class=256, test_per_class=25)  # 100 test images: 50 per rank
+                                train_per_class=256, test_per_class=25)
 
 
 def flags(dataset, log_dir, name, full):
+    # 99 test images: shards of 49 and 50 (uneven), each ending in a padded batch; a 10% val split is evaluated too
     return [*TINY, '--patch_size', 8, '--full', full, '--prompts', 0 if full else 4, '--dataset', dataset,
-            '--epoch', 2, '--batch_size', 32, '--log_dir', log_dir, '--name', name]
+            '--test_samples', 99, '--val_split', 0.1, '--epoch', 2, '--batch_size', 32, '--log_dir', log_dir,
+            '--name', name]
 
 
 def torchrun(argv, **kwargs):
@@ -30,9 +32,9 @@ def torchrun(argv, **kwargs):
 def assert_same_metrics(two, one):
     assert [r['epoch'] for r in two] == [r['epoch'] for r in one] == ['1', '2']
     for a, b in zip(two, one):
-        for column in ('train_loss', 'test_loss', 'lr'):
+        for column in ('train_loss', 'val_loss', 'test_loss', 'lr'):
             assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-4), column
-        for column in ('train_acc', 'test_acc'):
+        for column in ('train_acc', 'val_acc', 'test_acc'):
             assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-6), column
 
 
