@@ -25,14 +25,15 @@ sweep.csv (one row per run), sweep.md (the report, also printed at the end) and 
 when).
 
 Re-launching the same command skips finished runs, resumes interrupted ones (main.py --resume), retries failed ones,
-and moves a run directory without a checkpoint aside to <run>.failed-N before starting it afresh. A run that stopped
-on a non-finite loss (main.py's exit status 3) is 'diverged': a result of its settings, ranked last, left out of the
-seeds' mean (the report counts it) and not retried (its summary.json says so, wherever it ran). A final run that
-trained another grid point than the winner (a failed grid run, retried, won) is 'stale': not counted, and the
-sweep stops until it is moved aside. Ctrl-C or SIGTERM
-reaches the running trials, which keep their last finished epoch; the sweep writes its report, prints the command to
-re-launch and exits 130 / 143. Exit status 1 when a run failed (the others still run; stage 2 runs if at least one
-grid point finished). --print_commands prints stage 1's commands, or stage 2's once stage 1 has finished there.
+and moves a run directory without a checkpoint aside to <run>.failed-N before starting it afresh. A trial started on
+data that differ from what the sweep's runs read (classes, image counts) stops the sweep and moves aside to
+<run>.other-data-N. A run that stopped on a non-finite loss (main.py's exit status 3) is 'diverged': a result of its
+settings, ranked last, left out of the seeds' mean (the report counts it) and not retried (its summary.json says so,
+wherever it ran). A final run that trained another grid point than the winner (a failed grid run, retried, won) is
+'stale': not counted, and the sweep stops until it is moved aside. Ctrl-C or SIGTERM reaches the running trials,
+which keep their last finished epoch; the sweep writes its report, prints the command to re-launch and exits 130 /
+143. Exit status 1 when a run failed (the others still run; stage 2 runs if at least one grid point finished).
+--print_commands prints stage 1's commands, or stage 2's once stage 1 has finished there.
 """
 import argparse
 import contextlib
@@ -533,14 +534,33 @@ def check_data(sweep_dir, trials, launched=True):
                 fail(f"{trial['name']} of {sweep_dir} trained on --dataset {dataset}, but this launch reads --dataset "
                      f"as {reads}: re-launch from the directory the sweep was started in; for a sweep of this data, "
                      f"pick another --name")
-        content = (config.get('classes'), config.get('dataset_images'))
-        first = seen.setdefault(dataset, (trial['name'], content))
-        if first[1] != content:
-            differ = ('other classes' if first[1][0] != content[0] else
-                      f"images per split {first[1][1]} against {content[1]}")
+        first = seen.setdefault(dataset, (trial['name'], data_read(config)))
+        differ = data_difference(first[1], data_read(config))
+        if differ:
             fail(f"{first[0]} and {trial['name']} of {sweep_dir} read different data from {dataset} ({differ}): the "
-                 f"dataset changed while the sweep ran, so its numbers do not compare; restore it, or sweep the data "
-                 f"as it is now under another --name")
+                 f"dataset changed while the sweep ran, so its numbers do not compare; move aside the runs of the "
+                 f"data you do not want and re-launch, or sweep the data as it is now under another --name")
+
+
+def data_read(config):
+    """What a run's config.json says it read: the class names in order and each split's images before subsetting."""
+    return config.get('classes'), config.get('dataset_images')
+
+
+def data_difference(first, other):
+    """How two data_read() differ, in words; '' when they agree."""
+    if first == other:
+        return ''
+    return 'other classes' if first[0] != other[0] else f"images per split {first[1]} against {other[1]}"
+
+
+def move_aside(run_dir, why):
+    """Rename a run directory to <run>.<why>-N (kept, not deleted: it may hold a clue) -> the new name."""
+    n = 1
+    while os.path.exists(f"{run_dir}.{why}-{n}"):
+        n += 1
+    os.rename(run_dir, f"{run_dir}.{why}-{n}")
+    return f"{os.path.basename(run_dir)}.{why}-{n}"
 
 
 # ---------------------------------------------------------------- running trials
@@ -587,12 +607,9 @@ def start_trial(sweep_dir, trial, gpu, add_device):
         say(sweep_dir, f"skip   {trial['name']}: diverged (a non-finite loss); remove it and its log to run it again")
         return None
     if os.path.exists(run_dir) and not os.path.isfile(os.path.join(run_dir, 'state.pt')):
-        n = 1
-        while os.path.exists(f"{run_dir}.failed-{n}"):
-            n += 1
-        os.rename(run_dir, f"{run_dir}.failed-{n}")  # kept, not deleted: it may hold a clue
-        say(sweep_dir, f"note   {trial['name']} stopped before its first checkpoint; moved it to "
-                       f"{os.path.basename(run_dir)}.failed-{n} and starting it afresh")
+        moved = move_aside(run_dir, 'failed')
+        say(sweep_dir, f"note   {trial['name']} stopped before its first checkpoint; moved it to {moved} and "
+                       f"starting it afresh")
     command, env, what = child_command(trial, run_dir, gpu, add_device)
     path = log_path(sweep_dir, trial['name'])
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -624,23 +641,59 @@ def end_trial(sweep_dir, trial, child, started):
     say(sweep_dir, f"end    {trial['name']}: {row['status']}, {detail} ({time.time() - started:.0f} s)")
 
 
-def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device):
-    """Run the trials, one per slot (a GPU, or just one slot) at a time, until done or a signal arrives."""
+def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_with):
+    """Run the trials, one per slot (a GPU, or just one slot) at a time, until done or a signal arrives.
+    A trial started afresh must read the data that the runs of `compare_with` read (a resumed one is checked by
+    main.py itself): as soon as its config.json says otherwise, every trial is stopped, the ones of other data move
+    aside to <run>.other-data-N, and the sweep fails, before a number of other data can join the sweep's."""
     pending, running = list(trials), {}  # slot -> (trial, child, start time)
     slots = gpus or [None]
-    while running or (pending and not STOP):
+    first_read = {}  # dataset -> (run, data_read) the sweep's runs read
+    for trial in compare_with:
+        config = read_json(os.path.join(sweep_dir, trial['name'], 'config.json'))
+        if isinstance(config, dict):
+            first_read.setdefault(config.get('dataset'), (trial['name'], data_read(config)))
+    fresh, unchecked, changed = [], set(), []
+    while running or (pending and not STOP and not changed):
         for slot in slots:
-            while slot not in running and pending and not STOP:
+            while slot not in running and pending and not STOP and not changed:
                 trial = pending.pop(0)
+                resumes = os.path.isfile(os.path.join(sweep_dir, trial['name'], 'state.pt'))
                 child = start_trial(sweep_dir, trial, slot, add_device)
                 if child is not None:
                     running[slot] = (trial, child, time.time())
+                    if not resumes:
+                        fresh.append(trial['name'])
+                        unchecked.add(trial['name'])
         time.sleep(0.1)
+        for name in sorted(unchecked):
+            config = read_json(os.path.join(sweep_dir, name, 'config.json'))  # written once the data is read
+            if isinstance(config, dict):
+                unchecked.discard(name)
+                first = first_read.setdefault(config.get('dataset'), (name, data_read(config)))
+                differ = data_difference(first[1], data_read(config))
+                if differ and not changed:
+                    changed.append(f"{first[0]} and {name} of {sweep_dir} read different data from "
+                                   f"{config.get('dataset')} ({differ})")
+                    for _, child, _ in running.values():
+                        if child.poll() is None:
+                            child.send_signal(signal.SIGTERM)
         for slot, (trial, child, started) in list(running.items()):
             if child.poll() is not None:
                 del running[slot]
                 end_trial(sweep_dir, trial, child, started)
                 write_reports(sweep_dir, meta, base_seed)
+    if changed:
+        moved = []
+        for name in fresh:
+            config = read_json(os.path.join(sweep_dir, name, 'config.json'))
+            if isinstance(config, dict) and data_difference(first_read[config.get('dataset')][1], data_read(config)):
+                moved.append(move_aside(os.path.join(sweep_dir, name), 'other-data'))
+        write_reports(sweep_dir, meta, base_seed)
+        aside = f" and moved {', '.join(moved)} aside" if moved else ''  # one stopped before its checkpoint is gone
+        fail(f"the dataset changed while the sweep ran: {changed[0]}; stopped the sweep{aside} before a number of "
+             f"other data could count; restore the data and re-launch, or sweep the data as it is now under another "
+             f"--name")
 
 
 # ---------------------------------------------------------------- reports
@@ -842,14 +895,14 @@ def main(argv=None):
         say(sweep_dir, f"warning: {', '.join(old_reading)} read the dataset folder as an older vpt did; a trial started "
                        f"now reads it as main.py does today (folder_reading {FOLDER_READING}), which may be other "
                        f"images: for numbers that compare, start this sweep afresh under another --name")
-    run_trials(sweep_dir, meta, base_seed, trials1, gpus, not device_given)
+    run_trials(sweep_dir, meta, base_seed, trials1, gpus, not device_given, trials1)
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
     check_data(sweep_dir, trials1, launched=False)  # before a winner goes on to stage 2
     stale = stale_runs(rows2)
     if not STOP and stage1_done(rows1) and winner and not stale:
         say(sweep_dir, f"stage 2: {winner['run']} (best val acc {winner['best_val_acc']:.2f}%) with seeds "
                        f"{', '.join(str(trial['seed']) for trial in trials2)}")
-        run_trials(sweep_dir, meta, base_seed, trials2, gpus, not device_given)
+        run_trials(sweep_dir, meta, base_seed, trials2, gpus, not device_given, trials1 + trials2)
         check_data(sweep_dir, trials1 + trials2, launched=False)
     print(write_reports(sweep_dir, meta, base_seed), end='', flush=True)
     lock.close()

@@ -492,15 +492,33 @@ def test_a_sweep_never_mixes_two_datasets(tiny_dataset, tmp_path):
             f"in") in refused.stderr
     assert sorted(os.listdir(tmp_path / 'sweeps' / 's')) == ['grid_lr=3e-4', 'sweep.json', 'sweep.lock']
 
-    shutil.copy(tmp_path / 'a' / 'data' / 'train' / 'cat' / '0000.png', tmp_path / 'a' / 'data' / 'train' / 'cat' /
-                'new.png')  # project a's data gains an image before the sweep goes on there
-    changed = run_sweep(argv, cwd=tmp_path / 'a')
-    assert changed.returncode == 1
-    assert (f"grid_lr=3e-4 and grid_lr=1e-3 of {tmp_path / 'sweeps' / 's'} read different data from "
-            f"{tmp_path / 'a' / 'data'}") in changed.stderr and 'the dataset changed while the sweep ran' in changed.stderr
-    assert "'train': 48" in changed.stderr and "'train': 49" in changed.stderr
-    assert not os.path.exists(tmp_path / 'sweeps' / 's' / 'final_seed=1')  # no winner of mixed data goes on
-    assert run_sweep(['--collect', tmp_path / 'sweeps' / 's']).returncode == 1  # nor into a report
+    sweep_dir, new_image = tmp_path / 'sweeps' / 's', tmp_path / 'a' / 'data' / 'train' / 'cat' / 'new.png'
+
+    def launch_with_an_image_more(stage_trial):
+        """Project a's data gains an image; the trial that starts on it is stopped and moved aside, not counted."""
+        shutil.copy(tmp_path / 'a' / 'data' / 'train' / 'cat' / '0000.png', new_image)
+        changed = run_sweep(argv, cwd=tmp_path / 'a')
+        # the trial is stopped either after its first checkpoint (moved aside) or before it (it removed itself)
+        moved = os.path.isdir(sweep_dir / f'{stage_trial}.other-data-1')
+        assert changed.returncode == 1 and changed.stderr.strip().splitlines()[-1] == (
+            f"sweep.py: error: the dataset changed while the sweep ran: grid_lr=3e-4 and {stage_trial} of {sweep_dir} "
+            f"read different data from {tmp_path / 'a' / 'data'} (images per split {{'train': 48, 'test': 18}} "
+            f"against {{'train': 49, 'test': 18}}); stopped the sweep"
+            f"{f' and moved {stage_trial}.other-data-1 aside' if moved else ''} before a number of other data could "
+            f"count; restore the data and re-launch, or sweep the data as it is now under another --name"), changed.stderr
+        assert not os.path.exists(sweep_dir / stage_trial)
+        os.remove(new_image)  # restored, as the message says
+
+    launch_with_an_image_more('grid_lr=1e-3')  # stage 1
+    result = run_sweep(['--print_commands', *argv], cwd=tmp_path / 'a')
+    (second,) = [shlex.split(line) for line in result.stdout.splitlines() if 'grid_lr=1e-3' in line]
+    subprocess.run([sys.executable, *second[1:]], cwd=tmp_path / 'a', env=dict(os.environ, **ENV), check=True,
+                   capture_output=True)
+    launch_with_an_image_more('final_seed=1')  # stage 2, once stage 1 has finished on the sweep's data
+    result = run_sweep(argv, cwd=tmp_path / 'a')
+    assert result.returncode == 0, result.stderr
+    assert [row['status'] for row in read_csv(sweep_dir / 'sweep.csv')] == ['finished'] * 3
+    assert run_sweep(['--collect', sweep_dir]).returncode == 0
 
 
 def fake_sweep(root, seeds, finals, base_seed=0, grid=(('grid_lr=1e-3', 50.0, 80.0),), main_flags=()):
