@@ -207,7 +207,7 @@ def parse_args(argv=None):
         error("--weights loads pretrained weights but --pretrained False asks for none; drop one of them")
     if args.name is not None and (not args.name or os.sep in args.name or args.name in ('.', '..')):
         error(f"--name {args.name!r} must be a plain directory name; put the parent in --log_dir")
-    if args.unfreeze and args.full:
+    if unfreeze_patterns(args.unfreeze) and args.full:
         error("--unfreeze adds to what --full False trains; with --full True everything trains already")
     if args.optimizer == 'sgd' and args.lr is None:
         error("--optimizer sgd has no default lr here; pass --lr (official VPT's prompt lrs are base_lr * batch / 256 "
@@ -216,12 +216,13 @@ def parse_args(argv=None):
     args.lr = DEFAULT_LR[mode] if args.lr is None else args.lr
     args.weight_decay = DEFAULT_WEIGHT_DECAY[mode] if args.weight_decay is None else args.weight_decay
     args.warmup_epochs = 0.1 * args.epoch if args.warmup_epochs is None else args.warmup_epochs
-    if args.warmup_epochs and args.warmup_epochs >= args.epoch and not (args.eval_only or args.predict):
-        if args.resume:  # a resume may lower --epoch, not the run's warmup
-            error(f"--epoch {args.epoch} would end {args.resume} within its {args.warmup_epochs:g} warmup epochs: the "
-                  f"lr would never reach --lr nor decay; pass --epoch {math.floor(args.warmup_epochs) + 1} or more")
+    if args.warmup_epochs and args.warmup_epochs >= args.epoch and not (args.resume or args.predict):
         error(f"--warmup_epochs {args.warmup_epochs:g} is not shorter than --epoch {args.epoch}: the lr would never "
               f"reach --lr nor decay; warm up for part of the run (default: 10% of --epoch)")
+    if args.prompt_dropout and not args.prompts and not args.resume and os.environ.get('LOCAL_RANK', '0') == '0':
+        # a warning, not an error: a sweep's grid over prompts=0,50 sets the dropout for both
+        print(f"warning: --prompt_dropout {args.prompt_dropout:g} does nothing with --prompts 0: there are no prompts "
+              f"to drop", file=sys.stderr, flush=True)
     return args
 
 
@@ -256,13 +257,35 @@ def merge_resume(args, given, error):
             error(f"--{flag} {getattr(args, flag)} contradicts the run's config ({flag}={config[flag]}); "
                   f"drop --{flag} to resume {run_dir}, or start a new run")
     merged = dict(vars(args))
-    merged.update({key: value for key, value in config.items() if key in merged and key not in given & may_change})
+    actions = {action.dest: action for action in make_parser()._actions}
+    for key, value in config.items():
+        if key in merged and key not in given & may_change:
+            merged[key] = config_value(actions[key], value, run_dir, error)
     merged['resume'] = run_dir
     merged['folder_reading'] = config.get('folder_reading', 1)  # data.FOLDER_READING; runs before it was recorded: 1
     if merged.get('weights') and 'weights' not in given and not os.path.isfile(merged['weights']):
         error(f"the run's --weights file {merged['weights']} is gone; if it moved, pass --weights NEW_PATH (it must be "
               f"the same file: its sha256 is checked)")
     return argparse.Namespace(**merged)
+
+
+def config_value(action, value, run_dir, error):
+    """A flag's value as config.json holds it, checked as the parser checks the flag: a hand-edited config.json
+    ("batch_size": "big", "epoch": null) is a damaged run, not a TypeError deep inside."""
+    try:
+        if value is None and action.default is None:
+            return value
+        if action.type is None:  # a plain string flag
+            if isinstance(value, str) and (not action.choices or value in action.choices):
+                return value
+        elif isinstance(value, (int, float, str)):  # True is an int: 'True' passes str2bool and only it
+            checked = action.type(str(value))
+            if not action.choices or checked in action.choices:
+                return checked
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        pass
+    error(f"--resume {run_dir}: its config.json holds {action.dest}={json.dumps(value)}, which --{action.dest} does not "
+          f"take; the run directory is damaged: restore its config.json, or start a new run")
 
 
 def mode_of(args):
@@ -273,14 +296,20 @@ def mode_of(args):
 def mode_label(args):
     """What the run is called in its config, name and plots: a P or linear run that trains backbone tensors too
     (--unfreeze) is not the method with the backbone frozen."""
-    return mode_of(args) + ('+unfreeze' if args.unfreeze else '')
+    return mode_of(args) + ('+unfreeze' if unfreeze_patterns(args.unfreeze) else '')
+
+
+def unfreeze_patterns(text):
+    """--unfreeze's comma-separated patterns; '' and ',' name none (the plain method)."""
+    return [pattern.strip() for pattern in text.split(',') if pattern.strip()]
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
-    # Outside the training loop (which takes both signals over: train.StopRequest) SIGTERM stops as Ctrl-C does, by an
-    # exception: a run being set up removes its half-made directory, and the exit is one line rather than a kill.
-    sigterm = signal.signal(signal.SIGTERM, interrupt)
+    # Outside the training loop (which takes both signals over: train.StopRequest) SIGINT and SIGTERM stop by an
+    # exception: a run being set up removes its half-made directory, and the exit is one line rather than a kill. Set
+    # here, not left to Python, as a shell script's background job inherits SIGINT ignored, and training hears it.
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         args = parse_args(argv)
         start(args, argv, mode_label(args))
@@ -291,7 +320,8 @@ def main(argv=None):
         print(f"\n{signal.Signals(signum).name}: stopped", file=sys.stderr)
         sys.exit(128 + signum)
     finally:
-        signal.signal(signal.SIGTERM, sigterm)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def interrupt(signum, frame):
@@ -362,10 +392,15 @@ def train_run(args, argv, mode, rank, world_size, device, held):
             if rank == 0:
                 held.callback(os.close, lock_run(args.resume))
             state = train.load_state(args.resume)
+            # a resume may lower --epoch, neither below the epochs trained nor into the run's warmup
+            smallest = max(state['epoch'] + 1, math.floor(args.warmup_epochs) + 1)
             if state['epoch'] > args.epoch:
                 raise SystemExit(f"error: {args.resume} has already finished {state['epoch']} epochs; --epoch "
-                                 f"{args.epoch} cannot undo them: pass --epoch {state['epoch'] + 1} or more to train "
-                                 f"further")
+                                 f"{args.epoch} cannot undo them: pass --epoch {smallest} or more to train further")
+            if args.warmup_epochs >= args.epoch:
+                raise SystemExit(f"error: --epoch {args.epoch} would end {args.resume} within its "
+                                 f"{args.warmup_epochs:g} warmup epochs: the lr would never reach --lr nor decay; pass "
+                                 f"--epoch {smallest} or more")
             planned = read_json(os.path.join(args.resume, 'config.json')).get('epoch')
             if state['epoch'] == args.epoch != planned:  # cut short here, it would stay unfinished: no result files
                 raise SystemExit(f"error: {args.resume} stopped after {state['epoch']} of its {planned} epochs; "
@@ -376,6 +411,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                     print(f"{args.resume} has finished all {args.epoch} epochs; pass --epoch N to train further")
                 return
         splits, classes, available = load_splits(args, rank, world_size)
+        check_schedule(args, len(splits['train'][1]), state['epoch'] if state else 0)
         model, unfrozen = build_model(args, len(classes), device)
         if args.resume:
             train.load_resumed_trainable(args.resume, model, state)
@@ -429,8 +465,7 @@ def build_model(args, num_classes, device):
     torch.manual_seed(args.seed)  # the random parts of the model (head, prompts, a random backbone) are reproducible
     vit = create_vit(args.model, num_classes, args.img_size, args.patch_size, args.pretrained, args.weights)
     model = PromptedViT(vit, args.prompts, args.deep, args.prompt_dropout, args.prompt_impl).to(device)
-    patterns = [pattern.strip() for pattern in args.unfreeze.split(',') if pattern.strip()]
-    unfrozen = set_trainable(model, args.full, patterns)
+    unfrozen = set_trainable(model, args.full, unfreeze_patterns(args.unfreeze))
     return model, sum(param.numel() for name, param in model.vit.named_parameters() if name in set(unfrozen))
 
 
@@ -442,27 +477,32 @@ def load_splits(args, rank, world_size):
         raise SystemExit(f"error: the dataset folder of {args.resume}, {args.dataset}, is gone; if it moved, pass "
                          f"--dataset NEW_PATH (or, for a sweep's runs, link the old path to it)")
     train_images, train_labels, test_images, test_labels, classes, available = load_data_once(args, rank, world_size)
-    for flag, asked, labels in (('train', args.train_samples, train_labels), ('test', args.test_samples, test_labels)):
+    val, all_train_labels = None, train_labels
+    if args.val_split:
+        train_index, val_index = data.split_validation(train_labels, args.val_split, args.data_seed)
+        val = (train_images[val_index], train_labels[val_index])
+        train_images, train_labels = train_images[train_index], train_labels[train_index]
+    splits = dict(train=(train_images, train_labels), val=val, test=(test_images, test_labels))
+    if args.resume:  # other data first: what the counts below would say follows from it
+        check_same_data(args, splits, classes, available)
+    for flag, asked, labels in (('train', args.train_samples, all_train_labels), ('test', args.test_samples,
+                                                                                 test_labels)):
         if asked > len(labels) and rank == 0:  # config.json keeps both numbers; the log should say it too
             print(f"warning: --{flag}_samples {asked} is more than the {len(labels)} {flag} images there are; all are "
                   f"used", file=sys.stderr, flush=True)
-    val = None
     if args.val_split:
-        train_index, val_index = data.split_validation(train_labels, args.val_split, args.data_seed)
         per_class = "it is rounded per class: each holds out round(fraction x its images), keeping one to train on"
         if len(val_index) == 0 or len(train_index) == 0:
-            raise SystemExit(f"error: --val_split {args.val_split} of {len(train_labels)} training images leaves "
+            raise SystemExit(f"error: --val_split {args.val_split} of {len(all_train_labels)} training images leaves "
                              f"{len(val_index)} for validation and {len(train_index)} for training ({per_class}); "
                              f"pick a fraction that leaves images on both sides")
-        held_out = len(val_index) / len(train_labels)
-        no_val = (train_labels.bincount(minlength=len(classes)) > 0) & (
-            train_labels[val_index].bincount(minlength=len(classes)) == 0)
+        held_out = len(val_index) / len(all_train_labels)
+        no_val = (all_train_labels.bincount(minlength=len(classes)) > 0) & (
+            val[1].bincount(minlength=len(classes)) == 0)
         if rank == 0 and (abs(held_out - args.val_split) >= 0.01 or no_val.any()):
             missing = f" and no image of {int(no_val.sum())} of the {len(classes)} classes" if no_val.any() else ''
-            print(f"warning: --val_split {args.val_split} holds out {len(val_index)} of {len(train_labels)} training "
-                  f"images ({100 * held_out:.1f}%){missing}: {per_class}", file=sys.stderr, flush=True)
-        val = (train_images[val_index], train_labels[val_index])
-        train_images, train_labels = train_images[train_index], train_labels[train_index]
+            print(f"warning: --val_split {args.val_split} holds out {len(val_index)} of {len(all_train_labels)} "
+                  f"training images ({100 * held_out:.1f}%){missing}: {per_class}", file=sys.stderr, flush=True)
     for split, labels, consequence in (
             ('training', train_labels, "the model cannot learn them: raise --train_samples or use a dataset with "
                                        "images of every class"),
@@ -474,22 +514,22 @@ def load_splits(args, rank, world_size):
     if args.batch_size > len(train_labels) and not args.eval_only:  # evaluation pads its last batch
         raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(train_labels)} training "
                          f"images; lower --batch_size (or raise --train_samples)")
-    if not args.eval_only:  # parse_args compared epochs; in whole steps the cosine may still have no step to run
-        import train
-        per_epoch, warmup, total = train.schedule_steps(len(train_labels), args.batch_size, args.epoch,
-                                                        args.warmup_epochs)
-        if warmup and warmup >= total - 1:  # the warmup's last step is the peak; the decay starts the step after
-            steps = f"{warmup} of the {total} steps ({per_epoch} per epoch): the lr would never decay"
-            if args.resume:
-                raise SystemExit(f"error: --epoch {args.epoch} would end {args.resume} inside its warmup "
-                                 f"({args.warmup_epochs:g} epochs, {steps}); pass --epoch "
-                                 f"{-(-(warmup + 2) // per_epoch)} or more")
-            raise SystemExit(f"error: --warmup_epochs {args.warmup_epochs:g} is {steps}; pass --warmup_epochs "
-                             f"{max(0, math.floor((total - 2) / per_epoch * 1e4) / 1e4):g} or less")
-    splits = dict(train=(train_images, train_labels), val=val, test=(test_images, test_labels))
-    if args.resume:
-        check_same_data(args, splits, classes, available)
     return splits, classes, available
+
+
+def check_schedule(args, train_images, done=0):
+    """parse_args compared --warmup_epochs with --epoch; in whole steps the cosine may still have no step to run.
+    `done`: the epochs a resumed run has trained (a suggested --epoch must exceed them)."""
+    import train
+    per_epoch, warmup, total = train.schedule_steps(train_images, args.batch_size, args.epoch, args.warmup_epochs)
+    if warmup and warmup >= total - 1:  # the warmup's last step is the peak; the decay starts the step after
+        steps = f"{warmup} of the {total} steps ({per_epoch} per epoch): the lr would never decay"
+        if args.resume:
+            raise SystemExit(f"error: --epoch {args.epoch} would end {args.resume} inside its warmup "
+                             f"({args.warmup_epochs:g} epochs, {steps}); pass --epoch "
+                             f"{max(-(-(warmup + 2) // per_epoch), done + 1)} or more")
+        raise SystemExit(f"error: --warmup_epochs {args.warmup_epochs:g} is {steps}; pass --warmup_epochs "
+                         f"{max(0, math.floor((total - 2) / per_epoch * 1e4) / 1e4):g} or less")
 
 
 def check_same_data(args, splits, classes, available):

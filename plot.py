@@ -343,7 +343,8 @@ def save_figure(fig, out):
     fmt = None if extension else 'png'  # no extension: still a PNG, written exactly at `out`
     try:
         if extension and extension not in fig.canvas.get_supported_filetypes():  # before creating any directory
-            error(f"cannot write {out}: unknown figure format .{extension} (use .png, .pdf or .svg)")
+            error(f"cannot write {out}: unknown figure format .{extension} (use .png, .pdf, .svg or another format "
+                  f"matplotlib writes: {', '.join(sorted(fig.canvas.get_supported_filetypes()))})")
         parent = os.path.dirname(out)
         if parent:
             os.makedirs(parent, exist_ok=True)

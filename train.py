@@ -457,6 +457,12 @@ def load_trainable(path, model):
         tensors = load_file(path)
     except Exception as e:
         raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e}); the run's checkpoint is damaged")
+    own = model.state_dict()
+    other_shapes = [f"{name} {tuple(tensor.shape)} where the model has {tuple(own[name].shape)}"
+                    for name, tensor in tensors.items() if name in own and tensor.shape != own[name].shape]
+    if other_shapes:  # load_state_dict would raise a traceback-sized RuntimeError
+        raise SystemExit(f"error: {path} does not match this run's model ({'; '.join(other_shapes[:2])}): the file "
+                         f"comes from another run, or the run's config.json was edited")
     result = model.load_state_dict(tensors, strict=False)
     expected = {name for name, param in model.named_parameters() if param.requires_grad}
     if result.unexpected_keys or expected - set(tensors):
@@ -548,8 +554,9 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                 if rank == 0:  # on record for plot.py: this run is not one to --resume, as it would diverge again
                     write_json(os.path.join(run_dir, 'summary.json'),
                                dict(summary_of(history), diverged=dict(epoch=epoch, step=e.args[0])))
-                raise FloatingPointError(f"error: non-finite training loss at epoch {epoch}, step {e.args[0]}; lower "
-                                         f"--lr (it is {args.lr:g}); the checkpoint of epoch {epoch - 1} is intact")
+                raise FloatingPointError(f"error: non-finite training loss at epoch {epoch}, step {e.args[0]}; start a "
+                                         f"new run with a lower --lr (it is {args.lr:g}: a resume keeps it and would "
+                                         f"diverge again); the checkpoint of epoch {epoch - 1} is intact")
             if trained is None:
                 stopped(stop.signum or signal.SIGTERM, run_dir, epoch - 1, rank, world_size)
             train_time = time.perf_counter() - start

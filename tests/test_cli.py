@@ -161,3 +161,14 @@ def test_recorded_commands_name_main_py_by_a_path_that_works_wherever_they_are_r
     for elsewhere in (os.path.dirname(REPO), tmp_path, os.path.join(REPO, 'tests')):
         monkeypatch.chdir(elsewhere)
         assert main.script_path(script) == script
+
+
+@pytest.mark.parametrize('flags, warned', [(['--prompts', '0', '--prompt_dropout', '0.1'], True),
+                                           (['--prompts', '4', '--prompt_dropout', '0.1'], False),
+                                           (['--prompts', '0'], False)])
+def test_prompt_dropout_without_prompts_is_said(capsys, flags, warned):
+    """It drops nothing; a warning rather than an error, as a sweep's grid over prompts=0,50 sets it for both."""
+    main.parse_args(flags)
+    err = capsys.readouterr().err
+    assert err == ("warning: --prompt_dropout 0.1 does nothing with --prompts 0: there are no prompts to drop\n"
+                   if warned else '')

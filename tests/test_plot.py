@@ -331,6 +331,7 @@ def test_unwritable_out(logs, tmp_path, capsys):
 def test_unknown_format_creates_nothing(logs, tmp_path, capsys):
     code, out, err = run_plot([logs, '--out', tmp_path / 'new_dir' / 'acc.xyz'], capsys)
     assert code == 2 and out == '' and 'acc.xyz' in one_line(err) and 'format' in err
+    assert ', jpg, ' in err and ', png, ' in err  # the formats that do work, not just three of them
     assert not os.path.exists(tmp_path / 'new_dir')
 
 

@@ -177,6 +177,17 @@ def test_resume_with_more_epochs_follows_the_new_schedule_from_its_first_step(ti
     assert used == pytest.approx(expected, rel=1e-12) and used[0] > 0  # the finished schedule had reached 0
 
 
+@pytest.mark.parametrize('text', ['', ',', ' , '])
+def test_unfreeze_naming_no_pattern_is_the_plain_method(text):
+    """--unfreeze ',' unfroze nothing but labelled the run P+unfreeze (config.json, run name, plot.py), while
+    --unfreeze '' was P: both name no pattern, and --full True takes them too."""
+    import main
+    assert main.mode_label(main.parse_args(['--unfreeze', text])) == 'P'
+    assert main.mode_label(main.parse_args(['--unfreeze', text, '--prompts', '0'])) == 'linear'
+    assert main.mode_label(main.parse_args(['--unfreeze', text, '--full', 'True'])) == 'P+F'
+    assert main.mode_label(main.parse_args(['--unfreeze', f'{text}pos_embed'])) == 'P+unfreeze'
+
+
 def test_unfreeze_trains_exactly_the_matched_tensors(tiny_dataset, tmp_path, capsys, monkeypatch):
     import main
     models = []

@@ -117,7 +117,8 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoint(tiny_dataset, 
                                '--warmup_epochs', 0, '--log_dir', tmp_path, '--name', 'nan'], capsys)
     assert code == 3  # main.EXIT_DIVERGED: sweep.py records the settings as diverged instead of retrying them
     line = err.strip().splitlines()[-1]
-    assert 'non-finite training loss at epoch 1, step' in line and 'lower --lr' in line
+    assert 'non-finite training loss at epoch 1, step' in line
+    assert 'start a new run with a lower --lr' in line and 'a resume keeps it' in line  # it cannot change on resume
     step = int(line.split('step ')[1].split(';')[0])
     assert 1 <= step <= 6
     assert torch.load(tmp_path / 'nan' / 'state.pt', weights_only=False)['epoch'] == 0  # the last good checkpoint
@@ -222,6 +223,46 @@ def test_damaged_run_files_are_one_line(tiny_dataset, tmp_path, capsys):
     assert code == 2 and "its config.json is not a vpt run's" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize('key, value', [('batch_size', 'big'), ('epoch', None), ('full', 'maybe'), ('lr', -1),
+                                        ('optimizer', 'lion'), ('model', 7), ('val_split', [0.1])])
+def test_a_hand_edited_config_value_is_one_line(tiny_dataset, tmp_path, capsys, key, value):
+    """A value the flag would not take came out as a TypeError from deep inside ('big' % world_size)."""
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / 'r' / 'config.json').read_text())
+    (tmp_path / 'r' / 'config.json').write_text(json.dumps(dict(config, **{key: value})))
+    before = files(tmp_path / 'r')
+    for action in [['--eval_only']] + ([['--epoch', 2]] if key != 'epoch' else []):  # a given --epoch replaces it
+        code, _, err = run_main(['--resume', tmp_path / 'r', *action], capsys)
+        assert code == 2 and err.strip().splitlines() == [
+            f"main.py: error: --resume {tmp_path / 'r'}: its config.json holds {key}={json.dumps(value)}, which --{key} "
+            f"does not take; the run directory is damaged: restore its config.json, or start a new run (python "
+            f"main.py --help lists the flags)"], err
+    assert files(tmp_path / 'r') == before
+
+
+def test_a_checkpoint_of_another_shape_is_one_line(tiny_dataset, tmp_path, capsys):
+    """trainable.safetensors from another model (or a config.json whose --model was edited): torch's size-mismatch
+    RuntimeError came out as a traceback from --resume, --eval_only and --predict alike."""
+    from safetensors.torch import save_file
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    path = tmp_path / 'r' / 'trainable.safetensors'
+    with safe_open(str(path), 'pt') as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    shape = tuple(tensors['prompts.tokens'].shape)
+    tensors['prompts.tokens'] = torch.zeros(shape[0], shape[1] + 3, shape[2])
+    save_file(tensors, path, metadata=metadata)
+    before = files(tmp_path / 'r')
+    for action in (['--epoch', 2], ['--eval_only'], ['--predict', os.path.join(tiny_dataset, 'test')]):
+        code, out, err = run_main(['--resume', tmp_path / 'r', *action], capsys)
+        assert code == 1 and err.strip().splitlines() == [
+            f"error: {path} does not match this run's model (prompts.tokens {(shape[0], shape[1] + 3, shape[2])} where "
+            f"the model has {shape}): the file comes from another run, or the run's config.json was edited"], (action, err)
+    assert files(tmp_path / 'r') == before
+
+
 def test_eval_and_predict_take_another_batch_size(tiny_dataset, tmp_path, capsys):
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
     assert code == 0, err
@@ -266,20 +307,17 @@ def test_a_signal_before_training_is_one_line_and_leaves_no_directory(tiny_datas
         time.sleep(5)  # the handler runs at once; reaching the end of this would fail the test
     previous = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(__import__(module), step, interrupted)
-    # Ctrl-C raises KeyboardInterrupt as in a terminal, also where this test runs as a background job (SIGINT ignored)
-    int_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGINT ignored, as a shell script's background job inherits it: main.py still stops, as it does in training
+    int_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)
+        assert code == 128 + signum and err.strip() == f'{signal.Signals(signum).name}: stopped'
+        assert list((tmp_path / 'logs').glob('*')) == []  # no config.json-only directory that --resume would refuse
+        assert signal.getsignal(signal.SIGTERM) is previous  # main() gives the handlers back
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)  # the name is free again
     except KeyboardInterrupt:
         pytest.fail("KeyboardInterrupt escaped main(): the user gets a traceback")
-    finally:
-        signal.signal(signal.SIGINT, int_handler)
-    assert code == 128 + signum and err.strip() == f'{signal.Signals(signum).name}: stopped'
-    assert list((tmp_path / 'logs').glob('*')) == []  # no config.json-only directory that --resume would refuse
-    assert signal.getsignal(signal.SIGTERM) is previous  # main() gives the handler back
-    int_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)  # the name is free again
     finally:
         signal.signal(signal.SIGINT, int_handler)
     assert code == 128 + signum
@@ -552,6 +590,22 @@ def test_a_changed_dataset_is_refused_and_a_moved_one_accepted(tmp_path, capsys)
     assert json.loads((run_dir / 'config.json').read_text())['dataset'] == str(tmp_path / 'moved')
 
 
+def test_a_resume_on_fewer_images_says_the_data_changed_not_what_the_counts_imply(tmp_path, capsys):
+    """Resumed on a folder with fewer images, the run was told to lower --batch_size (which a resume refuses),
+    after warnings about --train_samples and empty classes: the cause, other data, comes first and alone."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('cat', 'dog', 'frog'), train_per_class=4, test_per_class=2,
+                                size=16)
+    code, _, err = run_main(tiny_run(root, tmp_path / 'logs', 'r', '--patch_size', 8, '--train_samples', 12), capsys)
+    assert code == 0, err
+    for name in ('dog/0000.png', 'dog/0001.png', 'dog/0002.png', 'frog/0000.png', 'frog/0001.png', 'frog/0002.png'):
+        os.remove(tmp_path / 'ds' / 'train' / name)  # 6 training images left, fewer than the batch of 8
+    code, _, err = run_main(['--resume', tmp_path / 'logs' / 'r', '--epoch', 2], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: --dataset {root} is not the data {tmp_path / 'logs' / 'r'} was trained on: its train split holds 6 "
+        f"images where it held 12; restore it (or pass --dataset with the run's copy), or train a new run on this "
+        f"data"], err
+
+
 def test_images_added_to_a_subset_run_dataset_are_found(tmp_path, capsys):
     """With --train_samples/--test_samples the counts a run used stay the same whatever the folder holds, while the
     images the subset keeps (and the val split of them) change: the dataset's own counts are recorded and compared."""
@@ -627,61 +681,57 @@ def test_resumed_run_keeps_the_best_checkpoint_of_before_the_interruption(tiny_d
     assert json.loads((tmp_path / 'r' / 'summary.json').read_text())['best_val_epoch'] == 1
 
 
-def test_a_resume_that_would_end_inside_the_warmup_is_refused(tmp_path, capsys):
-    """A resume may lower --epoch; below the run's warmup the lr would still be rising at the last step."""
-    import main
-    run_dir = tmp_path / 'r'
-    run_dir.mkdir()
-    (run_dir / 'config.json').write_text(json.dumps({'epoch': 10, 'warmup_epochs': 4.5}))
-    (run_dir / 'state.pt').write_bytes(b'')
-    with pytest.raises(SystemExit) as exit_info:
-        main.parse_args(['--resume', str(run_dir), '--epoch', '4'])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == (
-        f"main.py: error: --epoch 4 would end {run_dir} within its 4.5 warmup epochs: the lr would never reach --lr "
-        f"nor decay; pass --epoch 5 or more (python main.py --help lists the flags)")
-    assert main.parse_args(['--resume', str(run_dir), '--epoch', '5']).epoch == 5
-    assert main.parse_args(['--resume', str(run_dir), '--eval_only']).eval_only  # nothing trains: nothing to refuse
-
-
-def test_a_resume_whose_steps_would_end_inside_the_warmup_is_refused(tiny_dataset, tmp_path, capsys, monkeypatch):
-    """1.9 warmup epochs pass parse_args' check against --epoch 2, but at 6 steps an epoch they are 11 of 12 steps:
-    the lr would peak at the last step and never decay. Refused before anything is rewritten; the suggestion works."""
+def stopped_run(argv, epochs_done, capsys, monkeypatch):
+    """Run main.py (no val split) and SIGINT it in its evaluation of epoch `epochs_done`: it keeps that epoch."""
     import train
-    run_dir = tmp_path / 'r'
-    evaluate_split = train.evaluate_split
+    evaluate_split, evaluations = train.evaluate_split, []
 
-    def stop_in_epoch_1(model, split, *args):
-        os.kill(os.getpid(), signal.SIGINT)
+    def stop_in_the_last_evaluation(model, split, *args):
+        evaluations.append(1)
+        if len(evaluations) == epochs_done:
+            os.kill(os.getpid(), signal.SIGINT)  # the loop stops once this epoch is saved
         return evaluate_split(model, split, *args)
-    monkeypatch.setattr(train, 'evaluate_split', stop_in_epoch_1)
-    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', '--warmup_epochs', 1.9, epochs=3), capsys)
-    assert code == 130 and len(read_metrics(run_dir)) == 1, err
+    monkeypatch.setattr(train, 'evaluate_split', stop_in_the_last_evaluation)
+    code, _, err = run_main(argv, capsys)
     monkeypatch.setattr(train, 'evaluate_split', evaluate_split)
+    assert code == 130, err
+
+
+@pytest.mark.parametrize('warmup, done, epoch, expect, smallest', [
+    (3.5, 1, 2, "--epoch 2 would end {run} within its 3.5 warmup epochs: the lr would never reach --lr nor decay; "
+                "pass --epoch 4 or more", 4),
+    (2, 1, 2, "--epoch 2 would end {run} within its 2 warmup epochs: the lr would never reach --lr nor decay; "
+              "pass --epoch 3 or more", 3),  # a whole number of warmup epochs: not 2 again
+    (1, 2, 1, "{run} has already finished 2 epochs; --epoch 1 cannot undo them: pass --epoch 3 or more to train "
+              "further", 3),
+    (1.9, 1, 2, "--epoch 2 would end {run} inside its warmup (1.9 epochs, 11 of the 12 steps (6 per epoch): the lr "
+                "would never decay); pass --epoch 3 or more", 3)],
+    ids=['inside-the-warmup', 'inside-a-whole-warmup', 'below-the-epochs-trained', 'inside-the-warmup-in-steps'])
+def test_a_resume_below_what_it_can_train_to_is_refused_with_an_epoch_that_works(
+        tiny_dataset, tmp_path, capsys, monkeypatch, warmup, done, epoch, expect, smallest):
+    """A resume may lower --epoch, but neither below the epochs trained nor into the run's warmup (the lr would still
+    be rising at the last step; in whole steps, 6 an epoch here, 1.9 warmup epochs leave 2 epochs no step of decay).
+    Refused before anything is rewritten, and the --epoch suggested works: it is above the epochs trained as well
+    as past the warmup."""
+    run_dir = tmp_path / 'r'
+    stopped_run(tiny_run(tiny_dataset, tmp_path, 'r', '--warmup_epochs', warmup, epochs=5), done, capsys,
+                monkeypatch)
     before = files(run_dir)
-    code, out, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)
-    assert code == 1 and err.strip().splitlines() == [
-        f"error: --epoch 2 would end {run_dir} inside its warmup (1.9 epochs, 11 of the 12 steps (6 per epoch): the "
-        f"lr would never decay); pass --epoch 3 or more"], (out, err)
+    code, out, err = run_main(['--resume', run_dir, '--epoch', epoch], capsys)
+    assert code == 1 and err.strip().splitlines() == ['error: ' + expect.format(run=run_dir)], (out, err)
     assert files(run_dir) == before
-    code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)
-    assert code == 0 and len(read_metrics(run_dir)) == 3, err
+    code, _, err = run_main(['--resume', run_dir, '--epoch', smallest], capsys)
+    assert code == 0 and len(read_metrics(run_dir)) == smallest, err
+    for action in (['--eval_only'], ['--predict', os.path.join(tiny_dataset, 'test')]):  # nothing trains: any --epoch
+        code, _, err = run_main(['--resume', run_dir, *action, '--epoch', epoch], capsys)
+        assert code == 0, err
 
 
 def test_ending_an_unfinished_run_where_it_stopped_is_refused(tiny_dataset, tmp_path, capsys, monkeypatch):
     """--epoch N at the epoch an unfinished run stopped would train nothing and leave it unfinished (no
     confusion.csv, summary 'finished': false), not 'finished all N epochs'."""
-    import train
     run_dir = tmp_path / 'r'
-    evaluate_split = train.evaluate_split
-
-    def stop_in_epoch_1(model, split, *args):
-        os.kill(os.getpid(), signal.SIGINT)  # the loop stops once epoch 1 is saved
-        return evaluate_split(model, split, *args)
-    monkeypatch.setattr(train, 'evaluate_split', stop_in_epoch_1)
-    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', epochs=3), capsys)
-    assert code == 130 and len(read_metrics(run_dir)) == 1, err
-    monkeypatch.setattr(train, 'evaluate_split', evaluate_split)
+    stopped_run(tiny_run(tiny_dataset, tmp_path, 'r', epochs=3), 1, capsys, monkeypatch)
     before = files(run_dir)
     code, out, err = run_main(['--resume', run_dir, '--epoch', 1], capsys)
     assert code == 1 and err.strip().splitlines() == [
@@ -724,23 +774,6 @@ def test_two_processes_writing_the_same_file_do_not_trip_over_each_other(tmp_pat
     assert results == [(0, ''), (0, '')]
     assert json.loads(target.read_text())['i'] == 299
     assert os.listdir(tmp_path) == ['summary.json']
-
-
-def test_the_refused_warmup_resume_names_an_epoch_count_that_is_accepted(tmp_path, capsys):
-    """The default warmup of a 20-epoch run is 2.0 epochs: --epoch 2 ends inside it, and the --epoch the message asks
-    for must be one that is accepted (3), not 2 again; --eval_only and --predict train nothing and take any --epoch."""
-    import main
-    run_dir = tmp_path / 'r'
-    run_dir.mkdir()
-    (run_dir / 'config.json').write_text(json.dumps({'epoch': 20, 'warmup_epochs': 2.0}))
-    (run_dir / 'state.pt').write_bytes(b'')
-    with pytest.raises(SystemExit):
-        main.parse_args(['--resume', str(run_dir), '--epoch', '2'])
-    err = capsys.readouterr().err
-    assert f"--epoch 2 would end {run_dir} within its 2 warmup epochs" in err and "pass --epoch 3 or more" in err, err
-    assert main.parse_args(['--resume', str(run_dir), '--epoch', '3']).epoch == 3
-    assert main.parse_args(['--resume', str(run_dir), '--eval_only', '--epoch', '2']).eval_only
-    assert main.parse_args(['--resume', str(run_dir), '--predict', str(tmp_path), '--epoch', '2']).predict
 
 
 def test_a_resume_seeds_the_ranks_it_adds_from_the_runs_seed(tiny_dataset, tmp_path, capsys, monkeypatch):
