@@ -47,6 +47,14 @@ def test_model_input_resizes_per_batch():
                        data.model_input(images, (0.5,) * 3, (0.5,) * 3))  # no resize at the stored size
 
 
+def test_model_input_shrinks_with_antialiasing():
+    """--img_size below the stored size (16 px from CIFAR's 32): bilinear without antialiasing would alias."""
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = F.interpolate(images.float(), size=(32, 32), mode='bilinear', antialias=True, align_corners=False)
+    torch.testing.assert_close(data.model_input(images, (0.5,) * 3, (0.5,) * 3, img_size=32),
+                               (expected / 255 - 0.5) / 0.5)
+
+
 def test_train_batches_are_seeded_permutations():
     images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 3, 8, 8).contiguous()
     labels = torch.arange(50)
@@ -115,6 +123,15 @@ def test_epoch_order_is_drawn_on_the_cpu():
     assert torch.equal(seen, torch.randperm(40, generator=torch.Generator().manual_seed(5)))
 
 
+def test_an_epoch_trains_the_head_of_its_permutation():
+    """45 images, batch 10: the 5 left out are the permutation's last, as every run so far trained (a resumed run
+    and a published seed's numbers reproduce only with the same images in each epoch)."""
+    images = torch.zeros(45, 3, 8, 8, dtype=torch.uint8)
+    seen = torch.cat([y for _, y in data.train_batches(images, torch.arange(45), 10, torch.Generator().manual_seed(5),
+                                                        ((0.,) * 3, (1.,) * 3, None))])
+    assert torch.equal(seen, torch.randperm(45, generator=torch.Generator().manual_seed(5))[:40])
+
+
 @pytest.mark.parametrize('world_size', [2, 4])
 def test_rank_slices_reassemble_the_single_process_batch(world_size):
     generator = torch.Generator().manual_seed(0)
@@ -153,6 +170,11 @@ def test_16_bit_png_keeps_its_levels(tmp_path):
     image = data.read_image(tmp_path / 'grey16.png')
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     assert np.array_equal(image[..., 1], levels >> 8)  # scaled to 8 bits, not clipped to white
+
+
+def test_32_bit_integer_levels_outside_16_bits_are_clipped_not_wrapped(tmp_path):
+    Image.fromarray(np.array([[-5, 70000, 300]], np.int32), 'I').save(tmp_path / 'int32.tif')
+    assert data.read_image(tmp_path / 'int32.tif')[0, :, 0].tolist() == [0, 255, 1]  # 300 >> 8 is 1
 
 
 def test_a_float_image_is_refused_not_clipped(tmp_path):
@@ -231,6 +253,17 @@ def test_images_larger_than_img_size_are_shrunk_as_decoded(tmp_path, first):
     assert train_x.shape == (6 + (first == 'small'), 3, 32, 32) and test_x.shape == (2, 3, 32, 32)
     expected = np.asarray(Image.fromarray(photo).resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1)
     assert torch.equal(test_x[0], torch.from_numpy(expected.copy()))
+
+
+@pytest.mark.parametrize('reading, side', [(1, 64), (2, 32), (3, 32)])
+def test_images_of_one_larger_size_are_shrunk_as_decoded_since_folder_reading_2(tmp_path, reading, side):
+    """Runs recorded with folder_reading 1 kept such images whole (resized per batch); 2 and later shrink them as
+    they are decoded. A resumed or evaluated run reads its images by its own recorded rule, so both stay."""
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f'{i}.png'))
+        Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(paths[-1])
+    assert data.read_images(paths, 32, reading=reading).shape == (3, 3, side, side)
 
 
 def test_hidden_files_are_skipped_and_subfolders_searched(tmp_path):

@@ -137,3 +137,79 @@ def test_a_single_process_stops_at_the_next_step():
             yield torch.randn(2, 4), torch.tensor([0, 1])
     assert train.train_epoch(model, optimizer, scheduler, batches(), 30, amp=False, stop=stop) is None
     assert len(steps) == 1
+
+
+def test_the_first_non_finite_step_is_the_one_reported():
+    """The loss is checked at the 20-step sync, not per step; once NaN it stays NaN, and the step reported (the error
+    line, summary.json's diverged.step) must be the first bad one, not the last before the sync."""
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batches = [(torch.randn(2, 4) if step == 0 else torch.full((2, 4), float('nan')), torch.tensor([0, 1]))
+               for step in range(6)]
+    with pytest.raises(FloatingPointError) as error:
+        train.train_epoch(model, optimizer, scheduler, iter(batches), 6, amp=False)
+    assert error.value.args[0] == 2  # steps count from 1
+
+
+def test_evaluation_is_in_eval_mode_whatever_the_model_was_left_in():
+    """Prompt dropout must not act on val/test images: evaluate() puts the model in eval mode itself."""
+    model, images, labels, preprocess = tiny_model_and_data(images=10)
+    model.prompts.dropout.p = 0.5
+    results = [train.evaluate_split(model.train(), (images, labels), 10, preprocess, False) for _ in range(2)]
+    assert results[0][0] == results[1][0] and torch.equal(results[0][2], results[1][2])
+
+
+def test_a_checkpoint_missing_a_trainable_tensor_or_holding_another_is_refused(tmp_path):
+    """Loaded with strict=False (the frozen backbone is rebuilt, not stored), a file without the head would leave it
+    randomly initialised: --eval_only would report a random head's accuracy, a resume train from it."""
+    from safetensors.torch import save_file
+    model, *_ = tiny_model_and_data()
+    set_trainable(model, full=False)
+    tensors = {name: tensor.detach().clone() for name, tensor in train.trainable_tensors(model).items()}
+    for name, change in (('missing', lambda t: t.pop('vit.head.weight')),
+                         ('unexpected', lambda t: t.update(extra=torch.zeros(1)))):
+        damaged = dict(tensors)
+        change(damaged)
+        save_file(damaged, tmp_path / f'{name}.safetensors', metadata={'epoch': '1'})
+        with pytest.raises(SystemExit, match=rf"does not match this run's model .*{name}"):
+            train.load_trainable(tmp_path / f'{name}.safetensors', model)
+    save_file(tensors, tmp_path / 'whole.safetensors', metadata={'epoch': '1'})
+    assert train.load_trainable(tmp_path / 'whole.safetensors', model) == 1
+
+
+def test_time_per_epoch_falls_back_to_compiling_epochs_when_all_compiled():
+    """--epoch 1 --compile True (or a one-epoch resume): every epoch compiled; summary.json's mean_epoch_time_s is
+    then theirs, not 0."""
+    rows = [dict(epoch=1, epoch_time_s=5.0, includes_compile=1, test_acc=1.0, test_loss=1.0)]
+    assert train.summarize(rows, 1, 0.0, 10)['mean_epoch_time_s'] == 5.0
+
+
+def test_schedule_counts_whole_steps_and_rounds_the_warmup():
+    assert train.schedule_steps(10, 4, 2, 0.75) == (2, 2, 4)  # 2 steps an epoch (2 images dropped); 1.5 rounds to 2
+
+
+def test_throughput_counts_the_images_trained_not_the_ones_dropped(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """metrics.csv's train_images_per_s: 48 images at batch 10 train 40 a epoch (the last incomplete batch is
+    dropped), so 2 s of training is 20 images/s, not 24. The clock is faked: training takes exactly 2 s."""
+    import time
+    import types
+
+    from conftest import TINY, read_metrics, run_main
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1e-9  # the progress bar divides by elapsed time
+        return clock[0]
+    monkeypatch.setattr(train, 'time', types.SimpleNamespace(perf_counter=perf_counter, time=time.time))
+    train_epoch = train.train_epoch
+
+    def two_seconds(*args, **kwargs):
+        result = train_epoch(*args, **kwargs)
+        clock[0] += 2.0
+        return result
+    monkeypatch.setattr(train, 'train_epoch', two_seconds)
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 10, '--log_dir', tmp_path,
+                             '--name', 'r'], capsys)
+    assert code == 0, err
+    assert read_metrics(tmp_path / 'r')[0]['train_images_per_s'] == '20.0'
