@@ -256,6 +256,10 @@ def merge_resume(args, given, error):
         if flag in config and getattr(args, flag) != config[flag]:
             error(f"--{flag} {getattr(args, flag)} contradicts the run's config ({flag}={config[flag]}); "
                   f"drop --{flag} to resume {run_dir}, or start a new run")
+    for key, fits in RECORDED.items():
+        if key in config and not fits(config[key]):
+            error(f"--resume {run_dir}: its config.json holds {key}={json.dumps(config[key])[:80]}, not what main.py "
+                  f"records there; the run directory is damaged: restore its config.json, or start a new run")
     merged = dict(vars(args))
     actions = {action.dest: action for action in make_parser()._actions}
     for key, value in config.items():
@@ -270,22 +274,32 @@ def merge_resume(args, given, error):
 
 
 def config_value(action, value, run_dir, error):
-    """A flag's value as config.json holds it, checked as the parser checks the flag: a hand-edited config.json
-    ("batch_size": "big", "epoch": null) is a damaged run, not a TypeError deep inside."""
-    try:
-        if value is None and action.default is None:
-            return value
-        if action.type is None:  # a plain string flag
-            if isinstance(value, str) and (not action.choices or value in action.choices):
-                return value
-        elif isinstance(value, (int, float, str)):  # True is an int: 'True' passes str2bool and only it
-            checked = action.type(str(value))
-            if not action.choices or checked in action.choices:
-                return checked
-    except (argparse.ArgumentTypeError, TypeError, ValueError):
-        pass
+    """A flag's value as config.json holds it, checked for its kind, not its range: a hand-edited config.json
+    ("batch_size": "big", "epoch": null) is a damaged run rather than a TypeError deep inside, while a value an older
+    vpt accepted (--lr 0, a negative --seed) still belongs to its run."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if value is None and action.default is None:
+        fits = True
+    elif action.type is str2bool:
+        fits = isinstance(value, bool)
+    elif action.type in (None, device_flag):
+        fits = isinstance(value, str)
+    elif isinstance(action.default, int):  # --epoch, --batch_size, --prompts, --seed, ...: a count
+        fits = number and value == int(value)
+        value = int(value) if fits else value
+    else:  # --lr, --weight_decay, --warmup_epochs, --prompt_dropout, --val_split
+        fits = number
+    if fits and (not action.choices or value in action.choices):
+        return value
     error(f"--resume {run_dir}: its config.json holds {action.dest}={json.dumps(value)}, which --{action.dest} does not "
           f"take; the run directory is damaged: restore its config.json, or start a new run")
+
+
+# what a run's config.json records besides its flags, as the code that reads it back needs it
+RECORDED = dict(classes=lambda v: isinstance(v, list) and all(isinstance(name, str) for name in v),
+                dataset_images=lambda v: isinstance(v, dict) and all(type(n) is int for n in v.values()),
+                folder_reading=lambda v: type(v) is int, resumed=lambda v: isinstance(v, list),
+                **{f'{split}_images': lambda v: type(v) is int for split in ('train', 'val', 'test')})
 
 
 def mode_of(args):
@@ -393,7 +407,8 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                 held.callback(os.close, lock_run(args.resume))
             state = train.load_state(args.resume)
             # a resume may lower --epoch, neither below the epochs trained nor into the run's warmup
-            smallest = max(state['epoch'] + 1, math.floor(args.warmup_epochs) + 1)
+            train_images = read_json(os.path.join(args.resume, 'config.json')).get('train_images')
+            smallest = smallest_resume_epoch(args, state['epoch'], train_images)
             if state['epoch'] > args.epoch:
                 raise SystemExit(f"error: {args.resume} has already finished {state['epoch']} epochs; --epoch "
                                  f"{args.epoch} cannot undo them: pass --epoch {smallest} or more to train further")
@@ -517,6 +532,18 @@ def load_splits(args, rank, world_size):
     return splits, classes, available
 
 
+def smallest_resume_epoch(args, done, train_images=None):
+    """The fewest epochs a resumed run can be set to: past the `done` ones, and past its warmup by at least one step
+    of cosine decay (counted in steps when the number of training images is known)."""
+    smallest = max(done + 1, math.floor(args.warmup_epochs) + 1)
+    if train_images:
+        import train
+        per_epoch, warmup, _ = train.schedule_steps(train_images, args.batch_size, 1, args.warmup_epochs)
+        if warmup and per_epoch:
+            smallest = max(smallest, -(-(warmup + 2) // per_epoch))
+    return smallest
+
+
 def check_schedule(args, train_images, done=0):
     """parse_args compared --warmup_epochs with --epoch; in whole steps the cosine may still have no step to run.
     `done`: the epochs a resumed run has trained (a suggested --epoch must exceed them)."""
@@ -527,9 +554,10 @@ def check_schedule(args, train_images, done=0):
         if args.resume:
             raise SystemExit(f"error: --epoch {args.epoch} would end {args.resume} inside its warmup "
                              f"({args.warmup_epochs:g} epochs, {steps}); pass --epoch "
-                             f"{max(-(-(warmup + 2) // per_epoch), done + 1)} or more")
+                             f"{smallest_resume_epoch(args, done, train_images)} or more")
+        largest = max(0, math.floor((total - 2) / per_epoch * 1e4))  # in 1e-4 epochs, rounded down, printed exactly
         raise SystemExit(f"error: --warmup_epochs {args.warmup_epochs:g} is {steps}; pass --warmup_epochs "
-                         f"{max(0, math.floor((total - 2) / per_epoch * 1e4) / 1e4):g} or less")
+                         f"{f'{largest / 1e4:.4f}'.rstrip('0').rstrip('.') or 0} or less")
 
 
 def check_same_data(args, splits, classes, available):

@@ -26,14 +26,14 @@ when).
 
 Re-launching the same command skips finished runs, resumes interrupted ones (main.py --resume), retries failed ones,
 and moves a run directory without a checkpoint aside to <run>.failed-N before starting it afresh. A trial started on
-data that differ from what the sweep's runs read (classes, image counts) stops the sweep and moves aside to
-<run>.other-data-N. A run that stopped on a non-finite loss (main.py's exit status 3) is 'diverged': a result of its
-settings, ranked last, left out of the seeds' mean (the report counts it) and not retried (its summary.json says so,
-wherever it ran). A final run that trained another grid point than the winner (a failed grid run, retried, won) is
-'stale': not counted, and the sweep stops until it is moved aside. Ctrl-C or SIGTERM reaches the running trials,
-which keep their last finished epoch; the sweep writes its report, prints the command to re-launch and exits 130 /
-143. Exit status 1 when a run failed (the others still run; stage 2 runs if at least one grid point finished).
---print_commands prints stage 1's commands, or stage 2's once stage 1 has finished there.
+data that differ from what the sweep's runs read (classes, image counts) stops the sweep and moves, with its log, to
+set-aside/<run>.other-data-N. A run that stopped on a non-finite loss (main.py's exit status 3) is 'diverged': a
+result of its settings, ranked last, left out of the seeds' mean (the report counts it) and not retried (its
+summary.json says so, wherever it ran). A final run that trained another grid point than the winner (a failed grid
+run, retried, won) is 'stale': not counted, and the sweep stops until it is moved aside. Ctrl-C or SIGTERM reaches
+the running trials, which keep their last finished epoch; the sweep writes its report, prints the command to
+re-launch and exits 130 / 143. Exit status 1 when a run failed (the others still run; stage 2 runs if at least one
+grid point finished). --print_commands prints stage 1's commands, or stage 2's once stage 1 has finished there.
 """
 import argparse
 import contextlib
@@ -543,24 +543,42 @@ def check_data(sweep_dir, trials, launched=True):
 
 
 def data_read(config):
-    """What a run's config.json says it read: the class names in order and each split's images before subsetting."""
-    return config.get('classes'), config.get('dataset_images')
+    """What a run's config.json says it read: the class names in order, each split's images before subsetting (not
+    recorded before vpt counted them) and how the folder was read (data.FOLDER_READING; 1 before it was recorded)."""
+    return config.get('classes'), config.get('dataset_images'), config.get('folder_reading', 1)
 
 
 def data_difference(first, other):
-    """How two data_read() differ, in words; '' when they agree."""
-    if first == other:
-        return ''
-    return 'other classes' if first[0] != other[0] else f"images per split {first[1]} against {other[1]}"
+    """How two data_read() differ, in words; '' when they agree. Runs that read the folder by different rules may
+    count other images of the same data (the launch warns about them): only their classes are compared, as for runs
+    that recorded no counts."""
+    if first[0] != other[0]:
+        return 'other classes'
+    if first[2] == other[2] and None not in (first[1], other[1]) and first[1] != other[1]:
+        return f"images per split {first[1]} against {other[1]}"
+    return ''
 
 
-def move_aside(run_dir, why):
-    """Rename a run directory to <run>.<why>-N (kept, not deleted: it may hold a clue) -> the new name."""
+def move_aside(run_dir, why, folder=None):
+    """Rename a run directory to <run>.<why>-N, in `folder` if given (kept, not deleted: it may hold a clue) -> the
+    new path, relative to the run directory's parent."""
+    parent = os.path.dirname(run_dir)
+    target = os.path.join(folder or parent, os.path.basename(run_dir) + f".{why}-")
     n = 1
-    while os.path.exists(f"{run_dir}.{why}-{n}"):
+    while os.path.exists(f"{target}{n}"):
         n += 1
-    os.rename(run_dir, f"{run_dir}.{why}-{n}")
-    return f"{os.path.basename(run_dir)}.{why}-{n}"
+    os.makedirs(folder or parent, exist_ok=True)
+    os.rename(run_dir, f"{target}{n}")
+    return os.path.relpath(f"{target}{n}", parent)
+
+
+def set_aside(sweep_dir, name):
+    """A trial that read other data, with its log, to set-aside/<run>.other-data-N: out of the sweep's report, its
+    trial states (a logged exit status would still count) and plot.py SWEEP_DIR (which looks one level down)."""
+    moved = move_aside(os.path.join(sweep_dir, name), 'other-data', os.path.join(sweep_dir, 'set-aside'))
+    if os.path.exists(log_path(sweep_dir, name)):
+        os.rename(log_path(sweep_dir, name), os.path.join(sweep_dir, moved + '.log'))
+    return moved
 
 
 # ---------------------------------------------------------------- running trials
@@ -645,7 +663,7 @@ def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_wit
     """Run the trials, one per slot (a GPU, or just one slot) at a time, until done or a signal arrives.
     A trial started afresh must read the data that the runs of `compare_with` read (a resumed one is checked by
     main.py itself): as soon as its config.json says otherwise, every trial is stopped, the ones of other data move
-    aside to <run>.other-data-N, and the sweep fails, before a number of other data can join the sweep's."""
+    aside to set-aside/<run>.other-data-N, and the sweep fails, before a number of other data can join the sweep's."""
     pending, running = list(trials), {}  # slot -> (trial, child, start time)
     slots = gpus or [None]
     first_read = {}  # dataset -> (run, data_read) the sweep's runs read
@@ -654,18 +672,8 @@ def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_wit
         if isinstance(config, dict):
             first_read.setdefault(config.get('dataset'), (trial['name'], data_read(config)))
     fresh, unchecked, changed = [], set(), []
-    while running or (pending and not STOP and not changed):
-        for slot in slots:
-            while slot not in running and pending and not STOP and not changed:
-                trial = pending.pop(0)
-                resumes = os.path.isfile(os.path.join(sweep_dir, trial['name'], 'state.pt'))
-                child = start_trial(sweep_dir, trial, slot, add_device)
-                if child is not None:
-                    running[slot] = (trial, child, time.time())
-                    if not resumes:
-                        fresh.append(trial['name'])
-                        unchecked.add(trial['name'])
-        time.sleep(0.1)
+
+    def check_fresh_data():
         for name in sorted(unchecked):
             config = read_json(os.path.join(sweep_dir, name, 'config.json'))  # written once the data is read
             if isinstance(config, dict):
@@ -678,19 +686,33 @@ def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_wit
                     for _, child, _ in running.values():
                         if child.poll() is None:
                             child.send_signal(signal.SIGTERM)
+    while running or (pending and not STOP and not changed):
+        for slot in slots:
+            while slot not in running and pending and not STOP and not changed:
+                trial = pending.pop(0)
+                resumes = os.path.isfile(os.path.join(sweep_dir, trial['name'], 'state.pt'))
+                child = start_trial(sweep_dir, trial, slot, add_device)
+                if child is not None:
+                    running[slot] = (trial, child, time.time())
+                    if not resumes:
+                        fresh.append(trial['name'])
+                        unchecked.add(trial['name'])
+        time.sleep(0.1)
+        check_fresh_data()
         for slot, (trial, child, started) in list(running.items()):
             if child.poll() is not None:
                 del running[slot]
                 end_trial(sweep_dir, trial, child, started)
                 write_reports(sweep_dir, meta, base_seed)
+    check_fresh_data()  # a trial that wrote its config.json and ended since the last look
     if changed:
         moved = []
         for name in fresh:
             config = read_json(os.path.join(sweep_dir, name, 'config.json'))
             if isinstance(config, dict) and data_difference(first_read[config.get('dataset')][1], data_read(config)):
-                moved.append(move_aside(os.path.join(sweep_dir, name), 'other-data'))
+                moved.append(f"{name} to {set_aside(sweep_dir, name)}")
         write_reports(sweep_dir, meta, base_seed)
-        aside = f" and moved {', '.join(moved)} aside" if moved else ''  # one stopped before its checkpoint is gone
+        aside = f" and moved {', '.join(moved)}" if moved else ''  # one stopped before its checkpoint is gone
         fail(f"the dataset changed while the sweep ran: {changed[0]}; stopped the sweep{aside} before a number of "
              f"other data could count; restore the data and re-launch, or sweep the data as it is now under another "
              f"--name")

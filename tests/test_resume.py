@@ -223,10 +223,12 @@ def test_damaged_run_files_are_one_line(tiny_dataset, tmp_path, capsys):
     assert code == 2 and "its config.json is not a vpt run's" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize('key, value', [('batch_size', 'big'), ('epoch', None), ('full', 'maybe'), ('lr', -1),
-                                        ('optimizer', 'lion'), ('model', 7), ('val_split', [0.1])])
+@pytest.mark.parametrize('key, value', [('batch_size', 'big'), ('epoch', None), ('full', 'maybe'), ('lr', 'fast'),
+                                        ('optimizer', 'lion'), ('model', 7), ('val_split', [0.1]), ('prompts', 2.5),
+                                        ('folder_reading', None), ('dataset_images', [48, 18]), ('classes', 'abc')])
 def test_a_hand_edited_config_value_is_one_line(tiny_dataset, tmp_path, capsys, key, value):
-    """A value the flag would not take came out as a TypeError from deep inside ('big' % world_size)."""
+    """A value the flag would not take, or a record main.py reads back in another form, came out as a TypeError
+    from deep inside ('big' % world_size, None < 3)."""
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
     assert code == 0, err
     config = json.loads((tmp_path / 'r' / 'config.json').read_text())
@@ -234,11 +236,23 @@ def test_a_hand_edited_config_value_is_one_line(tiny_dataset, tmp_path, capsys, 
     before = files(tmp_path / 'r')
     for action in [['--eval_only']] + ([['--epoch', 2]] if key != 'epoch' else []):  # a given --epoch replaces it
         code, _, err = run_main(['--resume', tmp_path / 'r', *action], capsys)
+        what = (f"which --{key} does not take" if key not in main.RECORDED else "not what main.py records there")
         assert code == 2 and err.strip().splitlines() == [
-            f"main.py: error: --resume {tmp_path / 'r'}: its config.json holds {key}={json.dumps(value)}, which --{key} "
-            f"does not take; the run directory is damaged: restore its config.json, or start a new run (python "
-            f"main.py --help lists the flags)"], err
+            f"main.py: error: --resume {tmp_path / 'r'}: its config.json holds {key}={json.dumps(value)}, {what}; the "
+            f"run directory is damaged: restore its config.json, or start a new run (python main.py --help lists the "
+            f"flags)"], err
     assert files(tmp_path / 'r') == before
+
+
+def test_values_an_older_vpt_accepted_still_resume(tiny_dataset, tmp_path, capsys):
+    """Flags are checked for their kind, not today's range: runs recorded with --lr 0 or a negative --seed (accepted
+    before those checks existed) still evaluate and resume."""
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / 'r' / 'config.json').read_text())
+    (tmp_path / 'r' / 'config.json').write_text(json.dumps(dict(config, lr=0, seed=-1, epoch=1.0)))
+    code, out, err = run_main(['--resume', tmp_path / 'r', '--eval_only'], capsys)
+    assert code == 0 and 'test accuracy' in out, err
 
 
 def test_a_checkpoint_of_another_shape_is_one_line(tiny_dataset, tmp_path, capsys):
@@ -702,11 +716,14 @@ def stopped_run(argv, epochs_done, capsys, monkeypatch):
                 "pass --epoch 4 or more", 4),
     (2, 1, 2, "--epoch 2 would end {run} within its 2 warmup epochs: the lr would never reach --lr nor decay; "
               "pass --epoch 3 or more", 3),  # a whole number of warmup epochs: not 2 again
+    (2.9, 1, 2, "--epoch 2 would end {run} within its 2.9 warmup epochs: the lr would never reach --lr nor decay; "
+                "pass --epoch 4 or more", 4),  # not 3: 17 warmup steps of 18 would leave no step to decay
     (1, 2, 1, "{run} has already finished 2 epochs; --epoch 1 cannot undo them: pass --epoch 3 or more to train "
               "further", 3),
     (1.9, 1, 2, "--epoch 2 would end {run} inside its warmup (1.9 epochs, 11 of the 12 steps (6 per epoch): the lr "
                 "would never decay); pass --epoch 3 or more", 3)],
-    ids=['inside-the-warmup', 'inside-a-whole-warmup', 'below-the-epochs-trained', 'inside-the-warmup-in-steps'])
+    ids=['inside-the-warmup', 'inside-a-whole-warmup', 'inside-the-warmup-counted-in-steps',
+         'below-the-epochs-trained', 'inside-the-warmup-in-steps'])
 def test_a_resume_below_what_it_can_train_to_is_refused_with_an_epoch_that_works(
         tiny_dataset, tmp_path, capsys, monkeypatch, warmup, done, epoch, expect, smallest):
     """A resume may lower --epoch, but neither below the epochs trained nor into the run's warmup (the lr would still

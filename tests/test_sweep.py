@@ -252,7 +252,7 @@ def test_collect_and_print_commands_on_a_finished_sweep(finished_sweep):
     # the same sweep again runs nothing: the diverged point is not retried
     result = run_sweep(command[2:])
     assert result.returncode == 0, result.stderr
-    assert 'skip   grid_lr=1e30: diverged' in result.stdout and 'start' not in result.stdout
+    assert 'skip   grid_lr=1e30: diverged' in result.stdout and '] start ' not in result.stdout  # no trial launched
 
 
 def test_a_grid_that_only_diverges_says_so(tiny_dataset, tmp_path):
@@ -358,7 +358,7 @@ def test_a_trial_stopped_before_its_first_checkpoint_is_not_called_resumable(tin
     log = tmp_path / 's' / 'sweep.log'
     while not (log.exists() and 'start  grid_lr=1e-3' in log.read_text()) and process.poll() is None:
         time.sleep(0.02)
-    time.sleep(0.5)  # the trial's Python has started (a signal in its first few ms finds no handler of ours yet)
+    time.sleep(1.5)  # its Python has reached main() (a signal before that finds no handler of ours yet)
     os.killpg(process.pid, signal.SIGINT)  # the trial is still importing torch (seconds), far from a checkpoint
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
@@ -376,6 +376,7 @@ def test_a_sweep_mixing_old_and_new_folder_reading_says_so(tiny_dataset, tmp_pat
     config = json.loads(config_path.read_text())
     assert config['folder_reading'] == sweep.FOLDER_READING  # sweep.py's copy of data.FOLDER_READING
     config['folder_reading'] = 2  # as main.py wrote it before linked folders beside their target were read once
+    config['dataset_images']['train'] += 1  # a linked folder beside its target, read twice then: not other data
     config_path.write_text(json.dumps(config))
     result = run_sweep(argv)  # everything finished: nothing new starts, nothing to say
     assert result.returncode == 0 and 'warning' not in result.stdout
@@ -385,6 +386,7 @@ def test_a_sweep_mixing_old_and_new_folder_reading_says_so(tiny_dataset, tmp_pat
     assert result.returncode == 0, result.stderr
     assert ('warning: grid_lr=1e-3 (folder_reading 2) read the dataset folder as an older vpt did; a trial started '
             'now reads it as main.py does today (folder_reading 3)' in result.stdout), result.stdout
+    assert not os.path.exists(tmp_path / 's' / 'set-aside')  # warned about, not taken for a changed dataset
 
 
 def test_interrupted_sweep_relaunched_skips_finished_and_resumes(slower_dataset, tmp_path):
@@ -499,14 +501,18 @@ def test_a_sweep_never_mixes_two_datasets(tiny_dataset, tmp_path):
         shutil.copy(tmp_path / 'a' / 'data' / 'train' / 'cat' / '0000.png', new_image)
         changed = run_sweep(argv, cwd=tmp_path / 'a')
         # the trial is stopped either after its first checkpoint (moved aside) or before it (it removed itself)
-        moved = os.path.isdir(sweep_dir / f'{stage_trial}.other-data-1')
+        moved = os.path.isdir(sweep_dir / 'set-aside' / f'{stage_trial}.other-data-1')
         assert changed.returncode == 1 and changed.stderr.strip().splitlines()[-1] == (
             f"sweep.py: error: the dataset changed while the sweep ran: grid_lr=3e-4 and {stage_trial} of {sweep_dir} "
             f"read different data from {tmp_path / 'a' / 'data'} (images per split {{'train': 48, 'test': 18}} "
             f"against {{'train': 49, 'test': 18}}); stopped the sweep"
-            f"{f' and moved {stage_trial}.other-data-1 aside' if moved else ''} before a number of other data could "
+            f"{f' and moved {stage_trial} to set-aside/{stage_trial}.other-data-1' if moved else ''} before a number "
+            f"of other data could "
             f"count; restore the data and re-launch, or sweep the data as it is now under another --name"), changed.stderr
         assert not os.path.exists(sweep_dir / stage_trial)
+        if moved:  # its log too: an exit status there would still count for the trial
+            assert os.path.isfile(sweep_dir / 'set-aside' / f'{stage_trial}.other-data-1.log')
+            assert not os.path.exists(sweep_dir / 'logs' / f'{stage_trial}.log')
         os.remove(new_image)  # restored, as the message says
 
     launch_with_an_image_more('grid_lr=1e-3')  # stage 1
