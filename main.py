@@ -406,22 +406,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
             if rank == 0:
                 held.callback(os.close, lock_run(args.resume))
             state = train.load_state(args.resume)
-            # a resume may lower --epoch, neither below the epochs trained nor into the run's warmup
-            train_images = read_json(os.path.join(args.resume, 'config.json')).get('train_images')
-            smallest = smallest_resume_epoch(args, state['epoch'], train_images)
-            if state['epoch'] > args.epoch:
-                raise SystemExit(f"error: {args.resume} has already finished {state['epoch']} epochs; --epoch "
-                                 f"{args.epoch} cannot undo them: pass --epoch {smallest} or more to train further")
-            if args.warmup_epochs >= args.epoch:
-                raise SystemExit(f"error: --epoch {args.epoch} would end {args.resume} within its "
-                                 f"{args.warmup_epochs:g} warmup epochs: the lr would never reach --lr nor decay; pass "
-                                 f"--epoch {smallest} or more")
-            planned = read_json(os.path.join(args.resume, 'config.json')).get('epoch')
-            if state['epoch'] == args.epoch != planned:  # cut short here, it would stay unfinished: no result files
-                raise SystemExit(f"error: {args.resume} stopped after {state['epoch']} of its {planned} epochs; "
-                                 f"--epoch {args.epoch} would end it untrained and still unfinished: drop --epoch to "
-                                 f"resume it, or evaluate it as it is with --eval_only")
-            if state['epoch'] == args.epoch:  # nothing to train: the run stays as it is, config.json included
+            if not check_resume_epoch(args, state['epoch']):  # nothing to train: the run stays as it is
                 if rank == 0:
                     print(f"{args.resume} has finished all {args.epoch} epochs; pass --epoch N to train further")
                 return
@@ -530,6 +515,24 @@ def load_splits(args, rank, world_size):
         raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(train_labels)} training "
                          f"images; lower --batch_size (or raise --train_samples)")
     return splits, classes, available
+
+
+def check_resume_epoch(args, done):
+    """A resume may lower --epoch, neither below the `done` epochs nor into the run's warmup. -> False when the run
+    has finished all --epoch epochs already (nothing to train)."""
+    config = read_json(os.path.join(args.resume, 'config.json'))
+    smallest = smallest_resume_epoch(args, done, config.get('train_images'))
+    if done > args.epoch:
+        raise SystemExit(f"error: {args.resume} has already finished {done} epochs; --epoch {args.epoch} cannot undo "
+                         f"them: pass --epoch {smallest} or more to train further")
+    if args.warmup_epochs >= args.epoch:
+        raise SystemExit(f"error: --epoch {args.epoch} would end {args.resume} within its {args.warmup_epochs:g} "
+                         f"warmup epochs: the lr would never reach --lr nor decay; pass --epoch {smallest} or more")
+    if done == args.epoch != config.get('epoch'):  # cut short here, it would stay unfinished: no result files
+        raise SystemExit(f"error: {args.resume} stopped after {done} of its {config.get('epoch')} epochs; --epoch "
+                         f"{args.epoch} would end it untrained and still unfinished: drop --epoch to resume it, or "
+                         f"evaluate it as it is with --eval_only")
+    return done < args.epoch
 
 
 def smallest_resume_epoch(args, done, train_images=None):
