@@ -496,7 +496,7 @@ def plot_cost(runs, out):
             ax.scatter([x for x, _, _ in group], [y for _, y, _ in group], marker=marker, s=44, facecolors=faces,
                        edgecolors=colour, linewidths=1.4, label=mode, zorder=3)
         xs = [x for x, _, _ in points]
-        if key != 'epoch_time_s' or (xs and max(xs) > 10 * min(xs)):
+        if xs and max(xs) > 10 * min(xs):  # P beside F spans 180x in parameters; F beside P+F only 1.005x
             ax.set_xscale('log')
         if not points:
             ax.text(0.5, 0.5, 'no run has this', transform=ax.transAxes, ha='center', va='center', color='0.4')
@@ -506,6 +506,11 @@ def plot_cost(runs, out):
             ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5) if right / left < 300 else (1,)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
+        elif ax.get_xscale() == 'linear':  # a few plain ticks: no offset (+8.5e7) nor long digit strings
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+            ax.xaxis.set_major_formatter(FuncFormatter(
+                lambda value, _, key=key: f"{value / 1e6:.6g}M" if key == 'params' and abs(value) >= 1e6 else
+                f"{value:,.6g}"))
         names_at = {}  # runs at the same point share one label, their names one under the other
         for x, y, run in points:
             names_at.setdefault((x, y), []).append(run['name'])

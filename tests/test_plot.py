@@ -617,6 +617,28 @@ def test_cost_labels_stay_in_their_panel_and_apart(tmp_path, capsys, monkeypatch
         close_figure(fig)
 
 
+def test_cost_axes_of_close_values_have_few_readable_ticks(tmp_path, capsys, monkeypatch):
+    """F beside P+F on ViT-B/4: 85,152,010 against 85,612,810 parameters (0.5% apart) drew eight overlapping
+    2.585x10^5-style labels on a log axis. Close values get a linear axis with a few plain ticks."""
+    for name, mode, params, seconds, size in (('F', 'F', 85_152_010, 4.8, 340_608_040),
+                                              ('PF', 'P+F', 85_612_810, 5.2, 342_451_240)):
+        write_run(tmp_path / 'logs', name, mode, params, [(80.0, 90.0, seconds)], checkpoint_bytes=size)
+    figures = captured_figures(monkeypatch)
+    assert run_plot([tmp_path / 'logs', '--cost'], capsys)[0] == 0
+    fig = figures[1]
+    fig.canvas.draw()
+    for ax in fig.axes:
+        assert ax.get_xscale() == 'linear'
+        ticks = [t for t in ax.get_xticklabels() if t.get_text() and ax.get_xlim()[0] <= t.get_position()[0]
+                 <= ax.get_xlim()[1]]
+        assert 2 <= len(ticks) <= 6 and all(len(t.get_text()) <= 7 for t in ticks), [t.get_text() for t in ticks]
+        boxes = [t.get_window_extent() for t in ticks]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[:i])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()][1].endswith('M')  # 85.4M, not 85400000
+    for fig in figures:
+        close_figure(fig)
+
+
 def test_cost_axis_says_which_accuracy(cost_logs, tmp_path, capsys, monkeypatch):
     figures = captured_figures(monkeypatch)
     run_plot([os.path.join(cost_logs, 'P_val'), '--cost', '--out', tmp_path / 'acc.png'], capsys)
