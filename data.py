@@ -57,9 +57,15 @@ def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_
 def _load_cifar(name, data_dir):
     import torchvision
     dataset_class = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.CIFAR100
+    if os.path.isfile(data_dir):
+        raise SystemExit(f"error: --data_dir {data_dir} is a file; pass the folder where {name} is found or is to be "
+                         f"downloaded (it holds {dataset_class.filename} or {CIFAR_FOLDERS[name]}/)")
     try:
         train = dataset_class(data_dir, train=True, download=False)
     except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+        if os.path.basename(os.path.normpath(data_dir)) == CIFAR_FOLDERS[name]:  # a download would nest a second copy
+            raise SystemExit(f"error: --data_dir {data_dir} is the extracted {CIFAR_FOLDERS[name]}/ itself; pass the "
+                             f"folder that holds it: --data_dir {os.path.dirname(os.path.normpath(data_dir))}")
         created = _missing_folders(data_dir)
         _check_writable(data_dir, '--data_dir', f"to download {name} into it")
         try:

@@ -331,8 +331,7 @@ def main(argv=None):
         say_once(str(e), EXIT_DIVERGED)
     except KeyboardInterrupt as e:  # parsing, importing torch, loading data, building the model: no state at risk
         signum = e.args[0] if e.args else signal.SIGINT
-        print(f"\n{signal.Signals(signum).name}: stopped", file=sys.stderr)
-        sys.exit(128 + signum)
+        say_once(f"\n{signal.Signals(signum).name}: stopped", 128 + signum)  # torchrun signals every process
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -504,9 +503,12 @@ def load_splits(args, rank, world_size):
             print(f"warning: --val_split {args.val_split} holds out {len(val_index)} of {len(all_train_labels)} "
                   f"training images ({100 * held_out:.1f}%){missing}: {per_class}", file=sys.stderr, flush=True)
     for split, labels, consequence in (
-            ('training', train_labels, "the model cannot learn them: raise --train_samples or use a dataset with "
-                                       "images of every class"),
-            ('test', test_labels, f"test accuracy leaves them out: raise --test_samples to {len(classes)} or more")):
+            ('training', train_labels, "the model cannot learn them: " + (
+                "raise --train_samples or use" if args.train_samples else "use") + " a dataset with images of every "
+                "class"),
+            ('test', test_labels, "test accuracy leaves them out" + (
+                f": raise --test_samples to {len(classes)} or more" if args.test_samples else
+                " (the dataset's test split has none of them)"))):
         absent = [name for name, count in zip(classes, labels.bincount(minlength=len(classes)).tolist()) if not count]
         if absent and rank == 0:
             print(f"warning: {len(absent)} of {len(classes)} classes have no {split} images ({', '.join(absent[:5])}"

@@ -418,6 +418,20 @@ def test_cifar10_from_data_dir(fake_cifar10):
     assert torch.equal(train_x[7], torch.from_numpy(np.array(image)).permute(2, 0, 1)) and train_y[7] == label
 
 
+def test_a_data_dir_that_is_the_cifar_folder_itself_or_a_file_is_named(fake_cifar10, tmp_path):
+    """--data_dir pointed at cifar-10-batches-py/ itself was told to put cifar-10-batches-py/ into it (online: a
+    second copy downloaded inside); a file was 'File exists'."""
+    folder = os.path.join(fake_cifar10, 'cifar-10-batches-py')
+    with pytest.raises(SystemExit) as error:
+        data.load_dataset('cifar10', folder)
+    assert str(error.value) == (f"error: --data_dir {folder} is the extracted cifar-10-batches-py/ itself; pass the "
+                                f"folder that holds it: --data_dir {fake_cifar10}")
+    assert data.load_dataset('cifar10', fake_cifar10)[4][0] == 'airplane'  # as it says
+    (tmp_path / 'a_file').write_text('')
+    with pytest.raises(SystemExit, match=r"--data_dir .*a_file is a file; pass the folder where cifar10 is found"):
+        data.load_dataset('cifar10', str(tmp_path / 'a_file'))
+
+
 def test_a_subset_keeps_each_image_with_its_own_label(fake_cifar10, tmp_path):
     """--train_samples picks images and labels by one index, for CIFAR and for folders alike."""
     folder = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b', 'c'), train_per_class=6, test_per_class=2)
@@ -435,6 +449,9 @@ def test_cli_trains_on_cifar10_in_data_dir(fake_cifar10, tmp_path, capsys):
                                '--batch_size', '10', '--log_dir', tmp_path / 'logs', '--name', 'c10'], capsys)
     assert code == 0, err
     assert '30 train / 8 test images, 10 classes' in out
+    # 8 test images of 10 classes, with no --test_samples to raise: the split itself lacks them
+    (warning,) = [line for line in err.splitlines() if 'have no test images' in line]
+    assert warning.endswith("test accuracy leaves them out (the dataset's test split has none of them)"), warning
 
 
 @pytest.mark.parametrize('img_size', [96, 32])

@@ -337,6 +337,21 @@ def test_a_signal_before_training_is_one_line_and_leaves_no_directory(tiny_datas
     assert code == 128 + signum
 
 
+def test_a_signal_before_training_is_said_by_the_first_process_of_a_machine_only(tiny_dataset, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """torchrun passes Ctrl-C to every process: 'SIGINT: stopped' came once per process."""
+    import main
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    monkeypatch.setattr(main, 'provenance', interrupted)
+    for local_rank, said in (('1', ''), ('0', 'SIGINT: stopped')):
+        monkeypatch.setenv('LOCAL_RANK', local_rank)
+        code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)
+        assert code == 130 and err.strip() == said
+
+
 def test_signal_during_the_last_evaluation_finishes_the_run(tiny_dataset, tmp_path, capsys, monkeypatch):
     import train
     evaluate_split = train.evaluate_split
