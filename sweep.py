@@ -768,6 +768,12 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
                      + f" | {row['status']} | {epochs(row)} | {number(row['best_val_acc'])} | "
                      f"{number(row['best_val_epoch'], '')} |")
     lines += ['', "Test accuracies of the grid runs are in sweep.csv; they play no part in the choice.", '']
+    tied = [row['run'] for row in rows1 if winner and row['run'] != winner['run'] and row['status'] == 'finished'
+            and row['best_val_acc'] == winner['best_val_acc']]
+    if tied:  # common with small val splits; the choice is then the grid's order, not the data's
+        lines += [f"{winner['run']} ties {', '.join(tied)} at {winner['best_val_acc']:.2f}% best val accuracy: the "
+                  f"first in grid order {'won' if stage1_done(rows1) else 'leads'}. A larger --val_split (more val "
+                  f"images) can tell them apart.", '']
     if not rows2:
         finished = sum(row['status'] == 'finished' for row in rows1)
         lines += ['## Result', '', f"No grid point finished ({count_statuses(rows1)}): nothing to select." if

@@ -576,6 +576,19 @@ def test_collect_uses_the_sweeps_own_base_seed(tmp_path, capsys):
     assert '**Test accuracy 72.00 ± 2.83 %**' in out and 'seeds 6..7' in out
 
 
+def test_a_tie_for_the_best_val_score_is_reported(tmp_path):
+    """Small val splits tie often (10.00% each); the first in grid order wins, and the report says so."""
+    root = str(tmp_path / 's')
+    grid = (('grid_lr=1e-3', 50.0, 80.0), ('grid_lr=5e-3', 40.0, 90.0), ('grid_lr=1e-2', 50.0, 70.0))
+    meta = fake_sweep(root, 1, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0))],
+                      grid=grid)
+    report = sweep.write_reports(root, meta, 0)
+    assert ("grid_lr=1e-3 ties grid_lr=1e-2 at 50.00% best val accuracy: the first in grid order won. A larger "
+            "--val_split (more val images) can tell them apart.") in report
+    meta = fake_sweep(str(tmp_path / 'no_tie'), 1, [], grid=grid[:2])
+    assert 'ties' not in sweep.write_reports(str(tmp_path / 'no_tie'), meta, 0)
+
+
 def test_an_unfinished_grid_run_cannot_win(tmp_path):
     root = str(tmp_path / 's')
     meta = fake_sweep(root, 1, [], grid=(('grid_lr=1e-3', 50.0, 80.0),))
