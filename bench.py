@@ -45,9 +45,13 @@ between ops. The profiled steps are a little slower than the timed ones (the pro
 numbers from a run without --profile.
 """
 import argparse
+import datetime
 import gc
 import os
+import platform
+import shlex
 import signal
+import subprocess
 import sys
 import time
 
@@ -58,7 +62,7 @@ from PIL import Image
 
 import data
 import train
-from main import device_flag, int_at_least, nearest_existing, str2bool
+from main import device_flag, git_commit, int_at_least, nearest_existing, str2bool
 from model import PromptedViT, count_params, create_vit, set_trainable
 
 NUM_CLASSES = 10
@@ -151,6 +155,17 @@ def peak_bf16_tflops(name, override=None):
 
 
 # ---------------------------------------------------------------- timing helpers
+
+
+def driver_version(device):
+    """The NVIDIA driver's version (torch does not report it), from nvidia-smi; None off CUDA or without it."""
+    if device.type != 'cuda':
+        return None
+    try:
+        return subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+                              capture_output=True, text=True, timeout=10).stdout.split('\n')[0].strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def sync(device):
@@ -458,6 +473,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     args = parse_args(argv)
     _, _, device = train.setup_distributed(args.device)
     name = train.device_name(device)
@@ -545,7 +561,8 @@ def main(argv=None):
                  ('peak GiB', '>'), ('train TFLOP/s', '>'), ('MFU', '>'), ('fwd GFLOP/img', '>'), ('speed-up', '>')], rows)
     print(f"\nepoch s = {CIFAR_TRAIN:,} / train img/s + {CIFAR_TEST:,} / eval img/s; peak GiB = "
           f"{'torch.cuda.max_memory_allocated per mode' if device.type == 'cuda' else 'n/a on CPU'}; MFU vs dense "
-          f"bf16 peak ({fmt(peak, 'g', 'unknown')} TFLOP/s); speed-up = train img/s over the baseline's")
+          f"bf16 peak ({fmt(peak, 'g', 'unknown')} TFLOP/s)"
+          + ("; speed-up = train img/s over the baseline's" if baseline else ''))
 
     profiles = {mode: r['profile'] for mode, r in results.items() if r['profile']}
     if profiles:
@@ -559,7 +576,11 @@ def main(argv=None):
                      for mode, p in profiles.items()])
 
     if args.json:
-        report = dict(device=name, device_type=device.type, torch=torch.__version__, timm=timm.__version__,
+        report = dict(command=shlex.join(['python', 'bench.py', *argv]), git_commit=git_commit(),
+                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                      device=name, device_type=device.type, driver=driver_version(device),
+                      python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+                      timm=timm.__version__,
                       model=args.model, geometry=geometry, batch_size=args.batch_size, compile=args.compile,
                       amp=args.amp and device.type == 'cuda', prompt_impl=args.prompt_impl, prompts=args.prompts,
                       steps=args.steps, warmup=args.warmup, eval_steps=args.eval_steps,

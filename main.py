@@ -752,15 +752,6 @@ def provenance(args, argv, world_size, device):
     import torch
     import timm
     import train
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = commit and subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
-                                          capture_output=True, text=True, timeout=10).stdout.strip()
-        commit = commit and commit + ('-dirty' if dirty else '')
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     if args.weights:
         weights = f"file {os.path.abspath(args.weights)} sha256:{weights_sha256(args.weights)}"
     elif args.pretrained:
@@ -768,11 +759,24 @@ def provenance(args, argv, world_size, device):
         weights = f"hf-hub:{cfg.hf_hub_id if cfg and cfg.hf_hub_id else args.model}"
     else:
         weights = 'random init (--pretrained False)'
-    return dict(command=f"{train.launcher(world_size)} {shlex.join(argv)}", git_commit=commit,
+    return dict(command=f"{train.launcher(world_size)} {shlex.join(argv)}", git_commit=git_commit(),
                 device_name=train.device_name(device), torch_version=torch.__version__,
                 timm_version=timm.__version__, cuda_version=torch.version.cuda,
                 cudnn_version=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                 weights_id=weights)
+
+
+def git_commit():
+    """The commit of this code, '-dirty' when tracked files differ from it; None outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = commit and subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
+                                          capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit and commit + ('-dirty' if dirty else '')
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def weights_sha256(path):

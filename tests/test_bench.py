@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import platform
+import shlex
 import subprocess
 import sys
 
@@ -30,6 +32,11 @@ def test_bench_tiny_cpu_run(tmp_path):
     assert 'train img/s' in result.stdout and 'baseline' in result.stdout
     report = json.loads(out.read_text())
     assert report['device_type'] == 'cpu' and report['model'] == 'test_vit' and report['batch_size'] == 8
+    # what makes the figures traceable, as README's Speed section cites them: command, code, date, software
+    assert report['command'] == shlex.join(['python', 'bench.py', *map(str, TINY), '--json', str(out)])
+    assert report['git_commit'] is None or len(report['git_commit'].split('-')[0]) == 40
+    assert report['date'].endswith('+00:00') and report['python'] == platform.python_version()
+    assert report['driver'] is None and report['cuda'] == torch.version.cuda  # no GPU: no driver to name
     baseline = report['baseline']
     assert positive_finite(baseline['train_img_s'])
     assert baseline['prompt_impl'] == 'naive' and baseline['amp'] is False and baseline['batch_size'] == 128
@@ -55,6 +62,7 @@ def test_bench_profile_splits_a_step_into_kinds(tmp_path):
                              '--json', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "where a training step's time goes" in result.stdout
+    assert 'speed-up = ' not in result.stdout  # no baseline: no note on what the speed-up divides by
     header = next(line for line in result.stdout.splitlines() if line.startswith('mode  ms/step'))
     assert header.split() == ['mode', 'ms/step', *bench.PROFILE_KINDS]
     for mode, r in json.loads(out.read_text())['modes'].items():
