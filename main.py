@@ -30,6 +30,7 @@ ACTIONS = {'resume', 'eval_only', 'predict', 'checkpoint', 'out'}
 RESUME_MAY_CHANGE = ACTIONS | {'epoch', 'device', 'dataset', 'data_dir', 'compile', 'amp', 'tensorboard'}
 CIFAR = ('cifar10', 'cifar100')  # --dataset names that are not folders (data.CIFAR_FOLDERS), even where one exists
 SEED_MAX = 2**32 - 1
+PREDICTIONS_SHOWN = 50  # --predict prints this many rows; predictions.csv holds them all
 EXIT_DIVERGED = 3  # exit status of a run stopped by a non-finite loss: a result of its settings, not a crash (sweep.py)
 # AdamW defaults per mode (batch 128): prompt tuning behind a frozen backbone takes a far larger lr than full tuning
 DEFAULT_LR = {'P': 5e-3, 'linear': 5e-3, 'F': 1e-4, 'P+F': 1e-4}
@@ -684,10 +685,13 @@ def predict(args, device):
     writer.writerows(rows)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     train.atomic_write(out, buffer.getvalue().encode())
-    width, label_width = max(len(row[0]) for row in rows), max(len('prediction'), *(len(row[1]) for row in rows))
+    shown = rows[:PREDICTIONS_SHOWN]  # a folder of 10,000 images is for the CSV, not the terminal
+    width, label_width = max(len(row[0]) for row in shown), max(len('prediction'), *(len(row[1]) for row in shown))
     print(f"{'file':<{width}}  {'prediction':<{label_width}}  prob    top-{top}")
-    for path, label, prob, best, *_ in rows:
+    for path, label, prob, best, *_ in shown:
         print(f"{path:<{width}}  {label:<{label_width}}  {prob}  {best}")
+    if len(rows) > len(shown):
+        print(f"... and {len(rows) - len(shown)} more in {out}")
     print(f"{len(rows)} images classified by {args.resume} ({args.checkpoint}, epoch {epoch}); wrote {out}"
           + (f"; {skipped} unreadable file{'s' * (skipped > 1)} skipped (above)" if skipped else ''))
 

@@ -68,6 +68,19 @@ def test_predictions_on_image_files_equal_eval_only(run_dir, tiny_dataset, tmp_p
         assert 1 / 3 <= float(row['probability']) <= 1
     assert counted == confusion
     assert f"18 images classified by {run_dir} (last, epoch 2)" in out and '; 1 unreadable file skipped' in out
+    assert len(out.strip().splitlines()) == 1 + 18 + 1  # the header, a row per image, the summary
+
+
+def test_predict_prints_the_first_rows_and_writes_them_all(run_dir, tiny_dataset, tmp_path, capsys, monkeypatch):
+    """A folder of 10,000 images printed 10,002 lines; the CSV is where they all are."""
+    import main
+    monkeypatch.setattr(main, 'PREDICTIONS_SHOWN', 5)
+    code, out, err = run_main(['--predict', os.path.join(tiny_dataset, 'test'), '--resume', run_dir, '--out',
+                               tmp_path / 'p.csv'], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 + 5 + 2 and lines[-2] == f"... and 13 more in {tmp_path / 'p.csv'}"
+    assert len((tmp_path / 'p.csv').read_text().splitlines()) == 1 + 18
 
 
 def test_predict_runs_the_model_in_eval_mode(tiny_dataset, tmp_path, capsys, monkeypatch):
