@@ -84,10 +84,12 @@ def _load_cifar(name, data_dir):
                     f"partial download, or an altered copy), and downloading a fresh copy failed ({type(e).__name__}: "
                     f"{e}); replace it with the official {dataset_class.filename} (from {dataset_class.url}), or "
                     f"remove it and run again with network")
+            here = (f"; the folder {name}/ here holds train/ and test/: --dataset ./{name} reads it" if
+                    all(os.path.isdir(os.path.join(name, split)) for split in ('train', 'test')) else '')  # --dataset cifar10 names torchvision's
             raise SystemExit(
                 f"error: could not download {name} into --data_dir {data_dir} ({type(e).__name__}: {e}); offline, put "
                 f"{dataset_class.filename} (from {dataset_class.url}) or its extracted {CIFAR_FOLDERS[name]}/ into "
-                f"{data_dir}, or pass --dataset FOLDER with train/<class>/* and test/<class>/* images")
+                f"{data_dir}, or pass --dataset FOLDER with train/<class>/* and test/<class>/* images{here}")
     test = dataset_class(data_dir, train=False, download=False)
     return [(split.data, torch.tensor(split.targets)) for split in (train, test)], list(train.classes)
 

@@ -243,7 +243,7 @@ def load_run(run_dir):
              f"those of the epochs before; a run with a lower --lr is the fix, not --resume")
     elif planned is not None and len(history) < planned:
         warn(f"run {run_dir} has {len(history)} of {planned} epochs (stopped, or still training): its numbers are "
-             f"not final; --resume it to finish")
+             f"not final (a stopped run finishes with --resume)")
     # the directory name, not config['name']: it is what the user passed and what tells runs apart on disk
     return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)),
                 mode=mode if isinstance(mode, str) and mode else '?',

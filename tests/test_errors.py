@@ -250,6 +250,11 @@ def test_no_network_for_cifar_download(cli, monkeypatch):
     os.makedirs(empty)
     cli('--dataset', 'cifar10', '--data_dir', empty, expect=['could not download cifar10', 'cifar-10-python.tar.gz',
                                                             'cifar-10-batches-py', '--dataset FOLDER'])
+    for split in ('train', 'test'):  # the user's own folder dataset, named like the CIFAR one
+        os.makedirs(cli.tmp_path / 'cwd' / 'cifar10' / split)
+    monkeypatch.chdir(cli.tmp_path / 'cwd')
+    cli('--dataset', 'cifar10', '--data_dir', empty,
+        expect=['could not download cifar10', 'the folder cifar10/ here holds train/ and test/: --dataset ./cifar10'])
 
 
 @pytest.mark.parametrize('damaged', ['cifar-10-python.tar.gz', 'cifar-10-batches-py/data_batch_1'])
