@@ -442,6 +442,10 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                               **({'epoch_before': previous.get('epoch')} if previous.get('epoch') != args.epoch else {}))
                 config.update(command=previous.get('command'), git_commit=previous.get('git_commit'),
                               resumed=previous.get('resumed', []) + [resume])
+                if args.prompt_dropout and args.prompts and previous.get('world_size', world_size) != world_size:
+                    print(f"note: {run_dir} ran in {previous['world_size']} process(es), now in {world_size}: the "
+                          f"data order is the same, but each process draws its own prompt-dropout masks, so the run "
+                          f"goes on as it could have, not bit for bit as it would have", file=sys.stderr, flush=True)
             train.write_config(run_dir, config)
             print(f"run directory: {run_dir}", flush=True)
         run_dir = broadcast_run_dir(run_dir, world_size)

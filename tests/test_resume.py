@@ -255,6 +255,21 @@ def test_values_an_older_vpt_accepted_still_resume(tiny_dataset, tmp_path, capsy
     assert code == 0 and 'test accuracy' in out, err
 
 
+@pytest.mark.parametrize('dropout', [0.2, 0.0])
+def test_a_resume_in_another_number_of_processes_says_what_stays_exact(tiny_dataset, tmp_path, capsys, monkeypatch,
+                                                                      dropout):
+    """Data order is the same under any number of processes; prompt-dropout masks are drawn per process."""
+    stopped_run(tiny_run(tiny_dataset, tmp_path, 'r', '--prompt_dropout', dropout, epochs=2), 1, capsys, monkeypatch)
+    config = json.loads((tmp_path / 'r' / 'config.json').read_text())
+    (tmp_path / 'r' / 'config.json').write_text(json.dumps(dict(config, world_size=2)))  # as a 2-process torchrun
+    code, _, err = run_main(['--resume', tmp_path / 'r'], capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith('note:')]
+    assert notes == ([f"note: {tmp_path / 'r'} ran in 2 process(es), now in 1: the data order is the same, but each "
+                      f"process draws its own prompt-dropout masks, so the run goes on as it could have, not bit for "
+                      f"bit as it would have"] if dropout else [])
+
+
 def test_a_checkpoint_of_another_shape_is_one_line(tiny_dataset, tmp_path, capsys):
     """trainable.safetensors from another model (or a config.json whose --model was edited): torch's size-mismatch
     RuntimeError came out as a traceback from --resume, --eval_only and --predict alike."""
