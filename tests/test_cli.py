@@ -172,3 +172,31 @@ def test_prompt_dropout_without_prompts_is_said(capsys, flags, warned):
     err = capsys.readouterr().err
     assert err == ("warning: --prompt_dropout 0.1 does nothing with --prompts 0: there are no prompts to drop\n"
                    if warned else '')
+
+
+def test_the_prompt_dropout_warning_comes_from_the_first_process_of_a_machine(capsys, monkeypatch):
+    monkeypatch.setenv('LOCAL_RANK', '1')  # torchrun's other processes
+    main.parse_args(['--prompts', '0', '--prompt_dropout', '0.1'])
+    assert capsys.readouterr().err == ''
+
+
+def test_git_commit_names_the_code_and_whether_tracked_files_changed(monkeypatch):
+    """config.json's and bench.py's git_commit: the commit, '-dirty' when a tracked file differs from it; files git
+    does not track (a dataset, logs/) leave it clean."""
+    import subprocess
+    calls = []
+
+    def fake_git(status):
+        def run(command, **kwargs):
+            calls.append(command)
+            out = 'a' * 40 + '\n' if command[1] == 'rev-parse' else status
+            return subprocess.CompletedProcess(command, 0, stdout=out, stderr='')
+        return run
+    for status, expected in ((' M main.py\n', 'a' * 40 + '-dirty'), ('', 'a' * 40)):
+        monkeypatch.setattr(main.subprocess, 'run', fake_git(status))
+        assert main.git_commit() == expected
+    assert all('--untracked-files=no' in command for command in calls if command[1] == 'status')
+    monkeypatch.undo()
+    if os.path.isdir(os.path.join(REPO, '.git')):  # a checkout: the real commit
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        assert main.git_commit().startswith(head)

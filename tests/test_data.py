@@ -422,10 +422,11 @@ def test_a_data_dir_that_is_the_cifar_folder_itself_or_a_file_is_named(fake_cifa
     """--data_dir pointed at cifar-10-batches-py/ itself was told to put cifar-10-batches-py/ into it (online: a
     second copy downloaded inside); a file was 'File exists'."""
     folder = os.path.join(fake_cifar10, 'cifar-10-batches-py')
-    with pytest.raises(SystemExit) as error:
-        data.load_dataset('cifar10', folder)
-    assert str(error.value) == (f"error: --data_dir {folder} is the extracted cifar-10-batches-py/ itself; pass the "
-                                f"folder that holds it: --data_dir {fake_cifar10}")
+    for given in (folder, folder + os.sep):  # a shell's completion adds the slash
+        with pytest.raises(SystemExit) as error:
+            data.load_dataset('cifar10', given)
+        assert str(error.value) == (f"error: --data_dir {given} is the extracted cifar-10-batches-py/ itself; pass the "
+                                    f"folder that holds it: --data_dir {fake_cifar10}")
     assert data.load_dataset('cifar10', fake_cifar10)[4][0] == 'airplane'  # as it says
     (tmp_path / 'a_file').write_text('')
     with pytest.raises(SystemExit, match=r"--data_dir .*a_file is a file; pass the folder where cifar10 is found"):

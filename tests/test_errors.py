@@ -250,9 +250,10 @@ def test_no_network_for_cifar_download(cli, monkeypatch):
     os.makedirs(empty)
     cli('--dataset', 'cifar10', '--data_dir', empty, expect=['could not download cifar10', 'cifar-10-python.tar.gz',
                                                             'cifar-10-batches-py', '--dataset FOLDER'])
-    for split in ('train', 'test'):  # the user's own folder dataset, named like the CIFAR one
-        os.makedirs(cli.tmp_path / 'cwd' / 'cifar10' / split)
+    os.makedirs(cli.tmp_path / 'cwd' / 'cifar10' / 'train')  # the user's own folder, named like the CIFAR dataset
     monkeypatch.chdir(cli.tmp_path / 'cwd')
+    assert 'the folder cifar10/ here' not in cli('--dataset', 'cifar10', '--data_dir', empty, expect=[])  # no test/
+    os.makedirs(cli.tmp_path / 'cwd' / 'cifar10' / 'test')
     cli('--dataset', 'cifar10', '--data_dir', empty,
         expect=['could not download cifar10', 'the folder cifar10/ here holds train/ and test/: --dataset ./cifar10'])
 

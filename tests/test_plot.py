@@ -639,6 +639,18 @@ def test_cost_axes_of_close_values_have_few_readable_ticks(tmp_path, capsys, mon
         close_figure(fig)
 
 
+def test_a_cost_panel_no_run_has_says_so(tmp_path, capsys, monkeypatch):
+    """Runs without trainable.safetensors (copied without it): the checkpoint panel is empty, not a crash."""
+    write_run(tmp_path / 'logs', 'a', 'P', 92170, [(80.0, 90.0, 4.0)])
+    write_run(tmp_path / 'logs', 'b', 'F', 85_806_346, [(80.0, 91.0, 9.0)])
+    figures = captured_figures(monkeypatch)
+    code, _, err = run_plot([tmp_path / 'logs', '--cost'], capsys)
+    assert code == 0, err
+    assert [t.get_text() for t in figures[1].axes[2].texts] == ['no run has this']
+    for fig in figures:
+        close_figure(fig)
+
+
 def test_cost_axis_says_which_accuracy(cost_logs, tmp_path, capsys, monkeypatch):
     figures = captured_figures(monkeypatch)
     run_plot([os.path.join(cost_logs, 'P_val'), '--cost', '--out', tmp_path / 'acc.png'], capsys)

@@ -144,6 +144,14 @@ def test_more_samples_than_images_is_said(tmp_path, capsys):
     assert len(splits['train'][1]) == 6 and len(splits['test'][1]) == 4
     assert capsys.readouterr().err.strip() == ("warning: --train_samples 1000 is more than the 6 train images there "
                                                "are; all are used")
+    # with a val split the count is the dataset's, before the split: 6 asked of 6 is no warning, 1000 names 6
+    for asked, said in (('6', ''), ('1000', 'warning: --train_samples 1000 is more than the 6 train images there are; '
+                                            'all are used')):
+        main.load_splits(main.parse_args([*map(str, TINY), '--dataset', root, '--train_samples', asked,
+                                          '--val_split', '0.34', '--batch_size', '2']), 0, 1)
+        assert capsys.readouterr().err.strip() == said
+    with pytest.raises(SystemExit, match=r'--val_split 0.01 of 6 training images leaves 0 for validation'):
+        main.load_splits(main.parse_args([*map(str, TINY), '--dataset', root, '--val_split', '0.01']), 0, 1)
 
 
 def test_training_draws_from_a_cpu_generator(tiny_dataset, tmp_path, capsys, monkeypatch):

@@ -119,6 +119,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoint(tiny_dataset, 
     line = err.strip().splitlines()[-1]
     assert 'non-finite training loss at epoch 1, step' in line
     assert 'start a new run with a lower --lr' in line and 'a resume keeps it' in line  # it cannot change on resume
+    assert 'the checkpoint of epoch 0 is intact' in line  # the one before the epoch that diverged
     step = int(line.split('step ')[1].split(';')[0])
     assert 1 <= step <= 6
     assert torch.load(tmp_path / 'nan' / 'state.pt', weights_only=False)['epoch'] == 0  # the last good checkpoint
@@ -225,7 +226,9 @@ def test_damaged_run_files_are_one_line(tiny_dataset, tmp_path, capsys):
 
 @pytest.mark.parametrize('key, value', [('batch_size', 'big'), ('epoch', None), ('full', 'maybe'), ('lr', 'fast'),
                                         ('optimizer', 'lion'), ('model', 7), ('val_split', [0.1]), ('prompts', 2.5),
-                                        ('folder_reading', None), ('dataset_images', [48, 18]), ('classes', 'abc')])
+                                        ('lr', float('nan')), ('warmup_epochs', float('inf')),
+                                        ('folder_reading', None), ('dataset_images', [48, 18]), ('classes', 'abc'),
+                                        ('dataset_images', {'train': '48', 'test': 18}), ('classes', [1, 2, 3])])
 def test_a_hand_edited_config_value_is_one_line(tiny_dataset, tmp_path, capsys, key, value):
     """A value the flag would not take, or a record main.py reads back in another form, came out as a TypeError
     from deep inside ('big' % world_size, None < 3)."""
@@ -250,16 +253,19 @@ def test_values_an_older_vpt_accepted_still_resume(tiny_dataset, tmp_path, capsy
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
     assert code == 0, err
     config = json.loads((tmp_path / 'r' / 'config.json').read_text())
-    (tmp_path / 'r' / 'config.json').write_text(json.dumps(dict(config, lr=0, seed=-1, epoch=1.0)))
+    (tmp_path / 'r' / 'config.json').write_text(json.dumps(dict(config, lr=0, seed=-1, epoch=1.0, batch_size=8.0)))
     code, out, err = run_main(['--resume', tmp_path / 'r', '--eval_only'], capsys)
     assert code == 0 and 'test accuracy' in out, err
+    code, out, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)  # 8.0 is the count 8
+    assert code == 0 and len(read_metrics(tmp_path / 'r')) == 2, err
 
 
-@pytest.mark.parametrize('dropout', [0.2, 0.0])
+@pytest.mark.parametrize('dropout, prompts', [(0.2, 4), (0.0, 4), (0.2, 0)])
 def test_a_resume_in_another_number_of_processes_says_what_stays_exact(tiny_dataset, tmp_path, capsys, monkeypatch,
-                                                                      dropout):
+                                                                      dropout, prompts):
     """Data order is the same under any number of processes; prompt-dropout masks are drawn per process."""
-    stopped_run(tiny_run(tiny_dataset, tmp_path, 'r', '--prompt_dropout', dropout, epochs=2), 1, capsys, monkeypatch)
+    stopped_run(tiny_run(tiny_dataset, tmp_path, 'r', '--prompt_dropout', dropout, '--prompts', prompts, epochs=2), 1,
+                capsys, monkeypatch)
     config = json.loads((tmp_path / 'r' / 'config.json').read_text())
     (tmp_path / 'r' / 'config.json').write_text(json.dumps(dict(config, world_size=2)))  # as a 2-process torchrun
     code, _, err = run_main(['--resume', tmp_path / 'r'], capsys)
@@ -267,7 +273,8 @@ def test_a_resume_in_another_number_of_processes_says_what_stays_exact(tiny_data
     notes = [line for line in err.splitlines() if line.startswith('note:')]
     assert notes == ([f"note: {tmp_path / 'r'} ran in 2 process(es), now in 1: the data order is the same, but each "
                       f"process draws its own prompt-dropout masks, so the run goes on as it could have, not bit for "
-                      f"bit as it would have"] if dropout else [])
+                      f"bit as it would have"] if dropout and prompts else [])
+    assert 'warning: --prompt_dropout' not in err  # said when the run was made, not again on each resume
 
 
 def test_a_checkpoint_of_another_shape_is_one_line(tiny_dataset, tmp_path, capsys):

@@ -576,6 +576,15 @@ def test_collect_uses_the_sweeps_own_base_seed(tmp_path, capsys):
     assert '**Test accuracy 72.00 ± 2.83 %**' in out and 'seeds 6..7' in out
 
 
+def test_data_difference_compares_classes_always_and_counts_only_where_comparable():
+    counts, more = {'train': 48, 'test': 18}, {'train': 49, 'test': 18}
+    assert sweep.data_difference((['a', 'b'], counts, 3), (['a', 'c'], counts, 3)) == 'other classes'  # a rename
+    assert sweep.data_difference((['a', 'b'], counts, 1), (['a', 'c'], more, 3)) == 'other classes'
+    assert sweep.data_difference((['a'], counts, 3), (['a'], more, 3)).startswith('images per split')
+    assert sweep.data_difference((['a'], counts, 2), (['a'], more, 3)) == ''  # read by another rule: warned at launch
+    assert sweep.data_difference((['a'], None, 3), (['a'], counts, 3)) == ''  # counts not recorded by an older vpt
+
+
 def test_a_tie_for_the_best_val_score_is_reported(tmp_path):
     """Small val splits tie often (10.00% each); the first in grid order wins, and the report says so."""
     root = str(tmp_path / 's')
@@ -587,6 +596,16 @@ def test_a_tie_for_the_best_val_score_is_reported(tmp_path):
             "--val_split (more val images) can tell them apart.") in report
     meta = fake_sweep(str(tmp_path / 'no_tie'), 1, [], grid=grid[:2])
     assert 'ties' not in sweep.write_reports(str(tmp_path / 'no_tie'), meta, 0)
+    unfinished = str(tmp_path / 'unfinished')  # a tied score of a run that has not finished is no tie, yet
+    meta = fake_sweep(unfinished, 1, [], grid=grid)
+    with open(os.path.join(unfinished, 'grid_lr=1e-2', 'summary.json')) as f:
+        summary = json.load(f)
+    with open(os.path.join(unfinished, 'grid_lr=1e-2', 'summary.json'), 'w') as f:
+        json.dump(dict(summary, finished=False, epochs_done=1), f)
+    assert 'ties' not in sweep.write_reports(unfinished, meta, 0)
+    meta['grid']['lr'].append('2e-2')  # a grid point still to run: the tied leader leads, it has not won
+    assert 'grid_lr=1e-3 ties grid_lr=1e-2 at 50.00% best val accuracy: the first in grid order leads' in \
+        sweep.write_reports(root, meta, 0)
 
 
 def test_an_unfinished_grid_run_cannot_win(tmp_path):
