@@ -84,8 +84,9 @@ def _load_cifar(name, data_dir):
                     f"partial download, or an altered copy), and downloading a fresh copy failed ({type(e).__name__}: "
                     f"{e}); replace it with the official {dataset_class.filename} (from {dataset_class.url}), or "
                     f"remove it and run again with network")
+            # --dataset cifar10 names torchvision's copy, never a folder of that name: say how to read one
             here = (f"; the folder {name}/ here holds train/ and test/: --dataset ./{name} reads it" if
-                    all(os.path.isdir(os.path.join(name, split)) for split in ('train', 'test')) else '')  # --dataset cifar10 names torchvision's
+                    all(os.path.isdir(os.path.join(name, split)) for split in ('train', 'test')) else '')
             raise SystemExit(
                 f"error: could not download {name} into --data_dir {data_dir} ({type(e).__name__}: {e}); offline, put "
                 f"{dataset_class.filename} (from {dataset_class.url}) or its extracted {CIFAR_FOLDERS[name]}/ into "

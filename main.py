@@ -292,8 +292,8 @@ def config_value(action, value, run_dir, error):
         fits = number
     if fits and (not action.choices or value in action.choices):
         return value
-    error(f"--resume {run_dir}: its config.json holds {action.dest}={json.dumps(value)}, which --{action.dest} does not "
-          f"take; the run directory is damaged: restore its config.json, or start a new run")
+    error(f"--resume {run_dir}: its config.json holds {action.dest}={json.dumps(value)}, which --{action.dest} does "
+          f"not take; the run directory is damaged: restore its config.json, or start a new run")
 
 
 # what a run's config.json records besides its flags, as the code that reads it back needs it

@@ -59,7 +59,8 @@ def test_a_warmup_that_rounds_to_every_step_is_refused(cli, capsys):
     code, _, err = run_main([*TINY, '--dataset', cli.tiny_dataset, '--epoch', 1, '--batch_size', 8, '--lr', 1e-3,
                              '--warmup_epochs', 0.6666, '--log_dir', cli.log_dir, '--name', 'ok'], capsys)
     assert code == 0, err
-    assert float(read_metrics(cli.log_dir / 'ok')[-1]['lr']) == pytest.approx(5e-4)  # step 5 of 6, 4 warmup steps: half-way down the cosine
+    # step 5 of 6 after 4 warmup steps: half-way down the cosine
+    assert float(read_metrics(cli.log_dir / 'ok')[-1]['lr']) == pytest.approx(5e-4)
 
 
 def test_epoch_zero(cli):

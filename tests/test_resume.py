@@ -295,7 +295,8 @@ def test_a_checkpoint_of_another_shape_is_one_line(tiny_dataset, tmp_path, capsy
         code, out, err = run_main(['--resume', tmp_path / 'r', *action], capsys)
         assert code == 1 and err.strip().splitlines() == [
             f"error: {path} does not match this run's model (prompts.tokens {(shape[0], shape[1] + 3, shape[2])} where "
-            f"the model has {shape}): the file comes from another run, or the run's config.json was edited"], (action, err)
+            f"the model has {shape}): the file comes from another run, or the run's config.json was edited"], \
+            (action, err)
     assert files(tmp_path / 'r') == before
 
 

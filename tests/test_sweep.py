@@ -508,7 +508,8 @@ def test_a_sweep_never_mixes_two_datasets(tiny_dataset, tmp_path):
             f"against {{'train': 49, 'test': 18}}); stopped the sweep"
             f"{f' and moved {stage_trial} to set-aside/{stage_trial}.other-data-1' if moved else ''} before a number "
             f"of other data could "
-            f"count; restore the data and re-launch, or sweep the data as it is now under another --name"), changed.stderr
+            f"count; restore the data and re-launch, or sweep the data as it is now under another --name"), \
+            changed.stderr
         assert not os.path.exists(sweep_dir / stage_trial)
         if moved:  # its log too: an exit status there would still count for the trial
             assert os.path.isfile(sweep_dir / 'set-aside' / f'{stage_trial}.other-data-1.log')
