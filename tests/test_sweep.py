@@ -724,3 +724,59 @@ def test_a_sweep_json_main_py_no_longer_reads_is_another_sweep(tmp_path, capsys)
     assert sweep.same_settings_elsewhere(str(tmp_path), definition) == (str(tmp_path / 'b_twin'),
                                                                         'python sweep.py b_twin')
     assert capsys.readouterr().err == ''
+
+
+FAKE_MAIN = r'''
+import json, os, signal, sys, time
+argv = sys.argv[1:]
+run_dir = os.path.join(argv[argv.index('--log_dir') + 1], argv[argv.index('--name') + 1])
+os.makedirs(run_dir)
+def stopped(signum, frame):
+    open(os.path.join(run_dir, 'got-SIGTERM'), 'w').close()
+    time.sleep(1 if run_dir.endswith('same') else 0)  # finishing its checkpoint: the other slot frees first
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stopped)
+classes = json.loads(os.environ['FAKE_CLASSES'])[os.path.basename(run_dir)]
+while run_dir.endswith('other') and not os.path.exists(os.path.join(run_dir, '..', 'same', 'config.json')):
+    time.sleep(0.01)  # 'same' is training (its SIGTERM handler set) before 'other' shows its data
+config = dict(dataset='/data/folder', classes=classes, dataset_images=dict(train=10, test=4), folder_reading=2)
+with open(os.path.join(run_dir, 'config.tmp'), 'w') as f:
+    json.dump(config, f)
+os.replace(os.path.join(run_dir, 'config.tmp'), os.path.join(run_dir, 'config.json'))
+time.sleep(20)  # a trial in training, until the sweep stops it
+'''
+
+
+def test_a_fresh_trial_on_changed_data_stops_every_trial_and_only_it_is_set_aside(tmp_path, monkeypatch, capsys):
+    """run_trials with two GPU slots and stand-in trials (a script that writes config.json as main.py does once it
+    has read the data, then trains until stopped): when one trial started afresh reads other data than the sweep's
+    earlier runs, the trial beside it is stopped too, no pending trial starts in the slot freed while that one is still
+    stopping, and only the trial of other data moves to set-aside/ (with its log); the one that read the sweep's data stays to be resumed."""
+    sweep_dir = tmp_path / 'sweep'
+    (sweep_dir / 'earlier').mkdir(parents=True)
+    config = dict(dataset='/data/folder', classes=['cat', 'dog'], dataset_images=dict(train=10, test=4),
+                  folder_reading=2)
+    (sweep_dir / 'earlier' / 'config.json').write_text(json.dumps(config))
+    (tmp_path / 'fake_main.py').write_text(FAKE_MAIN)
+    monkeypatch.setattr(sweep, 'MAIN_PY', str(tmp_path / 'fake_main.py'))
+    monkeypatch.setattr(sweep, 'CHILDREN', {})
+    monkeypatch.setattr(sweep, 'STOP', [])
+    monkeypatch.setattr(sweep, 'write_reports', lambda *args: None)  # the report is not what this test is about
+    monkeypatch.setenv('FAKE_CLASSES', json.dumps(dict(same=['cat', 'dog'], other=['cat', 'dog', 'owl'],
+                                                       pending=['cat', 'dog'])))
+    trials = [dict(name=name, stage='grid', seed=0, values={}, argv=['--log_dir', str(sweep_dir), '--name', name])
+              for name in ('same', 'other', 'pending')]
+    earlier = dict(name='earlier', stage='grid', seed=0, values={}, argv=[])
+    with pytest.raises(SystemExit) as stop:
+        sweep.run_trials(str(sweep_dir), {}, 0, trials, ['0', '1'], False, [earlier] + trials)
+    assert stop.value.code == 1
+    error = capsys.readouterr().err
+    assert f"earlier and other of {sweep_dir} read different data from /data/folder (other classes)" in error
+    assert 'moved other to set-aside/other.other-data-1' in error and 'same to' not in error
+    assert (sweep_dir / 'same' / 'got-SIGTERM').exists()  # stopped although its own data was the sweep's
+    assert (sweep_dir / 'same' / 'config.json').exists() and (sweep_dir / 'logs' / 'same.log').exists()
+    assert (sweep_dir / 'set-aside' / 'other.other-data-1' / 'got-SIGTERM').exists()
+    assert (sweep_dir / 'set-aside' / 'other.other-data-1.log').exists() and not (sweep_dir / 'other').exists()
+    assert not (sweep_dir / 'pending').exists() and not (sweep_dir / 'logs' / 'pending.log').exists()
+    log = (sweep_dir / 'sweep.log').read_text()
+    assert 'start  same on GPU 0' in log and 'start  other on GPU 1' in log and 'pending' not in log
