@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import unicodedata
 
 # flags that act on an existing run without being part of it (never stored in config.json)
 ACTIONS = {'resume', 'eval_only', 'predict', 'checkpoint', 'out'}
@@ -626,9 +627,10 @@ def evaluate_checkpoint(args, model, splits, classes, device):
               f"on {len(splits['val'][1])} images")
     print(f"{args.resume} ({args.checkpoint}, epoch {epoch}): test accuracy {acc:.4f}% test loss {loss:.6f} "
           f"on {len(splits['test'][1])} images")
-    width = max(len(name) for name in classes)
+    width = max(shown_width(shown(name)) for name in classes)
     for name, value in per_class.items():
-        print(f"  {name:<{width}}  " + (f"{value:7.2f}%" if value is not None else '      -  (no test images)'))
+        print(f"  {padded(shown(name), width)}  "
+              + (f"{value:7.2f}%" if value is not None else '      -  (no test images)'))
     # written after printing: a run directory that cannot be written to (read-only, full) still shows its accuracy
     train.write_confusion(os.path.join(args.resume, f'confusion{suffix}.csv'), confusion, classes)
     summary_path = os.path.join(args.resume, 'summary.json')
@@ -689,15 +691,31 @@ def predict(args, device):
     writer.writerows(rows)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     train.atomic_write(out, buffer.getvalue().encode())
-    shown = rows[:PREDICTIONS_SHOWN]  # a folder of 10,000 images is for the CSV, not the terminal
-    width, label_width = max(len(row[0]) for row in shown), max(len('prediction'), *(len(row[1]) for row in shown))
-    print(f"{'file':<{width}}  {'prediction':<{label_width}}  prob    top-{top}")
-    for path, label, prob, best, *_ in shown:
-        print(f"{path:<{width}}  {label:<{label_width}}  {prob}  {best}")
-    if len(rows) > len(shown):
-        print(f"... and {len(rows) - len(shown)} more in {out}")
+    table = [[shown(cell) for cell in row[:4]] for row in rows[:PREDICTIONS_SHOWN]]  # 10,000 rows: the CSV's job
+    width = max(shown_width(row[0]) for row in table)
+    label_width = max(len('prediction'), *(shown_width(row[1]) for row in table))
+    print(f"{padded('file', width)}  {padded('prediction', label_width)}  prob    top-{top}")
+    for path, label, prob, best in table:
+        print(f"{padded(path, width)}  {padded(label, label_width)}  {prob}  {best}")
+    if len(rows) > len(table):
+        print(f"... and {len(rows) - len(table)} more in {out}")
     print(f"{len(rows)} images classified by {args.resume} ({args.checkpoint}, epoch {epoch}); wrote {out}"
           + (f"; {skipped} unreadable file{'s' * (skipped > 1)} skipped (above)" if skipped else ''))
+
+
+def shown(text):
+    """text as one terminal line shows it: control characters (a newline in a file name) escaped as Python would."""
+    return ''.join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def shown_width(text):
+    """Terminal columns of text: wide (CJK) characters take two, combining marks none."""
+    return sum(0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in 'WF' else 1
+               for char in text)
+
+
+def padded(text, width):
+    return text + ' ' * (width - shown_width(text))
 
 
 def image_paths(paths):

@@ -41,7 +41,6 @@ import math
 import os
 import re
 import sys
-import unicodedata
 import warnings
 
 import matplotlib
@@ -55,6 +54,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import ConnectionPatch
 from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from main import shown_width  # main.py imports torch only inside main()
 
 # train.METRICS_HEADER, repeated rather than imported: plot.py stays free of torch and starts in a second.
 # Columns are read by name: these must be there, the optional ones may be (empty cells = no value), others are ignored.
@@ -307,12 +308,6 @@ def epochs_cell(run):
     """'3' for a finished run, '2/30' for one that has not finished."""
     done, planned = len(run['history']), run['planned_epochs']
     return f"{done}/{planned}" if planned is not None and done < planned else str(done)
-
-
-def shown_width(text):
-    """Terminal columns of text: wide (CJK) characters take two, combining marks none."""
-    return sum(0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in 'WF' else 1
-               for char in text)
 
 
 def print_table(runs):

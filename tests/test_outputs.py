@@ -231,6 +231,35 @@ def test_predict_table_columns_line_up_with_long_class_names(tmp_path, capsys):
         assert re.match(r'[01]\.\d{4}  ', line[header.index('prob'):]), (header, line)
 
 
+def test_predict_and_eval_tables_line_up_with_wide_class_names_and_odd_file_names(tmp_path, capsys):
+    """A class named in CJK (two terminal columns a character) keeps the columns after it in line, in --predict's
+    table and --eval_only's per-class one; a newline in a file name is shown escaped, one row per image, while the
+    CSV keeps the name as it is."""
+    dataset = write_folder_dataset(tmp_path / 'ds', classes=('猫', 'dog'), train_per_class=4, test_per_class=2,
+                                   size=8)
+    odd = os.path.join(dataset, 'test', 'dog', 'two\nlines.png')
+    os.rename(os.path.join(dataset, 'test', 'dog', '0001.png'), odd)
+    code, _, err = run_main([*TINY, '--patch_size', 4, '--img_size', 8, '--dataset', dataset, '--epoch', 1,
+                             '--batch_size', 4, '--log_dir', tmp_path, '--name', 'r'], capsys)
+    assert code == 0, err
+    code, out, err = run_main(['--predict', os.path.join(dataset, 'test'), '--resume', tmp_path / 'r', '--out',
+                               tmp_path / 'p.csv'], capsys)
+    assert code == 0, err
+    header, *table, summary = out.splitlines()
+    assert len(table) == 4 and sum('two\\nlines.png' in line for line in table) == 1
+    columns = lambda text: sum(2 if '\u4e00' <= char <= '\u9fff' else 1 for char in text)
+    prob_column = columns(header[:header.index('prob')])
+    for line in table:
+        start = next(i for i in range(len(line)) if columns(line[:i]) == prob_column)
+        assert re.match(r'[01]\.\d{4}  ', line[start:]), (header, line)
+    with open(tmp_path / 'p.csv', newline='') as f:
+        assert odd in [row['file'] for row in csv.DictReader(f)]
+    code, out, err = run_main(['--eval_only', '--resume', tmp_path / 'r'], capsys)
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith('  ')]
+    assert len(rows) == 2 and len({columns(line[:line.index('%')]) for line in rows}) == 1, rows
+
+
 def test_predict_out_must_be_a_file(run_dir, tiny_dataset, tmp_path, capsys):
     image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
     code, _, err = run_main(['--predict', image, '--resume', run_dir, '--out', tmp_path], capsys)
