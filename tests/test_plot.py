@@ -1021,3 +1021,282 @@ def test_up_to_twenty_runs_get_a_colour_each(tmp_path, capsys, monkeypatch):
     assert len({matplotlib.colors.to_hex(line.get_color()) for line in lines}) == 12
     assert {line.get_linestyle() for line in lines} == {'-'}
     close_figure(figures[0])
+
+
+# ---------------------------------------------------------------- behaviours a mutation round found unpinned
+
+
+def test_run_paths_with_a_trailing_slash(logs, tmp_path, capsys, monkeypatch):
+    """Shell completion ends directories with '/': the run keeps its name, a run reached both through logs/ and as
+    logs/P_run/ is listed once, and same-named runs of two log directories are labelled by their paths as usual."""
+    figures = captured_figures(monkeypatch)
+    code, out, err = run_plot([os.path.join(logs, 'P_run') + os.sep, '--out', tmp_path / 'one.png'], capsys)
+    assert code == 0 and err == '' and table(out) == {'P_run': EXPECTED['P_run']}
+    assert [t.get_text() for t in figures[0].legends[0].get_texts()] == ['P_run (P)']
+    code, out, err = run_plot([logs + os.sep, os.path.join(logs, 'F_run') + os.sep, '--out', tmp_path / 'a.png'],
+                              capsys)
+    assert code == 0 and err == ''
+    assert [cells(line)[0] for line in table_lines(out)[1]] == sorted(RUNS)  # F_run once
+    a = write_run(tmp_path / 'a', 'P_run')
+    b = write_run(tmp_path / 'b', 'P_run')
+    code, out, err = run_plot([a + os.sep, b + os.sep, '--out', tmp_path / 'b.png'], capsys)
+    assert code == 0 and list(table(out)) == [a, b]
+    for fig in figures:
+        close_figure(fig)
+
+
+def test_blank_lines_in_metrics_csv_are_ignored(tmp_path):
+    run_dir = write_run(tmp_path, 'r', epochs=[(70.0, 80.0, 1.0), (80.0, 85.0, 1.0)])
+    path = os.path.join(run_dir, 'metrics.csv')
+    with open(path) as f:
+        header, first, second = f.read().splitlines()
+    with open(path, 'w') as f:
+        f.write(f'{header}\n\n{first}\n\n{second}\n\n')
+    assert [(row['epoch'], row['test_acc']) for row in plot.read_metrics(path)] == [(1, 80.0), (2, 85.0)]
+
+
+MORE_BAD_METRICS = {
+    'repeated_column': (HEADER + ',test_acc\n1,0.5,50.0,0.6,50.0,0.001,3.0,100.0,60.0\n', 'repeats a column'),
+    'epoch_zero': (HEADER + '\n0,0.5,50.0,0.6,50.0,0.001,3.0,100.0\n', 'not a positive integer'),
+    'epoch_repeated': (HEADER + '\n1,0.5,50.0,0.6,50.0,0.001,3.0,100.0\n1,0.4,60.0,0.5,60.0,0.001,3.0,100.0\n',
+                       'epoch 1 does not follow 1'),
+    'second_row_non_numeric': (HEADER + '\n1,0.5,50.0,0.6,50.0,0.001,3.0,100.0\n2,0.4,abc,0.5,60.0,0.001,3.0,100.0\n',
+                               'row 3 has a non-numeric train_acc'),  # the header is row 1
+}
+
+
+@pytest.mark.parametrize('case', sorted(MORE_BAD_METRICS))
+def test_more_bad_metrics_skip_the_run(case, tmp_path, capsys):
+    """A repeated column would be read as its last copy, and an epoch 0 or an epoch written twice (two processes
+    appending to one run) drawn as a curve that goes back on itself: the run is skipped, and the warning says why."""
+    write_run(tmp_path, 'good')
+    bad_dir = write_run(tmp_path, 'bad')
+    with open(os.path.join(bad_dir, 'metrics.csv'), 'w') as f:
+        f.write(MORE_BAD_METRICS[case][0])
+    code, out, err = run_plot([tmp_path], capsys)
+    assert code == 0 and list(table(out)) == ['good']
+    line = one_line(err)
+    assert line.startswith(f'plot.py: warning: skipping run {bad_dir}: metrics.csv')
+    assert MORE_BAD_METRICS[case][1] in line
+
+
+def test_config_or_summary_that_is_not_a_json_object(tmp_path, capsys):
+    """config.json holding a list is a damaged run (skipped with a warning, not a traceback); a summary.json that is
+    not an object is no summary (the run is plotted, as finished)."""
+    write_run(tmp_path, 'good')
+    bad = write_run(tmp_path, 'bad_config')
+    with open(os.path.join(bad, 'config.json'), 'w') as f:
+        f.write('["P"]')
+    odd = write_run(tmp_path, 'odd_summary')
+    with open(os.path.join(odd, 'summary.json'), 'w') as f:
+        f.write('[2, 30]')
+    code, out, err = run_plot([tmp_path], capsys)
+    assert code == 0 and list(table(out)) == ['good', 'odd_summary'] and column(out, 'odd_summary', 'epochs') == '2'
+    assert one_line(err) == f'plot.py: warning: skipping run {bad}: config.json is not a JSON object'
+
+
+def test_a_damaged_run_that_diverged_later_is_not_said_to_diverge_in_epoch_1(tmp_path, capsys):
+    write_run(tmp_path, 'good')
+    bad = write_run(tmp_path, 'bad')
+    with open(os.path.join(bad, 'config.json'), 'w') as f:
+        f.write('{"mode": "P", ')
+    with open(os.path.join(bad, 'summary.json'), 'w') as f:
+        json.dump(dict(epochs_done=2, epochs=30, finished=False, diverged=dict(epoch=3, step=17)), f)
+    code, out, err = run_plot([tmp_path], capsys)
+    assert code == 0 and 'cannot read config.json' in one_line(err) and 'epoch 1' not in err
+
+
+def write_compiled_run(root, name, compiled, times):
+    run_dir = write_run(root, name, epochs=[(70.0, 80.0, seconds) for seconds in times], peak=[None] * len(times))
+    path = os.path.join(run_dir, 'metrics.csv')
+    with open(path) as f:
+        lines = f.read().splitlines()
+    with open(path, 'w') as f:
+        rows = [f'{line},{int(c)}' for line, c in zip(lines[1:], compiled)]
+        f.write('\n'.join([lines[0] + ',includes_compile'] + rows) + '\n')
+
+
+def test_time_per_epoch_leaves_out_the_epochs_that_compiled(tmp_path, capsys):
+    """--compile: an epoch that compiled took 60 s against 4-5 s; time/epoch is over the others (as train.py's summary
+    says), the total counts every epoch, and a run whose every epoch compiled (each a new process) still has one."""
+    write_compiled_run(tmp_path, 'compiled', [1, 0, 0], [60.0, 4.0, 5.0])
+    write_compiled_run(tmp_path, 'always_compiled', [1, 1], [60.0, 50.0])
+    code, out, err = run_plot([tmp_path], capsys)
+    assert code == 0 and err == ''
+    assert table(out)['compiled'][7:9] == ('4.5s', '1m09s')
+    assert table(out)['always_compiled'][7:9] == ('55.0s', '1m50s')
+
+
+def test_out_in_the_current_directory_and_with_an_upper_case_extension(logs, tmp_path, capsys, monkeypatch):
+    """`--out fig.png` (no directory part) and `--out Fig.PNG` write the figure, as the docstring's examples do."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_plot([logs, '--out', 'fig.png'], capsys)
+    assert code == 0 and err == '' and out.strip().splitlines()[-1] == 'wrote fig.png'
+    assert_png(tmp_path / 'fig.png')
+    code, out, err = run_plot([logs, '--out', 'Fig.PNG'], capsys)
+    assert code == 0 and err == ''
+    assert_png(tmp_path / 'Fig.PNG')
+
+
+def test_ten_runs_get_tab10s_colours(tmp_path, capsys, monkeypatch):
+    """tab10 up to 10 runs: tab20's first ten are five light/dark pairs of one hue, hard to tell apart."""
+    for i in range(10):
+        write_run(tmp_path, f'P_run{i:02d}')
+    figures = captured_figures(monkeypatch)
+    assert run_plot([tmp_path], capsys)[0] == 0
+    colours = [matplotlib.colors.to_hex(line.get_color()) for line in figures[0].axes[1].get_lines()]
+    assert colours == [matplotlib.colors.to_hex(c) for c in plt.get_cmap('tab10').colors]
+    close_figure(figures[0])
+
+
+def test_markers_at_every_epoch_of_short_runs_only(tmp_path, capsys, monkeypatch):
+    """Up to 30 epochs each epoch gets a marker; past that the curves are plain lines, but a one-epoch run keeps its
+    marker (a line of one point is not drawn at all)."""
+    write_run(tmp_path / 'short', 'P_a')
+    write_run(tmp_path / 'long', 'P_long', epochs=[(50.0 + i, 60.0 + i, 2.0) for i in range(31)])
+    write_run(tmp_path / 'long', 'P_one', epochs=[(50.0, 60.0, 2.0)])
+    figures = captured_figures(monkeypatch)
+    assert run_plot([tmp_path / 'short'], capsys)[0] == 0
+    assert run_plot([tmp_path / 'long'], capsys)[0] == 0
+    short, long = figures
+    for ax in short.axes:
+        assert [line.get_marker() for line in ax.get_lines()] == ['o']
+    for ax in long.axes:
+        assert {line.get_label(): line.get_marker() for line in ax.get_lines()} == {'P_long (P)': 'None',
+                                                                                    'P_one (P)': 'o'}
+    for fig in figures:
+        close_figure(fig)
+
+
+def test_accuracy_figure_both_panels_number_their_axes_and_the_legend_is_one_row(logs, tmp_path, capsys, monkeypatch):
+    """The panels share their accuracy scale, yet the test panel keeps its numbers; both have a grid; three short run
+    names fit one row of the legend under them."""
+    figures = captured_figures(monkeypatch)
+    assert run_plot([logs, '--out', tmp_path / 'acc.png'], capsys)[0] == 0
+    fig = figures[0]
+    fig.draw_without_rendering()
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_yticklabels() if t.get_visible() and t.get_text()]
+        assert ax.xaxis.get_gridlines()[0].get_visible() and ax.yaxis.get_gridlines()[0].get_visible()
+    renderer = fig.canvas.get_renderer()
+    rows = {round(t.get_window_extent(renderer).y0) for t in fig.legends[0].get_texts()}
+    assert len(fig.legends[0].get_texts()) == 3 and len(rows) == 1
+    close_figure(fig)
+
+
+def test_cost_figure_axes_legend_and_limits(cost_logs, tmp_path, capsys, monkeypatch):
+    """Parameters on a log axis read as powers of ten, seconds and MB as plain numbers; the y axis stops at 101% where
+    the margin would pass it; runs with and without validation: the y label claims neither accuracy, and the legend
+    (modes, then filled/hollow) is one row; all with validation: no filled/hollow entries to explain."""
+    write_run(cost_logs, 'P_top', 'P', 50_000, [(99.0, 99.5, 3.0)], val=[99.0], checkpoint_bytes=1_000_000)
+    figures = captured_figures(monkeypatch)
+    code, _, err = run_plot([cost_logs, '--cost'], capsys)
+    assert code == 0, err
+    fig = figures[1]
+    fig.canvas.draw()
+    params_ax, time_ax, size_ax = fig.axes
+    assert params_ax.get_ylabel() == 'test accuracy (%)'
+    assert 99.5 < params_ax.get_ylim()[1] <= 101
+    assert all(ax.get_xscale() == 'log' for ax in fig.axes)
+    visible = lambda ax: [t.get_text() for t in ax.get_xticklabels() if t.get_text() and
+                          ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]
+    assert visible(params_ax) and all('10^' in text for text in visible(params_ax)), visible(params_ax)
+    for ax in (time_ax, size_ax):
+        assert visible(ax) and all(re.fullmatch(r'[0-9.]+', text) for text in visible(ax)), visible(ax)
+    renderer = fig.canvas.get_renderer()
+    texts = fig.legends[0].get_texts()
+    assert len(texts) == 5 and len({round(t.get_window_extent(renderer).y0) for t in texts}) == 1
+    run_plot([os.path.join(cost_logs, 'P_val'), os.path.join(cost_logs, 'P_top'), '--cost', '--out',
+              tmp_path / 'val.png'], capsys)
+    assert [t.get_text() for t in figures[3].legends[0].get_texts()] == ['P']
+    for fig in figures:
+        close_figure(fig)
+
+
+def test_an_empty_checkpoint_file_is_left_out_of_the_size_panel(tmp_path, capsys, monkeypatch):
+    """A zero-byte trainable.safetensors (a copy that failed) has no place on a log axis of sizes."""
+    write_run(tmp_path, 'P_a', 'P', 92170, [(70.0, 80.0, 4.0)], checkpoint_bytes=1_874_000)
+    write_run(tmp_path, 'P_b', 'P', 92170, [(70.0, 81.0, 4.0)], checkpoint_bytes=0)
+    write_run(tmp_path, 'P_c', 'P', 92170, [(70.0, 82.0, 4.0)], checkpoint_bytes=343_000_000)
+    figures = captured_figures(monkeypatch)
+    code, _, err = run_plot([tmp_path, '--cost'], capsys)
+    assert code == 0, err
+    assert points(figures[1].axes[2]) == pytest.approx(np.array([(1.874, 80.0), (343.0, 82.0)]))
+    for fig in figures:
+        close_figure(fig)
+
+
+def test_confusion_cells_say_their_share_in_a_readable_colour():
+    """Each cell's number sits in its cell (column predicted, row true): whole percentages from 10%, one decimal
+    below (a 2.5% confusion does not read 2 or 3), 0 for none; white on dark cells, black on light, grey for zero.
+    Colour on a square-root scale (1% already shows), with a colour bar that marks 1% and 5%; the title counts the
+    test images, not the classes."""
+    counts = np.array([[90, 7, 3, 0], [1, 39, 0, 0], [0, 0, 20, 0], [0, 5, 0, 35]])
+    fig = plot.confusion_figure('P_run', ['a', 'b', 'c', 'd'], counts)
+    ax = fig.axes[0]
+    shares = 100 * counts / counts.sum(axis=1, keepdims=True)
+    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in ax.texts}
+    assert len(texts) == 16
+    for (i, j), text in texts.items():
+        value = shares[i, j]
+        assert text.get_text() == (f'{value:.0f}' if value >= 10 or value == 0 else f'{value:.1f}'), (i, j)
+        assert text.get_color() == ('white' if value > 36 else 'black' if value > 0 else '0.65'), (i, j)
+    assert texts[1, 0].get_text() == '2.5' and texts[0, 2].get_text() == '3.0'
+    norm = ax.images[0].norm
+    assert norm(25) == pytest.approx(0.5) and norm(1) == pytest.approx(0.1)
+    assert list(fig.axes[1].get_yticks()) == [0, 1, 5, 10, 25, 50, 75, 100]
+    assert 'on 200 test images' in ax.get_title()
+    close_figure(fig)
+
+
+def test_confusion_numbers_up_to_twenty_classes():
+    counts = confusion_counts(20)
+    fig = plot.confusion_figure('P_run', [f'c{i}' for i in range(20)], counts)
+    assert len(fig.axes[0].texts) == 400
+    close_figure(fig)
+
+
+def test_confusion_of_same_named_runs_titled_by_path(tmp_path, capsys, monkeypatch):
+    a = write_run(tmp_path / 'a', 'P_run')
+    b = write_run(tmp_path / 'b', 'P_run')
+    for run_dir in (a, b):
+        write_confusion(run_dir, ['x', 'y'], [[5, 1], [2, 7]])
+    drawn = []
+    monkeypatch.setattr(plot, 'plot_confusion', lambda *args: drawn.append(args))
+    code, _, err = run_plot([a, b, '--confusion'], capsys)
+    assert code == 0, err
+    assert [(title, path) for title, _, _, path in drawn] == [(a, os.path.join(a, 'confusion.png')),
+                                                              (b, os.path.join(b, 'confusion.png'))]
+
+
+def test_a_left_over_temp_file_is_not_the_newest_checkpoint_matrix(logs, capsys, monkeypatch):
+    """--eval_only writes confusion_epoch<N>.csv.tmp<pid> first; one left by a killed process is no matrix."""
+    run_dir = os.path.join(logs, 'P_run')
+    write_confusion(run_dir, ['a', 'b'], [[5, 1], [2, 7]])
+    os.rename(os.path.join(run_dir, 'confusion.csv'), os.path.join(run_dir, 'confusion_epoch10.csv'))
+    with open(os.path.join(run_dir, 'confusion_epoch12.csv.tmp4242'), 'w') as f:
+        f.write('true\\predicted,a,b\na,1')
+    drawn = []
+    monkeypatch.setattr(plot, 'plot_confusion', lambda *args: drawn.append(args))
+    code, out, err = run_plot([run_dir, '--confusion'], capsys)
+    assert code == 0 and err == '', err
+    assert [title for title, _, _, _ in drawn] == ['P_run, epoch 10 (unfinished)']
+
+
+def test_a_bad_confusion_csv_does_not_stop_the_runs_after_it(logs, capsys):
+    write_confusion(os.path.join(logs, 'F_run'), ['a', 'b'], [[5, 1], [2, 7]])
+    with open(os.path.join(logs, 'F_run', 'confusion.csv'), 'a') as f:
+        f.write('c,1,2\n')  # a row more than the header's classes
+    write_confusion(os.path.join(logs, 'P_run'), ['a', 'b'], [[5, 1], [2, 7]])
+    code, out, err = run_plot([os.path.join(logs, 'F_run'), os.path.join(logs, 'P_run'), '--confusion'], capsys)
+    assert code == 0 and out.strip() == f"wrote {os.path.join(logs, 'P_run', 'confusion.png')}"
+    assert "3 rows for the 2 classes" in one_line(err) and os.path.join(logs, 'F_run') in err
+
+
+def test_a_file_for_a_path_says_to_pass_a_directory(logs, capsys):
+    metrics = os.path.join(logs, 'P_run', 'metrics.csv')
+    code, out, err = run_plot([logs, metrics], capsys)
+    assert code == 2 and out == ''
+    assert one_line(err) == (f'plot.py: error: {metrics} is not a directory; pass a run directory (holding '
+                             f'metrics.csv) or a directory of runs such as logs/')
+    assert not os.path.exists(os.path.join(logs, 'accuracy.png'))
