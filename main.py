@@ -746,7 +746,8 @@ def fresh_path(path):
 
 def check_writable_file(path):
     if os.path.isdir(path):
-        raise SystemExit(f"error: --out {path} is a directory; pass a file name such as {os.path.join(path, 'predictions.csv')}")
+        raise SystemExit(f"error: --out {path} is a directory; pass a file name such as "
+                         f"{os.path.join(path, 'predictions.csv')}")
     if os.path.exists(path):
         raise SystemExit(f"error: --out {path} already exists and predictions never replace a file; pass a new name, "
                          f"or drop --out to write a fresh predictions-N.csv in the run directory")

@@ -751,7 +751,8 @@ def test_a_fresh_trial_on_changed_data_stops_every_trial_and_only_it_is_set_asid
     """run_trials with two GPU slots and stand-in trials (a script that writes config.json as main.py does once it
     has read the data, then trains until stopped): when one trial started afresh reads other data than the sweep's
     earlier runs, the trial beside it is stopped too, no pending trial starts in the slot freed while that one is still
-    stopping, and only the trial of other data moves to set-aside/ (with its log); the one that read the sweep's data stays to be resumed."""
+    stopping, and only the trial of other data moves to set-aside/ (with its log); the one that read the sweep's data
+    stays to be resumed."""
     sweep_dir = tmp_path / 'sweep'
     (sweep_dir / 'earlier').mkdir(parents=True)
     config = dict(dataset='/data/folder', classes=['cat', 'dog'], dataset_images=dict(train=10, test=4),
