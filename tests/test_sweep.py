@@ -81,6 +81,11 @@ def at_best_val(run_dir):
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--weights', 'ViT-B_16.npz'], '--weights ViT-B_16.npz: no such'),
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--model', 'test_vitt'], "unknown --model 'test_vitt'"),
     (['--grid', 'model=test_vit,vit_small_r26_s32_224', '--val_split', 0.1], 'vit_small_r26_s32_224 is a hybrid ViT'),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--name', 'a/b'], "--name 'a/b' must be a plain directory name"),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--gpus', '0,0'], "--gpus '0,0': list distinct GPU ids"),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--gpus', '0,1', '--print_commands'],
+     '--print_commands leaves GPUs to your scheduler; drop --gpus'),
+    (['--grid', 'lr=1e-3', '--val_split', 0.1, '--collect', 'logs/s'], '--collect takes only the sweep directory'),
 ])
 def test_mistakes_get_one_line_and_create_nothing(tmp_path, argv, expected):
     split = argv.index('--') if '--' in argv else len(argv)
@@ -781,3 +786,374 @@ def test_a_fresh_trial_on_changed_data_stops_every_trial_and_only_it_is_set_asid
     assert not (sweep_dir / 'pending').exists() and not (sweep_dir / 'logs' / 'pending.log').exists()
     log = (sweep_dir / 'sweep.log').read_text()
     assert 'start  same on GPU 0' in log and 'start  other on GPU 1' in log and 'pending' not in log
+
+
+# ---------------------------------------------------------------- from a mutation round over sweep.py
+
+
+def test_the_largest_base_seed_that_leaves_room_for_stage_2_is_accepted():
+    """main.py takes seeds up to SEED_MAX: --seed SEED_MAX-3 with --seeds 3 has room for stage 2's last seed."""
+    args = sweep.make_parser().parse_args(['--grid', 'lr=1e-3', '--val_split', '0.1', '--seeds', '3'])
+    definition, base_seed, _, _ = sweep.check_command_line(args, ['--seed', str(main.SEED_MAX - 3)])
+    assert base_seed == main.SEED_MAX - 3
+    winner = dict(sweep.grid_trials(definition, base_seed, 'logs/s')[0], run='grid_lr=1e-3')
+    last = sweep.final_trials(definition, base_seed, winner, 'logs/s')[-1]
+    assert main.parse_args(last['argv']).seed == main.SEED_MAX
+
+
+def test_a_grid_over_device_is_not_overridden_by_gpus(monkeypatch):
+    """--gpus adds --device cuda to each trial only where no --device was chosen: a grid over --device is a choice,
+    so no trial gets --device cuda on top of its own, and torch is not asked for GPUs."""
+    checked = []
+    monkeypatch.setattr(sweep, 'check_cuda', checked.append)
+    args = sweep.make_parser().parse_args(['--grid', 'device=cpu,cuda:0', '--val_split', '0.1', '--gpus', '0,1'])
+    _, _, device_given, _ = sweep.check_command_line(args, [])
+    assert device_given and checked == []
+
+
+def test_only_a_model_the_user_names_is_checked():
+    """main.py's default model needs no check (a child process importing torch and timm: seconds per new sweep)."""
+    args = sweep.make_parser().parse_args(['--grid', 'lr=1e-3', '--val_split', '0.1'])
+    assert sweep.check_command_line(args, ['--epoch', '2'])[3] == []
+    args = sweep.make_parser().parse_args(['--grid', 'model=test_vit', '--val_split', '0.1'])
+    assert sweep.check_command_line(args, [])[3] == ['test_vit']
+
+
+def test_a_sweep_directory_is_only_ever_a_sweeps_own(tmp_path, capsys):
+    """--name/--log_dir pointing at a folder that is not this sweep is refused, and a folder whose runs have started is
+    never one the message suggests removing."""
+    definition = dict(grid={'lr': ['1e-3']}, seeds=1, val_split=0.1, main_flags=[])
+    runs = tmp_path / 'runs'  # a folder of the user's own, not a sweep
+    os.makedirs(runs / 'my_run')
+    with pytest.raises(SystemExit):
+        sweep.open_sweep(str(runs), definition, 'python sweep.py ...', [])
+    assert f"{runs} exists and is not a sweep (no sweep.json)" in capsys.readouterr().err
+    assert os.listdir(runs) == ['my_run']
+    (runs / 'sweep.json').write_text('{"grid": ')  # cut short: not another sweep, nor no sweep
+    with pytest.raises(SystemExit):
+        sweep.open_sweep(str(runs), definition, 'python sweep.py ...', [])
+    assert f"cannot read {runs / 'sweep.json'}; repair or remove it" in capsys.readouterr().err
+
+    started = tmp_path / 'started'
+    sweep.open_sweep(str(started), definition, 'python sweep.py first', [])
+    os.makedirs(started / 'grid_lr=1e-3')
+    with pytest.raises(SystemExit):
+        sweep.open_sweep(str(started), dict(definition, seeds=2), 'python sweep.py second', [])
+    error = capsys.readouterr().err
+    assert 'holds another sweep (its seeds differ); re-launch it with its own command (python sweep.py first)' in error
+    assert 'remove' not in error and os.path.isdir(started / 'grid_lr=1e-3')
+
+
+def test_a_grid_flag_may_be_written_with_its_dashes():
+    assert sweep.parse_grid(['--lr=1e-3,1e-2'], {}) == {'lr': ['1e-3', '1e-2']}
+
+
+def test_trial_names_and_commands_hold_any_grid_value(tmp_path):
+    """Values become run directory names (no '/', distinct even where only such characters differ) and main.py
+    flags (a value that starts with '-' stays the flag's value)."""
+    definition = dict(grid={'weights': ['a/w.npz', 'a-w.npz'], 'unfreeze': ['-blocks']}, seeds=1, val_split=0.2,
+                      main_flags=[])
+    trials = sweep.grid_trials(definition, 0, str(tmp_path))
+    names = [trial['name'] for trial in trials]
+    assert len(set(names)) == 2 and not [name for name in names if os.sep in name]
+    assert all(name.startswith('grid_weights=a-w.npz_unfreeze=-blocks') for name in names)
+    args = main.make_parser().parse_args(trials[0]['argv'])
+    assert (args.weights, args.unfreeze, args.name) == ('a/w.npz', '-blocks', names[0])
+
+
+FAKE_TRAIN = r'''
+import json, os, sys, time
+argv = sys.argv[1:]
+flag = lambda name: argv[argv.index(name) + 1]
+run_dir = os.path.join(flag('--log_dir'), flag('--name'))
+lr, seed = float(flag('--lr')), int(flag('--seed'))
+if str(lr) in os.environ.get('FAKE_FAIL', '0.01').split(','):
+    sys.exit('RuntimeError: boom')
+if seed > 0 and os.environ.get('FAKE_DIVERGE'):
+    sys.exit(3)  # main.py's exit after a non-finite loss
+os.makedirs(run_dir)
+with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+    json.dump(dict(dataset='cifar10', classes=['a', 'b'], lr=lr, seed=seed), f)
+time.sleep(json.loads(os.environ.get('FAKE_SLOW', '{}')).get(str(lr), 0))
+with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
+    json.dump(dict(finished=True, epochs_done=1, epochs=1, best_val_acc={0.001: 50.0, 0.005: 60.0, 0.01: 70.0}[lr],
+                   best_val_epoch=1, test_acc_at_best_val=70.0 + seed, final_test_acc=70.0), f)
+'''
+
+
+@pytest.fixture
+def fake_training(tmp_path, monkeypatch):
+    """sweep.main in this process, its trials a stand-in for main.py: a run that finishes at once, except the lr in
+    $FAKE_FAIL (default 1e-2), which fails; $FAKE_DIVERGE: every stage-2 seed diverges; $FAKE_SLOW: {lr: seconds}."""
+    (tmp_path / 'fake_main.py').write_text(FAKE_TRAIN)
+    monkeypatch.setattr(sweep, 'MAIN_PY', str(tmp_path / 'fake_main.py'))
+    monkeypatch.setattr(sweep, 'CHILDREN', {})
+    monkeypatch.setattr(sweep, 'STOP', [])
+    monkeypatch.setattr(sweep.signal, 'signal', lambda signum, handler: None)  # pytest keeps its own handlers
+
+    def run(*argv):
+        sweep.main(['--val_split', '0.25', '--log_dir', str(tmp_path), '--name', 's', *map(str, argv)])
+    return run, tmp_path / 's'
+
+
+def test_a_failed_grid_point_does_not_hold_up_stage_2_but_fails_the_sweep(fake_training, capsys):
+    run, sweep_dir = fake_training
+    with pytest.raises(SystemExit) as stopped:
+        run('--grid', 'lr=1e-3,5e-3,1e-2', '--seeds', 2)
+    assert stopped.value.code == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith('sweep.py: error: 1 runs did not finish: grid_lr=1e-2 (failed, exit 1); see '), error
+    assert 're-launch the same command to resume or retry them' in error
+    rows = read_csv(sweep_dir / 'sweep.csv')
+    assert [(row['run'], row['status']) for row in rows] == [
+        ('grid_lr=1e-3', 'finished'), ('grid_lr=5e-3', 'finished'), ('grid_lr=1e-2', 'failed'),
+        ('final_seed=1', 'finished'), ('final_seed=2', 'finished')]
+    assert json.loads((sweep_dir / 'final_seed=2' / 'config.json').read_text())['lr'] == 5e-3
+    report = (sweep_dir / 'sweep.md').read_text()
+    assert '**Test accuracy 71.50 ± 0.71 %**' in report
+    assert '- grid_lr=1e-2 (failed): exit 1: RuntimeError: boom (log ' in report
+    assert 'Winning flags: --lr 5e-3 (best val acc 60.00% with seed 0).' in report
+    ranked = [line.split(' | ')[1] for line in report.splitlines() if line.startswith('| ') and 'grid_lr=' in line]
+    assert ranked == ['grid_lr=5e-3', 'grid_lr=1e-3', 'grid_lr=1e-2']  # by val accuracy, the failed point last
+
+
+def test_a_sweep_made_by_print_commands_records_the_command_that_runs_it(fake_training):
+    """sweep.json's command (shown to re-launch the sweep, and atop its report) is the sweep's, not a dry run's."""
+    run, sweep_dir = fake_training
+    run('--grid', 'lr=1e-3', '--seeds', 1, '--print_commands')
+    command = shlex.split(json.loads((sweep_dir / 'sweep.json').read_text())['command'])
+    assert '--print_commands' not in command and command[command.index('--grid') + 1] == 'lr=1e-3'
+
+
+def test_a_second_sweep_py_on_a_running_sweep_is_refused(fake_training, capsys):
+    import fcntl
+    run, sweep_dir = fake_training
+    run('--grid', 'lr=1e-3', '--seeds', 1, '--print_commands')
+    capsys.readouterr()
+    with open(sweep_dir / 'sweep.lock', 'w') as lock:  # as a running sweep.py holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for print_only in ([], ['--print_commands']):
+            with pytest.raises(SystemExit) as stopped:
+                run('--grid', 'lr=1e-3', '--seeds', 1, *print_only)
+            assert stopped.value.code == 1 and capsys.readouterr().err == (
+                f"sweep.py: error: another sweep.py is running on {sweep_dir}; let it finish or stop it first\n")
+    assert sorted(os.listdir(sweep_dir)) == ['sweep.json', 'sweep.lock']  # nothing started
+
+
+def test_a_retried_trial_reads_as_its_latest_attempt(tmp_path, monkeypatch):
+    """A trial's log keeps every attempt: one that failed, was started again and is running (or whose sweep died
+    under it) is not reported with the exit code of the attempt before."""
+    os.makedirs(tmp_path / 'logs')
+    os.makedirs(tmp_path / 'grid_lr=1e-3')
+    log = tmp_path / 'logs' / 'grid_lr=1e-3.log'
+    log.write_text('[sweep] 2024-01-01 00:00:00 start: python main.py\nRuntimeError: boom\n\n'
+                   '[sweep] 2024-01-01 00:00:01 exit code 1\n')
+    assert sweep.last_exit(str(log)) == (1, 'RuntimeError: boom')
+    with open(log, 'a') as f:
+        f.write('[sweep] 2024-01-01 00:01:00 start: python main.py\nepoch 1/2 ...\n')
+    assert sweep.last_exit(str(log)) == (None, '')
+    trial = dict(name='grid_lr=1e-3', stage='grid', seed=0, values={'lr': '1e-3'})
+    assert sweep.trial_row(str(tmp_path), trial)['status'] == 'interrupted'  # its sweep died under it
+    monkeypatch.setattr(sweep, 'CHILDREN', {'grid_lr=1e-3': None})
+    assert sweep.trial_row(str(tmp_path), trial)['status'] == 'running'  # as the reports written mid-sweep say
+
+
+def test_a_log_outside_the_working_directory_is_shown_absolute(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / 'here')
+    monkeypatch.chdir(tmp_path / 'here')
+    assert sweep.shown_path(str(tmp_path / 'here' / 'logs' / 'a.log')) == os.path.join('logs', 'a.log')
+    assert sweep.shown_path(str(tmp_path / 'logs' / 'a.log')) == str(tmp_path / 'logs' / 'a.log')
+
+
+def test_the_report_while_stage_1_is_incomplete(tmp_path):
+    """Before stage 1 has finished, the leader is only leading and stage 2 waits; final runs already on disk (trained
+    before a failed grid run was retried) stay in the report meanwhile."""
+    root = str(tmp_path / 's')
+    meta = fake_sweep(root, 1, [], grid=(('grid_lr=1e-3', 50.0, 80.0),))
+    meta['grid']['lr'].append('5e-3')  # its run is still to come
+    report = sweep.write_reports(root, meta, 0)
+    assert re.search(r"^\| leading \| grid_lr=1e-3 \|", report, re.M) and '**winner**' not in report
+    assert 'Stage 2 waits for stage 1: 1 of 2 grid runs finished.' in report and '## Stage 2' not in report
+    assert [row['run'] for row in read_csv(os.path.join(root, 'sweep.csv'))] == ['grid_lr=1e-3', 'grid_lr=5e-3']
+    os.makedirs(os.path.join(root, 'final_seed=1'))
+    with open(os.path.join(root, 'final_seed=1', 'summary.json'), 'w') as f:
+        json.dump(dict(finished=True, epochs_done=2, epochs=2, best_val_acc=55.0, best_val_epoch=2,
+                       test_acc_at_best_val=75.0, final_test_acc=74.0), f)
+    report = sweep.write_reports(root, meta, 0)
+    assert '## Stage 2: grid_lr=1e-3, seed 1' in report and '**Test accuracy 75.00 %**' in report
+
+
+def test_a_signal_that_comes_as_a_trial_launches_reaches_it(tmp_path, monkeypatch):
+    sent = []
+
+    class FakeChild:
+        def __init__(self, command, **kwargs):
+            pass
+
+        def send_signal(self, signum):
+            sent.append(signum)
+    monkeypatch.setattr(sweep.subprocess, 'Popen', FakeChild)
+    monkeypatch.setattr(sweep, 'CHILDREN', {})
+    monkeypatch.setattr(sweep, 'STOP', [signal.SIGTERM])
+    assert sweep.start_trial(str(tmp_path), dict(name='grid_lr=1e-3', argv=['--lr', '1e-3']), None, False)
+    assert sent == [signal.SIGTERM]
+
+
+def test_the_result_counts_unfinished_seeds_and_its_recipe_runs_anywhere(tmp_path):
+    """The recipe is main.py's command for the first seed without the sweep's --log_dir/--name: run as printed, it
+    goes to the user's own logs/, not into the sweep's run (which main.py would refuse to start in)."""
+    root = str(tmp_path / 's')
+    meta = fake_sweep(root, 2, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0))])
+    report = sweep.write_reports(root, meta, 0)
+    assert '**Test accuracy 70.00 %** (n = 1 seed, so no std; 1 of 2 seeds not finished)' in report
+    recipe = [line.strip() for line in report.splitlines() if line.startswith('    python ')][-1]
+    args = main.parse_args(shlex.split(recipe)[2:])
+    assert (args.lr, args.seed, args.val_split, args.log_dir, args.name) == (1e-3, 1, 0.25, 'logs', None)
+
+
+def test_print_commands_leaves_out_runs_it_cannot_start(tmp_path, capsys):
+    """A run directory without a checkpoint (starting, or died before its first) gets no command: main.py would
+    refuse to start in it; finals that trained another grid point stop the commands altogether."""
+    root = str(tmp_path / 's')
+    meta = fake_sweep(root, 1, [], grid=(('grid_lr=1e-3', 50.0, 80.0),))
+    meta['grid']['lr'].append('5e-3')
+    os.makedirs(os.path.join(root, 'grid_lr=5e-3'))
+    sweep.print_commands(root, meta, 0)
+    out, err = capsys.readouterr()
+    assert out == '' and f"{os.path.join(root, 'grid_lr=5e-3')} has no checkpoint yet" in err
+    assert '0 stage 1 commands to run' in err
+
+    stale = str(tmp_path / 'stale')
+    meta = fake_sweep(stale, 2, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0))],
+                      grid=(('grid_lr=1e-3', 50.0, 80.0), ('grid_lr=5e-3', 60.0, 80.0)))
+    for run, lr in (('grid_lr=5e-3', 5e-3), ('final_seed=1', 1e-3)):  # trained when grid_lr=1e-3 led
+        with open(os.path.join(stale, run, 'config.json'), 'w') as f:
+            json.dump(dict(lr=lr), f)
+    with pytest.raises(SystemExit):
+        sweep.print_commands(stale, meta, 0)
+    out, err = capsys.readouterr()
+    assert out == '' and ('final_seed=1 in ' in err and 'trained another grid point than the winner grid_lr=5e-3; '
+                                                       'move them aside first' in err)
+
+
+def test_collect_refuses_runs_of_different_data(tmp_path, capsys):
+    root = str(tmp_path / 's')
+    fake_sweep(root, 1, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0))])
+    for run, classes in (('grid_lr=1e-3', ['cat', 'dog']), ('final_seed=1', ['cat', 'owl'])):
+        with open(os.path.join(root, run, 'config.json'), 'w') as f:
+            json.dump(dict(dataset='/data/folder', classes=classes, lr=1e-3), f)
+    with pytest.raises(SystemExit):
+        sweep.collect(root)
+    assert (f"grid_lr=1e-3 and final_seed=1 of {root} read different data from /data/folder (other classes)"
+            in capsys.readouterr().err)
+    assert not os.path.exists(os.path.join(root, 'sweep.md'))
+
+
+def test_a_run_that_recorded_no_folder_reading_read_the_folder_the_oldest_way():
+    """config.json without folder_reading was written before vpt recorded it (rule 1): its image counts are not
+    compared with a run of today's rule, which may count a linked folder's images otherwise."""
+    old = dict(dataset='/data/folder', classes=['cat', 'dog'], dataset_images={'train': 49, 'test': 18})
+    new = dict(old, dataset_images={'train': 48, 'test': 18}, folder_reading=sweep.FOLDER_READING)
+    assert sweep.data_read(old)[2] == 1
+    assert sweep.data_difference(sweep.data_read(old), sweep.data_read(new)) == ''
+
+
+def test_finals_of_a_former_winner_stop_the_sweep_before_stage_2_goes_on(fake_training, monkeypatch, capsys):
+    """A failed grid point retried on a re-launch now wins: the final run trained for the former winner is stale,
+    and no more final runs start (they would mix two grid points) until it is moved aside."""
+    run, sweep_dir = fake_training
+    with pytest.raises(SystemExit):
+        run('--grid', 'lr=1e-3,1e-2', '--seeds', 2)  # 1e-2 fails: 1e-3 wins, both finals run
+    shutil.rmtree(sweep_dir / 'final_seed=2')
+    os.remove(sweep_dir / 'logs' / 'final_seed=2.log')
+    monkeypatch.setenv('FAKE_FAIL', '')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run('--grid', 'lr=1e-3,1e-2', '--seeds', 2)  # 1e-2 now finishes, and wins
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"sweep.py: error: final_seed=1 in {sweep_dir} trained another grid point than the winner grid_lr=1e-2 (a grid "
+        f"run that failed before has finished since); move them aside and re-launch")
+    assert not os.path.exists(sweep_dir / 'final_seed=2')
+    assert 'No result: the stage-2 runs trained another grid point than the winner (stale).' in (
+        sweep_dir / 'sweep.md').read_text()
+
+
+def test_a_winner_whose_every_seed_diverges_has_no_result(fake_training, monkeypatch, capsys):
+    run, sweep_dir = fake_training
+    monkeypatch.setenv('FAKE_DIVERGE', '1')
+    with pytest.raises(SystemExit) as stopped:
+        run('--grid', 'lr=1e-3', '--seeds', 2)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"sweep.py: error: every stage-2 seed of grid_lr=1e-3 diverged (a non-finite loss): no result; its settings "
+        f"are unstable (see {sweep_dir / 'sweep.md'})")
+    assert 'Every stage-2 seed diverged (non-finite loss): no result.' in (sweep_dir / 'sweep.md').read_text()
+
+
+def test_no_trial_starts_after_a_signal_while_another_still_stops(fake_training, monkeypatch, capsys):
+    """Two slots: Ctrl-C arrives as one trial ends while the other is still running; the freed slot takes no new
+    trial, and the sweep exits 130 with the command to re-launch."""
+    run, sweep_dir = fake_training
+    monkeypatch.setenv('FAKE_SLOW', json.dumps({'0.005': 1.5}))
+    end_trial = sweep.end_trial
+
+    def ctrl_c_as_the_first_ends(*args):
+        end_trial(*args)
+        sweep.STOP.append(signal.SIGINT)
+    monkeypatch.setattr(sweep, 'end_trial', ctrl_c_as_the_first_ends)
+    with pytest.raises(SystemExit) as stopped:
+        run('--grid', 'lr=1e-3,5e-3,1e-2', '--gpus', '0,1', '--', '--device', 'cpu')
+    assert stopped.value.code == 130
+    assert 'SIGINT: stopped; the runs keep their last finished epoch. Re-launch with:' in capsys.readouterr().err
+    assert sorted(os.listdir(sweep_dir / 'logs')) == ['grid_lr=1e-3.log', 'grid_lr=5e-3.log']
+
+
+def test_the_reports_follow_each_trial_as_it_ends(fake_training, monkeypatch):
+    """sweep.csv and sweep.md are rewritten as each trial ends: a long sweep can be watched, and a sweep killed
+    outright (kill -9, a lost node) leaves reports of what had finished."""
+    run, sweep_dir = fake_training
+    seen = {}
+    start_trial = sweep.start_trial
+
+    def start_and_look(sweep_dir, trial, *args):
+        csv_path = os.path.join(sweep_dir, 'sweep.csv')
+        seen[trial['name']] = [(row['run'], row['status']) for row in read_csv(csv_path)] if os.path.exists(
+            csv_path) else None
+        return start_trial(sweep_dir, trial, *args)
+    monkeypatch.setattr(sweep, 'start_trial', start_and_look)
+    run('--grid', 'lr=1e-3,5e-3', '--seeds', 1)
+    assert seen['grid_lr=5e-3'] == [('grid_lr=1e-3', 'finished'), ('grid_lr=5e-3', 'missing')]
+    assert seen['final_seed=1'][-1] == ('final_seed=1', 'missing')
+
+
+def test_a_trial_that_shows_other_data_as_it_ends_is_still_set_aside(tmp_path, monkeypatch, capsys):
+    """run_trials looks at a fresh trial's config.json, then at whether it has ended: a trial that wrote its
+    config.json in between and ended is checked once more after the last one ends."""
+    sweep_dir = tmp_path / 'sweep'
+    (sweep_dir / 'earlier').mkdir(parents=True)
+    config = dict(dataset='/data/folder', classes=['cat', 'dog'], dataset_images=dict(train=10, test=4),
+                  folder_reading=2)
+    (sweep_dir / 'earlier' / 'config.json').write_text(json.dumps(config))
+
+    class ShowsItsDataAsItEnds:
+        returncode = None
+
+        def __init__(self, command, **kwargs):
+            pass
+
+        def poll(self):
+            if self.returncode is None:
+                (sweep_dir / 'last').mkdir()
+                (sweep_dir / 'last' / 'config.json').write_text(json.dumps(dict(config, classes=['cat', 'owl'])))
+                self.returncode = 1
+            return self.returncode
+    monkeypatch.setattr(sweep.subprocess, 'Popen', ShowsItsDataAsItEnds)
+    monkeypatch.setattr(sweep, 'CHILDREN', {})
+    monkeypatch.setattr(sweep, 'STOP', [])
+    monkeypatch.setattr(sweep, 'write_reports', lambda *args: None)
+    last = dict(name='last', stage='grid', seed=0, values={}, argv=[])
+    with pytest.raises(SystemExit):
+        sweep.run_trials(str(sweep_dir), {}, 0, [last], None, False, [dict(last, name='earlier'), last])
+    error = capsys.readouterr().err
+    assert 'earlier and last of' in error and 'moved last to set-aside/last.other-data-1' in error
