@@ -36,6 +36,10 @@ def test_defaults():
     assert (args.lr, args.weight_decay, args.optimizer) == (5e-3, 1e-4, 'adamw')  # README's P defaults
     assert main.parse_args(['--full', 'True', '--prompts', '0']).weight_decay == 0.05
     assert main.parse_args(['--epoch', '20']).warmup_epochs == pytest.approx(2.0)
+    # README's defaults: hub weights, VPT-deep, augmentation and bf16 autocast on, no compile, no val split
+    assert (args.pretrained, args.deep, args.augment, args.amp, args.compile, args.tensorboard) == (
+        True, True, True, True, False, False)
+    assert (args.val_split, args.prompt_dropout, args.train_samples, args.checkpoint) == (0, 0, 0, 'last')
 
 
 @pytest.mark.parametrize('full,prompts,mode', [(False, 4, 'P'), (True, 0, 'F'), (True, 4, 'P+F'), (False, 0, 'linear')])
@@ -49,6 +53,7 @@ def test_run_writes_config_metrics_and_checkpoint(tiny_dataset, tmp_path, capsys
     run_dir = log_dir / run
     config = json.loads((run_dir / 'config.json').read_text())
     assert config['mode'] == mode and config['name'] == run and config['full'] is full
+    assert not set(config) & main.ACTIONS  # --resume, --eval_only, --predict...: acts on a run, not part of it
     assert config['prompts'] == prompts and config['batch_size'] == 8 and config['lr'] == (1e-4 if full else 5e-3)
     for key in ('trainable_params', 'total_params', 'device_name', 'torch_version', 'timm_version', 'seed', 'model',
                 'dataset', 'weight_decay', 'warmup_epochs', 'prompt_dropout', 'img_size', 'patch_size'):
@@ -109,6 +114,19 @@ def test_runs_never_share_a_directory(tiny_dataset, tmp_path, capsys):
     assert run_main(argv, capsys)[0] == 0
     assert run_main(argv, capsys)[0] == 0  # same second, same generated name: a fresh directory, nothing overwritten
     assert len(os.listdir(tmp_path)) == 2
+
+
+def test_generated_run_names_say_the_mode_model_and_time_then_count_up(tmp_path, monkeypatch):
+    """<mode>_<model>_<YYYYmmdd-HHMMSS>; runs started in the same second get -2, -3, ... and nothing is reused."""
+    import datetime
+    import types
+    now = datetime.datetime(2024, 1, 2, 3, 4, 5)
+    monkeypatch.setattr(main, 'datetime', types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda: now)))
+    args = main.parse_args([*map(str, TINY), '--log_dir', str(tmp_path)])
+    paths = [main.make_run_dir(args, 'P+F') for _ in range(3)]
+    name = os.path.join(str(tmp_path), 'P+F_test_vit_20240102-030405')
+    assert paths == [name, f'{name}-2', f'{name}-3']
+    assert all(os.path.isdir(path) for path in paths)
 
 
 def test_learns_the_tiny_dataset(tiny_dataset, tmp_path, capsys):

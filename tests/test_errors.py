@@ -44,6 +44,8 @@ def cli(tmp_path, tiny_dataset, capsys):
     (['--epoch', 1, '--warmup_epochs', 5], ['--warmup_epochs 5 is not shorter than --epoch 1', '10% of --epoch']),
     (['--name', '..'], ["--name '..' must be a plain directory name"]),
     (['--name', ''], ["--name '' must be a plain directory name"]),
+    (['--name', '.'], ["--name '.' must be a plain directory name"]),
+    (['--name', 'sub/run'], ["--name 'sub/run' must be a plain directory name; put the parent in --log_dir"]),
 ])
 def test_settings_that_cannot_mean_what_they_say(cli, flags, expect):
     """--lr 0 trains nothing and a warmup as long as the run never reaches the lr nor decays: both ran silently."""
@@ -67,6 +69,10 @@ def test_epoch_zero(cli):
     cli('--epoch', 0, expect=['--epoch', 'at least 1'], code=2)
 
 
+def test_epoch_not_a_whole_number(cli):
+    cli('--epoch', 2.5, expect=['--epoch', "expected an integer, got '2.5'"], code=2)
+
+
 def test_epoch_negative(cli):
     cli('--epoch', -3, expect=['--epoch', 'at least 1'], code=2)
 
@@ -86,13 +92,20 @@ def test_empty_resume(cli, monkeypatch):
     cli('--resume', '', expect=['--resume needs a run directory', 'empty string'], code=2)
 
 
-@pytest.mark.parametrize('flag, value', [('--warmup_epochs', 'inf'), ('--lr', 'nan'), ('--weight_decay', 'inf')])
+@pytest.mark.parametrize('flag, value', [('--warmup_epochs', 'inf'), ('--lr', 'nan'), ('--lr', 'inf'),
+                                         ('--weight_decay', 'inf')])
 def test_non_finite_number(cli, flag, value):
     cli(flag, value, expect=[flag, 'finite number'], code=2)
 
 
 def test_unknown_device(cli):
     cli('--device', 'gpu', expect=['--device', 'auto, cpu, cuda or cuda:N', "'gpu'"], code=2)
+
+
+@pytest.mark.parametrize('device', ['cpu0', 'cuda:1x', 'cuda:', 'autocpu'])
+def test_a_device_that_only_starts_like_one_is_refused(cli, device):
+    """The whole value must be auto, cpu, cuda or cuda:N: 'cpu0' or 'cuda:1x' reached torch.device as a traceback."""
+    cli('--device', device, expect=['--device', 'auto, cpu, cuda or cuda:N', repr(device)], code=2)
 
 
 @pytest.mark.parametrize('flag', ['--seed', '--data_seed'])
@@ -118,6 +131,14 @@ def test_unknown_model(cli):
 
 def test_weights_missing(cli):
     cli('--weights', cli.tmp_path / 'nope.safetensors', expect=['--weights', 'no such file'])
+
+
+def test_weights_with_pretrained_false_is_a_contradiction(cli):
+    """--weights loads pretrained weights: a --pretrained False beside it cannot be honoured, and is not ignored."""
+    path = cli.tmp_path / 'w.safetensors'
+    path.write_bytes(b'')
+    cli('--weights', path, '--pretrained', 'False', code=2,
+        expect=['--weights loads pretrained weights but --pretrained False asks for none; drop one of them'])
 
 
 def test_weights_folder_names_the_file_in_it(cli):
@@ -244,6 +265,15 @@ def test_resume_without_checkpoint(cli):
     cli('--resume', cli.log_dir / 'earlier_run', expect=['--resume', 'no checkpoint'], code=2)
 
 
+def test_resume_of_a_run_killed_before_its_first_checkpoint(cli):
+    """A run killed (SIGKILL, power) after writing config.json but before state.pt has nothing to resume or evaluate:
+    the same one line as any directory without a checkpoint, not an error about a missing state.pt or a traceback."""
+    (cli.log_dir / 'earlier_run' / 'config.json').write_text('{"epoch": 1}')
+    for action in ([], ['--eval_only']):
+        cli('--resume', cli.log_dir / 'earlier_run', *action, code=2,
+            expect=[f"--resume {cli.log_dir / 'earlier_run'}: no checkpoint there (config.json and state.pt)"])
+
+
 def test_no_network_for_cifar_download(cli, monkeypatch):
     for var in ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY'):
         monkeypatch.setenv(var, 'http://127.0.0.1:9')  # a closed port: the download fails at once, as offline
@@ -300,6 +330,19 @@ def test_eval_only_without_resume(cli):
 
 def test_val_split_out_of_range(cli):
     cli('--val_split', 1.5, expect=['--val_split', '[0, 1)'], code=2)
+
+
+@pytest.mark.parametrize('flag', ['--val_split', '--prompt_dropout'])
+def test_a_fraction_of_one_is_refused(cli, flag):
+    """--val_split 1 would leave nothing to train on, --prompt_dropout 1 drop every prompt: [0, 1) excludes 1."""
+    cli(flag, 1, expect=[flag, 'must be in [0, 1), got 1'], code=2)
+
+
+def test_eval_only_and_predict_together_are_refused(cli):
+    for name in ('config.json', 'state.pt'):  # a run to act on (its config.json is all the parser reads)
+        (cli.log_dir / 'earlier_run' / name).write_text('{}')
+    cli('--resume', cli.log_dir / 'earlier_run', '--eval_only', '--predict', cli.tiny_dataset,
+        expect=['--eval_only and --predict are two actions; run them one at a time'], code=2)
 
 
 def test_val_split_too_small_for_the_data(cli):

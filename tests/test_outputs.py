@@ -83,6 +83,70 @@ def test_predict_prints_the_first_rows_and_writes_them_all(run_dir, tiny_dataset
     assert len((tmp_path / 'p.csv').read_text().splitlines()) == 1 + 18
 
 
+def test_predict_lists_the_five_most_likely_classes(tmp_path, capsys):
+    """With more than five classes (CIFAR-10's ten) the table and the CSV give the top five, most likely first."""
+    dataset = write_folder_dataset(tmp_path / 'ds', classes=tuple('abcdef'), train_per_class=2, test_per_class=1,
+                                   size=8)
+    code, _, err = run_main([*TINY, '--patch_size', 4, '--img_size', 8, '--dataset', dataset, '--epoch', 1,
+                             '--batch_size', 4, '--log_dir', tmp_path, '--name', 'r'], capsys)
+    assert code == 0, err
+    code, out, err = run_main(['--predict', os.path.join(dataset, 'test'), '--resume', tmp_path / 'r', '--out',
+                               tmp_path / 'p.csv'], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0].endswith('prob    top-5')
+    with open(tmp_path / 'p.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and list(rows[0])[3] == 'top5'
+    for row in rows:
+        top = [(entry.split()[0], float(entry.split()[1])) for entry in row['top5'].split('; ')]
+        assert len(top) == 5 and top[0][0] == row['prediction'] and [p for _, p in top] == sorted(
+            (p for _, p in top), reverse=True)
+
+
+def test_predict_on_nothing_readable_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys):
+    (tmp_path / 'broken.png').write_bytes(b'not an image')
+    code, _, err = run_main(['--predict', tmp_path / 'broken.png', '--resume', run_dir, '--out', tmp_path / 'p.csv'],
+                            capsys)
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        f"error: none of {tmp_path / 'broken.png'} could be read as an image; pass image files (.jpg, .jpeg, .png, "
+        f".bmp, .gif, .webp) or folders holding them"), err
+    assert not (tmp_path / 'p.csv').exists()
+
+
+def test_predict_paths_that_name_no_image_are_refused_before_any_work(run_dir, tiny_dataset, tmp_path, capsys):
+    """A typo among the paths is an error, not a CSV that silently lacks it; so is a folder without images."""
+    image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
+    code, _, err = run_main(['--predict', image, tmp_path / 'typo.png', '--resume', run_dir, '--out',
+                             tmp_path / 'p.csv'], capsys)
+    assert code == 1 and err.strip() == f"error: --predict {tmp_path / 'typo.png'}: no such file or folder", err
+    os.makedirs(tmp_path / 'empty')
+    (tmp_path / 'empty' / 'notes.txt').write_text('')
+    code, _, err = run_main(['--predict', tmp_path / 'empty', '--resume', run_dir, '--out', tmp_path / 'p.csv'], capsys)
+    assert code == 1 and err.strip() == (f"error: no image files (.jpg, .jpeg, .png, .bmp, .gif, .webp) in "
+                                         f"{tmp_path / 'empty'}"), err
+    assert not (tmp_path / 'p.csv').exists()
+
+
+def test_predict_reads_images_as_the_runs_folder_images_were_read(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """A run recorded with folder_reading 2 or later shrank larger images to --img_size as they were decoded, one
+    recorded with 1 kept them whole: --predict reads its images the same way."""
+    import data
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8, '--log_dir', tmp_path,
+                             '--name', 'r'], capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / 'r' / 'config.json').read_text())
+    sizes, read_image = [], data.read_image
+    monkeypatch.setattr(data, 'read_image', lambda path, size, **kwargs: sizes.append(size) or read_image(path, size,
+                                                                                                        **kwargs))
+    for reading, size in ((1, None), (2, 32), (3, 32)):
+        (tmp_path / 'r' / 'config.json').write_text(json.dumps(dict(config, folder_reading=reading)))
+        code, _, err = run_main(['--predict', os.path.join(tiny_dataset, 'test', 'cat'), '--resume', tmp_path / 'r'],
+                                capsys)
+        assert code == 0, err
+        assert set(sizes) == {size}, reading
+        sizes.clear()
+
+
 def test_predict_runs_the_model_in_eval_mode(tiny_dataset, tmp_path, capsys, monkeypatch):
     """A run trained with --prompt_dropout predicts without dropping prompts, as evaluation does."""
     import model
@@ -104,6 +168,15 @@ def test_predict_never_overwrites_and_needs_a_run(run_dir, tiny_dataset, capsys)
         assert out.strip().endswith(f"wrote {run_dir / expected}")
     code, _, err = run_main(['--predict', image], capsys)
     assert code == 2 and '--predict needs --resume RUN_DIR' in err
+
+
+def test_predict_under_torchrun_is_refused_before_any_work(run_dir, tiny_dataset, capsys, monkeypatch):
+    """--predict runs in one process: under torchrun every process would classify the same images and write a CSV."""
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    before = sorted(os.listdir(run_dir))
+    code, _, err = run_main(['--predict', os.path.join(tiny_dataset, 'test'), '--resume', run_dir], capsys)
+    assert code == 1 and err.strip() == "error: --predict runs in one process; launch it with python, not torchrun"
+    assert sorted(os.listdir(run_dir)) == before
 
 
 def test_tensorboard_event_files_hold_the_metrics(tiny_dataset, tmp_path, capsys):

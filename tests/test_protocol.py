@@ -1,5 +1,6 @@
 """The research protocol: held-out validation, the best-val checkpoint and its honest test number, --unfreeze,
 --optimizer, provenance in config.json."""
+import csv
 import json
 import os
 
@@ -51,7 +52,14 @@ def test_val_split_best_checkpoint_and_summary(tiny_dataset, tmp_path, capsys, m
     code, out, err = run_main(['--eval_only', '--resume', run_dir, '--checkpoint', 'best'], capsys)
     assert code == 0, err
     assert f"(best, epoch 2): test accuracy {float(rows[1]['test_acc']):.4f}%" in out
+    assert f"{run_dir} (best, epoch 2): val accuracy " in out and '% on 12 images' in out  # the split it was picked on
     assert (run_dir / 'confusion_best.csv').is_file()
+    # --predict with the best checkpoint says which model answered: on screen and in every CSV row
+    code, out, err = run_main(['--predict', os.path.join(tiny_dataset, 'test', 'cat'), '--resume', run_dir,
+                               '--checkpoint', 'best', '--out', tmp_path / 'p.csv'], capsys)
+    assert code == 0 and f"6 images classified by {run_dir} (best, epoch 2); wrote {tmp_path / 'p.csv'}" in out, err
+    with open(tmp_path / 'p.csv') as f:
+        assert {(row['checkpoint'], row['epoch']) for row in csv.DictReader(f)} == {('best', '2')}
 
 
 def test_val_split_is_held_out_of_training(tiny_dataset, tmp_path, capsys, monkeypatch):
@@ -267,3 +275,12 @@ def test_seed_recipe_trainable_count_on_vit_b4():
     model, unfrozen = main.build_model(main.parse_args(argv), 10, torch.device('cpu'))
     assert unfrozen == 89_856
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 468_490 + 89_856
+
+
+def test_hub_weights_are_recorded_by_their_hub_id():
+    """config.json's weights_id for the default hub download names the repository the weights come from (README:
+    hf-hub:timm/<model>), not just the timm model name."""
+    import main
+    args = main.parse_args([])
+    weights_id = main.provenance(args, [], 1, torch.device('cpu'))['weights_id']
+    assert weights_id == 'hf-hub:timm/vit_base_patch16_224.augreg_in21k'

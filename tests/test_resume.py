@@ -228,7 +228,8 @@ def test_damaged_run_files_are_one_line(tiny_dataset, tmp_path, capsys):
                                         ('optimizer', 'lion'), ('model', 7), ('val_split', [0.1]), ('prompts', 2.5),
                                         ('lr', float('nan')), ('warmup_epochs', float('inf')),
                                         ('folder_reading', None), ('dataset_images', [48, 18]), ('classes', 'abc'),
-                                        ('dataset_images', {'train': '48', 'test': 18}), ('classes', [1, 2, 3])])
+                                        ('dataset_images', {'train': '48', 'test': 18}), ('classes', [1, 2, 3]),
+                                        ('full', 1), ('resumed', {'from_epoch': 1}), ('val_images', '0')])
 def test_a_hand_edited_config_value_is_one_line(tiny_dataset, tmp_path, capsys, key, value):
     """A value the flag would not take, or a record main.py reads back in another form, came out as a TypeError
     from deep inside ('big' % world_size, None < 3)."""
@@ -315,6 +316,14 @@ def test_eval_and_predict_take_another_batch_size(tiny_dataset, tmp_path, capsys
     assert code == 2 and '--batch_size 5 contradicts' in err
 
 
+def test_a_run_directory_typed_with_a_trailing_slash_is_named_without_it(tiny_dataset, tmp_path, capsys):
+    """Tab completion types logs/r/: what the run prints and records names it logs/r, as it was made."""
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    code, out, err = run_main(['--resume', f"{tmp_path / 'r'}/", '--eval_only'], capsys)
+    assert code == 0 and f"{tmp_path / 'r'} (last, epoch 1): test accuracy" in out, err
+
+
 def test_run_with_relative_paths_resumes_from_anywhere(tiny_dataset, tmp_path, capsys, monkeypatch):
     import shutil
     shutil.copytree(tiny_dataset, tmp_path / 'project' / 'data')
@@ -330,6 +339,24 @@ def test_run_with_relative_paths_resumes_from_anywhere(tiny_dataset, tmp_path, c
     assert code == 0 and 'test accuracy' in out, err
     code, out, err = run_main(['--resume', run_dir, '--epoch', 2, '--dataset', 'project/data'], capsys)  # same folder
     assert code == 0 and len(read_metrics(run_dir)) == 2, err
+
+
+def test_a_relative_weights_path_is_recorded_absolute_and_resumes_from_anywhere(tiny_dataset, tmp_path, capsys,
+                                                                                monkeypatch):
+    """As with --dataset: a --weights file named relative to where the run started is found from anywhere later."""
+    import timm
+    torch.manual_seed(0)
+    os.makedirs(tmp_path / 'project')
+    torch.save(timm.create_model('test_vit', num_classes=5).state_dict(), tmp_path / 'project' / 'w.pth')
+    monkeypatch.chdir(tmp_path / 'project')
+    run = [arg for arg in tiny_run(tiny_dataset, 'logs', 'r') if arg not in ('--pretrained', 'False')]
+    code, _, err = run_main([*run, '--weights', 'w.pth'], capsys)
+    assert code == 0, err
+    run_dir = tmp_path / 'project' / 'logs' / 'r'
+    assert json.loads((run_dir / 'config.json').read_text())['weights'] == str(tmp_path / 'project' / 'w.pth')
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(['--resume', run_dir, '--eval_only'], capsys)
+    assert code == 0 and f"test accuracy {read_metrics(run_dir)[0]['test_acc']}%" in out, err
 
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
@@ -373,6 +400,16 @@ def test_a_signal_before_training_is_said_by_the_first_process_of_a_machine_only
         monkeypatch.setenv('LOCAL_RANK', local_rank)
         code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)
         assert code == 130 and err.strip() == said
+
+
+def test_a_keyboard_interrupt_without_a_signal_number_is_said_as_sigint(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """A KeyboardInterrupt raised by Python or a library (not main.py's handler, which passes the signal) is Ctrl-C."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(main, 'provenance', interrupted)
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)
+    assert code == 130 and err.strip() == 'SIGINT: stopped'
+    assert list((tmp_path / 'logs').glob('*')) == []
 
 
 def test_signal_during_the_last_evaluation_finishes_the_run(tiny_dataset, tmp_path, capsys, monkeypatch):
@@ -445,6 +482,28 @@ def test_one_more_epoch_sets_the_former_result_aside_too(tiny_dataset, tmp_path,
     assert (run_dir / 'confusion.csv').exists() and not (run_dir / 'confusion.png').exists()
     (resume,) = json.loads((run_dir / 'config.json').read_text())['resumed']
     assert (resume['from_epoch'], resume['epoch_before']) == (1, 1)  # the lr schedule was re-laid from epoch 2 on
+
+
+def test_a_resumed_run_keeps_its_first_command_and_commit_and_lists_every_resume(tiny_dataset, tmp_path, capsys,
+                                                                                monkeypatch):
+    """config.json's command and git_commit stay those that made the run; each resume adds its own command, commit,
+    from_epoch and (--epoch changed) epoch_before to 'resumed', after the earlier resumes."""
+    import shlex
+    run_dir = tmp_path / 'r'
+    monkeypatch.setattr(main, 'git_commit', lambda: 'a' * 40)
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    first = json.loads((run_dir / 'config.json').read_text())
+    for epoch, commit in ((2, 'b' * 40), (3, 'c' * 40)):
+        monkeypatch.setattr(main, 'git_commit', lambda commit=commit: commit)
+        code, _, err = run_main(['--resume', run_dir, '--epoch', epoch], capsys)
+        assert code == 0, err
+    config = json.loads((run_dir / 'config.json').read_text())
+    assert (config['command'], config['git_commit']) == (first['command'], 'a' * 40) and config['epoch'] == 3
+    assert [(entry['git_commit'], entry['from_epoch'], entry['epoch_before']) for entry in config['resumed']] == [
+        ('b' * 40, 1, 1), ('c' * 40, 2, 2)]
+    assert [entry['command'].endswith(' ' + shlex.join(['--resume', str(run_dir), '--epoch', str(epoch)]))
+            for entry, epoch in zip(config['resumed'], (2, 3))] == [True, True]
 
 
 def test_eval_only_beside_the_training_keeps_its_per_class_view(tiny_dataset, tmp_path, capsys, monkeypatch):
@@ -540,6 +599,7 @@ def test_an_unwritable_run_is_refused_before_any_work(tiny_dataset, tmp_path, ca
                            (['--predict', tiny_dataset], 'its predictions')):
         code, _, err = run_main(['--resume', tmp_path / 'r', *action], capsys)
         assert code == 1 and err.strip().startswith(f"error: cannot write to {tmp_path / 'r'} ({writes} go there)"), err
+        assert err.strip().endswith(', or pass --out FILE') == ('--predict' in action), err  # predictions go elsewhere
     code, _, err = run_main(['--resume', tmp_path / 'r', '--predict', tiny_dataset, '--out', tmp_path / 'p.csv'], capsys)
     assert code == 0 and (tmp_path / 'p.csv').exists(), err  # --out elsewhere needs nothing of the run directory
     assert files(tmp_path / 'r') == before
@@ -656,6 +716,34 @@ def test_a_resume_on_fewer_images_says_the_data_changed_not_what_the_counts_impl
         f"error: --dataset {root} is not the data {tmp_path / 'logs' / 'r'} was trained on: its train split holds 6 "
         f"images where it held 12; restore it (or pass --dataset with the run's copy), or train a new run on this "
         f"data"], err
+
+
+def test_classes_in_another_order_are_refused(tiny_dataset, tmp_path, capsys):
+    """The labels are indices into the class list: the same names in another order (another sorting rule, an edited
+    config.json) would reassign them, so the order is compared too."""
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / 'r' / 'config.json').read_text())
+    (tmp_path / 'r' / 'config.json').write_text(json.dumps(dict(config, classes=config['classes'][::-1])))
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--eval_only'], capsys)
+    assert code == 1 and err.strip() == (f"error: --dataset {tiny_dataset} is not the data {tmp_path / 'r'} was "
+                                         f"trained on: the classes are in another order; restore it (or pass --dataset "
+                                         f"with the run's copy), or train a new run on this data"), err
+
+
+def test_a_run_recorded_without_dataset_images_is_checked_by_the_counts_it_used(tmp_path, capsys):
+    """Runs made before dataset_images was recorded: an image added to the folder is found by the train/val/test
+    counts the run used."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('cat', 'dog'), train_per_class=4, test_per_class=2, size=16)
+    code, _, err = run_main(tiny_run(root, tmp_path / 'logs', 'r', '--patch_size', 8), capsys)
+    assert code == 0, err
+    run_dir = tmp_path / 'logs' / 'r'
+    config = json.loads((run_dir / 'config.json').read_text())
+    del config['dataset_images']
+    (run_dir / 'config.json').write_text(json.dumps(config))
+    shutil.copy(tmp_path / 'ds' / 'test' / 'dog' / '0000.png', tmp_path / 'ds' / 'test' / 'dog' / 'extra.png')
+    code, _, err = run_main(['--resume', run_dir, '--eval_only'], capsys)
+    assert code == 1 and 'test has 5 images where the run had 4; restore it' in err, err
 
 
 def test_images_added_to_a_subset_run_dataset_are_found(tmp_path, capsys):
