@@ -70,8 +70,10 @@ IMG_SIZE, PATCH_SIZE = 32, 4
 LR, WEIGHT_DECAY = 1e-4, 0.05  # any values: the speed of a step does not depend on them
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 MODES = {'P': (False, True), 'F': (True, False), 'P+F': (True, True)}  # name -> (full, with prompts)
-# dense bf16 tensor-core peak, TFLOP/s; first match of the key in the device name wins
-PEAK_BF16_TFLOPS = [('H100 PCIe', 756), ('H100 NVL', 835), ('H100', 989), ('H200', 989), ('A100', 312)]
+# dense bf16 tensor-core peak, TFLOP/s; first match of the key in the device name wins (NVL and PCIe cards run at
+# lower power than the SXM ones)
+PEAK_BF16_TFLOPS = [('H100 PCIe', 756), ('H100 NVL', 835), ('H100', 989), ('H200 NVL', 835), ('H200', 989),
+                    ('A100', 312)]
 PROFILE_STEPS = 10
 PROFILE_KINDS = ('matmul', 'attention', 'elementwise', 'optimizer', 'data', 'idle')
 MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::matmul', 'aten::linear', 'aten::addmv',
@@ -459,6 +461,8 @@ def parse_args(argv=None):
     unknown = [m for m in args.modes if m not in MODES]
     if unknown or not args.modes:
         parser.error(f"--modes: unknown mode(s) {', '.join(unknown) or '(none given)'}; choose from P, F, P+F")
+    if len(set(args.modes)) < len(args.modes):  # each mode is one row of the table and one key of the JSON
+        parser.error(f"--modes {','.join(args.modes)}: a mode is named twice; name each once")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         parser.error(f"--peak_tflops must be positive, got {args.peak_tflops}")
     if args.json:  # checked before minutes of measuring, not after

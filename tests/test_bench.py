@@ -4,8 +4,10 @@ import math
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -227,3 +229,300 @@ def test_bench_eval_rate_counts_only_the_timed_images(monkeypatch):
     result = bench.run_mode('P', args, torch.device('cpu'), pool, test_set, bench.train.StopRequest())
     assert evaluated == [16, 8]
     assert result['eval_img_s'] <= 105  # 8 images in >= 0.08 s; counting the 16 warm ones too would give ~300
+
+
+class FakeClock:
+    """time.perf_counter for bench: advanced by hand (by the stand-in train and eval loops)."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_bench_train_rate_counts_only_the_timed_steps(monkeypatch):
+    """train img/s = --steps x --batch_size / the timed region (the warm-up steps before it are not in it); every
+    mode's model is what the flags and the FLOP count say (deep prompts, no dropout, --prompt_impl), its loop the
+    real one's (the stop request passed on)."""
+    from types import SimpleNamespace
+    clock, calls = FakeClock(), []
+
+    def train_epoch(model, optimizer, scheduler, batches, steps, amp, stop, desc):
+        calls.append(('train', steps, sum(len(labels) for _, labels in batches), model, stop))
+        clock.now += 2.0 * steps  # 2 s a step
+        return 1.5, 50.0
+
+    def evaluate_split(model, split, batch_size, *args):
+        calls.append(('eval', len(split[1])))
+        clock.now += 0.5 * len(split[1])
+
+    monkeypatch.setattr(bench, 'time', SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(bench.train, 'train_epoch', train_epoch)
+    monkeypatch.setattr(bench.train, 'evaluate_split', evaluate_split)
+    args = bench.parse_args(['--device', 'cpu', '--model', 'test_vit', '--batch_size', '4', '--steps', '3',
+                             '--warmup', '2', '--eval_steps', '1', '--prompts', '5'])
+    pool = (torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (20,)))
+    test_set = (torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (12,)))
+    stop = bench.train.StopRequest()
+    result = bench.run_mode('P', args, torch.device('cpu'), pool, test_set, stop)
+    assert [call[:3] for call in calls[:2]] == [('train', 2, 8), ('train', 3, 12)]  # warm-up, then the timed steps
+    assert calls[2:] == [('eval', 8), ('eval', 4)]
+    model = calls[0][3]
+    assert model.deep and model.prompt_impl == 'kv' and model.prompts.dropout.p == 0.0  # kv: --prompt_impl's default
+    assert all(call[4] is stop for call in calls[:2])
+    assert result['warmup_s'] == 4.0 and result['train_s'] == 6.0 and result['eval_s'] == 2.0
+    assert result['train_img_s'] == 2.0 and result['eval_img_s'] == 2.0  # 12 images in 6 s, 4 in 2 s
+    assert result['mean_train_loss'] == 1.5 and result['prompts'] == 5 and result['full'] is False
+    assert 0 < result['trainable_params'] < result['total_params']  # P: prompts + head
+
+
+def test_bench_baseline_rate_precision_and_batches(monkeypatch):
+    """The seed's recipe: its own batch size through the DataLoader, naive prompts, TF32 off while it runs and the
+    flags as they were afterwards; img/s = the timed steps' images / their time (not the warm-up's)."""
+    from types import SimpleNamespace
+    clock, seen = FakeClock(), []
+    build_model = bench.build_model
+
+    def built(*args):
+        model = build_model(*args)
+        model.register_forward_hook(lambda module, inputs, output: seen.append(
+            (len(inputs[0]), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)) or
+            setattr(clock, 'now', clock.now + 1.0))
+        seen.append(model.prompt_impl)
+        return model
+
+    monkeypatch.setattr(bench, 'time', SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(bench, 'build_model', built)
+    args = bench.parse_args(['--device', 'cpu', '--model', 'test_vit', '--batch_size', '8', '--warmup', '1',
+                             '--baseline_steps', '2', '--baseline_batch_size', '3', '--prompts', '2'])
+    pool = (torch.randint(0, 256, (9, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (9,)))
+    previous = bench.set_tf32(True, True)
+    try:
+        result = bench.run_baseline(args, torch.device('cpu'), pool, bench.train.StopRequest())
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        bench.set_tf32(*previous)
+    assert seen == ['naive', (3, False, False), (3, False, False), (3, False, False)]
+    assert result['train_s'] == 2.0 and result['train_img_s'] == 3.0  # 2 timed steps of 3 images, 1 s each
+    assert result['batch_size'] == 3 and result['prompts'] == 2 and result['full'] is False
+    assert result['tf32'] is False and result['amp'] is False and result['peak_mem_gib'] is None
+
+
+def fake_mode(name, args, device, pool, test_set, stop):
+    """run_mode's result with round numbers: P 400 img/s, F 200, P+F 100; eval 1000 img/s."""
+    full, with_prompts = bench.MODES[name]
+    rate = {'P': 400.0, 'F': 200.0, 'P+F': 100.0}[name]
+    return dict(full=full, prompts=args.prompts if with_prompts else 0, trainable_params=1, total_params=2,
+                train_img_s=rate, eval_img_s=1000.0, peak_mem_gib=None, warmup_s=1.0, train_s=1.0, eval_s=1.0,
+                mean_train_loss=2.3, profile=None)
+
+
+def fake_baseline(args, device, pool, stop):
+    return dict(full=False, prompts=args.prompts, batch_size=args.baseline_batch_size, prompt_impl='naive',
+                amp=False, tf32=False, train_img_s=50.0, train_s=1.0, peak_mem_gib=None)
+
+
+def table_rows(stdout, header_start='mode '):
+    """The printed table under its header line: {first cell: cells}, the baseline row under 'baseline'."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start)) + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        cells = line.replace('baseline (P fp32 naive DataLoader)', 'baseline').split()
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_bench_table_and_json_report_the_measured_numbers(tmp_path, monkeypatch, capsys):
+    """What the table's columns and the JSON hold, from given measurements: train/eval img/s, the epoch estimate
+    (50,000 / train + 10,000 / eval), TFLOP/s from the naive training FLOPs, MFU against --peak_tflops (on the CPU
+    too), the naive forward GFLOP/img, the speed-up over the baseline's train img/s; the JSON's settings."""
+    sizes = []
+    monkeypatch.setattr(bench, 'run_mode', lambda name, args, device, pool, test_set, stop: sizes.append(
+        (len(pool[1]), len(test_set[1]))) or fake_mode(name, args, device, pool, test_set, stop))
+    monkeypatch.setattr(bench, 'run_baseline', fake_baseline)
+    monkeypatch.setattr(bench, 'git_commit', lambda: None)
+    out = tmp_path / 'bench.json'
+    argv = [*TINY, '--prompts', '5', '--peak_tflops', '0.5', '--json', str(out)]
+    bench.main(argv)
+    # train pool: the baseline's 128 x (1 warm-up + 2 timed steps); test set: 8 x (1 warm-up + 2 timed batches)
+    assert sizes == [(384, 24)] * 3
+    stdout = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    geometry = dict(embed_dim=64, depth=6, mlp_hidden=192, num_patches=64, patch_size=4, in_chans=3, num_prefix=1,
+                    num_classes=10)
+    assert report['geometry'] == geometry and report['peak_bf16_tflops'] == 0.5 and report['prompts'] == 5
+    assert (report['steps'], report['warmup'], report['eval_steps'], report['baseline_steps']) == (2, 1, 2, 2)
+    assert report['command'] == shlex.join(['python', 'bench.py', *argv]) and report['amp'] is False
+    assert report['prompt_impl'] == 'kv' and report['compile'] is False and report['batch_size'] == 8
+    rows = table_rows(stdout)
+    assert list(rows) == ['P', 'F', 'P+F', 'baseline']
+    for mode, r in report['modes'].items():
+        full, with_prompts = bench.MODES[mode]
+        p = 5 if with_prompts else 0
+        assert r['amp'] is False and r['tf32'] is False and r['batch_size'] == 8 and r['prompt_impl'] == 'kv'
+        train_gflop = bench.train_flops(geometry, p, full) / 1e9
+        assert r['train_gflop_per_img'] == pytest.approx(train_gflop)
+        assert r['fwd_gflop_naive'] == pytest.approx(bench.forward_flops(**geometry, num_prompts=p) / 1e9)
+        assert r['fwd_gflop_kv'] == pytest.approx(bench.forward_flops(**geometry, num_prompts=p, impl='kv') / 1e9)
+        assert r['fwd_gflop_kv_as_run'] == pytest.approx(
+            bench.forward_flops(**geometry, num_prompts=p, impl='kv', batch_size=8) / 1e9)
+        assert r['train_tflops'] == pytest.approx(r['train_img_s'] * train_gflop / 1e3)
+        assert r['mfu'] == pytest.approx(r['train_tflops'] / 0.5)
+        assert r['epoch_s'] == pytest.approx(50_000 / r['train_img_s'] + 10)
+        assert r['speedup_vs_baseline'] == pytest.approx(r['train_img_s'] / 50)
+        assert rows[mode] == [mode, '8', f"{r['train_img_s']:.1f}", '1000.0', f"{r['epoch_s']:.1f}", 'n/a',
+                              f"{r['train_tflops']:.3f}", f"{r['mfu']:.1%}", f"{r['fwd_gflop_naive']:.4g}",
+                              f"{r['train_img_s'] / 50:.2f}x"]
+    assert [rows[mode][-1] for mode in ('P', 'F', 'P+F')] == ['8.00x', '4.00x', '2.00x']
+    baseline = report['baseline']
+    assert baseline['train_gflop_per_img'] == pytest.approx(bench.train_flops(geometry, 5, False) / 1e9)
+    assert baseline['mfu'] == pytest.approx(50 * baseline['train_gflop_per_img'] / 1e3 / 0.5)
+    assert rows['baseline'] == ['baseline', '128', '50.0', '-', '-', 'n/a', f"{baseline['train_tflops']:.3f}",
+                                f"{baseline['mfu']:.1%}", f"{baseline['fwd_gflop_naive']:.4g}", '1.00x']
+    assert 'baseline (P fp32 naive DataLoader)' in stdout and 'MFU vs dense bf16 peak (0.5 TFLOP/s)' in stdout
+    assert "speed-up = train img/s over the baseline's" in stdout
+    assert stdout.rstrip().endswith(f"wrote {out}")
+    # the columns line up: every row's cells end where the header's right-aligned titles end
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith('mode '))
+    assert len({len(line) for line in lines[header:header + 6]}) == 1, lines[header:header + 6]
+
+
+def test_bench_without_baseline_has_no_speed_up(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, 'run_mode', fake_mode)
+    monkeypatch.setattr(bench, 'git_commit', lambda: None)
+    out = tmp_path / 'bench.json'
+    bench.main([*TINY, '--modes', 'F', '--baseline', 'False', '--json', str(out)])
+    stdout = capsys.readouterr().out
+    rows = table_rows(stdout)
+    assert list(rows) == ['F'] and rows['F'][-1] == '-' and rows['F'][7] == 'n/a'  # no speed-up, no MFU
+    assert 'speed-up = ' not in stdout and 'bf16 peak (unknown TFLOP/s)' in stdout
+    report = json.loads(out.read_text())
+    assert report['baseline'] is None and report['modes']['F']['speedup_vs_baseline'] is None
+    assert report['modes']['F']['mfu'] is None and report['peak_bf16_tflops'] is None  # CPU, no --peak_tflops
+
+
+def test_bench_profile_table_from_measurements(monkeypatch, capsys):
+    """--profile's table: ms per step, then each kind's ms per step and its share of the step."""
+    kinds = dict(matmul=4.0, attention=1.0, elementwise=2.0, optimizer=0.5, data=0.5, idle=2.0)
+
+    def profiled_mode(*args):
+        return dict(fake_mode(*args), profile=dict(steps=bench.PROFILE_STEPS, ms_per_step=10.0, ms_by_kind=kinds))
+    monkeypatch.setattr(bench, 'run_mode', profiled_mode)
+    bench.main([*TINY, '--modes', 'P', '--no_baseline', '--profile', 'True'])
+    rows = table_rows(capsys.readouterr().out, 'mode  ms/step')
+    assert rows == {'P': ['P', '10.00', '4.00', '(40%)', '1.00', '(10%)', '2.00', '(20%)', '0.50', '(5%)', '0.50',
+                          '(5%)', '2.00', '(20%)']}
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_bench_signal_reports_what_was_measured(tmp_path, monkeypatch, capsys, signum):
+    """A signal during the second mode: no more modes and no baseline; the first mode is reported (table, JSON) and
+    bench.py exits 128 + the signal's number. A signal before anything was measured: no table, the same status."""
+    ran = []
+
+    def signalled_mode(name, args, device, pool, test_set, stop):
+        ran.append(name)
+        if name == 'F':
+            stop.signum = signum  # as the handler sets it; train_epoch then returns None
+            raise KeyboardInterrupt
+        return fake_mode(name, args, device, pool, test_set, stop)
+
+    def done_then_signalled(name, args, device, pool, test_set, stop):
+        ran.append(name)
+        stop.signum = signum  # arrives while evaluating: the mode's numbers are complete
+        return fake_mode(name, args, device, pool, test_set, stop)
+
+    monkeypatch.setattr(bench, 'run_baseline', lambda *args: ran.append('baseline') or fake_baseline(*args))
+    monkeypatch.setattr(bench, 'git_commit', lambda: None)
+    out = tmp_path / 'bench.json'
+    monkeypatch.setattr(bench, 'run_mode', signalled_mode)
+    with pytest.raises(SystemExit) as exit:
+        bench.main([*TINY, '--json', str(out)])
+    captured = capsys.readouterr()
+    assert exit.value.code == 128 + signum and ran == ['P', 'F']
+    assert f"{signal.Signals(signum).name}: stopped; reporting the 1 mode(s) measured so far, no baseline" \
+        in captured.err
+    assert list(table_rows(captured.out)) == ['P'] and list(json.loads(out.read_text())['modes']) == ['P']
+
+    ran.clear()
+    monkeypatch.setattr(bench, 'run_mode', done_then_signalled)
+    with pytest.raises(SystemExit) as exit:
+        bench.main([*TINY, '--json', str(tmp_path / 'second.json')])
+    assert exit.value.code == 128 + signum and ran == ['P'] and list(table_rows(capsys.readouterr().out)) == ['P']
+
+    ran.clear()
+    monkeypatch.setattr(bench, 'run_mode', lambda *args: ran.append('P') or signalled_mode('F', *args[1:]))
+    with pytest.raises(SystemExit) as exit:
+        bench.main([*TINY, '--json', str(tmp_path / 'none.json')])
+    captured = capsys.readouterr()
+    assert exit.value.code == 128 + signum and 'reporting the 0 mode(s)' in captured.err
+    assert 'train img/s' not in captured.out and not (tmp_path / 'none.json').exists()
+
+
+def test_bench_parser_checks(capsys):
+    for flags, expect in ((['--peak_tflops', '0'], '--peak_tflops must be positive, got 0.0'),
+                          (['--peak_tflops', 'nan'], '--peak_tflops must be positive, got nan'),
+                          (['--modes', ' , '], '--modes: unknown mode(s) (none given)'),
+                          (['--modes', 'P,Q,F'], '--modes: unknown mode(s) Q; choose from P, F, P+F'),
+                          (['--modes', 'P,F,P'], '--modes P,F,P: a mode is named twice; name each once')):
+        with pytest.raises(SystemExit) as error:
+            bench.parse_args([*TINY, *flags])
+        captured = capsys.readouterr()
+        assert error.value.code == 2 and captured.err.count('\n') == 1 and expect in captured.err, captured.err
+    assert bench.parse_args([*TINY, '--modes', ' P+F , P']).modes == ['P+F', 'P']
+    assert bench.parse_args(TINY).baseline is True
+    assert bench.parse_args([*TINY, '--no_baseline']).baseline is False
+    assert bench.parse_args([*TINY, '--baseline', 'false']).baseline is False
+
+
+def test_time_by_kind_and_profile_steps(monkeypatch):
+    """Each CPU op's own time under its kind (on a GPU its own kernels' time; the kernel events themselves are not
+    counted again), idle = the wall time left (never negative); ms per step and per kind over the optimizer steps."""
+    from types import SimpleNamespace
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, device=cpu, cpu_us=0.0, gpu_us=None, cuda_us=0.0, parent=None):
+        return SimpleNamespace(name=name, device_type=device, self_cpu_time_total=cpu_us, self_device_time_total=gpu_us,
+                               self_cuda_time_total=cuda_us, cpu_parent=parent)
+    step = event('Optimizer.step#AdamW.step', cpu_us=5, gpu_us=1)
+    events = [step, event('aten::_fused_adamw_', cpu_us=20, gpu_us=30, parent=step),
+              event('aten::addmm', cpu_us=100, gpu_us=300), event('aten::bmm', cpu_us=10, gpu_us=None, cuda_us=40),
+              event('void gemm_kernel', device=gpu, cpu_us=0, gpu_us=300, cuda_us=300)]
+    assert bench.op_kind(step) == 'optimizer'
+    assert bench.time_by_kind(events, False, 1000) == dict(matmul=110, attention=0, elementwise=0, optimizer=25,
+                                                           data=0, idle=865)
+    assert bench.time_by_kind(events, True, 1000) == dict(matmul=340, attention=0, elementwise=0, optimizer=31,
+                                                          data=0, idle=629)
+    assert bench.time_by_kind(events, True, 100)['idle'] == 0  # ops overlapping the wall clock: no negative idle
+
+    for name in ('mkldnn::_linear_pointwise', 'aten::_addmm_activation', 'BmmBackward0', 'aten::baddbmm'):
+        assert bench.op_kind(event(name)) == 'matmul', name
+    assert list(bench.labelled(iter([1, 2, 3]), 'data')) == [1, 2, 3]
+
+    def train_steps(steps, label):  # stand-in steps: a sleep in each one's optimizer step
+        assert (steps, label) == (bench.PROFILE_STEPS, 'data')
+        for _ in range(steps):
+            with torch.profiler.record_function('Optimizer.step#SGD.step'):
+                time.sleep(0.002)
+    profiled = bench.profile_steps(train_steps, torch.device('cpu'))
+    assert profiled['steps'] == bench.PROFILE_STEPS and profiled['ms_per_step'] >= 2
+    assert sum(profiled['ms_by_kind'].values()) == pytest.approx(profiled['ms_per_step'])
+    assert profiled['ms_by_kind']['optimizer'] >= 2
+
+
+def test_forward_flops_arguments():
+    with pytest.raises(ValueError, match="impl must be 'naive' or 'kv', got 'flash'"):
+        bench.forward_flops(**VIT_B4, impl='flash')
+    # the head's cost follows num_classes: 2 x d x classes
+    assert bench.forward_flops(**VIT_B4, num_classes=100) - bench.forward_flops(**VIT_B4) == 2 * 768 * 90
+
+
+def test_peak_table_nvl():
+    assert bench.peak_bf16_tflops('NVIDIA H100 NVL') == 835
+    assert bench.peak_bf16_tflops('NVIDIA H200 NVL') == 835  # not the SXM H200's 989
+    assert bench.peak_bf16_tflops('NVIDIA H200') == 989
