@@ -83,13 +83,18 @@ def test_predict_prints_the_first_rows_and_writes_them_all(run_dir, tiny_dataset
     assert len((tmp_path / 'p.csv').read_text().splitlines()) == 1 + 18
 
 
+def train_one_epoch(dataset, run_dir, capsys):
+    """A 1-epoch run of the tiny model on 8-pixel images of `dataset`, into run_dir."""
+    code, _, err = run_main([*TINY, '--patch_size', 4, '--img_size', 8, '--dataset', dataset, '--epoch', 1,
+                             '--batch_size', 4, '--log_dir', run_dir.parent, '--name', run_dir.name], capsys)
+    assert code == 0, err
+
+
 def test_predict_lists_the_five_most_likely_classes(tmp_path, capsys):
     """With more than five classes (CIFAR-10's ten) the table and the CSV give the top five, most likely first."""
     dataset = write_folder_dataset(tmp_path / 'ds', classes=tuple('abcdef'), train_per_class=2, test_per_class=1,
                                    size=8)
-    code, _, err = run_main([*TINY, '--patch_size', 4, '--img_size', 8, '--dataset', dataset, '--epoch', 1,
-                             '--batch_size', 4, '--log_dir', tmp_path, '--name', 'r'], capsys)
-    assert code == 0, err
+    train_one_epoch(dataset, tmp_path / 'r', capsys)
     code, out, err = run_main(['--predict', os.path.join(dataset, 'test'), '--resume', tmp_path / 'r', '--out',
                                tmp_path / 'p.csv'], capsys)
     assert code == 0, err
@@ -293,9 +298,7 @@ def test_predict_out_makes_missing_folders_but_not_under_a_file(run_dir, tiny_da
 def test_predict_table_columns_line_up_with_long_class_names(tmp_path, capsys):
     dataset = write_folder_dataset(tmp_path / 'ds', classes=('a', 'a rather long class name'), train_per_class=4,
                                    test_per_class=2, size=8)
-    code, _, err = run_main([*TINY, '--patch_size', 4, '--img_size', 8, '--dataset', dataset, '--epoch', 1,
-                             '--batch_size', 4, '--log_dir', tmp_path, '--name', 'r'], capsys)
-    assert code == 0, err
+    train_one_epoch(dataset, tmp_path / 'r', capsys)
     code, out, err = run_main(['--predict', os.path.join(dataset, 'test'), '--resume', tmp_path / 'r'], capsys)
     assert code == 0, err
     header, *table = out.splitlines()[:-1]
@@ -312,9 +315,7 @@ def test_predict_and_eval_tables_line_up_with_wide_class_names_and_odd_file_name
                                    size=8)
     odd = os.path.join(dataset, 'test', 'dog', 'two\nlines.png')
     os.rename(os.path.join(dataset, 'test', 'dog', '0001.png'), odd)
-    code, _, err = run_main([*TINY, '--patch_size', 4, '--img_size', 8, '--dataset', dataset, '--epoch', 1,
-                             '--batch_size', 4, '--log_dir', tmp_path, '--name', 'r'], capsys)
-    assert code == 0, err
+    train_one_epoch(dataset, tmp_path / 'r', capsys)
     code, out, err = run_main(['--predict', os.path.join(dataset, 'test'), '--resume', tmp_path / 'r', '--out',
                                tmp_path / 'p.csv'], capsys)
     assert code == 0, err
