@@ -627,9 +627,10 @@ def evaluate_checkpoint(args, model, splits, classes, device):
               f"on {len(splits['val'][1])} images")
     print(f"{args.resume} ({args.checkpoint}, epoch {epoch}): test accuracy {acc:.4f}% test loss {loss:.6f} "
           f"on {len(splits['test'][1])} images")
-    width = max(shown_width(shown(name)) for name in classes)
+    names = {name: shown(name) for name in per_class}
+    width = max(map(shown_width, names.values()))
     for name, value in per_class.items():
-        print(f"  {padded(shown(name), width)}  "
+        print(f"  {padded(names[name], width)}  "
               + (f"{value:7.2f}%" if value is not None else '      -  (no test images)'))
     # written after printing: a run directory that cannot be written to (read-only, full) still shows its accuracy
     train.write_confusion(os.path.join(args.resume, f'confusion{suffix}.csv'), confusion, classes)
