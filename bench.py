@@ -597,8 +597,11 @@ def main(argv=None):
                       else 'n/a on CPU',
                       modes=results, baseline=baseline)
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        train.write_json(args.json, report)
-        print(f"wrote {args.json}")
+        written = train.write_new(args.json, train.json_bytes(report), then='run bench.py again')
+        if written != args.json:
+            print(f"note: {args.json} was written by another process meanwhile; kept it and wrote {written}",
+                  file=sys.stderr)
+        print(f"wrote {written}")
     if stop.signum is not None:
         sys.exit(128 + stop.signum)
 

@@ -654,7 +654,7 @@ def predict(args, device):
     classes = config['classes']
     model, _ = build_model(args, len(classes), device)
     epoch = train.load_trainable(checkpoint_path(args), model)  # one process: main refuses --predict under torchrun
-    out = args.out or fresh_path(os.path.join(args.resume, 'predictions.csv'))
+    out = args.out or train.fresh_path(os.path.join(args.resume, 'predictions.csv'))
     check_writable_file(out)
     paths = image_paths(args.predict)
     preprocess = data.preprocessing(model.vit.pretrained_cfg, device, args.img_size)
@@ -691,7 +691,9 @@ def predict(args, device):
     writer.writerow(['file', 'prediction', 'probability', f'top{top}', 'checkpoint', 'epoch'])  # which model said it
     writer.writerows(rows)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    train.atomic_write(out, buffer.getvalue().encode())
+    chosen, out = out, train.write_new(out, buffer.getvalue().encode(), then='classify the images again')
+    if out != chosen:
+        print(f"note: {chosen} was written by another process meanwhile; kept it and wrote {out}", file=sys.stderr)
     table = [[shown(cell) for cell in row[:4]] for row in rows[:PREDICTIONS_SHOWN]]  # 10,000 rows: the CSV's job
     width = max(shown_width(row[0]) for row in table)
     label_width = max(len('prediction'), *(shown_width(row[1]) for row in table))
@@ -733,16 +735,6 @@ def image_paths(paths):
     if not found:
         raise SystemExit(f"error: no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in {', '.join(paths)}")
     return found
-
-
-def fresh_path(path):
-    """`path`, or path-2, path-3... : the first that does not exist, so earlier outputs are kept."""
-    stem, extension = os.path.splitext(path)
-    attempt = 1
-    while os.path.exists(path):
-        attempt += 1
-        path = f"{stem}-{attempt}{extension}"
-    return path
 
 
 def check_writable_file(path):

@@ -281,14 +281,53 @@ def write_files(files, then='run the command again'):
                 os.remove(temp)
         if not isinstance(e, OSError):
             raise
-        raise SystemExit(f"error: cannot write {path} ({e.strerror or e}); the files already there are unchanged: free "
-                         f"disk space or make {os.path.dirname(path) or '.'} writable, then {then}") from None
+        raise cannot_write(path, e, then) from None
     for temp, path in temps:
         os.replace(temp, path)
 
 
+def cannot_write(path, error, then):
+    return SystemExit(f"error: cannot write {path} ({error.strerror or error}); the files already there are unchanged: "
+                      f"free disk space or make {os.path.dirname(path) or '.'} writable, then {then}")
+
+
 def atomic_write(path, payload: bytes):
     write_files({path: payload})
+
+
+def fresh_path(path):
+    """`path`, or path-2, path-3... : the first that does not exist, so earlier outputs are kept."""
+    stem, extension = os.path.splitext(path)
+    attempt = 1
+    while os.path.exists(path):
+        attempt += 1
+        path = f"{stem}-{attempt}{extension}"
+    return path
+
+
+def write_new(path, payload: bytes, then='run the command again'):
+    """Write a new file, never replacing one: should `path` exist by now (another process took it after this one
+    checked it, minutes ago), write the first free path-2, path-3... instead. Returns the path written."""
+    while True:
+        path = fresh_path(path)
+        try:
+            f = open(path, 'xb')  # exclusive: a rename or a plain open could replace a file made since the check
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise cannot_write(path, e, then) from None
+        try:
+            with f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            return path
+        except BaseException as e:  # a full disk or a signal: no fragment left under the name
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            if not isinstance(e, OSError):
+                raise
+            raise cannot_write(path, e, then) from None
 
 
 def json_bytes(payload):

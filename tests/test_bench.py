@@ -336,6 +336,25 @@ def table_rows(stdout, header_start='mode '):
     return rows
 
 
+def test_bench_json_written_meanwhile_is_kept(tmp_path, monkeypatch, capsys):
+    """--json is checked before minutes of measuring; a file another process writes at that path meanwhile is kept,
+    and this run's report goes to the next free name, said on stderr."""
+    out = tmp_path / 'bench.json'
+
+    def mode_then_another_process_writes(name, args, device, pool, test_set, stop):
+        out.write_text('theirs')
+        return fake_mode(name, args, device, pool, test_set, stop)
+    monkeypatch.setattr(bench, 'run_mode', mode_then_another_process_writes)
+    monkeypatch.setattr(bench, 'run_baseline', fake_baseline)
+    monkeypatch.setattr(bench, 'git_commit', lambda: None)
+    bench.main([*TINY, '--modes', 'P', '--json', str(out)])
+    captured = capsys.readouterr()
+    assert out.read_text() == 'theirs' and list(json.loads((tmp_path / 'bench-2.json').read_text())['modes']) == ['P']
+    assert captured.err.splitlines()[-1] == (f"note: {out} was written by another process meanwhile; kept it and "
+                                             f"wrote {tmp_path / 'bench-2.json'}")
+    assert captured.out.strip().endswith(f"wrote {tmp_path / 'bench-2.json'}")
+
+
 def test_bench_table_and_json_report_the_measured_numbers(tmp_path, monkeypatch, capsys):
     """What the table's columns and the JSON hold, from given measurements: train/eval img/s, the epoch estimate
     (50,000 / train + 10,000 / eval), TFLOP/s from the naive training FLOPs, MFU against --peak_tflops (on the CPU

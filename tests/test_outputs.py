@@ -344,10 +344,50 @@ def test_predict_out_must_be_a_file(run_dir, tiny_dataset, tmp_path, capsys):
 
 def test_fresh_path_skips_every_existing_name(tmp_path):
     """--predict's default CSV: predictions.csv, then -2, -3...; never an existing file."""
-    import main
+    import train
     for name in ('p.csv', 'p-2.csv'):
         (tmp_path / name).write_text('')
-    assert main.fresh_path(str(tmp_path / 'p.csv')) == str(tmp_path / 'p-3.csv')
+    assert train.fresh_path(str(tmp_path / 'p.csv')) == str(tmp_path / 'p-3.csv')
+
+
+def test_write_new_never_replaces_and_leaves_no_fragment(tmp_path, monkeypatch):
+    """The CSV of --predict and bench.py's --json: a file that appeared after the name was checked is kept and the
+    output goes to the next free name; a failed write (a full disk) leaves no half file under any name."""
+    import errno
+    import train
+    (tmp_path / 'p.csv').write_text('theirs')
+    assert train.write_new(str(tmp_path / 'p.csv'), b'ours') == str(tmp_path / 'p-2.csv')
+    assert (tmp_path / 'p.csv').read_text() == 'theirs' and (tmp_path / 'p-2.csv').read_text() == 'ours'
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, 'fsync', full_disk)
+    with pytest.raises(SystemExit) as exit:
+        train.write_new(str(tmp_path / 'q.csv'), b'ours', then='classify the images again')
+    assert str(exit.value) == (f"error: cannot write {tmp_path / 'q.csv'} ({os.strerror(errno.ENOSPC)}); the files "
+                               f"already there are unchanged: free disk space or make {tmp_path} writable, then "
+                               f"classify the images again")
+    assert sorted(os.listdir(tmp_path)) == ['p-2.csv', 'p.csv']
+
+
+def test_predict_keeps_a_csv_written_meanwhile(run_dir, tiny_dataset, tmp_path, monkeypatch, capsys):
+    """Two --predict runs on one run directory, or --out named twice: the CSV that appears while images are being
+    classified is another process's, and stays; this one's goes to the next free name, said on stderr."""
+    import data
+    out_csv = tmp_path / 'p.csv'
+    read_image = data.read_image
+
+    def another_process_writes(*args, **kwargs):
+        if not out_csv.exists():
+            out_csv.write_text('theirs')
+        return read_image(*args, **kwargs)
+    monkeypatch.setattr(data, 'read_image', another_process_writes)
+    image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
+    code, out, err = run_main(['--predict', image, '--resume', run_dir, '--out', out_csv], capsys)
+    assert code == 0, err
+    assert out_csv.read_text() == 'theirs' and (tmp_path / 'p-2.csv').read_text().startswith('file,prediction,')
+    assert err.strip() == f"note: {out_csv} was written by another process meanwhile; kept it and wrote {tmp_path / 'p-2.csv'}"
+    assert out.strip().endswith(f"wrote {tmp_path / 'p-2.csv'}")
 
 
 def test_a_reader_that_goes_away_is_one_line_not_a_traceback(run_dir, tiny_dataset, tmp_path):
