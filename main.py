@@ -26,6 +26,8 @@ import unicodedata
 
 # flags that act on an existing run without being part of it (never stored in config.json)
 ACTIONS = {'resume', 'eval_only', 'predict', 'checkpoint', 'out'}
+# what a run's numbers were computed on: config.json keeps the first process's, and each resume's in 'resumed'
+MACHINE = ('device_name', 'cpu_threads', 'torch_version', 'timm_version', 'cuda_version', 'cudnn_version')
 # flags a resumed run may change; every other flag belongs to the run and must match its config.json. --dataset and
 # --data_dir may point to a moved copy: load_splits checks that it holds the run's classes and image counts
 RESUME_MAY_CHANGE = ACTIONS | {'epoch', 'device', 'dataset', 'data_dir', 'compile', 'amp', 'tensorboard'}
@@ -440,9 +442,19 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                 previous = read_json(os.path.join(run_dir, 'config.json'))
                 # from_epoch and, when --epoch changed, the plan before: the lr schedule was re-laid over the new one
                 resume = dict(command=config['command'], git_commit=config['git_commit'], from_epoch=state['epoch'],
-                              **({'epoch_before': previous.get('epoch')} if previous.get('epoch') != args.epoch else {}))
+                              **({'epoch_before': previous.get('epoch')} if previous.get('epoch') != args.epoch else {}),
+                              **{key: config[key] for key in MACHINE})
                 config.update(command=previous.get('command'), git_commit=previous.get('git_commit'),
+                              **{key: previous.get(key) for key in MACHINE},  # None: an older vpt did not record it
                               resumed=previous.get('resumed', []) + [resume])
+                last = previous['resumed'][-1] if previous.get('resumed') else previous
+                last = last if isinstance(last, dict) else {}  # a hand-edited entry says nothing
+                if device.type == 'cpu' and str(last.get('device_name')).startswith('cpu') \
+                        and last.get('cpu_threads') not in (None, resume['cpu_threads']):
+                    print(f"note: {run_dir} trained on the CPU with {last['cpu_threads']} threads, now "
+                          f"{resume['cpu_threads']}: CPU kernels add up in another order, so the run goes on equal to "
+                          f"rounding, not bit for bit; OMP_NUM_THREADS={last['cpu_threads']} before the command "
+                          f"continues it exactly", file=sys.stderr, flush=True)
                 if args.prompt_dropout and args.prompts and previous.get('world_size', world_size) != world_size:
                     print(f"note: {run_dir} ran in {previous['world_size']} process(es), now in {world_size}: the "
                           f"data order is the same, but each process draws its own prompt-dropout masks, so the run "
@@ -783,6 +795,7 @@ def provenance(args, argv, world_size, device):
                 device_name=train.device_name(device), torch_version=torch.__version__,
                 timm_version=timm.__version__, cuda_version=torch.version.cuda,
                 cudnn_version=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                cpu_threads=torch.get_num_threads(),  # CPU kernels add up in an order that depends on it
                 weights_id=weights)
 
 

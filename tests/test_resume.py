@@ -506,6 +506,44 @@ def test_a_resumed_run_keeps_its_first_command_and_commit_and_lists_every_resume
             for entry, epoch in zip(config['resumed'], (2, 3))] == [True, True]
 
 
+def test_a_resume_records_its_machine_and_says_when_cpu_threads_change(tiny_dataset, tmp_path, capsys):
+    """CPU kernels add up in an order that depends on torch's thread count, so a run's numbers depend on it:
+    config.json keeps the first process's device, threads and versions, each resume adds its own to 'resumed', and a
+    CPU resume with another thread count than the last process says it goes on equal only to rounding."""
+    threads = torch.get_num_threads()
+    run_dir = tmp_path / 'r'
+    note = (f"note: {run_dir} trained on the CPU with 1 threads, now 2: CPU kernels add up in another order, so the "
+            f"run goes on equal to rounding, not bit for bit; OMP_NUM_THREADS=1 before the command continues it exactly")
+    try:
+        torch.set_num_threads(1)
+        code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+        assert code == 0, err
+        first = json.loads((run_dir / 'config.json').read_text())
+        assert first['cpu_threads'] == 1 and first['device_name'].startswith('cpu')
+        torch.set_num_threads(2)
+        code, _, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)
+        assert code == 0 and [line for line in err.splitlines() if line.startswith('note:')] == [note], err
+        code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)  # the last process had 2 threads too
+        assert code == 0 and 'note:' not in err, err
+    finally:
+        torch.set_num_threads(threads)
+    config = json.loads((run_dir / 'config.json').read_text())
+    assert {key: config[key] for key in main.MACHINE} == {key: first[key] for key in main.MACHINE}
+    assert [entry['cpu_threads'] for entry in config['resumed']] == [2, 2]
+    assert all(entry['device_name'] == first['device_name'] and entry['torch_version'] == torch.__version__
+               for entry in config['resumed'])
+
+    for key in main.MACHINE:  # a run an older vpt made: its machine is not known, nothing to compare
+        del config[key]
+    del config['resumed']
+    (run_dir / 'config.json').write_text(json.dumps(config))
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 4], capsys)
+    assert code == 0 and 'note:' not in err, err
+    config = json.loads((run_dir / 'config.json').read_text())
+    assert [config[key] for key in main.MACHINE] == [None] * len(main.MACHINE)
+    assert config['resumed'][0]['cpu_threads'] == torch.get_num_threads()
+
+
 def test_eval_only_beside_the_training_keeps_its_per_class_view(tiny_dataset, tmp_path, capsys, monkeypatch):
     """--eval_only --checkpoint best takes no lock: run beside the training, the next epoch's summary.json dropped
     its per_class_acc_best while confusion_best.csv stayed."""
