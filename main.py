@@ -47,6 +47,17 @@ def str2bool(text):
     return value
 
 
+def eval_only_flag(text):
+    """--eval_only takes an optional True/False; a run directory there belongs to --resume."""
+    try:
+        return str2bool(text)
+    except argparse.ArgumentTypeError:
+        if os.path.isdir(text):
+            raise argparse.ArgumentTypeError(f"takes no run directory, --resume does: pass --eval_only --resume "
+                                             f"{shlex.quote(text)}") from None
+        raise
+
+
 def int_at_least(minimum, maximum=None):
     def parse(text):
         try:
@@ -142,7 +153,7 @@ def make_parser():
     add('--log_dir', default='logs', help='parent of the run directories (default logs/)')
     add('--name', default=None, help='run directory name (default: mode, model and time)')
     add('--resume', default=None, metavar='RUN_DIR', help='continue the run in RUN_DIR from its last finished epoch')
-    add('--eval_only', type=str2bool, nargs='?', const=True, default=False,
+    add('--eval_only', type=eval_only_flag, nargs='?', const=True, default=False,
         help='with --resume: evaluate the run\'s checkpoint on the test set (and val split), write its confusion '
              'matrix, and exit')
     add('--predict', nargs='+', default=None, metavar='PATH',
@@ -211,6 +222,8 @@ def parse_args(argv=None):
         error("--weights loads pretrained weights but --pretrained False asks for none; drop one of them")
     if args.name is not None and (not args.name or os.sep in args.name or args.name in ('.', '..')):
         error(f"--name {args.name!r} must be a plain directory name; put the parent in --log_dir")
+    if args.name is not None and args.name != args.name.strip():  # logs/ x: a run no one finds by typing its name
+        error(f"--name {args.name!r} starts or ends with a space; pass --name {shlex.quote(args.name.strip())}")
     if unfreeze_patterns(args.unfreeze) and args.full:
         error("--unfreeze adds to what --full False trains; with --full True everything trains already")
     if args.optimizer == 'sgd' and args.lr is None:
@@ -257,9 +270,11 @@ def merge_resume(args, given, error):
     if config.get('weights'):  # a --weights file that moved: build_model checks it is the same file (its sha256)
         may_change = may_change | {'weights'}
     for flag in sorted(given - may_change):
-        if flag in config and getattr(args, flag) != config[flag]:
+        if flag in config and getattr(args, flag) != config[flag] and not locates(flag, getattr(args, flag), run_dir):
+            action = 'eval_only' if args.eval_only else 'predict' if args.predict else None
             error(f"--{flag} {getattr(args, flag)} contradicts the run's config ({flag}={config[flag]}); "
-                  f"drop --{flag} to resume {run_dir}, or start a new run")
+                  + (f"drop --{flag}: --{action} takes the run as it was trained" if action else
+                     f"drop --{flag} to resume {run_dir}, or start a new run"))
     for key, fits in RECORDED.items():
         if key in config and not fits(config[key]):
             error(f"--resume {run_dir}: its config.json holds {key}={json.dumps(config[key])[:80]}, not what main.py "
@@ -275,6 +290,14 @@ def merge_resume(args, given, error):
         error(f"the run's --weights file {merged['weights']} is gone; if it moved, pass --weights NEW_PATH (it must be "
               f"the same file: its sha256 is checked)")
     return argparse.Namespace(**merged)
+
+
+def locates(flag, value, run_dir):
+    """--log_dir or --name typed otherwise than config.json has them, yet naming where the run is (./logs for logs,
+    or the place it moved to)."""
+    where = os.path.abspath(run_dir)
+    return (flag == 'log_dir' and os.path.realpath(value) == os.path.realpath(os.path.dirname(where))
+            or flag == 'name' and value == os.path.basename(where))
 
 
 def config_value(action, value, run_dir, error):

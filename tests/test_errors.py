@@ -46,10 +46,19 @@ def cli(tmp_path, tiny_dataset, capsys):
     (['--name', ''], ["--name '' must be a plain directory name"]),
     (['--name', '.'], ["--name '.' must be a plain directory name"]),
     (['--name', 'sub/run'], ["--name 'sub/run' must be a plain directory name; put the parent in --log_dir"]),
+    (['--name', 'my run '], ["--name 'my run ' starts or ends with a space; pass --name 'my run'"]),
 ])
 def test_settings_that_cannot_mean_what_they_say(cli, flags, expect):
     """--lr 0 trains nothing and a warmup as long as the run never reaches the lr nor decays: both ran silently."""
     cli(*flags, expect=expect, code=2)
+
+
+def test_a_run_directory_after_eval_only_points_to_resume(cli):
+    """--eval_only takes an optional True/False, so `--eval_only logs/run` was refused as a bad boolean."""
+    run_dir = cli.log_dir / 'earlier_run'
+    cli('--eval_only', run_dir, code=2,
+        expect=[f"argument --eval_only: takes no run directory, --resume does: pass --eval_only --resume {run_dir}"])
+    cli('--eval_only', 'maybe', code=2, expect=["argument --eval_only: expected True/False", "got 'maybe'"])
 
 
 def test_a_warmup_that_rounds_to_every_step_is_refused(cli, capsys):

@@ -316,6 +316,30 @@ def test_eval_and_predict_take_another_batch_size(tiny_dataset, tmp_path, capsys
     assert code == 2 and '--batch_size 5 contradicts' in err
 
 
+def test_log_dir_and_name_that_locate_the_run_are_no_contradiction(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """--log_dir ./logs for a run made with --log_dir logs, or the folder a run was moved to, and --name as the run's
+    folder is called: they name the run being resumed, so they are accepted; another place is refused. --eval_only
+    and --predict say that they take the run as it was trained, not how to resume it."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(tiny_run(tiny_dataset, 'logs', 'r'), capsys)
+    assert code == 0, err
+    code, out, err = run_main(['--resume', 'logs/r', '--eval_only', '--log_dir', './logs', '--name', 'r'], capsys)
+    assert code == 0, err
+    shutil.move('logs', 'moved')
+    os.rename('moved/r', 'moved/r2')
+    code, _, err = run_main(['--resume', 'moved/r2', '--log_dir', tmp_path / 'moved', '--name', 'r2', '--epoch', 2],
+                            capsys)
+    assert code == 0 and len(read_metrics('moved/r2')) == 2, err
+    config = json.loads((tmp_path / 'moved' / 'r2' / 'config.json').read_text())
+    assert (config['log_dir'], config['name']) == ('logs', 'r')  # as it was made
+    code, _, err = run_main(['--resume', 'moved/r2', '--log_dir', 'elsewhere', '--epoch', 3], capsys)
+    assert code == 2 and "drop --log_dir to resume moved/r2, or start a new run" in err, err
+    for action in (['--eval_only'], ['--predict', os.path.join(tiny_dataset, 'test')]):
+        code, _, err = run_main(['--resume', 'moved/r2', '--test_samples', 5, *action], capsys)
+        assert code == 2 and (f"--test_samples 5 contradicts the run's config (test_samples=0); drop --test_samples: "
+                              f"{action[0]} takes the run as it was trained (") in err, err
+
+
 def test_a_run_directory_typed_with_a_trailing_slash_is_named_without_it(tiny_dataset, tmp_path, capsys):
     """Tab completion types logs/r/: what the run prints and records names it logs/r, as it was made."""
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
