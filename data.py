@@ -101,6 +101,9 @@ def _load_folder(root, img_size, samples, seed, reading):
         if not os.path.isdir(split_dir):
             hint = " (rename val/ to test/ to evaluate on it)" if split_dir == split_dirs[1] and os.path.isdir(
                 os.path.join(root, 'val')) else ''
+            parent = os.path.dirname(os.path.abspath(root))
+            if all(os.path.isdir(os.path.join(parent, split)) for split in ('train', 'test')):  # one level too deep
+                hint = f" (its parent {parent} has both: pass --dataset {parent})"
             raise SystemExit(f"error: --dataset {root} has no {os.path.basename(split_dir)}/ folder{hint}; "
                              "a folder dataset needs train/<class>/* and test/<class>/* images")
     classes = _class_folders(split_dirs[0], reading)
@@ -122,7 +125,8 @@ def _load_folder(root, img_size, samples, seed, reading):
         raise SystemExit(f"error: {split_dirs[0]} and {split_dirs[1]} need the same class folders, but "
                          + '; '.join(f"{', '.join(map(repr, names[:5]))}{' ...' if len(names) > 5 else ''} only in "
                                      f"{where}/" for names, where in ((only_train, 'train'), (only_test, 'test'))
-                                     if names))
+                                     if names)
+                         + "; give each class images in both, or remove its folder from both")
     splits, available = [], {}
     for split_dir, num_samples in zip(split_dirs, samples):
         paths, labels, hidden = [], [], []

@@ -737,7 +737,7 @@ def predict(args, device):
         print(f"{padded(path, width)}  {padded(label, label_width)}  {prob}  {best}")
     if len(rows) > len(table):
         print(f"... and {len(rows) - len(table)} more in {out}")
-    print(f"{len(rows)} images classified by {args.resume} ({args.checkpoint}, epoch {epoch}); wrote {out}"
+    print(f"{len(rows)} image{'s' * (len(rows) != 1)} classified by {args.resume} ({args.checkpoint}, epoch {epoch}); wrote {out}"
           + (f"; {skipped} unreadable file{'s' * (skipped > 1)} skipped (above)" if skipped else ''))
 
 

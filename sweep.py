@@ -911,7 +911,8 @@ def main(argv=None):
         signal.signal(signum, on_signal)
     gpus = args.gpus.split(',') if args.gpus else None
     grid_size = len(list(itertools.product(*definition['grid'].values())))
-    say(sweep_dir, f"sweep {sweep_dir}: stage 1, {grid_size} grid points; then stage 2, {definition['seeds']} seeds")
+    say(sweep_dir, f"sweep {sweep_dir}: stage 1, {grid_size} grid point{'s' * (grid_size != 1)}; then stage 2, "
+                   f"{definition['seeds']} seed{'s' * (definition['seeds'] != 1)}")
     # a run that read its folder as an older vpt did (config.json's folder_reading; none recorded: 1) may have read
     # other images than a trial started beside it now
     configs = {trial['name']: read_json(os.path.join(sweep_dir, trial['name'], 'config.json'))

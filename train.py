@@ -483,6 +483,13 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, hist
     write_files({os.path.join(run_dir, name): payload for name, payload in files.items()}, then)
 
 
+def first_sentence(error, limit=200):
+    """An exception's message for one line: torch's runs on for three sentences of advice after what went wrong."""
+    text = ' '.join(str(error).split()) or 'no message'
+    text = text.split('. ')[0].rstrip('.')
+    return text if len(text) <= limit else text[:limit].rsplit(' ', 1)[0] + ' ...'
+
+
 def load_trainable(path, model):
     """Apply a run's trainable.safetensors (or best.safetensors) to `model`, built from the same config;
     -> the epoch it was saved at."""
@@ -495,7 +502,8 @@ def load_trainable(path, model):
             epoch = int((f.metadata() or {}).get('epoch', -1))
         tensors = load_file(path)
     except Exception as e:
-        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e}); the run's checkpoint is damaged")
+        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {first_sentence(e)}); the run's checkpoint "
+                         f"is damaged")
     own = model.state_dict()
     other_shapes = [f"{name} {tuple(tensor.shape)} where the model has {tuple(own[name].shape)}"
                     for name, tensor in tensors.items() if name in own and tensor.shape != own[name].shape]
@@ -523,7 +531,7 @@ def load_state(run_dir):
     try:  # to the CPU: RNG states must be CPU tensors, and optimizer.load_state_dict moves its state to each parameter
         state = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
-        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); the "
+        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {first_sentence(e)}); the "
                          f"run's state is damaged: --eval_only still evaluates its trainable.safetensors, or start a "
                          f"new run")
     if not isinstance(state, dict) or not {'epoch', 'history', 'optimizer', 'scheduler', 'rng'} <= set(state):

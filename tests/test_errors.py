@@ -245,6 +245,9 @@ def test_a_data_error_is_said_by_the_first_process_of_every_machine(monkeypatch,
 def test_dataset_folder_without_splits(cli):
     os.makedirs(cli.tmp_path / 'flat' / 'cat')
     cli('--dataset', cli.tmp_path / 'flat', expect=['no train/ folder', 'train/<class>'])
+    train_dir = os.path.join(cli.tiny_dataset, 'train')  # one level too deep: the parent is the dataset
+    cli('--dataset', train_dir, expect=[f"--dataset {train_dir} has no train/ folder (its parent {cli.tiny_dataset} "
+                                        f"has both: pass --dataset {cli.tiny_dataset}); a folder dataset needs"])
 
 
 def test_dataset_with_empty_class(cli):

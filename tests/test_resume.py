@@ -1,6 +1,7 @@
 """Checkpoints, exact resume, signals, non-finite loss, --eval_only."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -201,9 +202,25 @@ def test_refused_resume_writes_nothing_and_the_run_still_resumes(tiny_dataset, t
     assert files(tmp_path / 'r') == before
 
 
+def test_first_sentence_of_an_error():
+    import train
+    assert train.first_sentence(RuntimeError('failed finding central directory. This is an internal error. If you '
+                                             'are seeing this')) == 'failed finding central directory'
+    assert train.first_sentence(OSError('no such file: a.b.c')) == 'no such file: a.b.c'  # no sentence end in it
+    assert train.first_sentence(EOFError()) == 'no message'
+    long = train.first_sentence(ValueError('word ' * 100), limit=30)
+    assert long == 'word word word word word word ...'
+
+
 def test_damaged_run_files_are_one_line(tiny_dataset, tmp_path, capsys):
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
     assert code == 0, err
+    state = (tmp_path / 'r' / 'state.pt').read_bytes()
+    (tmp_path / 'r' / 'state.pt').write_bytes(state[:100])  # a copy cut short
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
+    # torch's message goes on for three sentences of advice; the line keeps what went wrong, whole
+    assert code == 1 and re.fullmatch(rf"error: cannot read {re.escape(str(tmp_path / 'r' / 'state.pt'))} "
+                                      rf"\(RuntimeError: [^.()]+\); the run's state is damaged: .+", err.strip()), err
     (tmp_path / 'r' / 'state.pt').write_bytes(b'file,prediction\n')
     code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
     assert code == 1 and 'Traceback' not in err and len(err.strip().splitlines()) == 1

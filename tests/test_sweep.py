@@ -370,6 +370,7 @@ def test_a_trial_stopped_before_its_first_checkpoint_is_not_called_resumable(tin
     assert not os.path.exists(tmp_path / 's' / 'grid_lr=1e-3' / 'state.pt')
     assert ('end    grid_lr=1e-3: missing, stopped before its first checkpoint, starts afresh on a re-launch'
             in log.read_text()), log.read_text()
+    assert f"sweep {tmp_path / 's'}: stage 1, 1 grid point; then stage 2, 1 seed\n" in log.read_text()
 
 
 def test_a_sweep_mixing_old_and_new_folder_reading_says_so(tiny_dataset, tmp_path):
