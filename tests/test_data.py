@@ -493,3 +493,95 @@ def test_class_subfolders_are_read_in_sorted_order(tmp_path, monkeypatch):
     monkeypatch.setattr(data.os, 'walk', reversed_walk)
     found = [os.path.basename(os.path.dirname(p)) for p in data.image_files(str(tmp_path / 'cls'))]
     assert found == ['a', 'b', 'c']
+
+
+def test_augmentation_draws_the_order_then_every_shift_then_every_flip():
+    """The seed's recipe draws, from the epoch's generator, the permutation, then the crop shifts of the whole epoch,
+    then its flips: a published seed's augmentations, and a run resumed from the generator state it saved, reproduce
+    only with the draws in that order (the next epoch starts where these end)."""
+    n, batch, side = 20, 8, 16
+    images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    identity = ((0.,) * 3, (1.,) * 3, None)
+    generator = torch.Generator().manual_seed(4)
+    drawn = list(data.train_batches(images, torch.arange(n), batch, generator, identity))
+    reference = torch.Generator().manual_seed(4)
+    steps, pad = n // batch, side // 8
+    order = torch.randperm(n, generator=reference)[:steps * batch].view(steps, batch)
+    shifts = torch.randint(0, 2 * pad + 1, (steps, batch, 2), generator=reference)
+    flips = torch.randint(0, 2, (steps, batch), generator=reference, dtype=torch.bool)
+    assert len(drawn) == steps
+    for step, (x, y) in enumerate(drawn):
+        assert torch.equal(y, order[step])
+        assert torch.equal(x, data.model_input(data.crop_flip(images[order[step]], shifts[step], flips[step], pad),
+                                               *identity))
+    assert torch.equal(generator.get_state(), reference.get_state())
+
+
+def test_image_extensions_are_matched_in_any_case(tmp_path):
+    """Cameras and Windows tools write IMG_0001.JPG: such a class must not be 'a folder without images'."""
+    for name in ('a.JPG', 'b.Png', 'c.jpeg', 'notes.TXT'):
+        Image.new('RGB', (8, 8)).save(tmp_path / name, format='PNG')
+    for reading in (1, 2, 3):
+        assert [os.path.basename(p) for p in data.image_files(str(tmp_path), reading)] == ['a.JPG', 'b.Png', 'c.jpeg']
+
+
+def test_a_link_to_a_subfolder_inside_it_is_walked_once_by_every_reading(tmp_path):
+    """more/again -> more: a loop below the class folder (not back to it) must not repeat more/'s images down to the
+    system's link limit, under folder_reading 2 (resumed runs) as under 3."""
+    os.makedirs(tmp_path / 'cls' / 'more')
+    Image.new('RGB', (8, 8)).save(tmp_path / 'cls' / 'more' / 'x.png')
+    os.symlink('.', tmp_path / 'cls' / 'more' / 'again')
+    for reading in (2, 3):
+        assert data.image_files(str(tmp_path / 'cls'), reading) == [str(tmp_path / 'cls' / 'more' / 'x.png')], reading
+
+
+def test_a_train_folder_without_class_folders_is_one_line(tmp_path):
+    for split in ('train', 'test'):
+        os.makedirs(tmp_path / 'ds' / split)
+        Image.new('RGB', (8, 8)).save(tmp_path / 'ds' / split / 'loose.png')  # images straight in train/, no classes
+    with pytest.raises(SystemExit, match=r"train has no class folders; put each class's images in train/<class>/$"):
+        data.load_dataset(str(tmp_path / 'ds'), img_size=8)
+
+
+def test_a_class_mismatch_lists_five_names_a_side_then_dots(tmp_path):
+    for split, names in (('train', ['common', 'x1', 'x2', 'x3', 'x4', 'x5']),
+                         ('test', ['common', 'y1', 'y2', 'y3', 'y4', 'y5', 'y6'])):
+        for name in names:
+            os.makedirs(tmp_path / 'ds' / split / name)
+    with pytest.raises(SystemExit) as error:
+        data.load_dataset(str(tmp_path / 'ds'), img_size=8)
+    assert str(error.value).endswith("need the same class folders, but 'x1', 'x2', 'x3', 'x4', 'x5' only in train/; "
+                                     "'y1', 'y2', 'y3', 'y4', 'y5' ... only in test/")
+
+
+def test_runs_made_before_folder_reading_2_keep_their_hidden_class_folders(tmp_path):
+    """folder_reading 1 took every folder for a class, '.c' too: a run recorded so resumes on the classes it had."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b', 'c'), train_per_class=1, test_per_class=1, size=8)
+    for split in ('train', 'test'):
+        os.rename(tmp_path / 'ds' / split / 'c', tmp_path / 'ds' / split / '.c')
+    assert data.load_dataset(root, img_size=8, reading=1)[4] == ['.c', 'a', 'b']
+    assert data.load_dataset(root, img_size=8, reading=3)[4] == ['a', 'b']
+
+
+def test_hidden_folders_are_named_by_the_first_process_of_a_machine_only(tmp_path, capsys, monkeypatch):
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=1, test_per_class=1, size=8)
+    os.makedirs(tmp_path / 'ds' / 'train' / 'a' / '.old')
+    Image.new('RGB', (8, 8)).save(tmp_path / 'ds' / 'train' / 'a' / '.old' / 'x.png')
+    for local_rank, warned in (('1', False), ('0', True)):
+        monkeypatch.setenv('LOCAL_RANK', local_rank)
+        data.load_dataset(root, img_size=8)
+        assert ('left out with their images: ' + os.path.join('a', '.old') in capsys.readouterr().err) == warned
+
+
+def test_more_than_three_unreadable_images_are_counted_not_listed(tmp_path):
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f'{i}.png'))
+        (tmp_path / f'{i}.png').write_bytes(b'not an image')
+    for count, rest in ((3, ''), (4, ' and 1 more')):
+        with pytest.raises(SystemExit) as error:
+            data.read_images(paths[:count], 8)
+        message = str(error.value)
+        assert message.startswith(f'error: cannot read {count} of {count} images: {paths[0]} (')
+        assert message.endswith(f"{rest}; remove or replace them") and paths[2] in message and paths[3] not in message
+        assert message.count(' more') == (count > 3)

@@ -43,11 +43,12 @@ def test_torchrun_rank_uses_its_local_device(fake_cuda, monkeypatch):
     assert world_size == 2 and device == torch.device('cuda', 1) and fake_cuda == [device]
 
 
-def test_missing_device_index_is_one_line(fake_cuda, capsys):
+@pytest.mark.parametrize('flag', ['cuda:5', 'cuda:2'])  # cuda:2 of cuda:0 and cuda:1: the first index past them
+def test_missing_device_index_is_one_line(fake_cuda, capsys, flag):
     with pytest.raises(SystemExit) as error:  # printed by the process itself: under torchrun only some processes lack one
-        train.setup_distributed('cuda:5')
+        train.setup_distributed(flag)
     assert error.value.code == 1
-    assert capsys.readouterr().err == 'error: --device cuda:5 but only 2 CUDA device(s) exist\n'
+    assert capsys.readouterr().err == f'error: --device {flag} but only 2 CUDA device(s) exist\n'
 
 
 def test_out_of_memory_names_the_batch_size_and_keeps_the_checkpoint(tiny_dataset, tmp_path, capsys, monkeypatch):
@@ -68,6 +69,15 @@ def test_out_of_memory_names_the_batch_size_and_keeps_the_checkpoint(tiny_datase
     assert len(read_metrics(tmp_path / 'oom')) == 1  # epoch 1's checkpoint and metrics are intact
     state = torch.load(tmp_path / 'oom' / 'state.pt', weights_only=False)
     assert state['epoch'] == 1
+
+
+@pytest.mark.parametrize('amp', [True, False])
+def test_out_of_memory_suggests_bf16_only_where_it_is_off(amp):
+    with pytest.raises(SystemExit) as error:
+        with train.explain_out_of_memory(1, amp, 'predicting'):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert str(error.value) == ("error: out of GPU memory predicting at --batch_size 1; lower --batch_size (e.g. 1)"
+                                + ('' if amp else ' or --amp True (bf16 halves the activations)'))
 
 
 def test_eval_only_configures_the_backends_as_training_does(tiny_dataset, tmp_path, capsys, monkeypatch):

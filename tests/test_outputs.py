@@ -201,6 +201,7 @@ def test_tensorboard_event_files_hold_the_metrics(tiny_dataset, tmp_path, capsys
     assert [event.step for event in lrs] == list(range(1, 9))  # 36 train images / batch 8 = 4 steps per epoch
     assert lrs[-1].value == pytest.approx(float(rows[-1]['lr']), rel=1e-4)
     assert 'confusion' in tags['images']
+    assert 'epoch/includes_compile' not in tags['scalars']  # a flag for the time columns, not a metric
 
 
 def test_tensorboard_missing_is_one_line(tiny_dataset, tmp_path, capsys, monkeypatch):
@@ -358,6 +359,19 @@ def test_write_new_never_replaces_and_leaves_no_fragment(tmp_path, monkeypatch):
     (tmp_path / 'p.csv').write_text('theirs')
     assert train.write_new(str(tmp_path / 'p.csv'), b'ours') == str(tmp_path / 'p-2.csv')
     assert (tmp_path / 'p.csv').read_text() == 'theirs' and (tmp_path / 'p-2.csv').read_text() == 'ours'
+    fresh_path = train.fresh_path
+
+    def taken_right_after_the_check(path):  # another process creates the name this one has just found free
+        chosen = fresh_path(path)
+        if chosen == str(tmp_path / 'r.csv'):
+            (tmp_path / 'r.csv').write_text('theirs')
+        return chosen
+    monkeypatch.setattr(train, 'fresh_path', taken_right_after_the_check)
+    assert train.write_new(str(tmp_path / 'r.csv'), b'ours') == str(tmp_path / 'r-2.csv')
+    assert (tmp_path / 'r.csv').read_text() == 'theirs' and (tmp_path / 'r-2.csv').read_text() == 'ours'
+    monkeypatch.setattr(train, 'fresh_path', fresh_path)
+    for name in ('r.csv', 'r-2.csv'):
+        os.remove(tmp_path / name)
 
     def full_disk(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -44,6 +44,7 @@ def test_val_split_best_checkpoint_and_summary(tiny_dataset, tmp_path, capsys, m
 
     summary = json.loads((run_dir / 'summary.json').read_text())
     assert summary['best_val_epoch'] == 2 and summary['best_val_acc'] == 90.0 and summary['finished']
+    assert summary['test_images'] == 18  # the test split's, not the 36 training images'
     assert summary['test_acc_at_best_val'] == pytest.approx(float(rows[1]['test_acc']), abs=1e-4)
     assert summary['final_test_acc'] == pytest.approx(float(rows[2]['test_acc']), abs=1e-4)
     assert f"best val epoch 2: val acc 90.00%, test acc {float(rows[1]['test_acc']):.2f}%" in out

@@ -98,6 +98,7 @@ def test_sigterm_keeps_last_epoch_and_eval_only_reproduces_it(dataset, tmp_path,
     out, err = process.communicate(timeout=240)
     assert process.returncode == 143, err
     assert f"main.py --resume {run_dir}" in err and 'Traceback' not in err
+    assert f"SIGTERM: stopped; {run_dir} keeps the checkpoint and metrics of epoch 1. Resume with:" in err
     rows = read_metrics(run_dir)
     assert len(rows) == 1
     assert torch.load(run_dir / 'state.pt', weights_only=False)['epoch'] == 1
@@ -493,7 +494,9 @@ def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset,
     code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)
     assert code == 130 and len(read_metrics(run_dir)) == 2, err
     assert (run_dir / 'confusion_best.csv').exists()
-    assert json.loads((run_dir / 'summary.json').read_text())['per_class_acc_best'] == best_view
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert summary['per_class_acc_best'] == best_view
+    assert 'per_class_acc' not in summary  # the per-class view of a finished run's last epoch: this one is unfinished
     assert not (run_dir / 'confusion.csv').exists()  # epoch 1's matrix: no longer the run's last epoch
     assert (run_dir / 'confusion_epoch1.csv').read_bytes() == final
     assert (run_dir / 'confusion_epoch1.png').read_bytes() == b'as plot.py --confusion draws it'
@@ -623,6 +626,24 @@ def test_a_resume_to_more_epochs_makes_the_run_unfinished_at_once(tiny_dataset, 
     assert (summary['finished'], summary['epochs_done'], summary['epochs']) == (False, 1, 3)
 
 
+def test_a_run_stopped_in_its_first_epoch_resumes_from_epoch_0(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """The checkpoint of epoch 0, written before the first step, is what the stop message offers to resume."""
+    import data
+    train_batches = data.train_batches
+
+    def stop_at_once(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the loop stops at its first step
+        return train_batches(*args, **kwargs)
+    monkeypatch.setattr(data, 'train_batches', stop_at_once)
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 130 and f"{tmp_path / 'r'} keeps the checkpoint and metrics of epoch 0. Resume with:" in err, err
+    assert read_metrics(tmp_path / 'r') == []
+    assert json.loads((tmp_path / 'r' / 'summary.json').read_text())['epochs_done'] == 0
+    monkeypatch.setattr(data, 'train_batches', train_batches)
+    code, _, err = run_main(['--resume', tmp_path / 'r'], capsys)
+    assert code == 0 and len(read_metrics(tmp_path / 'r')) == 1, err
+
+
 def test_a_full_disk_while_saving_keeps_the_last_checkpoint(tiny_dataset, tmp_path, capsys, monkeypatch):
     """state.pt failing to fit on the disk used to leave trainable.safetensors of the new epoch beside state.pt of
     the old one, which --resume refuses, and a traceback. All of an epoch's files are written, then renamed."""
@@ -660,6 +681,7 @@ def test_write_files_changes_all_or_nothing(tmp_path):
         raise MemoryError
     with pytest.raises(MemoryError):
         train.write_files({tmp_path / 'a': b'new', tmp_path / 'b': failing})
+    assert sorted(os.listdir(tmp_path)) == ['a', 'b']  # a's temp file gone too (the next call, same name, hid it)
     with pytest.raises(SystemExit, match=r"cannot write .*missing/c \(No such file or directory\); the files already"):
         train.write_files({tmp_path / 'a': b'new', tmp_path / 'missing' / 'c': b'new'})
     assert sorted(os.listdir(tmp_path)) == ['a', 'b'] and (tmp_path / 'a').read_text() == 'old'

@@ -176,6 +176,9 @@ def test_a_checkpoint_missing_a_trainable_tensor_or_holding_another_is_refused(t
             train.load_trainable(tmp_path / f'{name}.safetensors', model)
     save_file(tensors, tmp_path / 'whole.safetensors', metadata={'epoch': '1'})
     assert train.load_trainable(tmp_path / 'whole.safetensors', model) == 1
+    save_file(tensors, tmp_path / 'trainable.safetensors')  # no epoch: another tool's file, never a run's epoch 0
+    with pytest.raises(SystemExit, match=r"trainable.safetensors is from epoch -1 but state.pt from epoch 0"):
+        train.load_resumed_trainable(tmp_path, model, dict(epoch=0))
 
 
 def test_time_per_epoch_falls_back_to_compiling_epochs_when_all_compiled():
@@ -213,3 +216,52 @@ def test_throughput_counts_the_images_trained_not_the_ones_dropped(tiny_dataset,
                              '--name', 'r'], capsys)
     assert code == 0, err
     assert read_metrics(tmp_path / 'r')[0]['train_images_per_s'] == '20.0'
+
+
+def test_a_stop_request_keeps_the_first_signal_and_gives_the_handlers_back():
+    """torchrun forwards the terminal's Ctrl-C, then a SIGTERM may follow: the stop is the first signal's (its exit
+    status and message). Once training ends, SIGINT and SIGTERM are main.py's again, not a flag nobody reads."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with train.StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signum == signal.SIGINT
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_metrics_csv_keeps_every_value_to_its_precision():
+    """metrics.csv is what plot.py, sweep.py and a reader compare runs by: a late cosine lr (1e-7) must not print as
+    0.000000, nor accuracies lose the digits that tell two seeds apart; a missing value is an empty cell."""
+    row = dict(epoch=3, train_loss=1.23456789, train_acc=12.3456789, test_loss=0.5, test_acc=50.00004, lr=1.2345678e-7,
+               epoch_time_s=3.14159, train_images_per_s=1234.5678, val_loss=None, val_acc=None, peak_mem_gib=None,
+               includes_compile=1)
+    later = dict(row, epoch=4, val_loss=0.25, val_acc=75.0, peak_mem_gib=2.5, includes_compile=0)
+    assert train.metrics_bytes([row, later]).decode().splitlines() == [
+        ','.join(train.METRICS_HEADER),
+        '3,1.234568,12.3457,0.500000,50.0000,1.23457e-07,3.142,1234.6,,,,1',
+        '4,1.234568,12.3457,0.500000,50.0000,1.23457e-07,3.142,1234.6,0.250000,75.0000,2.500,0']
+
+
+def test_a_resume_restores_every_random_stream():
+    """rng_states and restore_rng round-trip Python's, NumPy's, torch's and the data generator's streams."""
+    import random
+
+    import numpy as np
+    generator = torch.Generator().manual_seed(3)
+    random.seed(1), np.random.seed(2), torch.manual_seed(4)
+    saved = train.rng_states(generator)
+    draws = lambda gen: (random.random(), np.random.rand(), torch.rand(2).tolist(), torch.rand(2, generator=gen).tolist())
+    expected = draws(generator)
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    other = torch.Generator().manual_seed(9)
+    train.restore_rng(saved, other, seed=0)
+    assert draws(other) == expected
+
+
+def test_a_state_of_an_older_vpt_is_refused_with_what_stays_usable(tmp_path):
+    """state.pt from before the data order was drawn on the CPU (no per-rank streams) cannot resume exactly."""
+    torch.save(dict(epoch=1, history=[], optimizer={}, scheduler={}, rng=dict(torch=torch.get_rng_state())),
+               tmp_path / 'state.pt')
+    with pytest.raises(SystemExit, match=r"state.pt was written by an older vpt whose data order depended on the "
+                                         r"device; it cannot be resumed exactly. .*\(--eval_only\)"):
+        train.load_state(str(tmp_path))
