@@ -551,7 +551,8 @@ def test_a_class_mismatch_lists_five_names_a_side_then_dots(tmp_path):
     with pytest.raises(SystemExit) as error:
         data.load_dataset(str(tmp_path / 'ds'), img_size=8)
     assert str(error.value).endswith("need the same class folders, but 'x1', 'x2', 'x3', 'x4', 'x5' only in train/; "
-                                     "'y1', 'y2', 'y3', 'y4', 'y5' ... only in test/")
+                                     "'y1', 'y2', 'y3', 'y4', 'y5' ... only in test/; give each class images in both, "
+                                     "or remove its folder from both")
 
 
 def test_runs_made_before_folder_reading_2_keep_their_hidden_class_folders(tmp_path):
