@@ -522,8 +522,9 @@ def load_resumed_trainable(run_dir, model, state):
     """A resumed run's trainable.safetensors into `model`, checked to be from the epoch of its state.pt."""
     saved_epoch = load_trainable(os.path.join(run_dir, 'trainable.safetensors'), model)
     if saved_epoch != state['epoch']:
-        raise SystemExit(f"error: {run_dir}: trainable.safetensors is from epoch {saved_epoch} but state.pt from "
-                         f"epoch {state['epoch']} (killed while saving?); start a new run")
+        saved = f"is from epoch {saved_epoch}" if saved_epoch >= 0 else "records no epoch (vpt did not write it)"
+        raise SystemExit(f"error: {run_dir}: trainable.safetensors {saved} but state.pt is from epoch {state['epoch']}"
+                         f"{' (killed while saving?)' if saved_epoch >= 0 else ''}; start a new run")
 
 
 def load_state(run_dir):

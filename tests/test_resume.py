@@ -199,7 +199,7 @@ def test_refused_resume_writes_nothing_and_the_run_still_resumes(tiny_dataset, t
     save_file(tensors, tmp_path / 'r' / 'trainable.safetensors', metadata={'epoch': '1'})
     before['trainable.safetensors'] = (tmp_path / 'r' / 'trainable.safetensors').read_bytes()
     code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 3], capsys)
-    assert code == 1 and 'trainable.safetensors is from epoch 1 but state.pt from epoch 2' in err
+    assert code == 1 and 'trainable.safetensors is from epoch 1 but state.pt is from epoch 2 (killed while saving?); start a new run' in err
     assert files(tmp_path / 'r') == before
 
 

@@ -177,7 +177,8 @@ def test_a_checkpoint_missing_a_trainable_tensor_or_holding_another_is_refused(t
     save_file(tensors, tmp_path / 'whole.safetensors', metadata={'epoch': '1'})
     assert train.load_trainable(tmp_path / 'whole.safetensors', model) == 1
     save_file(tensors, tmp_path / 'trainable.safetensors')  # no epoch: another tool's file, never a run's epoch 0
-    with pytest.raises(SystemExit, match=r"trainable.safetensors is from epoch -1 but state.pt from epoch 0"):
+    with pytest.raises(SystemExit, match=r"trainable.safetensors records no epoch \(vpt did not write it\) but state.pt is "
+                                         r"from epoch 0; start a new run$"):
         train.load_resumed_trainable(tmp_path, model, dict(epoch=0))
 
 
