@@ -465,7 +465,8 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                 previous = read_json(os.path.join(run_dir, 'config.json'))
                 # from_epoch and, when --epoch changed, the plan before: the lr schedule was re-laid over the new one
                 resume = dict(command=config['command'], git_commit=config['git_commit'], from_epoch=state['epoch'],
-                              **({'epoch_before': previous.get('epoch')} if previous.get('epoch') != args.epoch else {}),
+                              **({'epoch_before': previous.get('epoch')} if previous.get('epoch') != args.epoch
+                                 else {}),
                               **{key: config[key] for key in MACHINE})
                 config.update(command=previous.get('command'), git_commit=previous.get('git_commit'),
                               **{key: previous.get(key) for key in MACHINE},  # None: an older vpt did not record it
@@ -737,7 +738,8 @@ def predict(args, device):
         print(f"{padded(path, width)}  {padded(label, label_width)}  {prob}  {best}")
     if len(rows) > len(table):
         print(f"... and {len(rows) - len(table)} more in {out}")
-    print(f"{len(rows)} image{'s' * (len(rows) != 1)} classified by {args.resume} ({args.checkpoint}, epoch {epoch}); wrote {out}"
+    print(f"{len(rows)} image{'s' * (len(rows) != 1)} classified by {args.resume} ({args.checkpoint}, epoch {epoch}); "
+          f"wrote {out}"
           + (f"; {skipped} unreadable file{'s' * (skipped > 1)} skipped (above)" if skipped else ''))
 
 

@@ -346,8 +346,8 @@ def test_split_class_mismatch_names_only_the_differences(tmp_path):
     root = write_folder_dataset(tmp_path / 'ds', classes=[f'class{i:03d}' for i in range(30)], train_per_class=1,
                                 test_per_class=1, size=8)
     os.rename(tmp_path / 'ds' / 'test' / 'class007', tmp_path / 'ds' / 'test' / 'class007 ')
-    with pytest.raises(SystemExit, match=r"'class007' only in train/; 'class007 ' only in test/; give each class images in both, or remove its "
-                                             r"folder from both$") as error:
+    with pytest.raises(SystemExit, match=r"'class007' only in train/; 'class007 ' only in test/; give each class "
+                                         r"images in both, or remove its folder from both$") as error:
         data.load_dataset(root, img_size=8)
     assert 'class008' not in str(error.value)
 

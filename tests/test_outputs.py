@@ -400,8 +400,10 @@ def test_predict_keeps_a_csv_written_meanwhile(run_dir, tiny_dataset, tmp_path, 
     code, out, err = run_main(['--predict', image, '--resume', run_dir, '--out', out_csv], capsys)
     assert code == 0, err
     assert out_csv.read_text() == 'theirs' and (tmp_path / 'p-2.csv').read_text().startswith('file,prediction,')
-    assert err.strip() == f"note: {out_csv} was written by another process meanwhile; kept it and wrote {tmp_path / 'p-2.csv'}"
-    assert out.strip().splitlines()[-1] == f"1 image classified by {run_dir} (last, epoch 2); wrote {tmp_path / 'p-2.csv'}"
+    assert err.strip() == (f"note: {out_csv} was written by another process meanwhile; kept it and wrote "
+                           f"{tmp_path / 'p-2.csv'}")
+    assert out.strip().splitlines()[-1] == (f"1 image classified by {run_dir} (last, epoch 2); wrote "
+                                            f"{tmp_path / 'p-2.csv'}")
 
 
 def test_a_reader_that_goes_away_is_one_line_not_a_traceback(run_dir, tiny_dataset, tmp_path):

@@ -199,7 +199,8 @@ def test_refused_resume_writes_nothing_and_the_run_still_resumes(tiny_dataset, t
     save_file(tensors, tmp_path / 'r' / 'trainable.safetensors', metadata={'epoch': '1'})
     before['trainable.safetensors'] = (tmp_path / 'r' / 'trainable.safetensors').read_bytes()
     code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 3], capsys)
-    assert code == 1 and 'trainable.safetensors is from epoch 1 but state.pt is from epoch 2 (killed while saving?); start a new run' in err
+    assert code == 1 and ('trainable.safetensors is from epoch 1 but state.pt is from epoch 2 (killed while saving?); '
+                          'start a new run') in err
     assert files(tmp_path / 'r') == before
 
 
@@ -557,7 +558,8 @@ def test_a_resume_records_its_machine_and_says_when_cpu_threads_change(tiny_data
     threads = torch.get_num_threads()
     run_dir = tmp_path / 'r'
     note = (f"note: {run_dir} trained on the CPU with 1 threads, now 2: CPU kernels add up in another order, so the "
-            f"run goes on equal to rounding, not bit for bit; OMP_NUM_THREADS=1 before the command continues it exactly")
+            f"run goes on equal to rounding, not bit for bit; OMP_NUM_THREADS=1 before the command continues it "
+            f"exactly")
     try:
         torch.set_num_threads(1)
         code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)

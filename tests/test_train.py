@@ -177,8 +177,8 @@ def test_a_checkpoint_missing_a_trainable_tensor_or_holding_another_is_refused(t
     save_file(tensors, tmp_path / 'whole.safetensors', metadata={'epoch': '1'})
     assert train.load_trainable(tmp_path / 'whole.safetensors', model) == 1
     save_file(tensors, tmp_path / 'trainable.safetensors')  # no epoch: another tool's file, never a run's epoch 0
-    with pytest.raises(SystemExit, match=r"trainable.safetensors records no epoch \(vpt did not write it\) but state.pt is "
-                                         r"from epoch 0; start a new run$"):
+    with pytest.raises(SystemExit, match=r"trainable.safetensors records no epoch \(vpt did not write it\) "
+                                         r"but state.pt is from epoch 0; start a new run$"):
         train.load_resumed_trainable(tmp_path, model, dict(epoch=0))
 
 
@@ -251,7 +251,8 @@ def test_a_resume_restores_every_random_stream():
     generator = torch.Generator().manual_seed(3)
     random.seed(1), np.random.seed(2), torch.manual_seed(4)
     saved = train.rng_states(generator)
-    draws = lambda gen: (random.random(), np.random.rand(), torch.rand(2).tolist(), torch.rand(2, generator=gen).tolist())
+    draws = lambda gen: (random.random(), np.random.rand(), torch.rand(2).tolist(),
+                         torch.rand(2, generator=gen).tolist())
     expected = draws(generator)
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     other = torch.Generator().manual_seed(9)
