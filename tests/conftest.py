@@ -143,4 +143,4 @@ def write_jax_npz(vit, path):
         for r in range(2):
             npz[f'{jax}MlpBlock_3/Dense_{r}/kernel'] = state[f'{block}mlp.fc{r + 1}.weight'].T
             npz[f'{jax}MlpBlock_3/Dense_{r}/bias'] = state[f'{block}mlp.fc{r + 1}.bias']
-    np.savez(path, **npz)
+    np.savez(path, **dict(sorted(npz.items())))  # in the order of Google's files: 'Transformer/...' first

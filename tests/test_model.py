@@ -37,6 +37,7 @@ def test_trainable_counts_per_mode(vit_b4):
     prompt_params = 12 * 50 * 768
     set_trainable(vit_b4, full=False)
     assert count_params(vit_b4, trainable_only=True) == 468_490 == prompt_params + 768 * 10 + 10  # P
+    assert count_params(vit_b4) == backbone_and_head + prompt_params  # all of them, trainable or frozen
     trainable = {name for name, p in vit_b4.named_parameters() if p.requires_grad}
     assert trainable == {'prompts.tokens', 'vit.head.weight', 'vit.head.bias'}
     set_trainable(vit_b4, full=True)
@@ -106,6 +107,28 @@ def test_the_head_is_new_even_when_the_class_counts_agree(tmp_path, file_classes
     assert vit.pretrained_cfg['num_classes'] == 1000  # the cfg still describes the pretrained weights
 
 
+def test_hub_weights_load_with_a_new_head_even_when_the_class_counts_agree(tmp_path, monkeypatch):
+    """The default source of pretrained weights, the hub (here its offline cache, holding test_vit's file at 160 px):
+    the backbone comes from it, resampled; its 1,000-class head is not kept for a 1,000-class dataset, the head is
+    seeded like the rest."""
+    import huggingface_hub.constants as constants
+    from safetensors.torch import save_file
+    snapshot = tmp_path / 'models--timm--test_vit.r160_in1k' / 'snapshots' / ('0' * 40)
+    os.makedirs(snapshot)
+    os.makedirs(snapshot.parent.parent / 'refs')
+    (snapshot.parent.parent / 'refs' / 'main').write_text('0' * 40)
+    source = timm.create_model('test_vit', img_size=160)
+    save_file(source.state_dict(), snapshot / 'model.safetensors')
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path))
+    torch.manual_seed(0)
+    vit = create_vit('test_vit', 1000, 32, 4)
+    assert torch.equal(vit.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+    assert vit.pos_embed.shape == (1, 65, 64)
+    assert not torch.equal(vit.head.weight, source.head.weight)
+    torch.manual_seed(0)
+    assert torch.equal(create_vit('test_vit', 1000, 32, 4).head.weight, vit.head.weight)
+
+
 def test_jax_npz_weights_load_as_the_same_state_dict_would(tmp_path):
     """--weights ViT-B_16.npz (the file official VPT loads) gives exactly the model the same weights give as a timm
     state dict: same PI-resized patch embedding, same 8x8 position grid, same blocks, same seeded head."""
@@ -140,7 +163,9 @@ def test_weights_that_leave_tensors_unloaded_are_refused(tmp_path, change):
     else:
         kwargs = dict(deeper=dict(depth=7), shallower=dict(depth=5), avg_pool_norm=dict(global_pool='avg'))[change]
         state = timm.create_model('test_vit', **kwargs).state_dict()
-        expected = dict(deeper=['it holds blocks.6.', 'no place for'], shallower=["the model's blocks.5.", 'not in it'],
+        expected = dict(deeper=['it holds blocks.6.norm1.weight, blocks.6.norm1.bias, blocks.6.attn.qkv.weight and 9 '
+                                'more, which the model has no place for'],  # blocks.6's 12 tensors: 3 named
+                        shallower=["the model's blocks.5.", 'not in it'],
                         avg_pool_norm=["the model's norm.weight, norm.bias are not in it", 'fc_norm.weight'])[change]
     torch.save(state, tmp_path / 'weights.pth')
     with pytest.raises(SystemExit) as error:
@@ -283,15 +308,19 @@ def test_kv_path_applies_the_backbone_dropouts_in_training_only(rate):
         torch.testing.assert_close(model.eval()(images), model(images), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('options', [{}, dict(pre_norm=True), dict(patch_drop_rate=0.5)],
+                         ids=['plain', 'pre_norm', 'patch_drop'])
 @pytest.mark.parametrize('full', [False, True])
-def test_kv_without_prompts_equals_plain_timm(full):
+def test_kv_without_prompts_equals_plain_timm(full, options):
     """prompts=0 through the KV path (last block: CLS row only) against an independently built timm model holding
-    the same weights, in train mode: same logits, same gradients."""
+    the same weights, in train mode: same logits, same gradients. The embedding is timm's own, with a CLIP-style norm
+    before the blocks or patch dropout (the same patches dropped: drawn first, from the same seed) as well."""
     torch.manual_seed(0)
-    vit = tiny_vit()
+    vit = tiny_vit(global_pool='token', **options) if options else tiny_vit()
     model = PromptedViT(vit, 0, prompt_impl='kv')
     set_trainable(model, full)
-    reference = timm.create_model('test_vit', img_size=32, patch_size=4, num_classes=10, global_pool='token')
+    reference = timm.create_model('test_vit', img_size=32, patch_size=4, num_classes=10, global_pool='token',
+                                  **options)
     reference.load_state_dict(vit.state_dict())
     for name, param in reference.named_parameters():
         param.requires_grad_(dict(model.named_parameters())[f'vit.{name}'].requires_grad)
@@ -334,6 +363,8 @@ def test_distilled_vit_needs_the_naive_path():
         PromptedViT(vit, 4)
     model = PromptedViT(vit, 4, prompt_impl='naive').eval()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)  # prompts after CLS and dist; the head reads both
+    for layer, x in enumerate(_block_inputs(model, torch.randn(2, 3, 32, 32))):  # rows 0 and 1 stay CLS and dist
+        assert torch.equal(x[:, 2:6], model.prompts.tokens[layer].expand(2, -1, -1))
     set_trainable(model, full=False)  # P trains both heads, which the distilled ViT averages
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     assert trainable == {'prompts.tokens', 'vit.head.weight', 'vit.head.bias', 'vit.head_dist.weight',
@@ -386,8 +417,9 @@ def test_unfreeze_patterns_add_to_prompt_tuning():
     assert count_params(model, trainable_only=True) == count_params(model)
 
 
-@pytest.mark.parametrize('pattern, close', [('patch_embed', 'patch_embed.*'), ('norm', 'norm.*'),
-                                            ('vit.pos_embed', 'pos_embed'), ('blocks.0.atn.*', 'blocks.0.attn.*'),
+@pytest.mark.parametrize('pattern, close', [('patch_embed', 'patch_embed.*, patch_embed.proj.*, pos_embed'),
+                                            ('norm', 'norm.*, norm.bias'), ('vit.pos_embed', 'pos_embed'),
+                                            ('blocks.0.atn.*', 'blocks.0.attn.*, blocks.5.attn.*, blocks.4.attn.*'),
                                             ('xyz', 'blocks.*, cls_token, head.*, norm.*, patch_embed.*, pos_embed')])
 def test_unfreeze_pattern_matching_nothing_names_close_names(pattern, close):
     model = PromptedViT(tiny_vit(), 4)
@@ -396,7 +428,7 @@ def test_unfreeze_pattern_matching_nothing_names_close_names(pattern, close):
     message = str(raised.value.code)
     assert message.startswith(f"error: --unfreeze pattern '{pattern}' matches no parameter of --model test_vit; "
                               f"closest names: ")
-    assert close in message.split('closest names: ')[1] and '\n' not in message
+    assert message.split('closest names: ')[1] == close  # up to 3, the closest first
 
 
 def test_download_failure_is_one_quick_line(tmp_path):
@@ -432,3 +464,218 @@ def test_unfreeze_pattern_is_the_whole_name():
     model = PromptedViT(create_vit('test_vit', 3, 32, 4, pretrained=False), 4)
     with pytest.raises(SystemExit):
         set_trainable(model, False, ['proj.weight'])  # no parameter is named exactly proj.weight
+
+
+def test_a_checkpoint_wrapped_as_training_scripts_save_it_loads(tmp_path):
+    """--weights reads a file as timm does: a {'state_dict': ...} or {'model': ...} entry, 'module.' prefixes (a DDP
+    model's state dict) dropped; a plain torch.load would hand timm a dict of one key."""
+    torch.manual_seed(0)
+    source = timm.create_model('test_vit', num_classes=21)
+    state = {'module.' + name: tensor for name, tensor in source.state_dict().items()}
+    for key in ('state_dict', 'model'):
+        torch.save({key: state, 'epoch': 3}, tmp_path / f'{key}.pth')
+        vit = create_vit('test_vit', 10, 32, 4, weights=str(tmp_path / f'{key}.pth'))
+        assert torch.equal(vit.blocks[5].mlp.fc2.weight, source.blocks[5].mlp.fc2.weight)
+
+
+def test_jax_npz_of_another_geometry_loads_at_its_own(tmp_path):
+    """An .npz is read at the grid and patch size it holds (here 8x8 patches of 8 px, as a ViT fine-tuned at another
+    resolution would hold), whatever its name's case, then resampled like the same weights as a state dict."""
+    torch.manual_seed(1)
+    source = timm.create_model('test_vit', img_size=64, patch_size=8, num_classes=21)
+    write_jax_npz(source, tmp_path / 'vit8.npz')
+    os.rename(tmp_path / 'vit8.npz', tmp_path / 'ViT-T_8.NPZ')
+    torch.save(source.state_dict(), tmp_path / 'vit8.pth')
+    torch.manual_seed(0)
+    from_npz = create_vit('test_vit', 10, img_size=32, patch_size=4, weights=str(tmp_path / 'ViT-T_8.NPZ'))
+    torch.manual_seed(0)
+    from_state_dict = create_vit('test_vit', 10, img_size=32, patch_size=4, weights=str(tmp_path / 'vit8.pth'))
+    expected = from_state_dict.state_dict()
+    for name, tensor in from_npz.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize('source', ['shallower', 'deeper', 'wider'])
+def test_jax_npz_that_does_not_fit_is_refused(tmp_path, source):
+    """timm's .npz reader loads the first blocks of a deeper checkpoint without a word: fewer or more blocks are
+    refused, and so is a wider ViT with as many blocks (a misfit, not an unreadable file)."""
+    kwargs = dict(shallower=dict(depth=5), deeper=dict(depth=7), wider=dict(embed_dim=96, num_heads=3))[source]
+    write_jax_npz(timm.create_model('test_vit', **kwargs), tmp_path / 'ViT.npz')
+    with pytest.raises(SystemExit) as error:
+        create_vit('test_vit', 10, 32, 4, weights=str(tmp_path / 'ViT.npz'))
+    message = str(error.value)
+    assert message.startswith(f'error: --weights {tmp_path / "ViT.npz"} does not fit --model test_vit: '), message
+    if source != 'wider':
+        assert message.endswith(f": it holds {kwargs['depth']} encoder blocks, the model has 6")
+
+
+def test_jax_npz_without_a_patch_embedding_kernel_is_unreadable(tmp_path):
+    import numpy as np
+    np.savez(tmp_path / 'flat.npz', **{'embedding/kernel': np.zeros((16, 3, 64)),
+                                       'Transformer/posembed_input/pos_embedding': np.zeros((1, 197, 64))})
+    with pytest.raises(SystemExit, match="cannot read --weights .*no ViT patch embedding 'embedding/kernel'"):
+        create_vit('test_vit', 10, 32, 4, weights=str(tmp_path / 'flat.npz'))
+
+
+def test_weights_of_a_distilled_vit_load_with_both_heads_new(tmp_path):
+    """A distilled DeiT's classifier is two pairs of tensors (head, head_dist), both replaced: neither is a misfit."""
+    torch.manual_seed(0)
+    source = timm.create_model('deit_tiny_distilled_patch16_224', num_classes=7)
+    torch.save(source.state_dict(), tmp_path / 'deit.pth')
+    vit = create_vit('deit_tiny_distilled_patch16_224', 10, 32, 4, weights=str(tmp_path / 'deit.pth'))
+    assert torch.equal(vit.dist_token, source.dist_token)
+    assert vit.head.out_features == vit.head_dist.out_features == 10
+
+
+def test_reading_weights_leaves_timms_logger_as_it_was(tmp_path, caplog, monkeypatch, request):
+    """timm's 'Missing keys'/'Unexpected keys' records become the one-line refusal, not log lines as well (they
+    would print before it); the logger is handed back unchanged, and timm's other warnings still reach the user."""
+    import logging
+
+    from model import _timm_load_report
+    logger = logging.getLogger('timm.models._builder')
+    monkeypatch.setattr(logger, 'propagate', True)
+    monkeypatch.setattr(logger, 'handlers', [])
+    request.addfinalizer(lambda level=logger.level: logger.setLevel(level))
+    logger.setLevel(logging.ERROR)  # a level of the user's own, not the INFO create_vit reads timm's records at
+    torch.save(timm.create_model('test_vit', depth=7).state_dict(), tmp_path / 'deeper.pth')
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(SystemExit, match='no place for'):
+        create_vit('test_vit', 10, 32, 4, weights=str(tmp_path / 'deeper.pth'))
+    assert (logger.level, logger.propagate, list(logger.handlers)) == (logging.ERROR, True, [])
+    assert not [r for r in caplog.records if r.name == logger.name and 'keys' in r.getMessage()]
+    logger.setLevel(logging.NOTSET)  # timm's own level: its warnings are shown, its info is not
+    with _timm_load_report() as report:
+        logger.info('Missing keys (blocks.0.norm1.weight, pos_embed) discovered while loading pretrained weights.')
+        logger.warning('Unexpected keys (extra.weight) found while loading pretrained weights.')
+        logger.warning('Missing classifier: a warning of another kind')
+        logger.info('Loading pretrained weights from file (weights.pth)')
+    assert report == {'Missing': ['blocks.0.norm1.weight', 'pos_embed'], 'Unexpected': ['extra.weight']}
+    assert [r.getMessage() for r in caplog.records if r.name == logger.name] == [
+        'Missing classifier: a warning of another kind']  # as they would have without create_vit
+    assert (logger.level, logger.propagate, list(logger.handlers)) == (logging.NOTSET, True, [])
+
+
+@pytest.mark.parametrize('case', ['offline', 'cached', 'hub answers', 'no answer'])
+def test_hub_is_asked_once_only_when_it_must_be(tmp_path, monkeypatch, case):
+    """Before timm's download: HF_HUB_OFFLINE or a cached copy of the repo ask nothing; an answer from the hub (a 404
+    for a repo without model.safetensors, say) leaves the rest to timm; no answer at all is the one-line error."""
+    import types
+
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from model import _check_hub_reachable
+    asked = []
+
+    def get_hf_file_metadata(url, timeout):
+        asked.append(url)
+        if case == 'hub answers':
+            raise HfHubHTTPError('404 Client Error', response=types.SimpleNamespace(headers={}, request=None))
+        raise ConnectionError('no route to host')
+    monkeypatch.setattr(huggingface_hub, 'get_hf_file_metadata', get_hf_file_metadata)
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', case == 'offline')
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path))
+    if case == 'cached':
+        os.makedirs(tmp_path / 'models--timm--vit_base_patch16_224.augreg_in21k' / 'snapshots')
+    if case == 'no answer':
+        with pytest.raises(SystemExit, match=f'could not download the pretrained weights of {VIT_B} from the '
+                                             r'Hugging Face hub \(ConnectionError\)'):
+            _check_hub_reachable(VIT_B)
+    else:
+        _check_hub_reachable(VIT_B)
+    assert len(asked) == (case in ('hub answers', 'no answer'))
+    assert all(url.endswith('/timm/vit_base_patch16_224.augreg_in21k/resolve/main/model.safetensors') for url in asked)
+
+
+@pytest.mark.parametrize('pretrained', [False, True])
+def test_a_model_that_fails_to_build_is_not_called_a_download_failure(monkeypatch, pretrained):
+    """timm raising while it builds the model: without pretrained weights nothing was downloaded, so that is not what
+    the line may say; with them (the hub offline here) it is. A reason is its first line, at most 300 characters."""
+    def create_model(*args, **kwargs):
+        raise RuntimeError('shape of something' + ' x' * 200 + '\nsecond line')
+    monkeypatch.setattr(timm, 'create_model', create_model)
+    with pytest.raises(SystemExit) as error:
+        create_vit('test_vit', 10, 32, 4, pretrained=pretrained)
+    assert str(error.value) == ('error: could not download the pretrained weights of test_vit from the Hugging Face '
+                                'hub (RuntimeError); offline, pass --weights FILE (a timm checkpoint, e.g. the hub\'s '
+                                'model.safetensors) or --pretrained False for a random backbone' if pretrained else
+                                'error: cannot build --model test_vit: shape of something' + ' x' * 141)
+
+
+def test_kv_path_computes_only_the_class_token_after_the_last_block():
+    """The kv path's saving: the final norm and the head see one row per image, not the 65 rows of the naive path."""
+    model = PromptedViT(tiny_vit(), 5, prompt_impl='kv')
+    shapes = []
+    model.vit.norm.register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        model(torch.randn(3, 3, 32, 32))
+        model.prompt_impl = 'naive'
+        model(torch.randn(3, 3, 32, 32))
+    assert shapes == [(3, 1, 64), (3, 1 + 5 + 64, 64)]
+
+
+@pytest.mark.parametrize('rate', ['attn_drop_rate', 'proj_drop_rate', 'drop_path_rate'])
+def test_kv_path_matches_naive_when_the_backbone_dropouts_drop_everything(rate):
+    """The two paths draw a dropout's masks over differently shaped tensors, so at a rate below 1 they differ; at 1
+    every mask is all zeros in both: the attention weights, the attention and MLP outputs, or whole residual branches.
+    Equal logits and gradients then show that each dropout sits where timm's Block has it."""
+    torch.manual_seed(0)
+    model = PromptedViT(tiny_vit(global_pool='token', **{rate: 1.0}), 5).train()
+    set_trainable(model, full=True)
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    results = both_paths(model, images, labels)
+    assert_same(results['kv'], results['naive'])
+    model.eval()
+    with torch.no_grad():  # the dropouts were really there: without them the logits differ
+        assert not torch.allclose(model(images), results['naive'][0], rtol=1e-3, atol=1e-3)
+
+
+def test_prompts_keep_a_batch_of_one_unless_dropout_draws_masks():
+    """Without active dropout every image shares the prompts (batch dimension 1, so the kv path projects them once);
+    with dropout in training each image draws its own mask, as VPT does."""
+    from prompts import Prompts
+    torch.manual_seed(0)
+    prompts = Prompts(3, 10, 64, 4, dropout=0.5)
+    assert prompts.eval()(8).shape == (3, 1, 10, 64)
+    assert torch.equal(prompts(8)[:, 0], prompts.tokens)
+    assert Prompts(3, 10, 64, 4, dropout=0.0).train()(8).shape == (3, 1, 10, 64)
+    dropped = prompts.train()(8)
+    assert dropped.shape == (3, 8, 10, 64)
+    kept = dropped != 0
+    assert all(not torch.equal(kept[:, 0], kept[:, i]) for i in range(1, 8))  # a mask of its own per image
+    torch.testing.assert_close(dropped[kept], (prompts.tokens.unsqueeze(1).expand_as(dropped) * 2)[kept])
+
+
+class _DoubledAttention(timm.layers.Attention):
+    """An Attention subclass with a forward of its own, which the kv path would not run."""
+    def forward(self, x, **kwargs):
+        return 2 * super().forward(x, **kwargs)
+
+
+class _MeanPooledViT(timm.models.vision_transformer.VisionTransformer):
+    """A ViT whose pool reads every row, with timm's forward_head unchanged."""
+    def pool(self, x, pool_type=None):
+        return x.mean(dim=1)
+
+
+@pytest.mark.parametrize('change', ['gated attention', 'attention subclass', 'pool override'])
+def test_kv_path_refuses_what_it_would_compute_otherwise(change):
+    """The kv path reimplements timm's Attention.forward and reads the CLS row alone: an attention gate, an attention
+    with its own forward, or a pool over more than CLS would be skipped silently, so they need the naive path."""
+    torch.manual_seed(0)
+    if change == 'pool override':
+        vit = _MeanPooledViT(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+        expected = 'computes only the class token after the last block'
+    else:
+        vit = tiny_vit(global_pool='token')
+        attention = (timm.layers.Attention(64, 2, qkv_bias=True, gated=True) if change == 'gated attention' else
+                     _DoubledAttention(64, 2, qkv_bias=True))
+        attention.load_state_dict(vit.blocks[4].attn.state_dict(), strict=False)
+        vit.blocks[4].attn = attention
+        expected = "needs timm's standard ViT Block/Attention in every layer"
+    with pytest.raises(SystemExit, match=f'{expected}.*use --prompt_impl naive'):
+        PromptedViT(vit, 3)
+    model = PromptedViT(vit, 3, prompt_impl='naive').eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
