@@ -352,6 +352,35 @@ def slower_dataset(tmp_path_factory):
     return write_folder_dataset(tmp_path_factory.mktemp('sweep_data') / 'data', train_per_class=48, test_per_class=8)
 
 
+def child_pids(pid, script):
+    """The processes that `pid` started to run `script` (Linux /proc), not the git or other helpers it runs."""
+    children = []
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                parent = int(f.read().rsplit(') ', 1)[1].split()[1])
+            with open(f'/proc/{entry}/cmdline', 'rb') as f:
+                command = f.read().split(b'\0')
+        except (OSError, IndexError, ValueError):  # not a process, or one that just ended
+            continue
+        if parent == pid and any(os.path.basename(arg) == script.encode() for arg in command):
+            children.append(int(entry))
+    return children
+
+
+def handles_sigterm(pids):
+    """Whether one of these processes has its own SIGTERM handler (Linux: the SigCgt mask of /proc/PID/status)."""
+    for pid in pids:
+        try:
+            with open(f'/proc/{pid}/status') as f:
+                caught = int(re.search(r'^SigCgt:\s*([0-9a-f]+)$', f.read(), re.M).group(1), 16)
+        except (OSError, AttributeError):
+            continue
+        if caught & 1 << (signal.SIGTERM - 1):
+            return True
+    return False
+
+
 def test_a_trial_stopped_before_its_first_checkpoint_is_not_called_resumable(tiny_dataset, tmp_path):
     """Ctrl-C while a trial still imports torch: it has nothing to resume, and its end line says so."""
     import time
@@ -361,10 +390,11 @@ def test_a_trial_stopped_before_its_first_checkpoint_is_not_called_resumable(tin
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                                env=dict(os.environ, PYTHONUNBUFFERED='1', **ENV))
     log = tmp_path / 's' / 'sweep.log'
-    while not (log.exists() and 'start  grid_lr=1e-3' in log.read_text()) and process.poll() is None:
-        time.sleep(0.02)
-    time.sleep(1.5)  # its Python has reached main() (a signal before that finds no handler of ours yet)
-    os.killpg(process.pid, signal.SIGINT)  # the trial is still importing torch (seconds), far from a checkpoint
+    while not handles_sigterm(child_pids(process.pid, 'main.py')) and process.poll() is None:
+        time.sleep(0.005)
+    # main.py takes SIGINT and SIGTERM over first thing, before it imports torch (a second or more) on the way to its
+    # first checkpoint: a signal now finds its handler and no checkpoint (a fixed wait raced the import)
+    os.killpg(process.pid, signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert not os.path.exists(tmp_path / 's' / 'grid_lr=1e-3' / 'state.pt')
