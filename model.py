@@ -142,6 +142,8 @@ def _npz_state_dict(model_name, weights, num_classes):
             kernel = next((npz[name] for name in npz.files if name.endswith('embedding/kernel')), None)
             table = next((npz[name] for name in npz.files if name.endswith('pos_embedding')), None)
             blocks = {name.split('encoderblock_')[1].split('/')[0] for name in npz.files if 'encoderblock_' in name}
+            heads = {npz[name].shape[1] for name in npz.files  # (dim, heads, head_dim) kernels
+                     if name.endswith('MultiHeadDotProductAttention_1/query/kernel') and npz[name].ndim == 3}
     except Exception as e:  # a damaged archive, pickled objects
         raise SystemExit(unreadable.format(f"{type(e).__name__}: {_first_line(e)}"))
     if kernel is None or table is None or kernel.ndim != 4:
@@ -160,6 +162,11 @@ def _npz_state_dict(model_name, weights, num_classes):
     if blocks and len(blocks) != len(source.blocks):  # timm's reader would quietly load only the first blocks
         raise SystemExit(f"error: --weights {weights} does not fit --model {model_name}: it holds {len(blocks)} "
                          f"encoder blocks, the model has {len(source.blocks)}")
+    model_heads = {block.attn.num_heads for block in source.blocks if isinstance(block.attn, Attention)}
+    if heads and model_heads and heads != model_heads:  # timm flattens the heads: the same tensors, another model
+        counts = ['/'.join(map(str, sorted(numbers))) for numbers in (heads, model_heads)]
+        raise SystemExit(f"error: --weights {weights} does not fit --model {model_name}: its attention has "
+                         f"{counts[0]} heads, the model's {counts[1]}")
     try:
         source.load_pretrained(weights)
     except (KeyError, RuntimeError) as e:  # a parameter missing from the archive, or of another shape

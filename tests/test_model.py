@@ -495,18 +495,22 @@ def test_jax_npz_of_another_geometry_loads_at_its_own(tmp_path):
         assert torch.equal(tensor, expected[name]), name
 
 
-@pytest.mark.parametrize('source', ['shallower', 'deeper', 'wider'])
+@pytest.mark.parametrize('source', ['shallower', 'deeper', 'wider', 'other heads'])
 def test_jax_npz_that_does_not_fit_is_refused(tmp_path, source):
     """timm's .npz reader loads the first blocks of a deeper checkpoint without a word: fewer or more blocks are
-    refused, and so is a wider ViT with as many blocks (a misfit, not an unreadable file)."""
-    kwargs = dict(shallower=dict(depth=5), deeper=dict(depth=7), wider=dict(embed_dim=96, num_heads=3))[source]
+    refused, and so is a wider ViT with as many blocks (a misfit, not an unreadable file), and one of as many
+    tensors split into other heads (timm flattens them: it loaded, and the model was another one)."""
+    kwargs = dict(shallower=dict(depth=5), deeper=dict(depth=7), wider=dict(embed_dim=96, num_heads=3),
+                  **{'other heads': dict(num_heads=4)})[source]
     write_jax_npz(timm.create_model('test_vit', **kwargs), tmp_path / 'ViT.npz')
     with pytest.raises(SystemExit) as error:
         create_vit('test_vit', 10, 32, 4, weights=str(tmp_path / 'ViT.npz'))
     message = str(error.value)
     assert message.startswith(f'error: --weights {tmp_path / "ViT.npz"} does not fit --model test_vit: '), message
-    if source != 'wider':
+    if 'depth' in kwargs:
         assert message.endswith(f": it holds {kwargs['depth']} encoder blocks, the model has 6")
+    if source == 'other heads':
+        assert message.endswith(": its attention has 4 heads, the model's 2")
 
 
 def test_jax_npz_without_a_patch_embedding_kernel_is_unreadable(tmp_path):
