@@ -129,17 +129,25 @@ def test_hub_weights_load_with_a_new_head_even_when_the_class_counts_agree(tmp_p
     assert torch.equal(create_vit('test_vit', 1000, 32, 4).head.weight, vit.head.weight)
 
 
+def load_both_ways(source, tmp_path, npz_name):
+    """`source`'s weights through --weights as a JAX .npz named npz_name and as a timm state dict, each ViT-B/4-style
+    at 32 px with 4 px patches and its new head seeded alike."""
+    write_jax_npz(source, tmp_path / 'source.npz')  # numpy adds .npz to any other name, ViT.NPZ included
+    os.rename(tmp_path / 'source.npz', tmp_path / npz_name)
+    torch.save(source.state_dict(), tmp_path / 'source.pth')
+    models = []
+    for path in (tmp_path / npz_name, tmp_path / 'source.pth'):
+        torch.manual_seed(0)
+        models.append(create_vit('test_vit', 10, img_size=32, patch_size=4, weights=str(path)))
+    return models
+
+
 def test_jax_npz_weights_load_as_the_same_state_dict_would(tmp_path):
     """--weights ViT-B_16.npz (the file official VPT loads) gives exactly the model the same weights give as a timm
     state dict: same PI-resized patch embedding, same 8x8 position grid, same blocks, same seeded head."""
     torch.manual_seed(1)
-    source = timm.create_model('test_vit', img_size=224, num_classes=21)
-    write_jax_npz(source, tmp_path / 'ViT-T_16.npz')
-    torch.save(source.state_dict(), tmp_path / 'vit16.pth')
-    torch.manual_seed(0)
-    from_npz = create_vit('test_vit', 10, img_size=32, patch_size=4, weights=str(tmp_path / 'ViT-T_16.npz'))
-    torch.manual_seed(0)
-    from_state_dict = create_vit('test_vit', 10, img_size=32, patch_size=4, weights=str(tmp_path / 'vit16.pth'))
+    from_npz, from_state_dict = load_both_ways(timm.create_model('test_vit', img_size=224, num_classes=21), tmp_path,
+                                               'ViT-T_16.npz')
     expected = from_state_dict.state_dict()
     loaded = from_npz.state_dict()
     assert loaded.keys() == expected.keys()
@@ -482,14 +490,8 @@ def test_jax_npz_of_another_geometry_loads_at_its_own(tmp_path):
     """An .npz is read at the grid and patch size it holds (here 8x8 patches of 8 px, as a ViT fine-tuned at another
     resolution would hold), whatever its name's case, then resampled like the same weights as a state dict."""
     torch.manual_seed(1)
-    source = timm.create_model('test_vit', img_size=64, patch_size=8, num_classes=21)
-    write_jax_npz(source, tmp_path / 'vit8.npz')
-    os.rename(tmp_path / 'vit8.npz', tmp_path / 'ViT-T_8.NPZ')
-    torch.save(source.state_dict(), tmp_path / 'vit8.pth')
-    torch.manual_seed(0)
-    from_npz = create_vit('test_vit', 10, img_size=32, patch_size=4, weights=str(tmp_path / 'ViT-T_8.NPZ'))
-    torch.manual_seed(0)
-    from_state_dict = create_vit('test_vit', 10, img_size=32, patch_size=4, weights=str(tmp_path / 'vit8.pth'))
+    from_npz, from_state_dict = load_both_ways(timm.create_model('test_vit', img_size=64, patch_size=8, num_classes=21),
+                                               tmp_path, 'ViT-T_8.NPZ')
     expected = from_state_dict.state_dict()
     for name, tensor in from_npz.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
