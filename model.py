@@ -105,7 +105,7 @@ def _timm_load_report():
             kind = message.split(' ', 1)[0]
             if kind in report and message.startswith(f'{kind} keys ('):
                 report[kind] += message[message.index('(') + 1:message.rindex(')')].split(', ')
-            elif record.levelno >= logging.WARNING:
+            elif record.levelno >= logging.WARNING and logger.isEnabledFor(record.levelno):  # the user's level too
                 logger.handle(record)
 
 

@@ -560,6 +560,12 @@ def test_reading_weights_leaves_timms_logger_as_it_was(tmp_path, caplog, monkeyp
     assert [r.getMessage() for r in caplog.records if r.name == logger.name] == [
         'Missing classifier: a warning of another kind']  # as they would have without create_vit
     assert (logger.level, logger.propagate, list(logger.handlers)) == (logging.NOTSET, True, [])
+    caplog.clear()
+    logger.setLevel(logging.ERROR)  # a user who silenced timm's warnings does not get them back through create_vit
+    with _timm_load_report():
+        logger.warning('Missing classifier: a warning of another kind')
+        logger.error('an error of timm')
+    assert [r.getMessage() for r in caplog.records if r.name == logger.name] == ['an error of timm']
 
 
 @pytest.mark.parametrize('case', ['offline', 'cached', 'hub answers', 'no answer'])
