@@ -131,8 +131,8 @@ def make_parser():
     add('--model', default='vit_base_patch16_224.augreg_in21k', help='timm ViT name (default: ViT-B/16 IN-21k)')
     add('--pretrained', type=str2bool, default=True, help='load pretrained weights (False: random backbone)')
     add('--weights', default=None, metavar='FILE',
-        help='local timm checkpoint (.safetensors/.pth) or Google JAX .npz (ViT-B_16.npz, as official VPT) instead of '
-             'the hub download, for offline use')
+        help='local timm checkpoint (.safetensors/.pth), Google JAX .npz (ViT-B_16.npz, as official VPT), or a '
+             '--full True run\'s trainable.safetensors as the backbone, instead of the hub download')
     add('--img_size', type=int_at_least(1), default=32, help='input resolution (default 32)')
     add('--patch_size', type=int_at_least(1), default=4, help='patch size the embedding is resampled to (default 4)')
     add('--dataset', default='cifar10', help='cifar10, cifar100, or a folder with train/<class>/* and test/<class>/*')

@@ -37,7 +37,7 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
     if weights and weights.lower().endswith('.npz'):
         kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=_npz_state_dict(model_name, weights, num_classes))
     elif weights:
-        kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=_read_state_dict(weights))
+        kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=_backbone_state_dict(weights))
     elif pretrained:
         _check_hub_reachable(model_name)
         kwargs['pretrained_cfg_overlay'] = overlay
@@ -79,6 +79,24 @@ def _read_state_dict(weights):
         raise SystemExit(f"error: cannot read --weights {weights} ({type(e).__name__}: {reason}); it must be a whole "
                          f"timm state dict, saved with safetensors or torch.save(model.state_dict()) (a pickled model "
                          f"object is not read)")
+
+
+def _backbone_state_dict(weights):
+    """A timm checkpoint as it is. A vpt run's trainable.safetensors or best.safetensors (its trained tensors, under
+    'vit.' and 'prompts.') as the backbone it trained with --full True, for another run to start from: its prompts,
+    like its head, belong to its own task and are not loaded."""
+    state = _read_state_dict(weights)
+    if not state or not all(key.startswith(('vit.', 'prompts.')) for key in state):
+        return state
+    backbone = {key[len('vit.'):]: tensor for key, tensor in state.items() if key.startswith('vit.')}
+    if 'patch_embed.proj.weight' not in backbone:  # a P, linear or --unfreeze run: the frozen backbone is not in it
+        raise SystemExit(f"error: --weights {weights} is a vpt run's checkpoint of only what that run trained, not a "
+                         f"backbone (only a --full True run's holds one); start from the weights that run started "
+                         f"from (its config.json's weights_id), or continue it with --resume RUN")
+    if len(backbone) < len(state) and os.environ.get('LOCAL_RANK', '0') == '0':
+        print(f"note: --weights {weights} is a vpt run's checkpoint: its backbone is loaded, not its prompts (this "
+              f"run's start anew under --seed)", file=sys.stderr)
+    return backbone
 
 
 @contextlib.contextmanager

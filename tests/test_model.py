@@ -159,13 +159,40 @@ def test_jax_npz_weights_load_as_the_same_state_dict_would(tmp_path):
     assert from_npz.pretrained_cfg['mean'] == (0.5, 0.5, 0.5)
 
 
-@pytest.mark.parametrize('change', ['deeper', 'shallower', 'avg_pool_norm', 'vpt_run'])
+@pytest.mark.parametrize('prompts', [0, 4])
+def test_a_full_runs_checkpoint_is_the_backbone_of_another_run(tmp_path, capsys, prompts):
+    """A --full True run's trainable.safetensors (F: its whole ViT under 'vit.'; P+F: its prompts besides) starts
+    another run, on other data or at another patch size: its backbone loads and is resampled as any checkpoint's;
+    its head and prompts belong to its own task and are not loaded, the prompts with a note."""
+    from safetensors.torch import save_file
+    from train import trainable_tensors
+    torch.manual_seed(1)
+    run_model = PromptedViT(timm.create_model('test_vit', img_size=32, patch_size=8, num_classes=3), prompts)
+    set_trainable(run_model, full=True)
+    path = tmp_path / 'trainable.safetensors'
+    save_file(trainable_tensors(run_model), path)
+    source = run_model.vit.state_dict()
+    torch.manual_seed(0)
+    vit = create_vit('test_vit', 10, img_size=32, patch_size=4, weights=str(path))
+    assert torch.equal(vit.blocks[5].mlp.fc2.weight, source['blocks.5.mlp.fc2.weight'])
+    assert torch.equal(vit.norm.weight, source['norm.weight']) and torch.equal(vit.cls_token, source['cls_token'])
+    assert torch.equal(vit.patch_embed.proj.weight, resample_patch_embed(source['patch_embed.proj.weight'], [4, 4]))
+    torch.testing.assert_close(vit.pos_embed.data, resample_abs_pos_embed(source['pos_embed'], (8, 8),
+                                                                          num_prefix_tokens=1))
+    assert vit.head.out_features == 10  # the run's 3-way head is not this run's
+    err = capsys.readouterr().err
+    assert (f"note: --weights {path} is a vpt run's checkpoint: its backbone is loaded, not its prompts" in err) == (
+        prompts > 0), err
+
+
+@pytest.mark.parametrize('change', ['deeper', 'shallower', 'avg_pool_norm', 'vpt_run_mixed_in'])
 def test_weights_that_leave_tensors_unloaded_are_refused(tmp_path, change):
     """timm loads non-strictly when the head changes size and only logs what it could not place: a file that would
     leave backbone tensors at their random init, or drop some of its own, is refused with one line instead."""
-    if change == 'vpt_run':  # a run's trainable.safetensors (prompts + head, + the backbone with --full): not a backbone
+    if change == 'vpt_run_mixed_in':  # a run's tensors ('vit.') beside a timm state dict: no backbone of its own
         model = PromptedViT(timm.create_model('test_vit', num_classes=3), 4)
         state = {'vit.' + name: tensor for name, tensor in model.vit.state_dict().items()}
+        state['head.weight'] = model.vit.head.weight
         expected = ["the model's cls_token", 'it holds vit.cls_token',
                     "a vpt run's checkpoint: use it with --resume RUN"]
     else:

@@ -268,6 +268,30 @@ def test_weights_file_identity_is_recorded(tiny_dataset, tmp_path, capsys, suffi
     assert config['weights_id'].endswith(f"sha256:{hashlib.sha256(weights.read_bytes()).hexdigest()}")
 
 
+def test_a_full_run_is_the_backbone_of_a_prompt_run_on_other_data(tiny_dataset, tmp_path, capsys):
+    """Fine-tune on one data set (F), then prompt-tune from that backbone on another: --weights takes the F run's
+    trainable.safetensors, and the second run's backbone is the first one's as trained, recorded by its sha256."""
+    import hashlib
+    import main
+    from safetensors.torch import load_file
+    common = ['--model', 'test_vit', '--device', 'cpu', '--epoch', 1, '--batch_size', 16, '--log_dir', tmp_path / 'logs']
+    code, _, err = run_main(common + ['--pretrained', 'False', '--full', True, '--prompts', 0, '--dataset', tiny_dataset,
+                                      '--name', 'upstream'], capsys)
+    assert code == 0, err
+    backbone = tmp_path / 'logs' / 'upstream' / 'trainable.safetensors'
+    other_data = write_folder_dataset(tmp_path / 'other', classes=('ship', 'truck'))
+    argv = common + ['--weights', backbone, '--prompts', 4, '--dataset', other_data, '--name', 'downstream']
+    code, _, err = run_main(argv, capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / 'logs' / 'downstream' / 'config.json').read_text())
+    assert config['weights_id'] == f"file {backbone} sha256:{hashlib.sha256(backbone.read_bytes()).hexdigest()}"
+    model, _ = main.build_model(main.parse_args([str(arg) for arg in argv]), 2, torch.device('cpu'))
+    trained = load_file(backbone)
+    for name, tensor in model.vit.named_parameters():
+        if not name.startswith('head.'):
+            assert torch.equal(tensor, trained['vit.' + name]), name
+
+
 def test_seed_recipe_trainable_count_on_vit_b4():
     """README's 'Reproducing the seed': the seed's trainable set on ViT-B/4 is P's 468,490 plus 89,856."""
     import main
