@@ -34,10 +34,12 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
     # classes on an in1k ViT) it loads that head, strictly. The head here is always new, initialised under --seed: a
     # class count no checkpoint has (-1) makes timm drop it whatever the file holds.
     overlay = dict(num_classes=-1)
+    run_checkpoint = None  # for a vpt run's checkpoint: the prompts it held, which are not loaded
     if weights and weights.lower().endswith('.npz'):
         kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=_npz_state_dict(model_name, weights, num_classes))
     elif weights:
-        kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=_backbone_state_dict(weights))
+        state, run_checkpoint = _backbone_state_dict(weights)
+        kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=state)
     elif pretrained:
         _check_hub_reachable(model_name)
         kwargs['pretrained_cfg_overlay'] = overlay
@@ -63,8 +65,16 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
     vit.pretrained_cfg.pop('state_dict', None)  # an .npz's converted tensors: loaded, no need to keep a second copy
     if 'pretrained_cfg_overlay' in kwargs:
         vit.pretrained_cfg['num_classes'] = getattr(timm.models.get_pretrained_cfg(model_name), 'num_classes', None)
-    _check_fit(vit, load_report, f"--weights {weights} does not fit --model {model_name}" if weights else
+    missing, unexpected = _left_unplaced(vit, load_report)
+    if run_checkpoint is not None and missing:  # a P, linear or --unfreeze run's: part of a ViT at most
+        raise SystemExit(f"error: --weights {weights} is a vpt run's checkpoint of only what that run trained, not a "
+                         f"whole backbone (only a --full True run's holds one); start from the weights that run "
+                         f"started from (its config.json's weights_id), or continue it with --resume RUN")
+    _check_fit(missing, unexpected, f"--weights {weights} does not fit --model {model_name}" if weights else
                f"the pretrained weights of {model_name} do not fit the ViT that VPT builds from it")
+    if run_checkpoint and os.environ.get('LOCAL_RANK', '0') == '0':
+        print(f"note: --weights {weights} is a vpt run's checkpoint: its backbone is loaded, not its "
+              f"prompts (this run's start anew under --seed)", file=sys.stderr)
     return vit
 
 
@@ -82,21 +92,15 @@ def _read_state_dict(weights):
 
 
 def _backbone_state_dict(weights):
-    """A timm checkpoint as it is. A vpt run's trainable.safetensors or best.safetensors (its trained tensors, under
-    'vit.' and 'prompts.') as the backbone it trained with --full True, for another run to start from: its prompts,
-    like its head, belong to its own task and are not loaded."""
+    """-> (state dict, None) for a timm checkpoint. A vpt run's trainable.safetensors or best.safetensors (its trained
+    tensors, under 'vit.' and 'prompts.') -> (its ViT's tensors, the names of its prompt tensors): with --full True it
+    trained the whole backbone, which another run can start from; its prompts, like its head, belong to its own task
+    and are not loaded."""
     state = _read_state_dict(weights)
     if not state or not all(key.startswith(('vit.', 'prompts.')) for key in state):
-        return state
+        return state, None
     backbone = {key[len('vit.'):]: tensor for key, tensor in state.items() if key.startswith('vit.')}
-    if 'patch_embed.proj.weight' not in backbone:  # a P, linear or --unfreeze run: the frozen backbone is not in it
-        raise SystemExit(f"error: --weights {weights} is a vpt run's checkpoint of only what that run trained, not a "
-                         f"backbone (only a --full True run's holds one); start from the weights that run started "
-                         f"from (its config.json's weights_id), or continue it with --resume RUN")
-    if len(backbone) < len(state) and os.environ.get('LOCAL_RANK', '0') == '0':
-        print(f"note: --weights {weights} is a vpt run's checkpoint: its backbone is loaded, not its prompts (this "
-              f"run's start anew under --seed)", file=sys.stderr)
-    return backbone
+    return backbone, sorted(key for key in state if key.startswith('prompts.'))
 
 
 @contextlib.contextmanager
@@ -127,13 +131,18 @@ def _timm_load_report():
                 logger.handle(record)
 
 
-def _check_fit(vit, load_report, problem):
-    """A checkpoint that leaves backbone tensors at their random init, or holds tensors the model has no place for,
-    is refused; only the classifier (replaced for the new classes) may be left out."""
+def _left_unplaced(vit, load_report):
+    """-> (the model's tensors the checkpoint did not hold, the checkpoint's tensors the model has no place for), the
+    classifier aside: it is new for the new classes."""
     classifier = vit.pretrained_cfg.get('classifier') or 'head'
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    missing, unexpected = ([key for key in load_report[kind] if key.rsplit('.', 1)[0] not in heads]
-                           for kind in ('Missing', 'Unexpected'))
+    return tuple([key for key in load_report[kind] if key.rsplit('.', 1)[0] not in heads]
+                 for kind in ('Missing', 'Unexpected'))
+
+
+def _check_fit(missing, unexpected, problem):
+    """A checkpoint that leaves backbone tensors at their random init, or holds tensors the model has no place for,
+    is refused."""
     if not missing and not unexpected:
         return
     listed = lambda keys: ', '.join(keys[:3]) + (f' and {len(keys) - 3} more' if len(keys) > 3 else '')
@@ -142,8 +151,6 @@ def _check_fit(vit, load_report, problem):
         found.append(f"the model's {listed(missing)} are not in it")
     if unexpected:
         found.append(f"it holds {listed(unexpected)}, which the model has no place for")
-    if any(key.startswith(('vit.', 'prompts.')) for key in unexpected):
-        found[-1] += " (a vpt run's checkpoint: use it with --resume RUN)"
     raise SystemExit(f"error: {problem}: {'; '.join(found)}")
 
 

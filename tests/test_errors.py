@@ -202,19 +202,21 @@ def test_weights_npz_of_another_architecture(cli):
     cli('--weights', path, expect=['does not fit --model test_vit', 'encoder blocks'])
 
 
-@pytest.mark.parametrize('trained', ['prompts', 'linear', 'unfreeze'])
+@pytest.mark.parametrize('trained', ['prompts', 'linear', 'unfreeze', 'seed_recipe'])
 def test_weights_of_a_vpt_run_without_its_backbone(cli, trained):
     """A P run's trainable.safetensors holds prompts and head (a linear probe's the head, --unfreeze a few tensors
-    more): no backbone to start from. A --full True run's is one (test_model)."""
+    more, README's seed recipe the patch embedding among them): no whole backbone to start from, and no note that
+    one was loaded. A --full True run's is one (test_model)."""
     from safetensors.torch import save_file
     from model import PromptedViT, set_trainable
     from train import trainable_tensors
     model = PromptedViT(timm.create_model('test_vit', num_classes=3), 0 if trained == 'linear' else 4)
-    set_trainable(model, full=False, unfreeze=['blocks.5.*', 'norm.*'] if trained == 'unfreeze' else ())
+    set_trainable(model, full=False, unfreeze=dict(unfreeze=['blocks.5.*', 'norm.*'], seed_recipe=[
+        'patch_embed.*', 'pos_embed', 'cls_token', 'norm.*']).get(trained, ()))
     path = cli.tmp_path / 'trainable.safetensors'
     save_file(trainable_tensors(model), path)
     cli('--weights', path, expect=[f"--weights {path} is a vpt run's checkpoint of only what that run trained, not a "
-                                   "backbone (only a --full True run's holds one)", "config.json's weights_id",
+                                   "whole backbone (only a --full True run's holds one)", "config.json's weights_id",
                                    '--resume RUN'])
 
 

@@ -185,23 +185,16 @@ def test_a_full_runs_checkpoint_is_the_backbone_of_another_run(tmp_path, capsys,
         prompts > 0), err
 
 
-@pytest.mark.parametrize('change', ['deeper', 'shallower', 'avg_pool_norm', 'vpt_run_mixed_in'])
+@pytest.mark.parametrize('change', ['deeper', 'shallower', 'avg_pool_norm'])
 def test_weights_that_leave_tensors_unloaded_are_refused(tmp_path, change):
     """timm loads non-strictly when the head changes size and only logs what it could not place: a file that would
     leave backbone tensors at their random init, or drop some of its own, is refused with one line instead."""
-    if change == 'vpt_run_mixed_in':  # a run's tensors ('vit.') beside a timm state dict: no backbone of its own
-        model = PromptedViT(timm.create_model('test_vit', num_classes=3), 4)
-        state = {'vit.' + name: tensor for name, tensor in model.vit.state_dict().items()}
-        state['head.weight'] = model.vit.head.weight
-        expected = ["the model's cls_token", 'it holds vit.cls_token',
-                    "a vpt run's checkpoint: use it with --resume RUN"]
-    else:
-        kwargs = dict(deeper=dict(depth=7), shallower=dict(depth=5), avg_pool_norm=dict(global_pool='avg'))[change]
-        state = timm.create_model('test_vit', **kwargs).state_dict()
-        expected = dict(deeper=['it holds blocks.6.norm1.weight, blocks.6.norm1.bias, blocks.6.attn.qkv.weight and 9 '
-                                'more, which the model has no place for'],  # blocks.6's 12 tensors: 3 named
-                        shallower=["the model's blocks.5.", 'not in it'],
-                        avg_pool_norm=["the model's norm.weight, norm.bias are not in it", 'fc_norm.weight'])[change]
+    kwargs = dict(deeper=dict(depth=7), shallower=dict(depth=5), avg_pool_norm=dict(global_pool='avg'))[change]
+    state = timm.create_model('test_vit', **kwargs).state_dict()
+    expected = dict(deeper=['it holds blocks.6.norm1.weight, blocks.6.norm1.bias, blocks.6.attn.qkv.weight and 9 '
+                            'more, which the model has no place for'],  # blocks.6's 12 tensors: 3 named
+                    shallower=["the model's blocks.5.", 'not in it'],
+                    avg_pool_norm=["the model's norm.weight, norm.bias are not in it", 'fc_norm.weight'])[change]
     torch.save(state, tmp_path / 'weights.pth')
     with pytest.raises(SystemExit) as error:
         create_vit('test_vit', 10, 32, 4, weights=str(tmp_path / 'weights.pth'))
