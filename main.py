@@ -441,6 +441,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
         model, unfrozen = build_model(args, len(classes), device)
         if args.resume:
             train.load_resumed_trainable(args.resume, model, state)
+        on_device = train.splits_to_device(splits, device)
     run_dir = args.resume
     if rank == 0:
         from model import count_params
@@ -486,7 +487,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
             train.write_config(run_dir, config)
             print(f"run directory: {run_dir}", flush=True)
         run_dir = broadcast_run_dir(run_dir, world_size)
-        train.fit(model, splits, classes, args, run_dir, device, state)
+        train.fit(model, on_device, classes, args, run_dir, device, state)
     except BaseException:
         if rank == 0 and not args.resume and not os.path.exists(os.path.join(run_dir, 'state.pt')):
             shutil.rmtree(run_dir, ignore_errors=True)  # it holds only this run's config.json: nothing to resume

@@ -552,9 +552,8 @@ def load_state(run_dir):
 def fit(model, splits, classes, args, run_dir, device, state=None):
     """Train for args.epoch epochs, evaluating val (if any) and test after each, checkpointing and logging on rank 0.
     A resumed run passes `state` (load_state) and has its trainable tensors in `model` (load_resumed_trainable).
-    `splits`: {'train', 'val' (or None), 'test'} -> (uint8 images, labels) on the CPU. Returns the metrics history."""
+    `splits`: {'train', 'val' (or None), 'test'} -> (uint8 images, labels) on the device (splits_to_device)."""
     rank, world_size = rank_and_world_size()
-    splits = splits_to_device(splits, device)
     train_images, train_labels = splits['train']
     preprocess = data.preprocessing(model.vit.pretrained_cfg, device, args.img_size)
     steps_per_epoch, warmup_steps, total_steps = schedule_steps(len(train_labels), args.batch_size, args.epoch,
@@ -655,7 +654,6 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
         print(f"best val epoch {summary['best_val_epoch']}: val acc {summary['best_val_acc']:.2f}%, test acc "
               f"{summary['test_acc_at_best_val']:.2f}% (best.safetensors); final test acc "
               f"{summary['final_test_acc']:.2f}%", flush=True)
-    return history
 
 
 def stopped(signum, run_dir, last_epoch, rank, world_size):

@@ -204,6 +204,30 @@ def test_refused_resume_writes_nothing_and_the_run_still_resumes(tiny_dataset, t
     assert files(tmp_path / 'r') == before
 
 
+def test_a_resume_whose_data_cannot_go_onto_the_device_writes_nothing(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """Out of GPU memory moving the images to the device refuses a resume like any other check: before config.json
+    gains a 'resumed' entry for a resume that never trained."""
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    before = files(tmp_path / 'r')
+    tensor_to = torch.Tensor.to
+
+    def to(tensor, *args, **kwargs):  # the images are the only uint8 tensors that go to the device
+        if tensor.dtype == torch.uint8:
+            raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 150.00 MiB')
+        return tensor_to(tensor, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, 'to', to)
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        'error: out of GPU memory moving the dataset (0 MiB of uint8 images) onto the device; a new run can keep '
+        'fewer images (--train_samples/--test_samples) or a smaller --img_size (a folder\'s larger images are shrunk '
+        'as decoded); a run resumed or evaluated needs a GPU with more free memory, or --device cpu'], err
+    assert files(tmp_path / 'r') == before
+    monkeypatch.setattr(torch.Tensor, 'to', tensor_to)
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
+    assert code == 0, err
+
+
 def test_first_sentence_of_an_error():
     import train
     assert train.first_sentence(RuntimeError('failed finding central directory. This is an internal error. If you '
