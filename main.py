@@ -669,7 +669,8 @@ def evaluate_checkpoint(args, model, splits, classes, device):
     for name, value in per_class.items():
         print(f"  {padded(names[name], width)}  "
               + (f"{value:7.2f}%" if value is not None else '      -  (no test images)'))
-    # written after printing: a run directory that cannot be written to (read-only, full) still shows its accuracy
+    # written after printing: a disk that fills up meanwhile still leaves the accuracy shown (check_log_dir has
+    # refused a run directory that cannot be written to at all)
     train.write_confusion(os.path.join(args.resume, f'confusion{suffix}.csv'), confusion, classes)
     summary_path = os.path.join(args.resume, 'summary.json')
     wrote = f"wrote {os.path.join(args.resume, f'confusion{suffix}.csv')}"

@@ -229,7 +229,7 @@ def load_run(run_dir):
         config = {}
     mode = config.get('mode')
     params = config.get('trainable_params')
-    best = max(history, key=lambda row: row['test_acc'])  # max() keeps the first epoch reaching the best on ties
+    oracle = max(history, key=lambda row: row['test_acc'])  # chosen on test (the table says so); the first of ties
     validated = [row for row in history if row['val_acc'] is not None]
     best_val = max(validated, key=lambda row: row['val_acc']) if validated else None
     peaks = [row['peak_mem_gib'] for row in history if row['peak_mem_gib'] is not None]
@@ -249,7 +249,8 @@ def load_run(run_dir):
     return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)),
                 mode=mode if isinstance(mode, str) and mode else '?',
                 params=params if isinstance(params, int) and not isinstance(params, bool) else None,
-                history=history, planned_epochs=planned, best_acc=best['test_acc'], best_epoch=best['epoch'],
+                history=history, planned_epochs=planned,
+                oracle_test_acc=oracle['test_acc'], oracle_epoch=oracle['epoch'],
                 val_epoch=best_val['epoch'] if best_val else None,
                 test_at_best_val=best_val['test_acc'] if best_val else None,
                 final_acc=history[-1]['test_acc'], time_s=time_s,
@@ -314,8 +315,8 @@ def print_table(runs):
     header = ['run', 'mode', 'epochs', 'test@best val', 'val epoch', 'best test (oracle)', 'best epoch', 'final test',
               'time/epoch', 'total time', 'peak mem', 'checkpoint', 'trainable params']
     rows = [[run['name'], run['mode'], epochs_cell(run), percent(run['test_at_best_val']),
-             str(run['val_epoch']) if run['val_epoch'] is not None else '-', percent(run['best_acc']),
-             str(run['best_epoch']), percent(run['final_acc']), format_time(run['epoch_time_s']),
+             str(run['val_epoch']) if run['val_epoch'] is not None else '-', percent(run['oracle_test_acc']),
+             str(run['oracle_epoch']), percent(run['final_acc']), format_time(run['epoch_time_s']),
              format_time(run['time_s']),
              f"{run['peak_mem_gib']:.1f} GiB" if run['peak_mem_gib'] is not None else '-',
              format_bytes(run['checkpoint_bytes']) if run['checkpoint_bytes'] is not None else '-',

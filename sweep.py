@@ -128,13 +128,18 @@ def read_json(path):
 
 
 def write_atomic(path, text):
-    """Readers (and a crash) see the old file or the new one, never half of one."""
+    """Readers (and a crash) see the old file or the new one, never half of one; a failed write leaves no temp file."""
     temp = f"{path}.tmp{os.getpid()}"
-    with open(temp, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, 'w') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise
 
 
 # ---------------------------------------------------------------- the definition, checked before anything runs
@@ -961,15 +966,26 @@ def main(argv=None):
              f"and re-launch the same command to resume or retry them")
 
 
+def stop_trials():
+    """The running trials stop at their next step, keeping their last finished epoch: left running, one would train on
+    unseen and hold its run's lock, so that a re-launch found it failed."""
+    on_signal(signal.SIGTERM, None)
+    for child in CHILDREN.values():
+        child.wait()
+
+
 def run_cli():
     try:
         main()
     except BrokenPipeError:  # the reader went away (| head): stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes stdout
-        on_signal(signal.SIGTERM, None)  # a trial left running would train on unseen, holding its run's lock
-        for child in CHILDREN.values():
-            child.wait()  # it stops at its next step, keeping its last finished epoch
+        stop_trials()
         sys.exit(1)
+    except OSError as e:  # the disk filled up, or the sweep's folder was taken away, while the sweep ran
+        stop_trials()
+        where = f" ({e.filename})" if e.filename else ''
+        fail(f"{e.strerror or e}{where}: stopped the sweep, its runs keep their last finished epoch; free the space "
+             f"(or restore the folder) and re-launch the same command")
 
 
 if __name__ == '__main__':

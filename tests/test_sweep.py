@@ -711,6 +711,33 @@ def test_a_closed_pipe_stops_the_running_trial_too(tmp_path):
     assert result.returncode == 1 and result.stderr.strip() == f'trial {-signal.SIGTERM}', result.stderr
 
 
+def test_a_full_disk_while_the_sweep_runs_is_one_line_and_stops_the_trial(tmp_path):
+    """A write of the sweep's own files (sweep.log, sweep.csv, sweep.md) that fails mid-sweep was a traceback that
+    left the running trial training on, orphaned."""
+    code = ("import errno, subprocess, sys\n"
+            "import sweep\n"
+            "trial = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(0.05)'])\n"
+            "sweep.CHILDREN['grid_lr=1e-3'] = trial\n"
+            "def disk_full():\n"
+            "    sweep.write_atomic('sweep.csv', 'run,status\\n')\n"
+            "sweep.main = disk_full\n"
+            "try:\n"
+            "    sweep.run_cli()\n"
+            "finally:\n"
+            "    print('trial', trial.poll(), file=sys.stderr)\n")
+    (tmp_path / 'sweep.csv').write_text('kept\n')
+    preload = ("import os, errno\n"  # the disk fills up as the temp file is synced
+               "def fsync(fd):\n"
+               "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+               "os.fsync = fsync\n")
+    result = subprocess.run([sys.executable, '-c', preload + code], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        'sweep.py: error: No space left on device: stopped the sweep, its runs keep their last finished epoch; free '
+        'the space (or restore the folder) and re-launch the same command', f'trial {-signal.SIGTERM}'], result.stderr
+    assert os.listdir(tmp_path) == ['sweep.csv'] and (tmp_path / 'sweep.csv').read_text() == 'kept\n'
+
+
 def test_the_same_sweep_typed_differently_is_not_started_afresh(tiny_dataset, tmp_path):
     """A sweep's name hashes its command as typed: re-typing the main.py flags in another order, 0.01 for 1e-2 or
     false for False started the whole sweep again under a new name, without a word."""
