@@ -462,28 +462,8 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                           prompt_impl=model.prompt_impl, folder_reading=folder_reading(args),
                           **{f'{name}_images': len(split[1]) if split else 0 for name, split in splits.items()},
                           **provenance(args, argv, world_size, device))
-            if args.resume:  # the run's first command and code stay on record; each resume is added
-                previous = read_json(os.path.join(run_dir, 'config.json'))
-                # from_epoch and, when --epoch changed, the plan before: the lr schedule was re-laid over the new one
-                resume = dict(command=config['command'], git_commit=config['git_commit'], from_epoch=state['epoch'],
-                              **({'epoch_before': previous.get('epoch')} if previous.get('epoch') != args.epoch
-                                 else {}),
-                              **{key: config[key] for key in MACHINE})
-                config.update(command=previous.get('command'), git_commit=previous.get('git_commit'),
-                              **{key: previous.get(key) for key in MACHINE},  # None: an older vpt did not record it
-                              resumed=previous.get('resumed', []) + [resume])
-                last = previous['resumed'][-1] if previous.get('resumed') else previous
-                last = last if isinstance(last, dict) else {}  # a hand-edited entry says nothing
-                if device.type == 'cpu' and str(last.get('device_name')).startswith('cpu') \
-                        and last.get('cpu_threads') not in (None, resume['cpu_threads']):
-                    print(f"note: {run_dir} trained on the CPU with {last['cpu_threads']} threads, now "
-                          f"{resume['cpu_threads']}: CPU kernels add up in another order, so the run goes on equal to "
-                          f"rounding, not bit for bit; OMP_NUM_THREADS={last['cpu_threads']} before the command "
-                          f"continues it exactly", file=sys.stderr, flush=True)
-                if args.prompt_dropout and args.prompts and previous.get('world_size', world_size) != world_size:
-                    print(f"note: {run_dir} ran in {previous['world_size']} process(es), now in {world_size}: the "
-                          f"data order is the same, but each process draws its own prompt-dropout masks, so the run "
-                          f"goes on as it could have, not bit for bit as it would have", file=sys.stderr, flush=True)
+            if args.resume:
+                config = resumed_config(config, read_json(os.path.join(run_dir, 'config.json')), args, state['epoch'])
             train.write_config(run_dir, config)
             print(f"run directory: {run_dir}", flush=True)
         run_dir = broadcast_run_dir(run_dir, world_size)
@@ -492,6 +472,31 @@ def train_run(args, argv, mode, rank, world_size, device, held):
         if rank == 0 and not args.resume and not os.path.exists(os.path.join(run_dir, 'state.pt')):
             shutil.rmtree(run_dir, ignore_errors=True)  # it holds only this run's config.json: nothing to resume
         raise
+
+
+def resumed_config(config, previous, args, from_epoch):
+    """A resumed run's config.json: this process's `config`, with the run's first command, code and machine kept from
+    `previous` and this resume added to its list; says what a change of machine does to exactness."""
+    run_dir, world_size = args.resume, config['world_size']
+    # from_epoch and, when --epoch changed, the plan before: the lr schedule was re-laid over the new one
+    resume = dict(command=config['command'], git_commit=config['git_commit'], from_epoch=from_epoch,
+                  **({'epoch_before': previous.get('epoch')} if previous.get('epoch') != args.epoch else {}),
+                  **{key: config[key] for key in MACHINE})
+    last = previous['resumed'][-1] if previous.get('resumed') else previous
+    last = last if isinstance(last, dict) else {}  # a hand-edited entry says nothing
+    if str(resume['device_name']).startswith('cpu') and str(last.get('device_name')).startswith('cpu') \
+            and last.get('cpu_threads') not in (None, resume['cpu_threads']):
+        print(f"note: {run_dir} trained on the CPU with {last['cpu_threads']} threads, now {resume['cpu_threads']}: "
+              f"CPU kernels add up in another order, so the run goes on equal to rounding, not bit for bit; "
+              f"OMP_NUM_THREADS={last['cpu_threads']} before the command continues it exactly", file=sys.stderr,
+              flush=True)
+    if args.prompt_dropout and args.prompts and previous.get('world_size', world_size) != world_size:
+        print(f"note: {run_dir} ran in {previous['world_size']} process(es), now in {world_size}: the data order is "
+              f"the same, but each process draws its own prompt-dropout masks, so the run goes on as it could have, "
+              f"not bit for bit as it would have", file=sys.stderr, flush=True)
+    return dict(config, command=previous.get('command'), git_commit=previous.get('git_commit'),
+                **{key: previous.get(key) for key in MACHINE},  # None: an older vpt did not record it
+                resumed=previous.get('resumed', []) + [resume])
 
 
 def build_model(args, num_classes, device):

@@ -290,11 +290,10 @@ class PromptedViT(nn.Module):
         if self.prompt_impl == 'kv' and not all(_supports_kv(block) for block in vit.blocks):
             raise SystemExit("error: --prompt_impl kv needs timm's standard ViT Block/Attention in every layer; "
                              "use --prompt_impl naive for this --model")
-        self.patch_size = vit.patch_embed.patch_size[0]
         self.prompts = None
         if num_prompts > 0:
             self.prompts = Prompts(len(vit.blocks) if deep else 1, num_prompts, vit.embed_dim,
-                                   self.patch_size, prompt_dropout)
+                                   vit.patch_embed.patch_size[0], prompt_dropout)
 
     @property
     def num_prompts(self):
