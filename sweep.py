@@ -981,11 +981,11 @@ def run_cli():
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes stdout
         stop_trials()
         sys.exit(1)
-    except OSError as e:  # the disk filled up, or the sweep's folder was taken away, while the sweep ran
+    except OSError as e:  # the disk filled up, or the sweep's folder was taken away or made read-only, while it ran
         stop_trials()
         where = f" ({e.filename})" if e.filename else ''
-        fail(f"{e.strerror or e}{where}: stopped the sweep, its runs keep their last finished epoch; free the space "
-             f"(or restore the folder) and re-launch the same command")
+        fail(f"{e.strerror or e}{where}: stopped the sweep, its runs keep their last finished epoch; mend that (free "
+             f"space, permissions) and re-launch the same command")
 
 
 if __name__ == '__main__':

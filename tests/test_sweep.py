@@ -733,8 +733,8 @@ def test_a_full_disk_while_the_sweep_runs_is_one_line_and_stops_the_trial(tmp_pa
     result = subprocess.run([sys.executable, '-c', preload + code], cwd=tmp_path, capture_output=True, text=True,
                             timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-        'sweep.py: error: No space left on device: stopped the sweep, its runs keep their last finished epoch; free '
-        'the space (or restore the folder) and re-launch the same command', f'trial {-signal.SIGTERM}'], result.stderr
+        'sweep.py: error: No space left on device: stopped the sweep, its runs keep their last finished epoch; mend '
+        'that (free space, permissions) and re-launch the same command', f'trial {-signal.SIGTERM}'], result.stderr
     assert os.listdir(tmp_path) == ['sweep.csv'] and (tmp_path / 'sweep.csv').read_text() == 'kept\n'
 
 
