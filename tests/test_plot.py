@@ -1300,3 +1300,24 @@ def test_a_file_for_a_path_says_to_pass_a_directory(logs, capsys):
     assert one_line(err) == (f'plot.py: error: {metrics} is not a directory; pass a run directory (holding '
                              f'metrics.csv) or a directory of runs such as logs/')
     assert not os.path.exists(os.path.join(logs, 'accuracy.png'))
+
+
+def test_the_table_reports_what_summary_json_does(tmp_path):
+    """plot.py reads metrics.csv without importing torch, so it applies train.summarize's rules itself: the first of
+    equal best val epochs, the test accuracy there, and the time per epoch without the epochs that compiled. README
+    promises that its table and summary.json agree; a change to either rule alone fails here."""
+    import train
+    history = [dict(epoch=epoch, train_loss=1.0, train_acc=50.0, test_loss=1.0, test_acc=test, lr=1e-3,
+                    epoch_time_s=seconds, train_images_per_s=1000.0, val_loss=1.0, val_acc=val, peak_mem_gib=None,
+                    includes_compile=compiled)
+               for epoch, test, val, seconds, compiled in [(1, 60.0, 55.0, 40.0, 1), (2, 71.0, 66.0, 5.0, 0),
+                                                           (3, 73.0, 66.0, 6.0, 0), (4, 74.0, 65.0, 30.0, 1)]]
+    run_dir = tmp_path / 'run'
+    os.makedirs(run_dir)
+    (run_dir / 'metrics.csv').write_bytes(train.metrics_bytes(history))
+    summary = train.summarize(history, 4, 0.1, 100)
+    run = plot.load_run(str(run_dir))
+    assert (run['val_epoch'], run['test_at_best_val']) == (summary['best_val_epoch'],
+                                                           summary['test_acc_at_best_val']) == (2, 71.0)
+    assert run['epoch_time_s'] == pytest.approx(summary['mean_epoch_time_s']) == 5.5
+    assert run['final_acc'] == summary['final_test_acc'] and run['time_s'] == pytest.approx(summary['total_time_s'])
