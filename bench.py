@@ -62,7 +62,7 @@ from PIL import Image
 
 import data
 import train
-from main import device_flag, git_commit, int_at_least, nearest_existing, str2bool
+from main import device_flag, git_commit, int_at_least, not_creatable, str2bool
 from model import PromptedViT, count_params, create_vit, set_trainable
 
 NUM_CLASSES = 10
@@ -470,9 +470,9 @@ def parse_args(argv=None):
             parser.error(f"--json {args.json} already exists and bench.py never replaces a file; pass a new name")
         if not os.path.basename(args.json):
             parser.error(f"--json {args.json} names a folder; pass a file name such as {args.json}bench.json")
-        existing = nearest_existing(os.path.dirname(os.path.abspath(args.json)))
-        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-            parser.error(f"cannot write --json {args.json} ({existing} is not a writable directory); choose another")
+        blocked = not_creatable(os.path.dirname(os.path.abspath(args.json)))
+        if blocked:
+            parser.error(f"cannot write --json {args.json} ({blocked} is not a writable directory); choose another")
     return args
 
 

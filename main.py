@@ -788,9 +788,9 @@ def check_writable_file(path):
     if os.path.exists(path):
         raise SystemExit(f"error: --out {path} already exists and predictions never replace a file; pass a new name, "
                          f"or drop --out to write a fresh predictions-N.csv in the run directory")
-    existing = nearest_existing(os.path.dirname(os.path.abspath(path)))  # missing folders are made as it is written
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise SystemExit(f"error: cannot write {path} ({existing} is not a writable directory); choose another --out")
+    blocked = not_creatable(os.path.dirname(os.path.abspath(path)))  # missing folders are made as it is written
+    if blocked:
+        raise SystemExit(f"error: cannot write {path} ({blocked} is not a writable directory); choose another --out")
 
 
 def read_json(path):
@@ -864,18 +864,19 @@ def check_log_dir(args):
     if args.name and os.path.exists(os.path.join(args.log_dir, args.name)):
         raise SystemExit(f"error: run {os.path.join(args.log_dir, args.name)} already exists; pick another --name, "
                          f"or continue it with --resume {os.path.join(args.log_dir, args.name)}")
-    existing = nearest_existing(args.log_dir)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise SystemExit(f"error: cannot write to --log_dir {args.log_dir} ({existing} is not a writable directory); "
+    blocked = not_creatable(args.log_dir)
+    if blocked:
+        raise SystemExit(f"error: cannot write to --log_dir {args.log_dir} ({blocked} is not a writable directory); "
                          f"choose a writable --log_dir")
 
 
-def nearest_existing(path):
-    """`path`, or the closest folder above it that exists: where creating it would start."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
+def not_creatable(path):
+    """Where creating the folder `path` would fail: the closest existing path at or above it, when that is not a
+    writable directory; None when `path` can be made (or is a writable directory)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return None if os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK) else existing
 
 
 def make_run_dir(args, mode):
