@@ -482,8 +482,7 @@ def main(argv=None):
     _, _, device = train.setup_distributed(args.device)
     name = train.device_name(device)
     peak = peak_bf16_tflops(name, args.peak_tflops) if device.type == 'cuda' or args.peak_tflops else None
-    if device.type == 'cuda':
-        set_tf32(True, True)
+    train.configure_backends(device)
 
     geometry = vit_geometry(create_vit(args.model, NUM_CLASSES, IMG_SIZE, PATCH_SIZE, pretrained=False))
     print(f"device {name} | torch {torch.__version__} | timm {timm.__version__} | model {args.model} | "

@@ -532,6 +532,14 @@ def load_splits(args, rank, world_size):
     splits = dict(train=(train_images, train_labels), val=val, test=(test_images, test_labels))
     if args.resume:  # other data first: what the counts below would say follows from it
         check_same_data(args, splits, classes, available)
+    check_splits(args, splits, classes, all_train_labels, rank)
+    return splits, classes, available
+
+
+def check_splits(args, splits, classes, all_train_labels, rank):
+    """Refuse splits a run cannot train on; warn (rank 0) where they differ from what the flags asked for."""
+    train_labels, test_labels = splits['train'][1], splits['test'][1]
+    val_labels = splits['val'][1] if splits['val'] else None
     for flag, asked, labels in (('train', args.train_samples, all_train_labels), ('test', args.test_samples,
                                                                                  test_labels)):
         if asked > len(labels) and rank == 0:  # config.json keeps both numbers; the log should say it too
@@ -539,16 +547,16 @@ def load_splits(args, rank, world_size):
                   f"used", file=sys.stderr, flush=True)
     if args.val_split:
         per_class = "it is rounded per class: each holds out round(fraction x its images), keeping one to train on"
-        if len(val_index) == 0 or len(train_index) == 0:
+        if len(val_labels) == 0 or len(train_labels) == 0:
             raise SystemExit(f"error: --val_split {args.val_split} of {len(all_train_labels)} training images leaves "
-                             f"{len(val_index)} for validation and {len(train_index)} for training ({per_class}); "
+                             f"{len(val_labels)} for validation and {len(train_labels)} for training ({per_class}); "
                              f"pick a fraction that leaves images on both sides")
-        held_out = len(val_index) / len(all_train_labels)
+        held_out = len(val_labels) / len(all_train_labels)
         no_val = (all_train_labels.bincount(minlength=len(classes)) > 0) & (
-            val[1].bincount(minlength=len(classes)) == 0)
+            val_labels.bincount(minlength=len(classes)) == 0)
         if rank == 0 and (abs(held_out - args.val_split) >= 0.01 or no_val.any()):
             missing = f" and no image of {int(no_val.sum())} of the {len(classes)} classes" if no_val.any() else ''
-            print(f"warning: --val_split {args.val_split} holds out {len(val_index)} of {len(all_train_labels)} "
+            print(f"warning: --val_split {args.val_split} holds out {len(val_labels)} of {len(all_train_labels)} "
                   f"training images ({100 * held_out:.1f}%){missing}: {per_class}", file=sys.stderr, flush=True)
     for split, labels, consequence in (
             ('training', train_labels, "the model cannot learn them: " + (
@@ -564,7 +572,6 @@ def load_splits(args, rank, world_size):
     if args.batch_size > len(train_labels) and not args.eval_only:  # evaluation pads its last batch
         raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(train_labels)} training "
                          f"images; lower --batch_size (or raise --train_samples)")
-    return splits, classes, available
 
 
 def check_resume_epoch(args, done):
