@@ -632,11 +632,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             if rank == 0 and new_best:
                 remove_stale(run_dir, 'confusion_best.csv')  # --eval_only's, of the best checkpoint until now
             if rank == 0:
-                val_text = f"val acc {val_acc:.2f}%  " if val_acc is not None else ''
-                print(f"epoch {epoch}/{args.epoch}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
-                      f"{val_text}test loss {test_loss:.4f} acc {test_acc:.2f}%  lr {row['lr']:.2e}  "
-                      f"{row['epoch_time_s']:.1f}s  {row['train_images_per_s']:.0f} img/s"
-                      + ('  (includes compiling)' if row['includes_compile'] else ''), flush=True)
+                print(epoch_line(row, args.epoch), flush=True)
                 if writer:
                     steps = range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch)
                     step_lrs = {step + 1: args.lr * lr_factor(step, warmup_steps, total_steps) for step in steps}
@@ -654,6 +650,15 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
         print(f"best val epoch {summary['best_val_epoch']}: val acc {summary['best_val_acc']:.2f}%, test acc "
               f"{summary['test_acc_at_best_val']:.2f}% (best.safetensors); final test acc "
               f"{summary['final_test_acc']:.2f}%", flush=True)
+
+
+def epoch_line(row, epochs):
+    """The line an epoch prints: its metrics.csv row."""
+    val_text = f"val acc {row['val_acc']:.2f}%  " if row['val_acc'] is not None else ''
+    return (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
+            f"{val_text}test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}%  lr {row['lr']:.2e}  "
+            f"{row['epoch_time_s']:.1f}s  {row['train_images_per_s']:.0f} img/s"
+            + ('  (includes compiling)' if row['includes_compile'] else ''))
 
 
 def stopped(signum, run_dir, last_epoch, rank, world_size):
