@@ -468,6 +468,8 @@ def train_run(args, argv, mode, rank, world_size, device, held):
             print(f"run directory: {run_dir}", flush=True)
         run_dir = broadcast_run_dir(run_dir, world_size)
         train.fit(model, on_device, classes, args, run_dir, device, state)
+        for signum in (signal.SIGINT, signal.SIGTERM):  # the run is finished and saved: a late signal changes nothing
+            signal.signal(signum, signal.SIG_IGN)  # (main() puts its caller's handlers back)
     except BaseException:
         if rank == 0 and not args.resume and not os.path.exists(os.path.join(run_dir, 'state.pt')):
             shutil.rmtree(run_dir, ignore_errors=True)  # it holds only this run's config.json: nothing to resume
@@ -952,14 +954,13 @@ def broadcast_run_dir(run_dir, world_size):
 
 
 if __name__ == '__main__':
+    # main() sets its own handlers and puts these back: once it returns or exits, the run is saved and said, and a
+    # signal as the interpreter shuts down (torch's takes a while), or a repeat of the one that stopped it (sweep.py
+    # and torchrun forward the terminal's), must not turn the exit status into a kill
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         main()
-    except SystemExit as e:
-        if e.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-            # stopped by a signal: a repeat (sweep.py and torchrun forward the terminal's) must not break the exit
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise
     except BrokenPipeError:  # the reader went away (| head): stop with a line, not a traceback; files are written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes stdout
         sys.exit("main.py: stopped: the program reading its output (head, say) exited")

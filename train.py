@@ -643,13 +643,13 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                 elif rank == 0:
                     print(f"{signal.Signals(stop.signum or signal.SIGTERM).name} came after the last epoch was saved: "
                           f"{run_dir} is finished", file=sys.stderr, flush=True)
-    if writer:
-        writer.close()
-    summary = summary_of(history)
-    if rank == 0 and summary['best_val_epoch'] is not None:
-        print(f"best val epoch {summary['best_val_epoch']}: val acc {summary['best_val_acc']:.2f}%, test acc "
-              f"{summary['test_acc_at_best_val']:.2f}% (best.safetensors); final test acc "
-              f"{summary['final_test_acc']:.2f}%", flush=True)
+        if writer:  # still under StopRequest: a signal now changes nothing, the run is saved
+            writer.close()
+        summary = summary_of(history)
+        if rank == 0 and summary['best_val_epoch'] is not None:
+            print(f"best val epoch {summary['best_val_epoch']}: val acc {summary['best_val_acc']:.2f}%, test acc "
+                  f"{summary['test_acc_at_best_val']:.2f}% (best.safetensors); final test acc "
+                  f"{summary['final_test_acc']:.2f}%", flush=True)
 
 
 def epoch_line(row, epochs):

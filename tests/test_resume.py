@@ -493,6 +493,42 @@ def test_signal_during_the_last_evaluation_finishes_the_run(tiny_dataset, tmp_pa
     assert json.loads((tmp_path / 'r' / 'summary.json').read_text())['finished'] is True
 
 
+def test_signal_after_the_last_epoch_finishes_the_run(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """After training, as the process group closes or the interpreter shuts down (torch's takes a while), a signal
+    leaves a finished run's exit status 0: a script that checks it must not resume a run that is done."""
+    import train
+    close_distributed = train.close_distributed
+
+    def signal_then_close():
+        os.kill(os.getpid(), signal.SIGINT)
+        close_distributed()
+    monkeypatch.setattr(train, 'close_distributed', signal_then_close)
+    before = signal.getsignal(signal.SIGINT)
+    code, out, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0 and 'stopped' not in err, err
+    assert json.loads((tmp_path / 'r' / 'summary.json').read_text())['finished'] is True
+    assert signal.getsignal(signal.SIGINT) is before  # main() gives its caller's handler back
+
+    summarize, calls = train.summarize, []
+
+    def summarize_then_signal(history, *args):  # its second call for the whole history: the summary after the loop
+        calls.append(len(history))
+        if calls.count(1) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return summarize(history, *args)
+    monkeypatch.setattr(train, 'summarize', summarize_then_signal)
+    code, out, err = run_main(tiny_run(tiny_dataset, tmp_path, 'q', '--val_split', 0.25), capsys)
+    assert code == 0 and calls.count(1) == 2 and 'stopped' not in err, err
+    assert 'best val epoch 1: ' in out
+
+    late = ("import atexit, os, runpy, signal, sys; sys.path.insert(0, sys.argv[1]); "
+            "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT)); sys.argv = sys.argv[1:]; "
+            "sys.argv[0] = os.path.join(sys.argv[0], 'main.py'); runpy.run_path(sys.argv[0], run_name='__main__')")
+    done = subprocess.run([sys.executable, '-c', late, REPO, *map(str, tiny_run(tiny_dataset, tmp_path, 's'))],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    assert done.returncode == 0 and 'KeyboardInterrupt' not in done.stderr, done.stderr[-2000:]
+
+
 def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset, tmp_path, capsys, monkeypatch):
     """--eval_only's confusion_best.csv and per_class_acc_best describe best.safetensors: they stay while its epoch
     stays the best and go when a resumed run saves a better one; confusion.csv of a finished run (and plot.py's
