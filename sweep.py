@@ -30,7 +30,8 @@ data that differ from what the sweep's runs read (classes, image counts) stops t
 set-aside/<run>.other-data-N. A run that stopped on a non-finite loss (main.py's exit status 3) is 'diverged': a
 result of its settings, ranked last, left out of the seeds' mean (the report counts it) and not retried (its
 summary.json says so, wherever it ran). A final run that trained another grid point than the winner (a failed grid
-run, retried, won) is 'stale': not counted, and the sweep stops until it is moved aside. Ctrl-C or SIGTERM reaches
+run, retried, won) is 'stale': not counted, and the sweep stops until it is moved aside; so is any run resumed by hand
+with another --epoch or --amp (RESUMABLE_SETTINGS). Ctrl-C or SIGTERM reaches
 the running trials, which keep their last finished epoch; the sweep writes its report, prints the command to
 re-launch and exits 130 / 143. Exit status 1 when a run failed (the others still run; stage 2 runs if at least one
 grid point finished). --print_commands prints stage 1's commands, or stage 2's once stage 1 has finished there.
@@ -77,6 +78,9 @@ SAME_DATA = ('dataset', 'data_dir', 'data_seed', 'train_samples', 'test_samples'
 # main.py's exits after a signal, or a child killed by one before it set its handlers (during its imports)
 INTERRUPTED = {130, 143, -signal.SIGINT, -signal.SIGTERM}
 DIVERGED = vpt.EXIT_DIVERGED  # main.py's exit after a non-finite loss: a result of the settings, not retried
+# main.py flags a --resume may change (main.RESUME_MAY_CHANGE) that change what a run trains: a run resumed by hand with
+# another value is not its trial any more
+RESUMABLE_SETTINGS = ('epoch', 'amp')
 RESULT_COLUMNS = ['status', 'epochs_done', 'epochs', 'best_val_acc', 'best_val_epoch', 'test_acc_at_best_val',
                   'final_test_acc', 'exit_code', 'message']
 ANSI = re.compile(r'\x1b\[[0-9;?]*[A-Za-z]')  # tqdm's cursor moves in a log file
@@ -478,6 +482,7 @@ def sweep_state(sweep_dir, meta, base_seed):
     """-> (grid trials, their rows, winner row or None, final trials, their rows), all read from disk."""
     trials1 = grid_trials(meta, base_seed, sweep_dir)
     rows1 = [trial_row(sweep_dir, trial) for trial in trials1]
+    mark_resumed_otherwise(sweep_dir, meta, trials1, rows1)
     scored = [row for row in rows1 if row['status'] == 'finished' and row['best_val_acc'] is not None]
     winner = max(scored, key=lambda row: row['best_val_acc']) if scored else None  # max keeps the first of ties
     if winner is None:
@@ -489,7 +494,9 @@ def sweep_state(sweep_dir, meta, base_seed):
         return trials1, rows1, winner, [], []  # stage 2 has not begun: its winner is not known yet
     for row, trained in zip(rows2, stale_values(sweep_dir, winner, trials2)):
         if trained:  # its row says what it trained, and it counts for nothing
-            row.update(trained, status='stale')
+            row.update(trained, status='stale', message=f"trained another grid point than the winner {winner['run']} "
+                                                        f"(a grid run that failed before has finished since)")
+    mark_resumed_otherwise(sweep_dir, meta, trials2, rows2)
     return trials1, rows1, winner, trials2, rows2
 
 
@@ -516,9 +523,31 @@ def stale_values(sweep_dir, winner, trials2):
     return found
 
 
-def stale_runs(rows2):
-    """The final runs sweep_state marked stale."""
-    return [row['run'] for row in rows2 if row['status'] == 'stale']
+def mark_resumed_otherwise(sweep_dir, definition, trials, rows):
+    """Mark stale, with what it trained, a run resumed by hand with another RESUMABLE_SETTINGS value than its trial's
+    (main.py --resume RUN --epoch 10, which README allows for any run): its numbers are not those of the settings the
+    sweep ranks or averages. Compared as main.py's parser reads the values, with its config.json's."""
+    given = given_main_flags(definition['main_flags'])
+    for trial, row in zip(trials, rows):
+        config = read_json(os.path.join(sweep_dir, trial['name'], 'config.json')) or {}
+        for flag in RESUMABLE_SETTINGS:
+            asked = (typed_value(flag, trial['values'][flag]) if flag in trial['values'] else
+                     repr(given.get(flag, vpt.make_parser().get_default(flag))))
+            if flag in config and repr(config[flag]) != asked:
+                row.update(status='stale', message=f"was resumed with --{flag} {config[flag]} (the sweep's runs "
+                                                   f"train with --{flag} {asked})")
+                break
+
+
+def stale_error(sweep_dir, rows, then):
+    """The one line that stops a sweep with stale runs: each one and what it trained."""
+    return '; '.join(f"{row['run']} in {sweep_dir} {row['message']}" for row in rows if row['status'] == 'stale') + (
+        f"; move {'it' if len(stale_runs(rows)) == 1 else 'them'} aside {then}")
+
+
+def stale_runs(rows):
+    """The runs sweep_state marked stale."""
+    return [row['run'] for row in rows if row['status'] == 'stale']
 
 
 def check_data(sweep_dir, trials, launched=True):
@@ -804,7 +833,8 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
                 spread += f"; {diverged} of {len(rows2)} seeds diverged (non-finite loss) and are not counted"
             stale = len(stale_runs(rows2))
             if stale:
-                spread += f"; {stale} of {len(rows2)} seeds trained another grid point (stale) and are not counted"
+                spread += f"; {stale} of {len(rows2)} seeds trained otherwise than the sweep asks (stale) and are not "
+                spread += "counted"
             if len(done) + diverged + stale < len(rows2):
                 spread += f"; {len(rows2) - len(done) - diverged - stale} of {len(rows2)} seeds not finished"
             lines += [f"**Test accuracy {mean_std(at_best)} %** ({spread}): each seed's test accuracy at its own "
@@ -813,7 +843,7 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
             lines += ["Every stage-2 seed diverged (non-finite loss): no result. The winning settings are unstable.",
                       '']
         elif stale_runs(rows2):
-            lines += ["No result: the stage-2 runs trained another grid point than the winner (stale).", '']
+            lines += ["No result: the stage-2 runs trained otherwise than the sweep asks (stale).", '']
         else:
             lines += ["No stage-2 seed has finished yet.", '']
         lines += [f"Winning flags: {' '.join(f'--{flag} {value}' for flag, value in winner['values'].items())} "
@@ -821,10 +851,10 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
                   f"main.py command of seed {base_seed + 1} (the sweep ran {seeds} as final_seed=<seed> in "
                   f"this directory):", '',
                   f"    {shlex.join(['python', vpt.script_path(MAIN_PY), *recipe])}"]
-        stale = stale_runs(rows2)
-        if stale:
-            lines += ['', f"**Warning**: {', '.join(stale)} trained another grid point than the winner; move them "
-                          f"aside and re-launch the sweep."]
+    for row in rows1 + rows2:
+        if row['status'] == 'stale':
+            lines += ['', f"**Warning**: {row['run']} {row['message']}; it counts for nothing until moved aside and the "
+                          f"sweep re-launched."]
     failed = [row for row in rows1 + rows2 if row['status'] in ('failed', 'diverged')]
     if failed:
         lines += ['', '## Failed and diverged runs', '']
@@ -841,9 +871,8 @@ def print_commands(sweep_dir, meta, base_seed):
     Runs nothing."""
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
     stage2 = stage1_done(rows1) and winner is not None
-    if stage2 and stale_runs(rows2):
-        fail(f"{', '.join(stale_runs(rows2))} in {sweep_dir} trained another grid point than "
-             f"the winner {winner['run']}; move them aside first")
+    if stale_runs(rows1 + rows2):
+        fail(stale_error(sweep_dir, rows1 + rows2, 'first'))
     printed = 0
     for trial in trials2 if stage2 else trials1:
         run_dir = os.path.join(sweep_dir, trial['name'])
@@ -912,6 +941,8 @@ def main(argv=None):
     check_data(sweep_dir, trials1 + trials2)
     if args.print_commands:
         return print_commands(sweep_dir, meta, base_seed)
+    if stale_runs(rows1 + rows2):  # before anything runs: a stale run that stopped would be resumed as it was changed
+        fail(stale_error(sweep_dir, rows1 + rows2, 'and re-launch'))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
     gpus = args.gpus.split(',') if args.gpus else None
@@ -932,7 +963,7 @@ def main(argv=None):
     run_trials(sweep_dir, meta, base_seed, trials1, gpus, not device_given, trials1)
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
     check_data(sweep_dir, trials1, launched=False)  # before a winner goes on to stage 2
-    stale = stale_runs(rows2)
+    stale = stale_runs(rows1 + rows2)
     if not STOP and stage1_done(rows1) and winner and not stale:
         say(sweep_dir, f"stage 2: {winner['run']} (best val acc {winner['best_val_acc']:.2f}%) with seeds "
                        f"{', '.join(str(trial['seed']) for trial in trials2)}")
@@ -946,8 +977,7 @@ def main(argv=None):
               f"Re-launch with:\n  {relaunch}", file=sys.stderr)
         sys.exit(128 + STOP[0])
     if stale:
-        fail(f"{', '.join(stale)} in {sweep_dir} trained another grid point than the winner {winner['run']} (a grid "
-             f"run that failed before has finished since); move them aside and re-launch")
+        fail(stale_error(sweep_dir, rows1 + rows2, 'and re-launch'))
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
     unfinished = [f"{row['run']} ({row['status']}" + (f", exit {row['exit_code']})" if row['exit_code'] is not None
                                                       else ')') for row in rows1 + rows2

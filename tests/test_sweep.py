@@ -328,7 +328,7 @@ def test_finals_that_trained_another_grid_point_are_stale_and_not_counted(tmp_pa
     rows = read_csv(sweep_dir / 'sweep.csv')
     assert [(row['run'], row[flag], row['status']) for row in rows[2:]] == [
         ('final_seed=1', str(resolved[values[0]]), 'stale'), ('final_seed=2', values[1], 'finished')]
-    assert '**Test accuracy 47.00 %** (n = 1 seed, so no std; 1 of 2 seeds trained another grid point (stale)' in report
+    assert '**Test accuracy 47.00 %** (n = 1 seed, so no std; 1 of 2 seeds trained otherwise than the sweep asks (stale)' in report
     assert '**Warning**: final_seed=1 trained another grid point than the winner' in report
 
 
@@ -1090,8 +1090,51 @@ def test_print_commands_leaves_out_runs_it_cannot_start(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sweep.print_commands(stale, meta, 0)
     out, err = capsys.readouterr()
-    assert out == '' and ('final_seed=1 in ' in err and 'trained another grid point than the winner grid_lr=5e-3; '
-                                                       'move them aside first' in err)
+    assert out == '' and ('final_seed=1 in ' in err and 'trained another grid point than the winner grid_lr=5e-3 (a '
+                                                       'grid run that failed before has finished since); move it '
+                                                       'aside first' in err)
+
+
+def test_a_run_resumed_by_hand_with_another_epoch_is_stale(tmp_path, capsys):
+    """README lets any run be resumed with a new --epoch: a sweep's run so extended trained other settings than its
+    trial. It is stale: it does not win the grid (its longer training would), it is left out of the seeds' mean, the
+    report says what it trained, and the sweep stops until it is moved aside."""
+    root = str(tmp_path / 's')
+    meta = fake_sweep(root, 2, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0)),
+                                (2, dict(best_val_acc=60, test_acc_at_best_val=90.0, final_test_acc=90.0,
+                                         epochs_done=3, epochs=3))],
+                      grid=(('grid_lr=1e-3', 50.0, 80.0), ('grid_lr=5e-3', 60.0, 80.0)), main_flags=('--epoch', '2'))
+    for run, lr, epoch in (('grid_lr=1e-3', 1e-3, 2), ('grid_lr=5e-3', 5e-3, 3), ('final_seed=1', 1e-3, 2),
+                           ('final_seed=2', 1e-3, 3)):
+        with open(os.path.join(root, run, 'config.json'), 'w') as f:
+            json.dump(dict(lr=lr, epoch=epoch, amp=True), f)
+    assert sweep.sweep_state(root, meta, 0)[2]['run'] == 'grid_lr=1e-3'
+    report = sweep.write_reports(root, meta, 0)
+    assert '**Test accuracy 70.00 %** (n = 1 seed, so no std; 1 of 2 seeds trained otherwise than the sweep asks ' \
+           '(stale)' in report
+    for run in ('grid_lr=5e-3', 'final_seed=2'):
+        assert (f"**Warning**: {run} was resumed with --epoch 3 (the sweep's runs train with --epoch 2); it counts "
+                f"for nothing until moved aside and the sweep re-launched.") in report
+    rows = {row['run']: row for row in read_csv(os.path.join(root, 'sweep.csv'))}
+    assert [rows[run]['status'] for run in ('grid_lr=1e-3', 'grid_lr=5e-3', 'final_seed=1', 'final_seed=2')] == [
+        'finished', 'stale', 'finished', 'stale']
+    with pytest.raises(SystemExit):
+        sweep.print_commands(root, meta, 0)
+    assert capsys.readouterr().err.strip() == (
+        f"sweep.py: error: grid_lr=5e-3 in {root} was resumed with --epoch 3 (the sweep's runs train with --epoch 2); "
+        f"final_seed=2 in {root} was resumed with --epoch 3 (the sweep's runs train with --epoch 2); move them aside "
+        f"first")
+
+    with open(os.path.join(root, 'final_seed=2', 'config.json'), 'w') as f:  # --amp, and a grid of --epoch values
+        json.dump(dict(lr=1e-3, epoch=2, amp=False), f)
+    assert sweep.sweep_state(root, meta, 0)[4][1]['message'] == (
+        "was resumed with --amp False (the sweep's runs train with --amp True)")
+    meta = dict(meta, grid={'epoch': ['2', '3']}, main_flags=['--model', 'test_vit'])
+    for run, epoch in (('grid_epoch=2', 2), ('grid_epoch=3', 5)):
+        os.makedirs(os.path.join(root, run))
+        with open(os.path.join(root, run, 'config.json'), 'w') as f:
+            json.dump(dict(epoch=epoch), f)
+    assert [row['status'] for row in sweep.sweep_state(root, meta, 0)[1]] == ['interrupted', 'stale']
 
 
 def test_collect_refuses_runs_of_different_data(tmp_path, capsys):
@@ -1131,10 +1174,30 @@ def test_finals_of_a_former_winner_stop_the_sweep_before_stage_2_goes_on(fake_tr
     assert stopped.value.code == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"sweep.py: error: final_seed=1 in {sweep_dir} trained another grid point than the winner grid_lr=1e-2 (a grid "
-        f"run that failed before has finished since); move them aside and re-launch")
+        f"run that failed before has finished since); move it aside and re-launch")
     assert not os.path.exists(sweep_dir / 'final_seed=2')
-    assert 'No result: the stage-2 runs trained another grid point than the winner (stale).' in (
+    assert 'No result: the stage-2 runs trained otherwise than the sweep asks (stale).' in (
         sweep_dir / 'sweep.md').read_text()
+
+
+def test_a_sweep_with_a_run_resumed_by_hand_stops_before_running_anything(fake_training, capsys):
+    """An interrupted run resumed by hand with another --epoch is not resumed by the sweep as it now is."""
+    run, sweep_dir = fake_training
+    run('--grid', 'lr=1e-3,5e-3', '--seeds', 1)
+    config = json.loads((sweep_dir / 'grid_lr=5e-3' / 'config.json').read_text())
+    (sweep_dir / 'grid_lr=5e-3' / 'config.json').write_text(json.dumps(dict(config, epoch=9)))  # main.py's: 5
+    (sweep_dir / 'grid_lr=5e-3' / 'summary.json').write_text(json.dumps(dict(finished=False, epochs_done=3)))
+    (sweep_dir / 'grid_lr=5e-3' / 'state.pt').write_bytes(b'')
+    shutil.rmtree(sweep_dir / 'final_seed=1')
+    before = (sweep_dir / 'sweep.log').read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run('--grid', 'lr=1e-3,5e-3', '--seeds', 1)
+    assert stopped.value.code == 1 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"sweep.py: error: grid_lr=5e-3 in {sweep_dir} was resumed with --epoch 9 (the sweep's runs train with --epoch "
+        f"5); move it aside and re-launch")
+    assert (sweep_dir / 'sweep.log').read_text() == before  # nothing ran, nothing was resumed
+    assert not os.path.exists(sweep_dir / 'final_seed=1')
 
 
 def test_a_winner_whose_every_seed_diverges_has_no_result(fake_training, monkeypatch, capsys):
