@@ -685,15 +685,43 @@ def evaluate_checkpoint(args, model, splits, classes, device):
               + (f"{value:7.2f}%" if value is not None else '      -  (no test images)'))
     # written after printing: a disk that fills up meanwhile still leaves the accuracy shown (check_log_dir has
     # refused a run directory that cannot be written to at all)
-    train.write_confusion(os.path.join(args.resume, f'confusion{suffix}.csv'), confusion, classes)
     summary_path = os.path.join(args.resume, 'summary.json')
-    wrote = f"wrote {os.path.join(args.resume, f'confusion{suffix}.csv')}"
-    if not suffix.startswith('_epoch'):
-        summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
-        summary[f'per_class_acc{suffix}'] = per_class
-        train.write_json(summary_path, summary)
-        wrote += f" and per_class_acc{suffix} in {summary_path}"
+    describes_the_run = not suffix.startswith('_epoch')  # _epochN names its checkpoint; the others, what is there now
+    lock = try_lock_run(args.resume) if describes_the_run else None  # held while writing: no training can begin
+    changed = describes_the_run and checkpoint_changed(args, epoch, lock)
+    if changed:
+        if lock is not None:
+            os.close(lock)
+        print(f"note: {changed}: confusion{suffix}.csv and per_class_acc{suffix} would not describe its "
+              f"{args.checkpoint} checkpoint, so they are not written; evaluate again once it has stopped",
+              file=sys.stderr)
+        return
+    try:
+        train.write_confusion(os.path.join(args.resume, f'confusion{suffix}.csv'), confusion, classes)
+        wrote = f"wrote {os.path.join(args.resume, f'confusion{suffix}.csv')}"
+        if describes_the_run:
+            summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
+            summary[f'per_class_acc{suffix}'] = per_class
+            train.write_json(summary_path, summary)
+            wrote += f" and per_class_acc{suffix} in {summary_path}"
+    finally:
+        if lock is not None:
+            os.close(lock)
     print(wrote)
+
+
+def checkpoint_changed(args, epoch, lock):
+    """Why --eval_only's files would not describe the run's checkpoint it evaluated at `epoch`, or None: training
+    replaces best.safetensors, or (resumed) a finished run's last checkpoint. `lock`: try_lock_run's."""
+    import train
+    if lock is None:
+        return f"{args.resume} is being trained by another process"
+    try:
+        now = train.checkpoint_epoch(checkpoint_path(args))
+    except Exception as e:  # removed or damaged meanwhile
+        now = type(e).__name__
+    return None if now == epoch else f"{checkpoint_path(args)} changed while this evaluated its epoch {epoch} " \
+                                      f"(now: {now})"
 
 
 def predict(args, device):
@@ -908,14 +936,22 @@ def lock_run(run_dir):
     """-> a file descriptor holding the run directory's lock (close it to release): one process trains a run at a
     time, as two (a second --resume, a sweep's --print_commands run by hand) would interleave their checkpoints and
     metrics. The lock is on the directory itself, so nothing is written, and it goes with the process however it ends."""
+    descriptor = try_lock_run(run_dir)
+    if descriptor is None:
+        raise SystemExit(f"error: {run_dir} is being trained by another process; let it finish, or stop it (it keeps "
+                         f"its last epoch) and --resume {run_dir}")
+    return descriptor
+
+
+def try_lock_run(run_dir):
+    """lock_run's lock, or None while another process holds it."""
     import fcntl
     descriptor = os.open(run_dir, os.O_RDONLY)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(descriptor)
-        raise SystemExit(f"error: {run_dir} is being trained by another process; let it finish, or stop it (it keeps "
-                         f"its last epoch) and --resume {run_dir}")
+        return None
     return descriptor
 
 

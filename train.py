@@ -490,16 +490,21 @@ def first_sentence(error, limit=200):
     return text if len(text) <= limit else text[:limit].rsplit(' ', 1)[0] + ' ...'
 
 
+def checkpoint_epoch(path):
+    """The epoch a trainable.safetensors or best.safetensors was saved at (-1 if it does not say)."""
+    from safetensors import safe_open
+    with safe_open(path, 'pt') as f:
+        return int((f.metadata() or {}).get('epoch', -1))
+
+
 def load_trainable(path, model):
     """Apply a run's trainable.safetensors (or best.safetensors) to `model`, built from the same config;
     -> the epoch it was saved at."""
-    from safetensors import safe_open
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} does not exist; best.safetensors needs a run with --val_split > 0, "
                          f"trainable.safetensors a run that finished at least its setup")
     try:
-        with safe_open(path, 'pt') as f:
-            epoch = int((f.metadata() or {}).get('epoch', -1))
+        epoch = checkpoint_epoch(path)
         tensors = load_file(path)
     except Exception as e:
         raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {first_sentence(e)}); the run's checkpoint "

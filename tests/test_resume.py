@@ -816,6 +816,47 @@ def test_a_weights_file_that_moved_is_passed_again(tiny_dataset, tmp_path, capsy
     assert code == 0 and len(read_metrics(tmp_path / 'r')) == 2, err
 
 
+def test_eval_only_writes_nothing_that_a_training_process_could_make_stale(tiny_dataset, tmp_path, capsys,
+                                                                             monkeypatch):
+    """--eval_only beside a training process (which replaces best.safetensors, or extends a finished run) shows the
+    accuracy but writes no confusion_best.csv / per_class_acc_best that would outlive the checkpoint they describe;
+    nor when the checkpoint changed while it evaluated. Otherwise it writes them, holding the run's lock."""
+    import train
+    run_dir = tmp_path / 'r'
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', '--val_split', 0.25, epochs=2), capsys)
+    assert code == 0, err
+    before = files(run_dir)
+    training = main.lock_run(run_dir)  # as a training process holds it
+    try:
+        for checkpoint, suffix in (('best', '_best'), ('last', '')):
+            code, out, err = run_main(['--eval_only', '--resume', run_dir, '--checkpoint', checkpoint], capsys)
+            assert code == 0 and f'({checkpoint}, epoch ' in out and 'test accuracy' in out, err
+            assert err.strip() == (f"note: {run_dir} is being trained by another process: confusion{suffix}.csv and "
+                                   f"per_class_acc{suffix} would not describe its {checkpoint} checkpoint, so they are "
+                                   f"not written; evaluate again once it has stopped")
+            assert files(run_dir) == before
+    finally:
+        os.close(training)
+
+    evaluate_split, best = train.evaluate_split, run_dir / 'best.safetensors'
+    epoch = train.checkpoint_epoch(best)
+
+    def evaluate_as_training_saves_a_better_epoch(*args):
+        from safetensors.torch import save_file
+        save_file(load_file(best), best, metadata={'epoch': '7'})
+        return evaluate_split(*args)
+    monkeypatch.setattr(train, 'evaluate_split', evaluate_as_training_saves_a_better_epoch)
+    code, out, err = run_main(['--eval_only', '--resume', run_dir, '--checkpoint', 'best'], capsys)
+    assert code == 0 and err.strip().startswith(f"note: {best} changed while this evaluated its epoch {epoch} (now: 7):")
+    assert not (run_dir / 'confusion_best.csv').exists()
+    monkeypatch.setattr(train, 'evaluate_split', evaluate_split)
+    code, out, err = run_main(['--eval_only', '--resume', run_dir, '--checkpoint', 'best'], capsys)
+    assert code == 0 and (run_dir / 'confusion_best.csv').is_file(), err
+    assert 'per_class_acc_best' in json.loads((run_dir / 'summary.json').read_text())
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)  # eval_only let go of the lock
+    assert code == 0, err
+
+
 def test_a_run_in_training_cannot_be_resumed_twice(dataset, tmp_path, capsys):
     run_dir = tmp_path / 'run'
     process = start(flags(dataset, tmp_path, 'run', epochs=3))
