@@ -673,30 +673,36 @@ def evaluate_checkpoint(args, model, splits, classes, device):
     suffix = '_best' if args.checkpoint == 'best' else '' if epoch >= planned else f'_epoch{epoch}'
     loss, acc, confusion = results['test']
     per_class = train.per_class_accuracy(confusion, classes)
+    report = []
     if 'val' in results:
-        print(f"{args.resume} ({args.checkpoint}, epoch {epoch}): val accuracy {results['val'][1]:.4f}% "
-              f"on {len(splits['val'][1])} images")
-    print(f"{args.resume} ({args.checkpoint}, epoch {epoch}): test accuracy {acc:.4f}% test loss {loss:.6f} "
-          f"on {len(splits['test'][1])} images")
+        report.append(f"{args.resume} ({args.checkpoint}, epoch {epoch}): val accuracy {results['val'][1]:.4f}% "
+                      f"on {len(splits['val'][1])} images")
+    report.append(f"{args.resume} ({args.checkpoint}, epoch {epoch}): test accuracy {acc:.4f}% test loss {loss:.6f} "
+                  f"on {len(splits['test'][1])} images")
     names = {name: shown(name) for name in per_class}
     width = max(map(shown_width, names.values()))
-    for name, value in per_class.items():
-        print(f"  {padded(names[name], width)}  "
-              + (f"{value:7.2f}%" if value is not None else '      -  (no test images)'))
-    # written after printing: a disk that fills up meanwhile still leaves the accuracy shown (check_log_dir has
-    # refused a run directory that cannot be written to at all)
+    report += [f"  {padded(names[name], width)}  " + (f"{value:7.2f}%" if value is not None else
+                                                       '      -  (no test images)') for name, value in per_class.items()]
+    try:  # the files first, so that a reader gone (| head) does not stop them; the report even if they fail (disk full)
+        said, stream = write_evaluation(args, epoch, suffix, confusion, per_class, classes)
+    finally:
+        print('\n'.join(report), flush=True)
+    print(said, file=stream)
+
+
+def write_evaluation(args, epoch, suffix, confusion, per_class, classes):
+    """--eval_only's confusion<suffix>.csv, and per_class_acc<suffix> in summary.json unless the checkpoint is named
+    by its epoch; -> (what it did, the stream to say it on)."""
+    import train
     summary_path = os.path.join(args.resume, 'summary.json')
     describes_the_run = not suffix.startswith('_epoch')  # _epochN names its checkpoint; the others, what is there now
     lock = try_lock_run(args.resume) if describes_the_run else None  # held while writing: no training can begin
-    changed = describes_the_run and checkpoint_changed(args, epoch, lock)
-    if changed:
-        if lock is not None:
-            os.close(lock)
-        print(f"note: {changed}: confusion{suffix}.csv and per_class_acc{suffix} would not describe its "
-              f"{args.checkpoint} checkpoint, so they are not written; evaluate again once it has stopped",
-              file=sys.stderr)
-        return
     try:
+        changed = describes_the_run and checkpoint_changed(args, epoch, lock)
+        if changed:
+            return (f"note: {changed}: confusion{suffix}.csv and per_class_acc{suffix} would not describe its "
+                    f"{args.checkpoint} checkpoint, so they are not written; evaluate again once it has stopped",
+                    sys.stderr)
         train.write_confusion(os.path.join(args.resume, f'confusion{suffix}.csv'), confusion, classes)
         wrote = f"wrote {os.path.join(args.resume, f'confusion{suffix}.csv')}"
         if describes_the_run:
@@ -704,10 +710,10 @@ def evaluate_checkpoint(args, model, splits, classes, device):
             summary[f'per_class_acc{suffix}'] = per_class
             train.write_json(summary_path, summary)
             wrote += f" and per_class_acc{suffix} in {summary_path}"
+        return wrote, sys.stdout
     finally:
         if lock is not None:
             os.close(lock)
-    print(wrote)
 
 
 def checkpoint_changed(args, epoch, lock):

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -407,11 +408,17 @@ def test_predict_keeps_a_csv_written_meanwhile(run_dir, tiny_dataset, tmp_path, 
 
 
 def test_a_reader_that_goes_away_is_one_line_not_a_traceback(run_dir, tiny_dataset, tmp_path):
-    """python main.py --predict ... | head, python plot.py logs/ | head: the CSV is written before the table is
-    printed, and the closed pipe is one line (main.py) or nothing (plot.py), not Python's BrokenPipeError traceback."""
+    """python main.py --predict ... | head, --eval_only ... | head, python plot.py logs/ | head: the CSVs are written
+    before the table is printed, and the closed pipe is one line (main.py) or nothing (plot.py), not Python's
+    BrokenPipeError traceback."""
     code, err = stderr_when_the_reader_goes_away(['--predict', os.path.join(tiny_dataset, 'test'), '--resume', run_dir,
                                                   '--out', tmp_path / 'p.csv'], 'main.py')
     assert code == 1 and err.strip() == "main.py: stopped: the program reading its output (head, say) exited", err
     assert len((tmp_path / 'p.csv').read_text().splitlines()) == 1 + 18  # header + every test image
     code, err = stderr_when_the_reader_goes_away([os.path.dirname(run_dir), '--out', tmp_path / 'a.png'], 'plot.py')
     assert code == 1 and err == '', err
+    copy = shutil.copytree(run_dir, tmp_path / 'copy')  # --eval_only | head: its files are written all the same
+    os.remove(copy / 'confusion.csv')
+    code, err = stderr_when_the_reader_goes_away(['--eval_only', '--resume', copy], 'main.py')
+    assert code == 1 and err.strip() == "main.py: stopped: the program reading its output (head, say) exited", err
+    assert read_confusion(copy / 'confusion.csv') == read_confusion(run_dir / 'confusion.csv')
