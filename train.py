@@ -192,7 +192,8 @@ def train_epoch(model, optimizer, scheduler, batches, steps, amp=True, stop=None
     correct = torch.zeros((), device=device, dtype=torch.float64)
     bad_step = torch.full((), -1, device=device, dtype=torch.long)  # first non-finite loss, tracked without a per-step sync
     count, start = 0, time.perf_counter()
-    bar = tqdm(total=steps, desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True)
+    # None: on a terminal only; in a log file (2> run.log, sweep.py's trial logs) its redraws would bury the epoch lines
+    bar = tqdm(total=steps, desc=desc, disable=True if rank != 0 else None, leave=False, dynamic_ncols=True)
     with bar:  # closed (and its line cleared) however the epoch ends, so an error message starts on a clean line
         for step, (images, labels) in enumerate(batches, 1):
             with autocast(device, amp):
@@ -654,7 +655,10 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
         if rank == 0 and summary['best_val_epoch'] is not None:
             print(f"best val epoch {summary['best_val_epoch']}: val acc {summary['best_val_acc']:.2f}%, test acc "
                   f"{summary['test_acc_at_best_val']:.2f}% (best.safetensors); final test acc "
-                  f"{summary['final_test_acc']:.2f}%", flush=True)
+                  f"{summary['final_test_acc']:.2f}%; results in {run_dir}", flush=True)
+        elif rank == 0:
+            print(f"final test acc {summary['final_test_acc']:.2f}% (without --val_split no epoch is chosen); results "
+                  f"in {run_dir}", flush=True)
 
 
 def epoch_line(row, epochs):

@@ -48,7 +48,9 @@ def test_val_split_best_checkpoint_and_summary(tiny_dataset, tmp_path, capsys, m
     assert summary['test_images'] == 18  # the test split's, not the 36 training images'
     assert summary['test_acc_at_best_val'] == pytest.approx(float(rows[1]['test_acc']), abs=1e-4)
     assert summary['final_test_acc'] == pytest.approx(float(rows[2]['test_acc']), abs=1e-4)
-    assert f"best val epoch 2: val acc 90.00%, test acc {float(rows[1]['test_acc']):.2f}%" in out
+    assert out.strip().splitlines()[-1] == (
+        f"best val epoch 2: val acc 90.00%, test acc {float(rows[1]['test_acc']):.2f}% (best.safetensors); final test "
+        f"acc {float(rows[2]['test_acc']):.2f}%; results in {run_dir}")
     for row in rows:  # each epoch's line shows its metrics.csv row, val between train and test
         assert re.search(rf"epoch {row['epoch']}/3  train loss {float(row['train_loss']):.4f} acc "
                          rf"{float(row['train_acc']):.2f}%  val acc {float(row['val_acc']):.2f}%  test loss "
