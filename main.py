@@ -12,6 +12,7 @@
 import argparse
 import contextlib
 import datetime
+import difflib
 import hashlib
 import json
 import math
@@ -177,6 +178,12 @@ def parse_args(argv=None):
     parser = make_parser()
 
     def error(message):  # one line, no usage dump; under torchrun from the first process only
+        if message.startswith('unrecognized arguments: '):  # --epochs for --epoch
+            flags = [option for action in parser._actions for option in action.option_strings]
+            close = [match for word in message.split()[2:] if word.startswith('--')
+                     for match in difflib.get_close_matches(word.split('=')[0], flags, 1)]
+            if close:
+                message += f"; did you mean {' '.join(dict.fromkeys(close))}?"
         say_once(f"main.py: error: {message} (python main.py --help lists the flags)", 2)
     parser.error = error
     args = parser.parse_args(argv)
@@ -201,8 +208,10 @@ def parse_args(argv=None):
     if args.eval_only and args.predict:
         error("--eval_only and --predict are two actions; run them one at a time")
     if (not args.resume or 'dataset' in given) and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
-        error(f"--dataset {args.dataset!r} is neither cifar10, cifar100 nor a folder; a folder dataset needs "
-              f"train/<class>/* and test/<class>/* images")  # before torch loads (and before sweep.py starts)
+        error(f"--dataset {args.dataset!r} is neither cifar10, cifar100 nor a folder; "
+              + (f"did you mean {args.dataset.lower()}?" if args.dataset.lower() in CIFAR else
+                 "a folder dataset needs train/<class>/* and test/<class>/* images"))  # before torch loads
+
     if 'weights' in given and os.path.isdir(args.weights):  # e.g. a hub download's folder
         found = sorted(name for name in os.listdir(args.weights)
                        if name.endswith(('.safetensors', '.pth', '.bin', '.npz')))
@@ -488,7 +497,8 @@ def resumed_config(config, previous, args, from_epoch):
     last = last if isinstance(last, dict) else {}  # a hand-edited entry says nothing
     if str(resume['device_name']).startswith('cpu') and str(last.get('device_name')).startswith('cpu') \
             and last.get('cpu_threads') not in (None, resume['cpu_threads']):
-        print(f"note: {run_dir} trained on the CPU with {last['cpu_threads']} threads, now {resume['cpu_threads']}: "
+        threads = f"{last['cpu_threads']} thread{'s' * (last['cpu_threads'] != 1)}"
+        print(f"note: {run_dir} trained on the CPU with {threads}, now {resume['cpu_threads']}: "
               f"CPU kernels add up in another order, so the run goes on equal to rounding, not bit for bit; "
               f"OMP_NUM_THREADS={last['cpu_threads']} before the command continues it exactly", file=sys.stderr,
               flush=True)
@@ -510,7 +520,7 @@ def build_model(args, num_classes, device):
         if 'sha256:' in recorded and weights_sha256(args.weights) != recorded.split('sha256:')[-1]:
             raise SystemExit(f"error: --weights {args.weights} is not the file {args.resume} was trained from (its "
                              f"sha256 differs from config.json's weights_id {recorded.split('sha256:')[-1][:12]}...); "
-                             f"put the run's weights back at that path")
+                             f"pass --weights with the file it was trained from")
     torch.manual_seed(args.seed)  # the random parts of the model (head, prompts, a random backbone) are reproducible
     vit = create_vit(args.model, num_classes, args.img_size, args.patch_size, args.pretrained, args.weights)
     model = PromptedViT(vit, args.prompts, args.deep, args.prompt_dropout, args.prompt_impl).to(device)

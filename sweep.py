@@ -891,7 +891,8 @@ def print_commands(sweep_dir, meta, base_seed):
     stage = 'stage 2' if stage2 else 'stage 1'
     then = (f"python sweep.py --collect {sweep_dir}" if stage2 else
             "print the commands again for stage 2, or python sweep.py --collect " + sweep_dir)
-    print(f"sweep.py: {printed} {stage} commands to run from this directory; once they have finished: {then}",
+    print(f"sweep.py: {printed} {stage} command{'s' * (printed != 1)} to run from this directory; once "
+          f"{'they have' if printed != 1 else 'it has'} finished: {then}",
           file=sys.stderr)
 
 

@@ -192,7 +192,7 @@ def train_epoch(model, optimizer, scheduler, batches, steps, amp=True, stop=None
     correct = torch.zeros((), device=device, dtype=torch.float64)
     bad_step = torch.full((), -1, device=device, dtype=torch.long)  # first non-finite loss, tracked without a per-step sync
     count, start = 0, time.perf_counter()
-    # None: on a terminal only; in a log file (2> run.log, sweep.py's trial logs) its redraws would bury the epoch lines
+    # None: on a terminal only; in a log file (2> run.log, sweep.py's trial logs) its redraws bury the epoch lines
     bar = tqdm(total=steps, desc=desc, disable=True if rank != 0 else None, leave=False, dynamic_ncols=True)
     with bar:  # closed (and its line cleared) however the epoch ends, so an error message starts on a clean line
         for step, (images, labels) in enumerate(batches, 1):
@@ -502,8 +502,9 @@ def load_trainable(path, model):
     """Apply a run's trainable.safetensors (or best.safetensors) to `model`, built from the same config;
     -> the epoch it was saved at."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} does not exist; best.safetensors needs a run with --val_split > 0, "
-                         f"trainable.safetensors a run that finished at least its setup")
+        raise SystemExit(f"error: {path} does not exist; " + (
+            "best.safetensors needs a run with --val_split > 0" if os.path.basename(path) == 'best.safetensors' else
+            "a run writes it when it has finished its setup, so this run directory is incomplete"))
     try:
         epoch = checkpoint_epoch(path)
         tensors = load_file(path)

@@ -232,7 +232,12 @@ def test_paths_are_checked_before_torch_loads_and_in_order(tmp_path, capsys):
     writing anything); with --resume, a typo in a --dataset given for a moved copy is named as such."""
     import main
     for argv, expected in (
-            (['--dataset', 'nowhere'], "--dataset 'nowhere' is neither cifar10, cifar100 nor a folder"),
+            (['--dataset', 'nowhere'], "--dataset 'nowhere' is neither cifar10, cifar100 nor a folder; a folder "
+                                       "dataset needs train/<class>/* and test/<class>/* images"),
+            (['--dataset', 'CIFAR10'], "--dataset 'CIFAR10' is neither cifar10, cifar100 nor a folder; did you mean "
+                                       "cifar10?"),
+            (['--epochs', '3', '--wieght_decay', '0'], "unrecognized arguments: --epochs 3 --wieght_decay 0; did you "
+                                                       "mean --epoch --weight_decay?"),
             (['--weights', 'nope.npz'], '--weights nope.npz: no such file'),
             (['--eval_only', '--dataset', 'nowhere'], '--eval_only needs --resume RUN_DIR'),
             (['--resume', tmp_path / 'run', '--dataset', 'nowhere'], "--dataset 'nowhere' is neither")):
@@ -402,6 +407,11 @@ def test_best_checkpoint_of_a_run_without_val_split(cli, capsys):
     assert run_main(argv, capsys)[0] == 0
     code, _, err = run_main(['--eval_only', '--resume', cli.tmp_path / 'runs' / 'noval', '--checkpoint', 'best'], capsys)
     assert code == 1 and err.strip().count('\n') == 0 and 'best.safetensors needs a run with --val_split > 0' in err
+    os.remove(cli.tmp_path / 'runs' / 'noval' / 'trainable.safetensors')
+    code, _, err = run_main(['--eval_only', '--resume', cli.tmp_path / 'runs' / 'noval'], capsys)
+    assert code == 1 and err.strip() == (f"error: {cli.tmp_path / 'runs' / 'noval' / 'trainable.safetensors'} does "
+                                         f"not exist; a run writes it when it has finished its setup, so this run "
+                                         f"directory is incomplete")
 
 
 @pytest.mark.parametrize('flags,code,expect', [(['--epoch', '0'], 2, '--epoch'),

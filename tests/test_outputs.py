@@ -185,18 +185,19 @@ def test_predict_under_torchrun_is_refused_before_any_work(run_dir, tiny_dataset
     assert sorted(os.listdir(run_dir)) == before
 
 
-def test_the_progress_bar_shows_on_a_terminal_only_and_the_last_line_says_where_the_results_are(tiny_dataset, tmp_path, capsys, monkeypatch):
+def test_the_bar_shows_on_a_terminal_only_and_the_last_line_says_where_the_results_are(tiny_dataset, tmp_path, capsys,
+                                                                                       monkeypatch):
     """In a log file (2> run.log, sweep.py's trial logs) the bar's redraws would bury the epoch lines."""
-    code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8, '--log_dir', tmp_path],
-                              capsys)
+    code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8,
+                               '--log_dir', tmp_path], capsys)
     assert code == 0 and 'it/s' not in err and 'epoch 1/1  train loss' in out, err
     run_dir = tmp_path / os.listdir(tmp_path)[0]  # the run's last line: its final number and where the files are
     final = float(read_metrics(run_dir)[-1]['test_acc'])
     assert out.strip().splitlines()[-1] == (f"final test acc {final:.2f}% (without --val_split no epoch is chosen); "
                                             f"results in {run_dir}")
     monkeypatch.setattr(sys.stderr, 'isatty', lambda: True, raising=False)
-    code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8, '--log_dir', tmp_path],
-                              capsys)
+    code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8,
+                               '--log_dir', tmp_path], capsys)
     assert code == 0 and 'epoch 1/1: 100%' in err and 'it/s' in err, err
 
 

@@ -617,7 +617,7 @@ def test_a_resume_records_its_machine_and_says_when_cpu_threads_change(tiny_data
     CPU resume with another thread count than the last process says it goes on equal only to rounding."""
     threads = torch.get_num_threads()
     run_dir = tmp_path / 'r'
-    note = (f"note: {run_dir} trained on the CPU with 1 threads, now 2: CPU kernels add up in another order, so the "
+    note = (f"note: {run_dir} trained on the CPU with 1 thread, now 2: CPU kernels add up in another order, so the "
             f"run goes on equal to rounding, not bit for bit; OMP_NUM_THREADS=1 before the command continues it "
             f"exactly")
     try:
@@ -810,7 +810,8 @@ def test_a_weights_file_that_moved_is_passed_again(tiny_dataset, tmp_path, capsy
     assert code == 0 and f"test accuracy {logged}%" in out, out + err
     torch.save(timm.create_model('test_vit', num_classes=5).state_dict(), tmp_path / 'other.pth')
     code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2, '--weights', tmp_path / 'other.pth'], capsys)
-    assert code == 1 and 'is not the file' in err, err
+    assert code == 1 and 'is not the file' in err and err.strip().endswith('pass --weights with the file it was trained '
+                                                                           'from'), err
     code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2, '--weights', tmp_path / 'moved' / 'w.pth'],
                             capsys)
     assert code == 0 and len(read_metrics(tmp_path / 'r')) == 2, err
@@ -847,7 +848,7 @@ def test_eval_only_writes_nothing_that_a_training_process_could_make_stale(tiny_
         return evaluate_split(*args)
     monkeypatch.setattr(train, 'evaluate_split', evaluate_as_training_saves_a_better_epoch)
     code, out, err = run_main(['--eval_only', '--resume', run_dir, '--checkpoint', 'best'], capsys)
-    assert code == 0 and err.strip().startswith(f"note: {best} changed while this evaluated its epoch {epoch} (now: 7):")
+    assert code == 0 and err.strip().startswith(f"note: {best} changed while this evaluated its epoch {epoch} (now: 7)")
     assert not (run_dir / 'confusion_best.csv').exists()
     monkeypatch.setattr(train, 'evaluate_split', evaluate_split)
     code, out, err = run_main(['--eval_only', '--resume', run_dir, '--checkpoint', 'best'], capsys)
