@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import unicodedata
 
 # flags that act on an existing run without being part of it (never stored in config.json)
@@ -959,16 +960,24 @@ def lock_run(run_dir):
     return descriptor
 
 
-def try_lock_run(run_dir):
-    """lock_run's lock, or None while another process holds it."""
+def try_lock_run(run_dir, wait_s=0.5):
+    """lock_run's lock, or None while another process holds it after `wait_s` seconds (an --eval_only holds it for the
+    milliseconds it writes)."""
     import fcntl
-    descriptor = os.open(run_dir, os.O_RDONLY)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(descriptor)
-        return None
-    return descriptor
+        descriptor = os.open(run_dir, os.O_RDONLY)
+    except OSError as e:
+        raise SystemExit(f"error: cannot open {run_dir} to lock it ({e.strerror}); make it readable (chmod u+r)")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return descriptor
+        except OSError:
+            if time.monotonic() >= deadline:
+                os.close(descriptor)
+                return None
+            time.sleep(0.05)
 
 
 def load_data_once(args, rank, world_size):
@@ -1005,14 +1014,32 @@ def broadcast_run_dir(run_dir, world_size):
     return holder[0]
 
 
+def exit_now(status):
+    """-> a signal handler that ends the process at once with `status`, its output flushed: once main() has returned
+    or exited, a run is saved and said, and a signal as the interpreter shuts down (torch's takes a while), or a
+    repeat of the one that stopped it (sweep.py and torchrun forward the terminal's), must neither turn the exit
+    status into a kill nor wait for that shutdown."""
+    def handler(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+    return handler
+
+
 if __name__ == '__main__':
-    # main() sets its own handlers and puts these back: once it returns or exits, the run is saved and said, and a
-    # signal as the interpreter shuts down (torch's takes a while), or a repeat of the one that stopped it (sweep.py
-    # and torchrun forward the terminal's), must not turn the exit status into a kill
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # main() sets its own handlers, and puts these back
+        signal.signal(signum, signal.SIG_IGN)
+    status = 1  # an error's: a traceback, or main.py's one line
     try:
         main()
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        raise
     except BrokenPipeError:  # the reader went away (| head): stop with a line, not a traceback; files are written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes stdout
         sys.exit("main.py: stopped: the program reading its output (head, say) exited")
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, exit_now(status))

@@ -483,6 +483,8 @@ def sweep_state(sweep_dir, meta, base_seed):
     trials1 = grid_trials(meta, base_seed, sweep_dir)
     rows1 = [trial_row(sweep_dir, trial) for trial in trials1]
     mark_resumed_otherwise(sweep_dir, meta, trials1, rows1)
+    if stale_runs(rows1):  # the grid's choice waits for it: it neither wins nor may be beaten, so no final run is judged
+        return trials1, rows1, None, [], []
     scored = [row for row in rows1 if row['status'] == 'finished' and row['best_val_acc'] is not None]
     winner = max(scored, key=lambda row: row['best_val_acc']) if scored else None  # max keeps the first of ties
     if winner is None:

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -93,7 +94,7 @@ def test_epochs_that_compile_are_marked_and_left_out_of_the_time_per_epoch(tiny_
 
 def test_sigterm_keeps_last_epoch_and_eval_only_reproduces_it(dataset, tmp_path, capsys):
     run_dir = tmp_path / 'run'
-    process = start(flags(dataset, tmp_path, 'run', epochs=3))
+    process = start(flags(dataset, tmp_path, 'run', epochs=20))  # still training after a lock's short wait
     signal_after_first_epoch(process, run_dir, signal.SIGTERM).join()
     out, err = process.communicate(timeout=240)
     assert process.returncode == 143, err
@@ -521,12 +522,16 @@ def test_signal_after_the_last_epoch_finishes_the_run(tiny_dataset, tmp_path, ca
     assert code == 0 and calls.count(1) == 2 and 'stopped' not in err, err
     assert 'best val epoch 1: ' in out
 
-    late = ("import atexit, os, runpy, signal, sys; sys.path.insert(0, sys.argv[1]); "
-            "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT)); sys.argv = sys.argv[1:]; "
-            "sys.argv[0] = os.path.join(sys.argv[0], 'main.py'); runpy.run_path(sys.argv[0], run_name='__main__')")
-    done = subprocess.run([sys.executable, '-c', late, REPO, *map(str, tiny_run(tiny_dataset, tmp_path, 's'))],
-                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
-    assert done.returncode == 0 and 'KeyboardInterrupt' not in done.stderr, done.stderr[-2000:]
+    # and as the interpreter shuts down, here slowly: the process ends at once, with the run's exit status
+    late = ("import atexit, os, runpy, signal, sys, time; sys.path.insert(0, sys.argv[1]); "
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(120))); "
+            "sys.argv = sys.argv[1:]; sys.argv[0] = os.path.join(sys.argv[0], 'main.py'); "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    for argv, status in ((tiny_run(tiny_dataset, tmp_path, 's'), 0), (['--resume', tmp_path / 'nowhere'], 2)):
+        done = subprocess.run([sys.executable, '-c', late, REPO, *map(str, argv)], capture_output=True, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=100)
+        assert done.returncode == status and 'KeyboardInterrupt' not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().startswith('main.py: error: --resume')  # said before the signal
 
 
 def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset, tmp_path, capsys, monkeypatch):
@@ -857,6 +862,26 @@ def test_eval_only_writes_nothing_that_a_training_process_could_make_stale(tiny_
     code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)  # eval_only let go of the lock
     assert code == 0, err
 
+    try_lock_run, os_open = main.try_lock_run, os.open  # another --eval_only writing: a short wait, not a refusal
+
+    def held_for_a_moment(path, *args):
+        threading.Timer(0.3, os.close, [try_lock_run(path, 0)]).start()
+        return try_lock_run(path, *args)
+    monkeypatch.setattr(main, 'try_lock_run', held_for_a_moment)
+    os.remove(run_dir / 'confusion_best.csv')
+    code, _, err = run_main(['--eval_only', '--resume', run_dir, '--checkpoint', 'best'], capsys)
+    assert code == 0 and (run_dir / 'confusion_best.csv').is_file() and 'note' not in err, err
+    monkeypatch.setattr(main, 'try_lock_run', try_lock_run)
+
+    def unreadable(path, *args):  # a directory without read permission, which root (the tests' user here) ignores
+        if str(path) == str(run_dir):
+            raise PermissionError(13, 'Permission denied')
+        return os_open(path, *args)
+    monkeypatch.setattr(os, 'open', unreadable)
+    code, _, err = run_main(['--eval_only', '--resume', run_dir, '--checkpoint', 'best'], capsys)
+    assert code == 1 and err.strip() == f"error: cannot open {run_dir} to lock it (Permission denied); make it " \
+                                        f"readable (chmod u+r)"
+
 
 def test_a_run_in_training_cannot_be_resumed_twice(dataset, tmp_path, capsys):
     run_dir = tmp_path / 'run'
@@ -869,10 +894,11 @@ def test_a_run_in_training_cannot_be_resumed_twice(dataset, tmp_path, capsys):
                                          f"stop it (it keeps its last epoch) and --resume {run_dir}")
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=240)
-    assert process.returncode in (0, 130)
+    assert process.returncode == 130
     assert not [name for name in os.listdir(run_dir) if 'lock' in name]  # the lock was on the directory itself
-    code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)  # the lock went with the process
-    assert code == 0 and len(read_metrics(run_dir)) == 3, err
+    epochs = max(len(read_metrics(run_dir)) + 1, 3)  # past its warmup (2 epochs)
+    code, _, err = run_main(['--resume', run_dir, '--epoch', epochs], capsys)  # the lock went with the process
+    assert code == 0 and len(read_metrics(run_dir)) == epochs, err
 
 
 def test_a_changed_dataset_is_refused_and_a_moved_one_accepted(tmp_path, capsys):

@@ -1099,36 +1099,48 @@ def test_print_commands_leaves_out_runs_it_cannot_start(tmp_path, capsys):
 
 def test_a_run_resumed_by_hand_with_another_epoch_is_stale(tmp_path, capsys):
     """README lets any run be resumed with a new --epoch: a sweep's run so extended trained other settings than its
-    trial. It is stale: it does not win the grid (its longer training would), it is left out of the seeds' mean, the
-    report says what it trained, and the sweep stops until it is moved aside."""
+    trial. It is stale: a grid run leaves the grid undecided (its longer training would win it, and the seeds trained
+    for it are not judged), a final run is left out of the seeds' mean; the report says what it trained, and the sweep
+    stops until it is moved aside."""
     root = str(tmp_path / 's')
     meta = fake_sweep(root, 2, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0)),
-                                (2, dict(best_val_acc=60, test_acc_at_best_val=90.0, final_test_acc=90.0,
-                                         epochs_done=3, epochs=3))],
+                                (2, dict(best_val_acc=60, test_acc_at_best_val=90.0, final_test_acc=90.0))],
                       grid=(('grid_lr=1e-3', 50.0, 80.0), ('grid_lr=5e-3', 60.0, 80.0)), main_flags=('--epoch', '2'))
-    for run, lr, epoch in (('grid_lr=1e-3', 1e-3, 2), ('grid_lr=5e-3', 5e-3, 3), ('final_seed=1', 1e-3, 2),
-                           ('final_seed=2', 1e-3, 3)):
-        with open(os.path.join(root, run, 'config.json'), 'w') as f:
-            json.dump(dict(lr=lr, epoch=epoch, amp=True), f)
-    assert sweep.sweep_state(root, meta, 0)[2]['run'] == 'grid_lr=1e-3'
+
+    def configs(**epochs):
+        for run, lr in (('grid_lr=1e-3', 1e-3), ('grid_lr=5e-3', 5e-3), ('final_seed=1', 5e-3), ('final_seed=2', 5e-3)):
+            with open(os.path.join(root, run, 'config.json'), 'w') as f:
+                json.dump(dict(lr=lr, epoch=epochs.get(run.replace('=', '_').replace('-', '_'), 2), amp=True), f)
+    configs(**{'grid_lr_5e_3': 3})  # the winner, resumed by hand after its seeds were trained
+    assert sweep.sweep_state(root, meta, 0)[2] is None
     report = sweep.write_reports(root, meta, 0)
-    assert '**Test accuracy 70.00 %** (n = 1 seed, so no std; 1 of 2 seeds trained otherwise than the sweep asks ' \
-           '(stale)' in report
-    for run in ('grid_lr=5e-3', 'final_seed=2'):
-        assert (f"**Warning**: {run} was resumed with --epoch 3 (the sweep's runs train with --epoch 2); it counts "
-                f"for nothing until moved aside and the sweep re-launched.") in report
-    rows = {row['run']: row for row in read_csv(os.path.join(root, 'sweep.csv'))}
-    assert [rows[run]['status'] for run in ('grid_lr=1e-3', 'grid_lr=5e-3', 'final_seed=1', 'final_seed=2')] == [
-        'finished', 'stale', 'finished', 'stale']
+    assert 'Stage 2 waits for stage 1: 1 of 2 grid runs finished.' in report and 'final_seed' not in report
+    assert report.count('**Warning**') == 1 and (
+        "**Warning**: grid_lr=5e-3 was resumed with --epoch 3 (the sweep's runs train with --epoch 2); it counts for "
+        "nothing until moved aside and the sweep re-launched.") in report
     with pytest.raises(SystemExit):
         sweep.print_commands(root, meta, 0)
     assert capsys.readouterr().err.strip() == (
         f"sweep.py: error: grid_lr=5e-3 in {root} was resumed with --epoch 3 (the sweep's runs train with --epoch 2); "
-        f"final_seed=2 in {root} was resumed with --epoch 3 (the sweep's runs train with --epoch 2); move them aside "
-        f"first")
+        f"move it aside first")
+
+    configs(final_seed_2=3)
+    report = sweep.write_reports(root, meta, 0)
+    assert '**Test accuracy 70.00 %** (n = 1 seed, so no std; 1 of 2 seeds trained otherwise than the sweep asks ' \
+           '(stale)' in report
+    assert ("**Warning**: final_seed=2 was resumed with --epoch 3 (the sweep's runs train with --epoch 2); it counts "
+            "for nothing until moved aside and the sweep re-launched.") in report
+    rows = {row['run']: row for row in read_csv(os.path.join(root, 'sweep.csv'))}
+    assert [rows[run]['status'] for run in ('grid_lr=1e-3', 'grid_lr=5e-3', 'final_seed=1', 'final_seed=2')] == [
+        'finished', 'finished', 'finished', 'stale']
+    with pytest.raises(SystemExit):
+        sweep.print_commands(root, meta, 0)
+    assert capsys.readouterr().err.strip() == (
+        f"sweep.py: error: final_seed=2 in {root} was resumed with --epoch 3 (the sweep's runs train with --epoch 2); "
+        f"move it aside first")
 
     with open(os.path.join(root, 'final_seed=2', 'config.json'), 'w') as f:  # --amp, and a grid of --epoch values
-        json.dump(dict(lr=1e-3, epoch=2, amp=False), f)
+        json.dump(dict(lr=5e-3, epoch=2, amp=False), f)
     assert sweep.sweep_state(root, meta, 0)[4][1]['message'] == (
         "was resumed with --amp False (the sweep's runs train with --amp True)")
     meta = dict(meta, grid={'epoch': ['2', '3']}, main_flags=['--model', 'test_vit'])
