@@ -212,7 +212,6 @@ def parse_args(argv=None):
         error(f"--dataset {args.dataset!r} is neither cifar10, cifar100 nor a folder; "
               + (f"did you mean {args.dataset.lower()}?" if args.dataset.lower() in CIFAR else
                  "a folder dataset needs train/<class>/* and test/<class>/* images"))  # before torch loads
-
     if 'weights' in given and os.path.isdir(args.weights):  # e.g. a hub download's folder
         found = sorted(name for name in os.listdir(args.weights)
                        if name.endswith(('.safetensors', '.pth', '.bin', '.npz')))

@@ -835,8 +835,8 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
                 spread += f"; {diverged} of {len(rows2)} seeds diverged (non-finite loss) and are not counted"
             stale = len(stale_runs(rows2))
             if stale:
-                spread += f"; {stale} of {len(rows2)} seeds trained otherwise than the sweep asks (stale) and are not "
-                spread += "counted"
+                spread += (f"; {stale} of {len(rows2)} seeds trained otherwise than the sweep asks (stale) and are "
+                           f"not counted")
             if len(done) + diverged + stale < len(rows2):
                 spread += f"; {len(rows2) - len(done) - diverged - stale} of {len(rows2)} seeds not finished"
             lines += [f"**Test accuracy {mean_std(at_best)} %** ({spread}): each seed's test accuracy at its own "
