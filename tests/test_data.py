@@ -266,6 +266,16 @@ def test_images_of_one_larger_size_are_shrunk_as_decoded_since_folder_reading_2(
     assert data.read_images(paths, 32, reading=reading).shape == (3, 3, side, side)
 
 
+def test_images_no_larger_than_img_size_keep_their_own_size(tmp_path):
+    """Only a larger image is shrunk as it is decoded: one whose longest side is --img_size (32x24) is kept as it is,
+    and the batch resizes it on the device, as runs recorded it."""
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f'{i}.png'))
+        Image.fromarray(np.full((24, 32, 3), 40 * i, np.uint8)).save(paths[-1])
+    assert data.read_images(paths, 32).shape == (3, 3, 24, 32)
+
+
 def test_hidden_files_are_skipped_and_subfolders_searched(tmp_path):
     """What a macOS zip, Finder or Jupyter leaves in a dataset is not data; images in subfolders of a class are (as
     torchvision's ImageFolder finds them)."""
@@ -561,14 +571,15 @@ def test_runs_made_before_folder_reading_2_keep_their_hidden_class_folders(tmp_p
     for split in ('train', 'test'):
         os.rename(tmp_path / 'ds' / split / 'c', tmp_path / 'ds' / split / '.c')
     assert data.load_dataset(root, img_size=8, reading=1)[4] == ['.c', 'a', 'b']
-    assert data.load_dataset(root, img_size=8, reading=3)[4] == ['a', 'b']
+    for reading in (2, 3):  # since 2, a hidden folder is not a class
+        assert data.load_dataset(root, img_size=8, reading=reading)[4] == ['a', 'b']
 
 
 def test_hidden_folders_are_named_by_the_first_process_of_a_machine_only(tmp_path, capsys, monkeypatch):
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=1, test_per_class=1, size=8)
     os.makedirs(tmp_path / 'ds' / 'train' / 'a' / '.old')
     Image.new('RGB', (8, 8)).save(tmp_path / 'ds' / 'train' / 'a' / '.old' / 'x.png')
-    for local_rank, warned in (('1', False), ('0', True)):
+    for local_rank, warned in (('1', False), ('2', False), ('0', True)):
         monkeypatch.setenv('LOCAL_RANK', local_rank)
         data.load_dataset(root, img_size=8)
         assert ('left out with their images: ' + os.path.join('a', '.old') in capsys.readouterr().err) == warned

@@ -1,4 +1,5 @@
 """torchrun/DDP on CPU with gloo: two processes train exactly what one process trains with the same global batch."""
+import csv
 import json
 import os
 import signal
@@ -6,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import train
 from conftest import REPO, TINY, read_metrics, run_main, signal_after_first_epoch, write_folder_dataset
 
 
@@ -48,6 +51,9 @@ def test_two_processes_match_one(dataset, tmp_path, capsys, full):
     assert out.count('run directory:') == 1 and 'device cpu x2' in out  # only rank 0 reports and writes
     assert sorted(os.listdir(tmp_path)) == ['one', 'two']
     assert_same_metrics(read_metrics(tmp_path / 'two'), read_metrics(tmp_path / 'one'))
+    for run in ('one', 'two'):  # each test image counted once, not once per process
+        with open(tmp_path / run / 'confusion.csv') as f:
+            assert sum(int(count) for row in list(csv.reader(f))[1:] for count in row[1:]) == 99
     with open(tmp_path / 'two' / 'config.json') as f:  # the record says how to run it again
         assert json.load(f)['command'].startswith('torchrun --nproc_per_node=2 main.py --model test_vit ')
 
@@ -66,6 +72,8 @@ def test_interrupted_two_process_run_resumes_exactly_under_two_processes(dataset
     assert two.returncode != 0
     assert f'torchrun --nproc_per_node=2 main.py --resume {run_dir}' in err
     assert len(read_metrics(run_dir)) == 1
+    ranks = train.load_state(run_dir)['rng']['ranks']  # each process drew its own masks from its own stream
+    assert len(ranks) == 2 and not torch.equal(ranks[0]['torch'], ranks[1]['torch'])
     resumed = torchrun(['--resume', run_dir])
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]

@@ -268,6 +268,10 @@ def test_dataset_folder_without_splits(cli):
     train_dir = os.path.join(cli.tiny_dataset, 'train')  # one level too deep: the parent is the dataset
     cli('--dataset', train_dir, expect=[f"--dataset {train_dir} has no train/ folder (its parent {cli.tiny_dataset} "
                                         f"has both: pass --dataset {cli.tiny_dataset}); a folder dataset needs"])
+    for folder in ('half/train/a', 'half/ds/train/a'):  # a parent with train/ alone is no dataset either
+        os.makedirs(cli.tmp_path / folder)
+    line = cli('--dataset', cli.tmp_path / 'half' / 'ds', expect=['has no test/ folder; a folder dataset needs'])
+    assert 'its parent' not in line
 
 
 def test_dataset_with_empty_class(cli):

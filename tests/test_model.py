@@ -185,6 +185,18 @@ def test_a_full_runs_checkpoint_is_the_backbone_of_another_run(tmp_path, capsys,
         prompts > 0), err
 
 
+def test_a_checkpoint_with_some_vit_prefixed_keys_is_not_taken_for_a_runs(tmp_path):
+    """Only a file whose every tensor is under 'vit.' or 'prompts.' is a vpt run's checkpoint: another one is a timm
+    checkpoint, and its misplaced tensors are named."""
+    state = {(f'vit.{name}' if name.startswith('blocks.0.') else name): tensor
+             for name, tensor in timm.create_model('test_vit').state_dict().items()}
+    torch.save(state, tmp_path / 'weights.pth')
+    with pytest.raises(SystemExit) as error:
+        create_vit('test_vit', 10, 32, 4, weights=str(tmp_path / 'weights.pth'))
+    assert 'vit.blocks.0.' in str(error.value) and 'which the model has no place for' in str(error.value)
+    assert "vpt run's checkpoint" not in str(error.value)
+
+
 @pytest.mark.parametrize('change', ['deeper', 'shallower', 'avg_pool_norm'])
 def test_weights_that_leave_tensors_unloaded_are_refused(tmp_path, change):
     """timm loads non-strictly when the head changes size and only logs what it could not place: a file that would

@@ -267,3 +267,22 @@ def test_a_state_of_an_older_vpt_is_refused_with_what_stays_usable(tmp_path):
     with pytest.raises(SystemExit, match=r"state.pt was written by an older vpt whose data order depended on the "
                                          r"device; it cannot be resumed exactly. .*\(--eval_only\)"):
         train.load_state(str(tmp_path))
+
+
+def test_a_val_accuracy_of_zero_is_a_score():
+    """An epoch that got every val image wrong still has a val accuracy: the run has a best epoch, not none."""
+    history = [dict(epoch=1, val_acc=0.0, test_acc=10.0, test_loss=1.0, epoch_time_s=1.0, train_acc=5.0)]
+    assert train.best_val_epoch(history) == 1
+    assert train.summarize(history, 1, 0.1, 10)['test_acc_at_best_val'] == 10.0
+
+
+def test_evaluation_builds_no_autograd_graph():
+    """No graph is kept for evaluation: it would hold every activation (far more GPU memory) for nothing."""
+    torch.manual_seed(0)
+    model = PromptedViT(create_vit('test_vit', 3, 32, 8, pretrained=False), 4)
+    grad_enabled = []
+    model.register_forward_hook(lambda module, inputs, output: grad_enabled.append(torch.is_grad_enabled()))
+    images, labels = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1])
+    preprocess = data.preprocessing(model.vit.pretrained_cfg, torch.device('cpu'), 32)
+    train.evaluate_split(model, (images, labels), 4, preprocess, amp=False)
+    assert grad_enabled == [False, False]  # two batches
