@@ -492,6 +492,7 @@ def resumed_config(config, previous, args, from_epoch):
     # from_epoch and, when --epoch changed, the plan before: the lr schedule was re-laid over the new one
     resume = dict(command=config['command'], git_commit=config['git_commit'], from_epoch=from_epoch,
                   **({'epoch_before': previous.get('epoch')} if previous.get('epoch') != args.epoch else {}),
+                  **({'amp_before': previous['amp']} if previous.get('amp', args.amp) != args.amp else {}),
                   **{key: config[key] for key in MACHINE})
     last = previous['resumed'][-1] if previous.get('resumed') else previous
     last = last if isinstance(last, dict) else {}  # a hand-edited entry says nothing

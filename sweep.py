@@ -539,6 +539,12 @@ def mark_resumed_otherwise(sweep_dir, definition, trials, rows):
                 row.update(status='stale', message=f"was resumed with --{flag} {config[flag]} (the sweep's runs "
                                                    f"train with --{flag} {asked})")
                 break
+        else:  # set back since: the epochs it trained meanwhile had other settings (the sweep never changes them)
+            changed = [flag for flag in RESUMABLE_SETTINGS for entry in config.get('resumed') or []
+                       if isinstance(entry, dict) and f'{flag}_before' in entry]
+            if changed:
+                row.update(status='stale', message=f"was resumed with another --{changed[0]} and then set back "
+                                                   f"(config.json's resumed entries record the changes)")
 
 
 def stale_error(sweep_dir, rows, then):

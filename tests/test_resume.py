@@ -65,7 +65,7 @@ def test_interrupt_and_resume_equals_uninterrupted_run(dataset, tmp_path, capsys
         assert weights.keys() == expected.keys()
         assert all(torch.equal(weights[name], expected[name]) for name in expected), checkpoint
     (resume,) = json.loads((tmp_path / 'interrupted' / 'config.json').read_text())['resumed']
-    assert resume['from_epoch'] == 1 and 'epoch_before' not in resume  # the same plan: one schedule, unbroken
+    assert resume['from_epoch'] == 1 and 'epoch_before' not in resume and 'amp_before' not in resume  # one plan
 
 
 def test_epochs_that_compile_are_marked_and_left_out_of_the_time_per_epoch(tiny_dataset, tmp_path, capsys,
@@ -585,13 +585,14 @@ def test_one_more_epoch_sets_the_former_result_aside_too(tiny_dataset, tmp_path,
     assert code == 0, err
     former = (run_dir / 'confusion.csv').read_bytes()
     (run_dir / 'confusion.png').write_bytes(b'as plot.py --confusion draws it')
-    code, _, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 2, '--amp', False], capsys)
     assert code == 0, err
     assert (run_dir / 'confusion_epoch1.csv').read_bytes() == former
     assert (run_dir / 'confusion_epoch1.png').read_bytes() == b'as plot.py --confusion draws it'
     assert (run_dir / 'confusion.csv').exists() and not (run_dir / 'confusion.png').exists()
     (resume,) = json.loads((run_dir / 'config.json').read_text())['resumed']
     assert (resume['from_epoch'], resume['epoch_before']) == (1, 1)  # the lr schedule was re-laid from epoch 2 on
+    assert resume['amp_before'] is True  # and --amp changed (on CUDA, the precision of the epochs from here on)
 
 
 def test_a_resumed_run_keeps_its_first_command_and_commit_and_lists_every_resume(tiny_dataset, tmp_path, capsys,

@@ -1143,6 +1143,11 @@ def test_a_run_resumed_by_hand_with_another_epoch_is_stale(tmp_path, capsys):
         json.dump(dict(lr=5e-3, epoch=2, amp=False), f)
     assert sweep.sweep_state(root, meta, 0)[4][1]['message'] == (
         "was resumed with --amp False (the sweep's runs train with --amp True)")
+    with open(os.path.join(root, 'final_seed=2', 'config.json'), 'w') as f:  # changed, trained, and set back
+        json.dump(dict(lr=5e-3, epoch=2, amp=True, resumed=[dict(from_epoch=1, epoch_before=2),
+                                                            dict(from_epoch=2, epoch_before=4)]), f)
+    assert sweep.sweep_state(root, meta, 0)[4][1]['message'] == (
+        "was resumed with another --epoch and then set back (config.json's resumed entries record the changes)")
     meta = dict(meta, grid={'epoch': ['2', '3']}, main_flags=['--model', 'test_vit'])
     for run, epoch in (('grid_epoch=2', 2), ('grid_epoch=3', 5)):
         os.makedirs(os.path.join(root, run))
