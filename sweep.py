@@ -34,7 +34,8 @@ run, retried, won) is 'stale': not counted, and the sweep stops until it is move
 with another --epoch or --amp (RESUMABLE_SETTINGS). Ctrl-C or SIGTERM reaches
 the running trials, which keep their last finished epoch; the sweep writes its report, prints the command to
 re-launch and exits 130 / 143. Exit status 1 when a run failed (the others still run; stage 2 runs if at least one
-grid point finished). --print_commands prints stage 1's commands, or stage 2's once stage 1 has finished there.
+grid point finished; but two trials that failed with the same last line before their first checkpoint, as all do when
+the data cannot be downloaded, stop further trials from starting). --print_commands prints stage 1's commands, or stage 2's once stage 1 has finished there.
 """
 import argparse
 import contextlib
@@ -699,14 +700,18 @@ def end_trial(sweep_dir, trial, child, started):
     else:  # stopped before its first checkpoint (still importing, say): a re-launch starts it afresh
         detail = "stopped before its first checkpoint, starts afresh on a re-launch"
     say(sweep_dir, f"end    {trial['name']}: {row['status']}, {detail} ({time.time() - started:.0f} s)")
+    return row
 
 
 def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_with):
     """Run the trials, one per slot (a GPU, or just one slot) at a time, until done or a signal arrives.
     A trial started afresh must read the data that the runs of `compare_with` read (a resumed one is checked by
     main.py itself): as soon as its config.json says otherwise, every trial is stopped, the ones of other data move
-    aside to set-aside/<run>.other-data-N, and the sweep fails, before a number of other data can join the sweep's."""
+    aside to set-aside/<run>.other-data-N, and the sweep fails, before a number of other data can join the sweep's.
+    Two trials that fail alike (the same last line) before their first checkpoint fail for a reason of their common
+    settings or the machine (data that cannot be downloaded, a missing file): no further trial starts."""
     pending, running = list(trials), {}  # slot -> (trial, child, start time)
+    early_failures = {}  # last line -> the trials that failed with it before their first checkpoint
     slots = gpus or [None]
     first_read = {}  # dataset -> (run, data_read) the sweep's runs read
     for trial in compare_with:
@@ -728,9 +733,10 @@ def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_wit
                     for _, child, _ in running.values():
                         if child.poll() is None:
                             child.send_signal(signal.SIGTERM)
-    while running or (pending and not STOP and not changed):
+    alike = []  # (last line, the two trials) once two have failed with it
+    while running or (pending and not STOP and not changed and not alike):
         for slot in slots:
-            while slot not in running and pending and not STOP and not changed:
+            while slot not in running and pending and not STOP and not changed and not alike:
                 trial = pending.pop(0)
                 resumes = os.path.isfile(os.path.join(sweep_dir, trial['name'], 'state.pt'))
                 child = start_trial(sweep_dir, trial, slot, add_device)
@@ -744,7 +750,13 @@ def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_wit
         for slot, (trial, child, started) in list(running.items()):
             if child.poll() is not None:
                 del running[slot]
-                end_trial(sweep_dir, trial, child, started)
+                row = end_trial(sweep_dir, trial, child, started)
+                early = row['status'] == 'failed' and not os.path.isfile(os.path.join(sweep_dir, trial['name'],
+                                                                                       'state.pt'))
+                if early and row['message']:
+                    early_failures.setdefault(row['message'], []).append(trial['name'])
+                    if len(early_failures[row['message']]) == 2 and not alike:
+                        alike.append((row['message'], early_failures[row['message']]))
                 write_reports(sweep_dir, meta, base_seed)
     check_fresh_data()  # a trial that wrote its config.json and ended since the last look
     if changed:
@@ -758,6 +770,11 @@ def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_wit
         fail(f"the dataset changed while the sweep ran: {changed[0]}; stopped the sweep{aside} before a number of "
              f"other data could count; restore the data and re-launch, or sweep the data as it is now under another "
              f"--name")
+    if alike and pending and not STOP:
+        message, names = alike[0]
+        fail(f"{' and '.join(names)} failed alike before their first checkpoint ({message}); the {len(pending)} "
+             f"trial{'s' * (len(pending) != 1)} after them would fail the same way and did not start: mend that and "
+             f"re-launch the same command")
 
 
 # ---------------------------------------------------------------- reports

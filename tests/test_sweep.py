@@ -928,7 +928,10 @@ flag = lambda name: argv[argv.index(name) + 1]
 run_dir = os.path.join(flag('--log_dir'), flag('--name'))
 lr, seed = float(flag('--lr')), int(flag('--seed'))
 if str(lr) in os.environ.get('FAKE_FAIL', '0.01').split(','):
-    sys.exit('RuntimeError: boom')
+    if os.environ.get('FAKE_CHECKPOINT'):  # it failed after its first epoch
+        os.makedirs(run_dir)
+        open(os.path.join(run_dir, 'state.pt'), 'w').close()
+    sys.exit(os.environ.get('FAKE_MESSAGE', 'RuntimeError: boom').format(lr=lr))
 if seed > 0 and os.environ.get('FAKE_DIVERGE'):
     sys.exit(3)  # main.py's exit after a non-finite loss
 os.makedirs(run_dir)
@@ -944,7 +947,8 @@ with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
 @pytest.fixture
 def fake_training(tmp_path, monkeypatch):
     """sweep.main in this process, its trials a stand-in for main.py: a run that finishes at once, except the lr in
-    $FAKE_FAIL (default 1e-2), which fails; $FAKE_DIVERGE: every stage-2 seed diverges; $FAKE_SLOW: {lr: seconds}."""
+    $FAKE_FAIL (default 1e-2), which fails with $FAKE_MESSAGE ({lr} filled in), after a checkpoint with
+    $FAKE_CHECKPOINT; $FAKE_DIVERGE: every stage-2 seed diverges; $FAKE_SLOW: {lr: seconds}."""
     (tmp_path / 'fake_main.py').write_text(FAKE_TRAIN)
     monkeypatch.setattr(sweep, 'MAIN_PY', str(tmp_path / 'fake_main.py'))
     monkeypatch.setattr(sweep, 'CHILDREN', {})
@@ -975,6 +979,42 @@ def test_a_failed_grid_point_does_not_hold_up_stage_2_but_fails_the_sweep(fake_t
     assert 'Winning flags: --lr 5e-3 (best val acc 60.00% with seed 0).' in report
     ranked = [line.split(' | ')[1] for line in report.splitlines() if line.startswith('| ') and 'grid_lr=' in line]
     assert ranked == ['grid_lr=5e-3', 'grid_lr=1e-3', 'grid_lr=1e-2']  # by val accuracy, the failed point last
+
+
+def test_two_trials_that_fail_alike_before_a_checkpoint_stop_the_sweep(fake_training, capsys, monkeypatch):
+    """Data that cannot be downloaded fails every trial the same way: each of a 25-point grid tried it again."""
+    run, sweep_dir = fake_training
+    monkeypatch.setenv('FAKE_FAIL', '0.001,0.005,0.01,0.02')
+    monkeypatch.setenv('FAKE_MESSAGE', 'error: could not download cifar10')
+    with pytest.raises(SystemExit) as stopped:
+        run('--grid', 'lr=1e-3,5e-3,1e-2,2e-2', '--seeds', 2)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sweep.py: error: grid_lr=1e-3 and grid_lr=5e-3 failed alike before their first checkpoint (error: could not "
+        "download cifar10); the 2 trials after them would fail the same way and did not start: mend that and "
+        "re-launch the same command")
+    assert [(row['run'], row['status']) for row in read_csv(sweep_dir / 'sweep.csv')] == [
+        ('grid_lr=1e-3', 'failed'), ('grid_lr=5e-3', 'failed'), ('grid_lr=1e-2', 'missing'),
+        ('grid_lr=2e-2', 'missing')]
+    assert sorted(os.listdir(sweep_dir / 'logs')) == ['grid_lr=1e-3.log', 'grid_lr=5e-3.log']
+
+
+@pytest.mark.parametrize('why', ['messages differ', 'after a checkpoint'])
+def test_trials_that_fail_otherwise_do_not_stop_the_others(fake_training, capsys, monkeypatch, why):
+    """A failure that names its own settings, or one after an epoch that trained, says nothing of the next trial."""
+    run, sweep_dir = fake_training
+    monkeypatch.setenv('FAKE_FAIL', '0.001,0.005')
+    if why == 'messages differ':
+        monkeypatch.setenv('FAKE_MESSAGE', 'error: --lr {lr} is refused')
+    else:
+        monkeypatch.setenv('FAKE_CHECKPOINT', '1')
+    with pytest.raises(SystemExit) as stopped:
+        run('--grid', 'lr=1e-3,5e-3,1e-2', '--seeds', 1)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith('sweep.py: error: 2 runs did not finish: ')
+    assert [(row['run'], row['status']) for row in read_csv(sweep_dir / 'sweep.csv')] == [
+        ('grid_lr=1e-3', 'failed'), ('grid_lr=5e-3', 'failed'), ('grid_lr=1e-2', 'finished'),
+        ('final_seed=1', 'finished')]
 
 
 def test_a_sweep_made_by_print_commands_records_the_command_that_runs_it(fake_training):
@@ -1239,8 +1279,9 @@ def test_no_trial_starts_after_a_signal_while_another_still_stops(fake_training,
     end_trial = sweep.end_trial
 
     def ctrl_c_as_the_first_ends(*args):
-        end_trial(*args)
+        row = end_trial(*args)
         sweep.STOP.append(signal.SIGINT)
+        return row
     monkeypatch.setattr(sweep, 'end_trial', ctrl_c_as_the_first_ends)
     with pytest.raises(SystemExit) as stopped:
         run('--grid', 'lr=1e-3,5e-3,1e-2', '--gpus', '0,1', '--', '--device', 'cpu')
