@@ -761,8 +761,8 @@ def predict(args, device):
         chunk, inputs = [], []
         for path in paths[start:start + args.batch_size]:
             try:
-                image = data.read_image(path, args.img_size if folder_reading(args) >= 2 else None,
-                                        larger_only=True)  # as the run's folder images were read
+                image = data.read_image(path, args.img_size if folder_reading(args) >= 2 else None, larger_only=True,
+                                        upright=folder_reading(args) >= 4)  # as the run's folder images were read
             except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError...
                 print(f"skipping {path}: cannot read it as an image ({type(e).__name__}: {e})", file=sys.stderr)
                 skipped += 1

@@ -177,6 +177,31 @@ def test_32_bit_integer_levels_outside_16_bits_are_clipped_not_wrapped(tmp_path)
     assert data.read_image(tmp_path / 'int32.tif')[0, :, 0].tolist() == [0, 255, 1]  # 300 >> 8 is 1
 
 
+def save_sideways(path, pixels):
+    """`pixels` stored as a phone does a photo taken upright with the phone turned: rotated, with EXIF orientation 6
+    ('turn 90 degrees clockwise to view'); viewers show `pixels`."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(pixels, 1))).save(path, exif=exif)
+
+
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    pixels = np.random.RandomState(0).randint(0, 256, (8, 4, 3), np.uint8)  # taller than wide
+    save_sideways(tmp_path / 'photo.png', pixels)
+    assert np.array_equal(data.read_image(tmp_path / 'photo.png'), pixels)
+    assert data.read_image(tmp_path / 'photo.png', upright=False).shape == (4, 8, 3)  # as stored (folder_reading 3)
+
+
+def test_a_folder_dataset_reads_photos_upright_but_a_run_of_folder_reading_3_as_it_did(tmp_path):
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=8)
+    pixels = np.random.RandomState(1).randint(0, 256, (8, 8, 3), np.uint8)
+    save_sideways(os.path.join(root, 'train', 'a', '0000.png'), pixels)
+    train_images = data.load_dataset(root, img_size=8)[0]
+    assert np.array_equal(train_images[0].permute(1, 2, 0).numpy(), pixels)
+    train_images = data.load_dataset(root, img_size=8, reading=3)[0]
+    assert np.array_equal(train_images[0].permute(1, 2, 0).numpy(), np.rot90(pixels, 1))
+
+
 def test_a_float_image_is_refused_not_clipped(tmp_path):
     Image.fromarray(np.full((32, 32), 0.75, np.float32)).save(tmp_path / 'float.tif')  # mode F: 0.75 would become 0
     with pytest.raises(ValueError, match='floating-point pixels'):
