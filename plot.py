@@ -10,6 +10,9 @@ accuracy-against-cost figures.
     python plot.py logs/P_run --confusion                  # logs/P_run/confusion.png from its confusion.csv
     python plot.py logs/ --confusion                       # a confusion.png in every run directory that has one
 
+--out replaces an existing file only if plot.py wrote it (its .png/.pdf/.svg/.ps/.eps figures carry a mark in their
+metadata); any other file there is refused before anything is drawn.
+
 A PATH is a run directory or a directory of runs, one level deep: files next to the runs (sweep.csv, figures) and
 directories that are not runs are ignored, so sweep directories inside logs/ are passed as PATHs of their own (a
 warning names each one left out).
@@ -71,6 +74,9 @@ ANNOTATE_UP_TO = 20  # write the percentage into every confusion-matrix cell up 
 MODE_STYLE = {'P': ('tab:blue', 'o'), 'P+unfreeze': ('tab:blue', 'v'), 'F': ('tab:orange', 's'),
               'P+F': ('tab:green', '^'), 'linear': ('tab:purple', 'D'), 'linear+unfreeze': ('tab:purple', 'v')}
 OTHER_STYLE = ('tab:gray', 'X')  # mode '?' (no config.json) or one this script does not know
+# plot.py marks its figures where the format keeps metadata, and replaces at --out only a figure so marked
+MARK = 'vpt plot.py'
+MARK_KEY = {'png': 'Software', 'pdf': 'Creator', 'svg': 'Creator', 'ps': 'Creator', 'eps': 'Creator'}
 
 
 def error(message):
@@ -345,8 +351,9 @@ def save_figure(fig, out):
         if parent:
             os.makedirs(parent, exist_ok=True)
         fit_fonts(fig)
+        key = MARK_KEY.get(extension or 'png')
         with quiet_font_search():
-            fig.savefig(out, dpi=150, format=fmt)
+            fig.savefig(out, dpi=150, format=fmt, metadata={key: MARK} if key else None)
     except (OSError, ValueError) as e:
         error(f"cannot write {out}: {one_line(e)}")
     finally:
@@ -744,6 +751,23 @@ def draw_confusions(run_dirs, paths, out):
         error(f"no confusion matrix to draw under {', '.join(paths)}: see the warnings above")
 
 
+def check_replaceable(out):
+    """--out names a file of its own: one there already is replaced only if plot.py wrote it (a redrawn figure), never
+    a photo or a figure of the user's own."""
+    if not os.path.lexists(out):
+        return
+    try:
+        with open(out, 'rb') as f:
+            head = f.read(1 << 16)
+            f.seek(max(0, os.path.getsize(out) - (1 << 16)))
+            marked = MARK.encode() in head + f.read()  # near the start (PNG, SVG, PostScript) or the end (PDF)
+    except OSError:
+        marked = False
+    if not marked:
+        error(f"{out} exists and is not a figure plot.py wrote (--out replaces only plot.py's own .png, .pdf, .svg, "
+              f".ps and .eps figures): choose another --out, or remove that file first")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -761,6 +785,9 @@ def main(argv=None):
     parser.error = lambda message: error(f"{message} (python plot.py --help for usage)")  # one line, exit 2
     args = parser.parse_args(argv)
 
+    if args.out is not None:  # before any work; the cost figure's name comes from it too
+        for path in [args.out] + [cost_path(args.out, None)] * args.cost:
+            check_replaceable(path)
     run_dirs = find_run_dirs(args.paths)
     if args.confusion:
         draw_confusions(run_dirs, args.paths, args.out)

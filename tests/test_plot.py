@@ -341,6 +341,41 @@ def test_out_without_extension_is_png(logs, tmp_path, capsys):
     assert_png(tmp_path / 'figure')
 
 
+@pytest.mark.parametrize('name', ['photo.jpg', 'own.png', 'own.pdf'])
+def test_out_never_replaces_a_file_plot_py_did_not_write(logs, tmp_path, capsys, name):
+    """--out ~/photo.jpg replaced the photo, and --out data/train/cat/0001.jpg an image of a training set."""
+    from PIL import Image
+    target = tmp_path / name
+    if name.endswith('.jpg'):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(target)
+    else:  # a figure of the user's own, made with matplotlib itself
+        plt.figure().savefig(target)
+        plt.close('all')
+    before = target.read_bytes()
+    code, out, err = run_plot([logs, '--out', target], capsys)
+    assert code == 2 and out == '' and one_line(err) == (
+        f"plot.py: error: {target} exists and is not a figure plot.py wrote (--out replaces only plot.py's own .png, "
+        f".pdf, .svg, .ps and .eps figures): choose another --out, or remove that file first")
+    assert target.read_bytes() == before
+
+
+@pytest.mark.parametrize('name', ['acc.png', 'acc.pdf', 'acc.svg', 'acc'])
+def test_out_redraws_its_own_figure(logs, tmp_path, capsys, name):
+    target = tmp_path / name
+    for _ in range(2):
+        code, out, err = run_plot([logs, '--out', target], capsys)
+        assert code == 0 and f'wrote {target}' in out, err
+        assert os.path.getmtime(target) > 0  # written, then replaced
+        os.utime(target, (0, 0))
+
+
+def test_cost_figure_that_is_not_plot_pys_stops_before_anything_is_written(logs, tmp_path, capsys):
+    (tmp_path / 'acc_cost.png').write_bytes(b'not a figure')
+    code, _, err = run_plot([logs, '--cost', '--out', tmp_path / 'acc.png'], capsys)
+    assert code == 2 and f"error: {tmp_path / 'acc_cost.png'} exists and is not a figure plot.py wrote" in err
+    assert sorted(os.listdir(tmp_path)) == ['acc_cost.png', 'logs'] and 'accuracy.png' not in os.listdir(logs)
+
+
 def test_bad_flag_is_one_line(logs, capsys):
     code, _, err = run_plot([logs, '--outt', 'x.png'], capsys)
     assert code == 2 and '--outt' in one_line(err)
