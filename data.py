@@ -144,7 +144,18 @@ def _load_folder(root, img_size, samples, seed, reading):
         available[os.path.basename(split_dir)] = len(labels)
         keep = balanced_subset(labels, num_samples, seed)
         splits.append((read_images([paths[i] for i in keep.tolist()], img_size, reading), labels[keep]))
+        if split_dir == split_dirs[0] and len(keep):
+            _note_resized(root, paths[int(keep[0])], splits[0][0].shape[2:], img_size)
     return splits, classes, available
+
+
+def _note_resized(root, first_path, stored, img_size):
+    """Photos trained at 32x32 (the default --img_size) are a surprise unless said."""
+    with Image.open(first_path) as image:
+        width, height = image.size
+    if tuple(stored) == (img_size, img_size) != (height, width) and os.environ.get('LOCAL_RANK', '0') == '0':
+        print(f"note: the images of {root} are resized to {img_size}x{img_size} (--img_size) as they are read, not "
+              f"cropped; {os.path.relpath(first_path, root)} is {width}x{height}", file=sys.stderr, flush=True)
 
 
 def _visible(name):

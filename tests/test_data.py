@@ -202,6 +202,17 @@ def test_a_folder_dataset_reads_photos_upright_but_a_run_of_folder_reading_3_as_
     assert np.array_equal(train_images[0].permute(1, 2, 0).numpy(), np.rot90(pixels, 1))
 
 
+def test_photos_resized_as_they_are_read_are_noted_once(tmp_path, capsys):
+    """A folder of photos trains at 32x32 by default: said, not silent; CIFAR-sized images are kept, without a note."""
+    root = write_folder_dataset(tmp_path / 'photos', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=48)
+    assert data.load_dataset(root, img_size=32)[0].shape == (4, 3, 32, 32)
+    assert capsys.readouterr().err == (f"note: the images of {root} are resized to 32x32 (--img_size) as they are "
+                                       f"read, not cropped; {os.path.join('train', 'a', '0000.png')} is 48x48\n")
+    root = write_folder_dataset(tmp_path / 'small', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=32)
+    assert data.load_dataset(root, img_size=224)[0].shape == (4, 3, 32, 32)  # resized per batch, on the device
+    assert capsys.readouterr().err == ''
+
+
 def test_a_float_image_is_refused_not_clipped(tmp_path):
     Image.fromarray(np.full((32, 32), 0.75, np.float32)).save(tmp_path / 'float.tif')  # mode F: 0.75 would become 0
     with pytest.raises(ValueError, match='floating-point pixels'):
