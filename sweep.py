@@ -864,6 +864,11 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
                 spread += f"; {len(rows2) - len(done) - diverged - stale} of {len(rows2)} seeds not finished"
             lines += [f"**Test accuracy {mean_std(at_best)} %** ({spread}): each seed's test accuracy at its own "
                       f"best val epoch.", '', f"Final-epoch test accuracy: {mean_std(final)} %.", '']
+            failed1 = [row['run'] for row in rows1 if row['status'] == 'failed']
+            if failed1:  # one of them may yet win
+                lines += [f"**Provisional**: {', '.join(failed1)} failed, so {winner['run']} won among the other grid "
+                          f"points; re-launching the same command retries {'them' if len(failed1) > 1 else 'it'}, and "
+                          f"a new winner's seeds replace these.", '']
         elif all(row['status'] == 'diverged' for row in rows2):
             lines += ["Every stage-2 seed diverged (non-finite loss): no result. The winning settings are unstable.",
                       '']
@@ -913,6 +918,10 @@ def print_commands(sweep_dir, meta, base_seed):
         command, env, what = child_command(trial, run_dir, None, False)
         print(shlex.join(['python', vpt.script_path(MAIN_PY), *command[2:]]))
         printed += 1
+    if stage2 and not printed and all(row['status'] in ('finished', 'diverged') for row in rows2):
+        print(f"sweep.py: every run of {sweep_dir} has finished or diverged: nothing to run; python sweep.py --collect "
+              f"{sweep_dir} writes its report", file=sys.stderr)
+        return
     stage = 'stage 2' if stage2 else 'stage 1'
     then = (f"python sweep.py --collect {sweep_dir}" if stage2 else
             "print the commands again for stage 2, or python sweep.py --collect " + sweep_dir)
@@ -1018,7 +1027,7 @@ def main(argv=None):
         fail(f"every stage-2 seed of {winner['run']} diverged (a non-finite loss): no result; its settings are "
              f"unstable (see {os.path.join(sweep_dir, 'sweep.md')})")
     if unfinished:
-        fail(f"{len(unfinished)} runs did not finish: {', '.join(unfinished)}; see {os.path.join(sweep_dir, 'logs')}, "
+        fail(f"{len(unfinished)} run{'s' * (len(unfinished) != 1)} did not finish: {', '.join(unfinished)}; see {os.path.join(sweep_dir, 'logs')}, "
              f"and re-launch the same command to resume or retry them")
 
 
