@@ -264,12 +264,38 @@ def explicit_flags(parser, argv):
             action.default = saved[action.dest]
 
 
+def not_a_run(path):
+    """Why `path` is no run to resume, and what to pass instead."""
+    def runs_in(folder):
+        with contextlib.suppress(OSError):
+            return sorted((entry.name for entry in os.scandir(folder) if entry.is_dir()
+                           and os.path.isfile(os.path.join(entry.path, 'state.pt'))),
+                          key=lambda name: os.path.getmtime(os.path.join(folder, name, 'state.pt')))
+        return []
+    if not os.path.exists(path):
+        parent = os.path.dirname(path) or '.'
+        close = difflib.get_close_matches(os.path.basename(path), runs_in(parent), n=1)
+        return ("no such directory" + (f"; did you mean {os.path.join(os.path.dirname(path), close[0])}?" if close
+                                        else "; pass a run directory such as logs/<run> that an earlier run wrote"))
+    if os.path.isfile(os.path.join(path, 'sweep.json')):
+        return ("a sweep's directory, not a run's: re-launch the sweep's own command (sweep.json's command) to resume "
+                "its runs, or pass one run of it, " + os.path.join(path, '<run>'))
+    if os.path.isfile(os.path.join(path, 'config.json')):
+        return ("no checkpoint yet: state.pt is written as the first epoch ends (the run is still in it, or was killed "
+                "before); resume it once it has one, or start a new run")
+    inside = runs_in(path)
+    if inside:
+        return (f"a folder of {len(inside)} run{'s' * (len(inside) != 1)}, not a run: pass one of them, such as the "
+                f"newest, {os.path.join(path, inside[-1])}")
+    return ("no checkpoint there (config.json and state.pt); pass a run directory such as logs/<run> that an earlier "
+            "run wrote")
+
+
 def merge_resume(args, given, error):
     run_dir = args.resume.rstrip('/') or args.resume
     config_path = os.path.join(run_dir, 'config.json')
     if not os.path.isfile(os.path.join(run_dir, 'state.pt')) or not os.path.isfile(config_path):
-        error(f"--resume {run_dir}: no checkpoint there (config.json and state.pt); pass a run directory "
-              f"such as logs/<run> that an earlier run wrote")
+        error(f"--resume {run_dir}: {not_a_run(run_dir)}")
     with said_once():
         config = read_json(config_path)
     if not isinstance(config, dict):

@@ -307,7 +307,29 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint(cli):
     (cli.log_dir / 'earlier_run' / 'config.json').write_text('{"epoch": 1}')
     for action in ([], ['--eval_only']):
         cli('--resume', cli.log_dir / 'earlier_run', *action, code=2,
-            expect=[f"--resume {cli.log_dir / 'earlier_run'}: no checkpoint there (config.json and state.pt)"])
+            expect=[f"--resume {cli.log_dir / 'earlier_run'}: no checkpoint yet: state.pt is written as the first "
+                    f"epoch ends (the run is still in it, or was killed before); resume it once it has one, or start a "
+                    f"new run"])
+
+
+def test_resume_of_what_is_not_a_run_says_what_to_pass(cli):
+    """A typo, the log folder itself or a sweep's folder each get their own fix, not one 'no checkpoint there'."""
+    logs = cli.log_dir
+    for age, name in enumerate(('P_run_2', 'P_run_1')):  # P_run_2 is the newest
+        os.makedirs(logs / name)
+        (logs / name / 'state.pt').write_bytes(b'')
+        (logs / name / 'config.json').write_text('{}')
+        os.utime(logs / name / 'state.pt', (1e9 - age, 1e9 - age))
+    cli('--resume', logs / 'P_rnu_1', code=2, expect=[f"--resume {logs / 'P_rnu_1'}: no such directory; did you mean "
+                                                      f"{logs / 'P_run_1'}?"])
+    cli('--resume', logs, code=2, expect=[f"--resume {logs}: a folder of 2 runs, not a run: pass one of them, such as "
+                                          f"the newest, {logs / 'P_run_2'}"])
+    (logs / 'sweep.json').write_text('{}')
+    cli('--resume', logs, '--eval_only', code=2,
+        expect=[f"--resume {logs}: a sweep's directory, not a run's: re-launch the sweep's own command (sweep.json's "
+                f"command) to resume its runs, or pass one run of it, {logs / '<run>'}"])
+    cli('--resume', cli.tmp_path / 'nowhere' / 'run', code=2,
+        expect=['no such directory; pass a run directory such as logs/<run> that an earlier run wrote'])
 
 
 def test_no_network_for_cifar_download(cli, monkeypatch):
