@@ -105,6 +105,10 @@ def _load_folder(root, img_size, samples, seed, reading):
             parent = os.path.dirname(os.path.abspath(root))
             if all(os.path.isdir(os.path.join(parent, split)) for split in ('train', 'test')):  # one level too deep
                 hint = f" (its parent {parent} has both: pass --dataset {parent})"
+            below = [entry.path for entry in sorted(os.scandir(root), key=lambda entry: entry.name) if entry.is_dir()
+                     and all(os.path.isdir(os.path.join(entry.path, split)) for split in ('train', 'test'))]
+            if below:  # one level too shallow (an archive extracted into a folder of its own)
+                hint = f" (its subfolder {below[0]} has both: pass --dataset {below[0]})"
             raise SystemExit(f"error: --dataset {root} has no {os.path.basename(split_dir)}/ folder{hint}; "
                              "a folder dataset needs train/<class>/* and test/<class>/* images")
     classes = _class_folders(split_dirs[0], reading)

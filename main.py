@@ -36,6 +36,7 @@ RESUME_MAY_CHANGE = ACTIONS | {'epoch', 'device', 'dataset', 'data_dir', 'compil
 CIFAR = ('cifar10', 'cifar100')  # --dataset names that are not folders (data.CIFAR_FOLDERS), even where one exists
 SEED_MAX = 2**32 - 1
 PREDICTIONS_SHOWN = 50  # --predict prints this many rows; predictions.csv holds them all
+ARCHIVES = ('.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tar.xz', '.zip', '.7z', '.rar')  # a --dataset not yet extracted
 EXIT_DIVERGED = 3  # exit status of a run stopped by a non-finite loss: a result of its settings, not a crash (sweep.py)
 # AdamW defaults per mode (batch 128): prompt tuning behind a frozen backbone takes a far larger lr than full tuning
 DEFAULT_LR = {'P': 5e-3, 'linear': 5e-3, 'F': 1e-4, 'P+F': 1e-4}
@@ -209,8 +210,10 @@ def parse_args(argv=None):
     if args.eval_only and args.predict:
         error("--eval_only and --predict are two actions; run them one at a time")
     if (not args.resume or 'dataset' in given) and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
+        archive = os.path.isfile(args.dataset) and args.dataset.lower().endswith(ARCHIVES)
         error(f"--dataset {args.dataset!r} is neither cifar10, cifar100 nor a folder; "
               + (f"did you mean {args.dataset.lower()}?" if args.dataset.lower() in CIFAR else
+                 "it is an archive: extract it, then pass the folder that holds train/ and test/" if archive else
                  "a folder dataset needs train/<class>/* and test/<class>/* images"))  # before torch loads
     if 'weights' in given and os.path.isdir(args.weights):  # e.g. a hub download's folder
         found = sorted(name for name in os.listdir(args.weights)

@@ -271,7 +271,17 @@ def test_dataset_folder_without_splits(cli):
     for folder in ('half/train/a', 'half/ds/train/a'):  # a parent with train/ alone is no dataset either
         os.makedirs(cli.tmp_path / folder)
     line = cli('--dataset', cli.tmp_path / 'half' / 'ds', expect=['has no test/ folder; a folder dataset needs'])
-    assert 'its parent' not in line
+    assert 'its parent' not in line and 'its subfolder' not in line
+    above = os.path.dirname(cli.tiny_dataset)  # one level too shallow: an archive extracted into a folder of its own
+    cli('--dataset', above, expect=[f"--dataset {above} has no train/ folder (its subfolder {cli.tiny_dataset} has "
+                                    f"both: pass --dataset {cli.tiny_dataset}); a folder dataset needs"])
+
+
+def test_dataset_archive_says_to_extract_it(cli):
+    archive = cli.tmp_path / 'pets.tar.gz'
+    archive.write_bytes(b'')
+    cli('--dataset', archive, code=2, expect=[f"--dataset '{archive}' is neither cifar10, cifar100 nor a folder; it is "
+                                              f"an archive: extract it, then pass the folder that holds train/ and test/"])
 
 
 def test_dataset_with_empty_class(cli):
