@@ -218,6 +218,13 @@ def parse_args(argv=None):
     if 'weights' in given and os.path.isdir(args.weights):  # e.g. a hub download's folder
         found = sorted(name for name in os.listdir(args.weights)
                        if name.endswith(('.safetensors', '.pth', '.bin', '.npz')))
+        run = read_json(os.path.join(args.weights, 'config.json'))
+        if isinstance(run, dict) and 'mode' in run:  # a vpt run's folder: only a --full True run holds a backbone
+            found = ['trainable.safetensors'] if run.get('full') else []
+            if not found:
+                error(f"--weights {args.weights} is a {run['mode']} run's folder, whose checkpoints hold only what it "
+                      f"trained, not a backbone; start from the weights it started from (its config.json's weights_id), "
+                      f"or continue it with --resume {args.weights}")
         error(f"--weights {args.weights} is a folder; pass the checkpoint file in it"
               + (f", e.g. {os.path.join(args.weights, found[0])}" if found else " (.safetensors, .pth, .bin or .npz)"))
     if 'weights' in given and not os.path.isfile(args.weights):

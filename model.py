@@ -85,6 +85,10 @@ def _read_state_dict(weights):
     try:
         return timm.models.load_state_dict(weights)
     except Exception as e:  # safetensors/pickle/zip errors of a damaged file, or a pickled model object
+        folder = os.path.dirname(os.path.abspath(weights))
+        if os.path.basename(weights) == 'state.pt' and os.path.isfile(os.path.join(folder, 'trainable.safetensors')):
+            raise SystemExit(f"error: --weights {weights} is a vpt run's resume state, not weights; continue that run "
+                             f"with --resume {os.path.dirname(weights) or '.'}") from None
         reason = _first_line(e).split('. ')[0].rstrip('.')  # torch's long advice to trust the file stays out
         raise SystemExit(f"error: cannot read --weights {weights} ({type(e).__name__}: {reason}); it must be a whole "
                          f"timm state dict, saved with safetensors or torch.save(model.state_dict()) (a pickled model "

@@ -1,4 +1,5 @@
 """A user's mistake gets one clear line naming the problem and the fix, a non-zero exit, and nothing written."""
+import json
 import os
 
 import pytest
@@ -157,6 +158,25 @@ def test_weights_folder_names_the_file_in_it(cli):
     cli('--weights', cli.tmp_path / 'hub', code=2, expect=[
         f"--weights {cli.tmp_path / 'hub'} is a folder; pass the checkpoint file in it, e.g. "
         f"{cli.tmp_path / 'hub' / 'model.safetensors'}"])
+
+
+def test_weights_of_a_run_say_what_to_pass(cli):
+    """A run's folder or its state.pt as --weights: only a --full True run's trainable.safetensors holds a backbone."""
+    for name, full in (('P_run', False), ('F_run', True)):
+        os.makedirs(cli.tmp_path / name)
+        (cli.tmp_path / name / 'config.json').write_text(json.dumps(dict(mode='F' if full else 'P', full=full)))
+        for checkpoint in ('trainable.safetensors', 'best.safetensors', 'state.pt'):
+            (cli.tmp_path / name / checkpoint).write_bytes(b'')
+    cli('--weights', cli.tmp_path / 'P_run', code=2, expect=[
+        f"--weights {cli.tmp_path / 'P_run'} is a P run's folder, whose checkpoints hold only what it trained, not a "
+        f"backbone; start from the weights it started from (its config.json's weights_id), or continue it with "
+        f"--resume {cli.tmp_path / 'P_run'}"])
+    cli('--weights', cli.tmp_path / 'F_run', code=2, expect=[
+        f"--weights {cli.tmp_path / 'F_run'} is a folder; pass the checkpoint file in it, e.g. "
+        f"{cli.tmp_path / 'F_run' / 'trainable.safetensors'}"])
+    cli('--weights', cli.tmp_path / 'P_run' / 'state.pt', code=1, expect=[
+        f"error: --weights {cli.tmp_path / 'P_run' / 'state.pt'} is a vpt run's resume state, not weights; continue "
+        f"that run with --resume {cli.tmp_path / 'P_run'}"])
 
 
 @pytest.mark.parametrize('suffix', ['safetensors', 'pth'])
