@@ -209,6 +209,10 @@ def parse_args(argv=None):
         error(f"--{'eval_only' if args.eval_only else 'predict'} needs --resume RUN_DIR: the run whose model to use")
     if args.eval_only and args.predict:
         error("--eval_only and --predict are two actions; run them one at a time")
+    if args.checkpoint == 'best' and args.resume and not os.path.isfile(checkpoint_path(args)):
+        error(f"{checkpoint_path(args)} does not exist; " + (
+            "it is written as the run's first epoch ends, and none has yet: use --checkpoint last" if args.val_split
+            else "best.safetensors needs a run with --val_split > 0 (the epoch is chosen on val accuracy)"))
     if (not args.resume or 'dataset' in given) and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
         archive = os.path.isfile(args.dataset) and args.dataset.lower().endswith(ARCHIVES)
         error(f"--dataset {args.dataset!r} is neither cifar10, cifar100 nor a folder; "

@@ -410,7 +410,7 @@ def summarize(history, planned_epochs, val_split, test_images):
                 final_test_loss=final.get('test_loss'), val_split=val_split, best_val_epoch=best,
                 best_val_acc=best_row.get('val_acc'), test_acc_at_best_val=best_row.get('test_acc'),
                 total_time_s=sum(row['epoch_time_s'] for row in history),
-                mean_epoch_time_s=sum(row['epoch_time_s'] for row in timed) / max(1, len(timed)),
+                mean_epoch_time_s=sum(row['epoch_time_s'] for row in timed) / len(timed) if timed else None,
                 peak_mem_gib=max(peaks) if peaks else None, test_images=test_images)
 
 

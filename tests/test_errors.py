@@ -462,7 +462,14 @@ def test_best_checkpoint_of_a_run_without_val_split(cli, capsys):
             '--epoch', 1, '--batch_size', 8, '--log_dir', cli.tmp_path / 'runs', '--name', 'noval']
     assert run_main(argv, capsys)[0] == 0
     code, _, err = run_main(['--eval_only', '--resume', cli.tmp_path / 'runs' / 'noval', '--checkpoint', 'best'], capsys)
-    assert code == 1 and err.strip().count('\n') == 0 and 'best.safetensors needs a run with --val_split > 0' in err
+    assert code == 2 and err.strip().count('\n') == 0 and 'best.safetensors needs a run with --val_split > 0' in err
+    argv = [*argv[:-2], '--name', 'val', '--val_split', 0.25]
+    assert run_main(argv, capsys)[0] == 0
+    os.remove(cli.tmp_path / 'runs' / 'val' / 'best.safetensors')  # as in a run stopped before its first epoch ended
+    code, _, err = run_main(['--eval_only', '--resume', cli.tmp_path / 'runs' / 'val', '--checkpoint', 'best'], capsys)
+    assert code == 2 and err.strip() == (
+        f"main.py: error: {cli.tmp_path / 'runs' / 'val' / 'best.safetensors'} does not exist; it is written as the "
+        f"run's first epoch ends, and none has yet: use --checkpoint last (python main.py --help lists the flags)")
     os.remove(cli.tmp_path / 'runs' / 'noval' / 'trainable.safetensors')
     code, _, err = run_main(['--eval_only', '--resume', cli.tmp_path / 'runs' / 'noval'], capsys)
     assert code == 1 and err.strip() == (f"error: {cli.tmp_path / 'runs' / 'noval' / 'trainable.safetensors'} does "

@@ -117,6 +117,12 @@ def test_summary_peak_memory_is_the_maximum_over_epochs():
     assert train.summarize(rows, 3, 0.0, 10)['peak_mem_gib'] == 3.5
 
 
+def test_summary_of_a_run_stopped_before_its_first_epoch_has_no_epoch_time():
+    summary = train.summarize([], 3, 0.1, 10)
+    assert summary['epochs_done'] == 0 and not summary['finished']
+    assert summary['mean_epoch_time_s'] is None and summary['best_val_epoch'] is None  # no epoch, not 0.0 s
+
+
 def test_confusion_csv_rows_are_true_classes():
     text = train.confusion_bytes(torch.tensor([[5, 1], [0, 6]]), ['a', 'b']).decode()
     assert text.splitlines() == ['true\\predicted,a,b', 'a,5,1', 'b,0,6']
