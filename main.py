@@ -176,17 +176,21 @@ def say_once(message, code=1):
     sys.exit(code)
 
 
+def flag_hint(parser, message):
+    """'; did you mean --epoch?' for argparse's 'unrecognized arguments: --epochs 3' (main.py, sweep.py, plot.py)."""
+    if not message.startswith('unrecognized arguments: '):
+        return ''
+    flags = [option for action in parser._actions for option in action.option_strings]
+    close = [match for word in message.split()[2:] if word.startswith('--')
+             for match in difflib.get_close_matches(word.split('=')[0], flags, 1)]
+    return f"; did you mean {' '.join(dict.fromkeys(close))}?" if close else ''
+
+
 def parse_args(argv=None):
     parser = make_parser()
 
     def error(message):  # one line, no usage dump; under torchrun from the first process only
-        if message.startswith('unrecognized arguments: '):  # --epochs for --epoch
-            flags = [option for action in parser._actions for option in action.option_strings]
-            close = [match for word in message.split()[2:] if word.startswith('--')
-                     for match in difflib.get_close_matches(word.split('=')[0], flags, 1)]
-            if close:
-                message += f"; did you mean {' '.join(dict.fromkeys(close))}?"
-        say_once(f"main.py: error: {message} (python main.py --help lists the flags)", 2)
+        say_once(f"main.py: error: {message}{flag_hint(parser, message)} (python main.py --help lists the flags)", 2)
     parser.error = error
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)

@@ -58,7 +58,7 @@ from matplotlib.patches import ConnectionPatch
 from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from main import shown_width  # main.py imports torch only inside main()
+from main import flag_hint, shown_width  # main.py imports torch only inside main()
 
 # train.METRICS_HEADER, repeated rather than imported: plot.py stays free of torch and starts in a second.
 # Columns are read by name: these must be there, the optional ones may be (empty cells = no value), others are ignored.
@@ -782,7 +782,7 @@ def main(argv=None):
                            'parameters, time per epoch and checkpoint size')
     what.add_argument('--confusion', action='store_true',
                       help="only draw each run's confusion.csv as <run>/confusion.png (--out: one run only)")
-    parser.error = lambda message: error(f"{message} (python plot.py --help for usage)")  # one line, exit 2
+    parser.error = lambda message: error(f"{message}{flag_hint(parser, message)} (python plot.py --help for usage)")
     args = parser.parse_args(argv)
 
     if args.out is not None:  # before any work; the cost figure's name comes from it too

@@ -119,7 +119,7 @@ def make_parser():
         help='write sweep.csv and sweep.md from the runs in SWEEP_DIR, running nothing')
 
     def error(message):  # one line, no usage dump
-        fail(f"{message} (python sweep.py --help; main.py flags go after --)", 2)
+        fail(f"{message}{vpt.flag_hint(parser, message)} (python sweep.py --help; main.py flags go after --)", 2)
     parser.error = error
     return parser
 
@@ -167,7 +167,7 @@ def given_main_flags(argv):
         with contextlib.redirect_stdout(io.StringIO()):
             return vars(parser.parse_args(argv))
     except ValueError as e:
-        fail(f"main.py flags after --: {e} (python main.py --help lists them)", 2)
+        fail(f"main.py flags after --: {e}{vpt.flag_hint(parser, str(e))} (python main.py --help lists them)", 2)
     except SystemExit:  # -h
         fail("main.py flags after --: python main.py --help lists them", 2)
 

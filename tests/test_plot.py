@@ -377,8 +377,9 @@ def test_cost_figure_that_is_not_plot_pys_stops_before_anything_is_written(logs,
 
 
 def test_bad_flag_is_one_line(logs, capsys):
-    code, _, err = run_plot([logs, '--outt', 'x.png'], capsys)
-    assert code == 2 and '--outt' in one_line(err)
+    code, _, err = run_plot([logs, '--confsion'], capsys)
+    assert code == 2 and one_line(err) == ('plot.py: error: unrecognized arguments: --confsion; did you mean '
+                                           '--confusion? (python plot.py --help for usage)')
 
 
 # ---------------------------------------------------------------- bad runs: skipped with one warning each
