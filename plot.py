@@ -1,4 +1,4 @@
-"""Plot train/test accuracy per epoch for vpt runs and print a summary table; draw confusion matrices and
+"""Plot train/(val/)test accuracy per epoch for vpt runs and print a summary table; draw confusion matrices and
 accuracy-against-cost figures.
 
     python plot.py logs/                                   # every run under logs/ -> logs/accuracy.png + table
@@ -427,22 +427,30 @@ def run_styles(count):
 
 def plot_runs(runs, out):
     longest = max(len(run['history']) for run in runs)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout='constrained')
+    validated = any(run['val_epoch'] is not None for run in runs)  # val accuracy picks the epoch to report: shown
+    keys = ('train_acc', 'val_acc', 'test_acc') if validated else ('train_acc', 'test_acc')
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), sharey=True, layout='constrained')
     for run, (colour, linestyle, marker) in zip(runs, run_styles(len(runs))):
-        epochs = [row['epoch'] for row in run['history']]
         unfinished = f", {epochs_cell(run)} epochs" if '/' in epochs_cell(run) else ''  # its curves end early
-        for ax, key in zip(axes, ('train_acc', 'test_acc')):
-            ax.plot(epochs, [row[key] for row in run['history']], color=colour, linestyle=linestyle,
-                    marker=marker if longest <= MARKERS_UP_TO or len(epochs) == 1 else None, markersize=4,
+        for ax, key in zip(axes, keys):
+            rows = [row for row in run['history'] if row[key] is not None]
+            ax.plot([row['epoch'] for row in rows], [row[key] for row in rows], color=colour, linestyle=linestyle,
+                    marker=marker if longest <= MARKERS_UP_TO or len(rows) == 1 else None, markersize=4,
                     linewidth=1.8, label=f"{run['name']} ({run['mode']}{unfinished})")
-    for ax, title in zip(axes, ('train accuracy', 'test accuracy')):
+        if run['val_epoch'] is not None:  # the number to report: test accuracy at the best val epoch
+            axes[-1].plot([run['val_epoch']], [run['test_at_best_val']], marker='*', markersize=13, color=colour,
+                          markeredgecolor='black', markeredgewidth=0.6, linestyle='none', zorder=3)
+    titles = {'train_acc': 'train accuracy', 'val_acc': 'val accuracy',
+              'test_acc': 'test accuracy (star: at the best val epoch)' if validated else 'test accuracy'}
+    for ax, title in zip(axes, (titles[key] for key in keys)):
         ax.set_title(title)
         ax.set_xlabel('epoch')
         # min_n_ticks=1: with one epoch only 1 is an integer in view, and the default (2) falls back to fractions
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel('accuracy (%)')
-    axes[1].tick_params(labelleft=True)  # shared scale, but each panel keeps its numbers
+    for ax in axes[1:]:
+        ax.tick_params(labelleft=True)  # shared scale, but each panel keeps its numbers
     handles, labels = axes[0].get_legend_handles_labels()
     add_legend_below(fig, handles, labels, panels_height=3.95)
     save_figure(fig, out)

@@ -245,6 +245,26 @@ def test_many_long_named_runs_keep_the_panels_size(count, logs, tmp_path, capsys
         close_figure(fig)
 
 
+def test_runs_with_a_val_split_get_a_val_panel_and_their_reported_point(tmp_path, capsys, monkeypatch):
+    """Val accuracy picks the epoch to report: its curve is drawn, and a star marks each run's test accuracy at its
+    best val epoch on the test panel; a run without val has no val curve."""
+    write_run(tmp_path, 'P_val', epochs=((70.0, 80.0, 4.0), (80.0, 86.0, 4.0), (90.0, 84.0, 4.0)),
+              val=(81.0, 88.0, 87.0))
+    write_run(tmp_path, 'P_noval')
+    figures = captured_figures(monkeypatch)
+    assert run_plot([tmp_path], capsys)[0] == 0
+    train_ax, val_ax, test_ax = figures[0].axes
+    assert [ax.get_title() for ax in figures[0].axes] == ['train accuracy', 'val accuracy',
+                                                         'test accuracy (star: at the best val epoch)']
+    assert [line.get_label() for line in val_ax.get_lines()] == ['P_noval (P)', 'P_val (P)']
+    noval_line, val_line = val_ax.get_lines()
+    assert list(val_line.get_ydata()) == [81.0, 88.0, 87.0] and list(noval_line.get_ydata()) == []
+    stars = [line for line in test_ax.get_lines() if line.get_marker() == '*']
+    assert len(stars) == 1 and (list(stars[0].get_xdata()), list(stars[0].get_ydata())) == ([2], [86.0])
+    assert stars[0].get_color() == val_line.get_color()
+    close_figure(figures[0])
+
+
 def test_runs_past_twenty_stay_distinguishable(tmp_path, capsys, monkeypatch):
     """Past tab20's 20 colours the runs used to get viridis, neighbours in near-identical colours: any two runs
     drawn in the same line style must differ clearly in colour."""
