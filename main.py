@@ -736,8 +736,11 @@ def evaluate_checkpoint(args, model, splits, classes, device):
                   f"on {len(splits['test'][1])} images")
     names = {name: shown(name) for name in per_class}
     width = max(map(shown_width, names.values()))
-    report += [f"  {padded(names[name], width)}  " + (f"{value:7.2f}%" if value is not None else
-                                                       '      -  (no test images)') for name, value in per_class.items()]
+    counts = zip(confusion.diagonal().tolist(), confusion.sum(1).tolist())  # a class of 3 images says so
+    count_width = len(str(confusion.sum(1).max().item()))
+    report += [f"  {padded(names[name], width)}  " + (f"{value:7.2f}%  ({right:>{count_width}} of {total})"
+                                                       if value is not None else '      -  (no test images)')
+               for (name, value), (right, total) in zip(per_class.items(), counts)]
     try:  # the files first, so that a reader gone (| head) does not stop them; the report even if they fail (disk full)
         said, stream = write_evaluation(args, epoch, suffix, confusion, per_class, classes)
     finally:

@@ -48,6 +48,9 @@ def test_predictions_on_image_files_equal_eval_only(run_dir, tiny_dataset, tmp_p
     code, out, err = run_main(['--eval_only', '--resume', run_dir], capsys)
     assert code == 0, err
     classes, confusion = read_confusion(run_dir / 'confusion.csv')
+    per_class = [line.split() for line in out.splitlines() if line.startswith('  ')]  # each class with its counts
+    assert [(name, right, total) for name, _, right, _, total in per_class] == [
+        (name, f'({confusion[name][i]}', f'{sum(confusion[name])})') for i, name in enumerate(classes)]
     (tmp_path / 'broken.png').write_bytes(b'not an image')
     out_csv = tmp_path / 'predictions.csv'
     code, out, err = run_main(['--predict', os.path.join(tiny_dataset, 'test'), tmp_path / 'broken.png',
