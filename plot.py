@@ -33,7 +33,9 @@ quantity is left out of that panel.
 normalised to 100%, colour on a square-root scale so that small confusions show. --out is allowed with a single run
 only; for several runs drop it and every run gets <run>/confusion.png. A run that has not finished has no
 confusion.csv; the newest confusion_epoch<N>.csv that main.py --eval_only wrote for its last checkpoint is drawn
-instead, into <run>/confusion_epoch<N>.png.
+instead, into <run>/confusion_epoch<N>.png. A run's confusion_best.csv (main.py --eval_only --checkpoint best: the
+best val epoch, whose test accuracy is the number to report) is drawn too, into <run>/confusion_best.png (not with
+--out, which takes one figure).
 """
 import argparse
 import contextlib
@@ -751,9 +753,17 @@ def draw_confusions(run_dirs, paths, out):
         except ValueError as e:
             warn(f"skipping run {run['dir']}: {e}")
             continue
-        target = out or os.path.join(run['dir'], os.path.basename(path)[:-len('.csv')] + '.png')
-        plot_confusion(title, classes, counts, target)
-        print(f"wrote {target}")
+        matrices = [(path, title, classes, counts)]
+        best = os.path.join(run['dir'], 'confusion_best.csv')  # --eval_only --checkpoint best: the epoch to report
+        if out is None and os.path.exists(best):
+            try:
+                matrices.append((best, f"{run['name']}, best val epoch", *read_confusion(best)))
+            except ValueError as e:
+                warn(f"skipping {best}: {e}")
+        for path, title, classes, counts in matrices:
+            target = out or os.path.join(run['dir'], os.path.basename(path)[:-len('.csv')] + '.png')
+            plot_confusion(title, classes, counts, target)
+            print(f"wrote {target}")
         drawn += 1
     if not drawn:
         error(f"no confusion matrix to draw under {', '.join(paths)}: see the warnings above")

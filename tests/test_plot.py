@@ -822,6 +822,26 @@ def test_class_names_without_glyphs_in_the_default_font(cjk_font, logs, tmp_path
     close_figure(fig)
 
 
+def test_confusion_best_is_drawn_beside_the_last_epochs(logs, tmp_path, capsys, monkeypatch):
+    """--eval_only --checkpoint best writes confusion_best.csv: the matrix of the epoch a val-split run reports."""
+    run_dir = os.path.join(logs, 'F_run')
+    write_confusion(run_dir, ['a', 'b'], [[3, 3], [3, 3]])
+    os.rename(os.path.join(run_dir, 'confusion.csv'), os.path.join(run_dir, 'confusion_best.csv'))
+    write_confusion(run_dir, ['a', 'b'], [[5, 1], [2, 7]])
+    figures = captured_figures(monkeypatch)
+    code, out, _ = run_plot([run_dir, '--confusion'], capsys)
+    assert code == 0 and out.strip().splitlines() == [f"wrote {os.path.join(run_dir, name)}"
+                                                      for name in ('confusion.png', 'confusion_best.png')]
+    titles = [figure.axes[0].get_title() for figure in figures]
+    assert titles[0].startswith('F_run: 80.00% accuracy') and titles[1].startswith('F_run, best val epoch: 50.00%')
+    assert_png(os.path.join(run_dir, 'confusion_best.png'), min_width=500)
+    code, out, _ = run_plot([run_dir, '--confusion', '--out', tmp_path / 'c.png'], capsys)
+    assert code == 0 and out.strip() == f"wrote {tmp_path / 'c.png'}"  # --out: one figure, the last epoch's
+    assert len(figures) == 3 and figures[2].axes[0].get_title().startswith('F_run: 80.00%')
+    for figure in figures:
+        close_figure(figure)
+
+
 def test_confusion_for_several_runs_and_missing_csv(logs, capsys):
     write_confusion(os.path.join(logs, 'F_run'), ['a', 'b'], [[5, 1], [2, 7]])
     write_confusion(os.path.join(logs, 'P_run'), ['a', 'b'], [[3, 0], [0, 3]])
