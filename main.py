@@ -798,6 +798,9 @@ def predict(args, device):
     classes = config['classes']
     model, _ = build_model(args, len(classes), device)
     epoch = train.load_trainable(checkpoint_path(args), model)  # one process: main refuses --predict under torchrun
+    if epoch == 0:
+        print(f"warning: {checkpoint_path(args)} was saved before the run's first epoch ended: its head is untrained, "
+              f"so these predictions are chance; resume the run to train it", file=sys.stderr, flush=True)
     out = args.out or train.fresh_path(os.path.join(args.resume, 'predictions.csv'))
     check_writable_file(out)
     paths = image_paths(args.predict)

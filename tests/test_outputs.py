@@ -157,6 +157,21 @@ def test_predict_reads_images_as_the_runs_folder_images_were_read(tiny_dataset, 
         sizes.clear()
 
 
+def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, tiny_dataset, tmp_path, capsys):
+    """A run stopped in its first epoch has a trainable.safetensors of epoch 0: its head untrained, its answers chance."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(run_dir, tmp_path / 'r')
+    checkpoint = tmp_path / 'r' / 'trainable.safetensors'
+    save_file(load_file(checkpoint), checkpoint, metadata={'epoch': '0'})
+    code, _, err = run_main(['--predict', os.path.join(tiny_dataset, 'test', 'cat'), '--resume', tmp_path / 'r'], capsys)
+    assert code == 0 and err.splitlines()[0] == (
+        f"warning: {checkpoint} was saved before the run's first epoch ended: its head is untrained, so these "
+        f"predictions are chance; resume the run to train it"), err
+    code, _, err = run_main(['--predict', os.path.join(tiny_dataset, 'test', 'cat'), '--resume', run_dir, '--out',
+                             tmp_path / 'p.csv'], capsys)
+    assert code == 0 and 'warning' not in err
+
+
 def test_predict_runs_the_model_in_eval_mode(tiny_dataset, tmp_path, capsys, monkeypatch):
     """A run trained with --prompt_dropout predicts without dropping prompts, as evaluation does."""
     import model
