@@ -545,3 +545,41 @@ def test_peak_table_nvl():
     assert bench.peak_bf16_tflops('NVIDIA H100 NVL') == 835
     assert bench.peak_bf16_tflops('NVIDIA H200 NVL') == 835  # not the SXM H200's 989
     assert bench.peak_bf16_tflops('NVIDIA H200') == 989
+
+
+# ---------------------------------------------------------------- behaviours a mutation round found unpinned
+
+
+def test_bench_json_records_compile_and_prompt_impl_and_the_baselines_flops(tmp_path, monkeypatch, capsys):
+    """--compile True --prompt_impl naive: the JSON says so, at the top and in every mode (the README's numbers are
+    read back from it); the baseline, P with the same prompts, has P's naive forward FLOPs per image."""
+    monkeypatch.setattr(bench, 'run_mode', fake_mode)
+    monkeypatch.setattr(bench, 'run_baseline', fake_baseline)
+    monkeypatch.setattr(bench, 'git_commit', lambda: None)
+    out = tmp_path / 'bench.json'
+    bench.main([*TINY, '--prompts', '5', '--compile', 'True', '--prompt_impl', 'naive', '--json', str(out)])
+    stdout = capsys.readouterr().out
+    assert 'compile True' in stdout.splitlines()[0] and 'prompt_impl naive' in stdout.splitlines()[0]
+    report = json.loads(out.read_text())
+    assert report['compile'] is True and report['prompt_impl'] == 'naive'
+    for mode, r in report['modes'].items():
+        assert r['compile'] is True and r['prompt_impl'] == 'naive', mode
+    geometry = report['geometry']
+    baseline = report['baseline']
+    assert baseline['prompt_impl'] == 'naive'
+    assert baseline['fwd_gflop_naive'] == pytest.approx(bench.forward_flops(**geometry, num_prompts=5) / 1e9)
+    assert baseline['fwd_gflop_naive'] == report['modes']['P']['fwd_gflop_naive']
+    rows = table_rows(stdout)
+    assert rows['baseline'][8] == rows['P'][8] == f"{baseline['fwd_gflop_naive']:.4g}"
+
+
+def test_bench_defaults_are_the_documented_ones():
+    """`python bench.py` is README's headline measurement: ViT-B at batch 512, 50 prompts, bf16 autocast, the kv
+    prompts, no compile, 10 warm-up + 50 timed steps and 20 eval batches per mode, the seed's batch 128 for 20 steps."""
+    args = bench.parse_args([])
+    assert args.model == 'vit_base_patch16_224.augreg_in21k' and args.batch_size == 512 and args.prompts == 50
+    assert args.amp is True and args.prompt_impl == 'kv' and args.compile is False and args.profile is False
+    assert (args.warmup, args.steps, args.eval_steps) == (10, 50, 20)
+    assert (args.baseline, args.baseline_batch_size, args.baseline_steps) == (True, 128, 20)
+    assert args.modes == ['P', 'F', 'P+F'] and args.device == 'auto' and args.json is None
+    assert args.peak_tflops is None

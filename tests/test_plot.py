@@ -905,6 +905,7 @@ BAD_CONFUSION = {
     'wrong_order': ('true\\predicted,a,b\nb,1,2\na,3,4\n', "is class 'b', expected 'a'"),
     'fraction': ('true\\predicted,a,b\na,1,2.5\nb,3,4\n', 'not an integer'),
     'negative': ('true\\predicted,a,b\na,1,-2\nb,3,4\n', 'negative'),
+    'minus_one': ('true\\predicted,a,b\na,1,2\nb,-1,4\n', 'row 3 has a negative count'),  # the smallest negative
     'zeros': ('true\\predicted,a,b\na,0,0\nb,0,0\n', 'all zero'),
     'empty': ('', 'empty'),
 }
@@ -1397,3 +1398,85 @@ def test_the_table_reports_what_summary_json_does(tmp_path):
                                                            summary['test_acc_at_best_val']) == (2, 71.0)
     assert run['epoch_time_s'] == pytest.approx(summary['mean_epoch_time_s']) == 5.5
     assert run['final_acc'] == summary['final_test_acc'] and run['time_s'] == pytest.approx(summary['total_time_s'])
+
+
+# ---------------------------------------------------------------- more behaviours a second mutation round found unpinned
+
+
+def test_every_sweep_left_out_of_a_log_directory_is_named(logs, capsys):
+    """logs/ with runs and two sweep directories: one warning per sweep left out, each naming it, not only the first."""
+    sweeps = [os.path.join(logs, name) for name in ('lr_sweep', 'wd_sweep')]
+    for sweep in sweeps:
+        write_run(sweep, 'P_trial', epochs=[(50.0, 55.0, 2.0)])
+    code, out, err = run_plot([logs], capsys)
+    assert code == 0 and list(table(out)) == sorted(RUNS)
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all('not plotting the runs in' in line for line in lines), err
+    assert [sweep in line for sweep, line in zip(sweeps, lines)] == [True, True], err
+
+
+def test_a_thirty_epoch_run_still_has_a_marker_at_every_epoch(tmp_path, capsys, monkeypatch):
+    """MARKERS_UP_TO: markers while the longest run has at most 30 epochs, 30 included."""
+    write_run(tmp_path, 'P_30', epochs=[(50.0 + i, 60.0 + i, 2.0) for i in range(30)])
+    figures = captured_figures(monkeypatch)
+    assert run_plot([tmp_path], capsys)[0] == 0
+    for ax in figures[0].axes:
+        assert [line.get_marker() for line in ax.get_lines()] == ['o']
+    close_figure(figures[0])
+
+
+def test_train_and_test_panels_share_one_accuracy_scale(logs, tmp_path, capsys, monkeypatch):
+    """The fixture's train accuracies span 60-95%, its test accuracies 75-91%: on panels scaled apart a curve at the
+    same height would mean different accuracies; the two panels have one y range, each with its numbers."""
+    figures = captured_figures(monkeypatch)
+    assert run_plot([logs, '--out', tmp_path / 'acc.png'], capsys)[0] == 0
+    train_ax, test_ax = figures[0].axes
+    assert train_ax.get_ylim() == test_ax.get_ylim()
+    low, high = train_ax.get_ylim()
+    assert low <= 60.5 and high >= 95.4  # every train and test point in view on both
+    close_figure(figures[0])
+
+
+def test_cost_png_goes_next_to_accuracy_png_under_the_first_path(cost_logs, tmp_path, capsys):
+    """Several PATHs, no --out: cost.png is written where accuracy.png is, under the first PATH, as --help says."""
+    other = tmp_path / 'other_logs'
+    write_run(other, 'P_other', 'P', 50_000, [(60.0, 65.0, 3.0)], checkpoint_bytes=1_000_000)
+    code, out, _ = run_plot([cost_logs, other, '--cost'], capsys)
+    assert code == 0
+    assert table_lines(out)[3] == [f"wrote {os.path.join(cost_logs, 'accuracy.png')}",
+                                   f"wrote {os.path.join(cost_logs, 'cost.png')}"]
+    assert_png(os.path.join(cost_logs, 'cost.png'))
+    assert files_under(other) == ['P_other/config.json', 'P_other/metrics.csv', 'P_other/trainable.safetensors']
+
+
+def test_confusion_out_refused_for_two_runs(logs, tmp_path, capsys):
+    """Two runs into one --out file would leave the second's matrix in it and the first's nowhere: an error, as for
+    three, and nothing written."""
+    for name in ('F_run', 'P_run'):
+        write_confusion(os.path.join(logs, name), ['a', 'b'], [[5, 1], [2, 7]])
+    code, out, err = run_plot([os.path.join(logs, 'F_run'), os.path.join(logs, 'P_run'), '--confusion', '--out',
+                               tmp_path / 'cm.png'], capsys)
+    assert code == 2 and out == ''
+    line = one_line(err)
+    assert line.startswith('plot.py: error: --out') and '2 runs' in line and 'drop --out' in line
+    assert not os.path.exists(tmp_path / 'cm.png')
+    assert not any(name.endswith('confusion.png') for name in files_under(logs))
+
+
+def test_a_log_directory_that_cannot_be_listed_says_so(tmp_path, capsys, monkeypatch):
+    """A PATH plot.py may not read (no read permission; the tests may run as root, so listing is refused by hand):
+    that is the error, not 'no runs found' with the advice to train one."""
+    root = tmp_path / 'logs'
+    write_run(root, 'P_run')
+    listdir = os.listdir
+
+    def refusing(path='.'):
+        if os.path.realpath(path) == os.path.realpath(root):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return listdir(path)
+    monkeypatch.setattr(plot.os, 'listdir', refusing)
+    code, out, err = run_plot([root], capsys)
+    assert code == 2 and out == ''
+    line = one_line(err)
+    assert line.startswith(f'plot.py: error: cannot list {root}: ') and 'Permission denied' in line, line
+    assert not os.path.exists(root / 'accuracy.png')
