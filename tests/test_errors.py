@@ -282,6 +282,16 @@ def test_a_data_error_is_said_by_the_first_process_of_every_machine(monkeypatch,
         assert (capsys.readouterr().err == 'error: cannot read 1 of 25 images\n') == printed
 
 
+def test_no_process_but_the_first_of_a_machine_repeats_an_error(monkeypatch, capsys):
+    """torchrun --nproc_per_node=8: local ranks 1..7 stay quiet, so an error is one line, not eight."""
+    import main
+    for local_rank in ('1', '2', '7'):
+        monkeypatch.setenv('LOCAL_RANK', local_rank)
+        with pytest.raises(SystemExit) as stopped:
+            main.say_once('error: cannot read 1 of 25 images')
+        assert stopped.value.code == 1 and capsys.readouterr().err == '', local_rank
+
+
 def test_dataset_folder_without_splits(cli):
     os.makedirs(cli.tmp_path / 'flat' / 'cat')
     cli('--dataset', cli.tmp_path / 'flat', expect=['no train/ folder', 'train/<class>'])

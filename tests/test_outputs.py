@@ -94,6 +94,21 @@ def train_one_epoch(dataset, run_dir, capsys):
     assert code == 0, err
 
 
+def test_predict_says_even_one_row_left_out_of_the_table(run_dir, tiny_dataset, tmp_path, capsys, monkeypatch):
+    """18 images, 17 shown: the one not shown is said, so the table never passes for all the predictions."""
+    import main
+    monkeypatch.setattr(main, 'PREDICTIONS_SHOWN', 17)
+    code, out, err = run_main(['--predict', os.path.join(tiny_dataset, 'test'), '--resume', run_dir, '--out',
+                               tmp_path / 'p.csv'], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 + 17 + 2 and lines[-2] == f"... and 1 more in {tmp_path / 'p.csv'}"
+    monkeypatch.setattr(main, 'PREDICTIONS_SHOWN', 18)  # all shown: no such line
+    code, out, err = run_main(['--predict', os.path.join(tiny_dataset, 'test'), '--resume', run_dir, '--out',
+                               tmp_path / 'q.csv'], capsys)
+    assert code == 0 and len(out.strip().splitlines()) == 1 + 18 + 1 and ' more in ' not in out, err
+
+
 def test_predict_lists_the_five_most_likely_classes(tmp_path, capsys):
     """With more than five classes (CIFAR-10's ten) the table and the CSV give the top five, most likely first."""
     dataset = write_folder_dataset(tmp_path / 'ds', classes=tuple('abcdef'), train_per_class=2, test_per_class=1,
@@ -319,6 +334,22 @@ def test_class_without_images(tiny_dataset, tmp_path, capsys):
     assert list(per_class.values()).count(None) == 1
     code, out, err = run_main(['--eval_only', '--resume', tmp_path / 'r'], capsys)
     assert code == 0 and '(no test images)' in out, err
+
+
+@pytest.mark.parametrize('absent, named', [(5, 'b, c, d, e, f)'), (6, 'b, c, d, e, f, ...)')])
+def test_the_classes_without_images_are_named_up_to_five(capsys, absent, named):
+    """The warning names the first five classes a split lacks, and '...' when there are more."""
+    import argparse
+    import main
+    import torch
+    classes = list('abcdefg')[:absent + 1]
+    train_labels, test_labels = torch.arange(len(classes)).repeat(2), torch.zeros(2, dtype=torch.long)
+    args = argparse.Namespace(train_samples=0, test_samples=0, val_split=0, batch_size=2, eval_only=False)
+    main.check_splits(args, dict(train=(None, train_labels), val=None, test=(None, test_labels)), classes,
+                      train_labels, 0)
+    assert capsys.readouterr().err.strip() == (
+        f"warning: {absent} of {absent + 1} classes have no test images ({named}; test accuracy leaves them out (the "
+        f"dataset's test split has none of them)")
 
 
 def test_predict_out_makes_missing_folders_but_not_under_a_file(run_dir, tiny_dataset, tmp_path, capsys):

@@ -119,6 +119,34 @@ def test_val_split_rounding_per_class_is_said(tmp_path, capsys):
     assert '2 of 5 training images (40.0%) and no image of 1 of the 3 classes: it is rounded' in capsys.readouterr().err
 
 
+def test_val_split_a_percent_or_more_off_is_said(tiny_dataset, capsys):
+    """README: where the per-class rounding is 1% or more off --val_split overall, a warning says so. 16 images a
+    class: 0.1 holds out 2 each, 12.5% (2.5 points off: said); 0.13 also 12.5% (0.5 points off: not said)."""
+    import main
+    split = lambda fraction: main.load_splits(main.parse_args([*map(str, TINY), '--dataset', tiny_dataset,
+                                                               '--val_split', fraction, '--batch_size', '1']), 0, 1)[0]
+    assert len(split('0.1')['val'][1]) == 6
+    assert capsys.readouterr().err.strip() == (
+        "warning: --val_split 0.1 holds out 6 of 48 training images (12.5%): it is rounded per class: each holds out "
+        "round(fraction x its images), keeping one to train on")
+    assert len(split('0.13')['val'][1]) == 6 and capsys.readouterr().err == ''
+
+
+def test_a_class_left_without_val_images_is_said_even_when_the_fraction_is_met(capsys):
+    """README: a val split that leaves a class without validation images gets a warning, even where the fraction held
+    out overall is within 1% of --val_split: that class's accuracy plays no part in choosing the best epoch."""
+    import argparse
+    import main
+    all_train = torch.tensor([0] + [1] * 50 + [2] * 50)  # class a has one image, which it keeps for training
+    val, train_labels = torch.tensor([1] * 25 + [2] * 25), torch.tensor([0] + [1] * 25 + [2] * 25)
+    args = argparse.Namespace(train_samples=0, test_samples=0, val_split=0.5, batch_size=2, eval_only=False)
+    main.check_splits(args, dict(train=(None, train_labels), val=(None, val), test=(None, torch.tensor([0, 1, 2]))),
+                      ['a', 'b', 'c'], all_train, 0)
+    assert capsys.readouterr().err.strip() == (
+        "warning: --val_split 0.5 holds out 50 of 101 training images (49.5%) and no image of 1 of the 3 classes: it "
+        "is rounded per class: each holds out round(fraction x its images), keeping one to train on")
+
+
 def test_augment_false_reaches_the_training_batches(tiny_dataset, tmp_path, capsys, monkeypatch):
     import data
     seen, batches = [], data.train_batches

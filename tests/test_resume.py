@@ -656,6 +656,22 @@ def test_a_resume_records_its_machine_and_says_when_cpu_threads_change(tiny_data
     assert config['resumed'][0]['cpu_threads'] == torch.get_num_threads()
 
 
+def test_a_cpu_run_that_recorded_no_thread_count_gets_no_thread_note(capsys):
+    """A run whose config.json names its CPU but not its thread count (as a vpt before cpu_threads recorded it): there
+    is nothing to compare, so no note ('trained on the CPU with None threads')."""
+    import argparse
+    machine = dict(device_name='cpu (x86_64)', cpu_threads=2, torch_version='2', timm_version='1', cuda_version=None,
+                   cudnn_version=None)
+    config = dict(machine, command='python main.py --resume r', git_commit='b' * 40, world_size=1, epoch=2)
+    previous = dict(machine, cpu_threads=None, command='python main.py', git_commit='a' * 40, world_size=1, epoch=1)
+    args = argparse.Namespace(resume='r', epoch=2, amp=True, prompt_dropout=0.0, prompts=4)
+    merged = main.resumed_config(config, previous, args, 1)
+    assert capsys.readouterr().err == ''
+    assert merged['cpu_threads'] is None and merged['resumed'][-1]['cpu_threads'] == 2
+    main.resumed_config(config, dict(previous, cpu_threads=1), args, 1)  # a known other count is said
+    assert capsys.readouterr().err.startswith('note: r trained on the CPU with 1 thread, now 2: ')
+
+
 def test_eval_only_beside_the_training_keeps_its_per_class_view(tiny_dataset, tmp_path, capsys, monkeypatch):
     """--eval_only --checkpoint best takes no lock: run beside the training, the next epoch's summary.json dropped
     its per_class_acc_best while confusion_best.csv stayed."""
@@ -1100,6 +1116,16 @@ def test_a_resume_below_what_it_can_train_to_is_refused_with_an_epoch_that_works
     for action in (['--eval_only'], ['--predict', os.path.join(tiny_dataset, 'test')]):  # nothing trains: any --epoch
         code, _, err = run_main(['--resume', run_dir, *action, '--epoch', epoch], capsys)
         assert code == 0, err
+
+
+def test_the_epoch_suggested_for_a_run_that_recorded_no_image_count_is_past_its_warmup():
+    """A run whose config.json holds no train_images (an older vpt) is judged in epochs: with 2.5 warmup epochs the
+    smallest --epoch that can decay is 3 (2 would still end inside the warmup, and be refused again)."""
+    import argparse
+    args = argparse.Namespace(warmup_epochs=2.5, batch_size=8)
+    assert main.smallest_resume_epoch(args, 1) == 3
+    assert main.smallest_resume_epoch(argparse.Namespace(warmup_epochs=2.0, batch_size=8), 1) == 3
+    assert main.smallest_resume_epoch(args, 4) == 5  # past the epochs trained
 
 
 def test_ending_an_unfinished_run_where_it_stopped_is_refused(tiny_dataset, tmp_path, capsys, monkeypatch):
