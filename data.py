@@ -6,6 +6,7 @@ train.py moves them onto the training device once. An epoch is a seeded permutat
 crop with zero padding + horizontal flip, the seed's recipe) is one gather over the whole batch; resizing to the
 model's input size (e.g. CIFAR at 224 px) and normalisation happen per batch on the device.
 """
+import contextlib
 import os
 import stat
 import sys
@@ -148,18 +149,23 @@ def _load_folder(root, img_size, samples, seed, reading):
         available[os.path.basename(split_dir)] = len(labels)
         keep = balanced_subset(labels, num_samples, seed)
         splits.append((read_images([paths[i] for i in keep.tolist()], img_size, reading), labels[keep]))
-        if split_dir == split_dirs[0] and len(keep):
-            _note_resized(root, paths[int(keep[0])], splits[0][0].shape[2:], img_size)
+        if split_dir == split_dirs[0]:
+            _note_resized(root, [paths[i] for i in keep.tolist()], splits[0][0].shape[2:], img_size)
     return splits, classes, available
 
 
-def _note_resized(root, first_path, stored, img_size):
-    """Photos trained at 32x32 (the default --img_size) are a surprise unless said."""
-    with Image.open(first_path) as image:
-        width, height = image.size
-    if tuple(stored) == (img_size, img_size) != (height, width) and os.environ.get('LOCAL_RANK', '0') == '0':
-        print(f"note: the images of {root} are resized to {img_size}x{img_size} (--img_size) as they are read, not "
-              f"cropped; {os.path.relpath(first_path, root)} is {width}x{height}", file=sys.stderr, flush=True)
+def _note_resized(root, paths, stored, img_size):
+    """Photos trained at 32x32 (the default --img_size) are a surprise unless said. Up to 200 image headers are
+    looked at, spread over the split (CIFAR's 50,000 would take seconds)."""
+    if tuple(stored) != (img_size, img_size) or os.environ.get('LOCAL_RANK', '0') != '0':
+        return  # kept at their own size: resized per batch, not squashed here
+    for path in paths[::max(1, len(paths) // 200)]:
+        with contextlib.suppress(Exception), Image.open(path) as image:
+            if image.size != (img_size, img_size):
+                print(f"note: the images of {root} are resized to {img_size}x{img_size} (--img_size) as they are "
+                      f"read, not cropped; {os.path.relpath(path, root)} is {image.width}x{image.height}",
+                      file=sys.stderr, flush=True)
+                return
 
 
 def _visible(name):

@@ -213,10 +213,6 @@ def parse_args(argv=None):
         error(f"--{'eval_only' if args.eval_only else 'predict'} needs --resume RUN_DIR: the run whose model to use")
     if args.eval_only and args.predict:
         error("--eval_only and --predict are two actions; run them one at a time")
-    if args.checkpoint == 'best' and args.resume and not os.path.isfile(checkpoint_path(args)):
-        error(f"{checkpoint_path(args)} does not exist; " + (
-            "it is written as the run's first epoch ends, and none has yet: use --checkpoint last" if args.val_split
-            else "best.safetensors needs a run with --val_split > 0 (the epoch is chosen on val accuracy)"))
     if (not args.resume or 'dataset' in given) and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
         archive = os.path.isfile(args.dataset) and args.dataset.lower().endswith(ARCHIVES)
         error(f"--dataset {args.dataset!r} is neither cifar10, cifar100 nor a folder; "
@@ -226,7 +222,9 @@ def parse_args(argv=None):
     if 'weights' in given and os.path.isdir(args.weights):  # e.g. a hub download's folder
         found = sorted(name for name in os.listdir(args.weights)
                        if name.endswith(('.safetensors', '.pth', '.bin', '.npz')))
-        run = read_json(os.path.join(args.weights, 'config.json'))
+        run = None
+        with contextlib.suppress(SystemExit):  # a hub download's config.json is no run's, or may be missing
+            run = read_json(os.path.join(args.weights, 'config.json'))
         if isinstance(run, dict) and 'mode' in run:  # a vpt run's folder: only a --full True run holds a backbone
             found = ['trainable.safetensors'] if run.get('full') else []
             if not found:
@@ -240,6 +238,15 @@ def parse_args(argv=None):
               f".npz (ViT-B_16.npz)")
     if 'checkpoint' in given and not (args.eval_only or args.predict):
         error("--checkpoint goes with --eval_only or --predict")
+    if args.checkpoint == 'best' and args.resume and not os.path.isfile(checkpoint_path(args)):
+        done = False  # an epoch has ended: metrics.csv has a row
+        with contextlib.suppress(OSError), open(os.path.join(args.resume, 'metrics.csv')) as f:
+            done = len(f.read().split()) > 1
+        error(f"{checkpoint_path(args)} does not exist; " + (
+            "best.safetensors needs a run with --val_split > 0 (the epoch is chosen on val accuracy)" if not
+            args.val_split else "it is written as the run's first epoch ends, and none has yet: use --checkpoint "
+            "last" if not done else "the run has finished epochs, so it was removed: restore it, or use "
+            "--checkpoint last"))
     if args.out and not args.predict:
         error("--out goes with --predict")
     if args.img_size % args.patch_size:
@@ -298,9 +305,11 @@ def not_a_run(path):
     if os.path.isfile(os.path.join(path, 'sweep.json')):
         return ("a sweep's directory, not a run's: re-launch the sweep's own command (sweep.json's command) to resume "
                 "its runs, or pass one run of it, " + os.path.join(path, '<run>'))
+    if os.path.isfile(os.path.join(path, 'trainable.safetensors')):
+        return "its state.pt is missing (a run writes it as training begins): restore it, or start a new run"
     if os.path.isfile(os.path.join(path, 'config.json')):
-        return ("no checkpoint yet: state.pt is written as the first epoch ends (the run is still in it, or was killed "
-                "before); resume it once it has one, or start a new run")
+        return ("no checkpoint yet: the run is still starting (state.pt is written as training begins), or was killed "
+                "before; resume it once it has one, or start a new run")
     inside = runs_in(path)
     if inside:
         return (f"a folder of {len(inside)} run{'s' * (len(inside) != 1)}, not a run: pass one of them, such as the "

@@ -739,32 +739,29 @@ def draw_confusions(run_dirs, paths, out):
     drawn = 0
     for run in runs:
         path, title = os.path.join(run['dir'], 'confusion.csv'), run['name']
+        best = os.path.join(run['dir'], 'confusion_best.csv')  # --eval_only --checkpoint best: the epoch to report
         if not os.path.exists(path):  # an unfinished run: --eval_only wrote its last checkpoint's matrix, if anything
             epochs = sorted(int(match[1]) for match in map(re.compile(r'confusion_epoch(\d+)\.csv$').match,
                                                              os.listdir(run['dir'])) if match)
-            if not epochs:
+            if not epochs and not os.path.exists(best):
                 warn(f"run {run['dir']}: no confusion.csv (it is written after the last epoch; for an unfinished run "
                      f"python main.py --eval_only --resume {run['dir']} writes its last checkpoint's)")
                 continue
-            path = os.path.join(run['dir'], f"confusion_epoch{epochs[-1]}.csv")
-            title = f"{run['name']}, epoch {epochs[-1]} (unfinished)"
-        try:
-            classes, counts = read_confusion(path)
-        except ValueError as e:
-            warn(f"skipping run {run['dir']}: {e}")
-            continue
-        matrices = [(path, title, classes, counts)]
-        best = os.path.join(run['dir'], 'confusion_best.csv')  # --eval_only --checkpoint best: the epoch to report
-        if out is None and os.path.exists(best):
+            path = os.path.join(run['dir'], f"confusion_epoch{epochs[-1]}.csv") if epochs else None
+            title = f"{run['name']}, epoch {epochs[-1]} (unfinished)" if epochs else None
+        matrices = [(path, title)] if path else []
+        if os.path.exists(best) and (out is None or not matrices):  # --out takes one figure: the last epoch's
+            matrices.append((best, f"{run['name']}, best val epoch"))
+        for path, title in matrices:
             try:
-                matrices.append((best, f"{run['name']}, best val epoch", *read_confusion(best)))
-            except ValueError as e:
-                warn(f"skipping {best}: {e}")
-        for path, title, classes, counts in matrices:
+                classes, counts = read_confusion(path)
+            except ValueError as e:  # its reason names the file
+                warn(f"skipping run {run['dir']}: {e}")
+                continue
             target = out or os.path.join(run['dir'], os.path.basename(path)[:-len('.csv')] + '.png')
             plot_confusion(title, classes, counts, target)
             print(f"wrote {target}")
-        drawn += 1
+            drawn += 1
     if not drawn:
         error(f"no confusion matrix to draw under {', '.join(paths)}: see the warnings above")
 
@@ -772,7 +769,9 @@ def draw_confusions(run_dirs, paths, out):
 def check_replaceable(out):
     """--out names a file of its own: one there already is replaced only if plot.py wrote it (a redrawn figure), never
     a photo or a figure of the user's own."""
-    if not os.path.lexists(out):
+    if os.path.isdir(out):
+        error(f"--out {out} is a directory; pass a file name such as {os.path.join(out, 'accuracy.png')}")
+    if not os.path.isfile(out):  # nothing there, or /dev/null, a pipe: nothing to lose, and a pipe is not to be read
         return
     try:
         with open(out, 'rb') as f:
@@ -783,7 +782,8 @@ def check_replaceable(out):
         marked = False
     if not marked:
         error(f"{out} exists and is not a figure plot.py wrote (--out replaces only plot.py's own .png, .pdf, .svg, "
-              f".ps and .eps figures): choose another --out, or remove that file first")
+              f".ps and .eps figures, and those written since it marks them): choose another --out, or remove that "
+              f"file first")
 
 
 # ---------------------------------------------------------------- main

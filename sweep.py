@@ -708,10 +708,11 @@ def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_wit
     A trial started afresh must read the data that the runs of `compare_with` read (a resumed one is checked by
     main.py itself): as soon as its config.json says otherwise, every trial is stopped, the ones of other data move
     aside to set-aside/<run>.other-data-N, and the sweep fails, before a number of other data can join the sweep's.
-    Two trials that fail alike (the same last line) before their first checkpoint fail for a reason of their common
-    settings or the machine (data that cannot be downloaded, a missing file): no further trial starts."""
+    Two trials that fail alike (the same last line) before their first checkpoint, on two GPUs where there are more,
+    fail for a reason of their common settings or the machine (data that cannot be downloaded, a missing file): no
+    further trial starts."""
     pending, running = list(trials), {}  # slot -> (trial, child, start time)
-    early_failures = {}  # last line -> the trials that failed with it before their first checkpoint
+    early_failures = {}  # last line -> the (trial, slot) pairs that failed with it before their first checkpoint
     slots = gpus or [None]
     first_read = {}  # dataset -> (run, data_read) the sweep's runs read
     for trial in compare_with:
@@ -754,9 +755,11 @@ def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_wit
                 early = row['status'] == 'failed' and not os.path.isfile(os.path.join(sweep_dir, trial['name'],
                                                                                        'state.pt'))
                 if early and row['message']:
-                    early_failures.setdefault(row['message'], []).append(trial['name'])
-                    if len(early_failures[row['message']]) == 2 and not alike:
-                        alike.append((row['message'], early_failures[row['message']]))
+                    failures = early_failures.setdefault(row['message'], [])
+                    failures.append((trial['name'], slot))
+                    # on two GPUs, if there are: one bad GPU fails only the trials it is given
+                    if len({slot for _, slot in failures}) >= min(2, len(slots)) and len(failures) >= 2 and not alike:
+                        alike.append((row['message'], [name for name, _ in failures[:2]]))
                 write_reports(sweep_dir, meta, base_seed)
     check_fresh_data()  # a trial that wrote its config.json and ended since the last look
     if changed:
@@ -918,9 +921,12 @@ def print_commands(sweep_dir, meta, base_seed):
         command, env, what = child_command(trial, run_dir, None, False)
         print(shlex.join(['python', vpt.script_path(MAIN_PY), *command[2:]]))
         printed += 1
+    failed1 = [row['run'] for row in rows1 if row['status'] == 'failed']
     if stage2 and not printed and all(row['status'] in ('finished', 'diverged') for row in rows2):
-        print(f"sweep.py: every run of {sweep_dir} has finished or diverged: nothing to run; python sweep.py --collect "
-              f"{sweep_dir} writes its report", file=sys.stderr)
+        print("sweep.py: " + (f"{', '.join(failed1)} failed, and the sweep retries {'them' if len(failed1) > 1 else 'it'} "
+                               f"when re-launched without --print_commands; every other run" if failed1 else
+                               "every run") + f" of {sweep_dir} has finished or diverged: nothing to run; python "
+              f"sweep.py --collect {sweep_dir} writes its report", file=sys.stderr)
         return
     stage = 'stage 2' if stage2 else 'stage 1'
     then = (f"python sweep.py --collect {sweep_dir}" if stage2 else

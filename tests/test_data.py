@@ -210,7 +210,11 @@ def test_photos_resized_as_they_are_read_are_noted_once(tmp_path, capsys):
                                        f"read, not cropped; {os.path.join('train', 'a', '0000.png')} is 48x48\n")
     root = write_folder_dataset(tmp_path / 'small', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=32)
     assert data.load_dataset(root, img_size=224)[0].shape == (4, 3, 32, 32)  # resized per batch, on the device
+    assert data.load_dataset(root, img_size=32)[0].shape == (4, 3, 32, 32)
     assert capsys.readouterr().err == ''
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(os.path.join(root, 'train', 'b', '0001.png'))  # the last
+    data.load_dataset(root, img_size=32)
+    assert capsys.readouterr().err.endswith(f"; {os.path.join('train', 'b', '0001.png')} is 30x20\n")
 
 
 def test_a_float_image_is_refused_not_clipped(tmp_path):

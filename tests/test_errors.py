@@ -153,11 +153,13 @@ def test_weights_with_pretrained_false_is_a_contradiction(cli):
 
 def test_weights_folder_names_the_file_in_it(cli):
     os.makedirs(cli.tmp_path / 'hub')
-    (cli.tmp_path / 'hub' / 'config.json').write_text('{}')
     (cli.tmp_path / 'hub' / 'model.safetensors').write_bytes(b'')
-    cli('--weights', cli.tmp_path / 'hub', code=2, expect=[
-        f"--weights {cli.tmp_path / 'hub'} is a folder; pass the checkpoint file in it, e.g. "
-        f"{cli.tmp_path / 'hub' / 'model.safetensors'}"])
+    for config in (None, '{}', 'not json'):  # a folder of weights alone, a hub download's, a damaged one
+        if config is not None:
+            (cli.tmp_path / 'hub' / 'config.json').write_text(config)
+        cli('--weights', cli.tmp_path / 'hub', code=2, expect=[
+            f"--weights {cli.tmp_path / 'hub'} is a folder; pass the checkpoint file in it, e.g. "
+            f"{cli.tmp_path / 'hub' / 'model.safetensors'}"])
 
 
 def test_weights_of_a_run_say_what_to_pass(cli):
@@ -347,9 +349,13 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint(cli):
     (cli.log_dir / 'earlier_run' / 'config.json').write_text('{"epoch": 1}')
     for action in ([], ['--eval_only']):
         cli('--resume', cli.log_dir / 'earlier_run', *action, code=2,
-            expect=[f"--resume {cli.log_dir / 'earlier_run'}: no checkpoint yet: state.pt is written as the first "
-                    f"epoch ends (the run is still in it, or was killed before); resume it once it has one, or start a "
-                    f"new run"])
+            expect=[f"--resume {cli.log_dir / 'earlier_run'}: no checkpoint yet: the run is still starting (state.pt "
+                    f"is written as training begins), or was killed before; resume it once it has one, or start a new "
+                    f"run"])
+    (cli.log_dir / 'earlier_run' / 'trainable.safetensors').write_bytes(b'')  # a run that trained: state.pt removed
+    cli('--resume', cli.log_dir / 'earlier_run', code=2,
+        expect=[f"--resume {cli.log_dir / 'earlier_run'}: its state.pt is missing (a run writes it as training "
+                f"begins): restore it, or start a new run"])
 
 
 def test_resume_of_what_is_not_a_run_says_what_to_pass(cli):
@@ -475,11 +481,18 @@ def test_best_checkpoint_of_a_run_without_val_split(cli, capsys):
     assert code == 2 and err.strip().count('\n') == 0 and 'best.safetensors needs a run with --val_split > 0' in err
     argv = [*argv[:-2], '--name', 'val', '--val_split', 0.25]
     assert run_main(argv, capsys)[0] == 0
-    os.remove(cli.tmp_path / 'runs' / 'val' / 'best.safetensors')  # as in a run stopped before its first epoch ended
+    best = cli.tmp_path / 'runs' / 'val' / 'best.safetensors'
+    os.remove(best)
     code, _, err = run_main(['--eval_only', '--resume', cli.tmp_path / 'runs' / 'val', '--checkpoint', 'best'], capsys)
     assert code == 2 and err.strip() == (
-        f"main.py: error: {cli.tmp_path / 'runs' / 'val' / 'best.safetensors'} does not exist; it is written as the "
-        f"run's first epoch ends, and none has yet: use --checkpoint last (python main.py --help lists the flags)")
+        f"main.py: error: {best} does not exist; the run has finished epochs, so it was removed: restore it, or use "
+        f"--checkpoint last (python main.py --help lists the flags)")
+    (cli.tmp_path / 'runs' / 'val' / 'metrics.csv').write_text('epoch,train_loss\n')  # as before its first epoch ended
+    code, _, err = run_main(['--eval_only', '--resume', cli.tmp_path / 'runs' / 'val', '--checkpoint', 'best'], capsys)
+    assert code == 2 and f"{best} does not exist; it is written as the run's first epoch ends, and none has yet: " \
+                         f"use --checkpoint last" in err
+    code, _, err = run_main(['--resume', cli.tmp_path / 'runs' / 'val', '--checkpoint', 'best'], capsys)
+    assert code == 2 and '--checkpoint goes with --eval_only or --predict' in err  # that mistake first
     os.remove(cli.tmp_path / 'runs' / 'noval' / 'trainable.safetensors')
     code, _, err = run_main(['--eval_only', '--resume', cli.tmp_path / 'runs' / 'noval'], capsys)
     assert code == 1 and err.strip() == (f"error: {cli.tmp_path / 'runs' / 'noval' / 'trainable.safetensors'} does "

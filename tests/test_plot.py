@@ -375,8 +375,18 @@ def test_out_never_replaces_a_file_plot_py_did_not_write(logs, tmp_path, capsys,
     code, out, err = run_plot([logs, '--out', target], capsys)
     assert code == 2 and out == '' and one_line(err) == (
         f"plot.py: error: {target} exists and is not a figure plot.py wrote (--out replaces only plot.py's own .png, "
-        f".pdf, .svg, .ps and .eps figures): choose another --out, or remove that file first")
+        f".pdf, .svg, .ps and .eps figures, and those written since it marks them): choose another --out, or remove "
+        f"that file first")
     assert target.read_bytes() == before
+
+
+def test_out_to_dev_null_or_a_directory(logs, tmp_path, capsys):
+    """--out /dev/null (only the table) is no file to protect; a directory is named as one."""
+    code, out, err = run_plot([logs, '--out', os.devnull], capsys)
+    assert code == 0 and 'test@best val' in out, err
+    code, out, err = run_plot([logs, '--out', tmp_path], capsys)
+    assert code == 2 and one_line(err) == (f"plot.py: error: --out {tmp_path} is a directory; pass a file name such "
+                                           f"as {tmp_path / 'accuracy.png'}")
 
 
 @pytest.mark.parametrize('name', ['acc.png', 'acc.pdf', 'acc.svg', 'acc'])
@@ -838,6 +848,10 @@ def test_confusion_best_is_drawn_beside_the_last_epochs(logs, tmp_path, capsys, 
     code, out, _ = run_plot([run_dir, '--confusion', '--out', tmp_path / 'c.png'], capsys)
     assert code == 0 and out.strip() == f"wrote {tmp_path / 'c.png'}"  # --out: one figure, the last epoch's
     assert len(figures) == 3 and figures[2].axes[0].get_title().startswith('F_run: 80.00%')
+    # an unfinished val run evaluated with --checkpoint best has confusion_best.csv alone
+    os.remove(os.path.join(run_dir, 'confusion.csv'))
+    code, out, _ = run_plot([run_dir, '--confusion'], capsys)
+    assert code == 0 and out.strip() == f"wrote {os.path.join(run_dir, 'confusion_best.png')}"
     for figure in figures:
         close_figure(figure)
 

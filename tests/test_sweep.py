@@ -956,6 +956,8 @@ argv = sys.argv[1:]
 flag = lambda name: argv[argv.index(name) + 1]
 run_dir = os.path.join(flag('--log_dir'), flag('--name'))
 lr, seed = float(flag('--lr')), int(flag('--seed'))
+if os.environ.get('FAKE_FAIL_GPU') == os.environ.get('CUDA_VISIBLE_DEVICES', 'none'):
+    sys.exit('RuntimeError: CUDA error: uncorrectable ECC error encountered')
 if str(lr) in os.environ.get('FAKE_FAIL', '0.01').split(','):
     if os.environ.get('FAKE_CHECKPOINT'):  # it failed after its first epoch
         os.makedirs(run_dir)
@@ -977,7 +979,8 @@ with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
 def fake_training(tmp_path, monkeypatch):
     """sweep.main in this process, its trials a stand-in for main.py: a run that finishes at once, except the lr in
     $FAKE_FAIL (default 1e-2), which fails with $FAKE_MESSAGE ({lr} filled in), after a checkpoint with
-    $FAKE_CHECKPOINT; $FAKE_DIVERGE: every stage-2 seed diverges; $FAKE_SLOW: {lr: seconds}."""
+    $FAKE_CHECKPOINT; every trial on GPU $FAKE_FAIL_GPU fails; $FAKE_DIVERGE: every stage-2 seed diverges;
+    $FAKE_SLOW: {lr: seconds}."""
     (tmp_path / 'fake_main.py').write_text(FAKE_TRAIN)
     monkeypatch.setattr(sweep, 'MAIN_PY', str(tmp_path / 'fake_main.py'))
     monkeypatch.setattr(sweep, 'CHILDREN', {})
@@ -1031,6 +1034,21 @@ def test_two_trials_that_fail_alike_before_a_checkpoint_stop_the_sweep(fake_trai
     assert sorted(os.listdir(sweep_dir / 'logs')) == ['grid_lr=1e-3.log', 'grid_lr=5e-3.log']
 
 
+def test_one_bad_gpu_does_not_stop_the_trials_of_the_others(fake_training, capsys, monkeypatch):
+    """With --gpus, trials that fail alike on one GPU say nothing of the other GPUs: only alike failures on two do."""
+    run, sweep_dir = fake_training
+    monkeypatch.setenv('FAKE_FAIL', '')
+    monkeypatch.setenv('FAKE_FAIL_GPU', '1')
+    monkeypatch.setenv('FAKE_SLOW', json.dumps({'0.001': 1.5}))  # GPU 0 busy while GPU 1 fails twice
+    with pytest.raises(SystemExit) as stopped:
+        run('--grid', 'lr=1e-3,5e-3,1e-2,2e-2', '--seeds', 1, '--gpus', '0,1', '--', '--device', 'cpu')
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith('sweep.py: error: 3 runs did not finish: ')
+    assert [(row['run'], row['status']) for row in read_csv(sweep_dir / 'sweep.csv')] == [
+        ('grid_lr=1e-3', 'finished'), ('grid_lr=5e-3', 'failed'), ('grid_lr=1e-2', 'failed'),
+        ('grid_lr=2e-2', 'failed'), ('final_seed=1', 'finished')]
+
+
 @pytest.mark.parametrize('why', ['messages differ', 'after a checkpoint'])
 def test_trials_that_fail_otherwise_do_not_stop_the_others(fake_training, capsys, monkeypatch, why):
     """A failure that names its own settings, or one after an epoch that trained, says nothing of the next trial."""
@@ -1058,6 +1076,18 @@ def test_print_commands_of_a_finished_sweep_says_it_has_finished(fake_training, 
     out, err = capsys.readouterr()
     assert out == '' and err == (f"sweep.py: every run of {sweep_dir} has finished or diverged: nothing to run; "
                                  f"python sweep.py --collect {sweep_dir} writes its report\n")
+
+
+def test_print_commands_names_a_failed_grid_point_that_a_relaunch_retries(fake_training, capsys):
+    run, sweep_dir = fake_training
+    with pytest.raises(SystemExit):
+        run('--grid', 'lr=1e-3,5e-3,1e-2', '--seeds', 1)  # 1e-2 fails
+    capsys.readouterr()
+    run('--grid', 'lr=1e-3,5e-3,1e-2', '--seeds', 1, '--print_commands')
+    assert capsys.readouterr().err == (
+        f"sweep.py: grid_lr=1e-2 failed, and the sweep retries it when re-launched without --print_commands; every "
+        f"other run of {sweep_dir} has finished or diverged: nothing to run; python sweep.py --collect {sweep_dir} "
+        f"writes its report\n")
 
 
 def test_a_sweep_made_by_print_commands_records_the_command_that_runs_it(fake_training):
