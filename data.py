@@ -30,14 +30,15 @@ FOLDER_READING = 4
 
 
 def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_samples=0, seed=0,
-                 reading=FOLDER_READING):
+                 reading=FOLDER_READING, test_split=0.0):
     """-> (train_images, train_labels, test_images, test_labels, class_names, available); images uint8 (N, 3, H, W);
     available: {'train': N, 'test': N}, the images each split holds before train_samples/test_samples.
 
     Images keep their own size when all of a split share one no larger than `img_size` (CIFAR: 32x32): batches are
     resized on the device, so a 224 px run holds no more host memory than a 32 px one. Other folder images are resized
     to `img_size` as they are decoded. train_samples/test_samples > 0 keep a seeded class-balanced subset (for a
-    folder, only those files are decoded).
+    folder, only those files are decoded). test_split > 0: a folder without test/ gives that seeded, class-stratified
+    fraction of train/ as its test split.
     """
     if dataset in CIFAR_FOLDERS:
         splits = []
@@ -48,7 +49,8 @@ def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_
             subset = images_hwc if len(keep) == len(labels) else images_hwc[keep.numpy()]
             splits.append((torch.from_numpy(subset).permute(0, 3, 1, 2).contiguous(), labels[keep]))
     elif os.path.isdir(dataset):
-        splits, classes, available = _load_folder(dataset, img_size, (train_samples, test_samples), seed, reading)
+        splits, classes, available = _load_folder(dataset, img_size, (train_samples, test_samples), seed, reading,
+                                                  test_split)
     else:
         raise SystemExit(f"error: --dataset {dataset!r} is neither cifar10, cifar100 nor a folder; "
                          "a folder dataset needs train/<class>/* and test/<class>/* images")
@@ -97,9 +99,12 @@ def _load_cifar(name, data_dir):
     return [(split.data, torch.tensor(split.targets)) for split in (train, test)], list(train.classes)
 
 
-def _load_folder(root, img_size, samples, seed, reading):
+def _load_folder(root, img_size, samples, seed, reading, test_split=0.0):
     split_dirs = [os.path.join(root, split) for split in ('train', 'test')]
-    for split_dir in split_dirs:
+    if test_split and os.path.isdir(split_dirs[1]):
+        raise SystemExit(f"error: --dataset {root} has a test/ folder, and --test_split {test_split} would hold out "
+                         f"another test set from train/; drop --test_split to test on test/")
+    for split_dir in split_dirs[:1] if test_split else split_dirs:
         if not os.path.isdir(split_dir):
             hint = " (rename val/ to test/ to evaluate on it)" if split_dir == split_dirs[1] and os.path.isdir(
                 os.path.join(root, 'val')) else ''
@@ -110,6 +115,8 @@ def _load_folder(root, img_size, samples, seed, reading):
                      and all(os.path.isdir(os.path.join(entry.path, split)) for split in ('train', 'test'))]
             if below:  # one level too shallow (an archive extracted into a folder of its own)
                 hint = f" (its subfolder {below[0]} has both: pass --dataset {below[0]})"
+            if split_dir == split_dirs[1] and not hint:  # one's own data: often no test set of its own
+                hint = " (or pass --test_split 0.2, say, to hold out a fraction of train/ as the test set)"
             raise SystemExit(f"error: --dataset {root} has no {os.path.basename(split_dir)}/ folder{hint}; "
                              "a folder dataset needs train/<class>/* and test/<class>/* images")
     classes = _class_folders(split_dirs[0], reading)
@@ -118,7 +125,7 @@ def _load_folder(root, img_size, samples, seed, reading):
     if len(classes) == 1:  # one logit: every prediction right and the loss zero whatever the model does
         raise SystemExit(f"error: {split_dirs[0]} has one class folder ({classes[0]}); classification needs two or more, "
                          f"each class's images in train/<class>/ and test/<class>/")
-    test_classes = _class_folders(split_dirs[1], reading)
+    test_classes = classes if test_split else _class_folders(split_dirs[1], reading)
     if test_classes != classes:
         only_train, only_test = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
         composed = {unicodedata.normalize('NFC', name): name for name in only_test}
@@ -133,8 +140,8 @@ def _load_folder(root, img_size, samples, seed, reading):
                                      f"{where}/" for names, where in ((only_train, 'train'), (only_test, 'test'))
                                      if names)
                          + "; give each class images in both, or remove its folder from both")
-    splits, available = [], {}
-    for split_dir, num_samples in zip(split_dirs, samples):
+    listed = []
+    for split_dir in split_dirs[:1] if test_split else split_dirs:
         paths, labels, hidden = [], [], []
         for label, name in enumerate(classes):
             files = image_files(os.path.join(split_dir, name), reading, hidden)
@@ -145,11 +152,20 @@ def _load_folder(root, img_size, samples, seed, reading):
             labels += [label] * len(files)
         _warn_hidden(split_dir, "hidden (and __MACOSX) folders are left out with their images",
                      [os.path.relpath(path, split_dir) for path in hidden[:5]] + (['...'] if len(hidden) > 5 else []))
-        labels = torch.tensor(labels)
-        available[os.path.basename(split_dir)] = len(labels)
+        listed.append((paths, torch.tensor(labels)))
+    if test_split:  # its own seed: the val split (--val_split) is drawn from the rest with data_seed itself
+        paths, labels = listed[0]
+        kept, held_out = split_validation(labels, test_split, seed + 2**32)
+        if len(held_out) == 0:
+            raise SystemExit(f"error: --test_split {test_split} of {len(labels)} images holds out none (it is rounded "
+                             f"per class, keeping one to train on); pick a larger fraction")
+        listed = [([paths[i] for i in index.tolist()], labels[index]) for index in (kept, held_out)]
+    splits, available = [], {}
+    for name, (paths, labels), num_samples in zip(('train', 'test'), listed, samples):
+        available[name] = len(labels)
         keep = balanced_subset(labels, num_samples, seed)
         splits.append((read_images([paths[i] for i in keep.tolist()], img_size, reading), labels[keep]))
-        if split_dir == split_dirs[0]:
+        if name == 'train':
             _note_resized(root, [paths[i] for i in keep.tolist()], splits[0][0].shape[2:], img_size)
     return splits, classes, available
 

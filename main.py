@@ -145,6 +145,9 @@ def make_parser():
     add('--augment', type=str2bool, default=True,
         help='random crop (zero padding of 1/8 of the side) and horizontal flip of the training images; False: none '
              '(as official VPT trains on VTAB)')
+    add('--test_split', type=fraction, default=0.0,
+        help='a folder dataset without test/: hold out this class-stratified fraction of train/ as the test set '
+             '(seeded by --data_seed)')
     add('--val_split', type=fraction, default=0.0,
         help='hold out this class-stratified fraction of the training images for validation (never trained on or '
              'augmented; see --data_seed); best.safetensors keeps the best-val epoch, summary.json its test accuracy')
@@ -236,6 +239,8 @@ def parse_args(argv=None):
     if 'weights' in given and not os.path.isfile(args.weights):
         error(f"--weights {args.weights}: no such file; pass a timm checkpoint (.safetensors, .pth or .bin) or a JAX "
               f".npz (ViT-B_16.npz)")
+    if args.test_split and args.dataset in CIFAR:
+        error(f"--test_split is for a folder dataset without test/; {args.dataset} has its own test set")
     if 'checkpoint' in given and not (args.eval_only or args.predict):
         error("--checkpoint goes with --eval_only or --predict")
     if args.checkpoint == 'best' and args.resume and not os.path.isfile(checkpoint_path(args)):
@@ -1048,7 +1053,7 @@ def load_data_once(args, rank, world_size):
         dist.barrier()
     try:
         loaded = data.load_dataset(args.dataset, args.data_dir, args.img_size, args.train_samples,
-                                   args.test_samples, args.data_seed, folder_reading(args))
+                                   args.test_samples, args.data_seed, folder_reading(args), args.test_split)
     except SystemExit:  # a problem of the data, which every process then finds alike (said once: said_once)
         if world_size > 1 and local_rank == 0:
             dist.barrier()  # release the processes waiting for this download or check; they fail the same way

@@ -74,7 +74,7 @@ CONTROLLED = {
 }
 
 # flags that choose the images: the grid points must be scored on one val split, so they go after -- (every trial)
-SAME_DATA = ('dataset', 'data_dir', 'data_seed', 'train_samples', 'test_samples')
+SAME_DATA = ('dataset', 'data_dir', 'data_seed', 'train_samples', 'test_samples', 'test_split')
 
 # main.py's exits after a signal, or a child killed by one before it set its handlers (during its imports)
 INTERRUPTED = {130, 143, -signal.SIGINT, -signal.SIGTERM}

@@ -1,6 +1,7 @@
 """The data path: uint8 tensors, balanced subsets, batched crop/flip, epoch order, rank slices, eval coverage."""
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -215,6 +216,21 @@ def test_photos_resized_as_they_are_read_are_noted_once(tmp_path, capsys):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(os.path.join(root, 'train', 'b', '0001.png'))  # the last
     data.load_dataset(root, img_size=32)
     assert capsys.readouterr().err.endswith(f"; {os.path.join('train', 'b', '0001.png')} is 30x20\n")
+
+
+def test_test_split_holds_out_a_stratified_test_set_from_a_folder_without_one(tmp_path):
+    """One's own data often comes as class folders alone: --test_split makes the test set, the same for every run."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b', 'c'), train_per_class=10, test_per_class=1, size=4)
+    shutil.rmtree(os.path.join(root, 'test'))
+    train_x, train_y, test_x, test_y, classes, available = data.load_dataset(root, img_size=4, test_split=0.2)
+    assert classes == ['a', 'b', 'c'] and available == {'train': 24, 'test': 6}
+    assert torch.bincount(test_y).tolist() == [2, 2, 2] and torch.bincount(train_y).tolist() == [8, 8, 8]
+    images = lambda x: {bytes(image.flatten().tolist()) for image in x}
+    assert len(images(train_x) | images(test_x)) == 30 and not images(train_x) & images(test_x)  # all, each once
+    again = data.load_dataset(root, img_size=4, test_split=0.2)
+    assert torch.equal(again[2], test_x) and torch.equal(again[3], test_y)  # --data_seed's, not a new draw
+    other = data.load_dataset(root, img_size=4, test_split=0.2, seed=1)
+    assert images(other[2]) != images(test_x)
 
 
 def test_a_float_image_is_refused_not_clipped(tmp_path):

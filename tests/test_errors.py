@@ -1,6 +1,7 @@
 """A user's mistake gets one clear line naming the problem and the fix, a non-zero exit, and nothing written."""
 import json
 import os
+import shutil
 
 import pytest
 import timm
@@ -307,6 +308,21 @@ def test_dataset_folder_without_splits(cli):
     above = os.path.dirname(cli.tiny_dataset)  # one level too shallow: an archive extracted into a folder of its own
     cli('--dataset', above, expect=[f"--dataset {above} has no train/ folder (its subfolder {cli.tiny_dataset} has "
                                     f"both: pass --dataset {cli.tiny_dataset}); a folder dataset needs"])
+
+
+def test_test_split_mistakes(cli):
+    root = write_folder_dataset(cli.tmp_path / 'ds', classes=('a', 'b'), train_per_class=4, test_per_class=2)
+    cli('--dataset', root, '--test_split', 0.25, code=1, expect=[
+        f"--dataset {root} has a test/ folder, and --test_split 0.25 would hold out another test set from train/; "
+        f"drop --test_split to test on test/"])
+    cli('--dataset', 'cifar10', '--test_split', 0.25, code=2,
+        expect=["--test_split is for a folder dataset without test/; cifar10 has its own test set"])
+    shutil.rmtree(os.path.join(root, 'test'))
+    cli('--dataset', root, code=1, expect=[f"--dataset {root} has no test/ folder (or pass --test_split 0.2, say, to "
+                                           f"hold out a fraction of train/ as the test set)"])
+    cli('--dataset', root, '--test_split', 0.01, code=1, expect=[
+        "--test_split 0.01 of 8 images holds out none (it is rounded per class, keeping one to train on); pick a "
+        "larger fraction"])
 
 
 def test_dataset_archive_says_to_extract_it(cli):

@@ -1020,6 +1020,23 @@ def test_images_added_to_a_subset_run_dataset_are_found(tmp_path, capsys):
     assert files(run_dir) == before
 
 
+def test_a_test_split_run_resumes_and_evaluates_on_its_own_test_images(tmp_path, capsys):
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=8, test_per_class=1, size=8)
+    shutil.rmtree(os.path.join(root, 'test'))
+    code, _, err = run_main(tiny_run(root, tmp_path / 'logs', 'r', '--patch_size', 4, '--img_size', 8,
+                                     '--test_split', 0.25, epochs=2), capsys)
+    assert code == 0, err
+    run_dir = tmp_path / 'logs' / 'r'
+    config = json.loads((run_dir / 'config.json').read_text())
+    assert (config['test_split'], config['test_images'], config['train_images']) == (0.25, 4, 12)
+    final = read_metrics(run_dir)[-1]
+    code, out, err = run_main(['--eval_only', '--resume', run_dir], capsys)
+    assert code == 0 and f"test accuracy {float(final['test_acc']):.4f}% test loss {float(final['test_loss']):.6f} " \
+                         f"on 4 images" in out, err
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 3, '--test_split', 0.5], capsys)
+    assert code == 2 and '--test_split 0.5 contradicts the run\'s config (test_split=0.25)' in err
+
+
 def test_runs_made_before_folder_reading_2_read_their_folder_as_they_did(tmp_path, capsys, monkeypatch):
     """Folder reading 2 searches subfolders and shrinks images larger than --img_size as decoded; a run recorded
     without 'folder_reading' was read by 1 (one level, own size), and must still resume and evaluate on exactly that."""

@@ -52,6 +52,7 @@ def at_best_val(run_dir):
     (['--grid', 'val_split=0.1,0.2', '--val_split', 0.1], 'pass --val_split to sweep.py itself'),
     (['--grid', 'data_seed=0,1', '--val_split', 0.1], '--data_seed chooses the images, and the grid points must be'),
     (['--grid', 'train_samples=100,200', '--val_split', 0.1], 'pass one --train_samples after --'),
+    (['--grid', 'test_split=0.1,0.2', '--val_split', 0.1], 'pass one --test_split after --'),
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--log_dir', 'x'], 'pass --log_dir to sweep.py itself'),
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--resume', 'x'], 'sweep.py resumes its runs itself'),
     (['--grid', 'lr=1e-3,1e-2'], '--val_split F with 0 < F < 1 is required'),
