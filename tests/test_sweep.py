@@ -663,26 +663,18 @@ def test_an_unfinished_grid_run_cannot_win(tmp_path):
     assert sweep.sweep_state(root, meta, 0)[2]['run'] == 'grid_lr=1e-3'
 
 
-def test_an_interrupted_trial_is_not_failed(tmp_path):
+@pytest.mark.parametrize('code,status', [(130, 'interrupted'), (-9, 'failed')])
+def test_a_trial_stopped_by_a_signal_is_interrupted_unless_it_did_not_handle_it(tmp_path, code, status):
+    """main.py's own exit after Ctrl-C (130) leaves a run to resume; Popen reports a child killed by SIGKILL (the
+    kernel's OOM killer) as exit code -9: a failure the report names, not an interruption to resume."""
     root = str(tmp_path / 's')
     os.makedirs(os.path.join(root, 'logs'))
     os.makedirs(os.path.join(root, 'grid_lr=1e-3'))
     with open(os.path.join(root, 'logs', 'grid_lr=1e-3.log'), 'w') as f:
-        f.write('[sweep] start: ...\nepoch 1/2 ...\nSIGINT: stopped\n\n[sweep] 2024-01-01 00:00:00 exit code 130\n')
+        f.write(f'[sweep] start: ...\nepoch 1/2 ...\n\n[sweep] 2024-01-01 00:00:00 exit code {code}\n')
     row = sweep.trial_row(root, dict(name='grid_lr=1e-3', stage='grid', seed=0, values={'lr': '1e-3'}))
-    assert row['status'] == 'interrupted' and row['exit_code'] is None
-
-
-def test_a_trial_killed_by_a_signal_it_did_not_handle_is_failed_with_its_exit_code(tmp_path):
-    """Popen reports a child killed by SIGKILL (the kernel's OOM killer) as exit code -9: a failure the report names,
-    not an interruption to resume."""
-    root = str(tmp_path / 's')
-    os.makedirs(os.path.join(root, 'logs'))
-    os.makedirs(os.path.join(root, 'grid_lr=1e-3'))
-    with open(os.path.join(root, 'logs', 'grid_lr=1e-3.log'), 'w') as f:
-        f.write('[sweep] start: ...\nepoch 1/2 ...\n\n[sweep] 2024-01-01 00:00:00 exit code -9\n')
-    row = sweep.trial_row(root, dict(name='grid_lr=1e-3', stage='grid', seed=0, values={'lr': '1e-3'}))
-    assert row['status'] == 'failed' and row['exit_code'] == -9 and row['message'] == 'epoch 1/2 ...'
+    assert row['status'] == status
+    assert (row['exit_code'], row['message']) == ((None, '') if status == 'interrupted' else (-9, 'epoch 1/2 ...'))
 
 
 def test_every_trial_gets_the_data_seed_and_val_split(tmp_path):
