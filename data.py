@@ -7,6 +7,7 @@ crop with zero padding + horizontal flip, the seed's recipe) is one gather over 
 model's input size (e.g. CIFAR at 224 px) and normalisation happen per batch on the device.
 """
 import contextlib
+import hashlib
 import os
 import stat
 import sys
@@ -104,6 +105,9 @@ def _load_folder(root, img_size, samples, seed, reading, test_split=0.0):
     if test_split and os.path.isdir(split_dirs[1]):
         raise SystemExit(f"error: --dataset {root} has a test/ folder, and --test_split {test_split} would hold out "
                          f"another test set from train/; drop --test_split to test on test/")
+    if test_split and os.path.isdir(os.path.join(root, 'val')) and os.environ.get('LOCAL_RANK', '0') == '0':
+        print(f"note: {os.path.join(root, 'val')} is not read: --test_split holds out the test set from train/ (rename "
+              f"val/ to test/ to test on it instead)", file=sys.stderr, flush=True)
     for split_dir in split_dirs[:1] if test_split else split_dirs:
         if not os.path.isdir(split_dir):
             hint = " (rename val/ to test/ to evaluate on it)" if split_dir == split_dirs[1] and os.path.isdir(
@@ -117,14 +121,20 @@ def _load_folder(root, img_size, samples, seed, reading, test_split=0.0):
                 hint = f" (its subfolder {below[0]} has both: pass --dataset {below[0]})"
             if split_dir == split_dirs[1] and not hint:  # one's own data: often no test set of its own
                 hint = " (or pass --test_split 0.2, say, to hold out a fraction of train/ as the test set)"
+            classes_here = [entry.name for entry in sorted(os.scandir(root), key=lambda entry: entry.name)
+                            if entry.is_dir() and _visible(entry.name) and image_files(entry.path)]
+            if split_dir == split_dirs[0] and not hint and classes_here:  # class folders right under the dataset
+                hint = (f" (its subfolders {', '.join(classes_here[:3])}{', ...' if len(classes_here) > 3 else ''} "
+                        f"hold images: move the class folders into {split_dirs[0]}/)")
             raise SystemExit(f"error: --dataset {root} has no {os.path.basename(split_dir)}/ folder{hint}; "
-                             "a folder dataset needs train/<class>/* and test/<class>/* images")
+                             + ("with --test_split a folder dataset needs train/<class>/* images" if test_split else
+                                "a folder dataset needs train/<class>/* and test/<class>/* images"))
     classes = _class_folders(split_dirs[0], reading)
     if not classes:
         raise SystemExit(f"error: {split_dirs[0]} has no class folders; put each class's images in train/<class>/")
     if len(classes) == 1:  # one logit: every prediction right and the loss zero whatever the model does
         raise SystemExit(f"error: {split_dirs[0]} has one class folder ({classes[0]}); classification needs two or more, "
-                         f"each class's images in train/<class>/ and test/<class>/")
+                         f"each class's images in train/<class>/" + ('' if test_split else " and test/<class>/"))
     test_classes = classes if test_split else _class_folders(split_dirs[1], reading)
     if test_classes != classes:
         only_train, only_test = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
@@ -146,16 +156,21 @@ def _load_folder(root, img_size, samples, seed, reading, test_split=0.0):
         for label, name in enumerate(classes):
             files = image_files(os.path.join(split_dir, name), reading, hidden)
             if not files:
+                inside = [os.path.relpath(path, split_dir) for path in hidden
+                          if path.startswith(os.path.join(split_dir, name, ''))]
                 raise SystemExit(f"error: class folder {os.path.join(split_dir, name)} has no images "
-                                 f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder from both splits")
+                                 f"({', '.join(IMAGE_EXTENSIONS)})"
+                                 + (f" outside hidden folders, which are left out ({', '.join(inside[:3])})" if inside
+                                    else '')
+                                 + "; add images or remove the folder" + ('' if test_split else " from both splits"))
             paths += files
             labels += [label] * len(files)
         _warn_hidden(split_dir, "hidden (and __MACOSX) folders are left out with their images",
                      [os.path.relpath(path, split_dir) for path in hidden[:5]] + (['...'] if len(hidden) > 5 else []))
         listed.append((paths, torch.tensor(labels)))
-    if test_split:  # its own seed: the val split (--val_split) is drawn from the rest with data_seed itself
+    if test_split:
         paths, labels = listed[0]
-        kept, held_out = split_validation(labels, test_split, seed + 2**32)
+        kept, held_out = split_by_name([os.path.relpath(path, root) for path in paths], labels, test_split, seed)
         if len(held_out) == 0:
             raise SystemExit(f"error: --test_split {test_split} of {len(labels)} images holds out none (it is rounded "
                              f"per class, keeping one to train on); pick a larger fraction")
@@ -175,7 +190,7 @@ def _note_resized(root, paths, stored, img_size):
     looked at, spread over the split (CIFAR's 50,000 would take seconds)."""
     if tuple(stored) != (img_size, img_size) or os.environ.get('LOCAL_RANK', '0') != '0':
         return  # kept at their own size: resized per batch, not squashed here
-    for path in paths[::max(1, len(paths) // 200)]:
+    for path in paths[::-(-len(paths) // 200) or 1]:
         with contextlib.suppress(Exception), Image.open(path) as image:
             if image.size != (img_size, img_size):
                 print(f"note: the images of {root} are resized to {img_size}x{img_size} (--img_size) as they are "
@@ -328,6 +343,20 @@ def balanced_subset(labels, num_samples, seed):
     rank_in_class = torch.empty_like(by_class)
     rank_in_class[by_class] = torch.arange(len(labels)) - class_starts[labels[order][by_class]]
     return order[torch.argsort(rank_in_class, stable=True)[:num_samples]].sort().values
+
+
+def split_by_name(names, labels, fraction, seed):
+    """-> (kept_index, held_out_index): per class, the round(fraction x its images) whose names hash lowest under
+    `seed` (never its last image), both sorted. An image's side depends on its own name, not on its place in the list:
+    a file renamed, added or removed moves no other image between the sides (--test_split's test set stays unseen)."""
+    rank = [hashlib.sha256(f"{seed}/{name}".encode()).digest() for name in names]
+    held_out = []
+    for label in labels.unique().tolist():
+        members = sorted((labels == label).nonzero().flatten().tolist(), key=rank.__getitem__)
+        held_out += members[:min(round(fraction * len(members)), len(members) - 1)]
+    is_held_out = torch.zeros(len(labels), dtype=torch.bool)
+    is_held_out[held_out] = True
+    return (~is_held_out).nonzero().flatten(), is_held_out.nonzero().flatten()
 
 
 def split_validation(labels, fraction, seed):

@@ -117,7 +117,8 @@ def make_parser():
     add('--seed', type=int_at_least(0, SEED_MAX), default=0,
         help='seeds model init, data order, augmentation and prompt dropout')
     add('--data_seed', type=int_at_least(0, SEED_MAX), default=0,
-        help='seeds which images --train_samples/--test_samples keep and which --val_split holds out (default 0): '
+        help='seeds which images --train_samples/--test_samples keep and which --val_split/--test_split hold out '
+             '(default 0): '
              'fixed while --seed varies, so runs with different seeds see the same train, val and test images')
     add('--unfreeze', default='', metavar='PATTERNS',
         help="comma-separated globs over the timm model's parameter names trained in addition to prompts + head "
@@ -594,6 +595,10 @@ def load_splits(args, rank, world_size):
     if args.resume and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
         raise SystemExit(f"error: the dataset folder of {args.resume}, {args.dataset}, is gone; if it moved, pass "
                          f"--dataset NEW_PATH (or, for a sweep's runs, link the old path to it)")
+    if args.resume and args.test_split and os.path.isdir(os.path.join(args.dataset, 'test')):
+        raise SystemExit(f"error: {args.resume} held out its test set from train/ (--test_split {args.test_split}), but "
+                         f"{args.dataset} now has a test/ folder; pass --dataset with the run's own copy, or move test/ "
+                         f"away")
     train_images, train_labels, test_images, test_labels, classes, available = load_data_once(args, rank, world_size)
     val, all_train_labels = None, train_labels
     if args.val_split:
@@ -634,8 +639,10 @@ def check_splits(args, splits, classes, all_train_labels, rank):
                 "raise --train_samples or use" if args.train_samples else "use") + " a dataset with images of every "
                 "class"),
             ('test', test_labels, "test accuracy leaves them out" + (
-                f": raise --test_samples to {len(classes)} or more" if args.test_samples else
-                " (the dataset's test split has none of them)"))):
+                f": raise --test_samples to {len(classes)} or more" if 0 < args.test_samples < len(classes) else
+                f" (--test_split {args.test_split} holds out round({args.test_split} x its images) of a class, keeping "
+                f"one to train on: none of a class this small; raise --test_split, or add images)" if args.test_split
+                else " (the dataset's test split has none of them)"))):
         absent = [name for name, count in zip(classes, labels.bincount(minlength=len(classes)).tolist()) if not count]
         if absent and rank == 0:
             print(f"warning: {len(absent)} of {len(classes)} classes have no {split} images ({', '.join(absent[:5])}"

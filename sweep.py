@@ -34,8 +34,9 @@ run, retried, won) is 'stale': not counted, and the sweep stops until it is move
 with another --epoch or --amp (RESUMABLE_SETTINGS). Ctrl-C or SIGTERM reaches
 the running trials, which keep their last finished epoch; the sweep writes its report, prints the command to
 re-launch and exits 130 / 143. Exit status 1 when a run failed (the others still run; stage 2 runs if at least one
-grid point finished; but two trials that failed with the same last line before their first checkpoint, as all do when
-the data cannot be downloaded, stop further trials from starting). --print_commands prints stage 1's commands, or stage 2's once stage 1 has finished there.
+grid point finished; but two trials that failed with the same last line on one GPU (or the one slot) before their
+first checkpoint, as all do when the data cannot be downloaded, stop further trials from starting there).
+--print_commands prints stage 1's commands, or stage 2's once stage 1 has finished there.
 """
 import argparse
 import contextlib
@@ -708,11 +709,11 @@ def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_wit
     A trial started afresh must read the data that the runs of `compare_with` read (a resumed one is checked by
     main.py itself): as soon as its config.json says otherwise, every trial is stopped, the ones of other data move
     aside to set-aside/<run>.other-data-N, and the sweep fails, before a number of other data can join the sweep's.
-    Two trials that fail alike (the same last line) before their first checkpoint, on two GPUs where there are more,
-    fail for a reason of their common settings or the machine (data that cannot be downloaded, a missing file): no
-    further trial starts."""
+    Two trials that fail alike (the same last line) on one slot before their first checkpoint fail for a reason of
+    their common settings or the machine (data that cannot be downloaded, a missing file, a broken GPU): that slot
+    takes no further trial, and once no slot is left, no further trial starts."""
     pending, running = list(trials), {}  # slot -> (trial, child, start time)
-    early_failures = {}  # last line -> the (trial, slot) pairs that failed with it before their first checkpoint
+    early_failures = {}  # (slot, last line) -> the trials that failed with it there before their first checkpoint
     slots = gpus or [None]
     first_read = {}  # dataset -> (run, data_read) the sweep's runs read
     for trial in compare_with:
@@ -734,10 +735,10 @@ def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_wit
                     for _, child, _ in running.values():
                         if child.poll() is None:
                             child.send_signal(signal.SIGTERM)
-    alike = []  # (last line, the two trials) once two have failed with it
-    while running or (pending and not STOP and not changed and not alike):
+    retired = {}  # slot -> (last line, the two trials that failed with it there)
+    while running or (pending and not STOP and not changed and len(retired) < len(slots)):
         for slot in slots:
-            while slot not in running and pending and not STOP and not changed and not alike:
+            while slot not in running and slot not in retired and pending and not STOP and not changed:
                 trial = pending.pop(0)
                 resumes = os.path.isfile(os.path.join(sweep_dir, trial['name'], 'state.pt'))
                 child = start_trial(sweep_dir, trial, slot, add_device)
@@ -755,11 +756,13 @@ def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_wit
                 early = row['status'] == 'failed' and not os.path.isfile(os.path.join(sweep_dir, trial['name'],
                                                                                        'state.pt'))
                 if early and row['message']:
-                    failures = early_failures.setdefault(row['message'], [])
-                    failures.append((trial['name'], slot))
-                    # on two GPUs, if there are: one bad GPU fails only the trials it is given
-                    if len({slot for _, slot in failures}) >= min(2, len(slots)) and len(failures) >= 2 and not alike:
-                        alike.append((row['message'], [name for name, _ in failures[:2]]))
+                    failures = early_failures.setdefault((slot, row['message']), [])
+                    failures.append(trial['name'])
+                    if len(failures) == 2 and slot not in retired:
+                        retired[slot] = (row['message'], failures)
+                        if slot is not None and len(retired) < len(slots):  # one bad GPU: the others go on
+                            say(sweep_dir, f"note   GPU {slot}: {' and '.join(failures)} failed alike on it before "
+                                           f"their first checkpoint; it takes no further trial")
                 write_reports(sweep_dir, meta, base_seed)
     check_fresh_data()  # a trial that wrote its config.json and ended since the last look
     if changed:
@@ -773,8 +776,8 @@ def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_wit
         fail(f"the dataset changed while the sweep ran: {changed[0]}; stopped the sweep{aside} before a number of "
              f"other data could count; restore the data and re-launch, or sweep the data as it is now under another "
              f"--name")
-    if alike and pending and not STOP:
-        message, names = alike[0]
+    if len(retired) == len(slots) and pending and not STOP:
+        message, names = list(retired.values())[-1]
         fail(f"{' and '.join(names)} failed alike before their first checkpoint ({message}); the {len(pending)} "
              f"trial{'s' * (len(pending) != 1)} after them would fail the same way and did not start: mend that and "
              f"re-launch the same command")
@@ -923,10 +926,10 @@ def print_commands(sweep_dir, meta, base_seed):
         printed += 1
     failed1 = [row['run'] for row in rows1 if row['status'] == 'failed']
     if stage2 and not printed and all(row['status'] in ('finished', 'diverged') for row in rows2):
-        print("sweep.py: " + (f"{', '.join(failed1)} failed, and the sweep retries {'them' if len(failed1) > 1 else 'it'} "
-                               f"when re-launched without --print_commands; every other run" if failed1 else
-                               "every run") + f" of {sweep_dir} has finished or diverged: nothing to run; python "
-              f"sweep.py --collect {sweep_dir} writes its report", file=sys.stderr)
+        retried = (f"{', '.join(failed1)} failed, and the sweep retries {'them' if len(failed1) > 1 else 'it'} when "
+                   f"re-launched without --print_commands; every other run") if failed1 else 'every run'
+        print(f"sweep.py: {retried} of {sweep_dir} has finished or diverged: nothing to run; python sweep.py --collect "
+              f"{sweep_dir} writes its report", file=sys.stderr)
         return
     stage = 'stage 2' if stage2 else 'stage 1'
     then = (f"python sweep.py --collect {sweep_dir}" if stage2 else
@@ -1033,8 +1036,8 @@ def main(argv=None):
         fail(f"every stage-2 seed of {winner['run']} diverged (a non-finite loss): no result; its settings are "
              f"unstable (see {os.path.join(sweep_dir, 'sweep.md')})")
     if unfinished:
-        fail(f"{len(unfinished)} run{'s' * (len(unfinished) != 1)} did not finish: {', '.join(unfinished)}; see {os.path.join(sweep_dir, 'logs')}, "
-             f"and re-launch the same command to resume or retry them")
+        fail(f"{len(unfinished)} run{'s' * (len(unfinished) != 1)} did not finish: {', '.join(unfinished)}; see "
+             f"{os.path.join(sweep_dir, 'logs')}, and re-launch the same command to resume or retry them")
 
 
 def stop_trials():

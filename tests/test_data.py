@@ -231,6 +231,37 @@ def test_test_split_holds_out_a_stratified_test_set_from_a_folder_without_one(tm
     assert torch.equal(again[2], test_x) and torch.equal(again[3], test_y)  # --data_seed's, not a new draw
     other = data.load_dataset(root, img_size=4, test_split=0.2, seed=1)
     assert images(other[2]) != images(test_x)
+    # a file renamed moves no other image between the sides: the test images stay ones the model never saw
+    names = sorted(os.listdir(os.path.join(root, 'train', 'a')))
+    kept, held_out = data.split_by_name([f'a/{name}' for name in names], torch.zeros(10, dtype=torch.long), 0.2, 0)
+    renamed = list(names)
+    renamed[kept[0]] = 'zzz_' + renamed[kept[0]]
+    kept_after, held_out_after = data.split_by_name([f'a/{name}' for name in renamed], torch.zeros(10, dtype=torch.long),
+                                                    0.2, 0)
+    assert [names[i] for i in held_out] == [renamed[i] for i in held_out_after]
+
+
+def test_test_split_names_what_is_wrong_with_a_folder_of_class_folders(tmp_path, capsys):
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=4, test_per_class=1, size=4)
+    shutil.rmtree(os.path.join(root, 'test'))
+    for name in ('a', 'b'):  # the class folders right under the dataset, as one's own data often is
+        os.rename(os.path.join(root, 'train', name), os.path.join(root, name))
+    os.rmdir(os.path.join(root, 'train'))
+    with pytest.raises(SystemExit, match=r"has no train/ folder \(its subfolders a, b hold images: move the class "
+                                         r"folders into .*train/\); with --test_split a folder dataset needs train/"):
+        data.load_dataset(root, img_size=4, test_split=0.25)
+    os.makedirs(os.path.join(root, 'train'))
+    os.rename(os.path.join(root, 'a'), os.path.join(root, 'train', 'a'))
+    os.makedirs(os.path.join(root, 'train', 'b'))
+    os.rename(os.path.join(root, 'b'), os.path.join(root, 'train', 'b', '.thumbnails'))  # only a hidden folder
+    with pytest.raises(SystemExit, match=r"train/b has no images .* outside hidden folders, which are left out "
+                                         r"\(b/.thumbnails\); add images or remove the folder$"):
+        data.load_dataset(root, img_size=4, test_split=0.25)
+    shutil.rmtree(os.path.join(root, 'train', 'b', '.thumbnails'))
+    shutil.copytree(os.path.join(root, 'train', 'a'), os.path.join(root, 'train', 'b'), dirs_exist_ok=True)
+    os.makedirs(os.path.join(root, 'val'))
+    data.load_dataset(root, img_size=4, test_split=0.25)
+    assert capsys.readouterr().err.startswith(f"note: {os.path.join(root, 'val')} is not read: --test_split holds out")
 
 
 def test_a_float_image_is_refused_not_clipped(tmp_path):

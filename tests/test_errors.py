@@ -303,7 +303,9 @@ def test_dataset_folder_without_splits(cli):
                                         f"has both: pass --dataset {cli.tiny_dataset}); a folder dataset needs"])
     for folder in ('half/train/a', 'half/ds/train/a'):  # a parent with train/ alone is no dataset either
         os.makedirs(cli.tmp_path / folder)
-    line = cli('--dataset', cli.tmp_path / 'half' / 'ds', expect=['has no test/ folder; a folder dataset needs'])
+    line = cli('--dataset', cli.tmp_path / 'half' / 'ds', expect=['has no test/ folder (or pass --test_split 0.2, say, '
+                                                                 'to hold out a fraction of train/ as the test set); a '
+                                                                 'folder dataset needs'])
     assert 'its parent' not in line and 'its subfolder' not in line
     above = os.path.dirname(cli.tiny_dataset)  # one level too shallow: an archive extracted into a folder of its own
     cli('--dataset', above, expect=[f"--dataset {above} has no train/ folder (its subfolder {cli.tiny_dataset} has "

@@ -335,7 +335,8 @@ def test_the_classes_without_images_are_named_up_to_five(capsys, absent, named):
     import torch
     classes = list('abcdefg')[:absent + 1]
     train_labels, test_labels = torch.arange(len(classes)).repeat(2), torch.zeros(2, dtype=torch.long)
-    args = argparse.Namespace(train_samples=0, test_samples=0, val_split=0, batch_size=2, eval_only=False)
+    args = argparse.Namespace(train_samples=0, test_samples=0, val_split=0, test_split=0, batch_size=2,
+                              eval_only=False)
     main.check_splits(args, dict(train=(None, train_labels), val=None, test=(None, test_labels)), classes,
                       train_labels, 0)
     assert capsys.readouterr().err.strip() == (

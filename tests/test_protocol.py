@@ -139,7 +139,8 @@ def test_a_class_left_without_val_images_is_said_even_when_the_fraction_is_met(c
     import main
     all_train = torch.tensor([0] + [1] * 50 + [2] * 50)  # class a has one image, which it keeps for training
     val, train_labels = torch.tensor([1] * 25 + [2] * 25), torch.tensor([0] + [1] * 25 + [2] * 25)
-    args = argparse.Namespace(train_samples=0, test_samples=0, val_split=0.5, batch_size=2, eval_only=False)
+    args = argparse.Namespace(train_samples=0, test_samples=0, val_split=0.5, test_split=0, batch_size=2,
+                              eval_only=False)
     main.check_splits(args, dict(train=(None, train_labels), val=(None, val), test=(None, torch.tensor([0, 1, 2]))),
                       ['a', 'b', 'c'], all_train, 0)
     assert capsys.readouterr().err.strip() == (

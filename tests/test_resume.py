@@ -134,7 +134,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoint(tiny_dataset, 
 # a value for every main.py flag that differs from the run tiny_run makes; all but RESUME_MAY_CHANGE's are refused
 OTHER_VALUES = dict(batch_size=16, full=True, prompts=2, deep=False, prompt_dropout=0.3, prompt_impl='naive',
                     optimizer='sgd', lr=0.5, weight_decay=0.5, warmup_epochs=0.5, unfreeze='pos_embed', augment=False,
-                    val_split=0.2, seed=3, data_seed=3, model='vit_tiny_patch16_224', pretrained=True,
+                    val_split=0.2, test_split=0.2, seed=3, data_seed=3, model='vit_tiny_patch16_224', pretrained=True,
                     weights='other.safetensors', img_size=64, patch_size=8, train_samples=10, test_samples=5,
                     log_dir='elsewhere', name='other', epoch=7, device='cuda', dataset='cifar10', data_dir='d',
                     compile=True, amp=False, tensorboard=True)
@@ -1035,6 +1035,24 @@ def test_a_test_split_run_resumes_and_evaluates_on_its_own_test_images(tmp_path,
                          f"on 4 images" in out, err
     code, _, err = run_main(['--resume', run_dir, '--epoch', 3, '--test_split', 0.5], capsys)
     assert code == 2 and '--test_split 0.5 contradicts the run\'s config (test_split=0.25)' in err
+    shutil.copytree(os.path.join(root, 'train'), os.path.join(root, 'test'))  # a test/ folder appeared since
+    code, _, err = run_main(['--eval_only', '--resume', run_dir], capsys)
+    assert code == 1 and err.strip() == (
+        f"error: {run_dir} held out its test set from train/ (--test_split 0.25), but {root} now has a test/ folder; "
+        f"pass --dataset with the run's own copy, or move test/ away")
+
+
+def test_a_class_too_small_for_the_test_split_is_said_with_the_reason(tmp_path, capsys):
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b', 'c'), train_per_class=8, test_per_class=1, size=8)
+    shutil.rmtree(os.path.join(root, 'test'))
+    for name in sorted(os.listdir(os.path.join(root, 'train', 'c')))[1:]:  # c keeps one image: it stays in train
+        os.remove(os.path.join(root, 'train', 'c', name))
+    code, _, err = run_main(tiny_run(root, tmp_path / 'logs', 'r', '--patch_size', 4, '--img_size', 8,
+                                     '--test_split', 0.25, '--test_samples', 100), capsys)
+    assert code == 0 and (
+        "warning: 1 of 3 classes have no test images (c); test accuracy leaves them out (--test_split 0.25 holds out "
+        "round(0.25 x its images) of a class, keeping one to train on: none of a class this small; raise "
+        "--test_split, or add images)") in err, err
 
 
 def test_runs_made_before_folder_reading_2_read_their_folder_as_they_did(tmp_path, capsys, monkeypatch):

@@ -963,7 +963,7 @@ with open(os.path.join(run_dir, 'config.json'), 'w') as f:
     json.dump(dict(dataset='cifar10', classes=['a', 'b'], lr=lr, seed=seed), f)
 time.sleep(json.loads(os.environ.get('FAKE_SLOW', '{}')).get(str(lr), 0))
 with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
-    json.dump(dict(finished=True, epochs_done=1, epochs=1, best_val_acc={0.001: 50.0, 0.005: 60.0, 0.01: 70.0}[lr],
+    json.dump(dict(finished=True, epochs_done=1, epochs=1, best_val_acc={0.001: 50.0, 0.005: 60.0, 0.01: 70.0, 0.02: 40.0}[lr],
                    best_val_epoch=1, test_acc_at_best_val=70.0 + seed, final_test_acc=70.0), f)
 '''
 
@@ -1028,7 +1028,8 @@ def test_two_trials_that_fail_alike_before_a_checkpoint_stop_the_sweep(fake_trai
 
 
 def test_one_bad_gpu_does_not_stop_the_trials_of_the_others(fake_training, capsys, monkeypatch):
-    """With --gpus, trials that fail alike on one GPU say nothing of the other GPUs: only alike failures on two do."""
+    """With --gpus, trials that fail alike on one GPU say nothing of the other GPUs: the bad one takes no further
+    trial (it would fail the rest of the grid in seconds), the others take them."""
     run, sweep_dir = fake_training
     monkeypatch.setenv('FAKE_FAIL', '')
     monkeypatch.setenv('FAKE_FAIL_GPU', '1')
@@ -1036,10 +1037,14 @@ def test_one_bad_gpu_does_not_stop_the_trials_of_the_others(fake_training, capsy
     with pytest.raises(SystemExit) as stopped:
         run('--grid', 'lr=1e-3,5e-3,1e-2,2e-2', '--seeds', 1, '--gpus', '0,1', '--', '--device', 'cpu')
     assert stopped.value.code == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith('sweep.py: error: 3 runs did not finish: ')
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1].startswith('sweep.py: error: 2 runs did not finish: ')
+    assert ('note   GPU 1: grid_lr=5e-3 and grid_lr=1e-2 failed alike on it before their first checkpoint; it takes '
+            'no further trial') in out
     assert [(row['run'], row['status']) for row in read_csv(sweep_dir / 'sweep.csv')] == [
         ('grid_lr=1e-3', 'finished'), ('grid_lr=5e-3', 'failed'), ('grid_lr=1e-2', 'failed'),
-        ('grid_lr=2e-2', 'failed'), ('final_seed=1', 'finished')]
+        ('grid_lr=2e-2', 'finished'), ('final_seed=1', 'finished')]
+    assert 'CUDA_VISIBLE_DEVICES=0' in (sweep_dir / 'logs' / 'grid_lr=2e-2.log').read_text()
 
 
 @pytest.mark.parametrize('why', ['messages differ', 'after a checkpoint'])
