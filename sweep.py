@@ -884,6 +884,7 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
             lines += ["No stage-2 seed has finished yet.", '']
         lines += [f"Winning flags: {' '.join(f'--{flag} {value}' for flag, value in winner['values'].items())} "
                   f"(best val acc {winner['best_val_acc']:.2f}% with seed {base_seed}).", '',
+                  *[line for note in edge_notes(meta, winner) for line in (note, '')],
                   f"main.py command of seed {base_seed + 1} (the sweep ran {seeds} as final_seed=<seed> in "
                   f"this directory):", '',
                   f"    {shlex.join(['python', vpt.script_path(MAIN_PY), *recipe])}"]
@@ -897,6 +898,24 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
         lines += [f"- {row['run']} ({row['status']}): exit {row['exit_code']}: {row['message']} "
                   f"(log {shown_path(log_path(sweep_dir, row['run']))})" for row in failed]
     return '\n'.join(lines) + '\n'
+
+
+def edge_notes(meta, winner):
+    """A winner at the end of a numeric grid of three or more values (an lr grid, say) may have its best beyond it."""
+    def as_number(flag, value):  # as main.py reads it; None for a value that is no number (True, 'adamw')
+        with contextlib.suppress(ValueError):
+            return float(typed_value(flag, value))
+    notes = []
+    for flag, values in meta['grid'].items():
+        typed = [as_number(flag, value) for value in values]
+        if len(typed) < 3 or None in typed:
+            continue
+        won = as_number(flag, winner['values'][flag])
+        if won in (min(typed), max(typed)):
+            side = 'largest' if won == max(typed) else 'smallest'
+            notes.append(f"Note: --{flag} {winner['values'][flag]} is the grid's {side} value: the best may lie beyond "
+                         f"it; a sweep whose grid extends {'above' if side == 'largest' else 'below'} it tells.")
+    return notes
 
 
 # ---------------------------------------------------------------- the three modes

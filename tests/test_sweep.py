@@ -1065,6 +1065,21 @@ def test_trials_that_fail_otherwise_do_not_stop_the_others(fake_training, capsys
         ('final_seed=1', 'finished')]
 
 
+@pytest.mark.parametrize('grid, note', [
+    ('lr=1e-3,5e-3,1e-2', "Note: --lr 1e-2 is the grid's largest value: the best may lie beyond it; a sweep whose grid "
+                          "extends above it tells."),
+    ('lr=1e-3,5e-3,2e-2', None),  # 5e-3 wins, inside the grid
+    ('lr=1e-3,1e-2', None),  # two values: a winner is always at an end, which says nothing
+])
+def test_a_winner_at_the_end_of_the_grid_is_noted(fake_training, monkeypatch, grid, note):
+    """The best lr of a grid is often its largest or smallest: then the grid did not bracket the optimum."""
+    run, sweep_dir = fake_training
+    monkeypatch.setenv('FAKE_FAIL', '')
+    run('--grid', grid, '--seeds', 1)
+    report = (sweep_dir / 'sweep.md').read_text()
+    assert (note in report) if note else 'Note: --lr' not in report, report
+
+
 def test_print_commands_of_a_finished_sweep_says_it_has_finished(fake_training, capsys):
     run, sweep_dir = fake_training
     run('--grid', 'lr=1e-3,5e-3', '--seeds', 1)
