@@ -279,10 +279,11 @@ def read_summary(run_dir):
 
 
 def label_runs(runs):
-    """Runs with the same directory name (from different log directories) are labelled by their full path."""
+    """Runs with the same directory name (from different log directories, such as two sweeps' grid_lr=1e-3) are
+    told apart by their paths, and then so is every run: a bare name beside paths would not say where it is from."""
     names = [run['name'] for run in runs]
-    for run in runs:
-        if names.count(run['name']) > 1:
+    if len(set(names)) < len(names):
+        for run in runs:
             run['name'] = os.path.normpath(run['dir'])
 
 

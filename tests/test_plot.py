@@ -976,12 +976,15 @@ def test_oracle_epoch_is_the_first_of_equal_test_accuracies(tmp_path, capsys):
 
 
 def test_same_run_name_in_two_log_dirs_is_labelled_by_path(tmp_path, capsys):
+    """Two sweeps both hold grid_lr=1e-3: then every run is labelled by its path, not only those two (a bare
+    grid_lr=5e-3 beside sweep_P/grid_lr=1e-3 would not say which sweep it came from)."""
     a = write_run(tmp_path / 'a', 'P_run', epochs=[(70.0, 80.0, 1.0)])
     b = write_run(tmp_path / 'b', 'P_run', epochs=[(70.0, 60.0, 1.0)])
+    c = write_run(tmp_path / 'b', 'F_run', epochs=[(70.0, 50.0, 1.0)])
     code, out, _ = run_plot([tmp_path / 'a', tmp_path / 'b'], capsys)
     assert code == 0
     rows = table(out)
-    assert set(rows) == {os.path.normpath(a), os.path.normpath(b)}
+    assert set(rows) == {os.path.normpath(a), os.path.normpath(b), os.path.normpath(c)}
     assert rows[os.path.normpath(b)][6] == '60.00%'
 
 
