@@ -4,6 +4,7 @@
     python sweep.py ... --gpus 0,1,2,3               # one trial per GPU at a time on this machine
     python sweep.py ... --print_commands             # only print the main.py commands, for SLURM, GNU parallel, ...
     python sweep.py --collect logs/sweep-1a2b3c4d    # sweep.csv and sweep.md from whatever runs exist there
+    python sweep.py --compare logs/sweep_P logs/sweep_F  # one row per sweep: P against F, mean ± std each
 
 Stage 1 trains every grid point (any main.py flag; values separated by commas, \\, for a comma inside one; --grid
 may be repeated) with the base seed (the --seed given after --, default 0) on the training set minus a
@@ -100,7 +101,7 @@ def make_parser():
     parser = argparse.ArgumentParser(  # no abbreviations: --seed (main.py's) must not pass for --seeds
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         usage="python sweep.py --grid FLAG=V1,V2,... [FLAG=...] --val_split F [--seeds N] [options] -- [main.py flags]"
-              "\n       python sweep.py --collect SWEEP_DIR")
+              "\n       python sweep.py --collect SWEEP_DIR\n       python sweep.py --compare SWEEP_DIR [SWEEP_DIR ...]")
     add = parser.add_argument
     add('--grid', nargs='+', action='extend', default=[], metavar='FLAG=V1,V2',
         help='main.py flags to sweep and their values, e.g. lr=1e-3,5e-3 weight_decay=0,1e-4 (every combination); '
@@ -118,6 +119,9 @@ def make_parser():
              "finished), one per line, and run nothing")
     add('--collect', default=None, metavar='SWEEP_DIR',
         help='write sweep.csv and sweep.md from the runs in SWEEP_DIR, running nothing')
+    add('--compare', nargs='+', default=None, metavar='SWEEP_DIR',
+        help="print one markdown table of several sweeps' results (a sweep per method: P, F, P+F, linear), "
+             "running and writing nothing")
 
     def error(message):  # one line, no usage dump
         fail(f"{message}{vpt.flag_hint(parser, message)} (python sweep.py --help; main.py flags go after --)", 2)
@@ -958,10 +962,61 @@ def print_commands(sweep_dir, meta, base_seed):
           file=sys.stderr)
 
 
-def collect(sweep_dir):
+def read_sweep(sweep_dir, action):
     meta = read_json(os.path.join(sweep_dir, 'sweep.json'))
     if not isinstance(meta, dict) or not {'grid', 'seeds', 'val_split', 'main_flags', 'command'} <= set(meta):
-        fail(f"{sweep_dir} has no readable sweep.json; --collect reads a directory that sweep.py made")
+        fail(f"{sweep_dir} has no readable sweep.json; {action} reads a directory that sweep.py made")
+    return meta
+
+
+def compare(sweep_dirs):
+    """--compare: each sweep's result in one row, as its sweep.md states it; reads the runs, writes nothing."""
+    lines = ['| sweep | mode | trainable params | winning flags | epochs | test acc at best val (%) | n | '
+             'final test acc (%) | s/epoch | result |', '|---|---|---|---|---|---|---|---|---|---|']
+    warnings, first_read = [], None
+    for sweep_dir in sweep_dirs:
+        meta = read_sweep(sweep_dir, '--compare')
+        base_seed = given_main_flags(meta['main_flags']).get('seed', vpt.make_parser().get_default('seed'))
+        _, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
+        done = [row for row in rows2 if row['status'] == 'finished']
+        configs = [read_json(os.path.join(sweep_dir, row['run'], 'config.json')) or {} for row in done]
+        summaries = [read_json(os.path.join(sweep_dir, row['run'], 'summary.json')) or {} for row in done]
+        times = [summary['mean_epoch_time_s'] for summary in summaries if summary.get('mean_epoch_time_s')]
+        if not done:
+            result = 'no result yet' if winner is None or not stage1_done(rows1) else 'no stage-2 seed finished'
+        elif any(row['status'] == 'failed' for row in rows1):
+            result = 'provisional (a grid point failed)'
+        elif len(done) + sum(row['status'] == 'diverged' for row in rows2) < len(rows2):
+            result = f"{len(done)} of {len(rows2)} seeds so far"
+        else:
+            result = 'final'
+        if configs:  # one data set and one val split, or the rows do not compare
+            read = (data_read(configs[0]), meta['val_split'])
+            first_read = first_read or (sweep_dir, read)
+            differ = data_difference(first_read[1][0], read[0]) or (
+                f"--val_split {read[1]} against {first_read[1][1]}" if read[1] != first_read[1][1] else '')
+            if differ:
+                warnings.append(f"{sweep_dir} and {first_read[0]} trained on different data ({differ}): their numbers "
+                                f"do not compare")
+        flags = ' '.join(f'--{flag} {value}' for flag, value in winner['values'].items()) if winner else ''
+        params = configs[0].get('trainable_params') if configs else None
+        lines.append(
+            f"| {os.path.basename(os.path.normpath(sweep_dir))} | {configs[0].get('mode', '?') if configs else ''} | "
+            f"{f'{params:,}' if isinstance(params, int) else ''} | {flags} | "
+            f"{configs[0].get('epoch', '') if configs else ''} | "
+            f"{mean_std([row['test_acc_at_best_val'] for row in done]) if done else ''} | {len(done)} | "
+            f"{mean_std([row['final_test_acc'] for row in done]) if done else ''} | "
+            f"{f'{statistics.mean(times):.1f}' if times else ''} | {result} |")
+    lines += ['', "Mean ± sample std (n-1) over each sweep's stage-2 seeds, each seed's test accuracy at its own best "
+                  "val epoch; the grid runs that chose the flags are not counted. s/epoch: training and evaluation, "
+                  "mean over the seeds (the machine's, and its data's: compare it on one machine only)."]
+    print('\n'.join(lines))
+    for warning in warnings:
+        print(f"sweep.py: warning: {warning}", file=sys.stderr)
+
+
+def collect(sweep_dir):
+    meta = read_sweep(sweep_dir, '--collect')
     lock = lock_sweep(sweep_dir)
     base_seed = given_main_flags(meta['main_flags']).get('seed', vpt.make_parser().get_default('seed'))
     trials1, _, _, trials2, _ = sweep_state(sweep_dir, meta, base_seed)
@@ -983,6 +1038,10 @@ def main(argv=None):
         if arg.split('=')[0] in main_only:
             fail(f"{arg.split('=')[0]} is a main.py flag: put it after the --, with main.py's other flags", 2)
     args = make_parser().parse_args(ours)
+    if args.compare is not None:
+        if passthrough or [arg for arg in ours if arg.startswith('-') and not arg.startswith('--compare')]:
+            fail("--compare takes only sweep directories: python sweep.py --compare logs/sweep_P logs/sweep_F", 2)
+        return compare(args.compare)
     if args.collect is not None:
         if passthrough or [arg for arg in ours if arg.startswith('-') and not arg.startswith('--collect')]:
             fail("--collect takes only the sweep directory: python sweep.py --collect logs/sweep-1a2b3c4d", 2)

@@ -960,11 +960,12 @@ if seed > 0 and os.environ.get('FAKE_DIVERGE'):
     sys.exit(3)  # main.py's exit after a non-finite loss
 os.makedirs(run_dir)
 with open(os.path.join(run_dir, 'config.json'), 'w') as f:
-    json.dump(dict(dataset='cifar10', classes=['a', 'b'], lr=lr, seed=seed), f)
+    json.dump(dict(dataset='cifar10', classes=['a', 'b'], lr=lr, seed=seed, trainable_params=7690,
+                   mode=os.environ.get('FAKE_MODE', 'P')), f)
 time.sleep(json.loads(os.environ.get('FAKE_SLOW', '{}')).get(str(lr), 0))
 with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
     json.dump(dict(finished=True, epochs_done=1, epochs=1, best_val_acc={0.001: 50.0, 0.005: 60.0, 0.01: 70.0, 0.02: 40.0}[lr],
-                   best_val_epoch=1, test_acc_at_best_val=70.0 + seed, final_test_acc=70.0), f)
+                   best_val_epoch=1, test_acc_at_best_val=70.0 + seed, final_test_acc=70.0, mean_epoch_time_s=2.5), f)
 '''
 
 
@@ -1078,6 +1079,34 @@ def test_a_winner_at_the_end_of_the_grid_is_noted(fake_training, monkeypatch, gr
     run('--grid', grid, '--seeds', 1)
     report = (sweep_dir / 'sweep.md').read_text()
     assert (note in report) if note else 'Note: --lr' not in report, report
+
+
+def test_compare_puts_several_sweeps_side_by_side(fake_training, capsys, monkeypatch):
+    """The headline use: P against F, each the mean ± std of its own sweep's seeds, in one table."""
+    run, _ = fake_training
+    log_dir = fake_training[1].parent
+    sweep.main(['--val_split', '0.25', '--log_dir', str(log_dir), '--name', 'sweep_P', '--grid', 'lr=1e-3,5e-3',
+                '--seeds', '2'])
+    monkeypatch.setenv('FAKE_MODE', 'F')
+    with pytest.raises(SystemExit):  # its grid point 1e-2 fails: its result is provisional
+        sweep.main(['--val_split', '0.25', '--log_dir', str(log_dir), '--name', 'sweep_F', '--grid',
+                    'lr=1e-3,5e-3,1e-2', '--seeds', '3'])
+    capsys.readouterr()
+    sweep.main(['--compare', str(log_dir / 'sweep_P'), str(log_dir / 'sweep_F')])
+    out, err = capsys.readouterr()
+    rows = [line for line in out.splitlines() if line.startswith('| sweep_')]
+    assert rows == ['| sweep_P | P | 7,690 | --lr 5e-3 |  | 71.50 ± 0.71 | 2 | 70.00 ± 0.00 | 2.5 | final |',
+                    '| sweep_F | F | 7,690 | --lr 5e-3 |  | 72.00 ± 1.00 | 3 | 70.00 ± 0.00 | 2.5 | provisional (a grid '
+                    'point failed) |'] and err == ''
+    config = log_dir / 'sweep_F' / 'final_seed=1' / 'config.json'
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), classes=['a', 'b', 'c'])))
+    sweep.main(['--compare', str(log_dir / 'sweep_P'), str(log_dir / 'sweep_F')])
+    assert capsys.readouterr().err == (f"sweep.py: warning: {log_dir / 'sweep_F'} and {log_dir / 'sweep_P'} trained on "
+                                       f"different data (other classes): their numbers do not compare\n")
+    with pytest.raises(SystemExit) as stopped:
+        sweep.main(['--compare', str(log_dir / 'sweep_P'), str(log_dir)])
+    assert stopped.value.code == 1 and capsys.readouterr().err == (
+        f"sweep.py: error: {log_dir} has no readable sweep.json; --compare reads a directory that sweep.py made\n")
 
 
 def test_print_commands_of_a_finished_sweep_says_it_has_finished(fake_training, capsys):
