@@ -752,7 +752,8 @@ def draw_confusions(run_dirs, paths, out):
             title = f"{run['name']}, epoch {epochs[-1]} (unfinished)" if epochs else None
         matrices = [(path, title)] if path else []
         if os.path.exists(best) and (out is None or not matrices):  # --out takes one figure: the last epoch's
-            matrices.append((best, f"{run['name']}, best val epoch"))
+            epoch = read_summary(run['dir']).get('best_val_epoch')  # best.safetensors' epoch, which --eval_only read
+            matrices.append((best, f"{run['name']}, best val epoch" + (f" {epoch}" if isinstance(epoch, int) else '')))
         for path, title in matrices:
             try:
                 classes, counts = read_confusion(path)
@@ -800,7 +801,8 @@ def main(argv=None):
                       help='also write cost.png (next to the accuracy figure): accuracy against trainable '
                            'parameters, time per epoch and checkpoint size')
     what.add_argument('--confusion', action='store_true',
-                      help="only draw each run's confusion.csv as <run>/confusion.png (--out: one run only)")
+                      help="only draw each run's confusion.csv as <run>/confusion.png, and its confusion_best.csv if "
+                           "any (--out: one run, one figure)")
     parser.error = lambda message: error(f"{message}{flag_hint(parser, message)} (python plot.py --help for usage)")
     args = parser.parse_args(argv)
 

@@ -844,6 +844,12 @@ def test_confusion_best_is_drawn_beside_the_last_epochs(logs, tmp_path, capsys, 
                                                       for name in ('confusion.png', 'confusion_best.png')]
     titles = [figure.axes[0].get_title() for figure in figures]
     assert titles[0].startswith('F_run: 80.00% accuracy') and titles[1].startswith('F_run, best val epoch: 50.00%')
+    with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
+        json.dump(dict(best_val_epoch=2), f)  # the epoch of best.safetensors, which --eval_only evaluated
+    run_plot([run_dir, '--confusion'], capsys)
+    assert figures[-1].axes[0].get_title().startswith('F_run, best val epoch 2: 50.00%')
+    for figure in (figures.pop(), figures.pop()):  # this redraw's two, so that the counts below stay as they were
+        close_figure(figure)
     assert_png(os.path.join(run_dir, 'confusion_best.png'), min_width=500)
     code, out, _ = run_plot([run_dir, '--confusion', '--out', tmp_path / 'c.png'], capsys)
     assert code == 0 and out.strip() == f"wrote {tmp_path / 'c.png'}"  # --out: one figure, the last epoch's
