@@ -533,7 +533,8 @@ def train_run(args, argv, mode, rank, world_size, device, held):
             if args.resume:
                 config = resumed_config(config, read_json(os.path.join(run_dir, 'config.json')), args, state['epoch'])
             train.write_config(run_dir, config)
-            print(f"run directory: {run_dir}", flush=True)
+            print(f"run directory: {run_dir}" + (f" (resumed after epoch {state['epoch']} of {args.epoch})"
+                                                 if args.resume else ''), flush=True)
         run_dir = broadcast_run_dir(run_dir, world_size)
         train.fit(model, on_device, classes, args, run_dir, device, state)
         for signum in (signal.SIGINT, signal.SIGTERM):  # the run is finished and saved: a late signal changes nothing

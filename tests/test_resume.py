@@ -162,8 +162,9 @@ def test_resume_refuses_a_contradicting_flag(tiny_dataset, tmp_path, capsys):
     before = (tmp_path / 'r' / 'metrics.csv').read_text()
     code, _, err = run_main(['--resume', tmp_path / 'r', '--lr', '0.5'], capsys)
     assert code == 2 and '--lr 0.5 contradicts' in err and err.count('\n') == 1
-    code, _, err = run_main(['--resume', tmp_path / 'r', '--prompts', '4', '--epoch', '2'], capsys)  # agrees: fine
+    code, out, err = run_main(['--resume', tmp_path / 'r', '--prompts', '4', '--epoch', '2'], capsys)  # agrees: fine
     assert code == 0, err
+    assert f"run directory: {tmp_path / 'r'} (resumed after epoch 1 of 2)\n" in out  # where it goes on from
     rows = read_metrics(tmp_path / 'r')
     assert len(rows) == 2 and (tmp_path / 'r' / 'metrics.csv').read_text().startswith(before)
     assert json.loads((tmp_path / 'r' / 'config.json').read_text())['epoch'] == 2
