@@ -915,7 +915,7 @@ def edge_notes(meta, winner):
         if len(typed) < 3 or None in typed:
             continue
         won = as_number(flag, winner['values'][flag])
-        if won in (min(typed), max(typed)):
+        if won == max(typed) or won == min(typed) > 0:  # nothing below 0 to try (weight decay, warmup, prompts)
             side = 'largest' if won == max(typed) else 'smallest'
             notes.append(f"Note: --{flag} {winner['values'][flag]} is the grid's {side} value: the best may lie beyond "
                          f"it; a sweep whose grid extends {'above' if side == 'largest' else 'below'} it tells.")
@@ -969,41 +969,59 @@ def read_sweep(sweep_dir, action):
     return meta
 
 
+# what two sweeps must share for their numbers to compare: the images (SAME_DATA but the data's place, with what the
+# runs recorded they read), the model and its input, the starting weights, and the val split (main.py's config.json)
+COMPARED = ('dataset', 'data_seed', 'train_samples', 'test_samples', 'test_split', 'model', 'img_size', 'patch_size',
+            'weights_id')
+
+
 def compare(sweep_dirs):
     """--compare: each sweep's result in one row, as its sweep.md states it; reads the runs, writes nothing."""
     lines = ['| sweep | mode | trainable params | winning flags | epochs | test acc at best val (%) | n | '
              'final test acc (%) | s/epoch | result |', '|---|---|---|---|---|---|---|---|---|---|']
-    warnings, first_read = [], None
-    for sweep_dir in sweep_dirs:
+    names = [os.path.basename(os.path.normpath(os.path.abspath(path))) for path in sweep_dirs]
+    if len(set(names)) < len(names):  # two sweeps of one name, from two log directories
+        names = [os.path.normpath(path) for path in sweep_dirs]
+    warnings, first = [], None
+    for sweep_dir, name in zip(sweep_dirs, names):
         meta = read_sweep(sweep_dir, '--compare')
         base_seed = given_main_flags(meta['main_flags']).get('seed', vpt.make_parser().get_default('seed'))
-        _, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
+        _, rows1, winner, _, rows2 = sweep_state(sweep_dir, meta, base_seed)
         done = [row for row in rows2 if row['status'] == 'finished']
-        configs = [read_json(os.path.join(sweep_dir, row['run'], 'config.json')) or {} for row in done]
-        summaries = [read_json(os.path.join(sweep_dir, row['run'], 'summary.json')) or {} for row in done]
-        times = [summary['mean_epoch_time_s'] for summary in summaries if summary.get('mean_epoch_time_s')]
-        if not done:
-            result = 'no result yet' if winner is None or not stage1_done(rows1) else 'no stage-2 seed finished'
+        diverged = sum(row['status'] == 'diverged' for row in rows2)
+        configs = [read_json(os.path.join(sweep_dir, row['run'], 'config.json')) for row in done + rows1 + rows2]
+        config = next((config for config in configs if isinstance(config, dict)), {})  # a seed's, else a grid run's
+        times = [summary['mean_epoch_time_s'] for summary in
+                 (read_json(os.path.join(sweep_dir, row['run'], 'summary.json')) or {} for row in done)
+                 if summary.get('mean_epoch_time_s')]
+        if stale_runs(rows1 + rows2):
+            result = 'a stale run: see its sweep.md'
+        elif not stage1_done(rows1):
+            result = 'stage 1 not finished'
+        elif not done:
+            result = 'every seed diverged: no result' if rows2 and diverged == len(rows2) else 'no seed finished yet'
         elif any(row['status'] == 'failed' for row in rows1):
             result = 'provisional (a grid point failed)'
-        elif len(done) + sum(row['status'] == 'diverged' for row in rows2) < len(rows2):
+        elif len(done) + diverged < len(rows2):
             result = f"{len(done)} of {len(rows2)} seeds so far"
         else:
-            result = 'final'
-        if configs:  # one data set and one val split, or the rows do not compare
-            read = (data_read(configs[0]), meta['val_split'])
-            first_read = first_read or (sweep_dir, read)
-            differ = data_difference(first_read[1][0], read[0]) or (
-                f"--val_split {read[1]} against {first_read[1][1]}" if read[1] != first_read[1][1] else '')
+            result = 'final' + (f" ({diverged} of {len(rows2)} seeds diverged)" if diverged else '')
+        if config:
+            shared = dict({key: config.get(key) for key in COMPARED}, val_split=meta['val_split'],
+                          data=data_read(config))
+            first = first or (name, shared)
+            differ = [f"{key} {shared[key]} against {first[1][key]}" for key in shared if key != 'data'
+                      and shared[key] != first[1][key]]
+            differ += [data_difference(shared['data'], first[1]['data'])] if data_difference(
+                shared['data'], first[1]['data']) else []
             if differ:
-                warnings.append(f"{sweep_dir} and {first_read[0]} trained on different data ({differ}): their numbers "
-                                f"do not compare")
+                warnings.append(f"{name} and {first[0]} did not train on the same data and model ({'; '.join(differ)}): "
+                                f"their numbers do not compare")
         flags = ' '.join(f'--{flag} {value}' for flag, value in winner['values'].items()) if winner else ''
-        params = configs[0].get('trainable_params') if configs else None
+        params = config.get('trainable_params')
         lines.append(
-            f"| {os.path.basename(os.path.normpath(sweep_dir))} | {configs[0].get('mode', '?') if configs else ''} | "
-            f"{f'{params:,}' if isinstance(params, int) else ''} | {flags} | "
-            f"{configs[0].get('epoch', '') if configs else ''} | "
+            f"| {name} | {config.get('mode', '')} | {f'{params:,}' if isinstance(params, int) else ''} | "
+            f"{flags}{' (leading)' if flags and not stage1_done(rows1) else ''} | {config.get('epoch', '')} | "
             f"{mean_std([row['test_acc_at_best_val'] for row in done]) if done else ''} | {len(done)} | "
             f"{mean_std([row['final_test_acc'] for row in done]) if done else ''} | "
             f"{f'{statistics.mean(times):.1f}' if times else ''} | {result} |")

@@ -1071,14 +1071,15 @@ def test_trials_that_fail_otherwise_do_not_stop_the_others(fake_training, capsys
                           "extends above it tells."),
     ('lr=1e-3,5e-3,2e-2', None),  # 5e-3 wins, inside the grid
     ('lr=1e-3,1e-2', None),  # two values: a winner is always at an end, which says nothing
+    ('weight_decay=0,1e-4,1e-3', None),  # 0 wins (the first of equal scores): there is nothing below it to try
 ])
 def test_a_winner_at_the_end_of_the_grid_is_noted(fake_training, monkeypatch, grid, note):
     """The best lr of a grid is often its largest or smallest: then the grid did not bracket the optimum."""
     run, sweep_dir = fake_training
     monkeypatch.setenv('FAKE_FAIL', '')
-    run('--grid', grid, '--seeds', 1)
+    run('--grid', grid, '--seeds', 1, *(['--', '--lr', '5e-3'] if grid.startswith('weight_decay') else []))
     report = (sweep_dir / 'sweep.md').read_text()
-    assert (note in report) if note else 'Note: --lr' not in report, report
+    assert (note in report) if note else "is the grid's" not in report, report
 
 
 def test_compare_puts_several_sweeps_side_by_side(fake_training, capsys, monkeypatch):
@@ -1101,8 +1102,20 @@ def test_compare_puts_several_sweeps_side_by_side(fake_training, capsys, monkeyp
     config = log_dir / 'sweep_F' / 'final_seed=1' / 'config.json'
     config.write_text(json.dumps(dict(json.loads(config.read_text()), classes=['a', 'b', 'c'])))
     sweep.main(['--compare', str(log_dir / 'sweep_P'), str(log_dir / 'sweep_F')])
-    assert capsys.readouterr().err == (f"sweep.py: warning: {log_dir / 'sweep_F'} and {log_dir / 'sweep_P'} trained on "
-                                       f"different data (other classes): their numbers do not compare\n")
+    assert capsys.readouterr().err == ("sweep.py: warning: sweep_F and sweep_P did not train on the same data and "
+                                       "model (other classes): their numbers do not compare\n")
+    config = log_dir / 'sweep_F' / 'final_seed=1' / 'config.json'  # --train_samples chooses the images too
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), classes=['a', 'b'], train_samples=3000)))
+    sweep.main(['--compare', str(log_dir / 'sweep_P'), str(log_dir / 'sweep_F')])
+    assert 'sweep_F and sweep_P did not train on the same data and model (train_samples 3000 against None)' in \
+        capsys.readouterr().err
+    monkeypatch.setenv('FAKE_DIVERGE', '1')
+    with pytest.raises(SystemExit):
+        sweep.main(['--val_split', '0.25', '--log_dir', str(log_dir), '--name', 'sweep_PF', '--grid', 'lr=1e-3,5e-3',
+                    '--seeds', '2'])
+    capsys.readouterr()
+    sweep.main(['--compare', str(log_dir / 'sweep_PF')])
+    assert '| 0 |  |  | every seed diverged: no result |' in capsys.readouterr().out  # not 'no seed finished yet'
     with pytest.raises(SystemExit) as stopped:
         sweep.main(['--compare', str(log_dir / 'sweep_P'), str(log_dir)])
     assert stopped.value.code == 1 and capsys.readouterr().err == (
