@@ -874,11 +874,12 @@ def markdown(sweep_dir, meta, base_seed, rows1, winner, trials2, rows2):
                 spread += f"; {len(rows2) - len(done) - diverged - stale} of {len(rows2)} seeds not finished"
             lines += [f"**Test accuracy {mean_std(at_best)} %** ({spread}): each seed's test accuracy at its own "
                       f"best val epoch.", '', f"Final-epoch test accuracy: {mean_std(final)} %.", '']
-            failed1 = [row['run'] for row in rows1 if row['status'] == 'failed']
-            if failed1:  # one of them may yet win
-                lines += [f"**Provisional**: {', '.join(failed1)} failed, so {winner['run']} won among the other grid "
-                          f"points; re-launching the same command retries {'them' if len(failed1) > 1 else 'it'}, and "
-                          f"a new winner's seeds replace these.", '']
+            unsettled = [row for row in rows1 if row['status'] not in ('finished', 'diverged')]
+            if unsettled:  # a failed grid point, or one retried now, may yet win
+                named = ', '.join(f"{row['run']} ({row['status']})" for row in unsettled)
+                lines += [f"**Provisional**: {named} did not finish, so {winner['run']} won among the other grid "
+                          f"points; re-launching the same command retries or resumes "
+                          f"{'them' if len(unsettled) > 1 else 'it'}, and a new winner's seeds replace these.", '']
         elif all(row['status'] == 'diverged' for row in rows2):
             lines += ["Every stage-2 seed diverged (non-finite loss): no result. The winning settings are unstable.",
                       '']

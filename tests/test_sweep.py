@@ -1004,8 +1004,8 @@ def test_a_failed_grid_point_does_not_hold_up_stage_2_but_fails_the_sweep(fake_t
     assert '- grid_lr=1e-2 (failed): exit 1: RuntimeError: boom (log ' in report
     assert 'Winning flags: --lr 5e-3 (best val acc 60.00% with seed 0).' in report
     # the failed point may win once retried (here it would): the headline is not final
-    assert ('**Provisional**: grid_lr=1e-2 failed, so grid_lr=5e-3 won among the other grid points; re-launching the '
-            'same command retries it, and a new winner\'s seeds replace these.') in report
+    assert ('**Provisional**: grid_lr=1e-2 (failed) did not finish, so grid_lr=5e-3 won among the other grid points; '
+            're-launching the same command retries or resumes it, and a new winner\'s seeds replace these.') in report
     ranked = [line.split(' | ')[1] for line in report.splitlines() if line.startswith('| ') and 'grid_lr=' in line]
     assert ranked == ['grid_lr=5e-3', 'grid_lr=1e-3', 'grid_lr=1e-2']  # by val accuracy, the failed point last
 
@@ -1120,6 +1120,22 @@ def test_compare_puts_several_sweeps_side_by_side(fake_training, capsys, monkeyp
         sweep.main(['--compare', str(log_dir / 'sweep_P'), str(log_dir)])
     assert stopped.value.code == 1 and capsys.readouterr().err == (
         f"sweep.py: error: {log_dir} has no readable sweep.json; --compare reads a directory that sweep.py made\n")
+
+
+def test_a_grid_point_retried_after_stage_2_keeps_the_result_provisional(fake_training, capsys):
+    """A failed grid point being retried (or its retry stopped) may yet win: the result is not final meanwhile."""
+    run, sweep_dir = fake_training
+    run('--grid', 'lr=1e-3,5e-3', '--seeds', 1)
+    summary = sweep_dir / 'grid_lr=1e-3' / 'summary.json'
+    summary.write_text(json.dumps(dict(json.loads(summary.read_text()), finished=False)))
+    with open(sweep_dir / 'logs' / 'grid_lr=1e-3.log', 'a') as log:
+        log.write('[sweep] 2024-01-01 00:00:00 start: python main.py --resume ...\n')  # then the sweep was stopped
+    sweep.main(['--collect', str(sweep_dir)])
+    assert '**Provisional**: grid_lr=1e-3 (interrupted) did not finish' in (sweep_dir / 'sweep.md').read_text()
+    capsys.readouterr()
+    sweep.main(['--compare', str(sweep_dir)])
+    assert capsys.readouterr().out.splitlines()[2].endswith('| --lr 5e-3 (leading) |  | 71.00 | 1 | 70.00 | 2.5 | '
+                                                           'stage 1 not finished |')
 
 
 def test_print_commands_of_a_finished_sweep_says_it_has_finished(fake_training, capsys):
