@@ -110,23 +110,8 @@ def _load_folder(root, img_size, samples, seed, reading, test_split=0.0):
               f"val/ to test/ to test on it instead)", file=sys.stderr, flush=True)
     for split_dir in split_dirs[:1] if test_split else split_dirs:
         if not os.path.isdir(split_dir):
-            hint = " (rename val/ to test/ to evaluate on it)" if split_dir == split_dirs[1] and os.path.isdir(
-                os.path.join(root, 'val')) else ''
-            parent = os.path.dirname(os.path.abspath(root))
-            if all(os.path.isdir(os.path.join(parent, split)) for split in ('train', 'test')):  # one level too deep
-                hint = f" (its parent {parent} has both: pass --dataset {parent})"
-            below = [entry.path for entry in sorted(os.scandir(root), key=lambda entry: entry.name) if entry.is_dir()
-                     and all(os.path.isdir(os.path.join(entry.path, split)) for split in ('train', 'test'))]
-            if below:  # one level too shallow (an archive extracted into a folder of its own)
-                hint = f" (its subfolder {below[0]} has both: pass --dataset {below[0]})"
-            if split_dir == split_dirs[1] and not hint:  # one's own data: often no test set of its own
-                hint = " (or pass --test_split 0.2, say, to hold out a fraction of train/ as the test set)"
-            classes_here = [entry.name for entry in sorted(os.scandir(root), key=lambda entry: entry.name)
-                            if entry.is_dir() and _visible(entry.name) and image_files(entry.path)]
-            if split_dir == split_dirs[0] and not hint and classes_here:  # class folders right under the dataset
-                hint = (f" (its subfolders {', '.join(classes_here[:3])}{', ...' if len(classes_here) > 3 else ''} "
-                        f"hold images: move the class folders into {split_dirs[0]}/)")
-            raise SystemExit(f"error: --dataset {root} has no {os.path.basename(split_dir)}/ folder{hint}; "
+            raise SystemExit(f"error: --dataset {root} has no {os.path.basename(split_dir)}/ folder"
+                             f"{_missing_split_hint(root, os.path.basename(split_dir))}; "
                              + ("with --test_split a folder dataset needs train/<class>/* images" if test_split else
                                 "a folder dataset needs train/<class>/* and test/<class>/* images"))
     classes = _class_folders(split_dirs[0], reading)
@@ -183,6 +168,26 @@ def _load_folder(root, img_size, samples, seed, reading, test_split=0.0):
         if name == 'train':
             _note_resized(root, [paths[i] for i in keep.tolist()], splits[0][0].shape[2:], img_size)
     return splits, classes, available
+
+
+def _missing_split_hint(root, split):
+    """' (what the folder looks like, and what to pass)' for a --dataset without train/ or test/; '' if nothing."""
+    parent = os.path.dirname(os.path.abspath(root))
+    below = [entry.path for entry in sorted(os.scandir(root), key=lambda entry: entry.name) if entry.is_dir()
+             and all(os.path.isdir(os.path.join(entry.path, name)) for name in ('train', 'test'))]
+    if below:  # one level too shallow (an archive extracted into a folder of its own)
+        return f" (its subfolder {below[0]} has both: pass --dataset {below[0]})"
+    if all(os.path.isdir(os.path.join(parent, name)) for name in ('train', 'test')):  # one level too deep
+        return f" (its parent {parent} has both: pass --dataset {parent})"
+    if split == 'test':
+        return (" (rename val/ to test/ to evaluate on it)" if os.path.isdir(os.path.join(root, 'val')) else
+                " (or pass --test_split 0.2, say, to hold out a fraction of train/ as the test set)")
+    classes_here = [entry.name for entry in sorted(os.scandir(root), key=lambda entry: entry.name)
+                    if entry.is_dir() and _visible(entry.name) and image_files(entry.path)]
+    if classes_here:  # class folders right under the dataset
+        return (f" (its subfolders {', '.join(classes_here[:3])}{', ...' if len(classes_here) > 3 else ''} hold "
+                f"images: move the class folders into {os.path.join(root, 'train')}/)")
+    return ''
 
 
 def _note_resized(root, paths, stored, img_size):
