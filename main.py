@@ -248,11 +248,13 @@ def parse_args(argv=None):
         done = False  # an epoch has ended: metrics.csv has a row
         with contextlib.suppress(OSError), open(os.path.join(args.resume, 'metrics.csv')) as f:
             done = len(f.read().split()) > 1
-        error(f"{checkpoint_path(args)} does not exist; " + (
-            "best.safetensors needs a run with --val_split > 0 (the epoch is chosen on val accuracy)" if not
-            args.val_split else "it is written as the run's first epoch ends, and none has yet: use --checkpoint "
-            "last" if not done else "the run has finished epochs, so it was removed: restore it, or use "
-            "--checkpoint last"))
+        if not args.val_split:
+            why = "best.safetensors needs a run with --val_split > 0 (the epoch is chosen on val accuracy)"
+        elif not done:
+            why = "it is written as the run's first epoch ends, and none has yet: use --checkpoint last"
+        else:
+            why = "the run has finished epochs, so it was removed: restore it, or use --checkpoint last"
+        error(f"{checkpoint_path(args)} does not exist; {why}")
     if args.out and not args.predict:
         error("--out goes with --predict")
     if args.img_size % args.patch_size:
