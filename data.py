@@ -355,25 +355,23 @@ def split_by_name(names, labels, fraction, seed):
     `seed` (never its last image), both sorted. An image's side depends on its own name, not on its place in the list:
     a file renamed, added or removed moves no other image between the sides (--test_split's test set stays unseen)."""
     rank = [hashlib.sha256(f"{seed}/{name}".encode()).digest() for name in names]
-    held_out = []
-    for label in labels.unique().tolist():
-        members = sorted((labels == label).nonzero().flatten().tolist(), key=rank.__getitem__)
-        held_out += members[:min(round(fraction * len(members)), len(members) - 1)]
-    is_held_out = torch.zeros(len(labels), dtype=torch.bool)
-    is_held_out[held_out] = True
-    return (~is_held_out).nonzero().flatten(), is_held_out.nonzero().flatten()
+    return _hold_out(labels, fraction, torch.tensor(sorted(range(len(names)), key=rank.__getitem__), dtype=torch.long))
 
 
 def split_validation(labels, fraction, seed):
     """-> (train_index, val_index): a seeded `fraction` of every class held out (never its last training image),
     both sorted."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=generator)
+    return _hold_out(labels, fraction, torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)))
+
+
+def _hold_out(labels, fraction, order):
+    """-> (kept_index, held_out_index), both sorted: of each class, the first round(fraction x its images) in `order`
+    (a permutation of the indices), never its last image."""
     held_out = [members[:min(round(fraction * len(members)), len(members) - 1)]
                 for members in (order[labels[order] == label] for label in labels.unique())]
-    is_val = torch.zeros(len(labels), dtype=torch.bool)
-    is_val[torch.cat(held_out)] = True
-    return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
+    is_held_out = torch.zeros(len(labels), dtype=torch.bool)
+    is_held_out[torch.cat(held_out)] = True
+    return (~is_held_out).nonzero().squeeze(1), is_held_out.nonzero().squeeze(1)
 
 
 def preprocessing(pretrained_cfg, device, img_size):

@@ -963,6 +963,11 @@ def print_commands(sweep_dir, meta, base_seed):
           file=sys.stderr)
 
 
+def base_seed_of(meta):
+    """The --seed given after -- (main.py's default without one): stage 1's seed, stage 2's start from it."""
+    return given_main_flags(meta['main_flags']).get('seed', vpt.make_parser().get_default('seed'))
+
+
 def read_sweep(sweep_dir, action):
     meta = read_json(os.path.join(sweep_dir, 'sweep.json'))
     if not isinstance(meta, dict) or not {'grid', 'seeds', 'val_split', 'main_flags', 'command'} <= set(meta):
@@ -986,7 +991,7 @@ def compare(sweep_dirs):
     warnings, first = [], None
     for sweep_dir, name in zip(sweep_dirs, names):
         meta = read_sweep(sweep_dir, '--compare')
-        base_seed = given_main_flags(meta['main_flags']).get('seed', vpt.make_parser().get_default('seed'))
+        base_seed = base_seed_of(meta)
         _, rows1, winner, _, rows2 = sweep_state(sweep_dir, meta, base_seed)
         done = [row for row in rows2 if row['status'] == 'finished']
         diverged = sum(row['status'] == 'diverged' for row in rows2)
@@ -1013,8 +1018,7 @@ def compare(sweep_dirs):
             first = first or (name, shared)
             differ = [f"{key} {shared[key]} against {first[1][key]}" for key in shared if key != 'data'
                       and shared[key] != first[1][key]]
-            differ += [data_difference(shared['data'], first[1]['data'])] if data_difference(
-                shared['data'], first[1]['data']) else []
+            differ += list(filter(None, [data_difference(shared['data'], first[1]['data'])]))
             if differ:
                 warnings.append(f"{name} and {first[0]} did not train on the same data and model ({'; '.join(differ)}): "
                                 f"their numbers do not compare")
@@ -1037,7 +1041,7 @@ def compare(sweep_dirs):
 def collect(sweep_dir):
     meta = read_sweep(sweep_dir, '--collect')
     lock = lock_sweep(sweep_dir)
-    base_seed = given_main_flags(meta['main_flags']).get('seed', vpt.make_parser().get_default('seed'))
+    base_seed = base_seed_of(meta)
     trials1, _, _, trials2, _ = sweep_state(sweep_dir, meta, base_seed)
     check_data(sweep_dir, trials1 + trials2, launched=False)
     try:
