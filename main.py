@@ -959,14 +959,15 @@ def provenance(args, argv, world_size, device):
                 weights_id=weights)
 
 
-def git_commit():
-    """The commit of this code, '-dirty' when tracked files differ from it; None outside a git checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
+def git_commit(folder=os.path.dirname(os.path.abspath(__file__))):
+    """The commit of this code, '-dirty' when its tracked code (Python files, requirements.txt) differs from it; None
+    outside a git checkout. Other files leave it clean: an edited README, or the old bench JSON deleted for a new one."""
     try:
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True,
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=folder, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
-        dirty = commit and subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
-                                          capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = commit and subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '*.py',
+                                           'requirements.txt'], cwd=folder, capture_output=True, text=True,
+                                          timeout=10).stdout.strip()
         return commit and commit + ('-dirty' if dirty else '')
     except (OSError, subprocess.SubprocessError):
         return None

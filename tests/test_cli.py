@@ -198,6 +198,28 @@ def test_the_prompt_dropout_warning_comes_from_the_first_process_of_a_machine(ca
     assert capsys.readouterr().err == ''
 
 
+def test_git_commit_is_dirty_when_the_code_differs_not_when_other_files_do(tmp_path):
+    """Deleting the old docs/bench-h100.json so that bench.py may write the new one (it never replaces a file) made
+    that run's JSON say '-dirty' though no code differed; an edited README likewise. Code and requirements do."""
+    import subprocess
+    git = lambda *args: subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *args], cwd=tmp_path,
+                                       check=True, capture_output=True)
+    for name in ('main.py', 'requirements.txt', 'README.md', 'docs/bench.json'):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text('x\n')
+    git('init', '-q')
+    git('add', '.')
+    git('commit', '-q', '-m', 'c')
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / 'docs/bench.json').unlink()
+    (tmp_path / 'README.md').write_text('edited\n')
+    assert main.git_commit(tmp_path) == head
+    for name in ('main.py', 'requirements.txt'):
+        (tmp_path / name).write_text('changed\n')
+        assert main.git_commit(tmp_path) == head + '-dirty'
+        git('checkout', '--', name)
+
+
 def test_git_commit_names_the_code_and_whether_tracked_files_changed(monkeypatch):
     """config.json's and bench.py's git_commit: the commit, '-dirty' when a tracked file differs from it; files git
     does not track (a dataset, logs/) leave it clean."""
