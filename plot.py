@@ -264,7 +264,40 @@ def load_run(run_dir):
                 final_acc=history[-1]['test_acc'], time_s=time_s,
                 epoch_time_s=sum(row['epoch_time_s'] for row in timed) / len(timed),
                 peak_mem_gib=max(peaks) if peaks else None,
-                checkpoint_bytes=file_size(os.path.join(run_dir, 'trainable.safetensors')))
+                checkpoint_bytes=file_size(os.path.join(run_dir, 'trainable.safetensors')),
+                test_set=test_set(config))
+
+
+def test_set(config):
+    """What a run's test accuracy was measured on, as its config.json records it: the classes, how many test images
+    and, where --test_samples or --test_split picked them, the seed of the pick; None where config.json does not say.
+    Not the dataset's path: the same data lies elsewhere on another machine."""
+    classes, images = config.get('classes'), config.get('test_images')
+    if not isinstance(classes, list) or not isinstance(images, int):  # no config.json, or one from before they were
+        return None
+    picked = bool(config.get('test_samples') or config.get('test_split'))
+    return tuple(map(str, classes)), images, config.get('data_seed') if picked else None
+
+
+def warn_other_test_sets(runs):
+    """One warning when the runs were not all tested on the same images: their test accuracies share the figure's
+    axes and the table's columns, but do not compare across test sets (P on one dataset against F on another)."""
+    groups = {}
+    for run in runs:
+        if run['test_set'] is not None:
+            groups.setdefault(run['test_set'], []).append(run['name'])
+    if len(groups) < 2:
+        return
+    described = []
+    for (classes, images, seed), names in groups.items():
+        shown = ', '.join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else '')
+        what = [f"{len(classes)} classes ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''})",
+                f"{images:,} test images"]
+        if seed is not None:
+            what.append(f"picked with --data_seed {seed}")
+        described.append(f"{shown} ({', '.join(what)})")
+    warn(f"these runs were tested on {len(groups)} different sets of test images, so their test accuracies do not "
+         f"compare across them: {'; '.join(described)}")
 
 
 def read_summary(run_dir):
@@ -818,6 +851,7 @@ def main(argv=None):
         error(f"no runs found under {', '.join(args.paths)} (a run directory holds metrics.csv): every run was "
               f"skipped, see the warnings above")
     label_runs(runs)
+    warn_other_test_sets(runs)
     out = args.out or os.path.join(args.paths[0], 'accuracy.png')
     plot_runs(runs, out)
     written = [out]

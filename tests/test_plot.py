@@ -302,6 +302,37 @@ def test_several_directories(logs, tmp_path, capsys):
     assert not os.path.exists(other / 'accuracy.png')
 
 
+def test_runs_tested_on_other_images_get_one_warning(tmp_path, capsys):
+    """P on one data set against F on another share the figure's axes and the table's columns; plot.py says once that
+    their test accuracies do not compare. The same data at another path (another machine) is the same test set."""
+    cifar = [f'class{i}' for i in range(10)]
+
+    def tested_on(name, dataset, classes, images, **picked):
+        run_dir = write_run(tmp_path / 'logs', name)
+        with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+            json.dump(dict(mode='P', trainable_params=92170, dataset=dataset, classes=classes, test_images=images,
+                           data_seed=picked.pop('data_seed', 0), test_samples=picked.get('test_samples', 0)), f)
+    tested_on('P_cifar', '/home/me/cifar10-jpg', cifar, 10000)
+    tested_on('F_cifar', '/scratch/me/cifar10-jpg', cifar, 10000, data_seed=3)  # picks nothing: no matter
+    write_run(tmp_path / 'logs', 'no_config', config=False)  # nothing recorded: left out of the comparison
+    code, out, err = run_plot([tmp_path / 'logs'], capsys)
+    assert code == 0 and 'different sets of test images' not in err, err
+
+    tested_on('P_pets', '/data/pets', ['cat', 'dog', 'fish', 'hamster', 'parrot'], 500)
+    tested_on('P_cifar_1k_seed1', 'cifar10', cifar, 1000, test_samples=1000, data_seed=1)
+    tested_on('P_cifar_1k_seed2', 'cifar10', cifar, 1000, test_samples=1000, data_seed=2)
+    code, out, err = run_plot([tmp_path / 'logs'], capsys)
+    assert code == 0 and set(table(out)) == {'P_cifar', 'F_cifar', 'no_config', 'P_pets', 'P_cifar_1k_seed1',
+                                             'P_cifar_1k_seed2'}
+    (warning,) = [line for line in err.splitlines() if 'different sets of test images' in line]
+    assert warning == (
+        "plot.py: warning: these runs were tested on 4 different sets of test images, so their test accuracies do not "
+        "compare across them: F_cifar, P_cifar (10 classes (class0, class1, class2, ...), 10,000 test images); "
+        "P_cifar_1k_seed1 (10 classes (class0, class1, class2, ...), 1,000 test images, picked with --data_seed 1); "
+        "P_cifar_1k_seed2 (10 classes (class0, class1, class2, ...), 1,000 test images, picked with --data_seed 2); "
+        "P_pets (5 classes (cat, dog, fish, ...), 500 test images)")
+
+
 def test_format_time():
     assert plot.format_time(12.34) == '12.3s'
     assert plot.format_time(245) == '4m05s'
