@@ -60,6 +60,18 @@ def cifar_folder(tmp_path_factory):
             shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread in this process for the test, as each worker of torchrun and each trial of the sweep tests
+    (OMP_NUM_THREADS=1) has: a run in this process (run_main) beside such child processes, or beside other work on a
+    small CPU, with a thread per core spends most of its time with one thread waiting on the other (a DDP test's
+    one-process run: ~20 s with two threads, 2 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_main(argv, capsys):
     """main.main(argv) in this process -> (exit code, stdout, stderr). Same parsing, checks and messages as the
     command line, without paying ~6 s of torch/torchvision imports per call."""

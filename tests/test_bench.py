@@ -58,14 +58,14 @@ def test_bench_tiny_cpu_run(tmp_path):
     assert report['train_factors']['prompts'] == dict(patch=1, linear=2, attention=3, head=3)  # what P's FLOPs count
 
 
-def test_bench_profile_splits_a_step_into_kinds(tmp_path):
+def test_bench_profile_splits_a_step_into_kinds(tmp_path, capsys):
+    # in this process: the run end to end as a command is test_bench_tiny_cpu_run's (a child process costs seconds)
     out = tmp_path / 'bench.json'
-    result = subprocess.run([sys.executable, 'bench.py', *TINY, '--modes', 'P,F', '--no_baseline', '--profile', 'True',
-                             '--json', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "where a training step's time goes" in result.stdout
-    assert 'speed-up = ' not in result.stdout  # no baseline: no note on what the speed-up divides by
-    header = next(line for line in result.stdout.splitlines() if line.startswith('mode  ms/step'))
+    bench.main([*TINY, '--modes', 'P,F', '--no_baseline', '--profile', 'True', '--json', str(out)])  # no SystemExit
+    stdout = capsys.readouterr().out
+    assert "where a training step's time goes" in stdout
+    assert 'speed-up = ' not in stdout  # no baseline: no note on what the speed-up divides by
+    header = next(line for line in stdout.splitlines() if line.startswith('mode  ms/step'))
     assert header.split() == ['mode', 'ms/step', *bench.PROFILE_KINDS]
     for mode, r in json.loads(out.read_text())['modes'].items():
         profile = r['profile']

@@ -42,8 +42,9 @@ def assert_same_metrics(two, one):
 
 
 @pytest.mark.parametrize('full', [False, True], ids=['P', 'F'])
-def test_two_processes_match_one(dataset, tmp_path, capsys, full):
+def test_two_processes_match_one(dataset, tmp_path, capsys, full, one_torch_thread):
     two = torchrun(flags(dataset, tmp_path, 'two', full))
+    # meanwhile, one process with one thread, as each of the two (torchrun's OMP_NUM_THREADS=1)
     code, out, err = run_main(flags(dataset, tmp_path, 'one', full), capsys)
     assert code == 0, err
     out, err = two.communicate(timeout=300)
@@ -108,7 +109,7 @@ def test_a_data_problem_under_torchrun_is_said_once(tmp_path):
     assert not os.path.exists(tmp_path / 'logs') or os.listdir(tmp_path / 'logs') == []
 
 
-def test_an_error_of_the_first_process_alone_is_said_once(dataset, tmp_path, capsys):
+def test_an_error_of_the_first_process_alone_is_said_once(dataset, tmp_path, capsys, one_torch_thread):
     """Only the first process takes the run's lock (or writes): when it stops on a user error, the others lost it
     at their next collective and each printed a gloo traceback; an existing --name was said by every process."""
     import fcntl
@@ -143,7 +144,7 @@ def test_an_error_of_one_process_alone_is_said_by_it(tiny_dataset, tmp_path, cap
     assert code == 1 and err.strip() == 'error: --device cuda but only 1 CUDA device(s) exist', err
 
 
-def test_errors_of_every_process_are_said_once(dataset, tmp_path, capsys):
+def test_errors_of_every_process_are_said_once(dataset, tmp_path, capsys, one_torch_thread):
     """No CUDA, a damaged checkpoint for --eval_only, a damaged config.json: every process meets them alike."""
     process = torchrun([*flags(dataset, tmp_path, 'gpu', False), '--device', 'cuda'])
     out, err = process.communicate(timeout=120)

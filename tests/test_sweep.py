@@ -14,8 +14,8 @@ import pytest
 
 import main
 import sweep
-from conftest import (REPO, TINY, read_metrics, run_cli, signal_after_first_epoch, stderr_when_the_reader_goes_away,
-                      write_folder_dataset)
+from conftest import (REPO, TINY, read_metrics, run_cli, run_main, signal_after_first_epoch,
+                      stderr_when_the_reader_goes_away, write_folder_dataset)
 
 # one torch thread per trial: two trials at a time (or other tests beside these) on a small CPU otherwise slow each
 # other down many times over, OpenMP threads spinning while they wait for a core
@@ -24,6 +24,42 @@ ENV = {'OMP_NUM_THREADS': '1'}
 
 def run_sweep(argv, **kwargs):
     return run_cli(argv, script='sweep.py', env=ENV, **kwargs)
+
+
+def check_models_here(names):
+    """sweep.check_models' check (main.py's check_model_args) in this process, where timm is imported once, instead of
+    in a child process that imports torch and timm afresh (seconds) for each sweep a test makes."""
+    from model import check_model_args
+    for name in names:
+        try:
+            check_model_args(name)
+        except SystemExit as e:
+            sweep.fail(str(e.code).removeprefix('error: '), 2)
+
+
+def sweep_here(argv, monkeypatch, cwd=None):
+    """python sweep.py ARGV in this process -> (exit code, stdout, stderr): the same parsing, checks, trials (main.py
+    child processes) and messages as run_sweep, without a sweep.py process and its --model check child importing
+    torch and timm (seconds). For tests that are not about sweep.py's own process (its signals, its pipes)."""
+    import contextlib
+    import io
+    monkeypatch.setattr(sweep, 'check_models', check_models_here)
+    monkeypatch.setattr(sweep, 'CHILDREN', {})
+    monkeypatch.setattr(sweep, 'STOP', [])
+    monkeypatch.setattr(sweep.signal, 'signal', lambda signum, handler: None)  # pytest keeps its own handlers
+    monkeypatch.setattr(sys, 'argv', [os.path.join(REPO, 'sweep.py'), *map(str, argv)])
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            sweep.run_cli()
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
 
 
 def tiny(dataset, epochs=2):
@@ -181,9 +217,11 @@ def test_model_is_checked_when_the_sweep_is_made_not_on_every_launch(tmp_path, m
 def finished_sweep(tmp_path_factory, tiny_dataset):
     """3 grid points (one diverges) x 2 seeds, on two 'GPU' slots (CPU runs: --device cpu is given)."""
     root = tmp_path_factory.mktemp('sweep')
-    result = run_sweep(['--grid', 'lr=3e-4,1e-3,1e30', '--seeds', 2, '--val_split', 0.25, '--gpus', '0,1',
-                      '--log_dir', root, '--name', 'sweep', '--', *tiny(tiny_dataset), '--warmup_epochs', 0])
-    return root / 'sweep', result
+    with pytest.MonkeyPatch.context() as monkeypatch:  # sweep.py in this process, its trials child processes
+        code, out, err = sweep_here(['--grid', 'lr=3e-4,1e-3,1e30', '--seeds', 2, '--val_split', 0.25, '--gpus', '0,1',
+                                     '--log_dir', root, '--name', 'sweep', '--', *tiny(tiny_dataset),
+                                     '--warmup_epochs', 0], monkeypatch)
+    return root / 'sweep', subprocess.CompletedProcess('sweep.py', code, out, err)
 
 
 def test_sweep_selects_on_val_and_reports_seed_mean_and_std(finished_sweep):
@@ -265,18 +303,18 @@ def test_collect_and_print_commands_on_a_finished_sweep(finished_sweep):
     assert 'skip   grid_lr=1e30: diverged' in result.stdout and '] start ' not in result.stdout  # no trial launched
 
 
-def test_a_grid_that_only_diverges_says_so(tiny_dataset, tmp_path):
+def test_a_grid_that_only_diverges_says_so(tiny_dataset, tmp_path, monkeypatch):
     argv = ['--grid', 'lr=1e30,1e31', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's', '--',
             *tiny(tiny_dataset), '--warmup_epochs', 0]
-    result = run_sweep(argv, cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(
+    code, out, err = sweep_here(argv, monkeypatch, cwd=tmp_path)
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith(
         'sweep.py: error: every grid point diverged (a non-finite loss), so there is nothing to select')
     assert 'No grid point finished (2 diverged): nothing to select.' in (tmp_path / 's' / 'sweep.md').read_text()
     # the printed report names each failed run's log by a path that opens from where the sweep was launched
-    logs = re.findall(r'\(log ([^)]+)\)', result.stdout)
-    assert len(logs) == 4 and all((tmp_path / log).is_file() for log in logs), result.stdout  # launched, failed
-    assert not [log for log in logs if os.path.isabs(log)], result.stdout  # below the launch directory: relative
+    logs = re.findall(r'\(log ([^)]+)\)', out)
+    assert len(logs) == 4 and all((tmp_path / log).is_file() for log in logs), out  # launched, failed
+    assert not [log for log in logs if os.path.isabs(log)], out  # below the launch directory: relative
     print_commands = [*argv[:argv.index('--')], '--print_commands', *argv[argv.index('--'):]]
     result = run_sweep(print_commands)
     assert result.returncode == 0 and result.stdout == ''  # a scheduler would only diverge again
@@ -409,11 +447,11 @@ def test_a_trial_stopped_before_its_first_checkpoint_is_not_called_resumable(tin
     assert f"sweep {tmp_path / 's'}: stage 1, 1 grid point; then stage 2, 1 seed\n" in log.read_text()
 
 
-def test_a_sweep_mixing_old_and_new_folder_reading_says_so(tiny_dataset, tmp_path):
+def test_a_sweep_mixing_old_and_new_folder_reading_says_so(tiny_dataset, tmp_path, monkeypatch):
     """A sweep begun by an older vpt (another folder_reading), re-launched now: its new trials may read other images."""
     argv = ['--grid', 'lr=1e-3', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's', '--',
             *tiny(tiny_dataset, epochs=1)]
-    assert run_sweep(argv).returncode == 0
+    assert sweep_here(argv, monkeypatch)[0] == 0
     config_path = tmp_path / 's' / 'grid_lr=1e-3' / 'config.json'
     config = json.loads(config_path.read_text())
     assert config['folder_reading'] == sweep.FOLDER_READING  # sweep.py's copy of data.FOLDER_READING
@@ -431,10 +469,16 @@ def test_a_sweep_mixing_old_and_new_folder_reading_says_so(tiny_dataset, tmp_pat
     assert not os.path.exists(tmp_path / 's' / 'set-aside')  # warned about, not taken for a changed dataset
 
 
-def test_interrupted_sweep_relaunched_skips_finished_and_resumes(slower_dataset, tmp_path):
+def test_interrupted_sweep_relaunched_skips_finished_and_resumes(slower_dataset, tmp_path, monkeypatch):
     argv = ['--grid', 'prompt_dropout=0.1', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's',
             '--', *tiny(slower_dataset, epochs=3)]
     sweep_dir = tmp_path / 's'
+    # the sweep made (and its --model checked) here first, as --print_commands makes it: the launch below then skips
+    # the check's child process (seconds), which test_model_is_checked_when_the_sweep_is_made_not_on_every_launch covers
+    code, out, err = sweep_here([*argv[:argv.index('--')], '--print_commands', *argv[argv.index('--'):]],
+                                monkeypatch)
+    assert code == 0 and len(out.splitlines()) == 1, err
+    assert sorted(os.listdir(sweep_dir)) == ['sweep.json', 'sweep.lock']
     process = subprocess.Popen([sys.executable, os.path.join(REPO, 'sweep.py'), *map(str, argv)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                                env=dict(os.environ, PYTHONUNBUFFERED='1', **ENV))
@@ -470,13 +514,13 @@ def test_interrupted_sweep_relaunched_skips_finished_and_resumes(slower_dataset,
 # ---------------------------------------------------------------- beyond one machine: commands for a scheduler
 
 
-def test_print_commands_for_a_scheduler_then_collect(tiny_dataset, tmp_path):
+def test_print_commands_for_a_scheduler_then_collect(tiny_dataset, tmp_path, capsys, monkeypatch, one_torch_thread):
     sweep_argv = ['--grid', 'lr=3e-4,1e-3', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's']
     main_argv = ['--', *tiny(tiny_dataset)]
-    result = run_sweep([*sweep_argv, '--print_commands', *main_argv])
-    assert result.returncode == 0, result.stderr
-    commands = result.stdout.splitlines()
-    assert len(commands) == 2 and '2 stage 1 commands' in result.stderr
+    code, out, err = sweep_here([*sweep_argv, '--print_commands', *main_argv], monkeypatch)
+    assert code == 0, err
+    commands = out.splitlines()
+    assert len(commands) == 2 and '2 stage 1 commands' in err
     assert sorted(os.listdir(tmp_path / 's')) == ['sweep.json', 'sweep.lock']  # nothing ran
     for command, lr in zip(commands, ('3e-4', '1e-3')):
         words = shlex.split(command)
@@ -492,12 +536,12 @@ def test_print_commands_for_a_scheduler_then_collect(tiny_dataset, tmp_path):
     assert refused.stderr.strip().endswith(f"none of its runs has started: if its printed commands will never run, "
                                            f"remove {tmp_path / 's'}")  # a typo in a dry run: the way out
 
-    # a scheduler runs them (here: both at once)
-    children = [subprocess.Popen([sys.executable, *shlex.split(command)[1:]], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True, env=dict(os.environ, **ENV))
-                for command in commands]
-    for child in children:
-        assert child.wait(timeout=300) == 0, child.stderr.read()
+    # a scheduler runs them (here: both at once, the second in this process while the first runs)
+    child = subprocess.Popen([sys.executable, *shlex.split(commands[0])[1:]], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, **ENV))
+    code, _, err = run_main(shlex.split(commands[1])[2:], capsys)
+    assert code == 0, err
+    assert child.wait(timeout=300) == 0, child.stderr.read()
 
     # stage 1 is complete: now the stage-2 command of the val winner
     result = run_sweep([*sweep_argv, '--print_commands', *main_argv])
@@ -517,18 +561,19 @@ def test_print_commands_for_a_scheduler_then_collect(tiny_dataset, tmp_path):
     assert [row['status'] for row in read_csv(tmp_path / 's' / 'sweep.csv')] == ['finished', 'finished', 'missing']
 
 
-def test_a_sweep_never_mixes_two_datasets(tiny_dataset, tmp_path):
+def test_a_sweep_never_mixes_two_datasets(tiny_dataset, tmp_path, capsys, monkeypatch, one_torch_thread):
     """A relative --dataset resolves against the working directory, which the sweep's name does not hold, and a
     folder may change between launches: a launch that would train on other data than the sweep's runs is refused."""
     for project in ('a', 'b'):
         shutil.copytree(tiny_dataset, tmp_path / project / 'data')
     argv = ['--grid', 'lr=3e-4,1e-3', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path / 'sweeps', '--name',
             's', '--', *tiny('data', epochs=1)]
-    result = run_sweep(['--print_commands', *argv], cwd=tmp_path / 'a')
-    assert result.returncode == 0, result.stderr
-    first = shlex.split(result.stdout.splitlines()[0])  # a scheduler runs one trial in project a
-    subprocess.run([sys.executable, *first[1:]], cwd=tmp_path / 'a', env=dict(os.environ, **ENV), check=True,
-                   capture_output=True)
+    code, out, err = sweep_here(['--print_commands', *argv], monkeypatch, cwd=tmp_path / 'a')  # stays in a
+    assert code == 0, err
+    first = shlex.split(out.splitlines()[0])  # a scheduler runs one trial in project a (here: in this process)
+    assert os.path.samefile(first[1], os.path.join(REPO, 'main.py'))
+    code, _, err = run_main(first[2:], capsys)
+    assert code == 0, err
 
     refused = run_sweep(argv, cwd=tmp_path / 'b')  # the same command in project b
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
@@ -562,8 +607,9 @@ def test_a_sweep_never_mixes_two_datasets(tiny_dataset, tmp_path):
     launch_with_an_image_more('grid_lr=1e-3')  # stage 1
     result = run_sweep(['--print_commands', *argv], cwd=tmp_path / 'a')
     (second,) = [shlex.split(line) for line in result.stdout.splitlines() if 'grid_lr=1e-3' in line]
-    subprocess.run([sys.executable, *second[1:]], cwd=tmp_path / 'a', env=dict(os.environ, **ENV), check=True,
-                   capture_output=True)
+    assert os.path.samefile(second[1], os.path.join(REPO, 'main.py'))
+    code, _, err = run_main(second[2:], capsys)  # in project a, as the first
+    assert code == 0, err
     launch_with_an_image_more('final_seed=1')  # stage 2, once stage 1 has finished on the sweep's data
     result = run_sweep(argv, cwd=tmp_path / 'a')
     assert result.returncode == 0, result.stderr
@@ -762,27 +808,29 @@ def test_a_full_disk_while_the_sweep_runs_is_one_line_and_stops_the_trial(tmp_pa
     assert os.listdir(tmp_path) == ['sweep.csv'] and (tmp_path / 'sweep.csv').read_text() == 'kept\n'
 
 
-def test_the_same_sweep_typed_differently_is_not_started_afresh(tiny_dataset, tmp_path):
+def test_the_same_sweep_typed_differently_is_not_started_afresh(tiny_dataset, tmp_path, monkeypatch):
     """A sweep's name hashes its command as typed: re-typing the main.py flags in another order, 0.01 for 1e-2 or
     false for False started the whole sweep again under a new name, without a word."""
+    def run(argv):
+        return sweep_here(argv, monkeypatch)
     first = ['--grid', 'lr=1e-3,1e-2', '--val_split', 0.25, '--log_dir', tmp_path, '--print_commands', '--',
              *tiny(tiny_dataset), '--full', 'False']
-    assert run_sweep(first).returncode == 0
+    assert run(first)[0] == 0
     (name,) = os.listdir(tmp_path)
     command = json.loads((tmp_path / name / 'sweep.json').read_text())['command']
     retyped = ['--print_commands', '--log_dir', tmp_path, '--val_split', '0.25', '--grid', 'lr=0.01,0.001', '--',
                '--full', 'false', *tiny(str(tiny_dataset) + '/')]
-    result = run_sweep(retyped)
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+    code, _, err = run(retyped)
+    assert code == 2 and err.strip().splitlines() == [
         f"sweep.py: error: {tmp_path / name} is a sweep of these settings, typed differently; continue it with its "
-        f"own command ({command}), or pass --name to start a second one"], result.stderr
+        f"own command ({command}), or pass --name to start a second one"], err
     assert os.listdir(tmp_path) == [name]
-    assert run_sweep(first).returncode == 0  # its own command goes on with it
-    assert run_sweep(['--name', 'second', *retyped]).returncode == 0  # a second sweep, asked for by name
+    assert run(first)[0] == 0  # its own command goes on with it
+    assert run(['--name', 'second', *retyped])[0] == 0  # a second sweep, asked for by name
     assert sorted(os.listdir(tmp_path)) == sorted([name, 'second'])
     other = ['--grid', 'lr=1e-3,1e-2', '--val_split', 0.25, '--log_dir', tmp_path, '--print_commands', '--',
              *tiny(tiny_dataset), '--full', 'False', '--prompts', 8]  # other settings: a new sweep
-    assert run_sweep(other).returncode == 0 and len(os.listdir(tmp_path)) == 3
+    assert run(other)[0] == 0 and len(os.listdir(tmp_path)) == 3
 
 
 def test_settings_ignore_how_a_sweep_was_typed_but_not_what_it_trains():
