@@ -203,6 +203,30 @@ def test_a_folder_dataset_reads_photos_upright_but_a_run_of_folder_reading_3_as_
     assert np.array_equal(train_images[0].permute(1, 2, 0).numpy(), np.rot90(pixels, 1))
 
 
+def test_a_photo_is_read_upright_whichever_way_it_was_turned(tmp_path):
+    """Phones store 3 (upside down) and 8 (turned the other way) as well as 6; each is shown upright by viewers."""
+    pixels = np.random.RandomState(2).randint(0, 256, (8, 4, 3), np.uint8)
+    for orientation, stored in ((3, np.rot90(pixels, 2)), (8, np.rot90(pixels, -1)), (2, pixels[:, ::-1])):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(np.ascontiguousarray(stored)).save(tmp_path / f'{orientation}.png', exif=exif)
+        assert np.array_equal(data.read_image(tmp_path / f'{orientation}.png'), pixels), orientation
+
+
+def test_a_sideways_photo_among_images_of_other_sizes_is_read_as_the_folder_reading_says(tmp_path):
+    """Images of mixed sizes are all resized as decoded: a photo turned upright there too, but not for a run of
+    folder_reading 3, which read it as stored."""
+    pixels = np.random.RandomState(3).randint(0, 256, (8, 4, 3), np.uint8)
+    save_sideways(tmp_path / 'photo.png', pixels)
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / 'square.png')
+    paths = [str(tmp_path / 'photo.png'), str(tmp_path / 'square.png')]
+    for reading, upright in ((4, True), (3, False)):
+        images = data.read_images(paths, 8, reading=reading)
+        assert images.shape == (2, 3, 8, 8)
+        assert np.array_equal(images[0].permute(1, 2, 0).numpy(), data.read_image(paths[0], 8, upright=upright))
+    assert not np.array_equal(data.read_image(paths[0], 8), data.read_image(paths[0], 8, upright=False))
+
+
 def test_photos_resized_as_they_are_read_are_noted_once(tmp_path, capsys):
     """A folder of photos trains at 32x32 by default: said, not silent; CIFAR-sized images are kept, without a note."""
     root = write_folder_dataset(tmp_path / 'photos', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=48)
@@ -216,6 +240,24 @@ def test_photos_resized_as_they_are_read_are_noted_once(tmp_path, capsys):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(os.path.join(root, 'train', 'b', '0001.png'))  # the last
     data.load_dataset(root, img_size=32)
     assert capsys.readouterr().err.endswith(f"; {os.path.join('train', 'b', '0001.png')} is 30x20\n")
+
+
+def test_photos_resized_as_they_are_read_are_noted_however_few_and_wherever_they_lie(tmp_path, capsys):
+    """A photo only taller than --img_size is squashed too; and one past the first 200 images is looked at (the 200
+    headers read are spread over the split)."""
+    root = write_folder_dataset(tmp_path / 'tall', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=8)
+    Image.fromarray(np.zeros((12, 8, 3), np.uint8)).save(os.path.join(root, 'train', 'b', '0001.png'))
+    data.load_dataset(root, img_size=8)
+    assert capsys.readouterr().err.endswith(f"; {os.path.join('train', 'b', '0001.png')} is 8x12\n")
+    root = tmp_path / 'many'
+    shutil.copytree(tmp_path / 'tall' / 'test', root / 'test')
+    for name in ('a', 'b'):
+        os.makedirs(root / 'train' / name)
+        for i in range(150):  # 300 train images: every second header is read
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / 'train' / name / f'{i:04d}.png')
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / 'train' / 'b' / '0148.png')  # the 299th
+    data.load_dataset(str(root), img_size=8)
+    assert capsys.readouterr().err.endswith(f"; {os.path.join('train', 'b', '0148.png')} is 16x16\n")
 
 
 def test_test_split_holds_out_a_stratified_test_set_from_a_folder_without_one(tmp_path):
@@ -262,6 +304,63 @@ def test_test_split_names_what_is_wrong_with_a_folder_of_class_folders(tmp_path,
     os.makedirs(os.path.join(root, 'val'))
     data.load_dataset(root, img_size=4, test_split=0.25)
     assert capsys.readouterr().err.startswith(f"note: {os.path.join(root, 'val')} is not read: --test_split holds out")
+
+
+def test_test_split_holds_out_the_same_files_wherever_the_dataset_lies(tmp_path):
+    """The held-out files are fixed by their names under the dataset (and --data_seed): a copy of the dataset elsewhere,
+    or this code in a later version, resumes a --test_split run on the test set it never trained on."""
+    for where in ('here', 'there/deeper'):
+        root = tmp_path / where / 'ds'
+        for label, name in enumerate(('a', 'b')):
+            os.makedirs(root / 'train' / name)
+            for i in range(10):
+                Image.fromarray(np.full((2, 2, 3), 10 * label + i, np.uint8)).save(root / 'train' / name / f'{i}.png')
+        test_x, test_y = data.load_dataset(str(root), img_size=2, test_split=0.3)[2:4]
+        assert sorted(test_x[:, 0, 0, 0].tolist()) == [0, 4, 5, 15, 17, 19] and test_y.tolist() == [0, 0, 0, 1, 1, 1]
+    kept, held_out = data.split_by_name(['x/0', 'x/1', 'x/2', 'y/0', 'y/1', 'y/2', 'y/3'],
+                                        torch.tensor([0, 0, 0, 1, 1, 1, 1]), 0.5, 7)
+    assert (kept.tolist(), held_out.tolist()) == ([2, 3, 4], [0, 1, 5, 6])
+
+
+def test_test_split_messages_name_train_alone(tmp_path):
+    """With --test_split there is no test/ to put images in: a class without images names its own hidden folders,
+    and one class folder asks for more in train/."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=4)
+    shutil.rmtree(os.path.join(root, 'test'))
+    os.makedirs(os.path.join(root, 'train', 'a', '.cache'))
+    shutil.copy(os.path.join(root, 'train', 'a', '0000.png'), os.path.join(root, 'train', 'a', '.cache'))
+    os.makedirs(os.path.join(root, 'train', 'b', '.thumbnails'))
+    for name in os.listdir(os.path.join(root, 'train', 'b')):
+        if name.endswith('.png'):
+            os.rename(os.path.join(root, 'train', 'b', name), os.path.join(root, 'train', 'b', '.thumbnails', name))
+    with pytest.raises(SystemExit) as error:
+        data.load_dataset(root, img_size=4, test_split=0.5)
+    assert str(error.value).endswith(f"which are left out ({os.path.join('b', '.thumbnails')}); add images or remove "
+                                     f"the folder")
+    shutil.rmtree(os.path.join(root, 'train', 'b'))
+    with pytest.raises(SystemExit) as error:
+        data.load_dataset(root, img_size=4, test_split=0.5)
+    assert str(error.value).endswith("has one class folder (a); classification needs two or more, each class's images "
+                                     "in train/<class>/")
+
+
+def test_notes_about_a_folder_dataset_come_from_the_first_process_of_a_machine_only(tmp_path, capsys, monkeypatch):
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=8)
+    data.load_dataset(root, img_size=4)
+    assert 'resized to 4x4' in capsys.readouterr().err
+    os.rename(os.path.join(root, 'test'), os.path.join(root, 'val'))
+    for local_rank, noted in (('1', False), ('0', True)):
+        monkeypatch.setenv('LOCAL_RANK', local_rank)
+        data.load_dataset(root, img_size=4, test_split=0.5)
+        err = capsys.readouterr().err
+        assert ('is not read: --test_split' in err, 'resized to 4x4' in err) == (noted, noted), local_rank
+
+
+def test_a_val_folder_beside_test_is_no_note_without_test_split(tmp_path, capsys):
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=8)
+    shutil.copytree(os.path.join(root, 'test'), os.path.join(root, 'val'))
+    data.load_dataset(root, img_size=8)
+    assert capsys.readouterr().err == ''
 
 
 def test_a_float_image_is_refused_not_clipped(tmp_path):
@@ -472,6 +571,29 @@ def test_val_folder_without_test_folder_gets_a_hint(tmp_path):
     os.rename(tmp_path / 'ds' / 'test', tmp_path / 'ds' / 'val')
     with pytest.raises(SystemExit, match=r'no test/ folder \(rename val/ to test/ to evaluate on it\)'):
         data.load_dataset(root, img_size=8)
+
+
+def test_class_folders_right_under_the_dataset_are_named_in_the_hint(tmp_path):
+    """Only the folders that hold images, and not hidden ones; three named, then ', ...'."""
+    root = tmp_path / 'ds'
+    for name in ('a', 'b', 'c', '.ipynb_checkpoints', 'Docs'):
+        os.makedirs(root / name)
+        if name != 'Docs':
+            Image.new('RGB', (4, 4)).save(root / name / 'x.png')
+    (root / 'Docs' / 'notes.txt').write_text('not an image')
+    for extra, named in (('', 'a, b, c'), ('d', 'a, b, c, ...')):
+        if extra:
+            os.makedirs(root / extra)
+            Image.new('RGB', (4, 4)).save(root / extra / 'x.png')
+        with pytest.raises(SystemExit, match=rf"has no train/ folder \(its subfolders {named} hold images: move"):
+            data.load_dataset(str(root), img_size=4)
+
+
+def test_a_subfolder_without_test_is_not_offered_as_the_dataset(tmp_path):
+    os.makedirs(tmp_path / 'outer' / 'half' / 'train' / 'a')
+    with pytest.raises(SystemExit) as error:
+        data.load_dataset(str(tmp_path / 'outer'), img_size=4)
+    assert str(error.value).startswith(f"error: --dataset {tmp_path / 'outer'} has no train/ folder; a folder dataset")
 
 
 def _fake_cifar10(root, train_per_batch=6, test_count=8):
