@@ -37,16 +37,21 @@ def check_models_here(names):
             sweep.fail(str(e.code).removeprefix('error: '), 2)
 
 
+def sweep_in_this_process(monkeypatch):
+    """sweep.py's process-wide state made fresh for a sweep run in this process, whose signal handlers stay pytest's."""
+    monkeypatch.setattr(sweep, 'CHILDREN', {})
+    monkeypatch.setattr(sweep, 'STOP', [])
+    monkeypatch.setattr(sweep.signal, 'signal', lambda signum, handler: None)
+
+
 def sweep_here(argv, monkeypatch, cwd=None):
     """python sweep.py ARGV in this process -> (exit code, stdout, stderr): the same parsing, checks, trials (main.py
     child processes) and messages as run_sweep, without a sweep.py process and its --model check child importing
     torch and timm (seconds). For tests that are not about sweep.py's own process (its signals, its pipes)."""
     import contextlib
     import io
+    sweep_in_this_process(monkeypatch)
     monkeypatch.setattr(sweep, 'check_models', check_models_here)
-    monkeypatch.setattr(sweep, 'CHILDREN', {})
-    monkeypatch.setattr(sweep, 'STOP', [])
-    monkeypatch.setattr(sweep.signal, 'signal', lambda signum, handler: None)  # pytest keeps its own handlers
     monkeypatch.setattr(sys, 'argv', [os.path.join(REPO, 'sweep.py'), *map(str, argv)])
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
@@ -1025,9 +1030,7 @@ def fake_training(tmp_path, monkeypatch):
     $FAKE_SLOW: {lr: seconds}."""
     (tmp_path / 'fake_main.py').write_text(FAKE_TRAIN)
     monkeypatch.setattr(sweep, 'MAIN_PY', str(tmp_path / 'fake_main.py'))
-    monkeypatch.setattr(sweep, 'CHILDREN', {})
-    monkeypatch.setattr(sweep, 'STOP', [])
-    monkeypatch.setattr(sweep.signal, 'signal', lambda signum, handler: None)  # pytest keeps its own handlers
+    sweep_in_this_process(monkeypatch)
 
     def run(*argv):
         sweep.main(['--val_split', '0.25', '--log_dir', str(tmp_path), '--name', 's', *map(str, argv)])
