@@ -19,6 +19,12 @@ def dataset(tmp_path_factory):
                                 train_per_class=256, test_per_class=25)
 
 
+@pytest.fixture(autouse=True)
+def torchrun_temp_dir(tmp_path_factory, monkeypatch):
+    """torchrun leaves a torchelastic_* folder in the temp directory at every launch: pytest's, not /tmp."""
+    monkeypatch.setenv('TMPDIR', str(tmp_path_factory.mktemp('torchrun')))
+
+
 def flags(dataset, log_dir, name, full):
     # 99 test images: shards of 49 and 50 (uneven), each ending in a padded batch; a 10% val split is evaluated too
     return [*TINY, '--patch_size', 8, '--full', full, '--prompts', 0 if full else 4, '--dataset', dataset,

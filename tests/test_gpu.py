@@ -186,7 +186,8 @@ def test_torchrun_on_cuda(tiny_dataset, tmp_path):
             '--log_dir', tmp_path, '--name', 'run']
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
                              f'--nproc_per_node={nproc}', os.path.join(REPO, 'main.py'), *map(str, argv)],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, TMPDIR=str(tmp_path)))  # not /tmp: torchrun leaves a folder there
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count('run directory:') == 1  # only rank 0 reports and writes
     assert ('device cuda:0 x2' if nproc == 2 else 'device cuda:0') in result.stdout
