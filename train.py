@@ -691,7 +691,11 @@ def launcher(world_size):
 
 
 def resume_command(run_dir, world_size):
-    return f"{launcher(world_size)} --resume {shlex.quote(str(run_dir))}"
+    command = f"{launcher(world_size)} --resume {shlex.quote(str(run_dir))}"
+    nodes = world_size // int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
+    # the rendezvous flags (and the node rank) differ from machine to machine: only the user knows them
+    return command + (f"  # on each of the {nodes} machines, with the rendezvous flags it was started with"
+                      if nodes > 1 else '')
 
 
 # ---------------------------------------------------------------- TensorBoard (optional dependency)

@@ -165,7 +165,8 @@ def test_recorded_command_and_resume_hint_work_from_any_directory(tiny_dataset, 
     assert train.resume_command('logs/r', 1) == f"python {os.path.join(REPO, 'main.py')} --resume logs/r"
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
     assert train.resume_command('logs/r', 8) == (f"torchrun --nnodes=2 --nproc_per_node=4 "
-                                                 f"{os.path.join(REPO, 'main.py')} --resume logs/r")
+                                                 f"{os.path.join(REPO, 'main.py')} --resume logs/r  # on each of "
+                                                 f"the 2 machines, with the rendezvous flags it was started with")
     monkeypatch.chdir(REPO)
     assert train.resume_command('logs/r', 4) == "torchrun --nproc_per_node=4 main.py --resume logs/r"
 
