@@ -894,18 +894,20 @@ def padded(text, width):
 
 
 def image_paths(paths):
-    """Files as given; folders walked (sorted) for image files. A missing path is an error before any work."""
+    """Files as given; folders walked (sorted) for image files. A missing path or a folder without images is an
+    error before any work: a CSV without them would look complete."""
     import data
     found = []
     for path in paths:
         if os.path.isdir(path):
-            found += data.image_files(path)
+            images = data.image_files(path)
+            if not images:
+                raise SystemExit(f"error: no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in {path}")
+            found += images
         elif os.path.exists(path):
             found.append(path)
         else:
             raise SystemExit(f"error: --predict {path}: no such file or folder")
-    if not found:
-        raise SystemExit(f"error: no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in {', '.join(paths)}")
     return found
 
 

@@ -139,6 +139,9 @@ def test_predict_paths_that_name_no_image_are_refused_before_any_work(run_dir, t
     code, _, err = run_main(['--predict', tmp_path / 'empty', '--resume', run_dir, '--out', tmp_path / 'p.csv'], capsys)
     assert code == 1 and err.strip() == (f"error: no image files (.jpg, .jpeg, .png, .bmp, .gif, .webp) in "
                                          f"{tmp_path / 'empty'}"), err
+    code, _, err2 = run_main(['--predict', image, tmp_path / 'empty', '--resume', run_dir, '--out', tmp_path / 'p.csv'],
+                             capsys)  # beside an image, too
+    assert code == 1 and err2 == err, err2
     assert not (tmp_path / 'p.csv').exists()
 
 
