@@ -9,6 +9,7 @@ Two forward implementations give the same logits and gradients:
 import contextlib
 import difflib
 import fnmatch
+import json
 import logging
 import math
 import os
@@ -35,10 +36,13 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
     # class count no checkpoint has (-1) makes timm drop it whatever the file holds.
     overlay = dict(num_classes=-1)
     run_checkpoint = None  # for a vpt run's checkpoint: the prompts it held, which are not loaded
+    whole = False  # whether that checkpoint holds a whole ViT (a --full True run's), whatever its depth
     if weights and weights.lower().endswith('.npz'):
         kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=_npz_state_dict(model_name, weights, num_classes))
     elif weights:
         state, run_checkpoint = _backbone_state_dict(weights)
+        whole = run_checkpoint is not None and any(name.startswith('blocks.0.') for name in state) and all(
+            name in state for name in ('cls_token', 'pos_embed', 'patch_embed.proj.weight', 'norm.weight'))
         kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=state)
     elif pretrained:
         _check_hub_reachable(model_name)
@@ -50,8 +54,11 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
         raise SystemExit(f"error: cannot build --model {model_name} for VPT ({_first_line(e) or 'AssertionError'}); "
                          "pick a timm ViT with a class token, e.g. vit_base_patch16_224.augreg_in21k")
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        if run_checkpoint is not None and not whole:  # of another width too: it would not start a run anyway
+            raise SystemExit(_partial_run_checkpoint(weights))
         if weights:
-            raise SystemExit(f"error: --weights {weights} does not fit --model {model_name}: {_first_line(e)}")
+            raise SystemExit(f"error: --weights {weights} does not fit --model {model_name}: "
+                             f"{_first_line(e).rstrip('.')}{_run_model_hint(weights, model_name, whole)}")
         if 'Unknown model' in str(e) or not pretrained:
             raise SystemExit(f"error: cannot build --model {model_name}: {_first_line(e)}")
         raise SystemExit(_download_error(model_name, e))
@@ -66,12 +73,11 @@ def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=Tr
     if 'pretrained_cfg_overlay' in kwargs:
         vit.pretrained_cfg['num_classes'] = getattr(timm.models.get_pretrained_cfg(model_name), 'num_classes', None)
     missing, unexpected = _left_unplaced(vit, load_report)
-    if run_checkpoint is not None and missing:  # a P, linear or --unfreeze run's: part of a ViT at most
-        raise SystemExit(f"error: --weights {weights} is a vpt run's checkpoint of only what that run trained, not a "
-                         f"whole backbone (only a --full True run's holds one); start from the weights that run "
-                         f"started from (its config.json's weights_id), or continue it with --resume RUN")
+    if run_checkpoint is not None and missing and not whole:  # a P, linear or --unfreeze run's: part of a ViT
+        raise SystemExit(_partial_run_checkpoint(weights))
     _check_fit(missing, unexpected, f"--weights {weights} does not fit --model {model_name}" if weights else
-               f"the pretrained weights of {model_name} do not fit the ViT that VPT builds from it")
+               f"the pretrained weights of {model_name} do not fit the ViT that VPT builds from it",
+               _run_model_hint(weights, model_name, whole))
     if run_checkpoint and os.environ.get('LOCAL_RANK', '0') == '0':
         print(f"note: --weights {weights} is a vpt run's checkpoint: its backbone is loaded, not its "
               f"prompts (this run's start anew under --seed)", file=sys.stderr)
@@ -144,7 +150,29 @@ def _left_unplaced(vit, load_report):
                  for kind in ('Missing', 'Unexpected'))
 
 
-def _check_fit(missing, unexpected, problem):
+def _partial_run_checkpoint(weights):
+    return (f"error: --weights {weights} is a vpt run's checkpoint of only what that run trained, not a whole "
+            f"backbone (only a --full True run's holds one); start from the weights that run started from (its "
+            f"config.json's weights_id), or continue it with --resume RUN")
+
+
+def _run_model_hint(weights, model_name, whole):
+    """'; the run that wrote it trained --model X: pass --model X' for a --full True run's checkpoint (a whole ViT)
+    whose run directory (its config.json beside it) names another --model than this run's; '' otherwise. The file
+    keeps no model name of its own, and the README's two-step example leaves --model out."""
+    if not whole:
+        return ''
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(weights)), 'config.json')) as f:
+            trained = json.load(f).get('model')
+    except (OSError, ValueError, AttributeError):
+        return ''
+    if not isinstance(trained, str) or trained == model_name:
+        return ''
+    return f"; the run that wrote it trained --model {trained}: pass --model {trained}"
+
+
+def _check_fit(missing, unexpected, problem, hint=''):
     """A checkpoint that leaves backbone tensors at their random init, or holds tensors the model has no place for,
     is refused."""
     if not missing and not unexpected:
@@ -155,7 +183,7 @@ def _check_fit(missing, unexpected, problem):
         found.append(f"the model's {listed(missing)} are not in it")
     if unexpected:
         found.append(f"it holds {listed(unexpected)}, which the model has no place for")
-    raise SystemExit(f"error: {problem}: {'; '.join(found)}")
+    raise SystemExit(f"error: {problem}: {'; '.join(found)}{hint}")
 
 
 def _npz_state_dict(model_name, weights, num_classes):

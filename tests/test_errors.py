@@ -243,6 +243,40 @@ def test_weights_of_a_vpt_run_without_its_backbone(cli, trained):
                                    '--resume RUN'])
 
 
+def full_run_checkpoint(folder, vit, model_name):
+    """A --full True run's trainable.safetensors (its whole ViT under 'vit.') in a run directory whose config.json
+    names the --model it trained."""
+    from safetensors.torch import save_file
+    from model import PromptedViT, set_trainable
+    from train import trainable_tensors
+    model = PromptedViT(vit, 0)
+    set_trainable(model, full=True)
+    os.makedirs(folder)
+    save_file(trainable_tensors(model), folder / 'trainable.safetensors')
+    (folder / 'config.json').write_text(json.dumps(dict(model=model_name, full=True, prompts=0)))
+    return folder / 'trainable.safetensors'
+
+
+def test_weights_of_a_full_run_of_another_model_name_its_model(cli):
+    """README's two steps (an upstream --full True run, then --weights its trainable.safetensors) with an upstream
+    --model other than the default: the refusal says which --model the file's run trained."""
+    path = full_run_checkpoint(cli.tmp_path / 'upstream', timm.create_model('vit_small_patch16_224', depth=1,
+                                                                             num_classes=3), 'vit_small_patch16_224')
+    cli('--weights', path, expect=['does not fit --model test_vit', 'size mismatch for',
+                                   'the run that wrote it trained --model vit_small_patch16_224: pass --model '
+                                   'vit_small_patch16_224'])
+
+
+def test_weights_of_a_full_run_with_fewer_blocks_is_not_called_partial(cli):
+    """A --full True run's checkpoint holds a whole backbone: one of a shallower ViT of the same width does not fit,
+    which is not 'only what that run trained'."""
+    path = full_run_checkpoint(cli.tmp_path / 'upstream', timm.create_model('test_vit', depth=3, num_classes=3),
+                               'shallow_vit')
+    line = cli('--weights', path, expect=['does not fit --model test_vit', 'blocks.3.', 'are not in it',
+                                          'the run that wrote it trained --model shallow_vit'])
+    assert 'only what that run trained' not in line
+
+
 def test_weights_of_another_architecture(cli):
     path = cli.tmp_path / 'vit_small.pth'
     torch.save(timm.create_model('vit_small_patch16_224', depth=2).state_dict(), path)  # 384-dim, test_vit is 64-dim
