@@ -137,6 +137,7 @@ def _load_folder(root, img_size, samples, seed, reading, test_split=0.0):
                          + "; give each class images in both, or remove its folder from both")
     listed = []
     for split_dir in split_dirs[:1] if test_split else split_dirs:
+        _warn_loose_images(split_dir)
         paths, labels, hidden = [], [], []
         for label, name in enumerate(classes):
             files = image_files(os.path.join(split_dir, name), reading, hidden)
@@ -216,6 +217,18 @@ def _class_folders(split_dir, reading=FOLDER_READING):
     # '.cat', say
     _warn_hidden(split_dir, "hidden (and __MACOSX) folders are not classes, left out with their images", hidden)
     return [name for name in folders if _visible(name)]
+
+
+def _warn_loose_images(split_dir):
+    """Images lying in train/ or test/ itself, beside the class folders, belong to no class and are not read: say so,
+    as for a hidden folder, rather than train on fewer images than the folder shows."""
+    loose = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_file() and _visible(entry.name)
+                   and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+    if loose and os.environ.get('LOCAL_RANK', '0') == '0':
+        print(f"warning: {split_dir}: {len(loose)} image file{'s' * (len(loose) > 1)} outside the class folders "
+              f"belong{'s' * (len(loose) == 1)} to no class and are not read ({', '.join(loose[:3])}{', ...' if len(loose) > 3 else ''}); "
+              f"move each into its class's folder, {os.path.basename(split_dir)}/<class>/", file=sys.stderr,
+              flush=True)
 
 
 def _warn_hidden(split_dir, what, names):

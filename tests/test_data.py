@@ -524,6 +524,28 @@ def test_a_hidden_folder_with_images_is_named_when_left_out(tmp_path, capsys):
         f"warning: {train}: hidden (and __MACOSX) folders are left out with their images: {os.path.join('b', 'more', '.old')}"]
 
 
+def test_images_outside_the_class_folders_are_named_when_left_out(tmp_path, capsys):
+    """An image in train/ itself, beside the class folders, has no class: it is not read, with a warning, not
+    without a word. --test_split reads train/ only."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=8)
+    for name in ('x.jpg', 'y.PNG', 'z.png', 'w.png'):
+        shutil.copy(tmp_path / 'ds' / 'train' / 'a' / '0000.png', tmp_path / 'ds' / 'train' / name)
+    shutil.copy(tmp_path / 'ds' / 'test' / 'a' / '0000.png', tmp_path / 'ds' / 'test' / 'stray.png')
+    (tmp_path / 'ds' / 'train' / 'notes.txt').write_text('not an image')
+    (tmp_path / 'ds' / 'train' / '.DS_Store').write_bytes(b'')
+    _, train_y, _, test_y, _, _ = data.load_dataset(root, img_size=8)
+    assert len(train_y) == 4 and len(test_y) == 2
+    train, test = (os.path.join(root, split) for split in ('train', 'test'))
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"warning: {train}: 4 image files outside the class folders belong to no class and are not read (w.png, x.jpg, "
+        f"y.PNG, ...); move each into its class's folder, train/<class>/",
+        f"warning: {test}: 1 image file outside the class folders belongs to no class and are not read (stray.png); "
+        f"move each into its class's folder, test/<class>/"]
+    shutil.rmtree(test)
+    data.load_dataset(root, img_size=8, test_split=0.5)
+    assert capsys.readouterr().err.count('outside the class folders') == 1
+
+
 def test_every_unreadable_image_is_named_in_one_error(tmp_path, monkeypatch):
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=3, test_per_class=1)
     for name in ('a/0001.png', 'b/0002.png'):
