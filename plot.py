@@ -801,10 +801,14 @@ def draw_confusions(run_dirs, paths, out):
         error(f"no confusion matrix to draw under {', '.join(paths)}: see the warnings above")
 
 
-def check_replaceable(out):
+def check_replaceable(out, default=False):
     """--out names a file of its own: one there already is replaced only if plot.py wrote it (a redrawn figure), never
-    a photo or a figure of the user's own."""
+    a photo or a figure of the user's own. The default <first PATH>/accuracy.png and cost.png are redrawn in place:
+    there a figure that matplotlib wrote (plot.py's own from before it marked them) is replaced too, but not a file
+    of another program (a photo, an image of a dataset passed as PATH) that happens to have that name."""
     if os.path.isdir(out):
+        if default:
+            error(f"{out} is a directory, where plot.py writes its figure; pass --out FILE")
         error(f"--out {out} is a directory; pass a file name such as {os.path.join(out, 'accuracy.png')}")
     if not os.path.isfile(out):  # nothing there, or /dev/null, a pipe: nothing to lose, and a pipe is not to be read
         return
@@ -812,9 +816,14 @@ def check_replaceable(out):
         with open(out, 'rb') as f:
             head = f.read(1 << 16)
             f.seek(max(0, os.path.getsize(out) - (1 << 16)))
-            marked = MARK.encode() in head + f.read()  # near the start (PNG, SVG, PostScript) or the end (PDF)
+            tail = f.read()
+            marked = MARK.encode() in head + tail  # near the start (PNG, SVG, PostScript) or the end (PDF)
+            marked = marked or default and b'Matplotlib' in head + tail
     except OSError:
         marked = False
+    if not marked and default:
+        error(f"{out} exists and is not a figure plot.py (or matplotlib) wrote, so it is not redrawn in place: pass "
+              f"--out FILE to write the figure elsewhere, or move that file away first")
     if not marked:
         error(f"{out} exists and is not a figure plot.py wrote (--out replaces only plot.py's own .png, .pdf, .svg, "
               f".ps and .eps figures, and those written since it marks them): choose another --out, or remove that "
@@ -850,6 +859,9 @@ def main(argv=None):
     if not runs:
         error(f"no runs found under {', '.join(args.paths)} (a run directory holds metrics.csv): every run was "
               f"skipped, see the warnings above")
+    if args.out is None:  # the default figures, in the first PATH: not over a file of another program either
+        for path in [os.path.join(args.paths[0], 'accuracy.png')] + [cost_path(None, args.paths[0])] * args.cost:
+            check_replaceable(path, default=True)
     label_runs(runs)
     warn_other_test_sets(runs)
     out = args.out or os.path.join(args.paths[0], 'accuracy.png')

@@ -411,6 +411,28 @@ def test_out_never_replaces_a_file_plot_py_did_not_write(logs, tmp_path, capsys,
     assert target.read_bytes() == before
 
 
+@pytest.mark.parametrize('name', ['accuracy.png', 'cost.png'])
+def test_default_figure_never_replaces_a_file_of_another_program(logs, tmp_path, capsys, name):
+    """Without --out the figures go to <first PATH>/accuracy.png (cost.png): a photo of that name there was replaced
+    without a word. A figure matplotlib wrote there (plot.py's own, from before it marked them) is still redrawn."""
+    from PIL import Image
+    target = os.path.join(logs, name)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(target)
+    before = open(target, 'rb').read()
+    code, out, err = run_plot([logs, '--cost'], capsys)
+    assert code == 2 and out == '' and one_line(err) == (
+        f"plot.py: error: {target} exists and is not a figure plot.py (or matplotlib) wrote, so it is not redrawn in "
+        f"place: pass --out FILE to write the figure elsewhere, or move that file away first")
+    assert open(target, 'rb').read() == before
+    assert os.listdir(logs).count('accuracy.png') + os.listdir(logs).count('cost.png') == 1  # nothing drawn
+    plt.figure().savefig(target)
+    plt.close('all')
+    code, out, err = run_plot([logs, '--cost'], capsys)
+    assert code == 0 and f'wrote {target}' in out, err
+    code, out, err = run_plot([logs, '--cost'], capsys)  # and its own figures, redrawn
+    assert code == 0 and f'wrote {target}' in out, err
+
+
 def test_out_to_dev_null_or_a_directory(logs, tmp_path, capsys):
     """--out /dev/null (only the table) is no file to protect; a directory is named as one."""
     code, out, err = run_plot([logs, '--out', os.devnull], capsys)
