@@ -971,7 +971,15 @@ def base_seed_of(meta):
 def read_sweep(sweep_dir, action):
     meta = read_json(os.path.join(sweep_dir, 'sweep.json'))
     if not isinstance(meta, dict) or not {'grid', 'seeds', 'val_split', 'main_flags', 'command'} <= set(meta):
-        fail(f"{sweep_dir} has no readable sweep.json; {action} reads a directory that sweep.py made")
+        inside = []  # the sweeps of a --log_dir passed for one of them
+        with contextlib.suppress(OSError):
+            inside = sorted(entry.name for entry in os.scandir(sweep_dir)
+                            if os.path.isfile(os.path.join(entry.path, 'sweep.json')))
+        hint = (f"; it holds the sweep{'s' * (len(inside) > 1)} {', '.join(inside[:5])}"
+                + (f" and {len(inside) - 5} more" if len(inside) > 5 else '')
+                + f": pass {'one' if action == '--collect' else 'their directories'}, such as "
+                  f"{os.path.join(sweep_dir, inside[0])}" if inside else '')
+        fail(f"{sweep_dir} has no readable sweep.json; {action} reads a directory that sweep.py made{hint}")
     return meta
 
 

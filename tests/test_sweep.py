@@ -1170,7 +1170,17 @@ def test_compare_puts_several_sweeps_side_by_side(fake_training, capsys, monkeyp
     with pytest.raises(SystemExit) as stopped:
         sweep.main(['--compare', str(log_dir / 'sweep_P'), str(log_dir)])
     assert stopped.value.code == 1 and capsys.readouterr().err == (
-        f"sweep.py: error: {log_dir} has no readable sweep.json; --compare reads a directory that sweep.py made\n")
+        f"sweep.py: error: {log_dir} has no readable sweep.json; --compare reads a directory that sweep.py made; it "
+        f"holds the sweeps sweep_F, sweep_P, sweep_PF: pass their directories, such as {log_dir / 'sweep_F'}\n")
+    with pytest.raises(SystemExit) as stopped:
+        sweep.main(['--collect', str(log_dir)])
+    assert stopped.value.code == 1 and capsys.readouterr().err.endswith(
+        f"sweep_PF: pass one, such as {log_dir / 'sweep_F'}\n")
+    with pytest.raises(SystemExit) as stopped:
+        sweep.main(['--collect', str(log_dir / 'sweep_P' / 'logs')])  # no sweep inside either: no hint
+    assert stopped.value.code == 1 and capsys.readouterr().err == (
+        f"sweep.py: error: {log_dir / 'sweep_P' / 'logs'} has no readable sweep.json; --collect reads a directory that "
+        f"sweep.py made\n")
 
 
 def test_a_grid_point_retried_after_stage_2_keeps_the_result_provisional(fake_training, capsys):
