@@ -130,7 +130,8 @@ def test_generated_run_names_say_the_mode_model_and_time_then_count_up(tmp_path,
 
 
 def test_learns_the_tiny_dataset(tiny_dataset, tmp_path, capsys):
-    code, _, err = run_main([*TINY, '--prompts', 0, '--full', True, '--dataset', tiny_dataset, '--epoch', 4,
+    # 6 epochs: after 4, one seed stayed at 66.67% under torch 2.4.1 and timm 1.0.16 (the requirements' floor)
+    code, _, err = run_main([*TINY, '--prompts', 0, '--full', True, '--dataset', tiny_dataset, '--epoch', 6,
                              '--batch_size', 8, '--lr', 2e-3, '--log_dir', tmp_path, '--name', 'learn'], capsys)
     assert code == 0, err
     assert float(read_metrics(tmp_path / 'learn')[-1]['test_acc']) >= 80  # three colour-coded classes
