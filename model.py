@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import zipfile
 
@@ -24,6 +25,27 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from prompts import Prompts
+
+# requirements.txt's floors, for an environment installed before they rose (pip keeps an older version that meets
+# the floor it had): the kv path reads Attention.norm (timm 1.0.16), and timm before 1.0.21 cannot import
+# huggingface_hub 2, so every hub download failed as if the package were missing
+FLOORS = dict(torch='2.4', timm='1.0.21')
+
+
+def version_tuple(version):
+    """'2.4.1+cu121' -> (2, 4, 1); '1.0.22rc1' -> (1, 0, 22)."""
+    return tuple(int(re.match(r'\d*', part).group() or 0) for part in version.split('+')[0].split('.')[:3])
+
+
+def check_versions(installed):
+    """{package: version} -> a one-line error for one older than its floor."""
+    for package, version in installed.items():
+        if version_tuple(version) < version_tuple(FLOORS[package]):
+            raise SystemExit(f"error: vpt needs {package} >= {FLOORS[package]}, and this Python has {version}; "
+                             f"pip install -r requirements.txt")
+
+
+check_versions(dict(torch=torch.__version__, timm=timm.__version__))
 
 
 def create_vit(model_name, num_classes, img_size=32, patch_size=4, pretrained=True, weights=None):

@@ -559,3 +559,25 @@ def test_real_process_prints_one_line(tmp_path, flags, code, expect):
     assert result.returncode == code
     assert result.stderr.strip().count('\n') == 0 and expect in result.stderr and 'Traceback' not in result.stderr
     assert not os.path.exists(tmp_path / 'logs')
+
+
+def test_an_environment_older_than_the_requirements_is_one_line(tiny_dataset, tmp_path):
+    """pip keeps an installed timm that met an older floor: timm 1.0.15 crashed in the kv path (no Attention.norm),
+    1.0.16-1.0.20 could not import huggingface_hub 2 and called every download failed. One line names the fix."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    from model import check_versions
+    check_versions(dict(torch='2.4.0', timm='1.0.22rc1'))  # the floors themselves, a release candidate above one
+    with pytest.raises(SystemExit, match=r"^error: vpt needs timm >= 1\.0\.21, and this Python has 1\.0\.20; pip "
+                                         r"install -r requirements\.txt$"):
+        check_versions(dict(torch='2.14.1+cu130', timm='1.0.20'))
+    with pytest.raises(SystemExit, match='needs torch >= 2.4, and this Python has 2.3.1'):
+        check_versions(dict(torch='2.3.1', timm='1.0.31'))
+    as_if_old = ("import runpy, sys, timm; timm.__version__ = '1.0.15'; sys.argv = ['main.py', *sys.argv[1:]]; "
+                 "runpy.run_path('main.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, '-c', as_if_old, *TINY, '--dataset', tiny_dataset, '--log_dir', tmp_path],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr == ("error: vpt needs timm >= 1.0.21, and this Python has 1.0.15; "
+                                                        "pip install -r requirements.txt\n"), result.stderr
+    assert os.listdir(tmp_path) == []
