@@ -336,8 +336,7 @@ def merge_resume(args, given, error):
     if not isinstance(config, dict):
         error(f"--resume {run_dir}: its config.json is not a vpt run's (not a JSON object); pass a run directory that "
               f"main.py wrote")
-    # --eval_only and --predict take the checkpoint as it is: another --epoch would change nothing without a word
-    may_change = RESUME_MAY_CHANGE - {'epoch'} | {'batch_size'} if args.eval_only or args.predict else RESUME_MAY_CHANGE
+    may_change = RESUME_MAY_CHANGE | ({'batch_size'} if args.eval_only or args.predict else set())
     if config.get('weights'):  # a --weights file that moved: build_model checks it is the same file (its sha256)
         may_change = may_change | {'weights'}
     for flag in sorted(given - may_change):

@@ -383,9 +383,6 @@ def test_log_dir_and_name_that_locate_the_run_are_no_contradiction(tiny_dataset,
         code, _, err = run_main(['--resume', 'moved/r2', '--test_samples', 5, *action], capsys)
         assert code == 2 and (f"--test_samples 5 contradicts the run's config (test_samples=0); drop --test_samples: "
                               f"{action[0]} takes the run as it was trained (") in err, err
-        code, _, err = run_main(['--resume', 'moved/r2', '--epoch', 9, *action], capsys)  # it would train no epoch
-        assert code == 2 and (f"--epoch 9 contradicts the run's config (epoch=2); drop --epoch: {action[0]} takes the "
-                              f"run as it was trained (") in err, err
 
 
 def test_a_run_directory_typed_with_a_trailing_slash_is_named_without_it(tiny_dataset, tmp_path, capsys):
