@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import zipfile
 
@@ -22,6 +21,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from packaging.version import Version  # installed with matplotlib, which requires it
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from prompts import Prompts
@@ -32,15 +32,10 @@ from prompts import Prompts
 FLOORS = dict(torch='2.4', timm='1.0.21')
 
 
-def version_tuple(version):
-    """'2.4.1+cu121' -> (2, 4, 1); '1.0.22rc1' -> (1, 0, 22)."""
-    return tuple(int(re.match(r'\d*', part).group() or 0) for part in version.split('+')[0].split('.')[:3])
-
-
 def check_versions(installed):
     """{package: version} -> a one-line error for one older than its floor."""
     for package, version in installed.items():
-        if version_tuple(version) < version_tuple(FLOORS[package]):
+        if Version(version) < Version(FLOORS[package]):
             raise SystemExit(f"error: vpt needs {package} >= {FLOORS[package]}, and this Python has {version}; "
                              f"pip install -r requirements.txt")
 
