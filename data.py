@@ -227,8 +227,9 @@ def _warn_loose_images(split_dir):
     if loose and os.environ.get('LOCAL_RANK', '0') == '0':
         shown = ', '.join(loose[:3]) + (', ...' if len(loose) > 3 else '')
         print(f"warning: {split_dir}: {len(loose)} image file{'s' * (len(loose) > 1)} outside the class folders "
-              f"belong{'s' * (len(loose) == 1)} to no class and are not read ({shown}); move each into its class's "
-              f"folder, {os.path.basename(split_dir)}/<class>/", file=sys.stderr, flush=True)
+              f"belong{'s' * (len(loose) == 1)} to no class and {'is' if len(loose) == 1 else 'are'} not read "
+              f"({shown}); move each into its class's folder, {os.path.basename(split_dir)}/<class>/",
+              file=sys.stderr, flush=True)
 
 
 def _warn_hidden(split_dir, what, names):

@@ -539,7 +539,7 @@ def test_images_outside_the_class_folders_are_named_when_left_out(tmp_path, caps
     assert capsys.readouterr().err.strip().splitlines() == [
         f"warning: {train}: 4 image files outside the class folders belong to no class and are not read (w.png, x.jpg, "
         f"y.PNG, ...); move each into its class's folder, train/<class>/",
-        f"warning: {test}: 1 image file outside the class folders belongs to no class and are not read (stray.png); "
+        f"warning: {test}: 1 image file outside the class folders belongs to no class and is not read (stray.png); "
         f"move each into its class's folder, test/<class>/"]
     shutil.rmtree(test)
     data.load_dataset(root, img_size=8, test_split=0.5)
