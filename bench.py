@@ -443,7 +443,7 @@ def make_parser():
     add('--profile', type=str2bool, default=False,
         help=f'after each mode, profile {PROFILE_STEPS} more train steps and print where their time goes')
     add('--peak_tflops', type=float, default=None, help='dense bf16 peak TFLOP/s for MFU (default: by device name)')
-    add('--json', default=None, metavar='FILE',
+    add('--json', type=os.path.expanduser, default=None, metavar='FILE',
         help='also write every number to FILE as JSON (a new file; missing parent folders are made)')
     return parser
 

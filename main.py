@@ -134,13 +134,15 @@ def make_parser():
         help='linear warmup length in epochs, may be fractional (default: 10%% of --epoch), then cosine to zero')
     add('--model', default='vit_base_patch16_224.augreg_in21k', help='timm ViT name (default: ViT-B/16 IN-21k)')
     add('--pretrained', type=str2bool, default=True, help='load pretrained weights (False: random backbone)')
-    add('--weights', default=None, metavar='FILE',
+    add('--weights', type=os.path.expanduser, default=None, metavar='FILE',
         help='local timm checkpoint (.safetensors/.pth), Google JAX .npz (ViT-B_16.npz, as official VPT), or a '
              '--full True run\'s trainable.safetensors as the backbone, instead of the hub download')
     add('--img_size', type=int_at_least(1), default=32, help='input resolution (default 32)')
     add('--patch_size', type=int_at_least(1), default=4, help='patch size the embedding is resampled to (default 4)')
-    add('--dataset', default='cifar10', help='cifar10, cifar100, or a folder with train/<class>/* and test/<class>/*')
-    add('--data_dir', default='./data', help='where CIFAR is found or downloaded (default ./data)')
+    add('--dataset', type=os.path.expanduser, default='cifar10',
+        help='cifar10, cifar100, or a folder with train/<class>/* and test/<class>/*')
+    add('--data_dir', type=os.path.expanduser, default='./data',
+        help='where CIFAR is found or downloaded (default ./data)')
     add('--train_samples', type=int_at_least(0), default=0, help='use a class-balanced subset (0: all; see --data_seed)')
     add('--test_samples', type=int_at_least(0), default=0, help='likewise for the test set (0: all)')
     add('--augment', type=str2bool, default=True,
@@ -157,17 +159,19 @@ def make_parser():
     add('--compile', type=str2bool, default=False, help='torch.compile the model')
     add('--tensorboard', type=str2bool, default=False,
         help='also write TensorBoard event files into the run directory (needs pip install tensorboard)')
-    add('--log_dir', default='logs', help='parent of the run directories (default logs/)')
+    add('--log_dir', type=os.path.expanduser, default='logs',
+        help='parent of the run directories (default logs/)')
     add('--name', default=None, help='run directory name (default: mode, model and time)')
-    add('--resume', default=None, metavar='RUN_DIR', help='continue the run in RUN_DIR from its last finished epoch')
+    add('--resume', type=os.path.expanduser, default=None, metavar='RUN_DIR',
+        help='continue the run in RUN_DIR from its last finished epoch')
     add('--eval_only', type=eval_only_flag, nargs='?', const=True, default=False,
         help='with --resume: evaluate the run\'s checkpoint on the test set (and val split), write its confusion '
              'matrix, and exit')
-    add('--predict', nargs='+', default=None, metavar='PATH',
+    add('--predict', type=os.path.expanduser, nargs='+', default=None, metavar='PATH',
         help='with --resume: classify these images (files or folders) with the run\'s model and exit')
     add('--checkpoint', choices=['last', 'best'], default='last',
         help='which checkpoint --eval_only and --predict use: last (trainable.safetensors) or best (best val epoch)')
-    add('--out', default=None, metavar='FILE',
+    add('--out', type=os.path.expanduser, default=None, metavar='FILE',
         help='where --predict writes its CSV (default: predictions.csv in the run directory, never overwritten)')
     return parser
 
@@ -379,7 +383,7 @@ def config_value(action, value, run_dir, error):
         fits = True
     elif action.type is str2bool:
         fits = isinstance(value, bool)
-    elif action.type in (None, device_flag):
+    elif action.type in (None, device_flag, os.path.expanduser):  # text and paths
         fits = isinstance(value, str)
     elif isinstance(action.default, int):  # --epoch, --batch_size, --prompts, --seed, ...: a count
         fits = number and value == int(value)

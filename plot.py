@@ -835,8 +835,9 @@ def check_replaceable(out, default=False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('paths', nargs='+', metavar='PATH', help='run directories or directories of runs (logs/)')
-    parser.add_argument('--out', default=None, metavar='FILE',
+    parser.add_argument('paths', type=os.path.expanduser, nargs='+', metavar='PATH',
+                        help='run directories or directories of runs (logs/)')
+    parser.add_argument('--out', type=os.path.expanduser, default=None, metavar='FILE',
                         help='figure to write (default: <first PATH>/accuracy.png; .pdf/.svg also work)')
     what = parser.add_mutually_exclusive_group()
     what.add_argument('--cost', action='store_true',

@@ -109,7 +109,7 @@ def make_parser():
     add('--seeds', type=int, default=3, help='stage 2: fresh seeds for the winning grid point (default 3)')
     add('--val_split', type=float, default=None,
         help='required, in (0, 1): the fraction of the training set every trial holds out to be scored on')
-    add('--log_dir', default='logs', help='parent of the sweep directory (default logs/)')
+    add('--log_dir', type=os.path.expanduser, default='logs', help='parent of the sweep directory (default logs/)')
     add('--name', default=None, help='sweep directory name (default sweep-<hash of the definition>)')
     add('--gpus', default=None, metavar='IDS',
         help='e.g. 0,1,2,3: one trial per GPU at a time (CUDA_VISIBLE_DEVICES, and --device cuda unless the '
@@ -117,9 +117,9 @@ def make_parser():
     add('--print_commands', action='store_true',
         help="print the main.py command of every trial still to run (stage 1, or stage 2 once stage 1 has "
              "finished), one per line, and run nothing")
-    add('--collect', default=None, metavar='SWEEP_DIR',
+    add('--collect', type=os.path.expanduser, default=None, metavar='SWEEP_DIR',
         help='write sweep.csv and sweep.md from the runs in SWEEP_DIR, running nothing')
-    add('--compare', nargs='+', default=None, metavar='SWEEP_DIR',
+    add('--compare', type=os.path.expanduser, nargs='+', default=None, metavar='SWEEP_DIR',
         help="print one markdown table of several sweeps' results (a sweep per method: P, F, P+F, linear), "
              "running and writing nothing")
 

@@ -117,6 +117,12 @@ def test_profile_counts_each_optimizer_step_once():
     assert bench.optimizer_steps(events) == 10
 
 
+
+def test_a_tilde_in_json_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv('HOME', str(tmp_path))  # the shell leaves ~ after --json= alone
+    assert bench.parse_args([*TINY, '--json=~/bench.json']).json == str(tmp_path / 'bench.json')
+
+
 def test_bench_refuses_before_measuring(tmp_path, capsys):
     existing = tmp_path / 'bench.json'
     existing.write_text('{"an earlier run": 1}')

@@ -42,6 +42,18 @@ def test_defaults():
     assert (args.val_split, args.prompt_dropout, args.train_samples, args.checkpoint) == (0, 0, 0, 'last')
 
 
+
+def test_a_tilde_in_a_path_flag_is_the_home_folder(tiny_dataset, tmp_path, monkeypatch):
+    """The shell expands ~ at the start of a word, not after --dataset=; main.py does it for every path flag."""
+    monkeypatch.setenv('HOME', str(tmp_path))
+    os.symlink(tiny_dataset, tmp_path / 'pets')
+    (tmp_path / 'vit.safetensors').write_bytes(b'')  # parse_args only checks that the file is there
+    args = main.parse_args(['--dataset=~/pets', '--data_dir=~/cifar', '--log_dir=~/logs',
+                            '--weights=~/vit.safetensors'])
+    assert (args.dataset, args.data_dir, args.log_dir, args.weights) == (
+        str(tmp_path / 'pets'), str(tmp_path / 'cifar'), str(tmp_path / 'logs'), str(tmp_path / 'vit.safetensors'))
+
+
 @pytest.mark.parametrize('full,prompts,mode', [(False, 4, 'P'), (True, 0, 'F'), (True, 4, 'P+F'), (False, 0, 'linear')])
 def test_run_writes_config_metrics_and_checkpoint(tiny_dataset, tmp_path, capsys, full, prompts, mode):
     log_dir = tmp_path / 'logs'

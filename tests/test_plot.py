@@ -194,6 +194,15 @@ def test_out_creates_missing_parent(logs, tmp_path, capsys):
     assert f'wrote {out_path}' in out
 
 
+
+def test_a_tilde_in_paths_is_the_home_folder(logs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv('HOME', str(tmp_path))  # the shell leaves ~ after --out= alone
+    code, out, err = run_plot(['~/logs', '--out=~/acc.png'], capsys)
+    assert code == 0 and err == '', err
+    assert_png(tmp_path / 'acc.png')
+    assert f"wrote {tmp_path / 'acc.png'}" in out
+
+
 def test_figure_shows_train_and_test_of_each_run(logs, tmp_path, capsys, monkeypatch):
     figures = captured_figures(monkeypatch)
     code, _, _ = run_plot([logs, '--out', tmp_path / 'f.png'], capsys)

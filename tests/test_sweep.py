@@ -157,6 +157,14 @@ def test_grid_entries_add_up_and_a_comma_can_be_escaped():
     assert sweep.parse_grid(args.grid, {}) == {'lr': ['1e-3', '1e-2'], 'unfreeze': ['pos_embed', 'cls_token,pos_embed']}
 
 
+
+def test_a_tilde_in_sweep_paths_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv('HOME', str(tmp_path))  # the shell leaves ~ after --log_dir= alone
+    args = sweep.make_parser().parse_args(['--log_dir=~/logs', '--collect=~/logs/s', '--compare=~/a'])
+    assert (args.log_dir, args.collect, args.compare) == (
+        str(tmp_path / 'logs'), str(tmp_path / 'logs' / 's'), [str(tmp_path / 'a')])
+
+
 def test_sweep_starts_without_torch():
     code = "import sys; import sweep; assert 'torch' not in sys.modules, 'sweep.py imported torch'"
     subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)
