@@ -11,8 +11,8 @@ data.train_batches (random crop + flip on the device) and data.eval_batches, as 
 The backbone is randomly initialised (--model built with pretrained=False): speed does not depend on the weights.
 Modes: P = prompts + head (backbone frozen), F = full fine-tuning without prompts, P+F = full fine-tuning with prompts.
 The modes are timed through train.train_epoch and train.evaluate themselves, the code main.py runs: bf16 autocast on
-CUDA (--amp), fused AdamW (train.make_optimizer), loss/accuracy summed on the device with a host sync every
-train.SYNC_EVERY steps for the progress bar; TF32 on.
+CUDA (--amp; fp16 with loss scaling on GPUs before Ampere), fused AdamW (train.make_optimizer), loss/accuracy summed
+on the device with a host sync every train.SYNC_EVERY steps for the progress bar; TF32 on.
 
 FLOP convention (analytic, so that TFLOP/s and MFU compare across --prompt_impl and --compile):
 - forward FLOPs = 2 x multiply-accumulates of the NAIVE path, the whole sequence of 1 + num_patches + prompts
@@ -294,6 +294,7 @@ def run_mode(name, args, device, pool, test_set, stop):
         model.compile()  # in place, as train.fit does
     optimizer = train.make_optimizer(model, 'adamw', LR, WEIGHT_DECAY, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = train.make_scaler(device, args.amp)  # as train.fit: one for the mode, whose scale carries over
     preprocess = data.preprocessing(model.vit.pretrained_cfg, device, IMG_SIZE)
     generator = torch.Generator().manual_seed(0)
 
@@ -303,7 +304,8 @@ def run_mode(name, args, device, pool, test_set, stop):
         batches = data.train_batches(images, labels, args.batch_size, generator, preprocess)
         if label:
             batches = labelled(batches, label)
-        result = train.train_epoch(model, optimizer, scheduler, batches, steps, args.amp, stop, desc=name)
+        result = train.train_epoch(model, optimizer, scheduler, batches, steps, args.amp, stop, desc=name,
+                                   scaler=scaler)
         if result is None:
             raise KeyboardInterrupt
         return result
@@ -438,7 +440,8 @@ def make_parser():
     add('--modes', default='P,F,P+F', help='comma list of P, F, P+F (default all three)')
     add('--prompt_impl', choices=['kv', 'naive'], default='kv', help='prompt implementation of the modes (default kv)')
     add('--compile', type=str2bool, default=False, help='torch.compile the model after set_trainable')
-    add('--amp', type=str2bool, default=True, help='bf16 autocast on CUDA (default True)')
+    add('--amp', type=str2bool, default=True,
+        help='mixed precision on CUDA: bf16 (fp16 with loss scaling before Ampere); False: fp32 (default True)')
     add('--device', type=device_flag, default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
     add('--profile', type=str2bool, default=False,
         help=f'after each mode, profile {PROFILE_STEPS} more train steps and print where their time goes')
@@ -486,7 +489,7 @@ def main(argv=None):
 
     geometry = vit_geometry(create_vit(args.model, NUM_CLASSES, IMG_SIZE, PATCH_SIZE, pretrained=False))
     print(f"device {name} | torch {torch.__version__} | timm {timm.__version__} | model {args.model} | "
-          f"batch {args.batch_size} | compile {args.compile} | amp {args.amp and device.type == 'cuda'} | "
+          f"batch {args.batch_size} | compile {args.compile} | amp {train.amp_name(device, args.amp) or False} | "
           f"prompt_impl {args.prompt_impl} | peak bf16 {fmt(peak, 'g', 'unknown')} TFLOP/s", flush=True)
     print(f"geometry: embed {geometry['embed_dim']}, depth {geometry['depth']}, mlp {geometry['mlp_hidden']}, "
           f"{geometry['num_patches']} patches of {geometry['patch_size']}x{geometry['patch_size']}")
@@ -585,7 +588,8 @@ def main(argv=None):
                       python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                       timm=timm.__version__,
                       model=args.model, geometry=geometry, batch_size=args.batch_size, compile=args.compile,
-                      amp=args.amp and device.type == 'cuda', prompt_impl=args.prompt_impl, prompts=args.prompts,
+                      amp=args.amp and device.type == 'cuda', amp_dtype=train.amp_name(device, args.amp),
+                      prompt_impl=args.prompt_impl, prompts=args.prompts,
                       steps=args.steps, warmup=args.warmup, eval_steps=args.eval_steps,
                       baseline_steps=args.baseline_steps, peak_bf16_tflops=peak,
                       flop_convention="naive-path analytic FLOPs (2 x MACs); training = each part's forward x its "

@@ -29,7 +29,8 @@ import unicodedata
 # flags that act on an existing run without being part of it (never stored in config.json)
 ACTIONS = {'resume', 'eval_only', 'predict', 'checkpoint', 'out'}
 # what a run's numbers were computed on: config.json keeps the first process's, and each resume's in 'resumed'
-MACHINE = ('device_name', 'cpu_threads', 'torch_version', 'timm_version', 'cuda_version', 'cudnn_version')
+MACHINE = ('device_name', 'cpu_threads', 'torch_version', 'timm_version', 'cuda_version', 'cudnn_version',
+           'amp_dtype')  # the GPU decides it (train.autocast_dtype)
 # flags a resumed run may change; every other flag belongs to the run and must match its config.json. --dataset and
 # --data_dir may point to a moved copy: load_splits checks that it holds the run's classes and image counts
 RESUME_MAY_CHANGE = ACTIONS | {'epoch', 'device', 'dataset', 'data_dir', 'compile', 'amp', 'tensorboard'}
@@ -155,7 +156,9 @@ def make_parser():
         help='hold out this class-stratified fraction of the training images for validation (never trained on or '
              'augmented; see --data_seed); best.safetensors keeps the best-val epoch, summary.json its test accuracy')
     add('--device', type=device_flag, default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
-    add('--amp', type=str2bool, default=True, help='bf16 autocast on CUDA (default True)')
+    add('--amp', type=str2bool, default=True,
+        help='mixed precision on CUDA: bf16, or fp16 with loss scaling on GPUs without bf16 units (before '
+             'Ampere: V100, T4); False: fp32 (default True)')
     add('--compile', type=str2bool, default=False, help='torch.compile the model')
     add('--tensorboard', type=str2bool, default=False,
         help='also write TensorBoard event files into the run directory (needs pip install tensorboard)')
@@ -962,7 +965,7 @@ def provenance(args, argv, world_size, device):
                 timm_version=timm.__version__, cuda_version=torch.version.cuda,
                 cudnn_version=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                 cpu_threads=torch.get_num_threads(),  # CPU kernels add up in an order that depends on it
-                weights_id=weights)
+                amp_dtype=train.amp_name(device, args.amp), weights_id=weights)
 
 
 def git_commit(folder=os.path.dirname(os.path.abspath(__file__))):

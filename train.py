@@ -12,6 +12,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -106,7 +107,7 @@ def explain_out_of_memory(batch_size, amp, where):
     try:
         yield
     except torch.cuda.OutOfMemoryError:
-        hint = '' if amp else ' or --amp True (bf16 halves the activations)'
+        hint = '' if amp else ' or --amp True (mixed precision halves the activations)'
         raise SystemExit(f"error: out of GPU memory {where} at --batch_size {batch_size}; lower --batch_size "
                          f"(e.g. {max(1, batch_size // 2)}){hint}") from None
 
@@ -177,16 +178,40 @@ class StopRequest:
 # ---------------------------------------------------------------- loops
 
 
+def autocast_dtype(device):
+    """bf16 on GPUs with bf16 units (compute capability 8 on: A100, H100, RTX 30xx and later); fp16 on older ones
+    (V100, T4, RTX 20xx), where bf16 is emulated and slower than fp32. Only --amp on a GPU uses it."""
+    if device.type == 'cuda' and torch.cuda.get_device_capability(device)[0] < 8:
+        return torch.float16
+    return torch.bfloat16
+
+
+def amp_name(device, amp):
+    """What config.json and bench.py record of the precision: 'bfloat16', 'float16', or None (fp32)."""
+    return str(autocast_dtype(device)).split('.')[-1] if amp and device.type == 'cuda' else None
+
+
 def autocast(device, amp):
-    """bf16 autocast where --amp asks for it and the device is a GPU; a no-op on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == 'cuda')
+    """Mixed precision (autocast_dtype) where --amp asks for it and the device is a GPU; a no-op on the CPU."""
+    return torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp and device.type == 'cuda')
 
 
-def train_epoch(model, optimizer, scheduler, batches, steps, amp=True, stop=None, desc='train'):
+def make_scaler(device, amp):
+    """The loss scaling fp16 needs (its small gradients underflow to zero without it); disabled, a pass-through,
+    under bf16 or fp32. A step it skips for an overflow still counts in the lr schedule, which torch warns about."""
+    enabled = amp_name(device, amp) == 'float16'
+    if enabled:
+        warnings.filterwarnings('ignore', message=r'Detected call of `lr_scheduler\.step\(\)` before')
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+def train_epoch(model, optimizer, scheduler, batches, steps, amp=True, stop=None, desc='train', scaler=None):
     """One pass over `steps` training `batches` -> (mean loss, accuracy %) over all ranks, or None once `stop` (a
-    StopRequest) has caught a signal. A non-finite loss raises FloatingPointError(its step)."""
+    StopRequest) has caught a signal. A non-finite loss raises FloatingPointError(its step). `scaler`: the run's
+    make_scaler (its scale carries over from epoch to epoch); None makes one for this epoch."""
     model.train()
     device = next(model.parameters()).device
+    scaler = make_scaler(device, amp) if scaler is None else scaler
     rank, world_size = rank_and_world_size()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.float64)
@@ -200,8 +225,9 @@ def train_epoch(model, optimizer, scheduler, batches, steps, amp=True, stop=None
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             loss = loss.detach()
             loss_sum += loss * len(labels)
@@ -464,7 +490,7 @@ def restore_rng(rng, generator, seed):
         torch.cuda.set_rng_state(mine['cuda'])  # the current device; a run resumed on the CPU keeps no CUDA stream
 
 
-def save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, history, summary, extra=None):
+def save_checkpoint(run_dir, model, optimizer, scheduler, scaler, generator, epoch, history, summary, extra=None):
     """Every rank calls this (the RNG states are gathered); rank 0 writes the checkpoint and its metrics, and the
     `extra` files ({name: bytes}), all or none of them (write_files)."""
     rng = rng_states(generator)
@@ -475,7 +501,7 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, hist
     def state_bytes():
         buffer = io.BytesIO()
         torch.save(dict(epoch=epoch, history=history, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), rng=rng), buffer)
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng), buffer)
         return buffer.getvalue()
     files = {'trainable.safetensors': lambda: trainable_bytes(model, epoch), **(extra or {}), 'state.pt': state_bytes,
              'metrics.csv': metrics_bytes(history), 'summary.json': json_bytes(summary)}
@@ -567,12 +593,15 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                                                                 args.warmup_epochs)
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
+    scaler = make_scaler(device, args.amp)
     generator = torch.Generator().manual_seed(args.seed)  # data order and augmentation: CPU, device-independent
     summary_of = lambda history: summarize(history, args.epoch, args.val_split, len(splits['test'][1]))
     history, done = [], 0
     if state is not None:
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
+        if state.get('scaler') and scaler.is_enabled():  # {} from a bf16 or fp32 run (or an older vpt): a fresh scale
+            scaler.load_state_dict(state['scaler'])
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # a changed --epoch re-lays the schedule
             group['lr'] = base_lr * lr_factor(scheduler.last_epoch, warmup_steps, total_steps)
         restore_rng(state['rng'], generator, args.seed)
@@ -583,8 +612,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
     else:  # epoch 0: a run stopped in its first epoch can be resumed too
         if rank > 0:  # every rank built the same model; from here each draws its own prompt-dropout masks
             torch.manual_seed(args.seed + rank)
-        save_checkpoint(run_dir, model, optimizer, scheduler, generator, 0, history,
-                        summary_of(history))
+        save_checkpoint(run_dir, model, optimizer, scheduler, scaler, generator, 0, history, summary_of(history))
     writer = open_tensorboard(run_dir) if args.tensorboard and rank == 0 else None
     if args.compile:
         model.compile()  # in place: parameter names, checkpoints and DDP see the same module
@@ -603,7 +631,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             try:
                 with explain_out_of_memory(args.batch_size, args.amp, f'in training epoch {epoch}'):
                     trained = train_epoch(net, optimizer, scheduler, batches, steps_per_epoch, args.amp, stop,
-                                          desc=f'epoch {epoch}/{args.epoch}')
+                                          desc=f'epoch {epoch}/{args.epoch}', scaler=scaler)
             except FloatingPointError as e:
                 if rank == 0:  # on record for plot.py: this run is not one to --resume, as it would diverge again
                     write_json(os.path.join(run_dir, 'summary.json'),
@@ -635,7 +663,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                 extra['best.safetensors'] = trainable_bytes(model, epoch)
             if rank == 0 and epoch == args.epoch:
                 extra['confusion.csv'] = confusion_bytes(confusion, classes)
-            save_checkpoint(run_dir, model, optimizer, scheduler, generator, epoch, history, summary, extra)
+            save_checkpoint(run_dir, model, optimizer, scheduler, scaler, generator, epoch, history, summary, extra)
             if rank == 0 and new_best:
                 remove_stale(run_dir, 'confusion_best.csv')  # --eval_only's, of the best checkpoint until now
             if rank == 0:

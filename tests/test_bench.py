@@ -254,8 +254,8 @@ def test_bench_train_rate_counts_only_the_timed_steps(monkeypatch):
     from types import SimpleNamespace
     clock, calls = FakeClock(), []
 
-    def train_epoch(model, optimizer, scheduler, batches, steps, amp, stop, desc):
-        calls.append(('train', steps, sum(len(labels) for _, labels in batches), model, stop))
+    def train_epoch(model, optimizer, scheduler, batches, steps, amp, stop, desc, scaler):
+        calls.append(('train', steps, sum(len(labels) for _, labels in batches), model, stop, scaler))
         clock.now += 2.0 * steps  # 2 s a step
         return 1.5, 50.0
 
@@ -277,6 +277,7 @@ def test_bench_train_rate_counts_only_the_timed_steps(monkeypatch):
     model = calls[0][3]
     assert model.deep and model.prompt_impl == 'kv' and model.prompts.dropout.p == 0.0  # kv: --prompt_impl's default
     assert all(call[4] is stop for call in calls[:2])
+    assert calls[0][5] is calls[1][5] and not calls[0][5].is_enabled()  # one loss scaler a mode, as fit; off on a CPU
     assert result['warmup_s'] == 4.0 and result['train_s'] == 6.0 and result['eval_s'] == 2.0
     assert result['train_img_s'] == 2.0 and result['eval_img_s'] == 2.0  # 12 images in 6 s, 4 in 2 s
     assert result['mean_train_loss'] == 1.5 and result['prompts'] == 5 and result['full'] is False

@@ -77,7 +77,7 @@ def test_out_of_memory_suggests_bf16_only_where_it_is_off(amp):
         with train.explain_out_of_memory(1, amp, 'predicting'):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert str(error.value) == ("error: out of GPU memory predicting at --batch_size 1; lower --batch_size (e.g. 1)"
-                                + ('' if amp else ' or --amp True (bf16 halves the activations)'))
+                                + ('' if amp else ' or --amp True (mixed precision halves the activations)'))
 
 
 def test_eval_only_configures_the_backends_as_training_does(tiny_dataset, tmp_path, capsys, monkeypatch):

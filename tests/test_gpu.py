@@ -22,7 +22,8 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from conftest import REPO, TINY, read_metrics, run_cli, signal_after_first_epoch, write_folder_dataset  # noqa: E402
+from conftest import (REPO, TINY, read_metrics, run_cli, run_main, signal_after_first_epoch,  # noqa: E402
+                      write_folder_dataset)
 from model import PromptedViT, create_vit, set_trainable  # noqa: E402
 
 GPU_NAME = torch.cuda.get_device_name(0)
@@ -101,6 +102,26 @@ def test_default_run_on_cuda(tiny_dataset, tmp_path, device):
             assert float(row['peak_mem_gib']) > 0
     config = json.loads((tmp_path / 'run' / 'config.json').read_text())
     assert config['device_name'] == GPU_NAME and config['amp'] is True and config['prompt_impl'] == 'kv'
+    assert config['amp_dtype'] == ('bfloat16' if torch.cuda.get_device_capability()[0] >= 8 else 'float16')
+
+
+def test_a_gpu_without_bf16_units_trains_in_fp16_with_loss_scaling(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """On a V100 or T4 (compute capability < 8) bf16 is emulated, slower than fp32, so --amp means fp16 autocast with
+    a loss scaler there. Played on this GPU, which reports capability 7.5 here: the tiny dataset is learnt as in
+    test_cli.py's fp32 run, every step in fp16, and state.pt keeps the scale."""
+    import train
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (7, 5))
+    autocast, dtypes = train.autocast, set()
+    monkeypatch.setattr(train, 'autocast', lambda device, amp: dtypes.add(train.autocast_dtype(device))
+                        or autocast(device, amp))
+    code, _, err = run_main([*TINY, '--device', 'cuda', '--prompts', 0, '--full', True, '--dataset', tiny_dataset,
+                             '--epoch', 6, '--batch_size', 8, '--lr', 2e-3, '--log_dir', tmp_path, '--name', 'fp16'],
+                            capsys)
+    assert code == 0, err[-3000:]
+    assert dtypes == {torch.float16}
+    assert json.loads((tmp_path / 'fp16' / 'config.json').read_text())['amp_dtype'] == 'float16'
+    assert float(read_metrics(tmp_path / 'fp16')[-1]['test_acc']) >= 80
+    assert torch.load(tmp_path / 'fp16' / 'state.pt', weights_only=False)['scaler']['scale'] > 0
 
 
 def test_interrupted_cuda_run_resumes_exactly(dataset, tmp_path):

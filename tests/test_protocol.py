@@ -23,7 +23,7 @@ def test_val_split_best_checkpoint_and_summary(tiny_dataset, tmp_path, capsys, m
     save_checkpoint = train.save_checkpoint
 
     def record(run_dir, model, *args):
-        saved[args[3]] = {name: t.clone() for name, t in train.trainable_tensors(model).items()}  # args[3]: epoch
+        saved[args[4]] = {name: t.clone() for name, t in train.trainable_tensors(model).items()}  # args[4]: epoch
         return save_checkpoint(run_dir, model, *args)
 
     def fixed_val(model, split, *args):

@@ -662,7 +662,7 @@ def test_a_cpu_run_that_recorded_no_thread_count_gets_no_thread_note(capsys):
     is nothing to compare, so no note ('trained on the CPU with None threads')."""
     import argparse
     machine = dict(device_name='cpu (x86_64)', cpu_threads=2, torch_version='2', timm_version='1', cuda_version=None,
-                   cudnn_version=None)
+                   cudnn_version=None, amp_dtype=None)
     config = dict(machine, command='python main.py --resume r', git_commit='b' * 40, world_size=1, epoch=2)
     previous = dict(machine, cpu_threads=None, command='python main.py', git_commit='a' * 40, world_size=1, epoch=1)
     args = argparse.Namespace(resume='r', epoch=2, amp=True, prompt_dropout=0.0, prompts=4)
@@ -1226,3 +1226,25 @@ def test_a_resume_seeds_the_ranks_it_adds_from_the_runs_seed(tiny_dataset, tmp_p
     monkeypatch.setattr(train, 'restore_rng', spy)
     code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
     assert code == 0 and seeds == [11], (seeds, err)
+
+
+def test_a_resumed_fp16_run_keeps_its_loss_scale(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """On a GPU without bf16 units --amp trains in fp16 with a loss scale that adapts to overflows; state.pt keeps it,
+    so a resumed run goes on with the scale it had (a fresh one would skip steps, unlike the uninterrupted run).
+    That path, on the CPU: train.amp_name says fp16, so make_scaler scales (autocast itself stays off here)."""
+    import train
+    monkeypatch.setattr(train, 'amp_name', lambda device, amp: 'float16' if amp else None)
+    run_dir = tmp_path / 'r'
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    assert json.loads((run_dir / 'config.json').read_text())['amp_dtype'] == 'float16'
+    state = torch.load(run_dir / 'state.pt', weights_only=False)
+    assert state['scaler']['scale'] == 2.0 ** 16  # torch's initial scale: no overflow in these 6 steps
+    state['scaler']['scale'] = 2.0 ** 20  # as if overflows had moved it
+    torch.save(state, run_dir / 'state.pt')
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)
+    assert code == 0, err
+    assert torch.load(run_dir / 'state.pt', weights_only=False)['scaler']['scale'] == 2.0 ** 20
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'fp32', '--amp', False), capsys)
+    assert code == 0, err
+    assert torch.load(tmp_path / 'fp32' / 'state.pt', weights_only=False)['scaler'] == {}  # fp32: no scaling

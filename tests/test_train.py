@@ -292,3 +292,47 @@ def test_evaluation_builds_no_autograd_graph():
     preprocess = data.preprocessing(model.vit.pretrained_cfg, torch.device('cpu'), 32)
     train.evaluate_split(model, (images, labels), 4, preprocess, amp=False)
     assert grad_enabled == [False, False]  # two batches
+
+
+def test_mixed_precision_is_bf16_where_the_gpu_has_it_else_fp16_with_loss_scaling(monkeypatch):
+    """A V100 or T4 emulates bf16 (slower than fp32): there --amp means fp16, whose gradients need loss scaling."""
+    made = []
+    monkeypatch.setattr(torch.amp, 'GradScaler', lambda device, enabled: made.append((device, enabled)))
+    cuda = torch.device('cuda', 0)
+    for capability, dtype, name in (((6, 1), torch.float16, 'float16'), ((7, 5), torch.float16, 'float16'),
+                                    ((8, 0), torch.bfloat16, 'bfloat16'), ((9, 0), torch.bfloat16, 'bfloat16')):
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device, found=capability: found)
+        assert train.autocast_dtype(cuda) == dtype
+        assert (train.amp_name(cuda, True), train.amp_name(cuda, False)) == (name, None)  # config.json's amp_dtype
+        made.clear()
+        train.make_scaler(cuda, True), train.make_scaler(cuda, False)
+        assert made == [('cuda', name == 'float16'), ('cuda', False)], capability
+    cpu = torch.device('cpu')
+    assert train.amp_name(cpu, True) is None  # autocast is off on the CPU: fp32
+    made.clear()
+    train.make_scaler(cpu, True)
+    assert made == [('cpu', False)]
+
+
+def test_fp16_loss_scaling_skips_a_step_whose_gradients_overflow_and_lowers_the_scale(monkeypatch, recwarn):
+    """The fp16 path of a pre-Ampere GPU, on the CPU: the step goes through the scaler, which skips the update of an
+    overflowed step (the schedule still counts it, without torch's warning about it) and trains at a lower scale."""
+    monkeypatch.setattr(train, 'amp_name', lambda device, amp: 'float16' if amp else None)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = train.make_scaler(torch.device('cpu'), True)
+    assert scaler.is_enabled()
+    scaler.load_state_dict(dict(scale=2.0 ** 127, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
+                                _growth_tracker=0))
+    before = [param.clone() for param in model.parameters()]
+    batches = [(torch.randn(8, 4) * 100, torch.randint(0, 3, (8,))) for _ in range(2)]  # loss > 2: x 2^127 overflows
+    assert train.train_epoch(model, optimizer, scheduler, iter(batches[:1]), 1, scaler=scaler) is not None
+    assert all(torch.equal(param, old) for param, old in zip(model.parameters(), before))  # skipped
+    assert scaler.get_scale() == 2.0 ** 126 and scheduler.last_epoch == 1
+    assert not [w for w in recwarn if 'lr_scheduler' in str(w.message)]
+    scaler.update(2.0 ** 10)
+    train.train_epoch(model, optimizer, scheduler, iter(batches[1:]), 1, scaler=scaler)
+    assert not any(torch.equal(param, old) for param, old in zip(model.parameters(), before))  # trained
+    assert scaler.get_scale() == 2.0 ** 10
