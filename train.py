@@ -636,9 +636,11 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                 if rank == 0:  # on record for plot.py: this run is not one to --resume, as it would diverge again
                     write_json(os.path.join(run_dir, 'summary.json'),
                                dict(summary_of(history), diverged=dict(epoch=epoch, step=e.args[0])))
+                fp16 = (" or with --amp False (this GPU has no bf16 units, so --amp trains in fp16, whose range is "
+                        "narrow)" if amp_name(device, args.amp) == 'float16' else "")
                 raise FloatingPointError(f"error: non-finite training loss at epoch {epoch}, step {e.args[0]}; start a "
                                          f"new run with a lower --lr (it is {args.lr:g}: a resume keeps it and would "
-                                         f"diverge again); the checkpoint of epoch {epoch - 1} is intact")
+                                         f"diverge again){fp16}; the checkpoint of epoch {epoch - 1} is intact")
             if trained is None:
                 stopped(stop.signum or signal.SIGTERM, run_dir, epoch - 1, rank, world_size)
             train_time = time.perf_counter() - start

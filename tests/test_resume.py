@@ -122,6 +122,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoint(tiny_dataset, 
     line = err.strip().splitlines()[-1]
     assert 'non-finite training loss at epoch 1, step' in line
     assert 'start a new run with a lower --lr' in line and 'a resume keeps it' in line  # it cannot change on resume
+    assert '--amp False' not in line  # fp32 on the CPU: the precision is not the cause
     assert 'the checkpoint of epoch 0 is intact' in line  # the one before the epoch that diverged
     step = int(line.split('step ')[1].split(';')[0])
     assert 1 <= step <= 6
@@ -1226,6 +1227,19 @@ def test_a_resume_seeds_the_ranks_it_adds_from_the_runs_seed(tiny_dataset, tmp_p
     monkeypatch.setattr(train, 'restore_rng', spy)
     code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
     assert code == 0 and seeds == [11], (seeds, err)
+
+
+def test_a_non_finite_loss_in_fp16_also_names_fp32(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """A GPU without bf16 units trains in fp16 (train.amp_name), whose range overflows where bf16's would not."""
+    import train
+    monkeypatch.setattr(train, 'amp_name', lambda device, amp: 'float16' if amp else None)
+    code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 2, '--batch_size', 8, '--lr', '1e30',
+                               '--warmup_epochs', 0, '--log_dir', tmp_path, '--name', 'nan'], capsys)
+    assert code == 3
+    line = err.strip().splitlines()[-1]
+    assert ('start a new run with a lower --lr (it is 1e+30: a resume keeps it and would diverge again) or with '
+            '--amp False (this GPU has no bf16 units, so --amp trains in fp16, whose range is narrow); the checkpoint '
+            'of epoch 0 is intact') in line, line
 
 
 def test_a_resumed_fp16_run_keeps_its_loss_scale(tiny_dataset, tmp_path, capsys, monkeypatch):
