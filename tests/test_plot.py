@@ -1485,6 +1485,25 @@ def test_the_table_reports_what_summary_json_does(tmp_path):
     assert run['final_acc'] == summary['final_test_acc'] and run['time_s'] == pytest.approx(summary['total_time_s'])
 
 
+def test_the_table_rounds_test_accuracy_as_main_py_prints_it(tmp_path, capsys):
+    """45 of 242 test images right is 18.595041...%: main.py and sweep.py print 18.60% from the count, while
+    metrics.csv keeps 18.5950, which rounds to 18.59%. plot.py takes the count back from config.json's test_images."""
+    import train
+    history = [dict(epoch=epoch, train_loss=1.0, train_acc=50.0, test_loss=1.0, test_acc=100 * right / 242, lr=1e-3,
+                    epoch_time_s=1.0, train_images_per_s=1000.0, val_loss=1.0, val_acc=val, peak_mem_gib=None,
+                    includes_compile=0) for epoch, right, val in [(1, 40, 20.0), (2, 45, 24.0)]]
+    run_dir = tmp_path / 'logs' / 'run'
+    os.makedirs(run_dir)
+    (run_dir / 'metrics.csv').write_bytes(train.metrics_bytes(history))
+    (run_dir / 'config.json').write_text(json.dumps(dict(mode='linear', trainable_params=650, test_images=242)))
+    summary = train.summarize(history, 2, 0.1, 242)
+    run = plot.load_run(str(run_dir))
+    assert run['test_at_best_val'] == summary['test_acc_at_best_val'] and run['final_acc'] == summary['final_test_acc']
+    code, out, err = run_plot([tmp_path / 'logs'], capsys)
+    assert code == 0, err
+    assert table(out)['run'][2:7] == ('18.60%', '2', '18.60%', '2', '18.60%')
+
+
 # ---------------------------------------------------------------- more behaviours a second mutation round found unpinned
 
 
