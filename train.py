@@ -666,8 +666,9 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             if rank == 0 and epoch == args.epoch:
                 extra['confusion.csv'] = confusion_bytes(confusion, classes)
             save_checkpoint(run_dir, model, optimizer, scheduler, scaler, generator, epoch, history, summary, extra)
-            if rank == 0 and new_best:
-                remove_stale(run_dir, 'confusion_best.csv')  # --eval_only's, of the best checkpoint until now
+            if rank == 0 and new_best:  # --eval_only's, of the best checkpoint until now, and plot.py's figure of it
+                remove_stale(run_dir, 'confusion_best.csv')
+                remove_stale(run_dir, 'confusion_best.png')
             if rank == 0:
                 print(epoch_line(row, args.epoch), flush=True)
                 if writer:

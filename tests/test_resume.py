@@ -579,6 +579,22 @@ def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset,
     assert (run_dir / 'confusion.csv').exists()
 
 
+def test_a_better_epoch_removes_the_figure_of_the_former_best_too(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """plot.py --confusion draws confusion_best.csv into confusion_best.png, titled with summary.json's best val
+    epoch: once a resume saves a better epoch, the figure of the former best goes with its matrix."""
+    import train
+    run_dir = tmp_path / 'r'
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', '--val_split', 0.25), capsys)
+    assert code == 0, err
+    code, _, err = run_main(['--resume', run_dir, '--eval_only', '--checkpoint', 'best'], capsys)
+    assert code == 0 and (run_dir / 'confusion_best.csv').exists(), err
+    (run_dir / 'confusion_best.png').write_bytes(b'as plot.py --confusion draws it')
+    monkeypatch.setattr(train, 'best_val_epoch', lambda history: len(history))  # epoch 2 is the new best
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)
+    assert code == 0, err
+    assert not (run_dir / 'confusion_best.csv').exists() and not (run_dir / 'confusion_best.png').exists()
+
+
 def test_one_more_epoch_sets_the_former_result_aside_too(tiny_dataset, tmp_path, capsys):
     """--epoch N+1 trains a single epoch that is also the new last one: the former confusion.csv and its figure are
     kept as confusion_epoch<N>, not overwritten (csv) or left beside the new result (png)."""
