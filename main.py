@@ -769,9 +769,9 @@ def evaluate_checkpoint(args, model, splits, classes, device):
     width = max(map(shown_width, names.values()))
     counts = zip(confusion.diagonal().tolist(), confusion.sum(1).tolist())  # a class of 3 images says so
     count_width = len(str(confusion.sum(1).max().item()))
-    report += [f"  {padded(names[name], width)}  " + (f"{value:7.2f}%  ({right:>{count_width}} of {total})"
-                                                       if value is not None else '      -  (no test images)')
-               for (name, value), (right, total) in zip(per_class.items(), counts)]
+    report += [f"  {padded(names[name], width)}  " + (f"{100 * right / total:7.2f}%  ({right:>{count_width}} of "
+                                                       f"{total})" if total else '      -  (no test images)')
+               for name, (right, total) in zip(per_class, counts)]  # from the counts: per_class has 4 decimals
     try:  # the files first, so that a reader gone (| head) does not stop them; the report even if they fail (disk full)
         said, stream = write_evaluation(args, epoch, suffix, confusion, per_class, classes)
     finally:

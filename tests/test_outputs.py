@@ -166,6 +166,24 @@ def test_predict_reads_images_as_the_runs_folder_images_were_read(tiny_dataset, 
         sizes.clear()
 
 
+def test_eval_only_rounds_each_class_from_its_counts(run_dir, tmp_path, capsys, monkeypatch):
+    """45 of 242 is 18.595041...%: the per-class table says 18.60% beside "(45 of 242)", not 18.59% from
+    per_class_acc's 4 decimals (18.595) rounded again."""
+    import torch
+
+    import train
+    copy = shutil.copytree(run_dir, tmp_path / 'copy')
+    evaluate_split = train.evaluate_split
+
+    def counted(model, split, *args):
+        loss, acc, confusion = evaluate_split(model, split, *args)
+        return loss, acc, torch.tensor([[45, 197, 0], [0, 6, 0], [0, 0, 6]])
+    monkeypatch.setattr(train, 'evaluate_split', counted)
+    code, out, err = run_main(['--eval_only', '--resume', copy], capsys)
+    assert code == 0, err
+    assert re.search(r'^  cat +18\.60%  \( 45 of 242\)$', out, re.M), out
+
+
 def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, tiny_dataset, tmp_path, capsys):
     """A run stopped in its first epoch has a trainable.safetensors of epoch 0: its head untrained, its answers chance."""
     from safetensors.torch import load_file, save_file
