@@ -157,8 +157,8 @@ def make_parser():
              'augmented; see --data_seed); best.safetensors keeps the best-val epoch, summary.json its test accuracy')
     add('--device', type=device_flag, default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
     add('--amp', type=str2bool, default=True,
-        help='mixed precision on CUDA: bf16, or fp16 with loss scaling on GPUs without bf16 units (before '
-             'Ampere: V100, T4); False: fp32 (default True)')
+        help='mixed precision on CUDA: bf16, or fp16 with loss scaling on NVIDIA GPUs without bf16 units '
+             '(compute capability below 8: V100, T4, RTX 20xx); False: fp32 (default True)')
     add('--compile', type=str2bool, default=False, help='torch.compile the model')
     add('--tensorboard', type=str2bool, default=False,
         help='also write TensorBoard event files into the run directory (needs pip install tensorboard)')

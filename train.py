@@ -133,7 +133,7 @@ def make_optimizer(model, name, lr, weight_decay, device):
     no_decay = {f'vit.{param_name}' for param_name in model.vit.no_weight_decay()}
     groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
     fused = device.type == 'cuda'
-    if name == 'sgd':
+    if name == 'sgd':  # not fused: fused SGD fills no momentum on a step fp16's loss scaling skips, then diverges
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     optimizer_class = torch.optim.Adam if name == 'adam' else torch.optim.AdamW
     return optimizer_class(groups, lr=lr, fused=fused)
@@ -179,8 +179,9 @@ class StopRequest:
 
 
 def autocast_dtype(device):
-    """bf16 on GPUs with bf16 units (compute capability 8 on: A100, H100, RTX 30xx and later); fp16 on older ones
-    (V100, T4, RTX 20xx), where bf16 is emulated and slower than fp32. Only --amp on a GPU uses it."""
+    """bf16 on GPUs with bf16 units (NVIDIA compute capability 8 on: A100, H100, RTX 30xx and later; AMD's report
+    their gfx major, 9 and up); fp16 on older NVIDIA ones (V100, T4, RTX 20xx, GTX 10xx), where bf16 is emulated and
+    slower than fp32. Only --amp on a GPU uses it."""
     if device.type == 'cuda' and torch.cuda.get_device_capability(device)[0] < 8:
         return torch.float16
     return torch.bfloat16

@@ -112,8 +112,12 @@ def test_a_gpu_without_bf16_units_trains_in_fp16_with_loss_scaling(tiny_dataset,
     import train
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (7, 5))
     autocast, dtypes = train.autocast, set()
-    monkeypatch.setattr(train, 'autocast', lambda device, amp: dtypes.add(train.autocast_dtype(device))
-                        or autocast(device, amp))
+
+    def recorded(device, amp):
+        context = autocast(device, amp)
+        dtypes.add(context.fast_dtype)
+        return context
+    monkeypatch.setattr(train, 'autocast', recorded)
     code, _, err = run_main([*TINY, '--device', 'cuda', '--prompts', 0, '--full', True, '--dataset', tiny_dataset,
                              '--epoch', 6, '--batch_size', 8, '--lr', 2e-3, '--log_dir', tmp_path, '--name', 'fp16'],
                             capsys)

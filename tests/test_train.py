@@ -1,5 +1,6 @@
 """The training step and schedule: what P mode may and may not change, warmup + cosine."""
 import signal
+import warnings
 
 import pytest
 import torch
@@ -303,6 +304,9 @@ def test_mixed_precision_is_bf16_where_the_gpu_has_it_else_fp16_with_loss_scalin
                                     ((8, 0), torch.bfloat16, 'bfloat16'), ((9, 0), torch.bfloat16, 'bfloat16')):
         monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device, found=capability: found)
         assert train.autocast_dtype(cuda) == dtype
+        with warnings.catch_warnings():  # torch turns a CUDA autocast off where there is no GPU, keeping its dtype
+            warnings.simplefilter('ignore')
+            assert train.autocast(cuda, True).fast_dtype == dtype  # what training and evaluation run in
         assert (train.amp_name(cuda, True), train.amp_name(cuda, False)) == (name, None)  # config.json's amp_dtype
         made.clear()
         train.make_scaler(cuda, True), train.make_scaler(cuda, False)
