@@ -459,6 +459,8 @@ def said_once():
 
 def start(args, argv, mode):
     """Check what the parser could not (what needs no torch first), open the process group (under torchrun), run."""
+    if not_posix():
+        say_once(f"error: {not_posix()}")
     world_size = int(os.environ.get('WORLD_SIZE', '1'))  # set by torchrun
     if args.batch_size % world_size:
         say_once(f"error: --batch_size {args.batch_size} does not divide by the {world_size} processes; "
@@ -1031,6 +1033,18 @@ def make_run_dir(args, mode):
         except OSError as e:
             raise SystemExit(f"error: cannot create {path} ({e.strerror or e}); choose a writable --log_dir")
     raise SystemExit(f"error: could not create a fresh run directory under {args.log_dir}")
+
+
+def not_posix():
+    """Why this system cannot run vpt, or None: run directories (and sweeps) are locked with fcntl, which Windows
+    lacks."""
+    import importlib
+    try:
+        importlib.import_module('fcntl')
+    except ImportError:
+        return ("vpt needs a POSIX system such as Linux or macOS (it locks run directories with fcntl); on Windows, "
+                "run it in WSL2")
+    return None
 
 
 def lock_run(run_dir):

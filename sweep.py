@@ -44,7 +44,6 @@ import contextlib
 import csv
 import datetime
 import difflib
-import fcntl
 import hashlib
 import io
 import itertools
@@ -368,6 +367,7 @@ def lock_sweep(sweep_dir):
         handle = open(os.path.join(sweep_dir, 'sweep.lock'), 'w')
     except OSError as e:
         fail(f"cannot write into {sweep_dir} ({e.strerror or e}); choose a writable --log_dir")
+    import fcntl  # POSIX only: main checks first (vpt.not_posix)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -1069,6 +1069,8 @@ def main(argv=None):
         if arg.split('=')[0] in main_only:
             fail(f"{arg.split('=')[0]} is a main.py flag: put it after the --, with main.py's other flags", 2)
     args = make_parser().parse_args(ours)
+    if vpt.not_posix():
+        fail(vpt.not_posix())
     if args.compare is not None:
         if passthrough or [arg for arg in ours if arg.startswith('-') and not arg.startswith('--compare')]:
             fail("--compare takes only sweep directories: python sweep.py --compare logs/sweep_P logs/sweep_F", 2)

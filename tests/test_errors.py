@@ -581,3 +581,15 @@ def test_an_environment_older_than_the_requirements_is_one_line(tiny_dataset, tm
     assert result.returncode == 1 and result.stderr == ("error: vpt needs timm >= 1.0.21, and this Python has 1.0.15; "
                                                         "pip install -r requirements.txt\n"), result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_a_system_without_fcntl_is_one_line_naming_wsl(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """Windows has no fcntl, which locks run directories: one line saying so before anything is written, not an
+    ImportError's traceback once a run directory exists."""
+    import sys
+    from conftest import run_main
+    monkeypatch.setitem(sys.modules, 'fcntl', None)  # `import fcntl` raises ImportError, as on Windows
+    code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--log_dir', tmp_path], capsys)
+    assert code == 1 and err == ("error: vpt needs a POSIX system such as Linux or macOS (it locks run directories "
+                                 "with fcntl); on Windows, run it in WSL2\n"), err
+    assert os.listdir(tmp_path) == []

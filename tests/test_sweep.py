@@ -165,6 +165,14 @@ def test_a_tilde_in_sweep_paths_is_the_home_folder(tmp_path, monkeypatch):
         str(tmp_path / 'logs'), str(tmp_path / 'logs' / 's'), [str(tmp_path / 'a')])
 
 
+def test_a_system_without_fcntl_is_one_line_naming_wsl(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'fcntl', None)  # `import fcntl` raises ImportError, as on Windows
+    with pytest.raises(SystemExit) as error:
+        sweep.main(['--grid', 'lr=1e-3,1e-2', '--log_dir', str(tmp_path), '--', '--model', 'test_vit'])
+    assert error.value.code == 1 and 'run it in WSL2' in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 def test_sweep_starts_without_torch():
     code = "import sys; import sweep; assert 'torch' not in sys.modules, 'sweep.py imported torch'"
     subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)
