@@ -225,16 +225,21 @@ def test_weights_npz_of_another_architecture(cli):
     cli('--weights', path, expect=['does not fit --model test_vit', 'encoder blocks'])
 
 
-@pytest.mark.parametrize('trained', ['prompts', 'linear', 'unfreeze', 'seed_recipe'])
+@pytest.mark.parametrize('trained', ['prompts', 'linear', 'unfreeze', 'unfreeze_first', 'seed_recipe',
+                                     'other_width'])
 def test_weights_of_a_vpt_run_without_its_backbone(cli, trained):
     """A P run's trainable.safetensors holds prompts and head (a linear probe's the head, --unfreeze a few tensors
     more, README's seed recipe the patch embedding among them): no whole backbone to start from, and no note that
-    one was loaded. A --full True run's is one (test_model)."""
+    one was loaded. A --full True run's is one (test_model). Its first block alone is no whole ViT either, and one of
+    a ViT of another width is named as what it is, not as a size mismatch."""
     from safetensors.torch import save_file
     from model import PromptedViT, set_trainable
     from train import trainable_tensors
-    model = PromptedViT(timm.create_model('test_vit', num_classes=3), 0 if trained == 'linear' else 4)
-    set_trainable(model, full=False, unfreeze=dict(unfreeze=['blocks.5.*', 'norm.*'], seed_recipe=[
+    vit = (timm.create_model('vit_small_patch16_224', depth=1, num_classes=3) if trained == 'other_width' else
+           timm.create_model('test_vit', num_classes=3))  # 384-dim, test_vit is 64-dim
+    model = PromptedViT(vit, 0 if trained == 'linear' else 4)
+    set_trainable(model, full=False, unfreeze=dict(unfreeze=['blocks.5.*', 'norm.*'], unfreeze_first=['blocks.0.*'],
+                                                   other_width=['blocks.0.*'], seed_recipe=[
         'patch_embed.*', 'pos_embed', 'cls_token', 'norm.*']).get(trained, ()))
     path = cli.tmp_path / 'trainable.safetensors'
     save_file(trainable_tensors(model), path)
@@ -262,9 +267,10 @@ def test_weights_of_a_full_run_of_another_model_name_its_model(cli):
     --model other than the default: the refusal says which --model the file's run trained."""
     path = full_run_checkpoint(cli.tmp_path / 'upstream', timm.create_model('vit_small_patch16_224', depth=1,
                                                                              num_classes=3), 'vit_small_patch16_224')
-    cli('--weights', path, expect=['does not fit --model test_vit', 'size mismatch for',
-                                   'the run that wrote it trained --model vit_small_patch16_224: pass --model '
-                                   'vit_small_patch16_224'])
+    line = cli('--weights', path, expect=['does not fit --model test_vit', 'size mismatch for',
+                                          'the run that wrote it trained --model vit_small_patch16_224: pass --model '
+                                          'vit_small_patch16_224'])
+    assert '.;' not in line  # torch's sentence ends in a full stop: the hint follows it as one clause
 
 
 def test_weights_of_a_full_run_with_fewer_blocks_is_not_called_partial(cli):
@@ -275,6 +281,29 @@ def test_weights_of_a_full_run_with_fewer_blocks_is_not_called_partial(cli):
     line = cli('--weights', path, expect=['does not fit --model test_vit', 'blocks.3.', 'are not in it',
                                           'the run that wrote it trained --model shallow_vit'])
     assert 'only what that run trained' not in line
+
+
+@pytest.mark.parametrize('config', ['{"model": "vit_small_patch16_2', '["vit_small_patch16_224"]', '{"full": true}'],
+                         ids=['cut_short', 'a_list', 'no_model'])
+def test_weights_of_a_full_run_beside_a_config_json_that_names_no_model(cli, config):
+    """The --model hint reads the config.json beside the file: one cut short, not an object, or without 'model' (not
+    main.py's) leaves the refusal without a hint, still one line."""
+    path = full_run_checkpoint(cli.tmp_path / 'upstream', timm.create_model('vit_small_patch16_224', depth=1,
+                                                                             num_classes=3), 'vit_small_patch16_224')
+    (cli.tmp_path / 'upstream' / 'config.json').write_text(config)
+    line = cli('--weights', path, expect=['does not fit --model test_vit', 'size mismatch for'])
+    assert 'the run that wrote it' not in line and '--model None' not in line
+
+
+def test_weights_of_a_timm_checkpoint_beside_a_runs_config_json_get_no_run_hint(cli):
+    """Only a vpt run's own checkpoint is what the config.json beside it trained: a timm checkpoint saved into a
+    run directory (or any folder with such a config.json) was not written by that run."""
+    folder = cli.tmp_path / 'upstream'
+    os.makedirs(folder)
+    torch.save(timm.create_model('vit_small_patch16_224', depth=1).state_dict(), folder / 'vit_small.pth')
+    (folder / 'config.json').write_text(json.dumps(dict(model='vit_small_patch16_224', full=True)))
+    line = cli('--weights', folder / 'vit_small.pth', expect=['does not fit --model test_vit', 'size mismatch for'])
+    assert 'the run that wrote it' not in line
 
 
 def test_weights_of_another_architecture(cli):
