@@ -442,6 +442,32 @@ def test_default_figure_never_replaces_a_file_of_another_program(logs, tmp_path,
     assert code == 0 and f'wrote {target}' in out, err
 
 
+def test_default_figures_check_only_what_they_write(logs, tmp_path, capsys):
+    """Without --out only <first PATH>/accuracy.png (and with --cost its cost.png) is written, so only those are
+    checked: a photo named cost.png without --cost, or one named accuracy.png in another PATH, stays and stops
+    nothing."""
+    from PIL import Image
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(os.path.join(logs, 'cost.png'))
+    code, out, err = run_plot([logs], capsys)
+    assert code == 0 and f"wrote {os.path.join(logs, 'accuracy.png')}" in out, err
+    other = tmp_path / 'other'
+    write_run(other, 'Q_run')
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(other / 'accuracy.png')
+    before = (other / 'accuracy.png').read_bytes()
+    code, out, err = run_plot([logs, other], capsys)
+    assert code == 0 and f"wrote {os.path.join(logs, 'accuracy.png')}" in out, err
+    assert (other / 'accuracy.png').read_bytes() == before
+
+
+def test_a_directory_where_the_default_figure_goes_is_named_without_out(logs, capsys):
+    """A folder named accuracy.png in the first PATH: the error does not speak of an --out the user did not pass."""
+    os.makedirs(os.path.join(logs, 'accuracy.png'))
+    code, out, err = run_plot([logs], capsys)
+    assert code == 2 and out == '' and one_line(err) == (
+        f"plot.py: error: {os.path.join(logs, 'accuracy.png')} is a directory, where plot.py writes its figure; pass "
+        f"--out FILE")
+
+
 def test_out_to_dev_null_or_a_directory(logs, tmp_path, capsys):
     """--out /dev/null (only the table) is no file to protect; a directory is named as one."""
     code, out, err = run_plot([logs, '--out', os.devnull], capsys)
