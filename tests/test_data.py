@@ -546,6 +546,22 @@ def test_images_outside_the_class_folders_are_named_when_left_out(tmp_path, caps
     assert capsys.readouterr().err.count('outside the class folders') == 1
 
 
+def test_the_loose_images_warning_names_only_visible_image_files_once_per_machine(tmp_path, capsys, monkeypatch):
+    """Hidden files (macOS's ._ companions among them) are no images the user put there, and a class folder whose
+    name ends in .jpg is a class; three loose images are all named, without '...'; under torchrun the first process
+    of a machine warns, as for hidden folders."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b.jpg'), train_per_class=1, test_per_class=1, size=8)
+    for name in ('x.png', 'y.png', 'z.png', '._x.png', '.hidden.jpg'):
+        shutil.copy(tmp_path / 'ds' / 'train' / 'a' / '0000.png', tmp_path / 'ds' / 'train' / name)
+    train = os.path.join(root, 'train')
+    for local_rank, warned in (('1', False), ('0', True)):
+        monkeypatch.setenv('LOCAL_RANK', local_rank)
+        assert data.load_dataset(root, img_size=8)[4] == ['a', 'b.jpg']
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"warning: {train}: 3 image files outside the class folders belong to no class and are not read (x.png, "
+            f"y.png, z.png); move each into its class's folder, train/<class>/"][:warned]
+
+
 def test_every_unreadable_image_is_named_in_one_error(tmp_path, monkeypatch):
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=3, test_per_class=1)
     for name in ('a/0001.png', 'b/0002.png'):
