@@ -173,6 +173,34 @@ def test_a_system_without_fcntl_is_one_line_naming_wsl(tmp_path, monkeypatch, ca
     assert os.listdir(tmp_path) == []
 
 
+def test_a_folder_without_sweep_json_names_only_the_sweeps_in_it(tmp_path, capsys):
+    """--collect/--compare given the --log_dir a sweep is in: the hint names its sweeps (one is 'the sweep', past
+    five the rest are counted), not main.py's runs beside them; a missing path or a file is one line too."""
+    logs = tmp_path / 'logs'
+    os.makedirs(logs / 'run_P')  # a main.py run in the same --log_dir
+    (logs / 'run_P' / 'config.json').write_text('{}')
+
+    def error(*argv):
+        with pytest.raises(SystemExit) as stopped:
+            sweep.main([str(a) for a in argv])
+        assert stopped.value.code == 1
+        return capsys.readouterr().err
+    os.makedirs(logs / 'sweep_a')
+    (logs / 'sweep_a' / 'sweep.json').write_text('{}')
+    assert error('--collect', logs) == (
+        f"sweep.py: error: {logs} has no readable sweep.json; --collect reads a directory that sweep.py made; it holds "
+        f"the sweep sweep_a: pass one, such as {logs / 'sweep_a'}\n")
+    for name in 'bcdef':
+        os.makedirs(logs / f'sweep_{name}')
+        (logs / f'sweep_{name}' / 'sweep.json').write_text('{}')
+    assert error('--compare', logs).endswith(
+        f"; it holds the sweeps sweep_a, sweep_b, sweep_c, sweep_d, sweep_e and 1 more: pass their directories, such "
+        f"as {logs / 'sweep_a'}\n")
+    for path in (tmp_path / 'nowhere', logs / 'run_P' / 'config.json'):
+        assert error('--collect', path) == (f"sweep.py: error: {path} has no readable sweep.json; --collect reads a "
+                                            f"directory that sweep.py made\n")
+
+
 def test_sweep_starts_without_torch():
     code = "import sys; import sweep; assert 'torch' not in sys.modules, 'sweep.py imported torch'"
     subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)
