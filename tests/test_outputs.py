@@ -145,6 +145,20 @@ def test_predict_paths_that_name_no_image_are_refused_before_any_work(run_dir, t
     assert not (tmp_path / 'p.csv').exists()
 
 
+def test_predict_resume_and_out_take_a_tilde_after_equals(run_dir, tiny_dataset, tmp_path, capsys, monkeypatch):
+    """The shell expands ~ only at the start of a word: --resume=~/run --predict=~/cat.png --out=~/p.csv are
+    expanded by main.py, as the other path flags are."""
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # where an unexpanded --out=~/p.csv would go: not into the repository
+    os.symlink(run_dir, tmp_path / 'run')
+    shutil.copy(os.path.join(tiny_dataset, 'test', 'cat', '0000.png'), tmp_path / 'cat.png')
+    code, out, err = run_main(['--resume=~/run', '--predict=~/cat.png', '--out=~/p.csv'], capsys)
+    assert code == 0, err
+    with open(tmp_path / 'p.csv') as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == 2 and rows[1][0] == str(tmp_path / 'cat.png'), rows
+
+
 def test_predict_reads_images_as_the_runs_folder_images_were_read(tiny_dataset, tmp_path, capsys, monkeypatch):
     """A run recorded with folder_reading 2 or later shrank larger images to --img_size as they were decoded, one
     recorded with 1 kept them whole; one recorded with 4 turned photos upright by their EXIF orientation: --predict
