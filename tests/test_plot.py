@@ -197,6 +197,7 @@ def test_out_creates_missing_parent(logs, tmp_path, capsys):
 
 def test_a_tilde_in_paths_is_the_home_folder(logs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('HOME', str(tmp_path))  # the shell leaves ~ after --out= alone
+    monkeypatch.chdir(tmp_path)  # were ~ not expanded, ./~/acc.png would land here, not in the working tree
     code, out, err = run_plot(['~/logs', '--out=~/acc.png'], capsys)
     assert code == 0 and err == '', err
     assert_png(tmp_path / 'acc.png')
