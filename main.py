@@ -459,8 +459,9 @@ def said_once():
 
 def start(args, argv, mode):
     """Check what the parser could not (what needs no torch first), open the process group (under torchrun), run."""
-    if not_posix():
-        say_once(f"error: {not_posix()}")
+    unsupported = not_posix()
+    if unsupported:
+        say_once(f"error: {unsupported}")
     world_size = int(os.environ.get('WORLD_SIZE', '1'))  # set by torchrun
     if args.batch_size % world_size:
         say_once(f"error: --batch_size {args.batch_size} does not divide by the {world_size} processes; "

@@ -1069,8 +1069,9 @@ def main(argv=None):
         if arg.split('=')[0] in main_only:
             fail(f"{arg.split('=')[0]} is a main.py flag: put it after the --, with main.py's other flags", 2)
     args = make_parser().parse_args(ours)
-    if vpt.not_posix():
-        fail(vpt.not_posix())
+    unsupported = vpt.not_posix()
+    if unsupported:
+        fail(unsupported)
     if args.compare is not None:
         if passthrough or [arg for arg in ours if arg.startswith('-') and not arg.startswith('--compare')]:
             fail("--compare takes only sweep directories: python sweep.py --compare logs/sweep_P logs/sweep_F", 2)
