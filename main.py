@@ -281,7 +281,7 @@ def parse_args(argv=None):
     mode = mode_of(args)
     args.lr = DEFAULT_LR[mode] if args.lr is None else args.lr
     args.weight_decay = DEFAULT_WEIGHT_DECAY[mode] if args.weight_decay is None else args.weight_decay
-    args.warmup_epochs = 0.1 * args.epoch if args.warmup_epochs is None else args.warmup_epochs
+    args.warmup_epochs = args.epoch / 10 if args.warmup_epochs is None else args.warmup_epochs  # 0.3, not 0.1 * 3
     if args.warmup_epochs and args.warmup_epochs >= args.epoch and not (args.resume or args.predict):
         error(f"--warmup_epochs {args.warmup_epochs:g} is not shorter than --epoch {args.epoch}: the lr would never "
               f"reach --lr nor decay; warm up for part of the run (default: 10% of --epoch)")

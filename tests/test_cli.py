@@ -36,6 +36,8 @@ def test_defaults():
     assert (args.lr, args.weight_decay, args.optimizer) == (5e-3, 1e-4, 'adamw')  # README's P defaults
     assert main.parse_args(['--full', 'True', '--prompts', '0']).weight_decay == 0.05
     assert main.parse_args(['--epoch', '20']).warmup_epochs == pytest.approx(2.0)
+    # 10% of --epoch as config.json records it and a user reads it: 0.3, not 0.1 * 3 = 0.30000000000000004
+    assert [json.dumps(main.parse_args(['--epoch', str(n)]).warmup_epochs) for n in (3, 7, 9)] == ['0.3', '0.7', '0.9']
     # README's defaults: hub weights, VPT-deep, augmentation and bf16 autocast on, no compile, no val split
     assert (args.pretrained, args.deep, args.augment, args.amp, args.compile, args.tensorboard) == (
         True, True, True, True, False, False)
