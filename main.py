@@ -904,8 +904,8 @@ def padded(text, width):
 
 
 def image_paths(paths):
-    """Files as given; folders walked (sorted) for image files. A missing path or a folder without images is an
-    error before any work: a CSV without them would look complete."""
+    """Files as given; folders walked for image files, listed as a file browser lists them (img2 before img10). A
+    missing path or a folder without images is an error before any work: a CSV without them would look complete."""
     import data
     found = []
     for path in paths:
@@ -913,12 +913,17 @@ def image_paths(paths):
             images = data.image_files(path)
             if not images:
                 raise SystemExit(f"error: no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in {path}")
-            found += images
+            found += sorted(images, key=natural_order)
         elif os.path.exists(path):
             found.append(path)
         else:
             raise SystemExit(f"error: --predict {path}: no such file or folder")
     return found
+
+
+def natural_order(path):
+    """Sort key: runs of digits compare as numbers (frame_9 before frame_10), the rest as text."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split('([0-9]+)', path))]  # odd: the digits
 
 
 def check_writable_file(path):

@@ -145,6 +145,24 @@ def test_predict_paths_that_name_no_image_are_refused_before_any_work(run_dir, t
     assert not (tmp_path / 'p.csv').exists()
 
 
+def test_predict_lists_a_folder_as_a_file_browser_does(run_dir, tiny_dataset, tmp_path, capsys):
+    """frame_2 before frame_10 (string order put frame_10 first) in the table and in the CSV; files named on the
+    command line keep their order."""
+    image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
+    for name in ('frame_10', 'frame_2', 'frame_1', 'frame_9', 'clip_1/frame_3', 'clip_12/frame_1', 'clip_2/frame_1'):
+        os.makedirs(os.path.dirname(tmp_path / 'photos' / name), exist_ok=True)
+        shutil.copy(image, tmp_path / 'photos' / f'{name}.png')
+    shutil.copy(image, tmp_path / 'z.png')
+    code, out, err = run_main(['--predict', tmp_path / 'z.png', tmp_path / 'photos', '--resume', run_dir, '--out',
+                               tmp_path / 'p.csv'], capsys)
+    assert code == 0, err
+    with open(tmp_path / 'p.csv') as f:
+        listed = [os.path.relpath(row['file'], tmp_path) for row in csv.DictReader(f)]
+    assert listed == ['z.png', *(os.path.join('photos', f'{name}.png') for name in (
+        'clip_1/frame_3', 'clip_2/frame_1', 'clip_12/frame_1', 'frame_1', 'frame_2', 'frame_9', 'frame_10'))]
+    assert [line.split()[0] for line in out.splitlines()[1:-1]] == [str(tmp_path / path) for path in listed]
+
+
 def test_predict_resume_and_out_take_a_tilde_after_equals(run_dir, tiny_dataset, tmp_path, capsys, monkeypatch):
     """The shell expands ~ only at the start of a word: --resume=~/run --predict=~/cat.png --out=~/p.csv are
     expanded by main.py, as the other path flags are."""
