@@ -844,9 +844,9 @@ def predict(args, device):
     for start in range(0, len(paths), args.batch_size):
         chunk, inputs = [], []
         for path in paths[start:start + args.batch_size]:
-            try:
+            try:  # as the run's folder images were read
                 image = data.read_image(path, args.img_size if folder_reading(args) >= 2 else None, larger_only=True,
-                                        upright=folder_reading(args) >= 4)  # as the run's folder images were read
+                                        upright=folder_reading(args) >= 4, draft=folder_reading(args) >= 5)
             except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError...
                 print(f"skipping {path}: cannot read it as an image ({type(e).__name__}: {e})", file=sys.stderr)
                 skipped += 1

@@ -227,6 +227,48 @@ def test_a_sideways_photo_among_images_of_other_sizes_is_read_as_the_folder_read
     assert not np.array_equal(data.read_image(paths[0], 8), data.read_image(paths[0], 8, upright=False))
 
 
+def save_photo(path, width, height):
+    """A camera-like picture: smooth shapes and a little noise, saved as a JPEG (or as `path`'s format)."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    pixels = np.stack([128 + 100 * np.sin(9 * x + 4 * y), 128 + 90 * np.cos(7 * y), 255 * x * y], axis=2)
+    noise = np.random.RandomState(4).normal(0, 6, pixels.shape)
+    Image.fromarray((pixels + noise).clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_to_nearly_the_same_pixels(tmp_path, monkeypatch):
+    """Camera photos for a 32 px model: libjpeg decodes a JPEG at 1/2, 1/4 or 1/8 scale, never below twice the
+    size it is resized to (Pillow's thumbnail rule), a fraction of the work of the whole file."""
+    save_photo(tmp_path / 'photo.jpg', 600, 400)
+    resized_from, resize = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, 'resize', lambda image, *a, **k: resized_from.append(image.size)
+                        or resize(image, *a, **k))
+    reduced = data.read_image(tmp_path / 'photo.jpg', 32).astype(int)
+    whole = data.read_image(tmp_path / 'photo.jpg', 32, draft=False).astype(int)
+    assert resized_from == [(150, 100), (600, 400)]  # 1/4: 1/8 would be 75 x 50, under 64 on a side
+    assert reduced.shape == whole.shape == (32, 32, 3)
+    assert 0 < np.abs(reduced - whole).mean() < 1.5 and np.abs(reduced - whole).max() <= 12
+    save_photo(tmp_path / 'small.jpg', 120, 400)  # under 4x32 on a side: decoded whole
+    save_photo(tmp_path / 'photo.png', 600, 400)  # not a JPEG: decoded whole
+    resized_from.clear()
+    for name in ('small.jpg', 'photo.png'):
+        assert np.array_equal(data.read_image(tmp_path / name, 32), data.read_image(tmp_path / name, 32, draft=False))
+    assert resized_from == [(120, 400)] * 2 + [(600, 400)] * 2
+
+
+def test_a_run_of_folder_reading_4_reads_its_jpegs_whole_as_it_did(tmp_path):
+    """A run recorded before reduced-scale decoding resumes and evaluates on the pixels it was trained on."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=8)
+    for name in ('a/0000', 'b/0001'):
+        os.remove(os.path.join(root, 'train', f'{name}.png'))
+        save_photo(os.path.join(root, 'train', f'{name}.jpg'), 160, 96)
+    paths = sorted(data.image_files(os.path.join(root, 'train')))
+    for reading, draft in ((5, True), (4, False)):
+        images = data.load_dataset(root, img_size=8, reading=reading)[0]
+        expected = [data.read_image(path, 8, draft=draft) for path in paths]
+        assert all(np.array_equal(image.permute(1, 2, 0).numpy(), pixels) for image, pixels in zip(images, expected))
+    assert not np.array_equal(data.read_image(paths[0], 8), data.read_image(paths[0], 8, draft=False))
+
+
 def test_photos_resized_as_they_are_read_are_noted_once(tmp_path, capsys):
     """A folder of photos trains at 32x32 by default: said, not silent; CIFAR-sized images are kept, without a note."""
     root = write_folder_dataset(tmp_path / 'photos', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=48)

@@ -179,17 +179,18 @@ def test_predict_resume_and_out_take_a_tilde_after_equals(run_dir, tiny_dataset,
 
 def test_predict_reads_images_as_the_runs_folder_images_were_read(tiny_dataset, tmp_path, capsys, monkeypatch):
     """A run recorded with folder_reading 2 or later shrank larger images to --img_size as they were decoded, one
-    recorded with 1 kept them whole; one recorded with 4 turned photos upright by their EXIF orientation: --predict
-    reads its images the same way."""
+    recorded with 1 kept them whole; one recorded with 4 turned photos upright by their EXIF orientation, and 5 decodes
+    large JPEGs at a reduced scale: --predict reads its images the same way."""
     import data
     code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8, '--log_dir', tmp_path,
                              '--name', 'r'], capsys)
     assert code == 0, err
     config = json.loads((tmp_path / 'r' / 'config.json').read_text())
     sizes, read_image = [], data.read_image
-    monkeypatch.setattr(data, 'read_image', lambda path, size, **kwargs: sizes.append((size, kwargs['upright']))
-                        or read_image(path, size, **kwargs))
-    for reading, size in ((1, (None, False)), (2, (32, False)), (3, (32, False)), (4, (32, True))):
+    monkeypatch.setattr(data, 'read_image', lambda path, size, **kwargs: sizes.append(
+        (size, kwargs['upright'], kwargs['draft'])) or read_image(path, size, **kwargs))
+    for reading, size in ((1, (None, False, False)), (2, (32, False, False)), (3, (32, False, False)),
+                          (4, (32, True, False)), (5, (32, True, True))):
         (tmp_path / 'r' / 'config.json').write_text(json.dumps(dict(config, folder_reading=reading)))
         code, _, err = run_main(['--predict', os.path.join(tiny_dataset, 'test', 'cat'), '--resume', tmp_path / 'r'],
                                 capsys)
