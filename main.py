@@ -922,8 +922,9 @@ def image_paths(paths):
 
 
 def natural_order(path):
-    """Sort key: runs of digits compare as numbers (frame_9 before frame_10), the rest as text."""
-    return [int(part) if i % 2 else part for i, part in enumerate(re.split('([0-9]+)', path))]  # odd: the digits
+    """Sort key: runs of digits compare as numbers (frame_9 before frame_10), the rest as text whatever its case
+    (apple before Banana); names equal but for case keep image_files' order."""
+    return [int(part) if i % 2 else part.casefold() for i, part in enumerate(re.split('([0-9]+)', path))]  # odd: digits
 
 
 def check_writable_file(path):

@@ -163,6 +163,20 @@ def test_predict_lists_a_folder_as_a_file_browser_does(run_dir, tiny_dataset, tm
     assert [line.split()[0] for line in out.splitlines()[1:-1]] == [str(tmp_path / path) for path in listed]
 
 
+def test_predict_lists_a_folder_regardless_of_case_as_a_file_browser_does(run_dir, tiny_dataset, tmp_path, capsys):
+    """apple before Banana, Cherry9 before cherry10 (code-point order put every capital letter first)."""
+    image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
+    os.makedirs(tmp_path / 'photos')
+    for name in ('Banana', 'apple', 'cherry10', 'Cherry9'):
+        shutil.copy(image, tmp_path / 'photos' / f'{name}.png')
+    code, out, err = run_main(['--predict', tmp_path / 'photos', '--resume', run_dir, '--out', tmp_path / 'p.csv'],
+                              capsys)
+    assert code == 0, err
+    with open(tmp_path / 'p.csv') as f:
+        listed = [os.path.basename(row['file']) for row in csv.DictReader(f)]
+    assert listed == ['apple.png', 'Banana.png', 'Cherry9.png', 'cherry10.png']
+
+
 def test_predict_resume_and_out_take_a_tilde_after_equals(run_dir, tiny_dataset, tmp_path, capsys, monkeypatch):
     """The shell expands ~ only at the start of a word: --resume=~/run --predict=~/cat.png --out=~/p.csv are
     expanded by main.py, as the other path flags are."""
