@@ -784,7 +784,8 @@ def run_trials(sweep_dir, meta, base_seed, trials, gpus, add_device, compare_wit
         message, names = list(retired.values())[-1]
         fail(f"{' and '.join(names)} failed alike before their first checkpoint ({message}); the {len(pending)} "
              f"trial{'s' * (len(pending) != 1)} after them would fail the same way and did not start: mend that and "
-             f"re-launch the same command")
+             f"re-launch the same command, or, if a flag after -- was the cause, launch the mended command (a new "
+             f"sweep)")
 
 
 # ---------------------------------------------------------------- reports

@@ -1116,7 +1116,7 @@ def test_two_trials_that_fail_alike_before_a_checkpoint_stop_the_sweep(fake_trai
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "sweep.py: error: grid_lr=1e-3 and grid_lr=5e-3 failed alike before their first checkpoint (error: could not "
         "download cifar10); the 2 trials after them would fail the same way and did not start: mend that and "
-        "re-launch the same command")
+        "re-launch the same command, or, if a flag after -- was the cause, launch the mended command (a new sweep)")
     assert [(row['run'], row['status']) for row in read_csv(sweep_dir / 'sweep.csv')] == [
         ('grid_lr=1e-3', 'failed'), ('grid_lr=5e-3', 'failed'), ('grid_lr=1e-2', 'missing'),
         ('grid_lr=2e-2', 'missing')]
