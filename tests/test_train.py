@@ -340,3 +340,13 @@ def test_fp16_loss_scaling_skips_a_step_whose_gradients_overflow_and_lowers_the_
     train.train_epoch(model, optimizer, scheduler, iter(batches[1:]), 1, scaler=scaler)
     assert not any(torch.equal(param, old) for param, old in zip(model.parameters(), before))  # trained
     assert scaler.get_scale() == 2.0 ** 10
+
+
+def test_mixed_precision_is_on_only_where_amp_asks_for_it_on_a_gpu(monkeypatch):
+    """--amp False on a GPU trains and evaluates in fp32; on the CPU autocast stays off whatever --amp says."""
+    made = []
+    monkeypatch.setattr(torch, 'autocast', lambda device_type, dtype, enabled: made.append((device_type, enabled)))
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device: (8, 0))
+    for device in (torch.device('cuda', 0), torch.device('cpu')):
+        train.autocast(device, True), train.autocast(device, False)
+    assert made == [('cuda', True), ('cuda', False), ('cpu', False), ('cpu', False)]
