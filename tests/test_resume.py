@@ -1278,3 +1278,14 @@ def test_a_resumed_fp16_run_keeps_its_loss_scale(tiny_dataset, tmp_path, capsys,
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'fp32', '--amp', False), capsys)
     assert code == 0, err
     assert torch.load(tmp_path / 'fp32' / 'state.pt', weights_only=False)['scaler'] == {}  # fp32: no scaling
+
+
+def test_a_non_finite_loss_with_amp_off_does_not_suggest_turning_it_off(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """On a GPU without bf16 units --amp False trains in fp32: fp16's range is not the cause, so only --lr is named."""
+    import train
+    monkeypatch.setattr(train, 'amp_name', lambda device, amp: 'float16' if amp else None)
+    code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 2, '--batch_size', 8, '--lr', '1e30',
+                               '--warmup_epochs', 0, '--amp', False, '--log_dir', tmp_path, '--name', 'nan'], capsys)
+    assert code == 3
+    line = err.strip().splitlines()[-1]
+    assert 'a resume keeps it and would diverge again); the checkpoint of epoch 0 is intact' in line, line
