@@ -1289,3 +1289,47 @@ def test_a_non_finite_loss_with_amp_off_does_not_suggest_turning_it_off(tiny_dat
     assert code == 3
     line = err.strip().splitlines()[-1]
     assert 'a resume keeps it and would diverge again); the checkpoint of epoch 0 is intact' in line, line
+
+
+def test_the_fp16_loss_scale_goes_on_from_epoch_to_epoch_and_across_a_resume(tiny_dataset, tmp_path, capsys,
+                                                                              monkeypatch):
+    """The scale adapts over the whole run, not afresh each epoch: here it doubles after every step (growth interval
+    1), so state.pt holds 2^16 x 2^steps, 2 epochs in one process and a third resumed."""
+    import train
+    monkeypatch.setattr(train, 'amp_name', lambda device, amp: 'float16' if amp else None)
+    make_scaler = train.make_scaler
+
+    def growing(device, amp):
+        scaler = make_scaler(device, amp)
+        scaler.load_state_dict(dict(scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5, growth_interval=1,
+                                    _growth_tracker=0))
+        return scaler
+    monkeypatch.setattr(train, 'make_scaler', growing)
+    run_dir = tmp_path / 'r'
+    for argv in (tiny_run(tiny_dataset, tmp_path, 'r', epochs=2), ['--resume', run_dir, '--epoch', 3]):
+        code, _, err = run_main(argv, capsys)
+        assert code == 0, err
+        state = torch.load(run_dir / 'state.pt', weights_only=False)
+        assert state['scaler']['scale'] == 2.0 ** (16 + state['scheduler']['last_epoch']), state['scheduler']
+    assert len(read_metrics(run_dir)) == 3
+
+
+def test_a_run_saved_without_a_loss_scale_resumes_in_fp16_with_a_fresh_one(tiny_dataset, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A bf16 or fp32 run (its state.pt holds an empty scaler), or one of a vpt from before fp16 (no scaler at all),
+    resumed on a GPU without bf16 units: it goes on in fp16 from torch's initial scale, not a crash."""
+    import train
+    run_dir = tmp_path / 'r'
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    assert torch.load(run_dir / 'state.pt', weights_only=False)['scaler'] == {}  # the CPU: fp32
+    monkeypatch.setattr(train, 'amp_name', lambda device, amp: 'float16' if amp else None)
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)
+    assert code == 0, err
+    state = torch.load(run_dir / 'state.pt', weights_only=False)
+    assert state['scaler']['scale'] == 2.0 ** 16
+    del state['scaler']  # as a vpt from before fp16 saved it
+    torch.save(state, run_dir / 'state.pt')
+    code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)
+    assert code == 0, err
+    assert torch.load(run_dir / 'state.pt', weights_only=False)['scaler']['scale'] == 2.0 ** 16
