@@ -275,7 +275,8 @@ def test_damaged_run_files_are_one_line(tiny_dataset, tmp_path, capsys):
                                         ('lr', float('nan')), ('warmup_epochs', float('inf')),
                                         ('folder_reading', None), ('dataset_images', [48, 18]), ('classes', 'abc'),
                                         ('dataset_images', {'train': '48', 'test': 18}), ('classes', [1, 2, 3]),
-                                        ('full', 1), ('resumed', {'from_epoch': 1}), ('val_images', '0')])
+                                        ('full', 1), ('resumed', {'from_epoch': 1}), ('val_images', '0'),
+                                        ('dataset', 7), ('log_dir', ['logs'])])
 def test_a_hand_edited_config_value_is_one_line(tiny_dataset, tmp_path, capsys, key, value):
     """A value the flag would not take, or a record main.py reads back in another form, came out as a TypeError
     from deep inside ('big' % world_size, None < 3)."""
