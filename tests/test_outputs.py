@@ -231,6 +231,28 @@ def test_eval_only_rounds_each_class_from_its_counts(run_dir, tmp_path, capsys, 
     assert re.search(r'^  cat +18\.60%  \( 45 of 242\)$', out, re.M), out
 
 
+def test_eval_only_shows_a_class_it_never_got_right_as_0_percent_and_says_what_it_wrote(run_dir, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """'-  (no test images)' is for a class without test images; one whose 6 images were all missed is 0.00%. The
+    last line names the files the evaluation wrote."""
+    import torch
+
+    import train
+    copy = shutil.copytree(run_dir, tmp_path / 'copy')
+    evaluate_split = train.evaluate_split
+
+    def counted(model, split, *args):
+        loss, acc, confusion = evaluate_split(model, split, *args)
+        return loss, acc, torch.tensor([[6, 0, 0], [6, 0, 0], [0, 0, 0]])
+    monkeypatch.setattr(train, 'evaluate_split', counted)
+    code, out, err = run_main(['--eval_only', '--resume', copy], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert [line for line in lines if line.startswith('  ')] == [
+        '  cat    100.00%  (6 of 6)', '  dog      0.00%  (0 of 6)', '  frog        -  (no test images)'], out
+    assert lines[-1] == f"wrote {copy / 'confusion.csv'} and per_class_acc in {copy / 'summary.json'}"
+
+
 def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, tiny_dataset, tmp_path, capsys):
     """A run stopped in its first epoch has a trainable.safetensors of epoch 0: its head untrained, its answers chance."""
     from safetensors.torch import load_file, save_file
