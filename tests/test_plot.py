@@ -1531,6 +1531,21 @@ def test_the_table_rounds_test_accuracy_as_main_py_prints_it(tmp_path, capsys):
     assert table(out)['run'][2:7] == ('18.60%', '1', '18.60%', '1', '16.53%')  # every epoch's, not the last only
 
 
+def test_the_table_keeps_a_test_accuracy_no_count_of_the_test_images_gives(tmp_path):
+    """18.59% is no count of 242 test images (45 of them is 18.5950%): metrics.csv's value stays as it is, not the
+    nearest count's 18.60%; a config.json saying 0 test images names no count to take it back to."""
+    import train
+    history = [dict(epoch=1, train_loss=1.0, train_acc=50.0, test_loss=1.0, test_acc=18.59, lr=1e-3, epoch_time_s=1.0,
+                    train_images_per_s=1000.0, val_loss=None, val_acc=None, peak_mem_gib=None, includes_compile=0)]
+    run_dir = tmp_path / 'run'
+    os.makedirs(run_dir)
+    (run_dir / 'metrics.csv').write_bytes(train.metrics_bytes(history))
+    for images in (242, 0):
+        (run_dir / 'config.json').write_text(json.dumps(dict(mode='linear', trainable_params=650, test_images=images)))
+        run = plot.load_run(str(run_dir))
+        assert (run['final_acc'], run['oracle_test_acc']) == (18.59, 18.59), images
+
+
 # ---------------------------------------------------------------- more behaviours a second mutation round found unpinned
 
 
