@@ -256,16 +256,19 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_to_nearly_the_same_pixels(tm
 
 
 def test_a_run_of_folder_reading_4_reads_its_jpegs_whole_as_it_did(tmp_path):
-    """A run recorded before reduced-scale decoding resumes and evaluates on the pixels it was trained on."""
+    """A run recorded before reduced-scale decoding resumes and evaluates on the pixels it was trained on, whether its
+    other images are --img_size already or smaller (then every image is resized, in a second pass)."""
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=8)
     for name in ('a/0000', 'b/0001'):
         os.remove(os.path.join(root, 'train', f'{name}.png'))
         save_photo(os.path.join(root, 'train', f'{name}.jpg'), 160, 96)
     paths = sorted(data.image_files(os.path.join(root, 'train')))
-    for reading, draft in ((5, True), (4, False)):
-        images = data.load_dataset(root, img_size=8, reading=reading)[0]
-        expected = [data.read_image(path, 8, draft=draft) for path in paths]
-        assert all(np.array_equal(image.permute(1, 2, 0).numpy(), pixels) for image, pixels in zip(images, expected))
+    for smaller in (False, True):
+        if smaller:
+            Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(paths[1])
+        for reading, draft in ((5, True), (4, False)):
+            read = [image.permute(1, 2, 0).numpy() for image in data.load_dataset(root, img_size=8, reading=reading)[0]]
+            assert all(np.array_equal(got, data.read_image(path, 8, draft=draft)) for got, path in zip(read, paths))
     assert not np.array_equal(data.read_image(paths[0], 8), data.read_image(paths[0], 8, draft=False))
 
 
