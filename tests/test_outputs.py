@@ -213,9 +213,8 @@ def test_predict_reads_images_as_the_runs_folder_images_were_read(tiny_dataset, 
         sizes.clear()
 
 
-def test_eval_only_rounds_each_class_from_its_counts(run_dir, tmp_path, capsys, monkeypatch):
-    """45 of 242 is 18.595041...%: the per-class table says 18.60% beside "(45 of 242)", not 18.59% from
-    per_class_acc's 4 decimals (18.595) rounded again."""
+def eval_only_with_confusion(run_dir, tmp_path, capsys, monkeypatch, confusion):
+    """--eval_only on a copy of run_dir, its evaluation counting `confusion` (rows: true class) -> (copy, stdout)."""
     import torch
 
     import train
@@ -223,11 +222,18 @@ def test_eval_only_rounds_each_class_from_its_counts(run_dir, tmp_path, capsys, 
     evaluate_split = train.evaluate_split
 
     def counted(model, split, *args):
-        loss, acc, confusion = evaluate_split(model, split, *args)
-        return loss, acc, torch.tensor([[45, 197, 0], [0, 6, 0], [0, 0, 6]])
+        loss, acc, _ = evaluate_split(model, split, *args)
+        return loss, acc, torch.tensor(confusion)
     monkeypatch.setattr(train, 'evaluate_split', counted)
     code, out, err = run_main(['--eval_only', '--resume', copy], capsys)
     assert code == 0, err
+    return copy, out
+
+
+def test_eval_only_rounds_each_class_from_its_counts(run_dir, tmp_path, capsys, monkeypatch):
+    """45 of 242 is 18.595041...%: the per-class table says 18.60% beside "(45 of 242)", not 18.59% from
+    per_class_acc's 4 decimals (18.595) rounded again."""
+    _, out = eval_only_with_confusion(run_dir, tmp_path, capsys, monkeypatch, [[45, 197, 0], [0, 6, 0], [0, 0, 6]])
     assert re.search(r'^  cat +18\.60%  \( 45 of 242\)$', out, re.M), out
 
 
@@ -235,18 +241,7 @@ def test_eval_only_shows_a_class_it_never_got_right_as_0_percent_and_says_what_i
                                                                                         monkeypatch):
     """'-  (no test images)' is for a class without test images; one whose 6 images were all missed is 0.00%. The
     last line names the files the evaluation wrote."""
-    import torch
-
-    import train
-    copy = shutil.copytree(run_dir, tmp_path / 'copy')
-    evaluate_split = train.evaluate_split
-
-    def counted(model, split, *args):
-        loss, acc, confusion = evaluate_split(model, split, *args)
-        return loss, acc, torch.tensor([[6, 0, 0], [6, 0, 0], [0, 0, 0]])
-    monkeypatch.setattr(train, 'evaluate_split', counted)
-    code, out, err = run_main(['--eval_only', '--resume', copy], capsys)
-    assert code == 0, err
+    copy, out = eval_only_with_confusion(run_dir, tmp_path, capsys, monkeypatch, [[6, 0, 0], [6, 0, 0], [0, 0, 0]])
     lines = out.strip().splitlines()
     assert [line for line in lines if line.startswith('  ')] == [
         '  cat    100.00%  (6 of 6)', '  dog      0.00%  (0 of 6)', '  frog        -  (no test images)'], out
