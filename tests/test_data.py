@@ -255,6 +255,19 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_to_nearly_the_same_pixels(tm
     assert resized_from == [(120, 400)] * 2 + [(600, 400)] * 2
 
 
+def test_a_jpeg_is_decoded_at_the_smallest_scale_that_keeps_twice_img_size(tmp_path, monkeypatch):
+    """The rule sets a run's pixels, which its resume and evaluation read again: 1/2 from 4x --img_size on a side,
+    1/4 from 8x, 1/8 from 16x; a side 1 px short of one keeps the scale above it."""
+    resized_from, resize = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, 'resize', lambda image, *a, **k: resized_from.append(image.size[0])
+                        or resize(image, *a, **k))
+    decoded = {127: 127, 128: 64, 255: 128, 256: 64, 511: 128, 512: 64}  # side -> side decoded, --img_size 32
+    for side in decoded:
+        save_photo(tmp_path / f'{side}.jpg', side, side)
+        assert data.read_image(tmp_path / f'{side}.jpg', 32).shape == (32, 32, 3)
+    assert resized_from == list(decoded.values())
+
+
 def test_a_run_of_folder_reading_4_reads_its_jpegs_whole_as_it_did(tmp_path):
     """A run recorded before reduced-scale decoding resumes and evaluates on the pixels it was trained on, whether its
     other images are --img_size already or smaller (then every image is resized, in a second pass)."""
