@@ -268,6 +268,21 @@ def test_a_jpeg_is_decoded_at_the_smallest_scale_that_keeps_twice_img_size(tmp_p
     assert resized_from == list(decoded.values())
 
 
+def test_a_sideways_jpeg_is_decoded_at_a_reduced_scale_too(tmp_path, monkeypatch):
+    """A phone stores most photos sideways with an EXIF orientation: reduced before it is turned upright (turned first,
+    it is no longer a JPEG to reduce and is decoded whole, other pixels and the time saved lost)."""
+    save_photo(tmp_path / 'upright.png', 400, 600)
+    pixels = np.asarray(Image.open(tmp_path / 'upright.png'))
+    save_sideways(tmp_path / 'photo.jpg', pixels)
+    resized_from, resize = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, 'resize', lambda image, *a, **k: resized_from.append(image.size)
+                        or resize(image, *a, **k))
+    reduced = data.read_image(tmp_path / 'photo.jpg', 32).astype(int)
+    assert resized_from == [(100, 150)]  # stored 600 x 400, decoded at 1/4, then turned upright
+    whole = np.asarray(Image.fromarray(pixels).resize((32, 32), Image.BILINEAR)).astype(int)
+    assert np.abs(reduced - whole).mean() < 1.5  # upright, as viewers show it
+
+
 def test_a_run_of_folder_reading_4_reads_its_jpegs_whole_as_it_did(tmp_path):
     """A run recorded before reduced-scale decoding resumes and evaluates on the pixels it was trained on, whether its
     other images are --img_size already or smaller (then every image is resized, in a second pass)."""
