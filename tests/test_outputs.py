@@ -177,6 +177,18 @@ def test_predict_lists_a_folder_regardless_of_case_as_a_file_browser_does(run_di
     assert listed == ['apple.png', 'Banana.png', 'Cherry9.png', 'cherry10.png']
 
 
+def test_predict_lists_numbered_names_by_the_number_then_the_text_after_it(tmp_path):
+    """cam1_top before cam2_side (the number decides, then the text: not the count of its digits), cam007 between
+    cam2 and cam10; dog_1 and Dog_2 before dogs, '_' before a letter as a file browser puts it (not after 'S')."""
+    import main
+    names = ('dogs', 'cam10_back', 'Dog_2', 'cam2_side', 'cam007_front', 'dog_1', 'cam1_top')
+    os.makedirs(tmp_path / 'photos')
+    for name in names:
+        (tmp_path / 'photos' / f'{name}.png').write_bytes(b'')  # listed, not read
+    assert [os.path.basename(path) for path in main.image_paths([str(tmp_path / 'photos')])] == [
+        f'{name}.png' for name in ('cam1_top', 'cam2_side', 'cam007_front', 'cam10_back', 'dog_1', 'Dog_2', 'dogs')]
+
+
 def test_predict_resume_and_out_take_a_tilde_after_equals(run_dir, tiny_dataset, tmp_path, capsys, monkeypatch):
     """The shell expands ~ only at the start of a word: --resume=~/run --predict=~/cat.png --out=~/p.csv are
     expanded by main.py, as the other path flags are."""
