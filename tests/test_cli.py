@@ -45,6 +45,13 @@ def test_defaults():
 
 
 
+def test_a_flag_given_as_0_is_kept_not_taken_for_its_default():
+    """README's seed recipe passes --warmup_epochs 0: no warmup, not 10% of --epoch; --weight_decay 0 is no decay, not
+    the mode's default. config.json records the 0 asked for."""
+    args = main.parse_args(['--epoch', '20', '--warmup_epochs', '0', '--weight_decay', '0'])
+    assert (args.warmup_epochs, args.weight_decay) == (0, 0)
+
+
 def test_a_tilde_in_a_path_flag_is_the_home_folder(tiny_dataset, tmp_path, monkeypatch):
     """The shell expands ~ at the start of a word, not after --dataset=; main.py does it for every path flag."""
     monkeypatch.setenv('HOME', str(tmp_path))
