@@ -113,7 +113,7 @@ def _load_folder(root, img_size, samples, seed, reading, test_split=0.0):
     for split_dir in split_dirs[:1] if test_split else split_dirs:
         if not os.path.isdir(split_dir):
             raise SystemExit(f"error: --dataset {root} has no {os.path.basename(split_dir)}/ folder"
-                             f"{_missing_split_hint(root, os.path.basename(split_dir))}; "
+                             f"{_missing_split_hint(root, os.path.basename(split_dir), test_split)}; "
                              + ("with --test_split a folder dataset needs train/<class>/* images" if test_split else
                                 "a folder dataset needs train/<class>/* and test/<class>/* images"))
     classes = _class_folders(split_dirs[0], reading)
@@ -173,7 +173,7 @@ def _load_folder(root, img_size, samples, seed, reading, test_split=0.0):
     return splits, classes, available
 
 
-def _missing_split_hint(root, split):
+def _missing_split_hint(root, split, test_split=0.0):
     """' (what the folder looks like, and what to pass)' for a --dataset without train/ or test/; '' if nothing."""
     parent = os.path.dirname(os.path.abspath(root))
     below = [entry.path for entry in sorted(os.scandir(root), key=lambda entry: entry.name) if entry.is_dir()
@@ -182,6 +182,10 @@ def _missing_split_hint(root, split):
         return f" (its subfolder {below[0]} has both: pass --dataset {below[0]})"
     if all(os.path.isdir(os.path.join(parent, name)) for name in ('train', 'test')):  # one level too deep
         return f" (its parent {parent} has both: pass --dataset {parent})"
+    if split == 'train' and os.path.isdir(os.path.join(parent, 'train')) and os.path.samefile(
+            os.path.join(parent, 'train'), root):  # the train/ folder of a dataset without test/, not the dataset
+        return (f" (it is the train/ folder of {parent}: pass --dataset {parent}"
+                f"{'' if test_split else ' --test_split 0.2'})")
     if split == 'test':
         return (" (rename val/ to test/ to evaluate on it)" if os.path.isdir(os.path.join(root, 'val')) else
                 " (or pass --test_split 0.2, say, to hold out a fraction of train/ as the test set)")

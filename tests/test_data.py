@@ -707,6 +707,18 @@ def test_a_subfolder_without_test_is_not_offered_as_the_dataset(tmp_path):
     assert str(error.value).startswith(f"error: --dataset {tmp_path / 'outer'} has no train/ folder; a folder dataset")
 
 
+
+def test_the_train_folder_of_a_dataset_without_test_is_not_offered_its_own_train_folder(tmp_path):
+    """--dataset photos/train, where photos/ holds train/ alone: pass photos with --test_split, not photos/train/train."""
+    root = write_folder_dataset(tmp_path / 'photos', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=4)
+    shutil.rmtree(os.path.join(root, 'test'))
+    train_dir = os.path.join(root, 'train')
+    for test_split, added in ((0.0, ' --test_split 0.2'), (0.5, '')):
+        with pytest.raises(SystemExit) as error:
+            data.load_dataset(train_dir, img_size=4, test_split=test_split)
+        assert f"(it is the train/ folder of {root}: pass --dataset {root}{added}); " in str(error.value)
+        assert 'train/train' not in str(error.value)
+
 def _fake_cifar10(root, train_per_batch=6, test_count=8):
     """A cifar-10-batches-py folder in torchvision's format, made here: the same code path as the real download."""
     folder = os.path.join(root, 'cifar-10-batches-py')
