@@ -193,7 +193,9 @@ def _missing_split_hint(root, split, test_split=0.0):
                     if entry.is_dir() and _visible(entry.name) and image_files(entry.path)]
     if classes_here:  # class folders right under the dataset
         return (f" (its subfolders {', '.join(classes_here[:3])}{', ...' if len(classes_here) > 3 else ''} hold "
-                f"images: move the class folders into {os.path.join(root, 'train')}/)")
+                f"images: move the class folders into {os.path.join(root, 'train')}/"
+                + ('' if test_split or os.path.isdir(os.path.join(root, 'test')) else
+                   ", and pass --test_split 0.2, say, to hold out a fraction of them as the test set") + ")")
     return ''
 
 

@@ -365,6 +365,9 @@ def test_test_split_names_what_is_wrong_with_a_folder_of_class_folders(tmp_path,
     with pytest.raises(SystemExit, match=r"has no train/ folder \(its subfolders a, b hold images: move the class "
                                          r"folders into .*train/\); with --test_split a folder dataset needs train/"):
         data.load_dataset(root, img_size=4, test_split=0.25)
+    with pytest.raises(SystemExit, match=r"move the class folders into .*train/, and pass --test_split 0.2, say, to "
+                                         r"hold out a fraction of them as the test set\); a folder dataset needs"):
+        data.load_dataset(root, img_size=4)  # without test/ either: one step to a dataset that loads, not two
     os.makedirs(os.path.join(root, 'train'))
     os.rename(os.path.join(root, 'a'), os.path.join(root, 'train', 'a'))
     os.makedirs(os.path.join(root, 'train', 'b'))
@@ -709,7 +712,7 @@ def test_a_subfolder_without_test_is_not_offered_as_the_dataset(tmp_path):
 
 
 def test_the_train_folder_of_a_dataset_without_test_is_not_offered_its_own_train_folder(tmp_path):
-    """--dataset photos/train, where photos/ holds train/ alone: pass photos with --test_split, not photos/train/train."""
+    """--dataset photos/train, where photos/ holds train/ alone: pass photos with --test_split, not train/train."""
     root = write_folder_dataset(tmp_path / 'photos', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=4)
     shutil.rmtree(os.path.join(root, 'test'))
     train_dir = os.path.join(root, 'train')
