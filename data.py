@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+# photo formats not read (an iPhone's HEIC, a scanner's TIFF, a camera's raw files): said, never left out silently
+UNREAD_EXTENSIONS = ('.heic', '.heif', '.avif', '.tif', '.tiff', '.jfif', '.dng', '.cr2', '.cr3', '.nef', '.arw',
+                     '.raf', '.orf', '.rw2')
 CIFAR_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
 # How a folder dataset's files are found and decoded; config.json records it, so a run resumes and evaluates on the
 # images it was trained on. 5: as 4, and a JPEG at least 4x --img_size on both sides decoded at 1/2, 1/4 or 1/8 scale
@@ -140,21 +143,29 @@ def _load_folder(root, img_size, samples, seed, reading, test_split=0.0):
     listed = []
     for split_dir in split_dirs[:1] if test_split else split_dirs:
         _warn_loose_images(split_dir)
-        paths, labels, hidden = [], [], []
+        paths, labels, hidden, unread = [], [], [], []
         for label, name in enumerate(classes):
-            files = image_files(os.path.join(split_dir, name), reading, hidden)
+            files = image_files(os.path.join(split_dir, name), reading, hidden, unread)
             if not files:
                 inside = [os.path.relpath(path, split_dir) for path in hidden
                           if path.startswith(os.path.join(split_dir, name, ''))]
+                formats = [os.path.relpath(path, split_dir) for path in unread
+                           if path.startswith(os.path.join(split_dir, name, ''))]
                 raise SystemExit(f"error: class folder {os.path.join(split_dir, name)} has no images "
                                  f"({', '.join(IMAGE_EXTENSIONS)})"
                                  + (f" outside hidden folders, which are left out ({', '.join(inside[:3])})" if inside
                                     else '')
-                                 + "; add images or remove the folder" + ('' if test_split else " from both splits"))
+                                 + (f"; its {unread_files(formats)} in a format not read: convert to JPEG or "
+                                    f"PNG, or remove the folder" if formats else "; add images or remove the folder")
+                                 + ('' if test_split else " from both splits"))
             paths += files
             labels += [label] * len(files)
         _warn_hidden(split_dir, "hidden (and __MACOSX) folders are left out with their images",
                      [os.path.relpath(path, split_dir) for path in hidden[:5]] + (['...'] if len(hidden) > 5 else []))
+        if unread and os.environ.get('LOCAL_RANK', '0') == '0':
+            print(f"warning: {split_dir}: {unread_files([os.path.relpath(path, split_dir) for path in unread])} "
+                  f"in a format not read, left out; convert to JPEG or PNG to train on", file=sys.stderr,
+                  flush=True)
         listed.append((paths, torch.tensor(labels)))
     if test_split:
         paths, labels = listed[0]
@@ -246,9 +257,16 @@ def _warn_hidden(split_dir, what, names):
         print(f"warning: {split_dir}: {what}: {', '.join(names)}", file=sys.stderr, flush=True)
 
 
-def image_files(folder, reading=FOLDER_READING, hidden=None):
+def unread_files(names):
+    """'3 files (a.HEIC, b.HEIC, c.tif)' or '5 files (a.HEIC, b.HEIC, c.tif, ...)': the UNREAD_EXTENSIONS found."""
+    return (f"{len(names)} file{'s' * (len(names) != 1)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) "
+            f"{'is' if len(names) == 1 else 'are'}")
+
+
+def image_files(folder, reading=FOLDER_READING, hidden=None, unread=None):
     """The image files in `folder` and its subfolders (as torchvision's ImageFolder finds them), sorted; hidden files
-    and folders left out (those holding images are added to the list `hidden`, when one is given)."""
+    and folders left out (those holding images are added to the list `hidden`, when one is given; photos in a format
+    not read, UNREAD_EXTENSIONS, to the list `unread`)."""
     if reading < 2:
         return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
     found, seen = [], {os.path.realpath(folder)}
@@ -266,6 +284,9 @@ def image_files(folder, reading=FOLDER_READING, hidden=None):
         seen.update(os.path.realpath(os.path.join(root, name)) for name in kept)  # reading 2 marked them only here
         dirs[:] = kept
         found += [os.path.join(root, f) for f in sorted(files) if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+        if unread is not None:
+            unread += [os.path.join(root, f) for f in sorted(files) if _visible(f)
+                       and f.lower().endswith(UNREAD_EXTENSIONS)]
     return found
 
 

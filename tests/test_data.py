@@ -622,6 +622,28 @@ def test_images_outside_the_class_folders_are_named_when_left_out(tmp_path, caps
     assert capsys.readouterr().err.count('outside the class folders') == 1
 
 
+
+def test_photos_in_a_format_not_read_are_named_when_left_out(tmp_path, capsys):
+    """An iPhone's .HEIC photos (or a scanner's .tif) beside the JPEGs are not read: a warning, not fewer images
+    without a word; a class folder holding only such files says so in its error."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=8)
+    for name in ('a/IMG_1.HEIC', 'a/trip/IMG_2.heic', 'b/scan.tif', 'b/.IMG_3.HEIC', 'b/Thumbs.db'):
+        os.makedirs(os.path.dirname(tmp_path / 'ds' / 'train' / name), exist_ok=True)
+        (tmp_path / 'ds' / 'train' / name).write_bytes(b'not read')
+    _, train_y, _, test_y, _, _ = data.load_dataset(root, img_size=8)
+    assert len(train_y) == 4 and len(test_y) == 2
+    train = os.path.join(root, 'train')
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"warning: {train}: 3 files ({os.path.join('a', 'IMG_1.HEIC')}, {os.path.join('a', 'trip', 'IMG_2.heic')}, "
+        f"{os.path.join('b', 'scan.tif')}) are in a format not read, left out; convert to JPEG or PNG to train on"]
+    for name in ('0000.png', '0001.png'):
+        os.remove(tmp_path / 'ds' / 'train' / 'b' / name)
+    with pytest.raises(SystemExit) as error:
+        data.load_dataset(root, img_size=8)
+    assert str(error.value) == (f"error: class folder {os.path.join(train, 'b')} has no images (.jpg, .jpeg, .png, "
+                                f".bmp, .gif, .webp); its 1 file ({os.path.join('b', 'scan.tif')}) is in a format not "
+                                f"read: convert to JPEG or PNG, or remove the folder from both splits")
+
 def test_the_loose_images_warning_names_only_visible_image_files_once_per_machine(tmp_path, capsys, monkeypatch):
     """Hidden files (macOS's ._ companions among them) are no images the user put there, and a class folder whose
     name ends in .jpg is a class; three loose images are all named, without '...'; under torchrun the first process

@@ -145,6 +145,23 @@ def test_predict_paths_that_name_no_image_are_refused_before_any_work(run_dir, t
     assert not (tmp_path / 'p.csv').exists()
 
 
+
+def test_predict_names_the_photos_of_a_folder_it_cannot_read(run_dir, tiny_dataset, tmp_path, capsys):
+    """A phone's .HEIC photos in a folder are not classified: a warning (the CSV would look complete without them),
+    and the error of a folder that holds nothing else names them."""
+    os.makedirs(tmp_path / 'phone')
+    shutil.copy(os.path.join(tiny_dataset, 'test', 'cat', '0000.png'), tmp_path / 'phone' / 'IMG_1.JPG')
+    (tmp_path / 'phone' / 'IMG_2.HEIC').write_bytes(b'not read')
+    code, _, err = run_main(['--predict', tmp_path / 'phone', '--resume', run_dir, '--out', tmp_path / 'p.csv'], capsys)
+    assert code == 0 and err.strip() == (f"warning: {tmp_path / 'phone'}: 1 file (IMG_2.HEIC) is in a format not read, "
+                                         f"not classified; convert to JPEG or PNG to classify"), err
+    os.remove(tmp_path / 'phone' / 'IMG_1.JPG')
+    code, _, err = run_main(['--predict', tmp_path / 'phone', '--resume', run_dir, '--out', tmp_path / 'q.csv'], capsys)
+    assert code == 1 and err.strip() == (f"error: no image files (.jpg, .jpeg, .png, .bmp, .gif, .webp) in "
+                                         f"{tmp_path / 'phone'}; its 1 file (IMG_2.HEIC) is in a format not read: "
+                                         f"convert to JPEG or PNG"), err
+    assert not (tmp_path / 'q.csv').exists()
+
 def test_predict_lists_a_folder_as_a_file_browser_does(run_dir, tiny_dataset, tmp_path, capsys):
     """frame_2 before frame_10 (string order put frame_10 first) in the table and in the CSV; files named on the
     command line keep their order."""
