@@ -260,6 +260,14 @@ def check_command_line(args, passthrough):
     if base_seed + args.seeds > vpt.SEED_MAX:
         fail(f"--seed {base_seed} after -- leaves no room for stage 2's seeds {base_seed + 1}..{base_seed + args.seeds}"
              f" (main.py takes at most {vpt.SEED_MAX}); pass a smaller --seed", 2)
+    dataset = given.get('dataset')
+    if dataset not in (None, *vpt.CIFAR) and not os.path.isdir(dataset):  # a re-launch after the folder moved?
+        sweep_dir = os.path.join(args.log_dir, args.name or sweep_name(definition))
+        if os.path.isfile(os.path.join(sweep_dir, 'sweep.json')):  # --dataset NEW_PATH would be another sweep
+            old = os.path.abspath(dataset)
+            fail(f"the dataset folder of {sweep_dir}, {old}, is gone; if it moved, link the old path to it (ln -s "
+                 f"NEW_PATH {shlex.quote(old)}) and re-launch the same command"
+                 + ('' if os.path.isabs(dataset) else ", from the directory the sweep was started in"))
     models = set()
     for trial in grid_trials(definition, base_seed, os.path.join(args.log_dir, 'sweep')):
         models.add(check_trial(trial['argv'], f"grid point {' '.join(f'{k}={v}' for k, v in trial['values'].items())}")

@@ -1105,6 +1105,25 @@ def test_a_failed_grid_point_does_not_hold_up_stage_2_but_fails_the_sweep(fake_t
     assert ranked == ['grid_lr=5e-3', 'grid_lr=1e-3', 'grid_lr=1e-2']  # by val accuracy, the failed point last
 
 
+
+def test_a_relaunch_after_the_dataset_folder_moved_says_to_link_it(fake_training, tmp_path, capsys):
+    """A sweep is its flags: --dataset NEW_PATH is another sweep, so the way on is a link at the old path, as the
+    README says; the error says so, not that the path names no folder as a typo would be told."""
+    run, sweep_dir = fake_training
+    os.makedirs(tmp_path / 'photos' / 'train')
+    argv = ['--grid', 'lr=1e-3,5e-3', '--seeds', 1, '--', '--dataset', tmp_path / 'photos']
+    run(*argv)
+    capsys.readouterr()
+    os.rename(tmp_path / 'photos', tmp_path / 'moved')
+    with pytest.raises(SystemExit) as stopped:
+        run(*argv)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip() == (
+        f"sweep.py: error: the dataset folder of {sweep_dir}, {tmp_path / 'photos'}, is gone; if it moved, link the "
+        f"old path to it (ln -s NEW_PATH {tmp_path / 'photos'}) and re-launch the same command")
+    os.symlink(tmp_path / 'moved', tmp_path / 'photos')
+    run(*argv)  # every run finished: nothing to train, the report again
+
 def test_two_trials_that_fail_alike_before_a_checkpoint_stop_the_sweep(fake_training, capsys, monkeypatch):
     """Data that cannot be downloaded fails every trial the same way: each of a 25-point grid tried it again."""
     run, sweep_dir = fake_training
