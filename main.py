@@ -662,7 +662,7 @@ def check_splits(args, splits, classes, all_train_labels, rank):
                   f"{', ...' if len(absent) > 5 else ''}); {consequence}", file=sys.stderr, flush=True)
     if args.batch_size > len(train_labels) and not args.eval_only:  # evaluation pads its last batch
         raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(train_labels)} training "
-                         f"images; lower --batch_size (or raise --train_samples)")
+                         f"images; lower --batch_size" + (" (or raise --train_samples)" if args.train_samples else ''))
 
 
 def check_resume_epoch(args, done):

@@ -506,7 +506,12 @@ def test_device_cuda_without_cuda(cli):
 
 
 def test_batch_larger_than_data(cli):
-    cli('--batch_size', 1000, expect=['--batch_size 1000', 'larger than the 48 training images'])
+    """--train_samples is named only where it is given: all the images are read without it, none to add."""
+    line = cli('--batch_size', 1000, expect=['--batch_size 1000 is larger than the 48 training images; lower '
+                                              '--batch_size'])
+    assert line.endswith('lower --batch_size'), line
+    cli('--batch_size', 40, '--train_samples', 30, expect=['--batch_size 40 is larger than the 30 training images; '
+                                                           'lower --batch_size (or raise --train_samples)'])
 
 
 def test_eval_only_without_resume(cli):
