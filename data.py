@@ -283,10 +283,10 @@ def image_files(folder, reading=FOLDER_READING, hidden=None, unread=None):
                     seen.add(real)
         seen.update(os.path.realpath(os.path.join(root, name)) for name in kept)  # reading 2 marked them only here
         dirs[:] = kept
-        found += [os.path.join(root, f) for f in sorted(files) if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+        visible = [os.path.join(root, f) for f in sorted(files) if _visible(f)]
+        found += [path for path in visible if path.lower().endswith(IMAGE_EXTENSIONS)]
         if unread is not None:
-            unread += [os.path.join(root, f) for f in sorted(files) if _visible(f)
-                       and f.lower().endswith(UNREAD_EXTENSIONS)]
+            unread += [path for path in visible if path.lower().endswith(UNREAD_EXTENSIONS)]
     return found
 
 

@@ -912,13 +912,13 @@ def image_paths(paths):
         if os.path.isdir(path):
             unread = []
             images = data.image_files(path, unread=unread)
-            unread = data.unread_files([os.path.relpath(file, path) for file in unread]) if unread else ''
+            unread_text = data.unread_files([os.path.relpath(file, path) for file in unread]) if unread else ''
             if not images:
                 raise SystemExit(f"error: no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in {path}"
-                                 + (f"; its {unread} in a format not read: convert to JPEG or PNG" if unread
+                                 + (f"; its {unread_text} in a format not read: convert to JPEG or PNG" if unread
                                     else ''))
             if unread:  # the CSV would look complete without them
-                print(f"warning: {path}: {unread} in a format not read, not classified; convert to JPEG or PNG "
+                print(f"warning: {path}: {unread_text} in a format not read, not classified; convert to JPEG or PNG "
                       f"to classify", file=sys.stderr, flush=True)
             found += sorted(images, key=natural_order)
         elif os.path.exists(path):

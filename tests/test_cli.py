@@ -44,7 +44,6 @@ def test_defaults():
     assert (args.val_split, args.prompt_dropout, args.train_samples, args.checkpoint) == (0, 0, 0, 'last')
 
 
-
 def test_a_flag_given_as_0_is_kept_not_taken_for_its_default():
     """README's seed recipe passes --warmup_epochs 0: no warmup, not 10% of --epoch; --weight_decay 0 is no decay, not
     the mode's default. config.json records the 0 asked for."""
