@@ -36,9 +36,11 @@ FOLDER_READING = 5
 
 
 def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_samples=0, seed=0,
-                 reading=FOLDER_READING, test_split=0.0):
+                 reading=FOLDER_READING, test_split=0.0, names=False):
     """-> (train_images, train_labels, test_images, test_labels, class_names, available); images uint8 (N, 3, H, W);
-    available: {'train': N, 'test': N}, the images each split holds before train_samples/test_samples.
+    available: {'train': N, 'test': N}, the images each split holds before train_samples/test_samples. With `names`,
+    a 7th element names each test image in order: its file's path relative to the folder dataset, or for CIFAR its
+    index in torchvision's test set.
 
     Images keep their own size when all of a split share one no larger than `img_size` (CIFAR: 32x32): batches are
     resized on the device, so a 224 px run holds no more host memory than a 32 px one. Other folder images are resized
@@ -54,14 +56,15 @@ def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_
             keep = balanced_subset(labels, num_samples, seed)
             subset = images_hwc if len(keep) == len(labels) else images_hwc[keep.numpy()]
             splits.append((torch.from_numpy(subset).permute(0, 3, 1, 2).contiguous(), labels[keep]))
+        test_names = [str(index) for index in keep.tolist()]  # the test split's, the loop's last
     elif os.path.isdir(dataset):
-        splits, classes, available = _load_folder(dataset, img_size, (train_samples, test_samples), seed, reading,
-                                                  test_split)
+        splits, classes, available, test_names = _load_folder(dataset, img_size, (train_samples, test_samples), seed,
+                                                              reading, test_split)
     else:
         raise SystemExit(f"error: --dataset {dataset!r} is neither cifar10, cifar100 nor a folder; "
                          "a folder dataset needs train/<class>/* and test/<class>/* images")
     (train_images, train_labels), (test_images, test_labels) = splits
-    return train_images, train_labels, test_images, test_labels, classes, available
+    return (train_images, train_labels, test_images, test_labels, classes, available) + ((test_names,) if names else ())
 
 
 def _load_cifar(name, data_dir):
@@ -181,7 +184,7 @@ def _load_folder(root, img_size, samples, seed, reading, test_split=0.0):
         splits.append((read_images([paths[i] for i in keep.tolist()], img_size, reading), labels[keep]))
         if name == 'train':
             _note_resized(root, [paths[i] for i in keep.tolist()], splits[0][0].shape[2:], img_size)
-    return splits, classes, available
+    return splits, classes, available, [os.path.relpath(paths[i], root) for i in keep.tolist()]  # the test split's
 
 
 def _missing_split_hint(root, split, test_split=0.0):

@@ -813,6 +813,33 @@ def test_a_subset_keeps_each_image_with_its_own_label(fake_cifar10, tmp_path):
             assert full_y[index] == label, dataset
 
 
+def test_test_names_name_the_image_in_each_slot(fake_cifar10, tmp_path):
+    """--eval_only's test_predictions.csv names each test image: a folder's file, relative to the dataset (from
+    test/, or from train/ when --test_split held it out), or CIFAR's index in torchvision's test set; a subset keeps
+    each name with its own image and label."""
+    folder = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b', 'c'), train_per_class=10, test_per_class=4)
+    bare = shutil.copytree(os.path.join(folder, 'train'), tmp_path / 'bare' / 'train')  # class folders alone
+    bare = str(bare.parent)
+    for dataset, options in (('cifar10', dict(data_dir=fake_cifar10)), ('cifar10', dict(data_dir=fake_cifar10,
+                             test_samples=5, seed=2)), (folder, {}), (folder, dict(test_samples=6, seed=1)),
+                             (bare, dict(test_split=0.3)), (bare, dict(test_split=0.3, test_samples=3))):
+        loaded = data.load_dataset(dataset, **options, names=True)
+        assert len(loaded) == 7 and len(data.load_dataset(dataset, **options)) == 6
+        _, _, test_x, test_y, classes, _, names = loaded
+        assert len(names) == len(test_y) == len(set(names)) == options.get('test_samples', len(test_y))
+        if dataset == 'cifar10':
+            reference = torchvision.datasets.CIFAR10(fake_cifar10, train=False)
+            for name, image, label in zip(names, test_x, test_y):
+                picture, truth = reference[int(name)]
+                assert torch.equal(image, torch.from_numpy(np.array(picture)).permute(2, 0, 1)) and label == truth
+            continue
+        split = 'train' if 'test_split' in options else 'test'
+        for name, image, label in zip(names, test_x, test_y):
+            assert name.split(os.sep)[:2] == [split, classes[label]], (options, name)
+            assert torch.equal(image, torch.from_numpy(np.array(Image.open(os.path.join(dataset, name)).convert('RGB')))
+                               .permute(2, 0, 1)), (options, name)
+
+
 def test_cli_trains_on_cifar10_in_data_dir(fake_cifar10, tmp_path, capsys):
     code, out, err = run_main([*TINY, '--dataset', 'cifar10', '--data_dir', fake_cifar10, '--epoch', '1',
                                '--batch_size', '10', '--log_dir', tmp_path / 'logs', '--name', 'c10'], capsys)
