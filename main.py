@@ -496,9 +496,9 @@ def run(args, argv, mode, rank, world_size, device):
         return predict(args, device)
     if args.eval_only:
         with said_once():
-            splits, classes, _ = load_splits(args, rank, world_size)
+            splits, classes, _, test_names = load_splits(args, rank, world_size)
             model, _ = build_model(args, len(classes), device)
-        return evaluate_checkpoint(args, model, splits, classes, device)
+        return evaluate_checkpoint(args, model, splits, classes, test_names, device)
     with contextlib.ExitStack() as held:  # the run's lock, released when training ends, however it ends
         train_run(args, argv, mode, rank, world_size, device, held)
 
@@ -516,7 +516,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                 if rank == 0:
                     print(f"{args.resume} has finished all {args.epoch} epochs; pass --epoch N to train further")
                 return
-        splits, classes, available = load_splits(args, rank, world_size)
+        splits, classes, available, _ = load_splits(args, rank, world_size)
         check_schedule(args, len(splits['train'][1]), state['epoch'] if state else 0)
         model, unfrozen = build_model(args, len(classes), device)
         if args.resume:
@@ -603,7 +603,8 @@ def build_model(args, num_classes, device):
 
 def load_splits(args, rank, world_size):
     """-> ({'train', 'val' (None without --val_split), 'test'}: (uint8 images, labels)), class names, the image
-    counts of the train and test splits before --train_samples/--test_samples (config.json's dataset_images))."""
+    counts of the train and test splits before --train_samples/--test_samples (config.json's dataset_images), and
+    with --eval_only the test images' names (data.load_dataset's), else None)."""
     import data
     if args.resume and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
         raise SystemExit(f"error: the dataset folder of {args.resume}, {args.dataset}, is gone; if it moved, pass "
@@ -612,7 +613,8 @@ def load_splits(args, rank, world_size):
         raise SystemExit(f"error: {args.resume} held out its test set from train/ (--test_split {args.test_split}), but "
                          f"{args.dataset} now has a test/ folder; pass --dataset with the run's own copy, or move test/ "
                          f"away")
-    train_images, train_labels, test_images, test_labels, classes, available = load_data_once(args, rank, world_size)
+    train_images, train_labels, test_images, test_labels, classes, available, *test_names = load_data_once(
+        args, rank, world_size)
     val, all_train_labels = None, train_labels
     if args.val_split:
         train_index, val_index = data.split_validation(train_labels, args.val_split, args.data_seed)
@@ -622,7 +624,7 @@ def load_splits(args, rank, world_size):
     if args.resume:  # other data first: what the counts below would say follows from it
         check_same_data(args, splits, classes, available)
     check_splits(args, splits, classes, all_train_labels, rank)
-    return splits, classes, available
+    return splits, classes, available, test_names[0] if test_names else None
 
 
 def check_splits(args, splits, classes, all_train_labels, rank):
@@ -741,9 +743,10 @@ def checkpoint_path(args):
     return os.path.join(args.resume, 'best.safetensors' if args.checkpoint == 'best' else 'trainable.safetensors')
 
 
-def evaluate_checkpoint(args, model, splits, classes, device):
+def evaluate_checkpoint(args, model, splits, classes, test_names, device):
     """--eval_only: the checkpoint's accuracy on val (if the run has a split) and test, its confusion matrix
-    (confusion.csv, or confusion_best.csv for --checkpoint best) and per-class accuracy (in summary.json)."""
+    (confusion.csv, or confusion_best.csv for --checkpoint best), each test image's prediction (test_predictions.csv,
+    named alike) and per-class accuracy (in summary.json)."""
     import data
     import train
     with said_once():
@@ -754,14 +757,16 @@ def evaluate_checkpoint(args, model, splits, classes, device):
     for name, split in on_device.items():
         if split is not None:
             with train.explain_out_of_memory(args.batch_size, args.amp, f'evaluating {name}'):
-                results[name] = train.evaluate_split(model, split, args.batch_size, preprocess, args.amp)
+                results[name] = train.evaluate_split(model, split, args.batch_size, preprocess, args.amp,
+                                                     name == 'test')  # per image
     if train.rank_and_world_size()[0] != 0:
         return
     # the last checkpoint of an unfinished run is not the run's result: its matrix is named by its epoch
     planned = read_json(os.path.join(args.resume, 'config.json')).get('epoch', epoch)  # not an --epoch given here
     suffix = '_best' if args.checkpoint == 'best' else '' if epoch >= planned else f'_epoch{epoch}'
-    loss, acc, confusion = results['test']
+    loss, acc, confusion, (predicted, probability) = results['test']
     per_class = train.per_class_accuracy(confusion, classes)
+    per_image = predictions_csv(test_names, splits['test'][1], predicted, probability, classes, args.checkpoint, epoch)
     report = []
     if 'val' in results:
         report.append(f"{args.resume} ({args.checkpoint}, epoch {epoch}): val accuracy {results['val'][1]:.4f}% "
@@ -776,15 +781,27 @@ def evaluate_checkpoint(args, model, splits, classes, device):
                                                        f"{total})" if total else '      -  (no test images)')
                for name, (right, total) in zip(per_class, counts)]  # from the counts: per_class has 4 decimals
     try:  # the files first, so that a reader gone (| head) does not stop them; the report even if they fail (disk full)
-        said, stream = write_evaluation(args, epoch, suffix, confusion, per_class, classes)
+        said, stream = write_evaluation(args, epoch, suffix, confusion, per_class, classes, per_image)
     finally:
         print('\n'.join(report), flush=True)
     print(said, file=stream)
 
 
-def write_evaluation(args, epoch, suffix, confusion, per_class, classes):
-    """--eval_only's confusion<suffix>.csv, and per_class_acc<suffix> in summary.json unless the checkpoint is named
-    by its epoch; -> (what it did, the stream to say it on)."""
+def predictions_csv(names, labels, predicted, probability, classes, checkpoint, epoch):
+    """test_predictions.csv: a row per test image, in the test split's order (`names`: data.load_dataset's)."""
+    import csv
+    import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator='\n')
+    writer.writerow(['image', 'label', 'prediction', 'probability', 'correct', 'checkpoint', 'epoch'])
+    for name, label, guess, prob in zip(names, labels.tolist(), predicted.tolist(), probability.tolist()):
+        writer.writerow([name, classes[label], classes[guess], f"{prob:.4f}", int(label == guess), checkpoint, epoch])
+    return buffer.getvalue().encode()
+
+
+def write_evaluation(args, epoch, suffix, confusion, per_class, classes, per_image):
+    """--eval_only's confusion<suffix>.csv and test_predictions<suffix>.csv, and per_class_acc<suffix> in
+    summary.json unless the checkpoint is named by its epoch; -> (what it did, the stream to say it on)."""
     import train
     summary_path = os.path.join(args.resume, 'summary.json')
     describes_the_run = not suffix.startswith('_epoch')  # _epochN names its checkpoint; the others, what is there now
@@ -792,11 +809,13 @@ def write_evaluation(args, epoch, suffix, confusion, per_class, classes):
     try:
         changed = describes_the_run and checkpoint_changed(args, epoch, lock)
         if changed:
-            return (f"note: {changed}: confusion{suffix}.csv and per_class_acc{suffix} would not describe its "
-                    f"{args.checkpoint} checkpoint, so they are not written; evaluate again once it has stopped",
-                    sys.stderr)
-        train.write_confusion(os.path.join(args.resume, f'confusion{suffix}.csv'), confusion, classes)
-        wrote = f"wrote {os.path.join(args.resume, f'confusion{suffix}.csv')}"
+            return (f"note: {changed}: confusion{suffix}.csv, test_predictions{suffix}.csv and per_class_acc{suffix} "
+                    f"would not describe its {args.checkpoint} checkpoint, so they are not written; evaluate again "
+                    f"once it has stopped", sys.stderr)
+        written = [os.path.join(args.resume, f'{name}{suffix}.csv') for name in ('confusion', 'test_predictions')]
+        train.write_files({written[0]: train.confusion_bytes(confusion, classes), written[1]: per_image},
+                          then='evaluate again')
+        wrote = f"wrote {written[0]}{',' if describes_the_run else ' and'} {written[1]}"
         if describes_the_run:
             summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
             summary[f'per_class_acc{suffix}'] = per_class
@@ -1101,7 +1120,8 @@ def load_data_once(args, rank, world_size):
         dist.barrier()
     try:
         loaded = data.load_dataset(args.dataset, args.data_dir, args.img_size, args.train_samples,
-                                   args.test_samples, args.data_seed, folder_reading(args), args.test_split)
+                                   args.test_samples, args.data_seed, folder_reading(args), args.test_split,
+                                   names=bool(args.eval_only))
     except SystemExit:  # a problem of the data, which every process then finds alike (said once: said_once)
         if world_size > 1 and local_rank == 0:
             dist.barrier()  # release the processes waiting for this download or check; they fail the same way

@@ -261,30 +261,46 @@ def _first_bad(bad_step):
 
 
 @torch.no_grad()
-def evaluate(model, batches, num_classes, amp=True):
+def evaluate(model, batches, num_classes, amp=True, per_image=False):
     """-> (mean loss, accuracy %, confusion matrix) over (images, labels, valid) `batches`, summed over ranks.
-    The confusion matrix is an int64 CPU tensor: rows the true class, columns the predicted one."""
+    The confusion matrix is an int64 CPU tensor: rows the true class, columns the predicted one. With `per_image`, a
+    4th element: (predicted class, its softmax probability), CPU tensors over every rank's images in rank order (the
+    ranks' contiguous shards), the predictions the confusion matrix counts."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    predicted, probability = [], []
     for images, labels, valid in batches:
         with autocast(device, amp):
             logits = model(images)
         loss_sum += (F.cross_entropy(logits.float(), labels, reduction='none') * valid).sum()
         confusion.index_add_(0, labels * num_classes + logits.argmax(1), valid.long())  # no host sync, unlike bincount
+        if per_image:
+            top = logits.argmax(1)
+            predicted.append(top[valid])
+            probability.append(logits.float().softmax(1).gather(1, top[:, None]).squeeze(1)[valid])
     totals = all_sum(torch.cat([loss_sum.view(1), confusion.double()])).cpu()
     confusion = totals[1:].long().view(num_classes, num_classes)
     count = confusion.sum().item()
-    return totals[0].item() / count, 100 * confusion.trace().item() / count, confusion
+    result = totals[0].item() / count, 100 * confusion.trace().item() / count, confusion
+    if not per_image:
+        return result
+    mine = [torch.cat(predicted).cpu(), torch.cat(probability).cpu()] if predicted else \
+        [torch.zeros(0, dtype=torch.long), torch.zeros(0)]  # a rank whose shard is empty
+    shards = [mine]
+    if dist.is_initialized():
+        shards = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, mine)
+    return result + (tuple(torch.cat([shard[i] for shard in shards]) for i in range(2)),)
 
 
-def evaluate_split(model, split, batch_size, preprocess, amp):
+def evaluate_split(model, split, batch_size, preprocess, amp, per_image=False):
     """evaluate() over a whole (images, labels) split on the model's device, sharded across ranks."""
     rank, world_size = rank_and_world_size()
     images, labels = split
     return evaluate(model, data.eval_batches(images, labels, batch_size, preprocess, rank, world_size),
-                    model.vit.num_classes, amp)
+                    model.vit.num_classes, amp, per_image)
 
 
 # ---------------------------------------------------------------- run directory: config, metrics, checkpoints
@@ -389,12 +405,13 @@ def remove_stale(run_dir, name):
 
 
 def keep_as_epoch(run_dir, epoch):
-    """A finished run's confusion.csv, and plot.py's confusion.png of it, once a resume trains on from its last epoch
-    `epoch`: no longer the run's result, kept under the names --eval_only gives an unfinished run's."""
-    for extension in ('.csv', '.png'):
+    """A finished run's confusion.csv, plot.py's confusion.png of it and --eval_only's test_predictions.csv, once a
+    resume trains on from its last epoch `epoch`: no longer the run's result, kept under the names --eval_only gives
+    an unfinished run's."""
+    for name, extension in (('confusion', '.csv'), ('confusion', '.png'), ('test_predictions', '.csv')):
         with contextlib.suppress(FileNotFoundError):
-            os.replace(os.path.join(run_dir, f'confusion{extension}'),
-                       os.path.join(run_dir, f'confusion_epoch{epoch}{extension}'))
+            os.replace(os.path.join(run_dir, f'{name}{extension}'),
+                       os.path.join(run_dir, f'{name}_epoch{epoch}{extension}'))
 
 
 def confusion_bytes(confusion, classes):
@@ -404,10 +421,6 @@ def confusion_bytes(confusion, classes):
     for name, row in zip(classes, confusion.tolist()):
         writer.writerow([name, *row])
     return out.getvalue().encode()
-
-
-def write_confusion(path, confusion, classes):
-    atomic_write(path, confusion_bytes(confusion, classes))
 
 
 def per_class_accuracy(confusion, classes):
@@ -668,8 +681,8 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                 extra['confusion.csv'] = confusion_bytes(confusion, classes)
             save_checkpoint(run_dir, model, optimizer, scheduler, scaler, generator, epoch, history, summary, extra)
             if rank == 0 and new_best:  # --eval_only's, of the best checkpoint until now, and plot.py's figure of it
-                remove_stale(run_dir, 'confusion_best.csv')
-                remove_stale(run_dir, 'confusion_best.png')
+                for name in ('confusion_best.csv', 'confusion_best.png', 'test_predictions_best.csv'):
+                    remove_stale(run_dir, name)
             if rank == 0:
                 print(epoch_line(row, args.epoch), flush=True)
                 if writer:

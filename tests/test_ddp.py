@@ -65,6 +65,28 @@ def test_two_processes_match_one(dataset, tmp_path, capsys, full, one_torch_thre
         assert json.load(f)['command'].startswith('torchrun --nproc_per_node=2 main.py --model test_vit ')
 
 
+def test_eval_only_under_two_processes_writes_each_test_image_once_in_order(dataset, tmp_path, capsys,
+                                                                           one_torch_thread):
+    """Each process evaluates its own shard of the test split (49 and 50 of 99 images, each ending in a padded
+    batch): test_predictions.csv gathers them in the split's order, as one process writes it."""
+    code, _, err = run_main([*flags(dataset, tmp_path, 'r', False), '--epoch', 1], capsys)
+    assert code == 0, err
+
+    def per_image():
+        with open(tmp_path / 'r' / 'test_predictions.csv') as f:
+            return list(csv.DictReader(f))
+    code, _, err = run_main(['--eval_only', '--resume', tmp_path / 'r'], capsys)
+    assert code == 0, err
+    one = per_image()
+    out, err = torchrun(['--eval_only', '--resume', tmp_path / 'r']).communicate(timeout=300)
+    assert 'test accuracy' in out, err[-3000:]
+    two = per_image()
+    assert len(one) == len(two) == 99 and len({row['image'] for row in two}) == 99
+    for a, b in zip(two, one):
+        assert (a['image'], a['label'], a['prediction']) == (b['image'], b['label'], b['prediction'])
+        assert float(a['probability']) == pytest.approx(float(b['probability']), abs=2e-4)
+
+
 def test_interrupted_two_process_run_resumes_exactly_under_two_processes(dataset, tmp_path):
     """With prompt dropout every rank draws its own masks: each must resume its own RNG stream, not rank 0's."""
     with_dropout = lambda name: flags(dataset, tmp_path, name, False) + ['--prompt_dropout', 0.2]

@@ -44,10 +44,22 @@ def test_confusion_and_per_class_accuracy_match_the_test_accuracy(run_dir):
 
 def test_predictions_on_image_files_equal_eval_only(run_dir, tiny_dataset, tmp_path, capsys):
     """--predict on the test images as files: per true class (the folder), the predicted classes must count up to
-    exactly the confusion matrix --eval_only computes on the same images."""
+    exactly the confusion matrix --eval_only computes on the same images, and each file gets the prediction that
+    --eval_only's test_predictions.csv gives it."""
     code, out, err = run_main(['--eval_only', '--resume', run_dir], capsys)
     assert code == 0, err
     classes, confusion = read_confusion(run_dir / 'confusion.csv')
+    with open(run_dir / 'test_predictions.csv') as f:
+        per_image = list(csv.DictReader(f))
+    assert list(per_image[0]) == ['image', 'label', 'prediction', 'probability', 'correct', 'checkpoint', 'epoch']
+    assert len(per_image) == 18 and {(row['checkpoint'], row['epoch']) for row in per_image} == {('last', '2')}
+    tallied = {name: [0] * len(classes) for name in classes}
+    for row in per_image:
+        assert row['image'].split(os.sep)[:2] == ['test', row['label']]  # relative to --dataset, in its class folder
+        assert os.path.isfile(os.path.join(tiny_dataset, row['image']))
+        assert row['correct'] == str(int(row['label'] == row['prediction'])) and 1 / 3 <= float(row['probability']) <= 1
+        tallied[row['label']][classes.index(row['prediction'])] += 1
+    assert tallied == confusion
     per_class = [line.split() for line in out.splitlines() if line.startswith('  ')]  # each class with its counts
     assert [(name, right, total) for name, _, right, _, total in per_class] == [
         (name, f'({confusion[name][i]}', f'{sum(confusion[name])})') for i, name in enumerate(classes)]
@@ -71,6 +83,10 @@ def test_predictions_on_image_files_equal_eval_only(run_dir, tiny_dataset, tmp_p
         assert top[0].split()[0] == row['prediction'] and len(top) == 3
         assert 1 / 3 <= float(row['probability']) <= 1
     assert counted == confusion
+    predicted = {row['file']: (row['prediction'], float(row['probability'])) for row in rows}
+    for row in per_image:
+        label, probability = predicted[os.path.join(tiny_dataset, row['image'])]
+        assert label == row['prediction'] and probability == pytest.approx(float(row['probability']), abs=2e-4)
     assert f"18 images classified by {run_dir} (last, epoch 2)" in out and '; 1 unreadable file skipped' in out
     assert len(out.strip().splitlines()) == 1 + 18 + 1  # the header, a row per image, the summary
 
@@ -251,8 +267,8 @@ def eval_only_with_confusion(run_dir, tmp_path, capsys, monkeypatch, confusion):
     evaluate_split = train.evaluate_split
 
     def counted(model, split, *args):
-        loss, acc, _ = evaluate_split(model, split, *args)
-        return loss, acc, torch.tensor(confusion)
+        loss, acc, _, *per_image = evaluate_split(model, split, *args)
+        return loss, acc, torch.tensor(confusion), *per_image
     monkeypatch.setattr(train, 'evaluate_split', counted)
     code, out, err = run_main(['--eval_only', '--resume', copy], capsys)
     assert code == 0, err
@@ -274,7 +290,8 @@ def test_eval_only_shows_a_class_it_never_got_right_as_0_percent_and_says_what_i
     lines = out.strip().splitlines()
     assert [line for line in lines if line.startswith('  ')] == [
         '  cat    100.00%  (6 of 6)', '  dog      0.00%  (0 of 6)', '  frog        -  (no test images)'], out
-    assert lines[-1] == f"wrote {copy / 'confusion.csv'} and per_class_acc in {copy / 'summary.json'}"
+    assert lines[-1] == (f"wrote {copy / 'confusion.csv'}, {copy / 'test_predictions.csv'} and per_class_acc in "
+                         f"{copy / 'summary.json'}")
 
 
 def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, tiny_dataset, tmp_path, capsys):

@@ -538,15 +538,17 @@ def test_signal_after_the_last_epoch_finishes_the_run(tiny_dataset, tmp_path, ca
 
 
 def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset, tmp_path, capsys, monkeypatch):
-    """--eval_only's confusion_best.csv and per_class_acc_best describe best.safetensors: they stay while its epoch
-    stays the best and go when a resumed run saves a better one; confusion.csv of a finished run (and plot.py's
-    figure of it) becomes confusion_epoch<N> once a resume trains past that epoch, and comes back with the new last
-    epoch."""
+    """--eval_only's confusion_best.csv, test_predictions_best.csv and per_class_acc_best describe best.safetensors:
+    they stay while its epoch stays the best and go when a resumed run saves a better one; confusion.csv of a finished
+    run (with plot.py's figure of it and --eval_only's test_predictions.csv) becomes confusion_epoch<N> once a resume
+    trains past that epoch, and comes back with the new last epoch."""
     import train
     run_dir = tmp_path / 'r'
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', '--val_split', 0.25), capsys)
     assert code == 0, err
-    final = (run_dir / 'confusion.csv').read_bytes()
+    code, _, err = run_main(['--resume', run_dir, '--eval_only'], capsys)
+    assert code == 0, err
+    final, per_image = (run_dir / 'confusion.csv').read_bytes(), (run_dir / 'test_predictions.csv').read_bytes()
     (run_dir / 'confusion.png').write_bytes(b'as plot.py --confusion draws it')
     code, _, err = run_main(['--resume', run_dir, '--eval_only', '--checkpoint', 'best'], capsys)
     assert code == 0 and (run_dir / 'confusion_best.csv').exists() and (run_dir / 'confusion.csv').exists(), err
@@ -562,7 +564,7 @@ def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset,
     monkeypatch.setattr(train, 'best_val_epoch', lambda history: 1)  # epoch 2 is no better than epoch 1
     code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)
     assert code == 130 and len(read_metrics(run_dir)) == 2, err
-    assert (run_dir / 'confusion_best.csv').exists()
+    assert (run_dir / 'confusion_best.csv').exists() and (run_dir / 'test_predictions_best.csv').exists()
     summary = json.loads((run_dir / 'summary.json').read_text())
     assert summary['per_class_acc_best'] == best_view
     assert 'per_class_acc' not in summary  # the per-class view of a finished run's last epoch: this one is unfinished
@@ -570,12 +572,14 @@ def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset,
     assert (run_dir / 'confusion_epoch1.csv').read_bytes() == final
     assert (run_dir / 'confusion_epoch1.png').read_bytes() == b'as plot.py --confusion draws it'
     assert not (run_dir / 'confusion.png').exists()
+    assert (run_dir / 'test_predictions_epoch1.csv').read_bytes() == per_image
+    assert not (run_dir / 'test_predictions.csv').exists()
 
     monkeypatch.setattr(train, 'evaluate_split', evaluate_split)
     monkeypatch.setattr(train, 'best_val_epoch', lambda history: len(history))  # epoch 3 is the new best
     code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)
     assert code == 0, err
-    assert not (run_dir / 'confusion_best.csv').exists()
+    assert not (run_dir / 'confusion_best.csv').exists() and not (run_dir / 'test_predictions_best.csv').exists()
     assert 'per_class_acc_best' not in json.loads((run_dir / 'summary.json').read_text())
     assert (run_dir / 'confusion.csv').exists()
 
@@ -873,9 +877,10 @@ def test_eval_only_writes_nothing_that_a_training_process_could_make_stale(tiny_
         for checkpoint, suffix in (('best', '_best'), ('last', '')):
             code, out, err = run_main(['--eval_only', '--resume', run_dir, '--checkpoint', checkpoint], capsys)
             assert code == 0 and f'({checkpoint}, epoch ' in out and 'test accuracy' in out, err
-            assert err.strip() == (f"note: {run_dir} is being trained by another process: confusion{suffix}.csv and "
-                                   f"per_class_acc{suffix} would not describe its {checkpoint} checkpoint, so they are "
-                                   f"not written; evaluate again once it has stopped")
+            assert err.strip() == (f"note: {run_dir} is being trained by another process: confusion{suffix}.csv, "
+                                   f"test_predictions{suffix}.csv and per_class_acc{suffix} would not describe its "
+                                   f"{checkpoint} checkpoint, so they are not written; evaluate again once it has "
+                                   f"stopped")
             assert files(run_dir) == before
     finally:
         os.close(training)
@@ -890,10 +895,11 @@ def test_eval_only_writes_nothing_that_a_training_process_could_make_stale(tiny_
     monkeypatch.setattr(train, 'evaluate_split', evaluate_as_training_saves_a_better_epoch)
     code, out, err = run_main(['--eval_only', '--resume', run_dir, '--checkpoint', 'best'], capsys)
     assert code == 0 and err.strip().startswith(f"note: {best} changed while this evaluated its epoch {epoch} (now: 7)")
-    assert not (run_dir / 'confusion_best.csv').exists()
+    assert not (run_dir / 'confusion_best.csv').exists() and not (run_dir / 'test_predictions_best.csv').exists()
     monkeypatch.setattr(train, 'evaluate_split', evaluate_split)
     code, out, err = run_main(['--eval_only', '--resume', run_dir, '--checkpoint', 'best'], capsys)
     assert code == 0 and (run_dir / 'confusion_best.csv').is_file(), err
+    assert (run_dir / 'test_predictions_best.csv').is_file()
     assert 'per_class_acc_best' in json.loads((run_dir / 'summary.json').read_text())
     code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)  # eval_only let go of the lock
     assert code == 0, err
