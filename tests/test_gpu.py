@@ -6,6 +6,7 @@ Tiny models and data made here (timm's test_vit, random init; folder datasets fr
 shape (vit_base_patch16_224, pretrained=False) for bf16 exactness and peak memory. A few minutes on one GPU, most of
 it process start-up and the one torch.compile.
 """
+import csv
 import json
 import os
 import re
@@ -179,6 +180,11 @@ def test_eval_only_reproduces_the_logged_test_accuracy(tiny_dataset, tmp_path):
     assert printed, result.stdout
     assert printed.group(1) == logged['test_acc']  # both formatted to 4 decimals: the same forward pass, bit for bit
     assert float(printed.group(2)) == pytest.approx(float(logged['test_loss']), rel=1e-5)
+    with open(tmp_path / 'run' / 'test_predictions.csv') as f:  # each image's prediction, taken off the GPU
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 18 and all(os.path.isfile(os.path.join(tiny_dataset, row['image'])) for row in rows)
+    assert 100 * sum(row['correct'] == '1' for row in rows) / len(rows) == pytest.approx(float(printed.group(1)),
+                                                                                         abs=1e-4)
 
 
 def test_compiled_run_recompiles_nothing_after_the_first_epoch(tiny_dataset, tmp_path):
