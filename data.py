@@ -221,8 +221,10 @@ def _note_resized(root, paths, stored, img_size):
     for path in paths[::-(-len(paths) // 200) or 1]:
         with contextlib.suppress(Exception), Image.open(path) as image:
             if image.size != (img_size, img_size):
+                photo = img_size < 224 <= min(image.size)  # VPT's protocol is ViT-B/16's own geometry
                 print(f"note: the images of {root} are resized to {img_size}x{img_size} (--img_size) as they are "
-                      f"read, not cropped; {os.path.relpath(path, root)} is {image.width}x{image.height}",
+                      f"read, not cropped; {os.path.relpath(path, root)} is {image.width}x{image.height}"
+                      + ("; photos keep more detail at VPT's 224 px: --img_size 224 --patch_size 16" if photo else ''),
                       file=sys.stderr, flush=True)
                 return
 

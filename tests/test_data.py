@@ -313,6 +313,12 @@ def test_photos_resized_as_they_are_read_are_noted_once(tmp_path, capsys):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(os.path.join(root, 'train', 'b', '0001.png'))  # the last
     data.load_dataset(root, img_size=32)
     assert capsys.readouterr().err.endswith(f"; {os.path.join('train', 'b', '0001.png')} is 30x20\n")
+    for size, img_size, hint in (((300, 224), 32, True), ((300, 223), 32, False), ((300, 250), 224, False)):
+        Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(os.path.join(root, 'train', 'b', '0001.png'))
+        data.load_dataset(root, img_size=img_size)  # a photo at 32 px: the way to train at VPT's own size is named
+        err = capsys.readouterr().err
+        assert err.endswith("; photos keep more detail at VPT's 224 px: --img_size 224 --patch_size 16\n") == hint
+        assert ('--patch_size' in err) == hint and (img_size == 224 or f" is {size[0]}x{size[1]}" in err), err
 
 
 def test_photos_resized_as_they_are_read_are_noted_however_few_and_wherever_they_lie(tmp_path, capsys):
