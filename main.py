@@ -794,6 +794,7 @@ def predictions_csv(names, labels, predicted, probability, classes, checkpoint, 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator='\n')
     writer.writerow(['image', 'label', 'prediction', 'probability', 'correct', 'checkpoint', 'epoch'])
+    assert len(names) == len(labels) == len(predicted), (len(names), len(labels), len(predicted))  # no row lost
     for name, label, guess, prob in zip(names, labels.tolist(), predicted.tolist(), probability.tolist()):
         writer.writerow([name, classes[label], classes[guess], f"{prob:.4f}", int(label == guess), checkpoint, epoch])
     return buffer.getvalue().encode()
