@@ -405,7 +405,8 @@ def split_by_name(names, labels, fraction, seed):
     """-> (kept_index, held_out_index): per class, the round(fraction x its images) whose names hash lowest under
     `seed` (never its last image), both sorted. An image's side depends on its own name, not on its place in the list:
     a file renamed, added or removed moves no other image between the sides (--test_split's test set stays unseen)."""
-    rank = [hashlib.sha256(f"{seed}/{name}".encode()).digest() for name in names]
+    # a name's own bytes: also those of a name that is not UTF-8 (os.listdir's surrogates)
+    rank = [hashlib.sha256(f"{seed}/{name}".encode('utf-8', 'surrogateescape')).digest() for name in names]
     return _hold_out(labels, fraction, torch.tensor(sorted(range(len(names)), key=rank.__getitem__), dtype=torch.long))
 
 

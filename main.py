@@ -169,7 +169,7 @@ def make_parser():
         help='continue the run in RUN_DIR from its last finished epoch')
     add('--eval_only', type=eval_only_flag, nargs='?', const=True, default=False,
         help='with --resume: evaluate the run\'s checkpoint on the test set (and val split), write its confusion '
-             'matrix, and exit')
+             'matrix and each test image\'s prediction (test_predictions.csv), and exit')
     add('--predict', type=os.path.expanduser, nargs='+', default=None, metavar='PATH',
         help='with --resume: classify these images (files or folders) with the run\'s model and exit')
     add('--checkpoint', choices=['last', 'best'], default='last',
@@ -791,13 +791,14 @@ def predictions_csv(names, labels, predicted, probability, classes, checkpoint, 
     """test_predictions.csv: a row per test image, in the test split's order (`names`: data.load_dataset's)."""
     import csv
     import io
+    import train
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator='\n')
     writer.writerow(['image', 'label', 'prediction', 'probability', 'correct', 'checkpoint', 'epoch'])
     assert len(names) == len(labels) == len(predicted), (len(names), len(labels), len(predicted))  # no row lost
     for name, label, guess, prob in zip(names, labels.tolist(), predicted.tolist(), probability.tolist()):
         writer.writerow([name, classes[label], classes[guess], f"{prob:.4f}", int(label == guess), checkpoint, epoch])
-    return buffer.getvalue().encode()
+    return train.csv_bytes(buffer.getvalue())
 
 
 def write_evaluation(args, epoch, suffix, confusion, per_class, classes, per_image):
@@ -892,7 +893,7 @@ def predict(args, device):
     writer.writerow(['file', 'prediction', 'probability', f'top{top}', 'checkpoint', 'epoch'])  # which model said it
     writer.writerows(rows)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    chosen, out = out, train.write_new(out, buffer.getvalue().encode(), then='classify the images again')
+    chosen, out = out, train.write_new(out, train.csv_bytes(buffer.getvalue()), then='classify the images again')
     if out != chosen:
         print(f"note: {chosen} was written by another process meanwhile; kept it and wrote {out}", file=sys.stderr)
     table = [[shown(cell) for cell in row[:4]] for row in rows[:PREDICTIONS_SHOWN]]  # 10,000 rows: the CSV's job
@@ -909,8 +910,10 @@ def predict(args, device):
 
 
 def shown(text):
-    """text as one terminal line shows it: control characters (a newline in a file name) escaped as Python would."""
-    return ''.join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    """text as one terminal line shows it: control characters (a newline in a file name) escaped as Python would, and
+    a name's bytes that are not UTF-8 (os.listdir's surrogates) as \\xNN, as the CSVs write them (train.csv_bytes)."""
+    return ''.join(char if char.isprintable() else f'\\x{ord(char) - 0xdc00:02x}' if '\udc80' <= char <= '\udcff'
+                   else repr(char)[1:-1] for char in text)
 
 
 def shown_width(text):
@@ -1029,8 +1032,8 @@ def weights_sha256(path):
 def check_log_dir(args):
     """Fail before any work if the run directory cannot be made, or a resumed run's written; create nothing yet."""
     if args.resume:
-        writes = ('its predictions' if args.predict else 'its confusion matrix and per-class accuracy'
-                  if args.eval_only else 'its checkpoints')
+        writes = ('its predictions' if args.predict else "its confusion matrix, per-class accuracy and each test "
+                  "image's prediction" if args.eval_only else 'its checkpoints')
         if not (args.predict and args.out) and not os.access(args.resume, os.W_OK | os.X_OK):
             raise SystemExit(f"error: cannot write to {args.resume} ({writes} go there); make it writable, or work "
                              f"on a copy of the run" + (", or pass --out FILE" if args.predict else ''))

@@ -414,13 +414,19 @@ def keep_as_epoch(run_dir, epoch):
                        os.path.join(run_dir, f'{name}_epoch{epoch}{extension}'))
 
 
+def csv_bytes(text):
+    """A CSV's text as UTF-8, which every reader expects: file and folder names whose bytes are not UTF-8 (a zip from
+    an old Windows machine; os.listdir hands them over as surrogates) get those bytes as \\xNN escapes."""
+    return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace').encode()
+
+
 def confusion_bytes(confusion, classes):
     out = io.StringIO()
     writer = csv.writer(out, lineterminator='\n')
     writer.writerow(['true\\predicted', *classes])
     for name, row in zip(classes, confusion.tolist()):
         writer.writerow([name, *row])
-    return out.getvalue().encode()
+    return csv_bytes(out.getvalue())
 
 
 def per_class_accuracy(confusion, classes):

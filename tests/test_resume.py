@@ -803,7 +803,7 @@ def test_an_unwritable_run_is_refused_before_any_work(tiny_dataset, tmp_path, ca
     access = os.access
     monkeypatch.setattr(os, 'access', lambda path, mode: False if str(path) == str(tmp_path / 'r') else access(path, mode))
     for action, writes in ((['--epoch', 2], 'its checkpoints'),
-                           (['--eval_only'], 'its confusion matrix and per-class accuracy'),
+                           (['--eval_only'], "its confusion matrix, per-class accuracy and each test image's prediction"),
                            (['--predict', tiny_dataset], 'its predictions')):
         code, _, err = run_main(['--resume', tmp_path / 'r', *action], capsys)
         assert code == 1 and err.strip().startswith(f"error: cannot write to {tmp_path / 'r'} ({writes} go there)"), err
