@@ -294,6 +294,36 @@ def test_eval_only_shows_a_class_it_never_got_right_as_0_percent_and_says_what_i
                          f"{copy / 'summary.json'}")
 
 
+def test_eval_only_predictions_of_a_checkpoint_that_errs_are_the_ones_predict_gives(run_dir, tiny_dataset, tmp_path,
+                                                                                   capsys):
+    """test_predictions_best.csv of a best checkpoint that misses images: each row's label is the image's own class
+    (its folder), its prediction and probability are what --predict gives that file, correct is 0 for a miss, and
+    checkpoint/epoch say best and the epoch best.safetensors was saved at."""
+    from safetensors.torch import load_file, save_file
+    copy = shutil.copytree(run_dir, tmp_path / 'r')
+    weights = load_file(copy / 'trainable.safetensors')
+    for name in ('vit.head.weight', 'vit.head.bias'):
+        weights[name] = weights[name].roll(1, 0)  # the head answers with the class after the one it learned
+    save_file(weights, copy / 'best.safetensors', metadata={'epoch': '1'})
+    code, _, err = run_main(['--eval_only', '--resume', copy, '--checkpoint', 'best'], capsys)
+    assert code == 0, err
+    with open(copy / 'test_predictions_best.csv') as f:
+        per_image = list(csv.DictReader(f))
+    code, _, err = run_main(['--predict', os.path.join(tiny_dataset, 'test'), '--resume', copy, '--checkpoint', 'best',
+                             '--out', tmp_path / 'p.csv'], capsys)
+    assert code == 0, err
+    with open(tmp_path / 'p.csv') as f:
+        predicted = {row['file']: (row['prediction'], float(row['probability'])) for row in csv.DictReader(f)}
+    assert len(per_image) == len(predicted) == 18 and {(row['checkpoint'], row['epoch']) for row in per_image} == {
+        ('best', '1')}
+    assert any(row['correct'] == '0' for row in per_image)
+    for row in per_image:
+        assert row['image'].split(os.sep)[:2] == ['test', row['label']]
+        assert row['correct'] == str(int(row['label'] == row['prediction']))
+        prediction, probability = predicted[os.path.join(tiny_dataset, row['image'])]
+        assert row['prediction'] == prediction and float(row['probability']) == pytest.approx(probability, abs=2e-4)
+
+
 def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, tiny_dataset, tmp_path, capsys):
     """A run stopped in its first epoch has a trainable.safetensors of epoch 0: its head untrained, its answers chance."""
     from safetensors.torch import load_file, save_file
