@@ -324,6 +324,23 @@ def test_eval_only_predictions_of_a_checkpoint_that_errs_are_the_ones_predict_gi
         assert row['prediction'] == prediction and float(row['probability']) == pytest.approx(probability, abs=2e-4)
 
 
+def test_eval_only_of_an_unfinished_run_names_its_predictions_by_its_epoch(run_dir, tmp_path, capsys):
+    """The last checkpoint of a run stopped before its planned epochs (2 of 3) is not the run's result: its
+    predictions go to test_predictions_epoch2.csv beside confusion_epoch2.csv, every row of epoch 2, and the last
+    line names the two files (no per_class_acc: summary.json describes the run)."""
+    copy = shutil.copytree(run_dir, tmp_path / 'r')
+    config = json.loads((copy / 'config.json').read_text())
+    config['epoch'] = 3
+    (copy / 'config.json').write_text(json.dumps(config))
+    code, out, err = run_main(['--eval_only', '--resume', copy], capsys)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == (f"wrote {copy / 'confusion_epoch2.csv'} and "
+                                            f"{copy / 'test_predictions_epoch2.csv'}")
+    with open(copy / 'test_predictions_epoch2.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 18 and {(row['checkpoint'], row['epoch']) for row in rows} == {('last', '2')}
+
+
 def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, tiny_dataset, tmp_path, capsys):
     """A run stopped in its first epoch has a trainable.safetensors of epoch 0: its head untrained, its answers chance."""
     from safetensors.torch import load_file, save_file
