@@ -341,6 +341,33 @@ def test_eval_only_of_an_unfinished_run_names_its_predictions_by_its_epoch(run_d
     assert len(rows) == 18 and {(row['checkpoint'], row['epoch']) for row in rows} == {('last', '2')}
 
 
+def test_eval_only_that_cannot_write_test_predictions_writes_no_confusion_either(run_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """confusion.csv and test_predictions.csv describe one evaluation: a disk that fills while the second is written
+    leaves neither file, and the error names the file and says to evaluate again."""
+    import errno
+
+    import train
+    copy = shutil.copytree(run_dir, tmp_path / 'r')
+    for name in ('confusion.csv', 'test_predictions.csv'):
+        if os.path.exists(copy / name):
+            os.remove(copy / name)
+    summary = (copy / 'summary.json').read_bytes()
+
+    def disk_full_at_the_predictions(path, *args, **kwargs):
+        if os.path.basename(path).startswith('test_predictions.csv'):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return open(path, *args, **kwargs)
+    monkeypatch.setattr(train, 'open', disk_full_at_the_predictions, raising=False)
+    code, out, err = run_main(['--eval_only', '--resume', copy], capsys)
+    assert code == 1 and 'test accuracy' in out, err
+    assert err.strip().splitlines()[-1] == (
+        f"error: cannot write {copy / 'test_predictions.csv'} ({os.strerror(errno.ENOSPC)}); the files already there "
+        f"are unchanged: free disk space or make {copy} writable, then evaluate again")
+    assert sorted(name for name in os.listdir(copy) if name.startswith(('confusion', 'test_predictions'))) == []
+    assert (copy / 'summary.json').read_bytes() == summary
+
+
 def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, tiny_dataset, tmp_path, capsys):
     """A run stopped in its first epoch has a trainable.safetensors of epoch 0: its head untrained, its answers chance."""
     from safetensors.torch import load_file, save_file
