@@ -368,6 +368,20 @@ def test_eval_only_that_cannot_write_test_predictions_writes_no_confusion_either
     assert (copy / 'summary.json').read_bytes() == summary
 
 
+def test_test_predictions_keep_each_image_beside_its_own_label(tmp_path, capsys):
+    """Class 'sea' comes before 'sea-ice' (as the classes are sorted) though its files' names sort after them as text
+    ('sea-ice/' < 'sea/'): each row of test_predictions.csv still names an image of its label's folder."""
+    dataset = write_folder_dataset(tmp_path / 'ds', classes=('sea', 'sea-ice'), train_per_class=2, test_per_class=2,
+                                   size=8)
+    train_one_epoch(dataset, tmp_path / 'r', capsys)
+    code, _, err = run_main(['--eval_only', '--resume', tmp_path / 'r'], capsys)
+    assert code == 0, err
+    with open(tmp_path / 'r' / 'test_predictions.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [(row['image'], row['label']) for row in rows] == [
+        (os.path.join('test', name, f'{i:04d}.png'), name) for name in ('sea', 'sea-ice') for i in range(2)]
+
+
 def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, tiny_dataset, tmp_path, capsys):
     """A run stopped in its first epoch has a trainable.safetensors of epoch 0: its head untrained, its answers chance."""
     from safetensors.torch import load_file, save_file
