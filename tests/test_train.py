@@ -103,6 +103,25 @@ def test_evaluation_does_not_depend_on_the_batch_size():
         name: 100 * expected[i, i].item() / expected[i].sum().item() for i, name in enumerate('abc')}, abs=1e-4)
 
 
+def test_a_process_with_no_test_images_still_writes_every_prediction(monkeypatch):
+    """Under torchrun with more processes than test images (here 1 image, 2 processes) rank 0's shard is empty: the
+    predictions it gathers for test_predictions.csv are rank 1's, each naming a class, as one process writes them."""
+    import main
+    model, images, labels, preprocess = tiny_model_and_data(images=1)
+    theirs = train.evaluate(model, data.eval_batches(images, labels, 2, preprocess, 1, 2), 3, False, per_image=True)
+    assert len(list(data.eval_batches(images, labels, 2, preprocess, 0, 2))) == 0  # rank 0's shard
+    their_totals = torch.cat([torch.tensor([theirs[0]], dtype=torch.float64), theirs[2].flatten().double()])
+    monkeypatch.setattr(train.dist, 'is_initialized', lambda: True)  # rank 0 of 2, its collectives bringing rank 1's
+    monkeypatch.setattr(train.dist, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(train.dist, 'all_reduce', lambda tensor: tensor.add_(their_totals))
+    monkeypatch.setattr(train.dist, 'all_gather_object', lambda shards, mine: shards.__setitem__(
+        slice(None), [mine, list(theirs[3])]))
+    ours = train.evaluate(model, data.eval_batches(images, labels, 2, preprocess, 0, 2), 3, False, per_image=True)
+    assert ours[1] == theirs[1] and torch.equal(ours[2], theirs[2])
+    csv_of = lambda result: main.predictions_csv(['0'], labels, *result[3], ['a', 'b', 'c'], 'last', 1).decode()
+    assert csv_of(ours) == csv_of(theirs) and len(csv_of(ours).splitlines()) == 2
+
+
 def test_best_val_epoch_is_the_first_of_equal_ones():
     """summary.json and best.safetensors take the first epoch with the best val accuracy, as plot.py and sweep.py
     read it: otherwise test_acc_at_best_val would differ between them on ties (common with small val sets)."""
