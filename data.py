@@ -33,6 +33,12 @@ CIFAR_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python
 # searched, hidden files and folders left out, images larger than img_size shrunk as decoded. 1 (runs made before):
 # one folder level, every image file, all kept at their own size when they share one.
 FOLDER_READING = 5
+# Pillow takes an image above 2 x 89 million pixels for a decompression bomb and refuses it (warning above 89 M), but
+# a phone's 200 MP mode (16,320 x 12,240) is an ordinary photo here: such a file failed the whole dataset's load.
+# Refused above 2 x PHOTO_PIXELS now, with Pillow's warning above PHOTO_PIXELS; a JPEG that large decodes at 1/8 scale.
+PHOTO_PIXELS = 250_000_000
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < PHOTO_PIXELS:
+    Image.MAX_IMAGE_PIXELS = PHOTO_PIXELS
 
 
 def load_dataset(dataset, data_dir='./data', img_size=32, train_samples=0, test_samples=0, seed=0,

@@ -4,6 +4,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -298,6 +299,17 @@ def test_a_run_of_folder_reading_4_reads_its_jpegs_whole_as_it_did(tmp_path):
             read = [image.permute(1, 2, 0).numpy() for image in data.load_dataset(root, img_size=8, reading=reading)[0]]
             assert all(np.array_equal(got, data.read_image(path, 8, draft=draft)) for got, path in zip(read, paths))
     assert not np.array_equal(data.read_image(paths[0], 8), data.read_image(paths[0], 8, draft=False))
+
+
+def test_a_200_megapixel_phone_photo_is_read_without_a_bomb_warning(tmp_path):
+    """A phone's 200 MP mode writes 16,320 x 12,240 JPEGs: Pillow refused them as decompression bombs (above 179 M
+    pixels), and that one file failed the whole folder's load; 108 MP photos drew a "DOS attack" warning each."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=8)
+    Image.new('L', (16400, 12300), 90).save(os.path.join(root, 'train', 'a', 'huge.jpg'), quality=50)  # 201.7 M
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', Image.DecompressionBombWarning)
+        images = data.load_dataset(root, img_size=8)[0]
+    assert images.shape == (5, 3, 8, 8) and int(images[2].float().mean()) in range(88, 93)  # a/huge.jpg sorts third
 
 
 def test_photos_resized_as_they_are_read_are_noted_once(tmp_path, capsys):
