@@ -414,10 +414,15 @@ def keep_as_epoch(run_dir, epoch):
                        os.path.join(run_dir, f'{name}_epoch{epoch}{extension}'))
 
 
-def csv_bytes(text):
-    """A CSV's text as UTF-8, which every reader expects: file and folder names whose bytes are not UTF-8 (a zip from
+def utf8_text(text):
+    """text that UTF-8 (a CSV, a figure's font) can hold: file and folder names whose bytes are not UTF-8 (a zip from
     an old Windows machine; os.listdir hands them over as surrogates) get those bytes as \\xNN escapes."""
-    return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace').encode()
+    return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+
+
+def csv_bytes(text):
+    """A CSV's text as UTF-8, which every reader expects (utf8_text)."""
+    return utf8_text(text).encode()
 
 
 def confusion_bytes(confusion, classes):
@@ -777,7 +782,7 @@ def log_tensorboard(writer, row, step_lrs, confusion, classes):
         writer.add_scalar('step/lr', lr, step)
     if confusion is not None:
         import plot
-        figure = plot.confusion_figure(f"epoch {row['epoch']}", classes, confusion.numpy())
+        figure = plot.confusion_figure(f"epoch {row['epoch']}", list(map(utf8_text, classes)), confusion.numpy())
         plot.fit_fonts(figure)
         with plot.quiet_font_search():
             writer.add_figure('confusion', figure, row['epoch'])

@@ -704,17 +704,17 @@ def test_a_reader_that_goes_away_is_one_line_not_a_traceback(run_dir, tiny_datas
 @pytest.mark.skipif(sys.platform == 'darwin', reason="macOS refuses file names that are not UTF-8")
 def test_names_that_are_not_utf8_are_escaped_in_every_csv_not_a_crash(tiny_dataset, tmp_path, capsys):
     """A photo folder unzipped from an old Windows archive holds cp1252 names (b'caf\\xe9'), which Python hands over as
-    surrogates: a class folder so named crashed the last epoch's confusion.csv, and a file so named crashed
-    --test_split's hash, --eval_only's test_predictions.csv and --predict's CSV. Each CSV is UTF-8 with the bytes
-    escaped as \\xe9, as the tables print them."""
+    surrogates: a class folder so named crashed the last epoch's confusion.csv (and --tensorboard's figure of it), and
+    a file so named crashed --test_split's hash, --eval_only's test_predictions.csv and --predict's CSV. Each CSV is
+    UTF-8 with the bytes escaped as \\xe9, as the tables print them."""
     root = tmp_path / 'data'
     shutil.copytree(os.path.join(tiny_dataset, 'train'), root / 'train')  # class folders alone: --test_split
     train = os.fsencode(root / 'train')
     os.rename(os.path.join(train, b'dog'), os.path.join(train, b'd\xe9g'))
     os.rename(os.path.join(train, b'cat', b'0000.png'), os.path.join(train, b'cat', b'caf\xe9.png'))
     code, out, err = run_main([*TINY, '--dataset', root, '--test_split', 0.5, '--epoch', 1, '--batch_size', 4,
-                               '--log_dir', tmp_path, '--name', 'r'], capsys)
-    assert code == 0, err
+                               '--tensorboard', True, '--log_dir', tmp_path, '--name', 'r'], capsys)
+    assert code == 0 and 'font' not in err, err  # TensorBoard's confusion figure too, its class names escaped
     text = lambda path: path.read_bytes().decode('utf-8')  # strict: a reader's default
     assert text(tmp_path / 'r' / 'confusion.csv').splitlines()[0] == 'true\\predicted,cat,d\\xe9g,frog'
     code, out, err = run_main(['--eval_only', '--resume', tmp_path / 'r'], capsys)
