@@ -911,9 +911,10 @@ def predict(args, device):
 
 def shown(text):
     """text as one terminal line shows it: control characters (a newline in a file name) escaped as Python would, and
-    a name's bytes that are not UTF-8 (os.listdir's surrogates) as \\xNN, as the CSVs write them (train.csv_bytes)."""
-    return ''.join(char if char.isprintable() else f'\\x{ord(char) - 0xdc00:02x}' if '\udc80' <= char <= '\udcff'
-                   else repr(char)[1:-1] for char in text)
+    a name's bytes that are not UTF-8 (os.listdir's surrogates) as \\xNN, by the codecs' rule the CSVs are written
+    with (train.utf8_text; main.py imports no torch at module level, so the rule is spelled here again)."""
+    text = text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+    return ''.join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def shown_width(text):

@@ -275,9 +275,9 @@ def evaluate(model, batches, num_classes, amp=True, per_image=False):
         with autocast(device, amp):
             logits = model(images)
         loss_sum += (F.cross_entropy(logits.float(), labels, reduction='none') * valid).sum()
-        confusion.index_add_(0, labels * num_classes + logits.argmax(1), valid.long())  # no host sync, unlike bincount
+        top = logits.argmax(1)
+        confusion.index_add_(0, labels * num_classes + top, valid.long())  # no host sync, unlike bincount
         if per_image:
-            top = logits.argmax(1)
             predicted.append(top[valid])
             probability.append(logits.float().softmax(1).gather(1, top[:, None]).squeeze(1)[valid])
     totals = all_sum(torch.cat([loss_sum.view(1), confusion.double()])).cpu()
