@@ -843,19 +843,43 @@ def checkpoint_changed(args, epoch, lock):
                                       f"(now: {now})"
 
 
+def load_model(run_dir, checkpoint='last', device='auto'):
+    """A run's model in your own Python (a notebook, a look at its prompts or attention):
+
+        model, classes, to_input = main.load_model('logs/<run>', checkpoint='best')
+        logits = model(to_input(images))  # images: uint8 (N, 3, H, W), resized to the run's --img_size
+
+    -> the model in eval mode on `device` (auto: CUDA when there is one), built as --eval_only and --predict build
+    it (the run's base weights, then its checkpoint's trainable tensors), its class names, and the function that
+    normalises images as the run's batches were. It computes in fp32 unless called under torch.autocast. A mistake
+    (no such run, a missing best.safetensors) is a SystemExit whose one line is printed first, as on the command line."""
+    import data
+    import train
+    args = parse_args(['--resume', os.fspath(run_dir), '--eval_only', '--checkpoint', checkpoint, '--device', device])
+    model, classes, _ = checkpoint_model(args, train.pick_device(args.device))
+    mean, std, img_size = data.preprocessing(model.vit.pretrained_cfg, next(model.parameters()).device, args.img_size)
+    return model.eval(), classes, lambda images: data.model_input(images.to(mean.device), mean, std, img_size)
+
+
+def checkpoint_model(args, device):
+    """The model of run args.resume with its --checkpoint's trainable tensors -> (model, classes, the epoch saved)."""
+    import train
+    classes = read_json(os.path.join(args.resume, 'config.json'))['classes']
+    model, _ = build_model(args, len(classes), device)
+    epoch = train.load_trainable(checkpoint_path(args), model)
+    if epoch == 0:
+        print(f"warning: {checkpoint_path(args)} was saved before the run's first epoch ended: its head is untrained, "
+              f"so its predictions are chance; resume the run to train it", file=sys.stderr, flush=True)
+    return model, classes, epoch
+
+
 def predict(args, device):
     """--predict: classify image files (and the images in folders) with the run's model; print a table and write
     a CSV. Images are resized to --img_size and normalised as the run's batches were."""
     import torch
     import data
     import train
-    config = read_json(os.path.join(args.resume, 'config.json'))
-    classes = config['classes']
-    model, _ = build_model(args, len(classes), device)
-    epoch = train.load_trainable(checkpoint_path(args), model)  # one process: main refuses --predict under torchrun
-    if epoch == 0:
-        print(f"warning: {checkpoint_path(args)} was saved before the run's first epoch ended: its head is untrained, "
-              f"so these predictions are chance; resume the run to train it", file=sys.stderr, flush=True)
+    model, classes, epoch = checkpoint_model(args, device)  # one process: main refuses --predict under torchrun
     out = args.out or train.fresh_path(os.path.join(args.resume, 'predictions.csv'))
     check_writable_file(out)
     paths = image_paths(args.predict)

@@ -36,17 +36,12 @@ def setup_distributed(device_arg):
     """-> (rank, world_size, device). Under torchrun: one process per device, NCCL on CUDA, gloo on CPU."""
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
-    if device_arg == 'auto':
-        device_arg = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device_arg.startswith('cuda') and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {device_arg} but CUDA is not available here (torch {torch.__version__}); "
-                         "use --device cpu or --device auto")
-    device = torch.device(device_arg)
+    device = pick_device(device_arg)
     if device.type == 'cuda':
         # set_device needs an index: one process uses the given or current device, torchrun's use their local rank
         index = local_rank if world_size > 1 else (torch.cuda.current_device() if device.index is None else device.index)
         if index >= torch.cuda.device_count():  # this process's own error (torchrun: more processes than GPUs)
-            print(f"error: --device {device_arg} but only {torch.cuda.device_count()} CUDA device(s) exist",
+            print(f"error: --device {device} but only {torch.cuda.device_count()} CUDA device(s) exist",
                   file=sys.stderr, flush=True)
             raise SystemExit(1)
         device = torch.device('cuda', index)
@@ -54,6 +49,16 @@ def setup_distributed(device_arg):
     if 'WORLD_SIZE' in os.environ and not dist.is_initialized():  # launched by torchrun, even with one process
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world_size, device
+
+
+def pick_device(device_arg):
+    """--device -> torch.device: auto is CUDA when torch finds a GPU, else the CPU."""
+    if device_arg == 'auto':
+        device_arg = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device_arg.startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device_arg} but CUDA is not available here (torch {torch.__version__}); "
+                         "use --device cpu or --device auto")
+    return torch.device(device_arg)
 
 
 def close_distributed():

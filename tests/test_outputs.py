@@ -382,6 +382,49 @@ def test_test_predictions_keep_each_image_beside_its_own_label(tmp_path, capsys)
         (os.path.join('test', name, f'{i:04d}.png'), name) for name in ('sea', 'sea-ice') for i in range(2)]
 
 
+def test_load_model_gives_in_python_the_predictions_eval_only_writes(run_dir, tiny_dataset, tmp_path, capsys):
+    """main.load_model, for a notebook: the run's model (eval mode), its classes and the function that makes its
+    input; their softmax on each test image is test_predictions.csv's prediction and probability, for the last
+    checkpoint and, with checkpoint='best', for best.safetensors (here a head that errs)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+    import main
+    copy = shutil.copytree(run_dir, tmp_path / 'r')
+    weights = load_file(copy / 'trainable.safetensors')
+    for name in ('vit.head.weight', 'vit.head.bias'):
+        weights[name] = weights[name].roll(1, 0)
+    save_file(weights, copy / 'best.safetensors', metadata={'epoch': '1'})
+    for checkpoint, suffix in (('last', ''), ('best', '_best')):
+        code, _, err = run_main(['--eval_only', '--resume', copy, '--checkpoint', checkpoint], capsys)
+        assert code == 0, err
+        with open(copy / f'test_predictions{suffix}.csv') as f:
+            rows = list(csv.DictReader(f))
+        model, classes, to_input = main.load_model(copy, checkpoint=checkpoint)
+        assert classes == ['cat', 'dog', 'frog'] and not model.training
+        assert next(model.parameters()).device.type == 'cpu'  # auto, on a machine without a GPU
+        images = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(tiny_dataset, row['image']))))
+                              for row in rows]).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            probability, predicted = model(to_input(images)).softmax(1).max(1)
+        assert [classes[i] for i in predicted] == [row['prediction'] for row in rows]
+        assert probability.tolist() == pytest.approx([float(row['probability']) for row in rows], abs=6e-5)
+        assert any(row['correct'] == '0' for row in rows) == (checkpoint == 'best')
+    assert to_input(images[:1].repeat_interleave(2, 2).repeat_interleave(2, 3)).shape == (1, 3, 32, 32)
+
+
+def test_load_model_mistakes_are_one_line(run_dir, tmp_path, capsys):
+    """A mistake in a notebook is a SystemExit after one line that says what is wrong, as on the command line."""
+    import main
+    for call, expected in ((lambda: main.load_model(tmp_path / 'nowhere'), f"{tmp_path / 'nowhere'}"),
+                           (lambda: main.load_model(run_dir, checkpoint='best'), "best.safetensors does not exist")):
+        with pytest.raises(SystemExit) as exit_info:
+            call()
+        err = capsys.readouterr().err
+        assert exit_info.value.code != 0 and len(err.strip().splitlines()) == 1 and expected in err, err
+
+
 def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, tiny_dataset, tmp_path, capsys):
     """A run stopped in its first epoch has a trainable.safetensors of epoch 0: its head untrained, its answers chance."""
     from safetensors.torch import load_file, save_file
@@ -390,7 +433,7 @@ def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, ti
     save_file(load_file(checkpoint), checkpoint, metadata={'epoch': '0'})
     code, _, err = run_main(['--predict', os.path.join(tiny_dataset, 'test', 'cat'), '--resume', tmp_path / 'r'], capsys)
     assert code == 0 and err.splitlines()[0] == (
-        f"warning: {checkpoint} was saved before the run's first epoch ended: its head is untrained, so these "
+        f"warning: {checkpoint} was saved before the run's first epoch ended: its head is untrained, so its "
         f"predictions are chance; resume the run to train it"), err
     code, _, err = run_main(['--predict', os.path.join(tiny_dataset, 'test', 'cat'), '--resume', run_dir, '--out',
                              tmp_path / 'p.csv'], capsys)
