@@ -664,7 +664,16 @@ def check_splits(args, splits, classes, all_train_labels, rank):
                   f"{', ...' if len(absent) > 5 else ''}); {consequence}", file=sys.stderr, flush=True)
     if args.batch_size > len(train_labels) and not args.eval_only:  # evaluation pads its last batch
         raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the {len(train_labels)} training "
-                         f"images; lower --batch_size" + (" (or raise --train_samples)" if args.train_samples else ''))
+                         f"images; lower --batch_size, e.g. --batch_size {small_batch(len(train_labels))}"
+                         + (" (or raise --train_samples)" if args.train_samples else ''))
+
+
+def small_batch(train_images):
+    """A --batch_size to suggest for a small training set: a power of two giving at least 4 steps an epoch, under
+    torchrun rounded down to a multiple of the process count."""
+    processes = int(os.environ.get('WORLD_SIZE', '1'))
+    batch = 2 ** max(0, int(math.log2(max(1, train_images // 4))))
+    return max(processes, batch // processes * processes)
 
 
 def check_resume_epoch(args, done):

@@ -508,10 +508,21 @@ def test_device_cuda_without_cuda(cli):
 def test_batch_larger_than_data(cli):
     """--train_samples is named only where it is given: all the images are read without it, none to add."""
     line = cli('--batch_size', 1000, expect=['--batch_size 1000 is larger than the 48 training images; lower '
-                                              '--batch_size'])
-    assert line.endswith('lower --batch_size'), line
+                                              '--batch_size, e.g. --batch_size 8'])
+    assert line.endswith('e.g. --batch_size 8'), line
     cli('--batch_size', 40, '--train_samples', 30, expect=['--batch_size 40 is larger than the 30 training images; '
-                                                           'lower --batch_size (or raise --train_samples)'])
+                                                           'lower --batch_size, e.g. --batch_size 4 (or raise '
+                                                           '--train_samples)'])
+
+
+def test_the_suggested_batch_size_gives_four_steps_an_epoch_and_divides_by_the_processes(monkeypatch):
+    """A power of two with at least 4 full batches an epoch (the last incomplete one is dropped), at least 1, and
+    under torchrun a multiple of the process count, which --batch_size must be."""
+    import main
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    assert [main.small_batch(n) for n in (1, 7, 8, 30, 64, 127, 1000)] == [1, 1, 2, 4, 16, 16, 128]
+    monkeypatch.setenv('WORLD_SIZE', '3')
+    assert [main.small_batch(n) for n in (30, 100, 1000)] == [3, 15, 126]
 
 
 def test_eval_only_without_resume(cli):
