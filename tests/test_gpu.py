@@ -185,6 +185,17 @@ def test_eval_only_reproduces_the_logged_test_accuracy(tiny_dataset, tmp_path):
     assert len(rows) == 18 and all(os.path.isfile(os.path.join(tiny_dataset, row['image'])) for row in rows)
     assert 100 * sum(row['correct'] == '1' for row in rows) / len(rows) == pytest.approx(float(printed.group(1)),
                                                                                          abs=1e-4)
+    import numpy as np
+    from PIL import Image
+    import main
+    model, classes, to_input = main.load_model(tmp_path / 'run')  # in a notebook: on the GPU, CPU images moved there
+    images = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(tiny_dataset, row['image']))))
+                          for row in rows]).permute(0, 3, 1, 2)
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):  # as --amp evaluated (another batch shape)
+        probability, predicted = model(to_input(images)).float().softmax(1).max(1)
+    assert next(model.parameters()).device.type == 'cuda'
+    assert [classes[i] for i in predicted.tolist()] == [row['prediction'] for row in rows]
+    assert probability.tolist() == pytest.approx([float(row['probability']) for row in rows], abs=0.02)
 
 
 def test_compiled_run_recompiles_nothing_after_the_first_epoch(tiny_dataset, tmp_path):
