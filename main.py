@@ -8,6 +8,8 @@
     python main.py --eval_only --resume logs/<run> --checkpoint best
     python main.py --predict img.png photos/ --resume logs/<run>   # classify images with a run's model
     torchrun --nproc_per_node=8 main.py ...                   # data parallel; --batch_size stays the global batch
+
+In Python (a notebook): model, classes, to_input = main.load_model('logs/<run>'); model(to_input(uint8_images)).
 """
 import argparse
 import contextlib
@@ -516,7 +518,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                 if rank == 0:
                     print(f"{args.resume} has finished all {args.epoch} epochs; pass --epoch N to train further")
                 return
-        splits, classes, available, _ = load_splits(args, rank, world_size)
+        splits, classes, available, test_names = load_splits(args, rank, world_size)
         check_schedule(args, len(splits['train'][1]), state['epoch'] if state else 0)
         model, unfrozen = build_model(args, len(classes), device)
         if args.resume:
@@ -548,7 +550,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
             print(f"run directory: {run_dir}" + (f" (resumed after epoch {state['epoch']} of {args.epoch})"
                                                  if args.resume else ''), flush=True)
         run_dir = broadcast_run_dir(run_dir, world_size)
-        train.fit(model, on_device, classes, args, run_dir, device, state)
+        train.fit(model, on_device, classes, args, run_dir, device, state, test_names)
         for signum in (signal.SIGINT, signal.SIGTERM):  # the run is finished and saved: a late signal changes nothing
             signal.signal(signum, signal.SIG_IGN)  # (main() puts its caller's handlers back)
     except BaseException:
@@ -604,7 +606,7 @@ def build_model(args, num_classes, device):
 def load_splits(args, rank, world_size):
     """-> ({'train', 'val' (None without --val_split), 'test'}: (uint8 images, labels)), class names, the image
     counts of the train and test splits before --train_samples/--test_samples (config.json's dataset_images), and
-    with --eval_only the test images' names (data.load_dataset's), else None)."""
+    the test images' names (data.load_dataset's), for test_predictions.csv."""
     import data
     if args.resume and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
         raise SystemExit(f"error: the dataset folder of {args.resume}, {args.dataset}, is gone; if it moved, pass "
@@ -613,7 +615,7 @@ def load_splits(args, rank, world_size):
         raise SystemExit(f"error: {args.resume} held out its test set from train/ (--test_split {args.test_split}), but "
                          f"{args.dataset} now has a test/ folder; pass --dataset with the run's own copy, or move test/ "
                          f"away")
-    train_images, train_labels, test_images, test_labels, classes, available, *test_names = load_data_once(
+    train_images, train_labels, test_images, test_labels, classes, available, test_names = load_data_once(
         args, rank, world_size)
     val, all_train_labels = None, train_labels
     if args.val_split:
@@ -624,7 +626,7 @@ def load_splits(args, rank, world_size):
     if args.resume:  # other data first: what the counts below would say follows from it
         check_same_data(args, splits, classes, available)
     check_splits(args, splits, classes, all_train_labels, rank)
-    return splits, classes, available, test_names[0] if test_names else None
+    return splits, classes, available, test_names
 
 
 def check_splits(args, splits, classes, all_train_labels, rank):
@@ -775,7 +777,8 @@ def evaluate_checkpoint(args, model, splits, classes, test_names, device):
     suffix = '_best' if args.checkpoint == 'best' else '' if epoch >= planned else f'_epoch{epoch}'
     loss, acc, confusion, (predicted, probability) = results['test']
     per_class = train.per_class_accuracy(confusion, classes)
-    per_image = predictions_csv(test_names, splits['test'][1], predicted, probability, classes, args.checkpoint, epoch)
+    per_image = train.predictions_bytes(test_names, splits['test'][1], predicted, probability, classes, args.checkpoint,
+                                        epoch)
     report = []
     if 'val' in results:
         report.append(f"{args.resume} ({args.checkpoint}, epoch {epoch}): val accuracy {results['val'][1]:.4f}% "
@@ -794,20 +797,6 @@ def evaluate_checkpoint(args, model, splits, classes, test_names, device):
     finally:
         print('\n'.join(report), flush=True)
     print(said, file=stream)
-
-
-def predictions_csv(names, labels, predicted, probability, classes, checkpoint, epoch):
-    """test_predictions.csv: a row per test image, in the test split's order (`names`: data.load_dataset's)."""
-    import csv
-    import io
-    import train
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator='\n')
-    writer.writerow(['image', 'label', 'prediction', 'probability', 'correct', 'checkpoint', 'epoch'])
-    assert len(names) == len(labels) == len(predicted), (len(names), len(labels), len(predicted))  # no row lost
-    for name, label, guess, prob in zip(names, labels.tolist(), predicted.tolist(), probability.tolist()):
-        writer.writerow([name, classes[label], classes[guess], f"{prob:.4f}", int(label == guess), checkpoint, epoch])
-    return train.csv_bytes(buffer.getvalue())
 
 
 def write_evaluation(args, epoch, suffix, confusion, per_class, classes, per_image):
@@ -1159,7 +1148,7 @@ def load_data_once(args, rank, world_size):
     try:
         loaded = data.load_dataset(args.dataset, args.data_dir, args.img_size, args.train_samples,
                                    args.test_samples, args.data_seed, folder_reading(args), args.test_split,
-                                   names=bool(args.eval_only))
+                                   names=True)
     except SystemExit:  # a problem of the data, which every process then finds alike (said once: said_once)
         if world_size > 1 and local_rank == 0:
             dist.barrier()  # release the processes waiting for this download or check; they fail the same way

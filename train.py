@@ -439,6 +439,17 @@ def confusion_bytes(confusion, classes):
     return csv_bytes(out.getvalue())
 
 
+def predictions_bytes(names, labels, predicted, probability, classes, checkpoint, epoch):
+    """test_predictions.csv: a row per test image, in the test split's order (`names`: data.load_dataset's)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator='\n')
+    writer.writerow(['image', 'label', 'prediction', 'probability', 'correct', 'checkpoint', 'epoch'])
+    assert len(names) == len(labels) == len(predicted), (len(names), len(labels), len(predicted))  # no row lost
+    for name, label, guess, prob in zip(names, labels.tolist(), predicted.tolist(), probability.tolist()):
+        writer.writerow([name, classes[label], classes[guess], f"{prob:.4f}", int(label == guess), checkpoint, epoch])
+    return csv_bytes(out.getvalue())
+
+
 def per_class_accuracy(confusion, classes):
     """{class: accuracy %}, None for a class with no test images."""
     return {name: round(100 * hits / total, 4) if total else None for name, hits, total in
@@ -612,10 +623,11 @@ def load_state(run_dir):
 # ---------------------------------------------------------------- the run
 
 
-def fit(model, splits, classes, args, run_dir, device, state=None):
+def fit(model, splits, classes, args, run_dir, device, state=None, test_names=None):
     """Train for args.epoch epochs, evaluating val (if any) and test after each, checkpointing and logging on rank 0.
     A resumed run passes `state` (load_state) and has its trainable tensors in `model` (load_resumed_trainable).
-    `splits`: {'train', 'val' (or None), 'test'} -> (uint8 images, labels) on the device (splits_to_device)."""
+    `splits`: {'train', 'val' (or None), 'test'} -> (uint8 images, labels) on the device (splits_to_device).
+    `test_names` (data.load_dataset's) name the rows of the last epoch's test_predictions.csv."""
     rank, world_size = rank_and_world_size()
     train_images, train_labels = splits['train']
     preprocess = data.preprocessing(model.vit.pretrained_cfg, device, args.img_size)
@@ -650,7 +662,8 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
     net = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
-    evaluate_on = lambda split: evaluate_split(model, split, args.batch_size, preprocess, args.amp)
+    evaluate_on = lambda split, per_image=False: evaluate_split(model, split, args.batch_size, preprocess, args.amp,
+                                                               per_image)
     with StopRequest() as stop:
         for epoch in range(done + 1, args.epoch + 1):
             start = time.perf_counter()
@@ -676,7 +689,8 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
             train_time = time.perf_counter() - start
             with explain_out_of_memory(args.batch_size, args.amp, f'evaluating epoch {epoch}'):
                 val_loss, val_acc, _ = evaluate_on(splits['val']) if splits['val'] else (None, None, None)
-                test_loss, test_acc, confusion = evaluate_on(splits['test'])
+                test_loss, test_acc, confusion, *per_image = evaluate_on(  # the run's result: which images it missed
+                    splits['test'], epoch == args.epoch and test_names is not None)
             row = dict(epoch=epoch, train_loss=trained[0], train_acc=trained[1], test_loss=test_loss, test_acc=test_acc,
                        lr=args.lr * lr_factor(epoch * steps_per_epoch - 1, warmup_steps, total_steps),
                        epoch_time_s=time.perf_counter() - start,
@@ -695,6 +709,9 @@ def fit(model, splits, classes, args, run_dir, device, state=None):
                 extra['best.safetensors'] = trainable_bytes(model, epoch)
             if rank == 0 and epoch == args.epoch:
                 extra['confusion.csv'] = confusion_bytes(confusion, classes)
+            if rank == 0 and per_image:
+                extra['test_predictions.csv'] = predictions_bytes(test_names, splits['test'][1], *per_image[0],
+                                                                  classes, 'last', epoch)
             save_checkpoint(run_dir, model, optimizer, scheduler, scaler, generator, epoch, history, summary, extra)
             if rank == 0 and new_best:  # --eval_only's, of the best checkpoint until now, and plot.py's figure of it
                 for name in ('confusion_best.csv', 'confusion_best.png', 'test_predictions_best.csv'):

@@ -61,6 +61,14 @@ def test_two_processes_match_one(dataset, tmp_path, capsys, full, one_torch_thre
     for run in ('one', 'two'):  # each test image counted once, not once per process
         with open(tmp_path / run / 'confusion.csv') as f:
             assert sum(int(count) for row in list(csv.reader(f))[1:] for count in row[1:]) == 99
+    per_image = {}
+    for run in ('one', 'two'):  # the last epoch's predictions: the processes' shards gathered in the split's order
+        with open(tmp_path / run / 'test_predictions.csv') as f:
+            per_image[run] = list(csv.DictReader(f))
+    assert len(per_image['two']) == 99 and len({row['image'] for row in per_image['two']}) == 99
+    for a, b in zip(per_image['two'], per_image['one']):
+        assert (a['image'], a['label'], a['prediction'], a['epoch']) == (b['image'], b['label'], b['prediction'], '2')
+        assert float(a['probability']) == pytest.approx(float(b['probability']), abs=2e-4)
     with open(tmp_path / 'two' / 'config.json') as f:  # the record says how to run it again
         assert json.load(f)['command'].startswith('torchrun --nproc_per_node=2 main.py --model test_vit ')
 

@@ -42,6 +42,25 @@ def test_confusion_and_per_class_accuracy_match_the_test_accuracy(run_dir):
         assert summary['per_class_acc'][name] == pytest.approx(100 * confusion[name][i] / sum(confusion[name]), abs=1e-3)
 
 
+def test_a_finished_run_writes_the_test_predictions_eval_only_writes(tiny_dataset, tmp_path, capsys):
+    """The last epoch writes test_predictions.csv beside confusion.csv (plot.py --mistakes reads it): a row per test
+    image that counts up to the matrix, byte for byte what --eval_only then writes for the same checkpoint."""
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 2, '--batch_size', 8, '--log_dir', tmp_path,
+                             '--name', 'r'], capsys)
+    assert code == 0, err
+    written = (tmp_path / 'r' / 'test_predictions.csv').read_bytes()
+    rows = list(csv.DictReader(written.decode().splitlines()))
+    assert len(rows) == 18 and {(row['checkpoint'], row['epoch']) for row in rows} == {('last', '2')}
+    classes, confusion = read_confusion(tmp_path / 'r' / 'confusion.csv')
+    tallied = {name: [0] * len(classes) for name in classes}
+    for row in rows:
+        tallied[row['label']][classes.index(row['prediction'])] += 1
+    assert tallied == confusion
+    code, _, err = run_main(['--eval_only', '--resume', tmp_path / 'r'], capsys)
+    assert code == 0, err
+    assert (tmp_path / 'r' / 'test_predictions.csv').read_bytes() == written
+
+
 def test_predictions_on_image_files_equal_eval_only(run_dir, tiny_dataset, tmp_path, capsys):
     """--predict on the test images as files: per true class (the folder), the predicted classes must count up to
     exactly the confusion matrix --eval_only computes on the same images, and each file gets the prediction that

@@ -1,4 +1,5 @@
 """Checkpoints, exact resume, signals, non-finite loss, --eval_only."""
+import csv
 import json
 import os
 import re
@@ -540,8 +541,8 @@ def test_signal_after_the_last_epoch_finishes_the_run(tiny_dataset, tmp_path, ca
 def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset, tmp_path, capsys, monkeypatch):
     """--eval_only's confusion_best.csv, test_predictions_best.csv and per_class_acc_best describe best.safetensors:
     they stay while its epoch stays the best and go when a resumed run saves a better one; confusion.csv of a finished
-    run (with plot.py's figure of it and --eval_only's test_predictions.csv) becomes confusion_epoch<N> once a resume
-    trains past that epoch, and comes back with the new last epoch."""
+    run (with plot.py's figure of it and test_predictions.csv) becomes confusion_epoch<N> once a resume trains past
+    that epoch, and both come back with the new last epoch."""
     import train
     run_dir = tmp_path / 'r'
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', '--val_split', 0.25), capsys)
@@ -582,6 +583,8 @@ def test_a_resume_removes_the_files_of_the_checkpoints_it_replaces(tiny_dataset,
     assert not (run_dir / 'confusion_best.csv').exists() and not (run_dir / 'test_predictions_best.csv').exists()
     assert 'per_class_acc_best' not in json.loads((run_dir / 'summary.json').read_text())
     assert (run_dir / 'confusion.csv').exists()
+    with open(run_dir / 'test_predictions.csv') as f:  # the new last epoch's, as the run finishes again
+        assert {(row['checkpoint'], row['epoch']) for row in csv.DictReader(f)} == {('last', '3')}
 
 
 def test_a_better_epoch_removes_the_figure_of_the_former_best_too(tiny_dataset, tmp_path, capsys, monkeypatch):

@@ -106,7 +106,6 @@ def test_evaluation_does_not_depend_on_the_batch_size():
 def test_a_process_with_no_test_images_still_writes_every_prediction(monkeypatch):
     """Under torchrun with more processes than test images (here 1 image, 2 processes) rank 0's shard is empty: the
     predictions it gathers for test_predictions.csv are rank 1's, each naming a class, as one process writes them."""
-    import main
     model, images, labels, preprocess = tiny_model_and_data(images=1)
     theirs = train.evaluate(model, data.eval_batches(images, labels, 2, preprocess, 1, 2), 3, False, per_image=True)
     assert len(list(data.eval_batches(images, labels, 2, preprocess, 0, 2))) == 0  # rank 0's shard
@@ -118,7 +117,7 @@ def test_a_process_with_no_test_images_still_writes_every_prediction(monkeypatch
         slice(None), [mine, list(theirs[3])]))
     ours = train.evaluate(model, data.eval_batches(images, labels, 2, preprocess, 0, 2), 3, False, per_image=True)
     assert ours[1] == theirs[1] and torch.equal(ours[2], theirs[2])
-    csv_of = lambda result: main.predictions_csv(['0'], labels, *result[3], ['a', 'b', 'c'], 'last', 1).decode()
+    csv_of = lambda result: train.predictions_bytes(['0'], labels, *result[3], ['a', 'b', 'c'], 'last', 1).decode()
     assert csv_of(ours) == csv_of(theirs) and len(csv_of(ours).splitlines()) == 2
 
 
