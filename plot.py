@@ -777,6 +777,26 @@ def confusion_figure(name, classes, counts):
     return fig
 
 
+def evaluated_files(run_dir, stem, out):
+    """The <stem>.csv files (confusion, test_predictions) that main.py --eval_only wrote into run_dir to draw, each
+    with the checkpoint it describes: [(path, 'last' | 'best' | N)]. <stem>.csv is the last epoch's; a run that has not
+    finished has none, and the newest <stem>_epoch<N>.csv (its last checkpoint's) stands in for it. <stem>_best.csv
+    (--checkpoint best: the best val epoch, whose test accuracy is the number to report) comes too, but not with --out,
+    which takes one figure: the last epoch's where there is one."""
+    found = []
+    if os.path.exists(os.path.join(run_dir, f'{stem}.csv')):
+        found.append((os.path.join(run_dir, f'{stem}.csv'), 'last'))
+    else:
+        epochs = sorted(int(match[1]) for match in map(re.compile(rf'{stem}_epoch(\d+)\.csv$').match,
+                                                         os.listdir(run_dir)) if match)
+        if epochs:
+            found.append((os.path.join(run_dir, f'{stem}_epoch{epochs[-1]}.csv'), epochs[-1]))
+    best = os.path.join(run_dir, f'{stem}_best.csv')
+    if os.path.exists(best) and (out is None or not found):
+        found.append((best, 'best'))
+    return found
+
+
 def draw_confusions(run_dirs, paths, out):
     if out is not None and len(run_dirs) > 1:
         error(f"--out names one file but {len(run_dirs)} runs were found under {', '.join(paths)}; drop --out to "
@@ -785,22 +805,16 @@ def draw_confusions(run_dirs, paths, out):
     label_runs(runs)
     drawn = 0
     for run in runs:
-        path, title = os.path.join(run['dir'], 'confusion.csv'), run['name']
-        best = os.path.join(run['dir'], 'confusion_best.csv')  # --eval_only --checkpoint best: the epoch to report
-        if not os.path.exists(path):  # an unfinished run: --eval_only wrote its last checkpoint's matrix, if anything
-            epochs = sorted(int(match[1]) for match in map(re.compile(r'confusion_epoch(\d+)\.csv$').match,
-                                                             os.listdir(run['dir'])) if match)
-            if not epochs and not os.path.exists(best):
-                warn(f"run {run['dir']}: no confusion.csv (it is written after the last epoch; for an unfinished run "
-                     f"python main.py --eval_only --resume {run['dir']} writes its last checkpoint's)")
-                continue
-            path = os.path.join(run['dir'], f"confusion_epoch{epochs[-1]}.csv") if epochs else None
-            title = f"{run['name']}, epoch {epochs[-1]} (unfinished)" if epochs else None
-        matrices = [(path, title)] if path else []
-        if os.path.exists(best) and (out is None or not matrices):  # --out takes one figure: the last epoch's
-            epoch = read_summary(run['dir']).get('best_val_epoch')  # best.safetensors' epoch, which --eval_only read
-            matrices.append((best, f"{run['name']}, best val epoch" + (f" {epoch}" if isinstance(epoch, int) else '')))
-        for path, title in matrices:
+        matrices = evaluated_files(run['dir'], 'confusion', out)
+        if not matrices:
+            warn(f"run {run['dir']}: no confusion.csv (it is written after the last epoch; for an unfinished run "
+                 f"python main.py --eval_only --resume {run['dir']} writes its last checkpoint's)")
+        for path, which in matrices:
+            if which == 'best':
+                epoch = read_summary(run['dir']).get('best_val_epoch')  # best.safetensors', which --eval_only read
+                title = f"{run['name']}, best val epoch" + (f" {epoch}" if isinstance(epoch, int) else '')
+            else:
+                title = run['name'] if which == 'last' else f"{run['name']}, epoch {which} (unfinished)"
             try:
                 classes, counts = read_confusion(path)
             except ValueError as e:  # its reason names the file
