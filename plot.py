@@ -1,5 +1,5 @@
-"""Plot train/(val/)test accuracy per epoch for vpt runs and print a summary table; draw confusion matrices and
-accuracy-against-cost figures.
+"""Plot train/(val/)test accuracy per epoch for vpt runs and print a summary table; draw confusion matrices,
+accuracy-against-cost figures and the test images a run got most confidently wrong.
 
     python plot.py logs/                                   # every run under logs/ -> logs/accuracy.png + table
     python plot.py logs/P_run logs/F_run --out fig.png     # chosen runs (run directories hold metrics.csv)
@@ -9,6 +9,8 @@ accuracy-against-cost figures.
                                                            # parameters, time per epoch, checkpoint size
     python plot.py logs/P_run --confusion                  # logs/P_run/confusion.png from its confusion.csv
     python plot.py logs/ --confusion                       # a confusion.png in every run directory that has one
+    python plot.py logs/P_run --mistakes                   # logs/P_run/mistakes.png: the 25 test images it got
+                                                           # most confidently wrong (--mistakes 50: 50 of them)
 
 --out replaces an existing file only if plot.py wrote it (its .png/.pdf/.svg/.ps/.eps figures carry a mark in their
 metadata); any other file there is refused before anything is drawn.
@@ -36,6 +38,16 @@ confusion.csv; the newest confusion_epoch<N>.csv that main.py --eval_only wrote 
 instead, into <run>/confusion_epoch<N>.png. A run's confusion_best.csv (main.py --eval_only --checkpoint best: the
 best val epoch, whose test accuracy is the number to report) is drawn too, into <run>/confusion_best.png (not with
 --out, which takes one figure).
+
+--mistakes [N] draws only a grid of the N test images (default 25) each run got most confidently wrong: the wrong rows
+of the test_predictions.csv that main.py --eval_only writes with the highest probability (ties in the CSV's order),
+each image titled true -> predicted class and that probability, its name below (a CIFAR image's is its test-set
+index, #1234). Its files are picked and named as --confusion's: <run>/mistakes.png, mistakes_best.png from
+test_predictions_best.csv, mistakes_epoch<N>.png for an unfinished run; --out for a single run only. The images are
+read from the run's data, the dataset folder or the CIFAR test set under --data_dir as config.json records them,
+photos upright as their EXIF orientation says and shrunk to 320 px. A run whose data is not there any more is skipped
+with a warning naming where it looked, an image that cannot be read is left out of the grid (one warning per figure),
+and a run without a mistake gets a warning and no figure.
 """
 import argparse
 import contextlib
@@ -44,6 +56,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import sys
 import warnings
@@ -59,6 +72,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import ConnectionPatch
 from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from PIL import Image, ImageOps  # matplotlib's own dependency
 
 from main import flag_hint, shown_width  # main.py imports torch only inside main()
 
@@ -73,6 +87,16 @@ MUST_BE_FINITE = ('epoch', 'train_acc', 'test_acc', 'epoch_time_s', 'val_acc', '
                   'includes_compile')  # losses may be nan
 MARKERS_UP_TO = 30  # draw a marker at every epoch while the longest run has at most this many
 ANNOTATE_UP_TO = 20  # write the percentage into every confusion-matrix cell up to this many classes
+# main.predictions_csv's columns, which --mistakes reads by name
+PREDICTIONS_HEADER = ['image', 'label', 'prediction', 'probability', 'correct', 'checkpoint', 'epoch']
+CIFAR_TEST_FILES = {'cifar10': ('cifar-10-batches-py', 'test_batch'), 'cifar100': ('cifar-100-python', 'test')}
+MISTAKES_SHOWN = 25  # --mistakes without N: a 5 x 5 grid
+MISTAKE_COLUMNS = 10  # the grid's widest row; more mistakes make more rows
+TILE_PIXELS = 320  # a photo's longest side in the grid: about its size at 150 dpi; 12 MP photos stay fast and small
+# data.PHOTO_PIXELS (data.py imports torch): a phone's 200 MP photo is read, as the run read it, not refused as a bomb
+PHOTO_PIXELS = 250_000_000
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < PHOTO_PIXELS:
+    Image.MAX_IMAGE_PIXELS = PHOTO_PIXELS
 MODE_STYLE = {'P': ('tab:blue', 'o'), 'P+unfreeze': ('tab:blue', 'v'), 'F': ('tab:orange', 's'),
               'P+F': ('tab:green', '^'), 'linear': ('tab:purple', 'D'), 'linear+unfreeze': ('tab:purple', 'v')}
 OTHER_STYLE = ('tab:gray', 'X')  # mode '?' (no config.json) or one this script does not know
@@ -828,6 +852,200 @@ def draw_confusions(run_dirs, paths, out):
         error(f"no confusion matrix to draw under {', '.join(paths)}: see the warnings above")
 
 
+# ---------------------------------------------------------------- mistakes
+
+
+def read_predictions(path):
+    """test_predictions.csv (main.py --eval_only: image,label,prediction,probability,correct,checkpoint,epoch) -> its
+    rows as dicts, probability a float and correct a bool. Raises ValueError with a one-line reason."""
+    file = os.path.basename(path)
+    try:
+        with open(path, newline='', encoding='utf-8') as f:
+            rows = [row for row in csv.reader(f) if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"cannot read {file} ({one_line(e)})")
+    if not rows:
+        raise ValueError(f"{file} is empty")
+    header = rows[0]
+    missing = [key for key in PREDICTIONS_HEADER if key not in header]
+    if missing:
+        raise ValueError(f"{file} header is {','.join(header)[:80]!r}, it lacks {','.join(missing)}")
+    if len(rows) == 1:
+        raise ValueError(f"{file} has only the header (no test image)")
+    predictions = []
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{file} row {line} has {len(row)} columns, expected {len(header)}")
+        cells = dict(zip(header, row))
+        try:
+            cells['probability'] = float(cells['probability'])
+        except ValueError:
+            raise ValueError(f"{file} row {line} has a non-numeric probability {cells['probability'][:20]!r}")
+        if not 0 <= cells['probability'] <= 1:  # nan too
+            raise ValueError(f"{file} row {line} has probability {cells['probability']}, not one in [0, 1]")
+        if cells['correct'] not in ('0', '1'):
+            raise ValueError(f"{file} row {line} has correct={cells['correct'][:20]!r}, expected 0 or 1")
+        cells['correct'] = cells['correct'] == '1'
+        predictions.append(cells)
+    return predictions
+
+
+def tile_reader(run_dir):
+    """-> (a function reading one of the run's test images, as test_predictions.csv names it, into a tile: uint8
+    (H, W, 3), how a name is shown: '#' before a CIFAR index); or None after a warning naming where it looked."""
+    try:
+        config = read_config(os.path.join(run_dir, 'config.json')) or {}
+    except ValueError as e:
+        warn(f"skipping run {run_dir}: {e}")
+        return None
+    dataset, data_dir = config.get('dataset'), config.get('data_dir')
+    if dataset in CIFAR_TEST_FILES:
+        path = os.path.join(str(data_dir), *CIFAR_TEST_FILES[dataset])
+        try:
+            images = cifar_test_images(path)
+        except FileNotFoundError:
+            warn(f"skipping run {run_dir}: no {dataset} test set at {path} (config.json's data_dir); if it moved, link "
+                 f"the old path to it (ln -s NEW_PATH {data_dir})")
+            return None
+        except Exception as e:  # not the pickle torchvision extracts: unpickling raises what it meets
+            warn(f"skipping run {run_dir}: cannot read {dataset}'s test images from {path} ({type(e).__name__}: "
+                 f"{one_line(e)})")
+            return None
+
+        def read(name):
+            index = int(name)  # ValueError for a name that is no index: that tile is left out
+            if not 0 <= index < len(images):
+                raise IndexError(f"{dataset}'s test set has {len(images)} images")
+            return images[index]
+        return read, '#'
+    if not isinstance(dataset, str) or not dataset:
+        warn(f"skipping run {run_dir}: its config.json does not say which dataset it was tested on (no 'dataset')")
+        return None
+    if not os.path.isdir(dataset):
+        warn(f"skipping run {run_dir}: its dataset folder {dataset} (config.json's dataset) is gone, so its test "
+             f"images cannot be shown; if it moved, link the old path to it (ln -s NEW_PATH {dataset})")
+        return None
+    return (lambda name: read_tile(dataset_file(dataset, name))), ''
+
+
+def cifar_test_images(path):
+    """torchvision's CIFAR test set as uint8 (N, 32, 32, 3) in its order, from the pickle it extracts (rows of 3072:
+    the red plane, the green, the blue); torchvision itself would import torch."""
+    with open(path, 'rb') as f:
+        batch = pickle.load(f, encoding='latin1')  # as torchvision reads it: the Python 2 file's keys come out as str
+    pixels = batch['data'] if 'data' in batch else batch[b'data']  # b'data': bytes keys, as the CIFAR page reads it
+    return np.asarray(pixels, dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def dataset_file(root, name):
+    """The file a test_predictions.csv name stands for: as written or, for a name whose bytes were not UTF-8 (the
+    CSV has them as \\xNN, train.utf8_text), with those bytes back."""
+    path = os.path.join(root, name)
+    if '\\x' not in name or os.path.lexists(path):
+        return path
+    return os.path.join(root, os.fsdecode(re.sub(rb'\\x([0-9a-f]{2})', lambda hex: bytes([int(hex[1], 16)]),
+                                                 name.encode())))
+
+
+def read_tile(path):
+    """An image file, upright as its EXIF orientation says (as a viewer shows it), at most TILE_PIXELS on a side."""
+    if not os.path.isfile(path):  # missing, or a FIFO, which would block open()
+        raise FileNotFoundError(f"no file {path}")
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # a phone's 200 MP photo: no bomb here
+        with Image.open(path) as image:
+            image.draft('RGB', (2 * TILE_PIXELS, 2 * TILE_PIXELS))  # a large JPEG decoded at 1/2 to 1/8 scale: fast
+            image = ImageOps.exif_transpose(image)
+    if image.mode.startswith('I'):  # 16-bit grey (PNG): convert('RGB') would clip every value above 255 to white
+        image = Image.fromarray((np.asarray(image).clip(0, 65535) >> 8).astype(np.uint8))
+    image = image.convert('RGB')
+    image.thumbnail((TILE_PIXELS, TILE_PIXELS))
+    return np.asarray(image)
+
+
+def mistakes_figure(title, tiles):
+    """tiles: (image, caption, name) each -> a grid of the images, each captioned above and named below."""
+    columns = min(MISTAKE_COLUMNS, math.ceil(math.sqrt(len(tiles))))
+    rows = math.ceil(len(tiles) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(max(7.0, 2.3 * columns), 2.7 * rows + 0.7), squeeze=False,
+                             layout='constrained')
+    for ax, (image, caption, name) in zip(axes.flat, tiles):
+        # CIFAR's 32 px as sharp squares; a thumbnail near the tile's size smoothed
+        ax.imshow(image, interpolation='nearest' if max(image.shape[:2]) <= 64 else 'antialiased')
+        ax.set_title(caption, fontsize=8)
+        ax.set_xlabel(wrap_name(name, 40), fontsize=6, color='0.35')
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes.flat[len(tiles):]:
+        ax.remove()
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def mistake_caption(row):
+    """'true → predicted' over the probability; the classes on two lines or more where one would overrun the tile."""
+    between = ' → ' if len(row['label']) + len(row['prediction']) <= 30 else ' →\n'
+    return (f"{wrap_name(row['label'], 32)}{between}{wrap_name(row['prediction'], 32)}\n"
+            f"probability {row['probability']:.4f}")
+
+
+def draw_mistakes(run_dirs, paths, out, count):
+    if out is not None and len(run_dirs) > 1:
+        error(f"--out names one file but {len(run_dirs)} runs were found under {', '.join(paths)}; drop --out to "
+              f"write mistakes.png into each run directory")
+    runs = [dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir))) for run_dir in run_dirs]
+    label_runs(runs)
+    drawn = flawless = 0
+    for run in runs:
+        files = evaluated_files(run['dir'], 'test_predictions', out)
+        if not files:
+            warn(f"run {run['dir']}: no test_predictions.csv; python main.py --eval_only --resume {run['dir']} writes "
+                 f"it (with --checkpoint best, test_predictions_best.csv)")
+        reader = None
+        for path, which in files:
+            file = os.path.basename(path)
+            try:
+                predictions = read_predictions(path)
+            except ValueError as e:  # its reason names the file
+                warn(f"skipping run {run['dir']}: {e}")
+                continue
+            wrong = [row for row in predictions if not row['correct']]
+            if not wrong:
+                warn(f"run {run['dir']}: no mistakes in {file}: all {len(predictions):,} test images right")
+                flawless += 1
+                continue
+            reader = reader or tile_reader(run['dir'])
+            if reader is None:  # said why; the run's other file would say it again
+                break
+            read, prefix = reader
+            shown = sorted(wrong, key=lambda row: -row['probability'])[:count]  # sorted() keeps ties in CSV order
+            tiles, unread = [], []
+            for row in shown:
+                try:
+                    image = read(row['image'])
+                except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError...
+                    unread.append(f"{row['image']} ({one_line(e)})")
+                    continue
+                tiles.append((image, mistake_caption(row), prefix + row['image']))
+            if unread:
+                warn(f"run {run['dir']}: {len(unread)} of the {len(shown)} images to draw from {file} cannot be read, "
+                     f"left out: {'; '.join(unread[:3])}{f' and {len(unread) - 3} more' if len(unread) > 3 else ''}")
+            if not tiles:
+                continue
+            left_out = f", {len(unread)} unreadable left out" if unread else ''
+            title = (f"{run['name']}, {predictions[0]['checkpoint']} checkpoint (epoch {predictions[0]['epoch']}"
+                     f"{', unfinished' if isinstance(which, int) else ''}): {len(wrong):,} of {len(predictions):,} "
+                     f"test images wrong ({100 * len(wrong) / len(predictions):.1f}%)\n"
+                     f"the {len(shown)} most confident mistakes{left_out}: true → predicted class, the prediction's "
+                     f"probability")
+            target = out or os.path.join(run['dir'], 'mistakes' + file[len('test_predictions'):-len('.csv')] + '.png')
+            save_figure(mistakes_figure(title, tiles), target)
+            print(f"wrote {target}")
+            drawn += 1
+    if not drawn and not flawless:
+        error(f"no mistakes to draw under {', '.join(paths)}: see the warnings above")
+
+
 def check_replaceable(out, default=False):
     """--out names a file of its own: one there already is replaced only if plot.py wrote it (a redrawn figure), never
     a photo or a figure of the user's own. The default <first PATH>/accuracy.png and cost.png are redrawn in place:
@@ -860,6 +1078,20 @@ def check_replaceable(out, default=False):
 # ---------------------------------------------------------------- main
 
 
+def mistakes_count(text):
+    try:
+        count = int(text)
+    except ValueError:
+        if os.path.exists(os.path.expanduser(text)):  # a PATH after a bare --mistakes is taken for its N
+            raise argparse.ArgumentTypeError(f"N is how many images to draw, got the path {text!r}; for the default "
+                                             f"{MISTAKES_SHOWN}, put --mistakes after the PATHs: python plot.py PATH "
+                                             f"--mistakes")
+        raise argparse.ArgumentTypeError(f"N is how many images to draw, a whole number, got {text!r}")
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"N is how many images to draw, at least 1, got {count}")
+    return count
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('paths', type=os.path.expanduser, nargs='+', metavar='PATH',
@@ -873,6 +1105,10 @@ def main(argv=None):
     what.add_argument('--confusion', action='store_true',
                       help="only draw each run's confusion.csv as <run>/confusion.png, and its confusion_best.csv if "
                            "any (--out: one run, one figure)")
+    what.add_argument('--mistakes', type=mistakes_count, nargs='?', const=MISTAKES_SHOWN, metavar='N',
+                      help=f"only draw the N test images (default {MISTAKES_SHOWN}) each run got most confidently "
+                           f"wrong, from the test_predictions.csv main.py --eval_only writes, as <run>/mistakes.png, "
+                           f"and from its test_predictions_best.csv if any (--out: one run, one figure)")
     parser.error = lambda message: error(f"{message}{flag_hint(parser, message)} (python plot.py --help for usage)")
     args = parser.parse_args(argv)
 
@@ -882,6 +1118,9 @@ def main(argv=None):
     run_dirs = find_run_dirs(args.paths)
     if args.confusion:
         draw_confusions(run_dirs, args.paths, args.out)
+        return
+    if args.mistakes is not None:
+        draw_mistakes(run_dirs, args.paths, args.out, args.mistakes)
         return
     runs = [run for run in map(load_run, run_dirs) if run is not None]
     if not runs:

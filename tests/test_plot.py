@@ -1626,3 +1626,302 @@ def test_a_log_directory_that_cannot_be_listed_says_so(tmp_path, capsys, monkeyp
     line = one_line(err)
     assert line.startswith(f'plot.py: error: cannot list {root}: ') and 'Permission denied' in line, line
     assert not os.path.exists(root / 'accuracy.png')
+
+
+# ---------------------------------------------------------------- --mistakes
+
+
+def write_predictions(run_dir, rows, suffix='', checkpoint='last', epoch=2):
+    """test_predictions<suffix>.csv as main.py --eval_only writes it; rows: (image, label, prediction, probability,
+    correct)."""
+    with open(os.path.join(run_dir, f'test_predictions{suffix}.csv'), 'w', newline='', encoding='utf-8') as f:
+        writer = csv.writer(f, lineterminator='\n')
+        writer.writerow(['image', 'label', 'prediction', 'probability', 'correct', 'checkpoint', 'epoch'])
+        writer.writerows([image, label, guess, f'{probability:.4f}', correct, checkpoint, epoch]
+                         for image, label, guess, probability, correct in rows)
+
+
+def set_config(run_dir, **keys):
+    path = os.path.join(run_dir, 'config.json')
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, 'w') as f:
+        json.dump(dict(config, **keys), f)
+
+
+def write_image(path, pixels, **save):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.asarray(pixels)
+    Image.fromarray(pixels if pixels.dtype == np.uint16 else pixels.astype(np.uint8)).save(path, **save)
+
+
+def colour(i):
+    return (20 * i, 255 - 20 * i, 100)  # test image i's: tells its tile apart
+
+
+def folder_run(tmp_path, rows, name='P_run'):
+    """A run whose --dataset folder holds a small solid-coloured PNG per row (test/<label>/<i>.png, coloured
+    colour(i)) and whose test_predictions.csv has those rows; rows: (label, prediction, probability, correct)."""
+    dataset = tmp_path / f'{name}_data'
+    named = []
+    for i, (label, guess, probability, correct) in enumerate(rows):
+        image = f'test/{label}/{i}.png'
+        write_image(dataset / image, np.full((6, 8, 3), colour(i)))
+        named.append((image, label, guess, probability, correct))
+    run_dir = write_run(tmp_path / 'logs', name)
+    set_config(run_dir, dataset=str(dataset), data_dir=str(tmp_path / 'data'))
+    write_predictions(run_dir, named)
+    return run_dir
+
+
+def tiles(fig):
+    """(caption, name under it, image array) of each tile, in order."""
+    return [(ax.get_title(), ax.get_xlabel(), ax.images[0].get_array()) for ax in fig.axes]
+
+
+MIXED = [('a', 'a', 0.99, 1), ('a', 'b', 0.6, 0), ('b', 'a', 0.9, 0), ('b', 'c', 0.6, 0), ('c', 'a', 0.3, 0),
+         ('c', 'c', 0.95, 1)]  # rows 0 and 5 right; rows 1 and 3 equally sure
+
+
+def test_mistakes_are_the_most_confidently_wrong_test_images_in_order(tmp_path, capsys, monkeypatch):
+    run_dir = folder_run(tmp_path, MIXED)
+    figures = captured_figures(monkeypatch)
+    code, out, err = run_plot([run_dir, '--mistakes', '3'], capsys)
+    png = os.path.join(run_dir, 'mistakes.png')
+    assert code == 0 and err == '' and out.strip() == f'wrote {png}'
+    (fig,) = figures
+    drawn = tiles(fig)
+    assert [(caption, name) for caption, name, _ in drawn] == [  # the right rows never, the tie in the CSV's order
+        ('b → a\nprobability 0.9000', 'test/b/2.png'), ('a → b\nprobability 0.6000', 'test/a/1.png'),
+        ('b → c\nprobability 0.6000', 'test/b/3.png')]
+    for (_, _, image), row in zip(drawn, (2, 1, 3)):  # each tile is its row's image
+        assert (np.asarray(image) == colour(row)).all()
+    title = fig.get_suptitle()
+    assert title.startswith('P_run, last checkpoint (epoch 2): 4 of 6 test images wrong (66.7%)\n'), title
+    assert 'the 3 most confident mistakes' in title
+    assert not os.path.exists(os.path.join(run_dir, 'accuracy.png'))  # no table, no accuracy figure
+    close_figure(fig)
+    code, out, err = run_plot([run_dir, '--mistakes'], capsys)  # bare: up to 25, here all 4
+    assert code == 0 and err == ''
+    assert [name for _, name, _ in tiles(figures[-1])] == ['test/b/2.png', 'test/a/1.png', 'test/b/3.png',
+                                                           'test/c/4.png']
+    assert_png(png, min_width=900)
+    with open(png, 'rb') as f:
+        assert plot.MARK.encode() in f.read()  # so that a redraw at --out may replace it
+    close_figure(figures[-1])
+
+
+def test_mistakes_of_the_best_checkpoint_and_of_an_unfinished_runs_last(tmp_path, capsys, monkeypatch):
+    """As --confusion: test_predictions.csv -> mistakes.png, test_predictions_best.csv -> mistakes_best.png, and for
+    an unfinished run the newest test_predictions_epoch<N>.csv -> mistakes_epoch<N>.png; --out takes the last's."""
+    run_dir = folder_run(tmp_path, MIXED)
+    os.rename(os.path.join(run_dir, 'test_predictions.csv'), os.path.join(run_dir, 'last.csv'))
+    for suffix, checkpoint, epoch, row in (('_best', 'best', 1, 1), ('_epoch9', 'last', 9, 3),
+                                           ('_epoch10', 'last', 10, 4)):  # 10 after 9: by number, not by name
+        write_predictions(run_dir, [(f'test/{MIXED[row][0]}/{row}.png', *MIXED[row])], suffix, checkpoint, epoch)
+    figures = captured_figures(monkeypatch)
+    code, out, err = run_plot([run_dir, '--mistakes'], capsys)
+    assert code == 0 and err == ''
+    assert out.strip().splitlines() == [f"wrote {os.path.join(run_dir, name)}"
+                                        for name in ('mistakes_epoch10.png', 'mistakes_best.png')]
+    assert [tiles(fig)[0][1] for fig in figures] == ['test/c/4.png', 'test/a/1.png']
+    assert figures[0].get_suptitle().startswith('P_run, last checkpoint (epoch 10, unfinished): 1 of 1 test images')
+    assert figures[1].get_suptitle().startswith('P_run, best checkpoint (epoch 1): 1 of 1 test images')
+    os.rename(os.path.join(run_dir, 'last.csv'), os.path.join(run_dir, 'test_predictions.csv'))
+    code, out, err = run_plot([run_dir, '--mistakes'], capsys)  # finished: the epoch files are set-aside history
+    assert code == 0 and out.strip().splitlines() == [f"wrote {os.path.join(run_dir, name)}"
+                                                      for name in ('mistakes.png', 'mistakes_best.png')]
+    assert figures[2].get_suptitle().startswith('P_run, last checkpoint (epoch 2): 4 of 6')
+    code, out, err = run_plot([run_dir, '--mistakes', '--out', tmp_path / 'm.png'], capsys)
+    assert code == 0 and out.strip() == f"wrote {tmp_path / 'm.png'}" and len(figures) == 5  # one figure
+    assert figures[4].get_suptitle().startswith('P_run, last checkpoint (epoch 2)')
+    for fig in figures:
+        close_figure(fig)
+
+
+def test_mistakes_out_refused_for_two_runs(tmp_path, capsys):
+    runs = [folder_run(tmp_path, MIXED, name) for name in ('F_run', 'P_run')]
+    code, out, err = run_plot([*runs, '--mistakes', '--out', tmp_path / 'm.png'], capsys)
+    assert code == 2 and out == ''
+    line = one_line(err)
+    assert line.startswith('plot.py: error: --out') and '2 runs' in line and 'drop --out' in line
+    assert not os.path.exists(tmp_path / 'm.png') and not any(os.path.exists(os.path.join(run, 'mistakes.png'))
+                                                              for run in runs)
+
+
+def test_mistakes_show_photos_upright_and_small(tmp_path, capsys, monkeypatch):
+    """A phone's photo stored sideways with an EXIF orientation is shown as a viewer shows it; a large one as a
+    thumbnail, so a grid of 12 MP photos stays quick and small."""
+    run_dir = folder_run(tmp_path, [('a', 'b', 0.9, 0), ('b', 'a', 0.8, 0)])
+    dataset = tmp_path / 'P_run_data'
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
+    stored = np.zeros((40, 80, 3), np.uint8)
+    stored[:, :40] = (255, 0, 0)  # red on the stored left: on top once turned
+    stored[:, 40:] = (0, 0, 255)
+    write_image(dataset / 'test/a/0.png', stored, format='JPEG', exif=exif, quality=95)  # a JPEG, whatever its name
+    write_image(dataset / 'test/b/1.png', np.full((1500, 2000, 3), 128), format='JPEG')
+    figures = captured_figures(monkeypatch)
+    code, _, err = run_plot([run_dir, '--mistakes'], capsys)
+    assert code == 0 and err == ''
+    upright, photo = [np.asarray(image).astype(int) for _, _, image in tiles(figures[0])]
+    assert upright.shape == (80, 40, 3)
+    assert abs(upright[:30] - (255, 0, 0)).max() < 40 and abs(upright[50:] - (0, 0, 255)).max() < 40
+    assert max(photo.shape[:2]) <= plot.TILE_PIXELS and photo.shape[1] / photo.shape[0] == pytest.approx(4 / 3, 0.02)
+    close_figure(figures[0])
+
+
+def test_a_16_bit_grey_mistake_is_shown_grey_not_white(tmp_path, capsys, monkeypatch):
+    """Pillow's convert('RGB') clips 16-bit values above 255 to white; the tile keeps the top 8 bits, as the run
+    read the image (data.read_image)."""
+    run_dir = folder_run(tmp_path, [('a', 'b', 0.9, 0)])
+    write_image(tmp_path / 'P_run_data' / 'test' / 'a' / '0.png', np.full((4, 4), 30000, np.uint16))
+    figures = captured_figures(monkeypatch)
+    assert run_plot([run_dir, '--mistakes'], capsys)[0] == 0
+    ((_, _, image),) = tiles(figures[0])
+    assert (np.asarray(image) == 30000 >> 8).all()
+    close_figure(figures[0])
+
+
+def test_a_mistake_whose_file_name_is_not_utf8_is_drawn(tmp_path, capsys, monkeypatch):
+    """A zip from an old Windows machine: test_predictions.csv has the name's byte 0xe9 as \\xe9; the file is found
+    by that byte."""
+    run_dir = folder_run(tmp_path, [('a', 'b', 0.9, 0)])
+    folder = os.fsencode(tmp_path / 'P_run_data' / 'test' / 'a')
+    try:
+        os.rename(os.path.join(folder, b'0.png'), os.path.join(folder, b'caf\xe9.png'))
+    except OSError:  # a file system that holds only UTF-8 names
+        pytest.skip('this file system refuses names that are not UTF-8')
+    write_predictions(run_dir, [('test/a/caf\\xe9.png', 'a', 'b', 0.9, 0)])
+    figures = captured_figures(monkeypatch)
+    code, _, err = run_plot([run_dir, '--mistakes'], capsys)
+    assert code == 0 and err == ''
+    ((caption, name, image),) = tiles(figures[0])
+    assert name == 'test/a/caf\\xe9.png' and (np.asarray(image) == colour(0)).all()
+    close_figure(figures[0])
+
+
+@pytest.mark.parametrize('dataset, pickled', [('cifar10', ('cifar-10-batches-py', 'test_batch', 'data', 'labels')),
+                                              ('cifar100', ('cifar-100-python', 'test', b'data', b'fine_labels'))])
+def test_cifar_mistakes_are_read_from_torchvisions_pickle(dataset, pickled, tmp_path, capsys, monkeypatch):
+    """CIFAR's test images are test_predictions.csv's indices into the test set torchvision extracted under the run's
+    --data_dir: rows of 3072 bytes, the red plane, then green, then blue. The Python 2 file's keys read as str the way
+    torchvision reads it (encoding='latin1'), as bytes the way the CIFAR page's own snippet does: both are taken."""
+    import pickle
+    folder, file, data, labels = pickled
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 3072), dtype=np.uint8)
+    os.makedirs(tmp_path / 'data' / folder)
+    with open(tmp_path / 'data' / folder / file, 'wb') as f:
+        pickle.dump({data: pixels, labels: [0] * 12}, f)
+    run_dir = write_run(tmp_path / 'logs', 'P_run')
+    set_config(run_dir, dataset=dataset, data_dir=str(tmp_path / 'data'))
+    write_predictions(run_dir, [('0', 'cat', 'cat', 0.99, 1), ('3', 'dog', 'cat', 0.5, 0), ('7', 'cat', 'dog', 0.8, 0)])
+    figures = captured_figures(monkeypatch)
+    code, _, err = run_plot([run_dir, '--mistakes'], capsys)
+    assert code == 0 and err == ''
+    drawn = tiles(figures[0])
+    assert [name for _, name, _ in drawn] == ['#7', '#3']
+    for (_, _, image), index in zip(drawn, (7, 3)):
+        assert np.array_equal(image, pixels[index].reshape(3, 32, 32).transpose(1, 2, 0))
+    write_predictions(run_dir, [('-1', 'cat', 'dog', 0.9, 0), ('12', 'cat', 'dog', 0.9, 0),
+                                ('7', 'cat', 'dog', 0.8, 0)])
+    code, _, err = run_plot([run_dir, '--mistakes'], capsys)  # no such index, not the last image counted back
+    assert code == 0 and '2 of the 3 images' in one_line(err) and '-1 (' in err and '12 (' in err
+    assert [name for _, name, _ in tiles(figures[1])] == ['#7']
+    for fig in figures:
+        close_figure(fig)
+
+
+def test_mistakes_of_a_run_whose_data_moved_are_skipped_with_where_it_looked(tmp_path, capsys):
+    moved = folder_run(tmp_path, MIXED, 'F_run')
+    os.rename(tmp_path / 'F_run_data', tmp_path / 'elsewhere')
+    there = folder_run(tmp_path, MIXED, 'P_run')
+    code, out, err = run_plot([tmp_path / 'logs', '--mistakes'], capsys)
+    assert code == 0 and out.strip() == f"wrote {os.path.join(there, 'mistakes.png')}"
+    line = one_line(err)
+    assert line.startswith(f'plot.py: warning: skipping run {moved}: its dataset folder {tmp_path / "F_run_data"} ')
+    assert f'ln -s NEW_PATH {tmp_path / "F_run_data"}' in line
+    code, out, err = run_plot([moved, '--mistakes'], capsys)  # nothing drawn: an error after the warning
+    lines = err.strip().splitlines()
+    assert code == 2 and out == '' and len(lines) == 2 and 'Traceback' not in err
+    assert lines[1].startswith('plot.py: error: no mistakes to draw under')
+    set_config(moved, dataset='cifar10', data_dir=str(tmp_path / 'data'))  # CIFAR: the pickle's path is named
+    code, _, err = run_plot([moved, '--mistakes'], capsys)
+    assert code == 2 and f"no cifar10 test set at {tmp_path / 'data' / 'cifar-10-batches-py' / 'test_batch'}" in err
+    assert not os.path.exists(os.path.join(moved, 'mistakes.png'))
+
+
+def test_a_run_without_mistakes_or_predictions_says_so(tmp_path, capsys):
+    perfect = folder_run(tmp_path, [('a', 'a', 0.9, 1), ('b', 'b', 0.8, 1)], 'F_run')
+    unevaluated = write_run(tmp_path / 'logs', 'P_run')
+    code, out, err = run_plot([tmp_path / 'logs', '--mistakes'], capsys)
+    assert code == 0 and out == ''  # no figure, and no error: nothing went wrong
+    no_mistakes, no_file = err.strip().splitlines()
+    assert no_mistakes == (f'plot.py: warning: run {perfect}: no mistakes in test_predictions.csv: all 2 test images '
+                           f'right')
+    assert no_file.startswith(f'plot.py: warning: run {unevaluated}: no test_predictions.csv; ')
+    assert f'python main.py --eval_only --resume {unevaluated} writes it' in no_file
+    assert not os.path.exists(os.path.join(perfect, 'mistakes.png'))
+    code, out, err = run_plot([unevaluated, '--mistakes'], capsys)
+    assert code == 2 and out == '' and err.strip().splitlines()[-1].startswith('plot.py: error: no mistakes to draw')
+
+
+def test_unreadable_mistakes_are_left_out_in_one_warning(tmp_path, capsys, monkeypatch):
+    run_dir = folder_run(tmp_path, [('a', 'b', 0.9, 0), ('a', 'b', 0.8, 0), ('b', 'a', 0.7, 0), ('b', 'a', 0.6, 0)])
+    os.remove(tmp_path / 'P_run_data' / 'test' / 'a' / '0.png')
+    (tmp_path / 'P_run_data' / 'test' / 'b' / '2.png').write_bytes(b'not an image')
+    figures = captured_figures(monkeypatch)
+    code, out, err = run_plot([run_dir, '--mistakes'], capsys)
+    assert code == 0 and out.strip() == f"wrote {os.path.join(run_dir, 'mistakes.png')}"
+    line = one_line(err)
+    assert line.startswith(f'plot.py: warning: run {run_dir}: 2 of the 4 images to draw from test_predictions.csv '
+                           f'cannot be read, left out: test/a/0.png (')
+    assert 'test/b/2.png (' in line
+    assert [name for _, name, _ in tiles(figures[0])] == ['test/a/1.png', 'test/b/3.png']
+    assert '2 unreadable left out' in figures[0].get_suptitle()
+    close_figure(figures[0])
+
+
+@pytest.mark.parametrize('value, reason', [('0', 'at least 1, got 0'), ('-3', 'at least 1, got -3'),
+                                           ('2.5', "got '2.5'"), ('many', "got 'many'")])
+def test_a_bad_mistakes_count_is_one_line(value, reason, tmp_path, capsys):
+    run_dir = folder_run(tmp_path, MIXED)
+    code, out, err = run_plot([run_dir, '--mistakes', value], capsys)
+    line = one_line(err)
+    assert code == 2 and out == '' and line.startswith('plot.py: error: argument --mistakes: N is how many images')
+    assert reason in line and not os.path.exists(os.path.join(run_dir, 'mistakes.png'))
+
+
+def test_a_path_after_a_bare_mistakes_says_where_it_goes(tmp_path, capsys):
+    run_dir = folder_run(tmp_path, MIXED)
+    code, _, err = run_plot(['--mistakes', run_dir], capsys)
+    assert code == 2 and 'put --mistakes after the PATHs' in one_line(err)
+
+
+@pytest.mark.parametrize('content, reason', [
+    ('image,label,prediction\n0,a,b\n', 'lacks probability,correct,checkpoint,epoch'),
+    ('image,label,prediction,probability,correct,checkpoint,epoch\n0,a,b,high,0,last,1\n', "probability 'high'"),
+    ('image,label,prediction,probability,correct,checkpoint,epoch\n0,a,b,1.5,0,last,1\n', 'not one in [0, 1]'),
+    ('image,label,prediction,probability,correct,checkpoint,epoch\n0,a,b,0.5,yes,last,1\n', "correct='yes'"),
+    ('image,label,prediction,probability,correct,checkpoint,epoch\n0,a,b,0.5,0\n', 'row 2 has 5 columns'),
+])
+def test_a_bad_predictions_csv_skips_the_run(content, reason, tmp_path, capsys):
+    good = folder_run(tmp_path, MIXED, 'F_run')
+    bad = folder_run(tmp_path, MIXED, 'P_run')
+    with open(os.path.join(bad, 'test_predictions.csv'), 'w') as f:
+        f.write(content)
+    code, out, err = run_plot([tmp_path / 'logs', '--mistakes'], capsys)
+    assert code == 0 and out.strip() == f"wrote {os.path.join(good, 'mistakes.png')}"
+    line = one_line(err)
+    assert line.startswith(f'plot.py: warning: skipping run {bad}: test_predictions.csv') and reason in line
+
+
+def test_mistakes_on_the_command_line_import_no_torch(tmp_path):
+    run_dir = folder_run(tmp_path, MIXED)
+    result = subprocess.run([sys.executable, '-c', "import sys, plot; plot.main(sys.argv[1:]); "
+                             "print('torch' in sys.modules)", run_dir, '--mistakes', '2'],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == '', result.stderr
+    assert result.stdout.splitlines() == [f"wrote {os.path.join(run_dir, 'mistakes.png')}", 'False']
