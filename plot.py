@@ -40,14 +40,14 @@ best val epoch, whose test accuracy is the number to report) is drawn too, into 
 --out, which takes one figure).
 
 --mistakes [N] draws only a grid of the N test images (default 25) each run got most confidently wrong: the wrong rows
-of the test_predictions.csv that main.py --eval_only writes with the highest probability (ties in the CSV's order),
-each image titled true -> predicted class and that probability, its name below (a CIFAR image's is its test-set
-index, #1234). Its files are picked and named as --confusion's: <run>/mistakes.png, mistakes_best.png from
-test_predictions_best.csv, mistakes_epoch<N>.png for an unfinished run; --out for a single run only. The images are
-read from the run's data, the dataset folder or the CIFAR test set under --data_dir as config.json records them,
-photos upright as their EXIF orientation says and shrunk to 320 px. A run whose data is not there any more is skipped
-with a warning naming where it looked, an image that cannot be read is left out of the grid (one warning per figure),
-and a run without a mistake gets a warning and no figure.
+of its test_predictions.csv (written by a finished run's last epoch, and by main.py --eval_only for a checkpoint) with
+the highest probability (ties in the CSV's order), each image titled true -> predicted class and that probability, its
+name below (a CIFAR image's is its test-set index, #1234). Its files are picked and named as --confusion's:
+<run>/mistakes.png, mistakes_best.png from test_predictions_best.csv, mistakes_epoch<N>.png for an unfinished run;
+--out for a single run only. The images are read from the run's data, the dataset folder or the CIFAR test set under
+--data_dir as config.json records them, photos upright as their EXIF orientation says and shrunk to 320 px. A run
+whose data is not there any more is skipped with a warning naming where it looked, an image that cannot be read is
+left out of the grid (one warning per figure), and a run without a mistake gets a warning and no figure.
 """
 import argparse
 import contextlib
@@ -87,7 +87,7 @@ MUST_BE_FINITE = ('epoch', 'train_acc', 'test_acc', 'epoch_time_s', 'val_acc', '
                   'includes_compile')  # losses may be nan
 MARKERS_UP_TO = 30  # draw a marker at every epoch while the longest run has at most this many
 ANNOTATE_UP_TO = 20  # write the percentage into every confusion-matrix cell up to this many classes
-# main.predictions_csv's columns, which --mistakes reads by name
+# train.predictions_bytes's columns, which --mistakes reads by name
 PREDICTIONS_HEADER = ['image', 'label', 'prediction', 'probability', 'correct', 'checkpoint', 'epoch']
 CIFAR_TEST_FILES = {'cifar10': ('cifar-10-batches-py', 'test_batch'), 'cifar100': ('cifar-100-python', 'test')}
 MISTAKES_SHOWN = 25  # --mistakes without N: a 5 x 5 grid
@@ -856,7 +856,7 @@ def draw_confusions(run_dirs, paths, out):
 
 
 def read_predictions(path):
-    """test_predictions.csv (main.py --eval_only: image,label,prediction,probability,correct,checkpoint,epoch) -> its
+    """test_predictions.csv (image,label,prediction,probability,correct,checkpoint,epoch) -> its
     rows as dicts, probability a float and correct a bool. Raises ValueError with a one-line reason."""
     file = os.path.basename(path)
     try:
@@ -999,8 +999,9 @@ def draw_mistakes(run_dirs, paths, out, count):
     for run in runs:
         files = evaluated_files(run['dir'], 'test_predictions', out)
         if not files:
-            warn(f"run {run['dir']}: no test_predictions.csv; python main.py --eval_only --resume {run['dir']} writes "
-                 f"it (with --checkpoint best, test_predictions_best.csv)")
+            warn(f"run {run['dir']}: no test_predictions.csv (a run writes it as it finishes); python main.py "
+                 f"--eval_only --resume {run['dir']} writes one for its checkpoint (with --checkpoint best, "
+                 f"test_predictions_best.csv)")
         reader = None
         for path, which in files:
             file = os.path.basename(path)
@@ -1107,7 +1108,7 @@ def main(argv=None):
                            "any (--out: one run, one figure)")
     what.add_argument('--mistakes', type=mistakes_count, nargs='?', const=MISTAKES_SHOWN, metavar='N',
                       help=f"only draw the N test images (default {MISTAKES_SHOWN}) each run got most confidently "
-                           f"wrong, from the test_predictions.csv main.py --eval_only writes, as <run>/mistakes.png, "
+                           f"wrong, from its test_predictions.csv, as <run>/mistakes.png, "
                            f"and from its test_predictions_best.csv if any (--out: one run, one figure)")
     parser.error = lambda message: error(f"{message}{flag_hint(parser, message)} (python plot.py --help for usage)")
     args = parser.parse_args(argv)

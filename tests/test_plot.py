@@ -1861,8 +1861,9 @@ def test_a_run_without_mistakes_or_predictions_says_so(tmp_path, capsys):
     no_mistakes, no_file = err.strip().splitlines()
     assert no_mistakes == (f'plot.py: warning: run {perfect}: no mistakes in test_predictions.csv: all 2 test images '
                            f'right')
-    assert no_file.startswith(f'plot.py: warning: run {unevaluated}: no test_predictions.csv; ')
-    assert f'python main.py --eval_only --resume {unevaluated} writes it' in no_file
+    assert no_file.startswith(f'plot.py: warning: run {unevaluated}: no test_predictions.csv (a run writes it as it '
+                              f'finishes); ')
+    assert f'python main.py --eval_only --resume {unevaluated} writes one' in no_file
     assert not os.path.exists(os.path.join(perfect, 'mistakes.png'))
     code, out, err = run_plot([unevaluated, '--mistakes'], capsys)
     assert code == 2 and out == '' and err.strip().splitlines()[-1].startswith('plot.py: error: no mistakes to draw')
