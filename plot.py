@@ -802,7 +802,7 @@ def confusion_figure(name, classes, counts):
 
 
 def evaluated_files(run_dir, stem, out):
-    """The <stem>.csv files (confusion, test_predictions) that main.py --eval_only wrote into run_dir to draw, each
+    """The <stem>.csv files (confusion, test_predictions) that the run and main.py --eval_only wrote, to draw, each
     with the checkpoint it describes: [(path, 'last' | 'best' | N)]. <stem>.csv is the last epoch's; a run that has not
     finished has none, and the newest <stem>_epoch<N>.csv (its last checkpoint's) stands in for it. <stem>_best.csv
     (--checkpoint best: the best val epoch, whose test accuracy is the number to report) comes too, but not with --out,
