@@ -841,7 +841,7 @@ def checkpoint_changed(args, epoch, lock):
                                       f"(now: {now})"
 
 
-def load_model(run_dir, checkpoint='last', device='auto'):
+def load_model(run_dir, checkpoint='last', device='auto', weights=None):
     """A run's model in your own Python (a notebook, a look at its prompts or attention):
 
         model, classes, to_input = main.load_model('logs/<run>', checkpoint='best')
@@ -849,11 +849,13 @@ def load_model(run_dir, checkpoint='last', device='auto'):
 
     -> the model in eval mode on `device` (auto: CUDA when there is one), built as --eval_only and --predict build
     it (the run's base weights, then its checkpoint's trainable tensors), its class names, and the function that
-    normalises images as the run's batches were. It computes in fp32 unless called under torch.autocast. A mistake
-    (no such run, a missing best.safetensors) is a SystemExit whose one line is printed first, as on the command line."""
+    normalises images as the run's batches were. It computes in fp32 unless called under torch.autocast. `weights`
+    is --weights: the run's base weights file where it moved to. A mistake (no such run, a missing best.safetensors)
+    is a SystemExit whose one line is printed first, as on the command line."""
     import data
     import train
-    args = parse_args(['--resume', os.fspath(run_dir), '--eval_only', '--checkpoint', checkpoint, '--device', device])
+    argv = ['--resume', os.fspath(run_dir), '--eval_only', '--checkpoint', checkpoint, '--device', device]
+    args = parse_args(argv + (['--weights', os.fspath(weights)] if weights is not None else []))
     model, classes, _ = checkpoint_model(args, train.pick_device(args.device))
     mean, std, img_size = data.preprocessing(model.vit.pretrained_cfg, next(model.parameters()).device, args.img_size)
     return model.eval(), classes, lambda images: data.model_input(images.to(mean.device), mean, std, img_size)

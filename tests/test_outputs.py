@@ -444,6 +444,27 @@ def test_load_model_mistakes_are_one_line(run_dir, tmp_path, capsys):
         assert exit_info.value.code != 0 and len(err.strip().splitlines()) == 1 and expected in err, err
 
 
+def test_load_model_takes_the_weights_file_where_it_moved(tiny_dataset, tmp_path, capsys, one_torch_thread):
+    """A run trained from a --weights file that has since moved: the command line takes --weights NEW_PATH, as the
+    error says; load_model takes it as weights=, where it had no way to name the file at all."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+    import main
+    save_file(timm.create_model('test_vit').state_dict(), tmp_path / 'vit.safetensors')
+    code, _, err = run_main([*TINY, '--pretrained', 'True', '--weights', tmp_path / 'vit.safetensors', '--dataset',
+                             tiny_dataset, '--patch_size', 8, '--epoch', 1, '--batch_size', 8, '--log_dir', tmp_path,
+                             '--name', 'r'], capsys)
+    assert code == 0, err
+    os.rename(tmp_path / 'vit.safetensors', tmp_path / 'moved.safetensors')
+    with pytest.raises(SystemExit):
+        main.load_model(tmp_path / 'r')
+    assert 'is gone; if it moved, pass --weights NEW_PATH' in capsys.readouterr().err
+    model, classes, to_input = main.load_model(tmp_path / 'r', weights=tmp_path / 'moved.safetensors')
+    with torch.no_grad():
+        assert model(to_input(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))).shape == (1, 3)
+
+
 def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, tiny_dataset, tmp_path, capsys):
     """A run stopped in its first epoch has a trainable.safetensors of epoch 0: its head untrained, its answers chance."""
     from safetensors.torch import load_file, save_file
