@@ -858,7 +858,27 @@ def load_model(run_dir, checkpoint='last', device='auto', weights=None):
     args = parse_args(argv + (['--weights', os.fspath(weights)] if weights is not None else []))
     model, classes, _ = checkpoint_model(args, train.pick_device(args.device))
     mean, std, img_size = data.preprocessing(model.vit.pretrained_cfg, next(model.parameters()).device, args.img_size)
-    return model.eval(), classes, lambda images: data.model_input(images.to(mean.device), mean, std, img_size)
+
+    def to_input(images):
+        check_uint8_images(images)
+        return data.model_input(images.to(mean.device), mean, std, img_size)
+    return model.eval(), classes, to_input
+
+
+def check_uint8_images(images):
+    """load_model's to_input divides by 255: float images in [0, 1] (torchvision's ToTensor) would give wrong
+    predictions without a word, and (N, H, W, 3) ones (numpy's layout for PIL images) an error about tensor sizes."""
+    import torch
+    shape = tuple(getattr(images, 'shape', ()))
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        given = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"to_input takes a uint8 torch tensor (N, 3, H, W) of 0-255 pixels, got {given}; for floats "
+                         f"in [0, 1] pass (images * 255).round().to(torch.uint8), for numpy torch.from_numpy(images)")
+    if len(shape) != 4 or shape[1] != 3:
+        raise ValueError(f"to_input takes images of shape (N, 3, H, W), got {shape}; "
+                         + ("for (N, H, W, 3) pass images.permute(0, 3, 1, 2)" if len(shape) == 4 and shape[3] == 3
+                            else "for one (3, H, W) image pass image[None]" if len(shape) == 3 and shape[0] == 3
+                            else "stack RGB images (image.convert('RGB') in PIL) into a batch"))
 
 
 def checkpoint_model(args, device):

@@ -444,6 +444,25 @@ def test_load_model_mistakes_are_one_line(run_dir, tmp_path, capsys):
         assert exit_info.value.code != 0 and len(err.strip().splitlines()) == 1 and expected in err, err
 
 
+def test_load_model_input_refuses_float_and_channels_last_images(run_dir):
+    """to_input divides by 255: torchvision's float images in [0, 1] gave the model near-black inputs and confident
+    wrong answers without a word, and numpy's (N, H, W, 3) an error about tensor sizes. Each is one line naming the
+    conversion."""
+    import numpy as np
+    import torch
+    import main
+    _, _, to_input = main.load_model(run_dir)
+    black = torch.zeros(2, 40, 40, 3, dtype=torch.uint8)
+    for images, fix in ((torch.rand(2, 3, 32, 32), "got torch.float32; for floats in [0, 1] pass (images * 255)"),
+                        (np.zeros((2, 3, 32, 32), np.uint8), "got ndarray; for floats in [0, 1] pass"),
+                        (black, "got (2, 40, 40, 3); for (N, H, W, 3) pass images.permute(0, 3, 1, 2)"),
+                        (black[0].permute(2, 0, 1), "got (3, 40, 40); for one (3, H, W) image pass image[None]")):
+        with pytest.raises(ValueError, match=re.escape(fix)) as error:
+            to_input(images)
+        assert len(str(error.value).splitlines()) == 1
+    assert to_input(black.permute(0, 3, 1, 2)).shape == (2, 3, 32, 32)
+
+
 def test_load_model_takes_the_weights_file_where_it_moved(tiny_dataset, tmp_path, capsys, one_torch_thread):
     """A run trained from a --weights file that has since moved: the command line takes --weights NEW_PATH, as the
     error says; load_model takes it as weights=, where it had no way to name the file at all."""
