@@ -258,7 +258,8 @@ def parse_args(argv=None):
         with contextlib.suppress(OSError), open(os.path.join(args.resume, 'metrics.csv')) as f:
             done = len(f.read().split()) > 1
         if not args.val_split:
-            why = "best.safetensors needs a run with --val_split > 0 (the epoch is chosen on val accuracy)"
+            why = ("best.safetensors needs a run with --val_split > 0 (the epoch is chosen on val accuracy): use "
+                   "--checkpoint last, this run's only checkpoint")
         elif not done:
             why = "it is written as the run's first epoch ends, and none has yet: use --checkpoint last"
         else:

@@ -576,6 +576,7 @@ def test_best_checkpoint_of_a_run_without_val_split(cli, capsys):
     assert run_main(argv, capsys)[0] == 0
     code, _, err = run_main(['--eval_only', '--resume', cli.tmp_path / 'runs' / 'noval', '--checkpoint', 'best'], capsys)
     assert code == 2 and err.strip().count('\n') == 0 and 'best.safetensors needs a run with --val_split > 0' in err
+    assert "use --checkpoint last, this run's only checkpoint" in err  # the fix, not only the cause
     argv = [*argv[:-2], '--name', 'val', '--val_split', 0.25]
     assert run_main(argv, capsys)[0] == 0
     best = cli.tmp_path / 'runs' / 'val' / 'best.safetensors'
