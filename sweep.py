@@ -238,6 +238,9 @@ def check_command_line(args, passthrough):
     one line on a mistake."""
     if not args.grid:
         fail("--grid is required: the main.py flags to sweep, e.g. --grid lr=1e-3,5e-3 weight_decay=0,1e-4", 2)
+    given = given_main_flags(passthrough)  # first: a --val_split typed after -- is misplaced, not missing
+    for flag in sorted(set(given) & set(CONTROLLED) - {'seed'}):
+        fail(f"--{flag} after --: {CONTROLLED[flag]}", 2)
     if args.val_split is None or not 0 < args.val_split < 1:
         fail("--val_split F with 0 < F < 1 is required: the grid is scored on that held-out part of the training "
              "set, never on the test set (e.g. --val_split 0.1)", 2)
@@ -251,9 +254,6 @@ def check_command_line(args, passthrough):
             fail(f"--gpus {args.gpus!r}: list distinct GPU ids separated by commas, e.g. --gpus 0,1,2,3", 2)
         if args.print_commands:
             fail("--print_commands leaves GPUs to your scheduler; drop --gpus", 2)
-    given = given_main_flags(passthrough)
-    for flag in sorted(set(given) & set(CONTROLLED) - {'seed'}):
-        fail(f"--{flag} after --: {CONTROLLED[flag]}", 2)
     definition = dict(grid=parse_grid(args.grid, given), seeds=args.seeds, val_split=args.val_split,
                       main_flags=passthrough)
     base_seed = given.get('seed', vpt.make_parser().get_default('seed'))

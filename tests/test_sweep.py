@@ -97,6 +97,8 @@ def at_best_val(run_dir):
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--log_dir', 'x'], 'pass --log_dir to sweep.py itself'),
     (['--grid', 'lr=1e-3', '--val_split', 0.1, '--', '--resume', 'x'], 'sweep.py resumes its runs itself'),
     (['--grid', 'lr=1e-3,1e-2'], '--val_split F with 0 < F < 1 is required'),
+    # typed after --: misplaced, not missing ("required" sent a user who had typed it looking for a typo)
+    (['--grid', 'lr=1e-3,1e-2', '--', '--val_split', 0.1], '--val_split after --: pass --val_split to sweep.py itself'),
     (['--grid', 'lr=1e-3,1e-2', '--val_split', 1], '--val_split F with 0 < F < 1 is required'),
     # no val split: every grid run would lack a val score, so nothing could win
     (['--grid', 'lr=1e-3,1e-2', '--val_split', 0], '--val_split F with 0 < F < 1 is required'),
