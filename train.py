@@ -410,10 +410,11 @@ def remove_stale(run_dir, name):
 
 
 def keep_as_epoch(run_dir, epoch):
-    """A finished run's confusion.csv, plot.py's confusion.png of it and --eval_only's test_predictions.csv, once a
-    resume trains on from its last epoch `epoch`: no longer the run's result, kept under the names --eval_only gives
-    an unfinished run's."""
-    for name, extension in (('confusion', '.csv'), ('confusion', '.png'), ('test_predictions', '.csv')):
+    """A finished run's confusion.csv and test_predictions.csv, and plot.py's confusion.png and mistakes.png of them,
+    once a resume trains on from its last epoch `epoch`: no longer the run's result, kept under the names
+    --eval_only (plot.py) gives an unfinished run's."""
+    for name, extension in (('confusion', '.csv'), ('confusion', '.png'), ('test_predictions', '.csv'),
+                            ('mistakes', '.png')):
         with contextlib.suppress(FileNotFoundError):
             os.replace(os.path.join(run_dir, f'{name}{extension}'),
                        os.path.join(run_dir, f'{name}_epoch{epoch}{extension}'))
@@ -713,8 +714,9 @@ def fit(model, splits, classes, args, run_dir, device, state=None, test_names=No
                 extra['test_predictions.csv'] = predictions_bytes(test_names, splits['test'][1], *per_image[0],
                                                                   classes, 'last', epoch)
             save_checkpoint(run_dir, model, optimizer, scheduler, scaler, generator, epoch, history, summary, extra)
-            if rank == 0 and new_best:  # --eval_only's, of the best checkpoint until now, and plot.py's figure of it
-                for name in ('confusion_best.csv', 'confusion_best.png', 'test_predictions_best.csv'):
+            if rank == 0 and new_best:  # --eval_only's, of the best checkpoint until now, and plot.py's figures
+                for name in ('confusion_best.csv', 'confusion_best.png', 'test_predictions_best.csv',
+                             'mistakes_best.png'):
                     remove_stale(run_dir, name)
             if rank == 0:
                 print(epoch_line(row, args.epoch), flush=True)

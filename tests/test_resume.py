@@ -597,10 +597,12 @@ def test_a_better_epoch_removes_the_figure_of_the_former_best_too(tiny_dataset, 
     code, _, err = run_main(['--resume', run_dir, '--eval_only', '--checkpoint', 'best'], capsys)
     assert code == 0 and (run_dir / 'confusion_best.csv').exists(), err
     (run_dir / 'confusion_best.png').write_bytes(b'as plot.py --confusion draws it')
+    (run_dir / 'mistakes_best.png').write_bytes(b'as plot.py --mistakes draws it')
     monkeypatch.setattr(train, 'best_val_epoch', lambda history: len(history))  # epoch 2 is the new best
     code, _, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)
     assert code == 0, err
     assert not (run_dir / 'confusion_best.csv').exists() and not (run_dir / 'confusion_best.png').exists()
+    assert not (run_dir / 'mistakes_best.png').exists()  # drawn from test_predictions_best.csv, gone with it
 
 
 def test_one_more_epoch_sets_the_former_result_aside_too(tiny_dataset, tmp_path, capsys):
@@ -611,11 +613,15 @@ def test_one_more_epoch_sets_the_former_result_aside_too(tiny_dataset, tmp_path,
     assert code == 0, err
     former = (run_dir / 'confusion.csv').read_bytes()
     (run_dir / 'confusion.png').write_bytes(b'as plot.py --confusion draws it')
+    (run_dir / 'mistakes.png').write_bytes(b'as plot.py --mistakes draws it')
     code, _, err = run_main(['--resume', run_dir, '--epoch', 2, '--amp', False], capsys)
     assert code == 0, err
     assert (run_dir / 'confusion_epoch1.csv').read_bytes() == former
     assert (run_dir / 'confusion_epoch1.png').read_bytes() == b'as plot.py --confusion draws it'
     assert (run_dir / 'confusion.csv').exists() and not (run_dir / 'confusion.png').exists()
+    # test_predictions.csv is epoch 2's now: epoch 1's mistakes figure goes beside test_predictions_epoch1.csv
+    assert (run_dir / 'mistakes_epoch1.png').read_bytes() == b'as plot.py --mistakes draws it'
+    assert not (run_dir / 'mistakes.png').exists()
     (resume,) = json.loads((run_dir / 'config.json').read_text())['resumed']
     assert (resume['from_epoch'], resume['epoch_before']) == (1, 1)  # the lr schedule was re-laid from epoch 2 on
     assert resume['amp_before'] is True  # and --amp changed (on CUDA, the precision of the epochs from here on)
