@@ -27,8 +27,8 @@ def test_val_split_best_checkpoint_and_summary(tiny_dataset, tmp_path, capsys, m
         return save_checkpoint(run_dir, model, *args)
 
     def fixed_val(model, split, *args):
-        loss, acc, confusion = evaluate_split(model, split, *args)
-        return (loss, FAKE_VAL_ACC[len(saved)], confusion) if len(split[1]) == 12 else (loss, acc, confusion)
+        loss, acc, *rest = evaluate_split(model, split, *args)  # rest: the confusion, and the test's per-image view
+        return (loss, FAKE_VAL_ACC[len(saved)], *rest) if len(split[1]) == 12 else (loss, acc, *rest)
     monkeypatch.setattr(train, 'save_checkpoint', record)
     monkeypatch.setattr(train, 'evaluate_split', fixed_val)
     code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--val_split', 0.25, '--epoch', 3, '--batch_size', 8,

@@ -1122,10 +1122,10 @@ def test_resumed_run_keeps_the_best_checkpoint_of_before_the_interruption(tiny_d
     val_acc = {1: 90.0, 2: 50.0}
 
     def fixed_val(model, split, *args):
-        loss, acc, confusion = evaluate_split(model, split, *args)
+        loss, acc, *rest = evaluate_split(model, split, *args)  # rest: the confusion, and the test's per-image view
         epoch = len(read_metrics(tmp_path / 'r')) + 1 if (tmp_path / 'r' / 'metrics.csv').exists() else 1
         is_val = len(split[1]) == 12  # 25% of the 48 training images; the test split has 18
-        return (loss, val_acc[epoch], confusion) if is_val else (loss, acc, confusion)
+        return (loss, val_acc[epoch], *rest) if is_val else (loss, acc, *rest)
     monkeypatch.setattr(train, 'evaluate_split', fixed_val)
     argv = [*TINY, '--dataset', tiny_dataset, '--val_split', 0.25, '--epoch', 1, '--batch_size', 8,
             '--log_dir', tmp_path, '--name', 'r']
