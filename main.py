@@ -857,7 +857,8 @@ def load_model(run_dir, checkpoint='last', device='auto', weights=None):
     import train
     argv = ['--resume', os.fspath(run_dir), '--eval_only', '--checkpoint', checkpoint, '--device', device]
     args = parse_args(argv + (['--weights', os.fspath(weights)] if weights is not None else []))
-    model, classes, _ = checkpoint_model(args, train.pick_device(args.device))
+    with said_once():  # printed, as parse_args prints its own
+        model, classes, _ = checkpoint_model(args, train.pick_device(args.device))
     mean, std, img_size = data.preprocessing(model.vit.pretrained_cfg, next(model.parameters()).device, args.img_size)
 
     def to_input(images):

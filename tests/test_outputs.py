@@ -435,9 +435,17 @@ def test_load_model_gives_in_python_the_predictions_eval_only_writes(run_dir, ti
 
 def test_load_model_mistakes_are_one_line(run_dir, tmp_path, capsys):
     """A mistake in a notebook is a SystemExit after one line that says what is wrong, as on the command line."""
+    import torch
     import main
-    for call, expected in ((lambda: main.load_model(tmp_path / 'nowhere'), f"{tmp_path / 'nowhere'}"),
-                           (lambda: main.load_model(run_dir, checkpoint='best'), "best.safetensors does not exist")):
+    from safetensors.torch import save_file
+    damaged = shutil.copytree(run_dir, tmp_path / 'damaged')
+    save_file({'vit.head.weight': torch.zeros(2, 2)}, damaged / 'trainable.safetensors')
+    mistakes = [(lambda: main.load_model(tmp_path / 'nowhere'), f"{tmp_path / 'nowhere'}"),
+                (lambda: main.load_model(run_dir, checkpoint='best'), "best.safetensors does not exist"),
+                (lambda: main.load_model(damaged), "does not match this run's model")]  # raised after parsing
+    if not torch.cuda.is_available():
+        mistakes.append((lambda: main.load_model(run_dir, device='cuda'), "CUDA is not available here"))
+    for call, expected in mistakes:
         with pytest.raises(SystemExit) as exit_info:
             call()
         err = capsys.readouterr().err
