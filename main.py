@@ -320,6 +320,11 @@ def not_a_run(path):
         close = difflib.get_close_matches(os.path.basename(path), runs_in(parent), n=1)
         return ("no such directory" + (f"; did you mean {os.path.join(os.path.dirname(path), close[0])}?" if close
                                         else "; pass a run directory such as logs/<run> that an earlier run wrote"))
+    if os.path.isfile(path):  # logs/<run>/metrics.csv, by tab completion
+        folder = os.path.dirname(path) or '.'
+        return ("a file, not a run's directory: pass the folder that holds it, " + folder if
+                os.path.isfile(os.path.join(folder, 'state.pt')) else
+                "a file; pass a run directory such as logs/<run> that an earlier run wrote")
     if os.path.isfile(os.path.join(path, 'sweep.json')):
         return ("a sweep's directory, not a run's: re-launch the sweep's own command (sweep.json's command) to resume "
                 "its runs, or pass one run of it, " + os.path.join(path, '<run>'))

@@ -457,6 +457,10 @@ def test_resume_of_what_is_not_a_run_says_what_to_pass(cli):
                 f"command) to resume its runs, or pass one run of it, {logs / '<run>'}"])
     cli('--resume', cli.tmp_path / 'nowhere' / 'run', code=2,
         expect=['no such directory; pass a run directory such as logs/<run> that an earlier run wrote'])
+    cli('--resume', logs / 'P_run_1' / 'config.json', code=2,  # tab completion went one step too far
+        expect=[f"--resume {logs / 'P_run_1' / 'config.json'}: a file, not a run's directory: pass the folder that "
+                f"holds it, {logs / 'P_run_1'}"])
+    cli('--resume', logs / 'sweep.json', code=2, expect=["a file; pass a run directory such as logs/<run>"])
 
 
 def test_no_network_for_cifar_download(cli, monkeypatch):
