@@ -348,10 +348,13 @@ def open_sweep(sweep_dir, definition, command, models):
         changed = [key for key in definition if json.dumps(saved.get(key)) != json.dumps(definition[key])]
         if changed:
             unstarted = not set(os.listdir(sweep_dir)) - {'sweep.json', 'sweep.lock'}  # as --print_commands leaves it
+            trained = any(os.path.isfile(os.path.join(sweep_dir, name, 'state.pt')) for name in os.listdir(sweep_dir))
             fail(f"{sweep_dir} holds another sweep (its {', '.join(changed)} differ); re-launch it with its own "
                  f"command ({saved.get('command')}) or pick another --name"
                  + (f"; none of its runs has started: if its printed commands will never run, remove {sweep_dir}"
-                    if unstarted else ''))
+                    if unstarted else
+                    f"; none of its runs has trained (their logs in {os.path.join(sweep_dir, 'logs')} say why): to "
+                    f"run this one in its place, remove {sweep_dir}" if not trained else ''))
         return saved
     if os.path.exists(path):
         fail(f"cannot read {path}; repair or remove it, or pick another --name")

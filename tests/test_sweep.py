@@ -1083,6 +1083,29 @@ def fake_training(tmp_path, monkeypatch):
     return run, tmp_path / 's'
 
 
+def test_a_sweep_whose_runs_all_failed_before_training_says_it_can_be_removed(fake_training, capsys, monkeypatch):
+    """A sweep whose every run failed at setup (a --batch_size larger than the data) is re-launched with a fix under
+    the same --name: refused, as its definition differs, with the way out, as nothing trained; once one of its runs
+    has a checkpoint, that hint is not given."""
+    run, sweep_dir = fake_training
+    monkeypatch.setenv('FAKE_FAIL', '0.001,0.005')
+    with pytest.raises(SystemExit):
+        run('--grid', 'lr=1e-3,5e-3', '--seeds', 1)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        run('--grid', 'lr=1e-3,5e-3', '--seeds', 1, '--', '--batch_size', 4)
+    error = capsys.readouterr().err.strip()
+    assert refused.value.code != 0 and len(error.splitlines()) == 1 and 'holds another sweep' in error
+    assert error.endswith(f"none of its runs has trained (their logs in {sweep_dir / 'logs'} say why): to run this one "
+                          f"in its place, remove {sweep_dir}"), error
+    os.makedirs(sweep_dir / 'grid_lr=1e-3')
+    (sweep_dir / 'grid_lr=1e-3' / 'state.pt').write_bytes(b'')  # one run had trained an epoch: not to be removed
+    with pytest.raises(SystemExit):
+        run('--grid', 'lr=1e-3,5e-3', '--seeds', 1, '--', '--batch_size', 4)
+    error = capsys.readouterr().err.strip()
+    assert 'holds another sweep' in error and 'remove' not in error
+
+
 def test_a_failed_grid_point_does_not_hold_up_stage_2_but_fails_the_sweep(fake_training, capsys):
     run, sweep_dir = fake_training
     with pytest.raises(SystemExit) as stopped:
