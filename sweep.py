@@ -1024,6 +1024,8 @@ def compare(sweep_dirs):
             result = 'a stale run: see its sweep.md'
         elif not stage1_done(rows1):
             result = 'stage 1 not finished'
+        elif winner is None:  # every grid point failed or diverged: no stage 2 to wait for
+            result = 'no grid point finished: see its sweep.md'
         elif not done:
             result = 'every seed diverged: no result' if rows2 and diverged == len(rows2) else 'no seed finished yet'
         elif any(row['status'] == 'failed' for row in rows1):

@@ -1084,14 +1084,17 @@ def fake_training(tmp_path, monkeypatch):
 
 
 def test_a_sweep_whose_runs_all_failed_before_training_says_it_can_be_removed(fake_training, capsys, monkeypatch):
-    """A sweep whose every run failed at setup (a --batch_size larger than the data) is re-launched with a fix under
-    the same --name: refused, as its definition differs, with the way out, as nothing trained; once one of its runs
-    has a checkpoint, that hint is not given."""
+    """A sweep whose every run failed at setup (a --batch_size larger than the data): --compare says no grid point
+    finished, not that stage 1 is under way; re-launched with a fix under the same --name, it is refused, as its
+    definition differs, with the way out, as nothing trained; once one of its runs has a checkpoint, that hint is
+    not given."""
     run, sweep_dir = fake_training
     monkeypatch.setenv('FAKE_FAIL', '0.001,0.005')
     with pytest.raises(SystemExit):
         run('--grid', 'lr=1e-3,5e-3', '--seeds', 1)
     capsys.readouterr()
+    sweep.main(['--compare', str(sweep_dir)])  # its row says it failed, not that it is under way
+    assert capsys.readouterr().out.splitlines()[2].endswith('| 0 |  |  | no grid point finished: see its sweep.md |')
     with pytest.raises(SystemExit) as refused:
         run('--grid', 'lr=1e-3,5e-3', '--seeds', 1, '--', '--batch_size', 4)
     error = capsys.readouterr().err.strip()
