@@ -348,13 +348,15 @@ def open_sweep(sweep_dir, definition, command, models):
         changed = [key for key in definition if json.dumps(saved.get(key)) != json.dumps(definition[key])]
         if changed:
             unstarted = not set(os.listdir(sweep_dir)) - {'sweep.json', 'sweep.lock'}  # as --print_commands leaves it
-            trained = any(os.path.isfile(os.path.join(sweep_dir, name, 'state.pt')) for name in os.listdir(sweep_dir))
+            # every run failed at setup (main.py removes such a run's directory), and no sweep.py is at work on it
+            failed_at_setup = not any(os.path.isdir(os.path.join(sweep_dir, name)) for name in os.listdir(sweep_dir)
+                                      if name != 'logs') and not sweep_running(sweep_dir)
             fail(f"{sweep_dir} holds another sweep (its {', '.join(changed)} differ); re-launch it with its own "
                  f"command ({saved.get('command')}) or pick another --name"
                  + (f"; none of its runs has started: if its printed commands will never run, remove {sweep_dir}"
                     if unstarted else
                     f"; none of its runs has trained (their logs in {os.path.join(sweep_dir, 'logs')} say why): to "
-                    f"run this one in its place, remove {sweep_dir}" if not trained else ''))
+                    f"run this one in its place, remove {sweep_dir}" if failed_at_setup else ''))
         return saved
     if os.path.exists(path):
         fail(f"cannot read {path}; repair or remove it, or pick another --name")
@@ -369,6 +371,19 @@ def open_sweep(sweep_dir, definition, command, models):
     except OSError as e:
         fail(f"cannot write {path} ({e.strerror or e}); choose a writable --log_dir")
     return meta
+
+
+def sweep_running(sweep_dir):
+    """Whether a sweep.py holds sweep_dir's lock now (lock_sweep)."""
+    import fcntl
+    try:
+        with open(os.path.join(sweep_dir, 'sweep.lock'), 'a') as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as the file closes
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return False
 
 
 def lock_sweep(sweep_dir):

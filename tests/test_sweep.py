@@ -1,5 +1,6 @@
 """sweep.py: input checks, grid + seeds end to end, interruption and re-launch, scheduler commands, --collect."""
 import csv
+import fcntl
 import json
 import os
 import re
@@ -1086,8 +1087,8 @@ def fake_training(tmp_path, monkeypatch):
 def test_a_sweep_whose_runs_all_failed_before_training_says_it_can_be_removed(fake_training, capsys, monkeypatch):
     """A sweep whose every run failed at setup (a --batch_size larger than the data): --compare says no grid point
     finished, not that stage 1 is under way; re-launched with a fix under the same --name, it is refused, as its
-    definition differs, with the way out, as nothing trained; once one of its runs has a checkpoint, that hint is
-    not given."""
+    definition differs, with the way out, as nothing trained; not while a sweep.py holds it or once one of its runs
+    has a directory."""
     run, sweep_dir = fake_training
     monkeypatch.setenv('FAKE_FAIL', '0.001,0.005')
     with pytest.raises(SystemExit):
@@ -1101,8 +1102,13 @@ def test_a_sweep_whose_runs_all_failed_before_training_says_it_can_be_removed(fa
     assert refused.value.code != 0 and len(error.splitlines()) == 1 and 'holds another sweep' in error
     assert error.endswith(f"none of its runs has trained (their logs in {sweep_dir / 'logs'} say why): to run this one "
                           f"in its place, remove {sweep_dir}"), error
-    os.makedirs(sweep_dir / 'grid_lr=1e-3')
-    (sweep_dir / 'grid_lr=1e-3' / 'state.pt').write_bytes(b'')  # one run had trained an epoch: not to be removed
+    with open(sweep_dir / 'sweep.lock') as held:  # a sweep.py at work on it (a trial starting): not to be removed
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit):
+            run('--grid', 'lr=1e-3,5e-3', '--seeds', 1, '--', '--batch_size', 4)
+    error = capsys.readouterr().err.strip()
+    assert 'holds another sweep' in error and 'remove' not in error
+    os.makedirs(sweep_dir / 'grid_lr=1e-3')  # a run that got past its setup (or is in it, run by a scheduler)
     with pytest.raises(SystemExit):
         run('--grid', 'lr=1e-3,5e-3', '--seeds', 1, '--', '--batch_size', 4)
     error = capsys.readouterr().err.strip()
