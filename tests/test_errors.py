@@ -505,8 +505,10 @@ def test_no_network_for_pretrained_weights(cli):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
-def test_device_cuda_without_cuda(cli):
-    cli('--device', 'cuda', expect=['--device cuda', 'CUDA is not available', '--device cpu'])
+@pytest.mark.parametrize('device', ['cuda', 'cuda:1'])
+def test_device_cuda_without_cuda(cli, device):
+    """An indexed GPU on a machine without CUDA is the same mistake: not 'only 0 CUDA device(s) exist'."""
+    cli('--device', device, expect=[f'--device {device} but CUDA is not available', '--device cpu'])
 
 
 def test_batch_larger_than_data(cli):
@@ -526,7 +528,7 @@ def test_the_suggested_batch_size_gives_four_steps_an_epoch_and_divides_by_the_p
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     assert [main.small_batch(n) for n in (1, 7, 8, 30, 64, 127, 1000)] == [1, 1, 2, 4, 16, 16, 128]
     monkeypatch.setenv('WORLD_SIZE', '3')
-    assert [main.small_batch(n) for n in (30, 100, 1000)] == [3, 15, 126]
+    assert [main.small_batch(n) for n in (1, 8, 30, 100, 1000)] == [3, 3, 3, 15, 126]  # never below one per process
 
 
 def test_eval_only_without_resume(cli):

@@ -49,6 +49,7 @@ def test_a_finished_run_writes_the_test_predictions_eval_only_writes(tiny_datase
                              '--name', 'r'], capsys)
     assert code == 0, err
     written = (tmp_path / 'r' / 'test_predictions.csv').read_bytes()
+    assert b'\r' not in written  # lines end in \n, as confusion.csv's do (grep, cut, diff)
     rows = list(csv.DictReader(written.decode().splitlines()))
     assert len(rows) == 18 and {(row['checkpoint'], row['epoch']) for row in rows} == {('last', '2')}
     classes, confusion = read_confusion(tmp_path / 'r' / 'confusion.csv')
@@ -332,9 +333,10 @@ def test_eval_only_predictions_of_a_checkpoint_that_errs_are_the_ones_predict_gi
                              '--out', tmp_path / 'p.csv'], capsys)
     assert code == 0, err
     with open(tmp_path / 'p.csv') as f:
-        predicted = {row['file']: (row['prediction'], float(row['probability'])) for row in csv.DictReader(f)}
+        predict_rows = list(csv.DictReader(f))
+    predicted = {row['file']: (row['prediction'], float(row['probability'])) for row in predict_rows}
     assert len(per_image) == len(predicted) == 18 and {(row['checkpoint'], row['epoch']) for row in per_image} == {
-        ('best', '1')}
+        ('best', '1')} == {(row['checkpoint'], row['epoch']) for row in predict_rows}
     assert any(row['correct'] == '0' for row in per_image)
     for row in per_image:
         assert row['image'].split(os.sep)[:2] == ['test', row['label']]
@@ -492,6 +494,32 @@ def test_load_model_takes_the_weights_file_where_it_moved(tiny_dataset, tmp_path
         assert model(to_input(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))).shape == (1, 3)
 
 
+def test_load_model_normalises_with_the_model_s_own_mean_and_std(run_dir, tiny_dataset, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Weights whose mean and std differ (ImageNet's, as DeiT's; timm's test ViTs have 0.5 and 0.5): to_input
+    normalises as the run's evaluation does, so load_model's probabilities are --eval_only's test_predictions.csv."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    import data
+    import main
+    preprocessing = data.preprocessing
+    monkeypatch.setattr(data, 'preprocessing', lambda cfg, *args: preprocessing(
+        dict(cfg, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)), *args))
+    copy = shutil.copytree(run_dir, tmp_path / 'r')
+    code, _, err = run_main(['--eval_only', '--resume', copy], capsys)
+    assert code == 0, err
+    with open(copy / 'test_predictions.csv') as f:
+        rows = list(csv.DictReader(f))
+    model, classes, to_input = main.load_model(copy)
+    images = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(tiny_dataset, row['image']))))
+                          for row in rows]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        probability, predicted = model(to_input(images)).softmax(1).max(1)
+    assert [classes[i] for i in predicted] == [row['prediction'] for row in rows]
+    assert probability.tolist() == pytest.approx([float(row['probability']) for row in rows], abs=6e-5)
+
+
 def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, tiny_dataset, tmp_path, capsys):
     """A run stopped in its first epoch has a trainable.safetensors of epoch 0: its head untrained, its answers chance."""
     from safetensors.torch import load_file, save_file
@@ -502,6 +530,12 @@ def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, ti
     assert code == 0 and err.splitlines()[0] == (
         f"warning: {checkpoint} was saved before the run's first epoch ended: its head is untrained, so its "
         f"predictions are chance; resume the run to train it"), err
+    with open(tmp_path / 'r' / 'predictions.csv') as f:
+        assert {row['epoch'] for row in csv.DictReader(f)} == {'0'}  # the CSV says so too
+    save_file(load_file(checkpoint), checkpoint)  # no epoch recorded (vpt did not write it): nothing to warn of
+    code, _, err = run_main(['--predict', os.path.join(tiny_dataset, 'test', 'cat'), '--resume', tmp_path / 'r',
+                             '--out', tmp_path / 'unknown.csv'], capsys)
+    assert code == 0 and 'warning' not in err, err
     code, _, err = run_main(['--predict', os.path.join(tiny_dataset, 'test', 'cat'), '--resume', run_dir, '--out',
                              tmp_path / 'p.csv'], capsys)
     assert code == 0 and 'warning' not in err

@@ -787,6 +787,32 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(tiny_dataset, tmp_pa
     assert code == 0 and len(read_metrics(run_dir)) == 3, err
 
 
+def test_a_full_disk_at_the_last_epoch_writes_none_of_its_results(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """confusion.csv and test_predictions.csv are the finished run's: saved with the last epoch's checkpoint, all or
+    none. A disk that fills while that checkpoint is written leaves the run at epoch 1, with neither of them (a resume
+    would set them aside as epoch 1's); the resume that finishes it writes both."""
+    import errno
+    fsync, state_writes = os.fsync, []
+
+    def disk_full_at_epoch_2(descriptor):
+        if 'state.pt.tmp' in os.readlink(f'/proc/self/fd/{descriptor}'):
+            state_writes.append(descriptor)
+            if len(state_writes) == 3:  # epochs 0 and 1 fit
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fsync(descriptor)
+    monkeypatch.setattr(os, 'fsync', disk_full_at_epoch_2)
+    run_dir = tmp_path / 'r'
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', epochs=2), capsys)
+    assert code == 1 and 'No space left on device' in err and len(read_metrics(run_dir)) == 1, err
+    assert [name for name in os.listdir(run_dir) if name.startswith(('confusion', 'test_predictions'))] == []
+    monkeypatch.setattr(os, 'fsync', fsync)
+    code, _, err = run_main(['--resume', run_dir], capsys)
+    assert code == 0 and len(read_metrics(run_dir)) == 2, err
+    with open(run_dir / 'test_predictions.csv') as f:
+        assert {(row['checkpoint'], row['epoch']) for row in csv.DictReader(f)} == {('last', '2')}
+    assert (run_dir / 'confusion.csv').is_file() and not (run_dir / 'test_predictions_epoch1.csv').exists()
+
+
 def test_write_files_changes_all_or_nothing(tmp_path):
     """A payload that fails (a signal, memory) or a write that fails leaves the old files and no temp file."""
     import train
