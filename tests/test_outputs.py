@@ -424,7 +424,7 @@ def test_load_model_gives_in_python_the_predictions_eval_only_writes(run_dir, ti
             rows = list(csv.DictReader(f))
         model, classes, to_input = main.load_model(copy, checkpoint=checkpoint)
         assert classes == ['cat', 'dog', 'frog'] and not model.training
-        assert next(model.parameters()).device.type == 'cpu'  # auto, on a machine without a GPU
+        assert next(model.parameters()).device.type == ('cuda' if torch.cuda.is_available() else 'cpu')  # auto
         images = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(tiny_dataset, row['image']))))
                               for row in rows]).permute(0, 3, 1, 2)
         with torch.no_grad():
