@@ -407,9 +407,7 @@ def test_load_model_gives_in_python_the_predictions_eval_only_writes(run_dir, ti
     """main.load_model, for a notebook: the run's model (eval mode), its classes and the function that makes its
     input; their softmax on each test image is test_predictions.csv's prediction and probability, for the last
     checkpoint and, with checkpoint='best', for best.safetensors (here a head that errs)."""
-    import numpy as np
     import torch
-    from PIL import Image
     from safetensors.torch import load_file, save_file
     import main
     copy = shutil.copytree(run_dir, tmp_path / 'r')
@@ -425,14 +423,23 @@ def test_load_model_gives_in_python_the_predictions_eval_only_writes(run_dir, ti
         model, classes, to_input = main.load_model(copy, checkpoint=checkpoint)
         assert classes == ['cat', 'dog', 'frog'] and not model.training
         assert next(model.parameters()).device.type == ('cuda' if torch.cuda.is_available() else 'cpu')  # auto
-        images = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(tiny_dataset, row['image']))))
-                              for row in rows]).permute(0, 3, 1, 2)
-        with torch.no_grad():
-            probability, predicted = model(to_input(images)).softmax(1).max(1)
-        assert [classes[i] for i in predicted] == [row['prediction'] for row in rows]
-        assert probability.tolist() == pytest.approx([float(row['probability']) for row in rows], abs=6e-5)
+        images = assert_predicts_as(rows, model, classes, to_input, tiny_dataset)
         assert any(row['correct'] == '0' for row in rows) == (checkpoint == 'best')
     assert to_input(images[:1].repeat_interleave(2, 2).repeat_interleave(2, 3)).shape == (1, 3, 32, 32)
+
+
+def assert_predicts_as(rows, model, classes, to_input, dataset):
+    """load_model's model gives each test_predictions.csv row's prediction and probability; -> the images read."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    images = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(dataset, row['image']))))
+                          for row in rows]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        probability, predicted = model(to_input(images)).softmax(1).max(1)
+    assert [classes[i] for i in predicted] == [row['prediction'] for row in rows]
+    assert probability.tolist() == pytest.approx([float(row['probability']) for row in rows], abs=6e-5)
+    return images
 
 
 def test_load_model_mistakes_are_one_line(run_dir, tmp_path, capsys):
@@ -498,9 +505,6 @@ def test_load_model_normalises_with_the_model_s_own_mean_and_std(run_dir, tiny_d
                                                                  monkeypatch):
     """Weights whose mean and std differ (ImageNet's, as DeiT's; timm's test ViTs have 0.5 and 0.5): to_input
     normalises as the run's evaluation does, so load_model's probabilities are --eval_only's test_predictions.csv."""
-    import numpy as np
-    import torch
-    from PIL import Image
     import data
     import main
     preprocessing = data.preprocessing
@@ -511,13 +515,7 @@ def test_load_model_normalises_with_the_model_s_own_mean_and_std(run_dir, tiny_d
     assert code == 0, err
     with open(copy / 'test_predictions.csv') as f:
         rows = list(csv.DictReader(f))
-    model, classes, to_input = main.load_model(copy)
-    images = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(tiny_dataset, row['image']))))
-                          for row in rows]).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        probability, predicted = model(to_input(images)).softmax(1).max(1)
-    assert [classes[i] for i in predicted] == [row['prediction'] for row in rows]
-    assert probability.tolist() == pytest.approx([float(row['probability']) for row in rows], abs=6e-5)
+    assert_predicts_as(rows, *main.load_model(copy), tiny_dataset)
 
 
 def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, tiny_dataset, tmp_path, capsys):

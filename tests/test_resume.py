@@ -760,19 +760,25 @@ def test_a_run_stopped_in_its_first_epoch_resumes_from_epoch_0(tiny_dataset, tmp
     assert code == 0 and len(read_metrics(tmp_path / 'r')) == 1, err
 
 
-def test_a_full_disk_while_saving_keeps_the_last_checkpoint(tiny_dataset, tmp_path, capsys, monkeypatch):
-    """state.pt failing to fit on the disk used to leave trainable.safetensors of the new epoch beside state.pt of
-    the old one, which --resume refuses, and a traceback. All of an epoch's files are written, then renamed."""
+def fill_the_disk_at_epoch_2(monkeypatch):
+    """os.fsync fails with ENOSPC on the third state.pt written (epochs 0 and 1 fit); -> the real os.fsync."""
     import errno
     fsync, state_writes = os.fsync, []
 
     def disk_full_at_epoch_2(descriptor):
         if 'state.pt.tmp' in os.readlink(f'/proc/self/fd/{descriptor}'):
             state_writes.append(descriptor)
-            if len(state_writes) == 3:  # epochs 0 and 1 fit
+            if len(state_writes) == 3:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return fsync(descriptor)
     monkeypatch.setattr(os, 'fsync', disk_full_at_epoch_2)
+    return fsync
+
+
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """state.pt failing to fit on the disk used to leave trainable.safetensors of the new epoch beside state.pt of
+    the old one, which --resume refuses, and a traceback. All of an epoch's files are written, then renamed."""
+    fsync = fill_the_disk_at_epoch_2(monkeypatch)
     run_dir = tmp_path / 'my runs' / 'r'  # a space: the printed command quotes it
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'my runs', 'r', '--val_split', 0.25, epochs=3), capsys)
     assert code == 1 and err.strip().splitlines()[-1] == (
@@ -791,16 +797,7 @@ def test_a_full_disk_at_the_last_epoch_writes_none_of_its_results(tiny_dataset, 
     """confusion.csv and test_predictions.csv are the finished run's: saved with the last epoch's checkpoint, all or
     none. A disk that fills while that checkpoint is written leaves the run at epoch 1, with neither of them (a resume
     would set them aside as epoch 1's); the resume that finishes it writes both."""
-    import errno
-    fsync, state_writes = os.fsync, []
-
-    def disk_full_at_epoch_2(descriptor):
-        if 'state.pt.tmp' in os.readlink(f'/proc/self/fd/{descriptor}'):
-            state_writes.append(descriptor)
-            if len(state_writes) == 3:  # epochs 0 and 1 fit
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return fsync(descriptor)
-    monkeypatch.setattr(os, 'fsync', disk_full_at_epoch_2)
+    fsync = fill_the_disk_at_epoch_2(monkeypatch)
     run_dir = tmp_path / 'r'
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', epochs=2), capsys)
     assert code == 1 and 'No space left on device' in err and len(read_metrics(run_dir)) == 1, err
