@@ -848,7 +848,7 @@ def checkpoint_changed(args, epoch, lock):
 
 
 def load_model(run_dir, checkpoint='last', device='auto', weights=None):
-    """A run's model in your own Python (a notebook, a look at its prompts or attention):
+    """A run's model in your own Python (a notebook, your own look at its prompts or its errors):
 
         model, classes, to_input = main.load_model('logs/<run>', checkpoint='best')
         logits = model(to_input(images))  # images: uint8 (N, 3, H, W), resized to the run's --img_size
