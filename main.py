@@ -860,7 +860,7 @@ def load_model(run_dir, checkpoint='last', device='auto', weights=None):
     is a SystemExit whose one line is printed first, as on the command line."""
     import data
     import train
-    argv = ['--resume', os.fspath(run_dir), '--eval_only', '--checkpoint', checkpoint, '--device', device]
+    argv = ['--resume', os.fspath(run_dir), '--eval_only', '--checkpoint', checkpoint, '--device', str(device)]
     args = parse_args(argv + (['--weights', os.fspath(weights)] if weights is not None else []))
     with said_once():  # printed, as parse_args prints its own
         model, classes, _ = checkpoint_model(args, train.pick_device(args.device))

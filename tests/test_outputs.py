@@ -515,7 +515,8 @@ def test_load_model_normalises_with_the_model_s_own_mean_and_std(run_dir, tiny_d
     assert code == 0, err
     with open(copy / 'test_predictions.csv') as f:
         rows = list(csv.DictReader(f))
-    assert_predicts_as(rows, *main.load_model(copy), tiny_dataset)
+    import torch
+    assert_predicts_as(rows, *main.load_model(copy, device=torch.device('cpu')), tiny_dataset)  # a device as torch's
 
 
 def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, tiny_dataset, tmp_path, capsys):
