@@ -858,12 +858,16 @@ def load_model(run_dir, checkpoint='last', device='auto', weights=None):
     normalises images as the run's batches were. It computes in fp32 unless called under torch.autocast. `weights`
     is --weights: the run's base weights file where it moved to. A mistake (no such run, a missing best.safetensors)
     is a SystemExit whose one line is printed first, as on the command line."""
+    import torch
     import data
     import train
     argv = ['--resume', os.fspath(run_dir), '--eval_only', '--checkpoint', checkpoint, '--device', str(device)]
     args = parse_args(argv + (['--weights', os.fspath(weights)] if weights is not None else []))
     with said_once():  # printed, as parse_args prints its own
-        model, classes, _ = checkpoint_model(args, train.pick_device(args.device))
+        device = train.pick_device(args.device)
+        # build_model seeds torch with the run's --seed: the notebook's own random numbers go on as they were
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+            model, classes, _ = checkpoint_model(args, device)
     mean, std, img_size = data.preprocessing(model.vit.pretrained_cfg, next(model.parameters()).device, args.img_size)
 
     def to_input(images):

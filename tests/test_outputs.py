@@ -869,3 +869,15 @@ def test_names_that_are_not_utf8_are_escaped_in_every_csv_not_a_crash(tiny_datas
                                tmp_path / 'p.csv'], capsys)
     assert code == 0 and 'caf\\xe9.png' in out, err
     assert os.path.join(str(root), 'train', 'cat', 'caf\\xe9.png') in text(tmp_path / 'p.csv')
+
+
+def test_load_model_leaves_the_notebook_s_random_numbers_alone(run_dir):
+    """Building the model seeds torch with the run's --seed (its random head and prompts); in a notebook that reseeded
+    the caller's own random numbers: after load_model they went on as if load_model had not been called."""
+    import torch
+    import main
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    main.load_model(run_dir, device='cpu')
+    assert torch.equal(torch.rand(4), expected)
