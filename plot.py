@@ -899,13 +899,16 @@ def tile_reader(run_dir):
         warn(f"skipping run {run_dir}: {e}")
         return None
     dataset, data_dir = config.get('dataset'), config.get('data_dir')
+    # a main.py before 2026-11-25 recorded the paths as typed: relative to the folder the run was started in
+    relative = lambda path: '' if os.path.isabs(path) else (f"; {path} is relative to the folder the run was started "
+                                                            f"in: run plot.py from there")
     if dataset in CIFAR_TEST_FILES:
         path = os.path.join(str(data_dir), *CIFAR_TEST_FILES[dataset])
         try:
             images = cifar_test_images(path)
         except FileNotFoundError:
             warn(f"skipping run {run_dir}: no {dataset} test set at {path} (config.json's data_dir); if it moved, link "
-                 f"the old path to it (ln -s NEW_PATH {data_dir})")
+                 f"the old path to it (ln -s NEW_PATH {data_dir}){relative(str(data_dir))}")
             return None
         except Exception as e:  # not the pickle torchvision extracts: unpickling raises what it meets
             warn(f"skipping run {run_dir}: cannot read {dataset}'s test images from {path} ({type(e).__name__}: "
@@ -923,7 +926,8 @@ def tile_reader(run_dir):
         return None
     if not os.path.isdir(dataset):
         warn(f"skipping run {run_dir}: its dataset folder {dataset} (config.json's dataset) is gone, so its test "
-             f"images cannot be shown; if it moved, link the old path to it (ln -s NEW_PATH {dataset})")
+             f"images cannot be shown; if it moved, link the old path to it (ln -s NEW_PATH {dataset})"
+             + relative(dataset))
         return None
     return (lambda name: read_tile(dataset_file(dataset, name))), ''
 

@@ -1926,3 +1926,22 @@ def test_mistakes_on_the_command_line_import_no_torch(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stderr == '', result.stderr
     assert result.stdout.splitlines() == [f"wrote {os.path.join(run_dir, 'mistakes.png')}", 'False']
+
+
+def test_mistakes_of_a_run_recorded_with_relative_paths_say_where_to_run_from(tmp_path, capsys, monkeypatch):
+    """A run from before main.py stored its paths absolute has config.json's --dataset (--data_dir) as typed, relative
+    to the folder it was started in: plot.py draws its mistakes from there, and elsewhere says so, where it said the
+    folder was gone."""
+    run_dir = folder_run(tmp_path, MIXED)
+    set_config(run_dir, dataset='P_run_data')
+    monkeypatch.chdir(tmp_path / 'logs')
+    code, _, err = run_plot([run_dir, '--mistakes'], capsys)
+    assert code == 2 and 'ln -s NEW_PATH P_run_data); P_run_data is relative to the folder the run was started in: ' \
+                         'run plot.py from there' in err.splitlines()[0]
+    set_config(run_dir, dataset='cifar10', data_dir='data')
+    code, _, err = run_plot([run_dir, '--mistakes'], capsys)
+    assert code == 2 and '; data is relative to the folder the run was started in' in err
+    set_config(run_dir, dataset='P_run_data')
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_plot([run_dir, '--mistakes'], capsys)
+    assert code == 0 and err == '' and out.strip() == f"wrote {os.path.join(run_dir, 'mistakes.png')}"
