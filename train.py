@@ -275,24 +275,25 @@ def evaluate(model, batches, num_classes, amp=True, per_image=False):
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
-    predicted, probability = [], []
+    predicted, probability, kept = [], [], []
     for images, labels, valid in batches:
         with autocast(device, amp):
             logits = model(images)
         loss_sum += (F.cross_entropy(logits.float(), labels, reduction='none') * valid).sum()
         top = logits.argmax(1)
         confusion.index_add_(0, labels * num_classes + top, valid.long())  # no host sync, unlike bincount
-        if per_image:
-            predicted.append(top[valid])
-            probability.append(logits.float().softmax(1).gather(1, top[:, None]).squeeze(1)[valid])
+        if per_image:  # the padding rows are dropped once, after the loop: a boolean index syncs with the host
+            predicted.append(top)
+            probability.append(logits.float().softmax(1).gather(1, top[:, None]).squeeze(1))
+            kept.append(valid)
     totals = all_sum(torch.cat([loss_sum.view(1), confusion.double()])).cpu()
     confusion = totals[1:].long().view(num_classes, num_classes)
     count = confusion.sum().item()
     result = totals[0].item() / count, 100 * confusion.trace().item() / count, confusion
     if not per_image:
         return result
-    mine = [torch.cat(predicted).cpu(), torch.cat(probability).cpu()] if predicted else \
-        [torch.zeros(0, dtype=torch.long), torch.zeros(0)]  # a rank whose shard is empty
+    mine = [torch.cat(predicted)[torch.cat(kept)].cpu(), torch.cat(probability)[torch.cat(kept)].cpu()] if predicted \
+        else [torch.zeros(0, dtype=torch.long), torch.zeros(0)]  # a rank whose shard is empty
     shards = [mine]
     if dist.is_initialized():
         shards = [None] * dist.get_world_size()
