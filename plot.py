@@ -74,7 +74,7 @@ from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from PIL import Image, ImageOps  # matplotlib's own dependency
 
-from main import flag_hint, shown_width  # main.py imports torch only inside main()
+from main import flag_hint, shown, shown_width  # main.py imports torch only inside main()
 
 # train.METRICS_HEADER, repeated rather than imported: plot.py stays free of torch and starts in a second.
 # Columns are read by name: these must be there, the optional ones may be (empty cells = no value), others are ignored.
@@ -327,12 +327,12 @@ def warn_other_test_sets(runs):
         return
     described = []
     for (classes, images, seed), names in groups.items():
-        shown = ', '.join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else '')
+        listed = ', '.join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else '')
         what = [f"{len(classes)} classes ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''})",
                 f"{images:,} test images"]
         if seed is not None:
             what.append(f"picked with --data_seed {seed}")
-        described.append(f"{shown} ({', '.join(what)})")
+        described.append(f"{listed} ({', '.join(what)})")
     warn(f"these runs were tested on {len(groups)} different sets of test images, so their test accuracies do not "
          f"compare across them: {'; '.join(described)}")
 
@@ -350,11 +350,14 @@ def read_summary(run_dir):
 
 def label_runs(runs):
     """Runs with the same directory name (from different log directories, such as two sweeps' grid_lr=1e-3) are
-    told apart by their paths, and then so is every run: a bare name beside paths would not say where it is from."""
+    told apart by their paths, and then so is every run: a bare name beside paths would not say where it is from.
+    Names are shown as a terminal shows them (main.shown)."""
     names = [run['name'] for run in runs]
     if len(set(names)) < len(names):
         for run in runs:
             run['name'] = os.path.normpath(run['dir'])
+    for run in runs:  # a name whose bytes are not UTF-8 (os.listdir's surrogates) as \xNN: matplotlib cannot draw it
+        run['name'] = shown(run['name'])
 
 
 # ---------------------------------------------------------------- table
@@ -771,8 +774,8 @@ def confusion_figure(name, classes, counts):
     cell_pt = side / n * 72
     label_pt = min(9.0, max(5.0, 0.75 * cell_pt))
     step = max(1, math.ceil(1.15 * label_pt / cell_pt))  # label every step-th class when labels would overlap
-    shown = range(0, n, step)
-    label_in = max(len(classes[i]) for i in shown) * label_pt * 0.6 / 72 + 0.5
+    labelled = range(0, n, step)
+    label_in = max(len(classes[i]) for i in labelled) * label_pt * 0.6 / 72 + 0.5
     fig, ax = plt.subplots(figsize=(side + label_in + 1.6, side + label_in + 0.9), layout='constrained')
     cmap = plt.get_cmap('Blues').with_extremes(bad='0.85')  # grey: a class without test images
     norm = PowerNorm(0.5, vmin=0, vmax=100)
@@ -786,9 +789,9 @@ def confusion_figure(name, classes, counts):
                     colour = 'white' if norm(value) > 0.6 else 'black' if value > 0 else '0.65'
                     ax.text(j, i, f"{value:.0f}" if value >= 9.95 or value == 0 else f"{value:.1f}", ha='center',
                             va='center', fontsize=text_pt, color=colour)
-    ax.set_xticks(list(shown), [classes[i] for i in shown], fontsize=label_pt, rotation=90 if n > 10 else 45,
+    ax.set_xticks(list(labelled), [classes[i] for i in labelled], fontsize=label_pt, rotation=90 if n > 10 else 45,
                   ha='center' if n > 10 else 'right', rotation_mode='default' if n > 10 else 'anchor')
-    ax.set_yticks(list(shown), [classes[i] for i in shown], fontsize=label_pt)
+    ax.set_yticks(list(labelled), [classes[i] for i in labelled], fontsize=label_pt)
     ax.tick_params(length=2)
     text_size = 11 if n <= ANNOTATE_UP_TO else 14  # the big figure is viewed from further away
     ax.set_xlabel('predicted class', fontsize=text_size)
@@ -846,7 +849,7 @@ def draw_confusions(run_dirs, paths, out):
                 continue
             target = out or os.path.join(run['dir'], os.path.basename(path)[:-len('.csv')] + '.png')
             plot_confusion(title, classes, counts, target)
-            print(f"wrote {target}")
+            print(f"wrote {shown(target)}")
             drawn += 1
     if not drawn:
         error(f"no confusion matrix to draw under {', '.join(paths)}: see the warnings above")
@@ -1023,9 +1026,9 @@ def draw_mistakes(run_dirs, paths, out, count):
             if reader is None:  # said why; the run's other file would say it again
                 break
             read, prefix = reader
-            shown = sorted(wrong, key=lambda row: -row['probability'])[:count]  # sorted() keeps ties in CSV order
+            chosen = sorted(wrong, key=lambda row: -row['probability'])[:count]  # sorted() keeps ties in CSV order
             tiles, unread = [], []
-            for row in shown:
+            for row in chosen:
                 try:
                     image = read(row['image'])
                 except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError...
@@ -1033,7 +1036,7 @@ def draw_mistakes(run_dirs, paths, out, count):
                     continue
                 tiles.append((image, mistake_caption(row), prefix + row['image']))
             if unread:
-                warn(f"run {run['dir']}: {len(unread)} of the {len(shown)} images to draw from {file} cannot be read, "
+                warn(f"run {run['dir']}: {len(unread)} of the {len(chosen)} images to draw from {file} cannot be read, "
                      f"left out: {'; '.join(unread[:3])}{f' and {len(unread) - 3} more' if len(unread) > 3 else ''}")
             if not tiles:
                 continue
@@ -1041,11 +1044,11 @@ def draw_mistakes(run_dirs, paths, out, count):
             title = (f"{run['name']}, {predictions[0]['checkpoint']} checkpoint (epoch {predictions[0]['epoch']}"
                      f"{', unfinished' if isinstance(which, int) else ''}): {len(wrong):,} of {len(predictions):,} "
                      f"test images wrong ({100 * len(wrong) / len(predictions):.1f}%)\n"
-                     f"the {len(shown)} most confident mistakes{left_out}: true → predicted class, the prediction's "
+                     f"the {len(chosen)} most confident mistakes{left_out}: true → predicted class, the prediction's "
                      f"probability")
             target = out or os.path.join(run['dir'], 'mistakes' + file[len('test_predictions'):-len('.csv')] + '.png')
             save_figure(mistakes_figure(title, tiles), target)
-            print(f"wrote {target}")
+            print(f"wrote {shown(target)}")
             drawn += 1
     if not drawn and not flawless:
         error(f"no mistakes to draw under {', '.join(paths)}: see the warnings above")
@@ -1144,7 +1147,7 @@ def main(argv=None):
         plot_cost(runs, written[-1])
     print_table(runs)
     for path in written:
-        print(f"wrote {path}")
+        print(f"wrote {shown(path)}")
 
 
 if __name__ == '__main__':

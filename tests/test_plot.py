@@ -1945,3 +1945,22 @@ def test_mistakes_of_a_run_recorded_with_relative_paths_say_where_to_run_from(tm
     monkeypatch.chdir(tmp_path)
     code, out, err = run_plot([run_dir, '--mistakes'], capsys)
     assert code == 0 and err == '' and out.strip() == f"wrote {os.path.join(run_dir, 'mistakes.png')}"
+
+
+def test_a_run_named_in_bytes_that_are_not_utf8_is_drawn_with_them_escaped(tmp_path, capsys, monkeypatch):
+    """A run folder unzipped from an old Windows archive (cp1252 'café'): its name reaches plot.py as a surrogate,
+    which matplotlib cannot draw (a TypeError traceback in every figure); legends, titles and the table show the byte
+    as \\xe9, as main.py's tables and CSVs do."""
+    name = os.fsdecode(b'caf\xe9')
+    run_dir = folder_run(tmp_path, MIXED, name)
+    write_confusion(run_dir, ['a', 'b'], [[3, 1], [0, 4]])
+    figures = captured_figures(monkeypatch)
+    code, out, err = run_plot([tmp_path / 'logs', '--cost'], capsys)
+    assert code == 0, err
+    assert list(table(out)) == ['caf\\xe9']
+    assert [text.get_text() for text in figures[0].legends[0].get_texts()] == ['caf\\xe9 (P)']
+    for flag in ('--confusion', '--mistakes'):
+        code, _, err = run_plot([run_dir, flag], capsys)
+        assert code == 0, err
+        assert figures[-1].get_suptitle().startswith('caf\\xe9') or figures[-1].axes[0].get_title().startswith(
+            'caf\\xe9'), flag
