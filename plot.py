@@ -91,6 +91,7 @@ ANNOTATE_UP_TO = 20  # write the percentage into every confusion-matrix cell up 
 PREDICTIONS_HEADER = ['image', 'label', 'prediction', 'probability', 'correct', 'checkpoint', 'epoch']
 CIFAR_TEST_FILES = {'cifar10': ('cifar-10-batches-py', 'test_batch'), 'cifar100': ('cifar-100-python', 'test')}
 MISTAKES_SHOWN = 25  # --mistakes without N: a 5 x 5 grid
+MISTAKES_MOST = 400  # 400 CIFAR tiles take 12 s to draw on the 2-core VM; time grows faster: 3,000 took 11 minutes
 MISTAKE_COLUMNS = 10  # the grid's widest row; more mistakes make more rows
 TILE_PIXELS = 320  # a photo's longest side in the grid: about its size at 150 dpi; 12 MP photos stay fast and small
 # data.PHOTO_PIXELS (data.py imports torch): a phone's 200 MP photo is read, as the run read it, not refused as a bomb
@@ -1097,6 +1098,10 @@ def mistakes_count(text):
         raise argparse.ArgumentTypeError(f"N is how many images to draw, a whole number, got {text!r}")
     if count < 1:
         raise argparse.ArgumentTypeError(f"N is how many images to draw, at least 1, got {count}")
+    if count > MISTAKES_MOST:
+        raise argparse.ArgumentTypeError(f"N is how many images to draw, at most {MISTAKES_MOST} (a larger grid takes "
+                                         f"minutes to draw and is too small to read), got {count}; every mistake is a "
+                                         f"row of test_predictions.csv (correct 0)")
     return count
 
 
@@ -1114,7 +1119,8 @@ def main(argv=None):
                       help="only draw each run's confusion.csv as <run>/confusion.png, and its confusion_best.csv if "
                            "any (--out: one run, one figure)")
     what.add_argument('--mistakes', type=mistakes_count, nargs='?', const=MISTAKES_SHOWN, metavar='N',
-                      help=f"only draw the N test images (default {MISTAKES_SHOWN}) each run got most confidently "
+                      help=f"only draw the N test images (default {MISTAKES_SHOWN}, at most {MISTAKES_MOST}) each run "
+                           f"got most confidently "
                            f"wrong, from its test_predictions.csv, as <run>/mistakes.png, "
                            f"and from its test_predictions_best.csv if any (--out: one run, one figure)")
     parser.error = lambda message: error(f"{message}{flag_hint(parser, message)} (python plot.py --help for usage)")

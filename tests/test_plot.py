@@ -1886,7 +1886,8 @@ def test_unreadable_mistakes_are_left_out_in_one_warning(tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize('value, reason', [('0', 'at least 1, got 0'), ('-3', 'at least 1, got -3'),
-                                           ('2.5', "got '2.5'"), ('many', "got 'many'")])
+                                           ('2.5', "got '2.5'"), ('many', "got 'many'"),
+                                           ('401', 'at most 400 (a larger grid takes minutes to draw')])
 def test_a_bad_mistakes_count_is_one_line(value, reason, tmp_path, capsys):
     run_dir = folder_run(tmp_path, MIXED)
     code, out, err = run_plot([run_dir, '--mistakes', value], capsys)
