@@ -347,16 +347,18 @@ def open_sweep(sweep_dir, definition, command, models):
     if saved is not None:
         changed = [key for key in definition if json.dumps(saved.get(key)) != json.dumps(definition[key])]
         if changed:
-            unstarted = not set(os.listdir(sweep_dir)) - {'sweep.json', 'sweep.lock'}  # as --print_commands leaves it
-            # every run failed at setup (main.py removes such a run's directory), and no sweep.py is at work on it
-            failed_at_setup = not any(os.path.isdir(os.path.join(sweep_dir, name)) for name in os.listdir(sweep_dir)
-                                      if name != 'logs') and not sweep_running(sweep_dir)
+            logs = os.path.join(sweep_dir, 'logs')
+            if not set(os.listdir(sweep_dir)) - {'sweep.json', 'sweep.lock'}:  # as --print_commands leaves it
+                hint = f"; none of its runs has started: if its printed commands will never run, remove {sweep_dir}"
+            elif not any(os.path.isdir(os.path.join(sweep_dir, name)) for name in os.listdir(sweep_dir)
+                         if name != 'logs') and not sweep_running(sweep_dir):
+                # every run failed at setup (main.py removes such a run's directory), and no sweep.py is at work on it
+                why = f" (their logs in {logs} say why)" if os.path.isdir(logs) else ''
+                hint = f"; none of its runs has trained{why}: to run this one in its place, remove {sweep_dir}"
+            else:
+                hint = ''
             fail(f"{sweep_dir} holds another sweep (its {', '.join(changed)} differ); re-launch it with its own "
-                 f"command ({saved.get('command')}) or pick another --name"
-                 + (f"; none of its runs has started: if its printed commands will never run, remove {sweep_dir}"
-                    if unstarted else
-                    f"; none of its runs has trained (their logs in {os.path.join(sweep_dir, 'logs')} say why): to "
-                    f"run this one in its place, remove {sweep_dir}" if failed_at_setup else ''))
+                 f"command ({saved.get('command')}) or pick another --name{hint}")
         return saved
     if os.path.exists(path):
         fail(f"cannot read {path}; repair or remove it, or pick another --name")

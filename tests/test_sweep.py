@@ -1025,6 +1025,14 @@ def test_a_sweep_directory_is_only_ever_a_sweeps_own(tmp_path, capsys):
     assert 'holds another sweep (its seeds differ); re-launch it with its own command (python sweep.py first)' in error
     assert 'remove' not in error and os.path.isdir(started / 'grid_lr=1e-3')
 
+    reported = tmp_path / 'reported'  # stopped after its report, before any trial had a log: no logs to point to
+    sweep.open_sweep(str(reported), definition, 'python sweep.py first', [])
+    (reported / 'sweep.md').write_text('')
+    with pytest.raises(SystemExit):
+        sweep.open_sweep(str(reported), dict(definition, seeds=2), 'python sweep.py second', [])
+    assert capsys.readouterr().err.strip().endswith(f"none of its runs has trained: to run this one in its place, "
+                                                    f"remove {reported}")
+
 
 def test_a_grid_flag_may_be_written_with_its_dashes():
     assert sweep.parse_grid(['--lr=1e-3,1e-2'], {}) == {'lr': ['1e-3', '1e-2']}
