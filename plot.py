@@ -13,7 +13,8 @@ accuracy-against-cost figures and the test images a run got most confidently wro
                                                            # most confidently wrong (--mistakes 50: 50 of them)
 
 --out replaces an existing file only if plot.py wrote it (its .png/.pdf/.svg/.ps/.eps figures carry a mark in their
-metadata); any other file there is refused before anything is drawn.
+metadata); any other file there is refused before anything is drawn. A run's own confusion.png and mistakes.png are
+redrawn in place, unless a file of another program has that name: it is kept, with a warning.
 
 A PATH is a run directory or a directory of runs, one level deep: files next to the runs (sweep.csv, figures) and
 directories that are not runs are ignored, so sweep directories inside logs/ are passed as PATHs of their own (a
@@ -849,6 +850,8 @@ def draw_confusions(run_dirs, paths, out):
                 warn(f"skipping run {run['dir']}: {e}")
                 continue
             target = out or os.path.join(run['dir'], os.path.basename(path)[:-len('.csv')] + '.png')
+            if out is None and kept_as_it_is(run['dir'], target):
+                continue
             plot_confusion(title, classes, counts, target)
             print(f"wrote {shown(target)}")
             drawn += 1
@@ -1013,6 +1016,9 @@ def draw_mistakes(run_dirs, paths, out, count):
         reader = None
         for path, which in files:
             file = os.path.basename(path)
+            target = out or os.path.join(run['dir'], 'mistakes' + file[len('test_predictions'):-len('.csv')] + '.png')
+            if out is None and kept_as_it_is(run['dir'], target):
+                continue
             try:
                 predictions = read_predictions(path)
             except ValueError as e:  # its reason names the file
@@ -1047,12 +1053,33 @@ def draw_mistakes(run_dirs, paths, out, count):
                      f"test images wrong ({100 * len(wrong) / len(predictions):.1f}%)\n"
                      f"the {len(chosen)} most confident mistakes{left_out}: true → predicted class, the prediction's "
                      f"probability")
-            target = out or os.path.join(run['dir'], 'mistakes' + file[len('test_predictions'):-len('.csv')] + '.png')
             save_figure(mistakes_figure(title, tiles), target)
             print(f"wrote {shown(target)}")
             drawn += 1
     if not drawn and not flawless:
         error(f"no mistakes to draw under {', '.join(paths)}: see the warnings above")
+
+
+def drawn_by_plot(path, matplotlib_too=False):
+    """Whether the file at path is a figure plot.py marked (with matplotlib_too: or one matplotlib wrote)."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(1 << 16)
+            f.seek(max(0, os.path.getsize(path) - (1 << 16)))
+            tail = f.read()
+    except OSError:
+        return False
+    return MARK.encode() in head + tail or matplotlib_too and b'Matplotlib' in head + tail  # PNG/SVG/PS start, PDF end
+
+
+def kept_as_it_is(run_dir, target):
+    """A run's own figure (confusion.png, mistakes.png) is redrawn in place unless a file of another program has its
+    name: that one is kept, with a warning."""
+    if not os.path.isfile(target) or drawn_by_plot(target, matplotlib_too=True):
+        return False
+    warn(f"run {run_dir}: {os.path.basename(target)} there is not a figure plot.py (or matplotlib) wrote, so it is "
+         f"left as it is: move it away to draw it, or pass --out FILE with this run alone")
+    return True
 
 
 def check_replaceable(out, default=False):
@@ -1066,15 +1093,7 @@ def check_replaceable(out, default=False):
         error(f"--out {out} is a directory; pass a file name such as {os.path.join(out, 'accuracy.png')}")
     if not os.path.isfile(out):  # nothing there, or /dev/null, a pipe: nothing to lose, and a pipe is not to be read
         return
-    try:
-        with open(out, 'rb') as f:
-            head = f.read(1 << 16)
-            f.seek(max(0, os.path.getsize(out) - (1 << 16)))
-            tail = f.read()
-            marked = MARK.encode() in head + tail  # near the start (PNG, SVG, PostScript) or the end (PDF)
-            marked = marked or default and b'Matplotlib' in head + tail
-    except OSError:
-        marked = False
+    marked = drawn_by_plot(out, matplotlib_too=default)
     if not marked and default:
         error(f"{out} exists and is not a figure plot.py (or matplotlib) wrote, so it is not redrawn in place: pass "
               f"--out FILE to write the figure elsewhere, or move that file away first")

@@ -1965,3 +1965,23 @@ def test_a_run_named_in_bytes_that_are_not_utf8_is_drawn_with_them_escaped(tmp_p
         assert code == 0, err
         assert figures[-1].get_suptitle().startswith('caf\\xe9') or figures[-1].axes[0].get_title().startswith(
             'caf\\xe9'), flag
+
+
+def test_a_file_of_another_program_named_like_a_run_s_figure_is_kept(tmp_path, capsys):
+    """confusion.png and mistakes.png are redrawn in place in each run directory, but a file there of that name that
+    plot.py (or matplotlib) did not write, a photo of the user's own, is kept with a warning, not drawn over."""
+    run_dir = folder_run(tmp_path, MIXED)
+    write_confusion(run_dir, ['a', 'b'], [[3, 1], [0, 4]])
+    for flag, name in (('--confusion', 'confusion.png'), ('--mistakes', 'mistakes.png')):
+        code, out, err = run_plot([run_dir, flag], capsys)  # plot.py's own figure: drawn, and redrawn
+        assert code == 0 and out.strip() == f"wrote {os.path.join(run_dir, name)}", err
+        code, out, err = run_plot([run_dir, flag], capsys)
+        assert code == 0 and out.strip() == f"wrote {os.path.join(run_dir, name)}", err
+        with open(os.path.join(run_dir, name), 'wb') as f:
+            f.write(b'\x89PNG my own picture')
+        code, out, err = run_plot([run_dir, flag], capsys)
+        assert code == 2 and out == '' and one_line(err.splitlines()[0]) == (
+            f"plot.py: warning: run {run_dir}: {name} there is not a figure plot.py (or matplotlib) wrote, so it is "
+            f"left as it is: move it away to draw it, or pass --out FILE with this run alone")
+        with open(os.path.join(run_dir, name), 'rb') as f:
+            assert f.read() == b'\x89PNG my own picture'
