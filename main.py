@@ -868,7 +868,7 @@ def load_model(run_dir, checkpoint='last', device='auto', weights=None):
         # build_model seeds torch with the run's --seed: the notebook's own random numbers go on as they were
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
             model, classes, _ = checkpoint_model(args, device)
-    mean, std, img_size = data.preprocessing(model.vit.pretrained_cfg, next(model.parameters()).device, args.img_size)
+    mean, std, img_size = data.preprocessing(model.vit.pretrained_cfg, device, args.img_size)
 
     def to_input(images):
         check_uint8_images(images)

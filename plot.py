@@ -90,6 +90,7 @@ MARKERS_UP_TO = 30  # draw a marker at every epoch while the longest run has at 
 ANNOTATE_UP_TO = 20  # write the percentage into every confusion-matrix cell up to this many classes
 # train.predictions_bytes's columns, which --mistakes reads by name
 PREDICTIONS_HEADER = ['image', 'label', 'prediction', 'probability', 'correct', 'checkpoint', 'epoch']
+# data.CIFAR_FOLDERS and the test file torchvision reads in each (data.py imports torch, which plot.py does not)
 CIFAR_TEST_FILES = {'cifar10': ('cifar-10-batches-py', 'test_batch'), 'cifar100': ('cifar-100-python', 'test')}
 MISTAKES_SHOWN = 25  # --mistakes without N: a 5 x 5 grid
 MISTAKES_MOST = 400  # 400 CIFAR tiles take 12 s to draw on the 2-core VM; time grows faster: 3,000 took 11 minutes

@@ -292,8 +292,10 @@ def evaluate(model, batches, num_classes, amp=True, per_image=False):
     result = totals[0].item() / count, 100 * confusion.trace().item() / count, confusion
     if not per_image:
         return result
-    mine = [torch.cat(predicted)[torch.cat(kept)].cpu(), torch.cat(probability)[torch.cat(kept)].cpu()] if predicted \
-        else [torch.zeros(0, dtype=torch.long), torch.zeros(0)]  # a rank whose shard is empty
+    mine = [torch.zeros(0, dtype=torch.long), torch.zeros(0)]  # a rank whose shard is empty
+    if predicted:
+        valid = torch.cat(kept)
+        mine = [torch.cat(predicted)[valid].cpu(), torch.cat(probability)[valid].cpu()]
     shards = [mine]
     if dist.is_initialized():
         shards = [None] * dist.get_world_size()

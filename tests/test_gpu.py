@@ -188,7 +188,9 @@ def test_eval_only_reproduces_the_logged_test_accuracy(tiny_dataset, tmp_path):
     import numpy as np
     from PIL import Image
     import main
+    cuda_rng = torch.cuda.get_rng_state()
     model, classes, to_input = main.load_model(tmp_path / 'run')  # in a notebook: on the GPU, CPU images moved there
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)  # the run's --seed did not reseed the notebook's GPU
     images = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(tiny_dataset, row['image']))))
                           for row in rows]).permute(0, 3, 1, 2)
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):  # as --amp evaluated (another batch shape)
