@@ -12,6 +12,7 @@
 In Python (a notebook): model, classes, to_input = main.load_model('logs/<run>'); model(to_input(uint8_images)).
 """
 import argparse
+import atexit
 import contextlib
 import datetime
 import difflib
@@ -556,9 +557,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
             print(f"run directory: {run_dir}" + (f" (resumed after epoch {state['epoch']} of {args.epoch})"
                                                  if args.resume else ''), flush=True)
         run_dir = broadcast_run_dir(run_dir, world_size)
-        train.fit(model, on_device, classes, args, run_dir, device, state, test_names)
-        for signum in (signal.SIGINT, signal.SIGTERM):  # the run is finished and saved: a late signal changes nothing
-            signal.signal(signum, signal.SIG_IGN)  # (main() puts its caller's handlers back)
+        train.fit(model, on_device, classes, args, run_dir, device, state, test_names)  # leaves signals ignored
     except BaseException:
         if rank == 0 and not args.resume and not os.path.exists(os.path.join(run_dir, 'state.pt')):
             shutil.rmtree(run_dir, ignore_errors=True)  # it holds only this run's config.json: nothing to resume
@@ -1207,22 +1206,27 @@ def broadcast_run_dir(run_dir, world_size):
 
 
 def exit_now(status):
-    """-> a signal handler that ends the process at once with `status`, its output flushed: once main() has returned
-    or exited, a run is saved and said, and a signal as the interpreter shuts down (torch's takes a while), or a
-    repeat of the one that stopped it (sweep.py and torchrun forward the terminal's), must neither turn the exit
-    status into a kill nor wait for that shutdown."""
-    def handler(signum, frame):
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(status)
-    return handler
+    """-> a signal handler that ends the process at once with `status` (end_process): once main() has returned or
+    exited, a run is saved and said, and a signal as the process exits, or a repeat of the one that stopped it
+    (sweep.py and torchrun forward the terminal's), must neither turn the exit status into a kill nor wait."""
+    return lambda signum, frame: end_process(status)
+
+
+def end_process(status):
+    """Flush the output and end the process with `status`. main.py's last atexit handler: the libraries' own have
+    run, and what Python's shutdown does next is free torch's modules (0.8 s on the CPU VM), with SIGINT and SIGTERM
+    back at their default action, a kill: a Ctrl-C then ended a finished run with status -2."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 if __name__ == '__main__':
     for signum in (signal.SIGINT, signal.SIGTERM):  # main() sets its own handlers, and puts these back
         signal.signal(signum, signal.SIG_IGN)
     status = 1  # an error's: a traceback, or main.py's one line
+    atexit.register(lambda: end_process(status))  # the first registered runs last; reads `status` at exit
     try:
         main()
         status = 0

@@ -162,10 +162,13 @@ def lr_factor(step, warmup_steps, total_steps):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the training loop stops at its next step, so checkpoints are never half-written."""
+    """SIGINT/SIGTERM set a flag; the training loop stops at its next step, so checkpoints are never half-written.
+    Once `finished` is set (the run is saved and said), the block leaves both signals ignored, not as it found them:
+    a signal from there to the process's exit changes nothing."""
 
     def __init__(self):
         self.signum = None
+        self.finished = False
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -173,7 +176,7 @@ class StopRequest:
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if self.finished else handler)
 
     def _handle(self, signum, frame):
         # a repeated signal changes nothing: torchrun forwards the terminal's Ctrl-C, so workers often get two
@@ -743,6 +746,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None, test_names=No
         elif rank == 0:
             print(f"final test acc {summary['final_test_acc']:.2f}% (without --val_split no epoch is chosen); results "
                   f"in {run_dir}", flush=True)
+        stop.finished = True  # main() puts its caller's handlers back
 
 
 def epoch_line(row, epochs):
