@@ -129,6 +129,17 @@ def is_run_dir(path):
     return os.path.isfile(os.path.join(path, 'metrics.csv'))
 
 
+def not_looked_into(path):
+    """Why the directory at path cannot be looked into (no permission to enter it), or None."""
+    try:
+        os.stat(os.path.join(path, 'metrics.csv'))
+    except PermissionError as e:
+        return one_line(e.strerror or e)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def holds_runs(path):
     try:
         return os.path.isdir(path) and any(is_run_dir(os.path.join(path, name)) for name in os.listdir(path))
@@ -160,6 +171,9 @@ def find_run_dirs(paths):
                     candidates.append(sub)
                 elif os.path.isfile(os.path.join(sub, 'config.json')):  # started, no metrics.csv yet
                     warn(f"skipping run {sub}: no metrics.csv (no epoch written yet)")
+                elif reason := not_looked_into(sub):  # another user's run (mode 700): is_run_dir says no run
+                    warn(f"skipping {sub}: cannot look into it ({reason}); if it is a run, it needs "
+                         f"read permission for you (chmod -R a+rX {sub}, by its owner)")
             nested = [os.path.join(path, name) for name in names if holds_runs(os.path.join(path, name))]
             if candidates:
                 for sub in nested:

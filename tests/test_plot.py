@@ -569,6 +569,25 @@ def test_started_run_without_metrics_warns(logs, capsys):
     assert table(out) == EXPECTED
 
 
+def test_a_run_that_cannot_be_entered_is_named_not_left_out(logs, capsys, monkeypatch):
+    """Another user's run in a shared logs/ (mode 700; the tests may run as root, so entering it is refused by hand)
+    looked like no run at all: it was left out of the figure and the table without a word."""
+    hidden = os.path.join(logs, 'P_run')
+    stat = os.stat
+
+    def refusing(path, *args, **kwargs):
+        if os.fspath(path).startswith(hidden + os.sep):
+            raise PermissionError(13, 'Permission denied', os.fspath(path))
+        return stat(path, *args, **kwargs)
+    monkeypatch.setattr(plot.os, 'stat', refusing)
+    code, out, err = run_plot([logs], capsys)
+    assert code == 0
+    assert table(out) == {name: row for name, row in EXPECTED.items() if name != 'P_run'}
+    line = one_line(err)
+    assert line.startswith(f'plot.py: warning: skipping {hidden}: cannot look into it (Permission denied)'), line
+    assert 'chmod' in line
+
+
 def test_all_runs_bad(tmp_path, capsys):
     root = tmp_path / 'logs'
     root.mkdir()
