@@ -482,6 +482,13 @@ def fit_fonts(fig):
              f"fonts-noto-cjk), then delete matplotlib's font list {matplotlib.get_cachedir()}/fontlist-*.json")
 
 
+def literal(text):
+    """text to draw as it is: matplotlib reads what lies between two $ as mathematics, so a mistake's '$5_bill →
+    $10_bill' (classes of a currency dataset) came out as 5 with a subscript b, and a run named 'x_$5_to_$10' stopped
+    the figure with a parse error."""
+    return text.replace('$', r'\$')
+
+
 @contextlib.contextmanager
 def quiet_font_search():
     """fit_fonts has said what is missing once; matplotlib would repeat it per character, and log that a fallback font
@@ -529,7 +536,7 @@ def plot_runs(runs, out):
             rows = [row for row in run['history'] if row[key] is not None]
             ax.plot([row['epoch'] for row in rows], [row[key] for row in rows], color=colour, linestyle=linestyle,
                     marker=marker if longest <= MARKERS_UP_TO or len(rows) == 1 else None, markersize=4,
-                    linewidth=1.8, label=f"{run['name']} ({run['mode']}{unfinished})")
+                    linewidth=1.8, label=literal(f"{run['name']} ({run['mode']}{unfinished})"))
         if run['val_epoch'] is not None:  # the number to report: test accuracy at the best val epoch
             axes[-1].plot([run['val_epoch']], [run['test_at_best_val']], marker='*', markersize=13, color=colour,
                           markeredgecolor='black', markeredgewidth=0.6, linestyle='none', zorder=3)
@@ -621,7 +628,7 @@ def plot_cost(runs, out):
         for (x, y), names in names_at.items():  # in a panel's right part below-left of the point, else above-right
             where = ((math.log(x / left) / math.log(right / left)) if ax.get_xscale() == 'log' else
                      (x - left) / (right - left))
-            label = ax.annotate('\n'.join(names), (x, y), xytext=(-5, -3) if where > 0.55 else (5, 3),
+            label = ax.annotate(literal('\n'.join(names)), (x, y), xytext=(-5, -3) if where > 0.55 else (5, 3),
                                 textcoords='offset points', ha='right' if where > 0.55 else 'left',
                                 va='top' if where > 0.55 else 'bottom', fontsize=6.5, color='0.25')
             label.set_in_layout(False)  # fit_point_labels moves it into the axes once the layout is done
@@ -635,7 +642,7 @@ def plot_cost(runs, out):
     axes[0].set_ylabel('test accuracy at best val epoch (%)' if all(with_val) else
                        'final test accuracy (%)' if not any(with_val) else 'test accuracy (%)')
     handles = [Line2D([], [], linestyle='none', marker=MODE_STYLE.get(mode, OTHER_STYLE)[1], markersize=7,
-                      color=MODE_STYLE.get(mode, OTHER_STYLE)[0], label=mode) for mode in modes]
+                      color=MODE_STYLE.get(mode, OTHER_STYLE)[0], label=literal(mode)) for mode in modes]
     if any(with_val) and not all(with_val):
         handles += [Line2D([], [], linestyle='none', marker='o', markersize=7, color='0.3',
                            label='filled: at the best val epoch'),
@@ -806,14 +813,14 @@ def confusion_figure(name, classes, counts):
                     colour = 'white' if norm(value) > 0.6 else 'black' if value > 0 else '0.65'
                     ax.text(j, i, f"{value:.0f}" if value >= 9.95 or value == 0 else f"{value:.1f}", ha='center',
                             va='center', fontsize=text_pt, color=colour)
-    ax.set_xticks(list(labelled), [classes[i] for i in labelled], fontsize=label_pt, rotation=90 if n > 10 else 45,
+    ax.set_xticks(list(labelled), [literal(classes[i]) for i in labelled], fontsize=label_pt, rotation=90 if n > 10 else 45,
                   ha='center' if n > 10 else 'right', rotation_mode='default' if n > 10 else 'anchor')
-    ax.set_yticks(list(labelled), [classes[i] for i in labelled], fontsize=label_pt)
+    ax.set_yticks(list(labelled), [literal(classes[i]) for i in labelled], fontsize=label_pt)
     ax.tick_params(length=2)
     text_size = 11 if n <= ANNOTATE_UP_TO else 14  # the big figure is viewed from further away
     ax.set_xlabel('predicted class', fontsize=text_size)
     ax.set_ylabel('true class', fontsize=text_size)
-    ax.set_title(f"{name}: {accuracy:.2f}% accuracy on {counts.sum():,} test images\n"
+    ax.set_title(f"{literal(name)}: {accuracy:.2f}% accuracy on {counts.sum():,} test images\n"
                  f"each row (true class) normalised to 100%", fontsize=text_size + 1)
     bar = fig.colorbar(image, ax=ax, shrink=0.8 if n > ANNOTATE_UP_TO else 1.0, pad=0.02)
     bar.set_ticks([0, 1, 5, 10, 25, 50, 75, 100])
@@ -998,13 +1005,13 @@ def mistakes_figure(title, tiles):
     for ax, (image, caption, name) in zip(axes.flat, tiles):
         # CIFAR's 32 px as sharp squares; a thumbnail near the tile's size smoothed
         ax.imshow(image, interpolation='nearest' if max(image.shape[:2]) <= 64 else 'antialiased')
-        ax.set_title(caption, fontsize=8)
-        ax.set_xlabel(wrap_name(name, 40), fontsize=6, color='0.35')
+        ax.set_title(literal(caption), fontsize=8)
+        ax.set_xlabel(literal(wrap_name(name, 40)), fontsize=6, color='0.35')
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in axes.flat[len(tiles):]:
         ax.remove()
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(literal(title), fontsize=11)
     return fig
 
 

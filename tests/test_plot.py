@@ -1804,6 +1804,40 @@ def test_a_16_bit_grey_mistake_is_shown_grey_not_white(tmp_path, capsys, monkeyp
     close_figure(figures[0])
 
 
+def drawn_as_written(text):
+    """What a matplotlib Text shows of its string: as it is, not read as mathematics between two $."""
+    assert not matplotlib.cbook.is_math_text(text), text
+    return text.replace('\\$', '$')
+
+
+def test_dollars_in_run_and_class_names_are_drawn_as_they_are(tmp_path, capsys, monkeypatch):
+    """matplotlib reads the text between two $ as mathematics: a currency dataset's mistake '$5_bill → $10_bill' was
+    drawn as 5 with a subscript b, and a run named with two $ stopped the accuracy figure with a traceback."""
+    classes = ['$5_bill', '$10_bill']
+    run_dir = folder_run(tmp_path, [('$5_bill', '$10_bill', 0.9, 0), ('$10_bill', '$10_bill', 0.8, 1)],
+                         name='cost_$5_to_$10')
+    write_confusion(run_dir, classes, [[0, 1], [0, 1]])
+    figures = captured_figures(monkeypatch)
+    code, out, err = run_plot([run_dir, '--cost'], capsys)
+    assert code == 0 and err == ''
+    accuracy, cost = figures
+    assert [drawn_as_written(t.get_text()) for t in accuracy.legends[0].get_texts()] == ['cost_$5_to_$10 (P)']
+    assert [drawn_as_written(t.get_text()) for t in cost.axes[0].texts] == ['cost_$5_to_$10']
+    code, out, err = run_plot([run_dir, '--confusion'], capsys)
+    assert code == 0 and err == ''
+    ax = figures[2].axes[0]
+    assert [drawn_as_written(t.get_text()) for t in ax.get_yticklabels()] == classes
+    assert drawn_as_written(ax.get_title()).startswith('cost_$5_to_$10: 50.00% accuracy')
+    code, out, err = run_plot([run_dir, '--mistakes'], capsys)
+    assert code == 0 and err == ''
+    ((caption, name, _),) = tiles(figures[3])
+    assert drawn_as_written(caption) == '$5_bill → $10_bill\nprobability 0.9000'
+    assert drawn_as_written(name) == 'test/$5_bill/0.png'
+    assert drawn_as_written(figures[3].get_suptitle()).startswith('cost_$5_to_$10, last checkpoint')
+    for fig in figures:
+        close_figure(fig)
+
+
 def test_a_mistake_whose_file_name_is_not_utf8_is_drawn(tmp_path, capsys, monkeypatch):
     """A zip from an old Windows machine: test_predictions.csv has the name's byte 0xe9 as \\xe9; the file is found
     by that byte."""
