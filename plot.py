@@ -838,8 +838,12 @@ def evaluated_files(run_dir, stem, out):
     if os.path.exists(os.path.join(run_dir, f'{stem}.csv')):
         found.append((os.path.join(run_dir, f'{stem}.csv'), 'last'))
     else:
-        epochs = sorted(int(match[1]) for match in map(re.compile(rf'{stem}_epoch(\d+)\.csv$').match,
-                                                         os.listdir(run_dir)) if match)
+        try:
+            names = os.listdir(run_dir)
+        except OSError as e:  # entered but not listed (mode 711), or moved away meanwhile (sweep.py's set-aside/)
+            warn(f"run {run_dir}: cannot list it ({one_line(e)}) to look for its {stem}_epoch<N>.csv")
+            names = []
+        epochs = sorted(int(match[1]) for match in map(re.compile(rf'{stem}_epoch(\d+)\.csv$').match, names) if match)
         if epochs:
             found.append((os.path.join(run_dir, f'{stem}_epoch{epochs[-1]}.csv'), epochs[-1]))
     best = os.path.join(run_dir, f'{stem}_best.csv')

@@ -986,6 +986,31 @@ def test_confusion_for_several_runs_and_missing_csv(logs, capsys):
     assert not os.path.exists(os.path.join(logs, 'accuracy.png'))
 
 
+@pytest.mark.parametrize('flag', ['--confusion', '--mistakes'])
+def test_a_run_that_cannot_be_listed_does_not_stop_the_others(flag, logs, capsys, monkeypatch):
+    """A run directory one may enter but not list (mode 711; the tests may run as root, so listing is refused by
+    hand), or one moved away as it is drawn (sweep.py's set-aside/): looking for its _epoch<N> files was a traceback
+    that drew nothing for the other runs."""
+    write_confusion(os.path.join(logs, 'F_run'), ['a', 'b'], [[5, 1], [2, 7]])
+    write_predictions(os.path.join(logs, 'F_run'), [('0', 'a', 'b', 0.9, 0)])
+    set_config(os.path.join(logs, 'F_run'), dataset='cifar10', data_dir=str(logs))
+    monkeypatch.setattr(plot, 'cifar_test_images', lambda path: np.zeros((1, 32, 32, 3), np.uint8))
+    hidden = os.path.join(logs, 'P_run')
+    listdir = os.listdir
+
+    def refusing(path='.'):
+        if os.path.realpath(path) == os.path.realpath(hidden):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return listdir(path)
+    monkeypatch.setattr(plot.os, 'listdir', refusing)
+    code, out, err = run_plot([logs, flag], capsys)
+    assert code == 0
+    figure = 'confusion.png' if flag == '--confusion' else 'mistakes.png'
+    assert out.strip() == f"wrote {os.path.join(logs, 'F_run', figure)}"
+    assert f'plot.py: warning: run {hidden}: cannot list it (' in err and 'Permission denied' in err
+    assert 'Traceback' not in err
+
+
 def test_an_unfinished_run_gets_its_newest_checkpoint_matrix(logs, capsys, monkeypatch):
     """No confusion.csv before the last epoch: --eval_only writes confusion_epoch<N>.csv, and that is what is drawn
     (plot.py used to send the user back to --eval_only in a circle)."""
