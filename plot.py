@@ -1100,7 +1100,16 @@ def drawn_by_plot(path, matplotlib_too=False):
 
 def kept_as_it_is(run_dir, target):
     """A run's own figure (confusion.png, mistakes.png) is redrawn in place unless a file of another program has its
-    name: that one is kept, with a warning."""
+    name: that one is kept, with a warning. So is a run whose figure cannot be written (another user's run in a shared
+    logs/, a directory of that name): a failed write would stop plot.py, and the runs after it would not be drawn."""
+    folder = os.path.dirname(target)
+    unwritable = ('a directory has its name' if os.path.isdir(target) else
+                  f'no write permission in {folder}' if not os.access(folder, os.W_OK) else
+                  'no write permission for it' if os.path.isfile(target) and not os.access(target, os.W_OK) else None)
+    if unwritable:
+        warn(f"skipping run {run_dir}: cannot write {os.path.basename(target)} there ({unwritable}); pass --out FILE "
+             f"with this run alone to draw it elsewhere")
+        return True
     if not os.path.isfile(target) or drawn_by_plot(target, matplotlib_too=True):
         return False
     warn(f"run {run_dir}: {os.path.basename(target)} there is not a figure plot.py (or matplotlib) wrote, so it is "

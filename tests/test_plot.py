@@ -1526,6 +1526,35 @@ def test_a_bad_confusion_csv_does_not_stop_the_runs_after_it(logs, capsys):
     assert "3 rows for the 2 classes" in one_line(err) and os.path.join(logs, 'F_run') in err
 
 
+@pytest.mark.parametrize('flag', ['--confusion', '--mistakes'])
+@pytest.mark.parametrize('blocked', ['read-only', 'directory'])
+def test_a_run_its_figure_cannot_be_written_into_does_not_stop_the_runs_after_it(blocked, flag, logs, capsys,
+                                                                                  monkeypatch):
+    """Another user's run in a shared logs/ (no write permission; the tests may run as root, so it is refused by
+    hand), or a directory named like the figure: the failed write was an error that left the runs after it undrawn."""
+    monkeypatch.setattr(plot, 'cifar_test_images', lambda path: np.zeros((1, 32, 32, 3), np.uint8))
+    for name in ('F_run', 'PF_run', 'P_run'):  # in this order
+        write_confusion(os.path.join(logs, name), ['a', 'b'], [[5, 1], [2, 7]])
+        write_predictions(os.path.join(logs, name), [('0', 'a', 'b', 0.9, 0)])
+        set_config(os.path.join(logs, name), dataset='cifar10', data_dir=str(logs))
+    figure = 'confusion.png' if flag == '--confusion' else 'mistakes.png'
+    first = os.path.join(logs, 'F_run')
+    if blocked == 'directory':
+        os.makedirs(os.path.join(first, figure, 'inside'))
+    else:
+        access = os.access
+        monkeypatch.setattr(plot.os, 'access', lambda path, mode, **kwargs: (
+            False if mode & os.W_OK and os.path.realpath(path) == os.path.realpath(first) else
+            access(path, mode, **kwargs)))
+    code, out, err = run_plot([logs, flag], capsys)
+    assert code == 0
+    assert out.strip().splitlines() == [f"wrote {os.path.join(logs, name, figure)}" for name in ('PF_run', 'P_run')]
+    line = one_line(err)
+    assert line.startswith(f'plot.py: warning: skipping run {first}: cannot write {figure} there (')
+    assert ('a directory has its name' if blocked == 'directory' else f'no write permission in {first}') in line
+    assert os.path.isdir(os.path.join(first, figure)) == (blocked == 'directory')
+
+
 def test_a_file_for_a_path_says_to_pass_a_directory(logs, capsys):
     metrics = os.path.join(logs, 'P_run', 'metrics.csv')
     code, out, err = run_plot([logs, metrics], capsys)
