@@ -935,7 +935,7 @@ def tile_reader(run_dir):
     # a main.py before 2026-11-25 recorded the paths as typed: relative to the folder the run was started in
     relative = lambda path: '' if os.path.isabs(path) else (f"; {path} is relative to the folder the run was started "
                                                             f"in: run plot.py from there")
-    if dataset in CIFAR_TEST_FILES:
+    if isinstance(dataset, str) and dataset in CIFAR_TEST_FILES:  # a hand-edited list or {} is not hashable
         path = os.path.join(str(data_dir), *CIFAR_TEST_FILES[dataset])
         try:
             images = cifar_test_images(path)

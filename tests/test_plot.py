@@ -1960,6 +1960,19 @@ def test_mistakes_of_a_run_whose_data_moved_are_skipped_with_where_it_looked(tmp
     assert not os.path.exists(os.path.join(moved, 'mistakes.png'))
 
 
+@pytest.mark.parametrize('dataset', [['cifar10'], {}])
+def test_mistakes_of_a_run_whose_config_names_no_dataset_path_are_skipped(dataset, tmp_path, capsys):
+    """A hand-edited config.json whose dataset is a list or an object: a TypeError (unhashable) traceback where the
+    run is skipped with the warning for a config.json without a dataset, and the other runs are drawn."""
+    broken = folder_run(tmp_path, MIXED, 'F_run')
+    set_config(broken, dataset=dataset)
+    there = folder_run(tmp_path, MIXED, 'P_run')
+    code, out, err = run_plot([tmp_path / 'logs', '--mistakes'], capsys)
+    assert code == 0 and out.strip() == f"wrote {os.path.join(there, 'mistakes.png')}"
+    assert one_line(err).startswith(f"plot.py: warning: skipping run {broken}: its config.json does not say which "
+                                    f"dataset")
+
+
 def test_a_run_without_mistakes_or_predictions_says_so(tmp_path, capsys):
     perfect = folder_run(tmp_path, [('a', 'a', 0.9, 1), ('b', 'b', 0.8, 1)], 'F_run')
     unevaluated = write_run(tmp_path / 'logs', 'P_run')
