@@ -813,9 +813,10 @@ def confusion_figure(name, classes, counts):
                     colour = 'white' if norm(value) > 0.6 else 'black' if value > 0 else '0.65'
                     ax.text(j, i, f"{value:.0f}" if value >= 9.95 or value == 0 else f"{value:.1f}", ha='center',
                             va='center', fontsize=text_pt, color=colour)
-    ax.set_xticks(list(labelled), [literal(classes[i]) for i in labelled], fontsize=label_pt, rotation=90 if n > 10 else 45,
+    tick_labels = [literal(classes[i]) for i in labelled]
+    ax.set_xticks(list(labelled), tick_labels, fontsize=label_pt, rotation=90 if n > 10 else 45,
                   ha='center' if n > 10 else 'right', rotation_mode='default' if n > 10 else 'anchor')
-    ax.set_yticks(list(labelled), [literal(classes[i]) for i in labelled], fontsize=label_pt)
+    ax.set_yticks(list(labelled), tick_labels, fontsize=label_pt)
     ax.tick_params(length=2)
     text_size = 11 if n <= ANNOTATE_UP_TO else 14  # the big figure is viewed from further away
     ax.set_xlabel('predicted class', fontsize=text_size)
