@@ -682,22 +682,30 @@ def fit(model, splits, classes, args, run_dir, device, state=None, test_names=No
                 with explain_out_of_memory(args.batch_size, args.amp, f'in training epoch {epoch}'):
                     trained = train_epoch(net, optimizer, scheduler, batches, steps_per_epoch, args.amp, stop,
                                           desc=f'epoch {epoch}/{args.epoch}', scaler=scaler)
+                if trained is None:
+                    stopped(stop.signum or signal.SIGTERM, run_dir, epoch - 1, rank, world_size)
+                train_time = time.perf_counter() - start
+                with explain_out_of_memory(args.batch_size, args.amp, f'evaluating epoch {epoch}'):
+                    val_loss, val_acc, _ = evaluate_on(splits['val']) if splits['val'] else (None, None, None)
+                    # the run's result: which images it missed
+                    test_loss, test_acc, confusion, *per_image = evaluate_on(
+                        splits['test'], epoch == args.epoch and test_names is not None)
+                # the epoch's last update is checked by no training loss: weights it broke compute non-finite logits,
+                # whose argmax is class 0, an accuracy that looks like one
+                broken = [name for name, loss in (('val', val_loss), ('test', test_loss))
+                          if loss is not None and not math.isfinite(loss)]
+                if broken:
+                    raise FloatingPointError(steps_per_epoch, f'{broken[0]} loss after the update')
             except FloatingPointError as e:
                 if rank == 0:  # on record for plot.py: this run is not one to --resume, as it would diverge again
                     write_json(os.path.join(run_dir, 'summary.json'),
                                dict(summary_of(history), diverged=dict(epoch=epoch, step=e.args[0])))
                 fp16 = (" or with --amp False (this GPU has no bf16 units, so --amp trains in fp16, whose range is "
                         "narrow)" if amp_name(device, args.amp) == 'float16' else "")
-                raise FloatingPointError(f"error: non-finite training loss at epoch {epoch}, step {e.args[0]}; start a "
+                loss = e.args[1] if len(e.args) > 1 else 'training loss'
+                raise FloatingPointError(f"error: non-finite {loss} at epoch {epoch}, step {e.args[0]}; start a "
                                          f"new run with a lower --lr (it is {args.lr:g}: a resume keeps it and would "
                                          f"diverge again){fp16}; the checkpoint of epoch {epoch - 1} is intact")
-            if trained is None:
-                stopped(stop.signum or signal.SIGTERM, run_dir, epoch - 1, rank, world_size)
-            train_time = time.perf_counter() - start
-            with explain_out_of_memory(args.batch_size, args.amp, f'evaluating epoch {epoch}'):
-                val_loss, val_acc, _ = evaluate_on(splits['val']) if splits['val'] else (None, None, None)
-                test_loss, test_acc, confusion, *per_image = evaluate_on(  # the run's result: which images it missed
-                    splits['test'], epoch == args.epoch and test_names is not None)
             row = dict(epoch=epoch, train_loss=trained[0], train_acc=trained[1], test_loss=test_loss, test_acc=test_acc,
                        lr=args.lr * lr_factor(epoch * steps_per_epoch - 1, warmup_steps, total_steps),
                        epoch_time_s=time.perf_counter() - start,

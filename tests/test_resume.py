@@ -133,6 +133,23 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoint(tiny_dataset, 
     assert read_metrics(tmp_path / 'nan') == []
 
 
+def test_an_epoch_whose_last_update_breaks_the_weights_diverges(tiny_dataset, tmp_path, capsys):
+    """One step an epoch: its loss is finite (the weights before it), the update leaves weights whose logits are
+    non-finite; their argmax, class 0, gave a 33.33% test accuracy beside a nan test loss, and exit 0."""
+    code, out, err = run_main([*TINY, '--dataset', tiny_dataset, '--patch_size', 8, '--full', True, '--prompts', 0,
+                               '--epoch', 1, '--batch_size', 48, '--lr', '1e30', '--warmup_epochs', 0,
+                               '--log_dir', tmp_path, '--name', 'nan'], capsys)
+    assert code == 3, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith('error: non-finite test loss after the update at epoch 1, step 1; start a new run with a '
+                           'lower --lr'), line
+    assert 'the checkpoint of epoch 0 is intact' in line
+    assert read_metrics(tmp_path / 'nan') == []
+    summary = json.loads((tmp_path / 'nan' / 'summary.json').read_text())
+    assert summary['diverged'] == dict(epoch=1, step=1) and summary['finished'] is False
+    assert not (tmp_path / 'nan' / 'confusion.csv').exists()
+
+
 # a value for every main.py flag that differs from the run tiny_run makes; all but RESUME_MAY_CHANGE's are refused
 OTHER_VALUES = dict(batch_size=16, full=True, prompts=2, deep=False, prompt_dropout=0.3, prompt_impl='naive',
                     optimizer='sgd', lr=0.5, weight_decay=0.5, warmup_epochs=0.5, unfreeze='pos_embed', augment=False,
