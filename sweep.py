@@ -482,7 +482,7 @@ def trial_exit(sweep_dir, name):
     code, message = last_exit(log_path(sweep_dir, name))
     diverged = (read_json(os.path.join(sweep_dir, name, 'summary.json')) or {}).get('diverged')
     if code is None and isinstance(diverged, dict):
-        code, message = DIVERGED, (f"non-finite training loss at epoch {diverged.get('epoch')}, step "
+        code, message = DIVERGED, (f"non-finite loss at epoch {diverged.get('epoch')}, step "
                                    f"{diverged.get('step')}")
     return code, message
 

@@ -378,7 +378,7 @@ def test_a_grid_that_only_diverges_says_so(tiny_dataset, tmp_path, monkeypatch):
     assert result.stderr.count('diverged (a non-finite loss): not printed again') == 2
     result = run_sweep(['--collect', tmp_path / 's'])
     assert 'No grid point finished (2 diverged): nothing to select.' in result.stdout
-    assert 'non-finite training loss at epoch 1, step' in result.stdout
+    assert 'non-finite loss at epoch 1, step' in result.stdout
 
 
 def test_the_winner_is_chosen_on_val_never_on_test(tmp_path):
