@@ -646,9 +646,11 @@ def check_splits(args, splits, classes, all_train_labels, rank):
     if args.val_split:
         per_class = "it is rounded per class: each holds out round(fraction x its images), keeping one to train on"
         if len(val_labels) == 0 or len(train_labels) == 0:
+            fix = ("pick a fraction that leaves images on both sides" if all_train_labels.bincount().max() > 1 else
+                   "no class has a second image to hold out: drop --val_split, or add images")
             raise SystemExit(f"error: --val_split {args.val_split} of {len(all_train_labels)} training images leaves "
                              f"{len(val_labels)} for validation and {len(train_labels)} for training ({per_class}); "
-                             f"pick a fraction that leaves images on both sides")
+                             f"{fix}")
         held_out = len(val_labels) / len(all_train_labels)
         no_val = (all_train_labels.bincount(minlength=len(classes)) > 0) & (
             val_labels.bincount(minlength=len(classes)) == 0)

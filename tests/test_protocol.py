@@ -120,6 +120,11 @@ def test_val_split_rounding_per_class_is_said(tmp_path, capsys):
     os.remove(tmp_path / 'ds' / 'train' / 'a' / '0001.png')  # a class of one image keeps it for training
     assert len(split('0.5')['val'][1]) == 2
     assert '2 of 5 training images (40.0%) and no image of 1 of the 3 classes: it is rounded' in capsys.readouterr().err
+    for name in ('b', 'c'):  # one image a class: no fraction holds one out, and the error does not ask for one
+        os.remove(tmp_path / 'ds' / 'train' / name / '0001.png')
+    with pytest.raises(SystemExit, match=r'leaves 0 for validation and 3 for training \(.*\); no class has a second '
+                                         r'image to hold out: drop --val_split, or add images$'):
+        split('0.5')
 
 
 def test_val_split_a_percent_or_more_off_is_said(tiny_dataset, capsys):
