@@ -174,7 +174,9 @@ def find_run_dirs(paths):
                 elif reason := not_looked_into(sub):  # another user's run (mode 700): is_run_dir says no run
                     warn(f"skipping {sub}: cannot look into it ({reason}); if it is a run, it needs "
                          f"read permission for you (chmod -R a+rX {sub}, by its owner)")
-            nested = [os.path.join(path, name) for name in names if holds_runs(os.path.join(path, name))]
+            # sweep.py's set-aside/ holds runs of other data, left out of its results: no sweep to point to
+            nested = [os.path.join(path, name) for name in names
+                      if name != 'set-aside' and holds_runs(os.path.join(path, name))]
             if candidates:
                 for sub in nested:
                     warn(f"not plotting the runs in {sub} (a sweep?): pass it as a PATH of its own")

@@ -660,6 +660,8 @@ def test_sweep_directory_is_a_directory_of_runs(logs, capsys):
     for name in ('sweep.csv', 'sweep.md', 'sweep.json', 'sweep.log', 'sweep.lock', 'logs/P_lr1e-3.log'):
         with open(os.path.join(sweep, name), 'w') as f:
             f.write('name,lr\nP_lr1e-3,0.001\n' if name.endswith('csv') else '# lr sweep\n')
+    # a run of other data, set aside by sweep.py: README says plot.py SWEEP_DIR leaves it out, not that it is a sweep
+    write_run(os.path.join(sweep, 'set-aside'), 'P_lr1e-3.other-data-1', epochs=[(10.0, 11.0, 2.0)])
     code, out, err = run_plot([sweep], capsys)
     assert code == 0 and err == ''
     assert list(table(out)) == ['P_lr1e-2', 'P_lr1e-3']
