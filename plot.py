@@ -1181,7 +1181,7 @@ def main(argv=None):
                            f"wrong, from its test_predictions.csv, as <run>/mistakes.png, "
                            f"and from its test_predictions_best.csv if any (--out: one run, one figure)")
     parser.error = lambda message: error(f"{message}{flag_hint(parser, message)} (python plot.py --help for usage)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # PATHs also after an option: plot.py logs/ --cost more_logs/
 
     if args.out is not None:  # before any work; the cost figure's name comes from it too
         for path in [args.out] + [cost_path(args.out, None)] * args.cost:

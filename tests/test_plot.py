@@ -1662,7 +1662,7 @@ def test_cost_png_goes_next_to_accuracy_png_under_the_first_path(cost_logs, tmp_
     """Several PATHs, no --out: cost.png is written where accuracy.png is, under the first PATH, as --help says."""
     other = tmp_path / 'other_logs'
     write_run(other, 'P_other', 'P', 50_000, [(60.0, 65.0, 3.0)], checkpoint_bytes=1_000_000)
-    code, out, _ = run_plot([cost_logs, other, '--cost'], capsys)
+    code, out, _ = run_plot([cost_logs, '--cost', other], capsys)  # a PATH after the option too, as people type it
     assert code == 0
     assert table_lines(out)[3] == [f"wrote {os.path.join(cost_logs, 'accuracy.png')}",
                                    f"wrote {os.path.join(cost_logs, 'cost.png')}"]
