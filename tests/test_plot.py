@@ -998,13 +998,7 @@ def test_a_run_that_cannot_be_listed_does_not_stop_the_others(flag, logs, capsys
     set_config(os.path.join(logs, 'F_run'), dataset='cifar10', data_dir=str(logs))
     monkeypatch.setattr(plot, 'cifar_test_images', lambda path: np.zeros((1, 32, 32, 3), np.uint8))
     hidden = os.path.join(logs, 'P_run')
-    listdir = os.listdir
-
-    def refusing(path='.'):
-        if os.path.realpath(path) == os.path.realpath(hidden):
-            raise PermissionError(13, 'Permission denied', str(path))
-        return listdir(path)
-    monkeypatch.setattr(plot.os, 'listdir', refusing)
+    refuse_listing(monkeypatch, hidden)
     code, out, err = run_plot([logs, flag], capsys)
     assert code == 0
     figure = 'confusion.png' if flag == '--confusion' else 'mistakes.png'
@@ -1684,18 +1678,23 @@ def test_confusion_out_refused_for_two_runs(logs, tmp_path, capsys):
     assert not any(name.endswith('confusion.png') for name in files_under(logs))
 
 
+def refuse_listing(monkeypatch, folder):
+    """plot.py's os.listdir of `folder` fails as without read permission (the tests may run as root)."""
+    listdir = os.listdir
+
+    def refusing(path='.'):
+        if os.path.realpath(path) == os.path.realpath(folder):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return listdir(path)
+    monkeypatch.setattr(plot.os, 'listdir', refusing)
+
+
 def test_a_log_directory_that_cannot_be_listed_says_so(tmp_path, capsys, monkeypatch):
     """A PATH plot.py may not read (no read permission; the tests may run as root, so listing is refused by hand):
     that is the error, not 'no runs found' with the advice to train one."""
     root = tmp_path / 'logs'
     write_run(root, 'P_run')
-    listdir = os.listdir
-
-    def refusing(path='.'):
-        if os.path.realpath(path) == os.path.realpath(root):
-            raise PermissionError(13, 'Permission denied', str(path))
-        return listdir(path)
-    monkeypatch.setattr(plot.os, 'listdir', refusing)
+    refuse_listing(monkeypatch, root)
     code, out, err = run_plot([root], capsys)
     assert code == 2 and out == ''
     line = one_line(err)
