@@ -26,13 +26,14 @@ UNREAD_EXTENSIONS = ('.heic', '.heif', '.avif', '.tif', '.tiff', '.jfif', '.dng'
                      '.raf', '.orf', '.rw2')
 CIFAR_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
 # How a folder dataset's files are found and decoded; config.json records it, so a run resumes and evaluates on the
-# images it was trained on. 5: as 4, and a JPEG at least 4x --img_size on both sides decoded at 1/2, 1/4 or 1/8 scale
-# (libjpeg's DCT scaling, as Pillow's thumbnail() does), never below twice --img_size, before it is resized: 4-6x
+# images it was trained on. 6: as 5, and a Synology NAS's @eaDir/ folders (its thumbnails of every photo, 3-5 JPEGs
+# each) left out as __MACOSX/ is. 5: as 4, and a JPEG at least 4x --img_size on both sides decoded at 1/2, 1/4 or 1/8
+# scale (libjpeg's DCT scaling, as Pillow's thumbnail() does), never below twice --img_size, before it is resized: 4-6x
 # faster for camera photos. 4: as 3, and a photo turned upright by its EXIF orientation (as viewers show it; stored
 # sideways, a phone photo was read so). 3: as 2, and a linked folder beside its target read once. 2: a class's subfolders
 # searched, hidden files and folders left out, images larger than img_size shrunk as decoded. 1 (runs made before):
 # one folder level, every image file, all kept at their own size when they share one.
-FOLDER_READING = 5
+FOLDER_READING = 6
 # Pillow takes an image above 2 x 89 million pixels for a decompression bomb and refuses it (warning above 89 M), but
 # a phone's 200 MP mode (16,320 x 12,240) is an ordinary photo here: such a file failed the whole dataset's load.
 # Refused above 2 x PHOTO_PIXELS now, with Pillow's warning above PHOTO_PIXELS; a JPEG that large decodes at 1/8 scale.
@@ -235,18 +236,19 @@ def _note_resized(root, paths, stored, img_size):
                 return
 
 
-def _visible(name):
-    return not name.startswith('.') and name != '__MACOSX'  # .DS_Store, ._x.jpg, .ipynb_checkpoints, macOS zips
+def _visible(name, reading=FOLDER_READING):
+    return (not name.startswith('.') and name != '__MACOSX'  # .DS_Store, ._x.jpg, .ipynb_checkpoints, macOS zips
+            and not (reading >= 6 and name == '@eaDir'))
 
 
 def _class_folders(split_dir, reading=FOLDER_READING):
     folders = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
     if reading < 2:
         return folders
-    hidden = [name for name in folders if not _visible(name) and image_files(os.path.join(split_dir, name))]
+    hidden = [name for name in folders if not _visible(name, reading) and image_files(os.path.join(split_dir, name))]
     # '.cat', say
     _warn_hidden(split_dir, "hidden (and __MACOSX) folders are not classes, left out with their images", hidden)
-    return [name for name in folders if _visible(name)]
+    return [name for name in folders if _visible(name, reading)]
 
 
 def _warn_loose_images(split_dir):
@@ -285,7 +287,7 @@ def image_files(folder, reading=FOLDER_READING, hidden=None, unread=None):
         kept = []
         for name in sorted(dirs):  # a linked folder once (reading 2: not when it is beside its target), no loops
             real = os.path.realpath(os.path.join(root, name))
-            if not _visible(name):
+            if not _visible(name, reading):
                 if hidden is not None and image_files(os.path.join(root, name)):
                     hidden.append(os.path.join(root, name))
             elif real not in seen:
@@ -294,7 +296,7 @@ def image_files(folder, reading=FOLDER_READING, hidden=None, unread=None):
                     seen.add(real)
         seen.update(os.path.realpath(os.path.join(root, name)) for name in kept)  # reading 2 marked them only here
         dirs[:] = kept
-        visible = [os.path.join(root, f) for f in sorted(files) if _visible(f)]
+        visible = [os.path.join(root, f) for f in sorted(files) if _visible(f, reading)]
         found += [path for path in visible if path.lower().endswith(IMAGE_EXTENSIONS)]
         if unread is not None:
             unread += [path for path in visible if path.lower().endswith(UNREAD_EXTENSIONS)]

@@ -60,7 +60,7 @@ import time
 import main as vpt  # argparse and the standard library only: main.py imports torch inside main()
 
 MAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'main.py')
-FOLDER_READING = 5  # data.FOLDER_READING, repeated: sweep.py stays free of torch (a test keeps them equal)
+FOLDER_READING = 6  # data.FOLDER_READING, repeated: sweep.py stays free of torch (a test keeps them equal)
 # main.py flags the sweep sets itself, and the fix to tell a user who sets one; --seed after -- is the base seed
 CONTROLLED = {
     'seed': "sweep.py sets the seeds: stage 1 uses the --seed given after -- (default 0), stage 2 the next --seeds N",

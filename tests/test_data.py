@@ -574,6 +574,23 @@ def test_hidden_files_are_skipped_and_subfolders_searched(tmp_path):
     assert train_x[-1].flatten(1).T.unique(dim=0).tolist() == [[1, 2, 3]]  # more/deeper/x.png, sorted last
 
 
+def test_a_synology_nas_thumbnail_folder_is_left_out_but_read_by_runs_of_folder_reading_5(tmp_path):
+    """A Synology NAS keeps 3-5 JPEG thumbnails of each photo in @eaDir/<photo>/ beside it: read as images of the
+    class, they multiplied its images, and with --test_split put thumbnails of test photos into train/."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1)
+    for split, count in (('train', 2), ('test', 1)):
+        for name in ('a', 'b'):
+            for i in range(count):
+                thumbs = tmp_path / 'ds' / split / name / '@eaDir' / f'{i:04d}.png'
+                os.makedirs(thumbs)
+                for size in ('XL', 'M', 'SM'):
+                    Image.new('RGB', (16, 16)).save(thumbs / f'SYNOPHOTO_THUMB_{size}.jpg')
+    *_, available = data.load_dataset(root, img_size=32)
+    assert available == {'train': 4, 'test': 2}
+    *_, available = data.load_dataset(root, img_size=32, reading=5)  # as the run recorded with 5 was trained
+    assert available == {'train': 16, 'test': 8}
+
+
 def test_a_fifo_named_like_an_image_is_unreadable_not_a_hang(tmp_path):
     """Opening a FIFO blocks until someone writes to it: a dataset load (or --predict on the folder) hung forever."""
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=8)

@@ -1165,7 +1165,7 @@ def test_runs_made_before_folder_reading_2_read_their_folder_as_they_did(tmp_pat
     assert code == 0, err
     run_dir = tmp_path / 'logs' / 'old'
     config = json.loads((run_dir / 'config.json').read_text())
-    assert config['folder_reading'] == data.FOLDER_READING == 5
+    assert config['folder_reading'] == data.FOLDER_READING == 6
     del config['folder_reading']  # as a run written before the reading was recorded
     (run_dir / 'config.json').write_text(json.dumps(config))
     os.makedirs(tmp_path / 'ds' / 'train' / 'a' / 'later')

@@ -517,7 +517,7 @@ def test_a_sweep_mixing_old_and_new_folder_reading_says_so(tiny_dataset, tmp_pat
     result = run_sweep(argv)
     assert result.returncode == 0, result.stderr
     assert ('warning: grid_lr=1e-3 (folder_reading 2) read the dataset folder as an older vpt did; a trial started '
-            'now reads it as main.py does today (folder_reading 5)' in result.stdout), result.stdout
+            'now reads it as main.py does today (folder_reading 6)' in result.stdout), result.stdout
     assert not os.path.exists(tmp_path / 's' / 'set-aside')  # warned about, not taken for a changed dataset
 
 
