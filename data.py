@@ -207,6 +207,9 @@ def _missing_split_hint(root, split, test_split=0.0):
             os.path.join(parent, 'train'), root):  # the train/ folder of a dataset without test/, not the dataset
         return (f" (it is the train/ folder of {parent}: pass --dataset {parent}"
                 f"{'' if test_split else ' --test_split 0.2'})")
+    spellings = _split_spellings(root, ('train',) if test_split else ('train', 'test'))
+    if split in spellings:  # Train/ and Test/ (as many downloaded datasets have), training_set/...
+        return f" (rename its {' and '.join(f'{found}/ to {name}/' for name, found in spellings.items())})"
     if split == 'test':
         return (" (rename val/ to test/ to evaluate on it)" if os.path.isdir(os.path.join(root, 'val')) else
                 " (or pass --test_split 0.2, say, to hold out a fraction of train/ as the test set)")
@@ -218,6 +221,19 @@ def _missing_split_hint(root, split, test_split=0.0):
                 + ('' if test_split or os.path.isdir(os.path.join(root, 'test')) else
                    ", and pass --test_split 0.2, say, to hold out a fraction of them as the test set") + ")")
     return ''
+
+
+def _split_spellings(root, splits):
+    """{'train': 'Train', 'test': 'testing_set'}: the folder of `root` taken for each of the `splits` that is missing,
+    spelt another way."""
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    found = {}
+    for split in splits:
+        ways = (split, split + 'ing', split + '_set', split + 'ing_set')
+        spelt = [name for name in folders if name.casefold() in ways]
+        if spelt and split not in folders:
+            found[split] = spelt[0]
+    return found
 
 
 def _note_resized(root, paths, stored, img_size):

@@ -744,6 +744,21 @@ def test_val_folder_without_test_folder_gets_a_hint(tmp_path):
         data.load_dataset(root, img_size=8)
 
 
+def test_train_and_test_folders_spelt_another_way_get_a_rename_hint(tmp_path):
+    """Train/ and Test/ (as many downloaded datasets have): the hint said to move their class folders into train/ and
+    pass --test_split, which gave up the dataset's own test set."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=1, test_per_class=1, size=8)
+    os.rename(tmp_path / 'ds' / 'train', tmp_path / 'ds' / 'Train')
+    os.rename(tmp_path / 'ds' / 'test', tmp_path / 'ds' / 'test_set')
+    with pytest.raises(SystemExit, match=r'no train/ folder \(rename its Train/ to train/ and test_set/ to test/\);'):
+        data.load_dataset(root, img_size=8)
+    with pytest.raises(SystemExit, match=r'no train/ folder \(rename its Train/ to train/\); with --test_split'):
+        data.load_dataset(root, img_size=8, test_split=0.5)
+    os.rename(tmp_path / 'ds' / 'Train', tmp_path / 'ds' / 'train')
+    with pytest.raises(SystemExit, match=r'no test/ folder \(rename its test_set/ to test/\);'):
+        data.load_dataset(root, img_size=8)
+
+
 def test_class_folders_right_under_the_dataset_are_named_in_the_hint(tmp_path):
     """Only the folders that hold images, and not hidden ones; three named, then ', ...'."""
     root = tmp_path / 'ds'
