@@ -666,6 +666,12 @@ def say(sweep_dir, message):
         f.write(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] {message}\n")
 
 
+def interrupt(signum, frame):
+    for each in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not break into the one line of the first
+        signal.signal(each, lambda signum, frame: None)
+    raise KeyboardInterrupt(signum)
+
+
 def on_signal(signum, frame):
     # no printing here: a handler that prints while the main thread prints raises "reentrant call"
     if not STOP:
@@ -1192,8 +1198,16 @@ def stop_trials():
 
 
 def run_cli():
+    # until the trials' handlers (on_signal) take over, a signal stops by an exception, said in one line below: the
+    # checks before them take seconds (the --model check imports torch), and nothing is at risk yet
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt)
     try:
         main()
+    except KeyboardInterrupt as e:  # from interrupt(): no trial had started
+        signum = e.args[0] if e.args else signal.SIGINT
+        fail(f"{signal.Signals(signum).name}: stopped before any trial started; run the same command again to go on",
+             128 + signum)
     except BrokenPipeError:  # the reader went away (| head): stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes stdout
         stop_trials()

@@ -1393,6 +1393,27 @@ def test_the_report_while_stage_1_is_incomplete(tmp_path):
     assert '## Stage 2: grid_lr=1e-3, seed 1' in report and '**Test accuracy 75.00 %**' in report
 
 
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_model_check_stops_in_one_line(tiny_dataset, tmp_path, signum):
+    """A new sweep with --model checks it in a child process that imports torch (seconds) before any trial starts: a
+    Ctrl-C then was a KeyboardInterrupt traceback (found by a fuzz), a SIGTERM a kill without a word."""
+    import time
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, 'sweep.py'), '--grid', 'lr=1e-3', '--seeds', '1', '--val_split', '0.25',
+         '--log_dir', str(tmp_path), '--', *map(str, tiny(tiny_dataset, 1))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=dict(os.environ, **ENV), start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not subprocess.run(['ps', '-o', 'pid=', '--ppid', str(process.pid)],
+                                                         capture_output=True, text=True).stdout.strip():
+        time.sleep(0.02)  # the --model check's child process
+    os.killpg(process.pid, signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, err
+    assert err == (f"sweep.py: error: {signal.Signals(signum).name}: stopped before any trial started; run the same "
+                   f"command again to go on\n")
+    assert not any(os.scandir(tmp_path))  # no sweep.json: the same command starts it afresh
+
+
 def test_a_signal_that_comes_as_a_trial_launches_reaches_it(tmp_path, monkeypatch):
     sent = []
 
