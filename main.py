@@ -451,6 +451,11 @@ def main(argv=None):
 
 
 def interrupt(signum, frame):
+    # a repeat must not break into the handling of the first: sweep.py passes a terminal's Ctrl-C on to its trials,
+    # which the terminal signalled too, and a second exception there was a traceback and exit 1. A Python handler
+    # that does nothing, not SIG_IGN: Python reports a signal it caught but finds ignored as it runs its handlers
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, lambda signum, frame: None)
     raise KeyboardInterrupt(signum)
 
 
