@@ -480,6 +480,9 @@ def trial_exit(sweep_dir, name):
     """last_exit of a trial; a run that stopped on a non-finite loss outside the sweep (a --print_commands command)
     left no exit code in the sweep's log, but its summary.json says so."""
     code, message = last_exit(log_path(sweep_dir, name))
+    if code == DIVERGED and not os.path.isdir(os.path.join(sweep_dir, name)):
+        return None, ''  # moved aside (a stale run, say): the settings that diverged went with it; main.py keeps the
+        # directory of a run that diverged, as it has a checkpoint by then
     diverged = (read_json(os.path.join(sweep_dir, name, 'summary.json')) or {}).get('diverged')
     if code is None and isinstance(diverged, dict):
         code, message = DIVERGED, (f"non-finite loss at epoch {diverged.get('epoch')}, step "

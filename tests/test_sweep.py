@@ -1064,12 +1064,12 @@ if str(lr) in os.environ.get('FAKE_FAIL', '0.01').split(','):
         os.makedirs(run_dir)
         open(os.path.join(run_dir, 'state.pt'), 'w').close()
     sys.exit(os.environ.get('FAKE_MESSAGE', 'RuntimeError: boom').format(lr=lr))
-if seed > 0 and os.environ.get('FAKE_DIVERGE'):
-    sys.exit(3)  # main.py's exit after a non-finite loss
 os.makedirs(run_dir)
 with open(os.path.join(run_dir, 'config.json'), 'w') as f:
     json.dump(dict(dataset='cifar10', classes=['a', 'b'], lr=lr, seed=seed, trainable_params=7690,
                    mode=os.environ.get('FAKE_MODE', 'P')), f)
+if seed > 0 and os.environ.get('FAKE_DIVERGE'):
+    sys.exit(3)  # main.py's exit after a non-finite loss, which leaves the run's directory (it has a checkpoint)
 time.sleep(json.loads(os.environ.get('FAKE_SLOW', '{}')).get(str(lr), 0))
 with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
     json.dump(dict(finished=True, epochs_done=1, epochs=1, best_val_acc={0.001: 50.0, 0.005: 60.0, 0.01: 70.0, 0.02: 40.0}[lr],
@@ -1637,6 +1637,27 @@ def test_a_winner_with_one_seed_diverged_still_has_a_result(fake_training, capsy
     assert [row['status'] for row in read_csv(sweep_dir / 'sweep.csv')] == ['finished', 'finished', 'diverged']
     assert '**Test accuracy 71.00 %** (n = 1 seed, so no std; 1 of 2 seeds diverged' in (
         sweep_dir / 'sweep.md').read_text()
+
+
+def test_a_stale_seed_that_diverged_runs_again_once_moved_aside(fake_training, monkeypatch, capsys):
+    """A grid run failed, seed 2 of the provisional winner diverged, the retried grid run won: the seeds are stale and
+    the sweep asks to move them aside. The diverged one's exit status stays in its log, which then made the new
+    winner's seed 2 'diverged' without training it (found by a fuzz)."""
+    run, sweep_dir = fake_training
+    fake = sweep_dir.parent / 'fake_main.py'
+    fake.write_text(FAKE_TRAIN.replace("if seed > 0 and os.environ.get('FAKE_DIVERGE'):", "if (seed, lr) == (2, 5e-3):"))
+    with pytest.raises(SystemExit):
+        run('--grid', 'lr=1e-3,5e-3,1e-2', '--seeds', 2)  # grid_lr=1e-2 fails: grid_lr=5e-3 leads
+    assert [row['status'] for row in read_csv(sweep_dir / 'sweep.csv')][2:] == ['failed', 'finished', 'diverged']
+    monkeypatch.setenv('FAKE_FAIL', '')
+    with pytest.raises(SystemExit):
+        run('--grid', 'lr=1e-3,5e-3,1e-2', '--seeds', 2)  # grid_lr=1e-2 finishes and wins: both seeds stale
+    assert 'move them aside and re-launch' in capsys.readouterr().err
+    for name in ('final_seed=1', 'final_seed=2'):
+        shutil.move(sweep_dir / name, sweep_dir.parent / name)
+    run('--grid', 'lr=1e-3,5e-3,1e-2', '--seeds', 2)
+    assert [row['status'] for row in read_csv(sweep_dir / 'sweep.csv')][3:] == ['finished', 'finished']
+    assert json.loads((sweep_dir / 'final_seed=2' / 'config.json').read_text())['lr'] == 1e-2
 
 
 def test_no_trial_starts_after_a_signal_while_another_still_stops(fake_training, monkeypatch, capsys):
