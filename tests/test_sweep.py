@@ -1400,8 +1400,8 @@ def test_a_signal_during_the_model_check_stops_in_one_line(tiny_dataset, tmp_pat
     import time
     process = subprocess.Popen(
         [sys.executable, os.path.join(REPO, 'sweep.py'), '--grid', 'lr=1e-3', '--seeds', '1', '--val_split', '0.25',
-         '--log_dir', str(tmp_path), '--', *map(str, tiny(tiny_dataset, 1))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=dict(os.environ, **ENV), start_new_session=True)
+         '--log_dir', str(tmp_path), '--', *map(str, tiny(tiny_dataset, 1))], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=dict(os.environ, **ENV), start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline and not subprocess.run(['ps', '-o', 'pid=', '--ppid', str(process.pid)],
                                                          capture_output=True, text=True).stdout.strip():
@@ -1645,7 +1645,8 @@ def test_a_stale_seed_that_diverged_runs_again_once_moved_aside(fake_training, m
     winner's seed 2 'diverged' without training it (found by a fuzz)."""
     run, sweep_dir = fake_training
     fake = sweep_dir.parent / 'fake_main.py'
-    fake.write_text(FAKE_TRAIN.replace("if seed > 0 and os.environ.get('FAKE_DIVERGE'):", "if (seed, lr) == (2, 5e-3):"))
+    fake.write_text(FAKE_TRAIN.replace("if seed > 0 and os.environ.get('FAKE_DIVERGE'):",
+                                       "if (seed, lr) == (2, 5e-3):"))
     with pytest.raises(SystemExit):
         run('--grid', 'lr=1e-3,5e-3,1e-2', '--seeds', 2)  # grid_lr=1e-2 fails: grid_lr=5e-3 leads
     assert [row['status'] for row in read_csv(sweep_dir / 'sweep.csv')][2:] == ['failed', 'finished', 'diverged']
