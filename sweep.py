@@ -480,9 +480,10 @@ def trial_exit(sweep_dir, name):
     """last_exit of a trial; a run that stopped on a non-finite loss outside the sweep (a --print_commands command)
     left no exit code in the sweep's log, but its summary.json says so."""
     code, message = last_exit(log_path(sweep_dir, name))
+    # moved aside (a stale run, say): the settings that diverged went with it (main.py keeps the directory of a run
+    # that diverged, as it has a checkpoint by then)
     if code == DIVERGED and not os.path.isdir(os.path.join(sweep_dir, name)):
-        return None, ''  # moved aside (a stale run, say): the settings that diverged went with it; main.py keeps the
-        # directory of a run that diverged, as it has a checkpoint by then
+        return None, ''
     diverged = (read_json(os.path.join(sweep_dir, name, 'summary.json')) or {}).get('diverged')
     if code is None and isinstance(diverged, dict):
         code, message = DIVERGED, (f"non-finite loss at epoch {diverged.get('epoch')}, step "
@@ -667,12 +668,6 @@ def say(sweep_dir, message):
     print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
     with open(os.path.join(sweep_dir, 'sweep.log'), 'a') as f:
         f.write(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] {message}\n")
-
-
-def interrupt(signum, frame):
-    for each in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not break into the one line of the first
-        signal.signal(each, lambda signum, frame: None)
-    raise KeyboardInterrupt(signum)
 
 
 def on_signal(signum, frame):
@@ -1204,10 +1199,10 @@ def run_cli():
     # until the trials' handlers (on_signal) take over, a signal stops by an exception, said in one line below: the
     # checks before them take seconds (the --model check imports torch), and nothing is at risk yet
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, interrupt)
+        signal.signal(signum, vpt.interrupt)  # which ignores a repeat: one line, not a second exception
     try:
         main()
-    except KeyboardInterrupt as e:  # from interrupt(): no trial had started
+    except KeyboardInterrupt as e:  # from vpt.interrupt: no trial had started
         signum = e.args[0] if e.args else signal.SIGINT
         fail(f"{signal.Signals(signum).name}: stopped before any trial started; run the same command again to go on",
              128 + signum)
