@@ -216,8 +216,8 @@ def make_scaler(device, amp):
 
 def train_epoch(model, optimizer, scheduler, batches, steps, amp=True, stop=None, desc='train', scaler=None):
     """One pass over `steps` training `batches` -> (mean loss, accuracy %) over all ranks, or None once `stop` (a
-    StopRequest) has caught a signal. A non-finite loss raises FloatingPointError(its step). `scaler`: the run's
-    make_scaler (its scale carries over from epoch to epoch); None makes one for this epoch."""
+    StopRequest) has caught a signal. A non-finite loss raises FloatingPointError(its step, 'training loss').
+    `scaler`: the run's make_scaler (its scale carries over from epoch to epoch); None makes one for this epoch."""
     model.train()
     device = next(model.parameters()).device
     scaler = make_scaler(device, amp) if scaler is None else scaler
@@ -252,7 +252,7 @@ def train_epoch(model, optimizer, scheduler, batches, steps, amp=True, stop=None
             if sync:
                 first_bad = _first_bad(bad_step)
                 if first_bad >= 0:
-                    raise FloatingPointError(first_bad)
+                    raise FloatingPointError(first_bad, 'training loss')
                 bar.set_postfix(loss=f'{loss_sum.item() / count:.3f}', acc=f'{100 * correct.item() / count:.1f}%',
                                 img_s=f'{count * world_size / (time.perf_counter() - start):.0f}')
     loss_sum, correct, count = all_sum(torch.stack([loss_sum, correct, loss_sum.new_tensor(count)])).tolist()
@@ -702,8 +702,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None, test_names=No
                                dict(summary_of(history), diverged=dict(epoch=epoch, step=e.args[0])))
                 fp16 = (" or with --amp False (this GPU has no bf16 units, so --amp trains in fp16, whose range is "
                         "narrow)" if amp_name(device, args.amp) == 'float16' else "")
-                loss = e.args[1] if len(e.args) > 1 else 'training loss'
-                raise FloatingPointError(f"error: non-finite {loss} at epoch {epoch}, step {e.args[0]}; start a "
+                raise FloatingPointError(f"error: non-finite {e.args[1]} at epoch {epoch}, step {e.args[0]}; start a "
                                          f"new run with a lower --lr (it is {args.lr:g}: a resume keeps it and would "
                                          f"diverge again){fp16}; the checkpoint of epoch {epoch - 1} is intact")
             row = dict(epoch=epoch, train_loss=trained[0], train_acc=trained[1], test_loss=test_loss, test_acc=test_acc,
