@@ -1035,7 +1035,7 @@ def read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: also JSON's and the digit limit's
         raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e}); the run directory is damaged")
 
 

@@ -182,7 +182,7 @@ def _run_model_hint(weights, model_name, whole):
     try:
         with open(os.path.join(os.path.dirname(os.path.abspath(weights)), 'config.json')) as f:
             trained = json.load(f).get('model')
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return ''
     if not isinstance(trained, str) or trained == model_name:
         return ''

@@ -506,7 +506,7 @@ def trainable_bytes(model, epoch):
 def best_view(run_dir):
     """{'per_class_acc_best': ...} that --eval_only --checkpoint best wrote into summary.json (read anew each epoch:
     it may run beside the training), kept while its epoch stays the best; {} when there is none."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
+    with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
         with open(os.path.join(run_dir, 'summary.json')) as f:
             return {key: value for key, value in json.load(f).items() if key == 'per_class_acc_best'}
     return {}

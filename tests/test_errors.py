@@ -7,6 +7,9 @@ import pytest
 import timm
 import torch
 
+import model
+import sweep
+import train
 from conftest import TINY, read_metrics, run_cli, run_main, write_folder_dataset, write_jax_npz
 
 
@@ -645,3 +648,14 @@ def test_a_system_without_fcntl_is_one_line_naming_wsl(tiny_dataset, tmp_path, c
     assert code == 1 and err == ("error: vpt needs a POSIX system such as Linux or macOS (it locks run directories "
                                  "with fcntl); on Windows, run it in WSL2\n"), err
     assert os.listdir(tmp_path) == []
+
+
+def test_json_nested_too_deep_reads_as_a_damaged_file_not_a_recursion_error(tmp_path):
+    """json.load raises RecursionError (not a ValueError) on a file of 100,000 '['. The readers that take a damaged
+    file as none (sweep.py's trial summaries, the best checkpoint's per-class view, --weights's run config) now do so
+    for it too."""
+    (tmp_path / 'summary.json').write_text('[' * 100000 + ']' * 100000)
+    (tmp_path / 'config.json').write_text('[' * 100000 + ']' * 100000)
+    assert sweep.read_json(tmp_path / 'summary.json') is None
+    assert train.best_view(tmp_path) == {}
+    assert model._run_model_hint(str(tmp_path / 'weights.safetensors'), 'test_vit', whole=True) == ''

@@ -286,6 +286,11 @@ def test_damaged_run_files_are_one_line(tiny_dataset, tmp_path, capsys):
     (tmp_path / 'r' / 'config.json').write_text('[1, 2]')
     code, _, err = run_main(['--resume', tmp_path / 'r', '--eval_only'], capsys)
     assert code == 2 and "its config.json is not a vpt run's" in err and len(err.strip().splitlines()) == 1
+    for text in ('[' * 100000 + ']' * 100000, '{"epoch": 1' + '0' * 5000 + '}'):  # JSON too deep, a number too long
+        (tmp_path / 'r' / 'config.json').write_text(text)
+        code, _, err = run_main(['--resume', tmp_path / 'r', '--eval_only'], capsys)
+        assert code == 1 and err.strip().startswith(f"error: cannot read {tmp_path / 'r' / 'config.json'}")
+        assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize('key, value', [('batch_size', 'big'), ('epoch', None), ('full', 'maybe'), ('lr', 'fast'),
