@@ -249,11 +249,17 @@ def read_config(path):
     try:
         with open(path) as f:
             config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: also JSON's and the digit limit's
         raise ValueError(f"cannot read config.json ({one_line(e)})")
     if not isinstance(config, dict):
         raise ValueError("config.json is not a JSON object")
     return config
+
+
+def count(value):
+    """value if it is a count a run records (an int, not a bool), else None. A hand-edited 10**400 is None too: it
+    would overflow the float arithmetic of the table and the figures."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 63 else None
 
 
 def file_size(path):
@@ -278,9 +284,9 @@ def load_run(run_dir):
     if config is None:
         warn(f"run {run_dir}: no config.json, plotting it with mode '?'")
         config = {}
-    exact_test_accuracies(history, config.get('test_images'))
+    exact_test_accuracies(history, count(config.get('test_images')))
     mode = config.get('mode')
-    params = config.get('trainable_params')
+    params = count(config.get('trainable_params'))
     oracle = max(history, key=lambda row: row['test_acc'])  # chosen on test (the table says so); the first of ties
     validated = [row for row in history if row['val_acc'] is not None]
     best_val = max(validated, key=lambda row: row['val_acc']) if validated else None
@@ -289,8 +295,7 @@ def load_run(run_dir):
     # time per epoch as train.summarize reports it: the epochs that also compiled the model left out, unless all did
     timed = [row for row in history if not row['includes_compile']] or history
     summary = read_summary(run_dir)
-    planned = summary.get('epochs')
-    planned = planned if isinstance(planned, int) and not isinstance(planned, bool) else None
+    planned = count(summary.get('epochs'))
     if isinstance(summary.get('diverged'), dict):
         warn(f"run {run_dir} diverged (a non-finite loss) in epoch {summary['diverged'].get('epoch')}: its numbers are "
              f"those of the epochs before; a run with a lower --lr is the fix, not --resume")
@@ -300,7 +305,7 @@ def load_run(run_dir):
     # the directory name, not config['name']: it is what the user passed and what tells runs apart on disk
     return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)),
                 mode=mode if isinstance(mode, str) and mode else '?',
-                params=params if isinstance(params, int) and not isinstance(params, bool) else None,
+                params=params,
                 history=history, planned_epochs=planned,
                 oracle_test_acc=oracle['test_acc'], oracle_epoch=oracle['epoch'],
                 val_epoch=best_val['epoch'] if best_val else None,
@@ -316,7 +321,7 @@ def exact_test_accuracies(history, images):
     """Each test_acc back to the count it came from, 100 x right / images as train.evaluate has it: rounded again to
     the table's 2 decimals, metrics.csv's 4 would differ from what main.py and sweep.py print now and then (45 of 242
     is 18.595041...: 18.60%, but 18.5950 gives 18.59%). A value no count reproduces is left as it is."""
-    if not isinstance(images, int) or isinstance(images, bool) or images <= 0:
+    if images is None or images <= 0:
         return
     for row in history:
         exact = 100 * round(row['test_acc'] * images / 100) / images
@@ -328,11 +333,12 @@ def test_set(config):
     """What a run's test accuracy was measured on, as its config.json records it: the classes, how many test images
     and, where --test_samples or --test_split picked them, the seed of the pick; None where config.json does not say.
     Not the dataset's path: the same data lies elsewhere on another machine."""
-    classes, images = config.get('classes'), config.get('test_images')
-    if not isinstance(classes, list) or not isinstance(images, int):  # no config.json, or one from before they were
+    classes, images = config.get('classes'), count(config.get('test_images'))
+    if not isinstance(classes, list) or images is None:  # no config.json, or one from before they were
         return None
     picked = bool(config.get('test_samples') or config.get('test_split'))
-    return tuple(map(str, classes)), images, config.get('data_seed') if picked else None
+    seed = config.get('data_seed')
+    return tuple(map(str, classes)), images, json.dumps(seed) if picked and seed is not None else None
 
 
 def warn_other_test_sets(runs):
@@ -362,7 +368,7 @@ def read_summary(run_dir):
     try:
         with open(os.path.join(run_dir, 'summary.json')) as f:
             summary = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return summary if isinstance(summary, dict) else {}
 

@@ -1324,6 +1324,38 @@ def test_config_or_summary_that_is_not_a_json_object(tmp_path, capsys):
     assert one_line(err) == f'plot.py: warning: skipping run {bad}: config.json is not a JSON object'
 
 
+def test_hand_edited_values_out_of_reason_are_left_out_not_a_traceback(tmp_path, capsys):
+    """Counts beyond float range overflowed the table's and --cost's arithmetic, a list as data_seed could not key the
+    test-set warning, and JSON nested too deep for the decoder was a RecursionError: now such a value is read as
+    missing, and such a config.json makes a damaged run."""
+    def edit(run_dir, name, **values):
+        path = os.path.join(run_dir, name)
+        old = json.loads(open(path).read()) if os.path.exists(path) else {}
+        with open(path, 'w') as f:
+            json.dump(dict(old, **values), f)
+
+    edit(write_run(tmp_path, 'good'), 'config.json', classes=['a', 'b'], test_images=10)
+    odd = write_run(tmp_path, 'odd')
+    edit(odd, 'config.json', trainable_params=10 ** 400, classes=['a', 'b'], test_images=10, test_samples=5,
+         data_seed=[1, 2])
+    with open(os.path.join(odd, 'summary.json'), 'w') as f:
+        f.write('{"epochs": ' + '[' * 100000 + ']' * 100000 + '}')
+    deep = write_run(tmp_path, 'deep')
+    with open(os.path.join(deep, 'config.json'), 'w') as f:
+        f.write('[' * 100000 + ']' * 100000)
+    for argv in ([tmp_path], [tmp_path, '--cost']):
+        code, out, err = run_plot(argv, capsys)
+        assert code == 0 and list(table(out)) == ['good', 'odd'] and column(out, 'odd', 'trainable params') == '?'
+        warnings = err.strip().splitlines()
+        assert len(warnings) == 2 and 'picked with --data_seed [1, 2]' in warnings[1], err
+        assert warnings[0].startswith(f'plot.py: warning: skipping run {deep}: cannot read config.json (')
+    edit(odd, 'config.json', test_images=10 ** 400)
+    os.remove(os.path.join(odd, 'summary.json'))
+    edit(odd, 'summary.json', epochs=10 ** 400)
+    code, out, err = run_plot([odd, '--cost'], capsys)
+    assert code == 0 and column(out, 'odd', 'epochs') == '2' and err == '', err
+
+
 def test_a_damaged_run_that_diverged_later_is_not_said_to_diverge_in_epoch_1(tmp_path, capsys):
     write_run(tmp_path, 'good')
     bad = write_run(tmp_path, 'bad')
