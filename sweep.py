@@ -477,8 +477,8 @@ def last_exit(path):
 
 
 def trial_exit(sweep_dir, name):
-    """last_exit of a trial; a run that stopped on a non-finite loss outside the sweep (a --print_commands command)
-    left no exit code in the sweep's log, but its summary.json says so."""
+    """last_exit of a trial, a kill named as one; a run that stopped on a non-finite loss outside the sweep (a
+    --print_commands command) left no exit code in the sweep's log, but its summary.json says so."""
     code, message = last_exit(log_path(sweep_dir, name))
     # moved aside (a stale run, say): the settings that diverged went with it (main.py keeps the directory of a run
     # that diverged, as it has a checkpoint by then)
@@ -488,6 +488,13 @@ def trial_exit(sweep_dir, name):
     if code is None and isinstance(diverged, dict):
         code, message = DIVERGED, (f"non-finite loss at epoch {diverged.get('epoch')}, step "
                                    f"{diverged.get('step')}")
+    if code is not None and code < 0 and code not in INTERRUPTED:  # a kill: its last line is just where it was
+        killer = " (as the kernel's out-of-memory killer does)" if code == -signal.SIGKILL else ''
+        try:
+            killed = f"killed by {signal.Signals(-code).name}{killer}"
+        except ValueError:  # a real-time signal has no name
+            killed = f"killed by signal {-code}"
+        message = killed + (f" after: {message}" if message else '')
     return code, message
 
 

@@ -761,10 +761,10 @@ def test_an_unfinished_grid_run_cannot_win(tmp_path):
     assert sweep.sweep_state(root, meta, 0)[2]['run'] == 'grid_lr=1e-3'
 
 
-@pytest.mark.parametrize('code,status', [(130, 'interrupted'), (-9, 'failed')])
+@pytest.mark.parametrize('code,status', [(130, 'interrupted'), (-9, 'failed'), (-37, 'failed')])
 def test_a_trial_stopped_by_a_signal_is_interrupted_unless_it_did_not_handle_it(tmp_path, code, status):
     """main.py's own exit after Ctrl-C (130) leaves a run to resume; Popen reports a child killed by SIGKILL (the
-    kernel's OOM killer) as exit code -9: a failure the report names, not an interruption to resume."""
+    kernel's OOM killer) as exit code -9: a failure the report names as a kill, not an interruption to resume."""
     root = str(tmp_path / 's')
     os.makedirs(os.path.join(root, 'logs'))
     os.makedirs(os.path.join(root, 'grid_lr=1e-3'))
@@ -772,7 +772,9 @@ def test_a_trial_stopped_by_a_signal_is_interrupted_unless_it_did_not_handle_it(
         f.write(f'[sweep] start: ...\nepoch 1/2 ...\n\n[sweep] 2024-01-01 00:00:00 exit code {code}\n')
     row = sweep.trial_row(root, dict(name='grid_lr=1e-3', stage='grid', seed=0, values={'lr': '1e-3'}))
     assert row['status'] == status
-    assert (row['exit_code'], row['message']) == ((None, '') if status == 'interrupted' else (-9, 'epoch 1/2 ...'))
+    killed = "SIGKILL (as the kernel's out-of-memory killer does)" if code == -9 else 'signal 37'
+    assert (row['exit_code'], row['message']) == ((None, '') if status == 'interrupted' else (
+        code, f"killed by {killed} after: epoch 1/2 ..."))
 
 
 def test_every_trial_gets_the_data_seed_and_val_split(tmp_path):
