@@ -824,12 +824,16 @@ def write_evaluation(args, epoch, suffix, confusion, per_class, classes, per_ima
             return (f"note: {changed}: confusion{suffix}.csv, test_predictions{suffix}.csv and per_class_acc{suffix} "
                     f"would not describe its {args.checkpoint} checkpoint, so they are not written; evaluate again "
                     f"once it has stopped", sys.stderr)
+        # read before anything is written: a damaged summary.json refuses with the run's files as they were
+        summary = (read_json(summary_path) if os.path.isfile(summary_path) else {}) if describes_the_run else {}
+        if not isinstance(summary, dict):
+            raise SystemExit(f"error: {summary_path} is not a vpt run's summary (not a JSON object); the run "
+                             f"directory is damaged")
         written = [os.path.join(args.resume, f'{name}{suffix}.csv') for name in ('confusion', 'test_predictions')]
         train.write_files({written[0]: train.confusion_bytes(confusion, classes), written[1]: per_image},
                           then='evaluate again')
         wrote = f"wrote {written[0]}{',' if describes_the_run else ' and'} {written[1]}"
         if describes_the_run:
-            summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
             summary[f'per_class_acc{suffix}'] = per_class
             train.write_json(summary_path, summary)
             wrote += f" and per_class_acc{suffix} in {summary_path}"

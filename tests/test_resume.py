@@ -1421,3 +1421,22 @@ def test_a_run_saved_without_a_loss_scale_resumes_in_fp16_with_a_fresh_one(tiny_
     code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)
     assert code == 0, err
     assert torch.load(run_dir / 'state.pt', weights_only=False)['scaler']['scale'] == 2.0 ** 16
+
+
+@pytest.mark.parametrize('damaged', ['{"epochs_done": ', '', '[1, 2]'])
+def test_eval_only_on_a_damaged_summary_writes_nothing(tiny_dataset, tmp_path, capsys, damaged):
+    """--eval_only wrote confusion.csv and test_predictions.csv, then failed on summary.json: its refusal had
+    replaced the run's files (or, for JSON other than an object, was a TypeError traceback)."""
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    (tmp_path / 'r' / 'summary.json').write_text(damaged)
+    (tmp_path / 'r' / 'confusion.csv').write_text('kept\n')
+    before = files(tmp_path / 'r')
+    for checkpoint in ('last', 'best'):
+        if checkpoint == 'best':
+            shutil.copy(tmp_path / 'r' / 'trainable.safetensors', tmp_path / 'r' / 'best.safetensors')
+            before = files(tmp_path / 'r')
+        code, _, err = run_main(['--resume', tmp_path / 'r', '--eval_only', '--checkpoint', checkpoint], capsys)
+        assert code == 1 and 'Traceback' not in err, err
+        assert len(err.strip().splitlines()) == 1 and err.startswith('error: ') and 'summary.json' in err, err
+        assert files(tmp_path / 'r') == before
