@@ -35,7 +35,7 @@ ACTIONS = {'resume', 'eval_only', 'predict', 'checkpoint', 'out'}
 MACHINE = ('device_name', 'cpu_threads', 'torch_version', 'timm_version', 'cuda_version', 'cudnn_version',
            'amp_dtype')  # the GPU decides it (train.autocast_dtype)
 # flags a resumed run may change; every other flag belongs to the run and must match its config.json. --dataset and
-# --data_dir may point to a moved copy: load_splits checks that it holds the run's classes and image counts
+# --data_dir may point to a moved copy: load_splits checks that it holds the run's classes and images
 RESUME_MAY_CHANGE = ACTIONS | {'epoch', 'device', 'dataset', 'data_dir', 'compile', 'amp', 'tensorboard'}
 CIFAR = ('cifar10', 'cifar100')  # --dataset names that are not folders (data.CIFAR_FOLDERS), even where one exists
 SEED_MAX = 2**32 - 1
@@ -412,6 +412,7 @@ def config_value(action, value, run_dir, error):
 RECORDED = dict(classes=lambda v: isinstance(v, list) and all(isinstance(name, str) for name in v),
                 dataset_images=lambda v: isinstance(v, dict) and all(type(n) is int for n in v.values()),
                 folder_reading=lambda v: type(v) is int, resumed=lambda v: isinstance(v, list),
+                data_sha256=lambda v: isinstance(v, dict) and all(isinstance(d, str) for d in v.values()),
                 **{f'{split}_images': lambda v: type(v) is int for split in ('train', 'val', 'test')})
 
 
@@ -510,7 +511,7 @@ def run(args, argv, mode, rank, world_size, device):
         return predict(args, device)
     if args.eval_only:
         with said_once():
-            splits, classes, _, test_names = load_splits(args, rank, world_size)
+            splits, classes, _, test_names, _ = load_splits(args, rank, world_size)
             model, _ = build_model(args, len(classes), device)
         return evaluate_checkpoint(args, model, splits, classes, test_names, device)
     with contextlib.ExitStack() as held:  # the run's lock, released when training ends, however it ends
@@ -530,7 +531,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                 if rank == 0:
                     print(f"{args.resume} has finished all {args.epoch} epochs; pass --epoch N to train further")
                 return
-        splits, classes, available, test_names = load_splits(args, rank, world_size)
+        splits, classes, available, test_names, digests = load_splits(args, rank, world_size)
         check_schedule(args, len(splits['train'][1]), state['epoch'] if state else 0)
         model, unfrozen = build_model(args, len(classes), device)
         if args.resume:
@@ -555,6 +556,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                           num_classes=len(classes), classes=classes, dataset_images=available, world_size=world_size,
                           prompt_impl=model.prompt_impl, folder_reading=folder_reading(args),
                           **{f'{name}_images': len(split[1]) if split else 0 for name, split in splits.items()},
+                          data_sha256=digests,
                           **provenance(args, argv, world_size, device))
             if args.resume:
                 config = resumed_config(config, read_json(os.path.join(run_dir, 'config.json')), args, state['epoch'])
@@ -615,8 +617,8 @@ def build_model(args, num_classes, device):
 
 def load_splits(args, rank, world_size):
     """-> ({'train', 'val' (None without --val_split), 'test'}: (uint8 images, labels)), class names, the image
-    counts of the train and test splits before --train_samples/--test_samples (config.json's dataset_images), and
-    the test images' names (data.load_dataset's), for test_predictions.csv."""
+    counts of the train and test splits before --train_samples/--test_samples (config.json's dataset_images), the
+    test images' names (data.load_dataset's), for test_predictions.csv, and each split's data_sha256."""
     import data
     if args.resume and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
         raise SystemExit(f"error: the dataset folder of {args.resume}, {args.dataset}, is gone; if it moved, pass "
@@ -633,10 +635,11 @@ def load_splits(args, rank, world_size):
         val = (train_images[val_index], train_labels[val_index])
         train_images, train_labels = train_images[train_index], train_labels[train_index]
     splits = dict(train=(train_images, train_labels), val=val, test=(test_images, test_labels))
+    digests = data_sha256(splits)
     if args.resume:  # other data first: what the counts below would say follows from it
-        check_same_data(args, splits, classes, available)
+        check_same_data(args, splits, classes, available, digests)
     check_splits(args, splits, classes, all_train_labels, rank)
-    return splits, classes, available, test_names
+    return splits, classes, available, test_names, digests
 
 
 def check_splits(args, splits, classes, all_train_labels, rank):
@@ -736,10 +739,11 @@ def check_schedule(args, train_images, done=0):
                          f"{f'{largest / 1e4:.4f}'.rstrip('0').rstrip('.') or 0} or less")
 
 
-def check_same_data(args, splits, classes, available):
+def check_same_data(args, splits, classes, available, digests):
     """A resumed or evaluated run must see the data it was trained on: a renamed class folder would reassign the
     labels, added images would change the numbers its records hold (and, under --train_samples/--test_samples, which
-    images the subset keeps). Compared: the class names in order, the counts before and after subsetting."""
+    images the subset keeps), a replaced image the pixels. Compared: the class names in order, the counts before and
+    after subsetting, then the images and labels themselves (data_sha256, where recorded)."""
     config = read_json(os.path.join(args.resume, 'config.json'))
     differences = []
     if config.get('classes', classes) != classes:
@@ -756,10 +760,26 @@ def check_same_data(args, splits, classes, available):
         changed = [f"{name} has {count} images where the run had {config[f'{name}_images']}"
                    for name, count in sizes.items() if config.get(f'{name}_images', count) != count]
     differences += changed
+    if not differences and config.get('data_sha256'):  # as many images: are they the same ones?
+        differences = [f"its {name} images are not the run's (as many, but other pixels, another order or other "
+                       f"classes: an image replaced, renamed or moved)" for name, digest in digests.items()
+                       if config['data_sha256'].get(name, digest) != digest]
     if differences:
         raise SystemExit(f"error: --dataset {args.dataset} is not the data {args.resume} was trained on: "
                          f"{'; '.join(differences)}; restore it (or pass --dataset with the run's copy), or train a "
                          f"new run on this data")
+
+
+def data_sha256(splits):
+    """{split: sha256 of its uint8 images and labels, in order}: what a run trained and tested on, so a resume finds
+    an image replaced, renamed into another place in the order, or moved to another class, which keep the counts."""
+    digests = {}
+    for name, split in splits.items():
+        if split is not None:
+            digest = hashlib.sha256(split[1].long().numpy().tobytes())
+            digest.update(split[0].contiguous().numpy().data)
+            digests[name] = digest.hexdigest()
+    return digests
 
 
 def checkpoint_path(args):

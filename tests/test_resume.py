@@ -1440,3 +1440,37 @@ def test_eval_only_on_a_damaged_summary_writes_nothing(tiny_dataset, tmp_path, c
         assert code == 1 and 'Traceback' not in err, err
         assert len(err.strip().splitlines()) == 1 and err.startswith('error: ') and 'summary.json' in err, err
         assert files(tmp_path / 'r') == before
+
+
+def test_images_replaced_renamed_or_moved_to_another_class_are_refused(tmp_path, capsys):
+    """As many images, so the counts agreed, yet other data: a resume trained on the new pixels (or in another
+    order, or with an image under another label), and --eval_only reported the accuracy of other test images."""
+    from PIL import Image
+    root = write_folder_dataset(tmp_path / 'ds', classes=('cat', 'dog'), train_per_class=8, test_per_class=2, size=16)
+    pristine = tmp_path / 'pristine'
+    shutil.copytree(root, pristine)
+    code, _, err = run_main(tiny_run(root, tmp_path / 'logs', 'r', '--patch_size', 8, '--val_split', 0.25), capsys)
+    assert code == 0, err
+    run_dir = tmp_path / 'logs' / 'r'
+    before = files(run_dir)
+    train, test = tmp_path / 'ds' / 'train', tmp_path / 'ds' / 'test'
+    changes = {  # each one keeps every count the run recorded
+        'train': lambda: Image.new('RGB', (16, 16), 'white').save(train / 'cat' / '0002.png'),
+        'train, val': lambda: os.rename(train / 'dog' / '0000.png', train / 'dog' / 'zz.png'),
+        'test': lambda: (os.rename(test / 'cat' / '0000.png', test / 'x.png'),
+                         os.rename(test / 'dog' / '0000.png', test / 'cat' / '0000.png'),
+                         os.rename(test / 'x.png', test / 'dog' / '0000.png'))}
+    for splits, change in changes.items():
+        change()
+        differences = '; '.join(f"its {split} images are not the run's (as many, but other pixels, another order or "
+                                f"other classes: an image replaced, renamed or moved)" for split in splits.split(', '))
+        for action in (['--eval_only'], ['--epoch', 2]):
+            code, _, err = run_main(['--resume', run_dir, *action], capsys)
+            assert code == 1 and err.strip() == (
+                f"error: --dataset {root} is not the data {run_dir} was trained on: {differences}; restore it (or "
+                f"pass --dataset with the run's copy), or train a new run on this data"), err
+            assert files(run_dir) == before
+        shutil.rmtree(root)
+        shutil.copytree(pristine, root)
+    code, out, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)  # the run's own images
+    assert code == 0 and 'epoch 2/2' in out, err
