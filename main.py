@@ -536,6 +536,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
         model, unfrozen = build_model(args, len(classes), device)
         if args.resume:
             train.load_resumed_trainable(args.resume, model, state)
+            train.check_optimizer_state(args.resume, model, state['optimizer'], args.weight_decay)
         on_device = train.splits_to_device(splits, device)
     run_dir = args.resume
     if rank == 0:

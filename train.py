@@ -135,13 +135,17 @@ def splits_to_device(splits, device):
 def make_optimizer(model, name, lr, weight_decay, device):
     """AdamW, Adam (L2 decay, as the seed) or SGD with momentum 0.9 over the trainable parameters; no decay on biases,
     norms, position embedding and CLS (timm's split); prompts are decayed, as in VPT."""
-    no_decay = {f'vit.{param_name}' for param_name in model.vit.no_weight_decay()}
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
+    groups = parameter_groups(model, weight_decay)
     fused = device.type == 'cuda'
     if name == 'sgd':  # not fused: fused SGD fills no momentum on a step fp16's loss scaling skips, then diverges
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     optimizer_class = torch.optim.Adam if name == 'adam' else torch.optim.AdamW
     return optimizer_class(groups, lr=lr, fused=fused)
+
+
+def parameter_groups(model, weight_decay):
+    no_decay = {f'vit.{param_name}' for param_name in model.vit.no_weight_decay()}
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
 
 
 def schedule_steps(train_images, batch_size, epochs, warmup_epochs):
@@ -606,6 +610,27 @@ def load_resumed_trainable(run_dir, model, state):
         saved = f"is from epoch {saved_epoch}" if saved_epoch >= 0 else "records no epoch (vpt did not write it)"
         raise SystemExit(f"error: {run_dir}: trainable.safetensors {saved} but state.pt is from epoch {state['epoch']}"
                          f"{' (killed while saving?)' if saved_epoch >= 0 else ''}; start a new run")
+
+
+def check_optimizer_state(run_dir, model, saved, weight_decay):
+    """state.pt's optimizer state must be of this model: torch loads moments of other shapes (another run's file, an
+    edited --prompts) without a word, and the first step fails with a traceback after config.json was rewritten."""
+    groups = [group['params'] for group in parameter_groups(model, weight_decay)]
+    try:
+        saved_groups = [group['params'] for group in saved['param_groups']]
+        misfits = [f"{tuple(tensor.shape)} where the model has {tuple(param.shape)}"
+                   for indices, params in zip(saved_groups, groups) for index, param in zip(indices, params)
+                   for tensor in saved['state'].get(index, {}).values()
+                   if isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.shape != param.shape]
+    except (KeyError, TypeError, AttributeError):
+        misfits, saved_groups = ['a form torch does not write'], []
+    other_count = [len(indices) for indices in saved_groups] != [len(params) for params in groups]
+    if misfits or other_count:
+        held = (f"{sum(map(len, saved_groups))} tensors where the model trains {sum(map(len, groups))}"
+                if other_count and saved_groups else misfits[0])
+        raise SystemExit(f"error: {run_dir}/state.pt does not match this run's model (its optimizer state holds {held}):"
+                         f" the file comes from another run, or the run's config.json was edited; restore it, or "
+                         f"--eval_only still evaluates its trainable.safetensors")
 
 
 def load_state(run_dir):

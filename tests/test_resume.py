@@ -1474,3 +1474,25 @@ def test_images_replaced_renamed_or_moved_to_another_class_are_refused(tmp_path,
         shutil.copytree(pristine, root)
     code, out, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)  # the run's own images
     assert code == 0 and 'epoch 2/2' in out, err
+
+
+def test_a_state_of_another_model_is_one_line_and_writes_nothing(tiny_dataset, tmp_path, capsys):
+    """state.pt of a run with other --prompts (or with --unfreeze: more tensors) loaded into the optimizer without a
+    word; the first step then failed with a RuntimeError traceback, after config.json had gained a resume entry."""
+    for name, extra in (('r', []), ('prompts', ['--prompts', 2]), ('unfreeze', ['--unfreeze', 'norm.*'])):
+        code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, name, *extra), capsys)
+        assert code == 0, err
+    own = (tmp_path / 'r' / 'state.pt').read_bytes()
+    for other, held in (('prompts', r"\(6, 2, 64\) where the model has \(6, 4, 64\)"),
+                        ('unfreeze', r"\d+ tensors where the model trains \d+")):
+        shutil.copy(tmp_path / other / 'state.pt', tmp_path / 'r' / 'state.pt')
+        before = files(tmp_path / 'r')
+        code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
+        assert code == 1 and re.fullmatch(
+            rf"error: {re.escape(str(tmp_path / 'r'))}/state.pt does not match this run's model \(its optimizer state "
+            rf"holds {held}\): the file comes from another run, or the run's config.json was edited; restore it, or "
+            rf"--eval_only still evaluates its trainable.safetensors", err.strip()), err
+        assert files(tmp_path / 'r') == before
+    (tmp_path / 'r' / 'state.pt').write_bytes(own)
+    code, out, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
+    assert code == 0 and 'epoch 2/2' in out, err
