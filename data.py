@@ -90,6 +90,11 @@ def _load_cifar(name, data_dir):
         _check_writable(data_dir, '--data_dir', f"to download {name} into it")
         try:
             train = dataset_class(data_dir, train=True, download=True)
+        except RuntimeError:  # the data files passed the md5 check, so nothing was downloaded: their metadata is bad
+            raise SystemExit(f"error: {CIFAR_FOLDERS[name]}/ in --data_dir {data_dir} holds {name}'s data files but no "
+                             f"readable {dataset_class.meta['filename']}; replace the folder with the official "
+                             f"{dataset_class.filename} (from {dataset_class.url}) extracted, or remove it and run "
+                             f"again with network") from None
         except OSError as e:
             for folder in created:  # a failed download leaves no empty ./data behind
                 try:

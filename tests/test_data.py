@@ -836,6 +836,20 @@ def test_cifar10_from_data_dir(fake_cifar10):
     assert torch.equal(train_x[7], torch.from_numpy(np.array(image)).permute(2, 0, 1)) and train_y[7] == label
 
 
+def test_cifar_without_a_readable_meta_file_is_one_line(fake_cifar10):
+    """torchvision checks the data files' md5 sums, not batches.meta's: one deleted or damaged passed the check, was
+    not downloaded again, and failed as a RuntimeError traceback (found by a resume fuzz)."""
+    meta = os.path.join(fake_cifar10, 'cifar-10-batches-py', 'batches.meta')
+    for damage in (lambda: os.remove(meta), lambda: open(meta, 'wb').close()):
+        damage()
+        with pytest.raises(SystemExit) as error:
+            data.load_dataset('cifar10', fake_cifar10)
+        assert str(error.value) == (
+            f"error: cifar-10-batches-py/ in --data_dir {fake_cifar10} holds cifar10's data files but no readable "
+            f"batches.meta; replace the folder with the official cifar-10-python.tar.gz (from "
+            f"{torchvision.datasets.CIFAR10.url}) extracted, or remove it and run again with network")
+
+
 def test_a_data_dir_that_is_the_cifar_folder_itself_or_a_file_is_named(fake_cifar10, tmp_path):
     """--data_dir pointed at cifar-10-batches-py/ itself was told to put cifar-10-batches-py/ into it (online: a
     second copy downloaded inside); a file was 'File exists'."""
