@@ -90,11 +90,19 @@ def _load_cifar(name, data_dir):
         _check_writable(data_dir, '--data_dir', f"to download {name} into it")
         try:
             train = dataset_class(data_dir, train=True, download=True)
-        except RuntimeError:  # the data files passed the md5 check, so nothing was downloaded: their metadata is bad
-            raise SystemExit(f"error: {CIFAR_FOLDERS[name]}/ in --data_dir {data_dir} holds {name}'s data files but no "
-                             f"readable {dataset_class.meta['filename']}; replace the folder with the official "
-                             f"{dataset_class.filename} (from {dataset_class.url}) extracted, or remove it and run "
-                             f"again with network") from None
+        except RuntimeError as e:  # torchvision checks the data files' md5 sums, not the metadata file's
+            intact = lambda file, md5: torchvision.datasets.utils.check_integrity(
+                os.path.join(data_dir, CIFAR_FOLDERS[name], file), md5)
+            bad_meta = (all(intact(file, md5) for file, md5 in dataset_class.train_list + dataset_class.test_list)
+                        and not intact(dataset_class.meta['filename'], dataset_class.meta['md5']))
+            if bad_meta:
+                raise SystemExit(f"error: {CIFAR_FOLDERS[name]}/ in --data_dir {data_dir} holds {name}'s data files but "
+                                 f"no readable {dataset_class.meta['filename']}; replace the folder with the official "
+                                 f"{dataset_class.filename} (from {dataset_class.url}) extracted, or remove it and run "
+                                 f"again with network") from None
+            raise SystemExit(f"error: downloading {name} into --data_dir {data_dir} failed ({str(e).strip()}); run "
+                             f"again, or put the official {dataset_class.filename} (from {dataset_class.url}) into "
+                             f"{data_dir}") from None
         except OSError as e:
             for folder in created:  # a failed download leaves no empty ./data behind
                 try:

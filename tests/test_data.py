@@ -836,9 +836,10 @@ def test_cifar10_from_data_dir(fake_cifar10):
     assert torch.equal(train_x[7], torch.from_numpy(np.array(image)).permute(2, 0, 1)) and train_y[7] == label
 
 
-def test_cifar_without_a_readable_meta_file_is_one_line(fake_cifar10):
+def test_cifar_without_a_readable_meta_file_is_one_line(fake_cifar10, tmp_path, monkeypatch):
     """torchvision checks the data files' md5 sums, not batches.meta's: one deleted or damaged passed the check, was
-    not downloaded again, and failed as a RuntimeError traceback (found by a resume fuzz)."""
+    not downloaded again, and failed as a RuntimeError traceback (found by a resume fuzz); so did a download that
+    fails its md5 check."""
     meta = os.path.join(fake_cifar10, 'cifar-10-batches-py', 'batches.meta')
     for damage in (lambda: os.remove(meta), lambda: open(meta, 'wb').close()):
         damage()
@@ -848,6 +849,15 @@ def test_cifar_without_a_readable_meta_file_is_one_line(fake_cifar10):
             f"error: cifar-10-batches-py/ in --data_dir {fake_cifar10} holds cifar10's data files but no readable "
             f"batches.meta; replace the folder with the official cifar-10-python.tar.gz (from "
             f"{torchvision.datasets.CIFAR10.url}) extracted, or remove it and run again with network")
+    def corrupted_download(self):
+        raise RuntimeError('File not found or corrupted.')  # torchvision's words for a download that fails its md5 sum
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, 'download', corrupted_download)
+    with pytest.raises(SystemExit) as error:
+        data.load_dataset('cifar10', str(tmp_path / 'empty'))
+    assert str(error.value) == (
+        f"error: downloading cifar10 into --data_dir {tmp_path / 'empty'} failed (File not found or corrupted.); run "
+        f"again, or put the official cifar-10-python.tar.gz (from {torchvision.datasets.CIFAR10.url}) into "
+        f"{tmp_path / 'empty'}")
 
 
 def test_a_data_dir_that_is_the_cifar_folder_itself_or_a_file_is_named(fake_cifar10, tmp_path):
