@@ -32,8 +32,8 @@ import unicodedata
 # flags that act on an existing run without being part of it (never stored in config.json)
 ACTIONS = {'resume', 'eval_only', 'predict', 'checkpoint', 'out'}
 # what a run's numbers were computed on: config.json keeps the first process's, and each resume's in 'resumed'
-MACHINE = ('device_name', 'cpu_threads', 'torch_version', 'timm_version', 'cuda_version', 'cudnn_version',
-           'amp_dtype')  # the GPU decides it (train.autocast_dtype)
+MACHINE = ('device_name', 'cpu_threads', 'torch_version', 'timm_version', 'pillow_version', 'cuda_version',
+           'cudnn_version', 'amp_dtype')  # the GPU decides it (train.autocast_dtype)
 # flags a resumed run may change; every other flag belongs to the run and must match its config.json. --dataset and
 # --data_dir may point to a moved copy: load_splits checks that it holds the run's classes and images
 RESUME_MAY_CHANGE = ACTIONS | {'epoch', 'device', 'dataset', 'data_dir', 'compile', 'amp', 'tensorboard'}
@@ -1076,6 +1076,7 @@ def script_path(path):
 
 def provenance(args, argv, world_size, device):
     """What makes a run's numbers traceable: the command, the code, the software and hardware, the weights."""
+    import PIL
     import torch
     import timm
     import train
@@ -1088,7 +1089,7 @@ def provenance(args, argv, world_size, device):
         weights = 'random init (--pretrained False)'
     return dict(command=f"{train.launcher(world_size)} {shlex.join(argv)}", git_commit=git_commit(),
                 device_name=train.device_name(device), torch_version=torch.__version__,
-                timm_version=timm.__version__, cuda_version=torch.version.cuda,
+                timm_version=timm.__version__, pillow_version=PIL.__version__, cuda_version=torch.version.cuda,
                 cudnn_version=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                 cpu_threads=torch.get_num_threads(),  # CPU kernels add up in an order that depends on it
                 amp_dtype=train.amp_name(device, args.amp), weights_id=weights)

@@ -75,7 +75,8 @@ def test_run_writes_config_metrics_and_checkpoint(tiny_dataset, tmp_path, capsys
     assert config['mode'] == mode and config['name'] == run and config['full'] is full
     assert not set(config) & main.ACTIONS  # --resume, --eval_only, --predict...: acts on a run, not part of it
     assert config['prompts'] == prompts and config['batch_size'] == 8 and config['lr'] == (1e-4 if full else 5e-3)
-    for key in ('trainable_params', 'total_params', 'device_name', 'torch_version', 'timm_version', 'seed', 'model',
+    for key in ('trainable_params', 'total_params', 'device_name', 'torch_version', 'timm_version', 'pillow_version',
+                'seed', 'model',
                 'dataset', 'weight_decay', 'warmup_epochs', 'prompt_dropout', 'img_size', 'patch_size'):
         assert key in config
     assert config['command'].startswith(f"python {main.script_path(os.path.join(REPO, 'main.py'))} --model test_vit ")

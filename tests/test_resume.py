@@ -741,7 +741,8 @@ def test_a_cpu_run_that_recorded_no_thread_count_gets_no_thread_note(capsys):
     """A run whose config.json names its CPU but not its thread count (as a vpt before cpu_threads recorded it): there
     is nothing to compare, so no note ('trained on the CPU with None threads')."""
     import argparse
-    machine = dict(device_name='cpu (x86_64)', cpu_threads=2, torch_version='2', timm_version='1', cuda_version=None,
+    machine = dict(device_name='cpu (x86_64)', cpu_threads=2, torch_version='2', timm_version='1', pillow_version='12',
+                   cuda_version=None,
                    cudnn_version=None, amp_dtype=None)
     config = dict(machine, command='python main.py --resume r', git_commit='b' * 40, world_size=1, epoch=2)
     previous = dict(machine, cpu_threads=None, command='python main.py', git_commit='a' * 40, world_size=1, epoch=1)
@@ -1171,7 +1172,7 @@ def test_runs_made_before_folder_reading_2_read_their_folder_as_they_did(tmp_pat
     run_dir = tmp_path / 'logs' / 'old'
     config = json.loads((run_dir / 'config.json').read_text())
     assert config['folder_reading'] == data.FOLDER_READING == 6
-    del config['folder_reading']  # as a run written before the reading was recorded
+    del config['folder_reading'], config['data_sha256']  # as a run written before either was recorded
     (run_dir / 'config.json').write_text(json.dumps(config))
     os.makedirs(tmp_path / 'ds' / 'train' / 'a' / 'later')
     shutil.copy(tmp_path / 'ds' / 'train' / 'a' / '0000.png', tmp_path / 'ds' / 'train' / 'a' / 'later' / 'x.png')
