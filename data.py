@@ -7,6 +7,7 @@ crop with zero padding + horizontal flip, the seed's recipe) is one gather over 
 model's input size (e.g. CIFAR at 224 px) and normalisation happen per batch on the device.
 """
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -130,6 +131,8 @@ def _load_cifar(name, data_dir):
 
 def _load_folder(root, img_size, samples, seed, reading, test_split=0.0):
     split_dirs = [os.path.join(root, split) for split in ('train', 'test')]
+    if not os.access(root, os.R_OK | os.X_OK):  # its train/ and test/ would look missing
+        unreadable_folder(PermissionError(errno.EACCES, os.strerror(errno.EACCES), root))
     if test_split and os.path.isdir(split_dirs[1]):
         raise SystemExit(f"error: --dataset {root} has a test/ folder, and --test_split {test_split} would hold out "
                          f"another test set from train/; drop --test_split to test on test/")
@@ -271,10 +274,14 @@ def _visible(name, reading=FOLDER_READING):
 
 
 def _class_folders(split_dir, reading=FOLDER_READING):
-    folders = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    try:
+        folders = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    except OSError as e:
+        unreadable_folder(e)
     if reading < 2:
         return folders
-    hidden = [name for name in folders if not _visible(name, reading) and image_files(os.path.join(split_dir, name))]
+    hidden = [name for name in folders
+              if not _visible(name, reading) and image_files(os.path.join(split_dir, name), strict=False)]
     # '.cat', say
     _warn_hidden(split_dir, "hidden (and __MACOSX) folders are not classes, left out with their images", hidden)
     return [name for name in folders if _visible(name, reading)]
@@ -305,19 +312,30 @@ def unread_files(names):
             f"{'is' if len(names) == 1 else 'are'}")
 
 
-def image_files(folder, reading=FOLDER_READING, hidden=None, unread=None):
+def unreadable_folder(e):
+    """os.walk's onerror: a folder that cannot be listed (no read or search permission) is said, not walked past
+    without a word as os.walk does, which left its images out of the dataset."""
+    raise SystemExit(f"error: cannot read the folder {e.filename} ({e.strerror}); give your user read and search "
+                     f"permission on it (chmod u+rx, or ask its owner), or move it out of the way")
+
+
+def image_files(folder, reading=FOLDER_READING, hidden=None, unread=None, strict=True):
     """The image files in `folder` and its subfolders (as torchvision's ImageFolder finds them), sorted; hidden files
     and folders left out (those holding images are added to the list `hidden`, when one is given; photos in a format
-    not read, UNREAD_EXTENSIONS, to the list `unread`)."""
-    if reading < 2:
-        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    not read, UNREAD_EXTENSIONS, to the list `unread`). A folder that cannot be listed is an error (`strict`), or
+    taken for empty."""
+    try:
+        if reading < 2:
+            return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    except OSError as e:
+        return unreadable_folder(e) if strict else []
     found, seen = [], {os.path.realpath(folder)}
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    for root, dirs, files in os.walk(folder, onerror=unreadable_folder if strict else None, followlinks=True):
         kept = []
         for name in sorted(dirs):  # a linked folder once (reading 2: not when it is beside its target), no loops
             real = os.path.realpath(os.path.join(root, name))
-            if not _visible(name, reading):
-                if hidden is not None and image_files(os.path.join(root, name)):
+            if not _visible(name, reading):  # a hidden folder's own permissions (a NAS's @eaDir) stop nothing
+                if hidden is not None and image_files(os.path.join(root, name), strict=False):
                     hidden.append(os.path.join(root, name))
             elif real not in seen:
                 kept.append(name)

@@ -72,6 +72,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def deny_listing(monkeypatch, denied):
+    """os.scandir (which os.walk lists with) as for a user without read permission on the folders `denied`: the tests
+    run as root, for whom chmod denies nothing."""
+    scandir = os.scandir
+
+    def listing(path='.'):
+        if os.path.abspath(path) in map(str, denied):
+            raise PermissionError(13, 'Permission denied', path)
+        return scandir(path)
+    monkeypatch.setattr(os, 'scandir', listing)
+
+
 def run_main(argv, capsys):
     """main.main(argv) in this process -> (exit code, stdout, stderr). Same parsing, checks and messages as the
     command line, without paying ~6 s of torch/torchvision imports per call."""

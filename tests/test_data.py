@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 
 import data
-from conftest import REPO, run_main, TINY, write_folder_dataset
+from conftest import REPO, deny_listing, run_main, TINY, write_folder_dataset
 
 
 def test_crop_flip_matches_per_image_reference():
@@ -572,6 +572,22 @@ def test_hidden_files_are_skipped_and_subfolders_searched(tmp_path):
     train_x, train_y, _, _, classes, _ = data.load_dataset(root, img_size=32)
     assert classes == ['a', 'b'] and train_y.tolist() == [0, 0, 1, 1, 1, 1]
     assert train_x[-1].flatten(1).T.unique(dim=0).tolist() == [[1, 2, 3]]  # more/deeper/x.png, sorted last
+
+
+@pytest.mark.parametrize('where', ['train/b/more', 'train/b', 'train'])
+def test_a_folder_that_cannot_be_listed_is_named_not_left_out(tmp_path, monkeypatch, where):
+    """os.walk passes over a folder it may not list: a class's subfolder of another user's (chmod 700) was left out of
+    the dataset without a word (fewer images, dataset_images counting them so), a whole class folder was said to have
+    no images, and an unlistable train/ was a traceback."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1)
+    os.makedirs(tmp_path / 'ds' / 'train' / 'b' / 'more')
+    Image.new('RGB', (32, 32)).save(tmp_path / 'ds' / 'train' / 'b' / 'more' / 'x.png')
+    deny_listing(monkeypatch, [tmp_path / 'ds' / where])
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset(root, img_size=32)
+    assert str(e.value) == (f"error: cannot read the folder {tmp_path / 'ds' / where} (Permission denied); give your "
+                            f"user read and search permission on it (chmod u+rx, or ask its owner), or move it out of "
+                            f"the way")
 
 
 def test_a_synology_nas_thumbnail_folder_is_left_out_but_read_by_runs_of_folder_reading_5(tmp_path):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import TINY, read_metrics, run_cli, run_main, stderr_when_the_reader_goes_away, write_folder_dataset
+from conftest import TINY, deny_listing, read_metrics, run_cli, run_main, stderr_when_the_reader_goes_away, write_folder_dataset
 
 
 @pytest.fixture(scope='module')
@@ -197,6 +197,20 @@ def test_predict_names_the_photos_of_a_folder_it_cannot_read(run_dir, tiny_datas
                                          f"{tmp_path / 'phone'}; its 1 file (IMG_2.HEIC) is in a format not read: "
                                          f"convert to JPEG or PNG"), err
     assert not (tmp_path / 'q.csv').exists()
+
+def test_predict_names_a_subfolder_it_may_not_list(run_dir, tiny_dataset, tmp_path, capsys, monkeypatch):
+    """A subfolder of another user's (chmod 700) was walked past: the CSV looked complete without its images."""
+    os.makedirs(tmp_path / 'photos' / 'theirs')
+    for name in ('photos/mine.png', 'photos/theirs/x.png'):
+        shutil.copy(os.path.join(tiny_dataset, 'test', 'cat', '0000.png'), tmp_path / name)
+    deny_listing(monkeypatch, [tmp_path / 'photos' / 'theirs'])
+    code, _, err = run_main(['--predict', tmp_path / 'photos', '--resume', run_dir, '--out', tmp_path / 'p.csv'],
+                            capsys)
+    assert code == 1 and err.strip() == (
+        f"error: cannot read the folder {tmp_path / 'photos' / 'theirs'} (Permission denied); give your user read and "
+        f"search permission on it (chmod u+rx, or ask its owner), or move it out of the way"), err
+    assert not (tmp_path / 'p.csv').exists()
+
 
 def test_predict_lists_a_folder_as_a_file_browser_does(run_dir, tiny_dataset, tmp_path, capsys):
     """frame_2 before frame_10 (string order put frame_10 first) in the table and in the CSV; files named on the
