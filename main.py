@@ -321,6 +321,8 @@ def not_a_run(path):
         close = difflib.get_close_matches(os.path.basename(path), runs_in(parent), n=1)
         return ("no such directory" + (f"; did you mean {os.path.join(os.path.dirname(path), close[0])}?" if close
                                         else "; pass a run directory such as logs/<run> that an earlier run wrote"))
+    if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):  # its files would look missing
+        return "cannot read that directory (permission denied); make it readable (chmod u+rx, or ask its owner)"
     if os.path.isfile(path):  # logs/<run>/metrics.csv, by tab completion
         folder = os.path.dirname(path) or '.'
         return ("a file, not a run's directory: pass the folder that holds it, " + folder if
@@ -1060,6 +1062,9 @@ def read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
+    except PermissionError:  # not damaged: another user's file, or one made unreadable
+        raise SystemExit(f"error: cannot read {path} (permission denied); make it readable (chmod u+r, or ask its "
+                         f"owner)")
     except (OSError, ValueError, RecursionError) as e:  # ValueError: also JSON's and the digit limit's
         raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e}); the run directory is damaged")
 

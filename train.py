@@ -576,6 +576,14 @@ def checkpoint_epoch(path):
         return int((f.metadata() or {}).get('epoch', -1))
 
 
+def unreadable_file(path):
+    """A checkpoint the user may not read is said so, not called damaged (safetensors reports it as 'No such file or
+    directory')."""
+    if not os.access(path, os.R_OK):
+        raise SystemExit(f"error: cannot read {path} (permission denied); make it readable (chmod u+r, or ask its "
+                         f"owner)")
+
+
 def load_trainable(path, model):
     """Apply a run's trainable.safetensors (or best.safetensors) to `model`, built from the same config;
     -> the epoch it was saved at."""
@@ -587,6 +595,7 @@ def load_trainable(path, model):
         epoch = checkpoint_epoch(path)
         tensors = load_file(path)
     except Exception as e:
+        unreadable_file(path)
         raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {first_sentence(e)}); the run's checkpoint "
                          f"is damaged")
     own = model.state_dict()
@@ -638,6 +647,7 @@ def load_state(run_dir):
     try:  # to the CPU: RNG states must be CPU tensors, and optimizer.load_state_dict moves its state to each parameter
         state = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
+        unreadable_file(path)
         raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {first_sentence(e)}); the "
                          f"run's state is damaged: --eval_only still evaluates its trainable.safetensors, or start a "
                          f"new run")

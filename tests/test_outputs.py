@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from conftest import TINY, deny_listing, read_metrics, run_cli, run_main, stderr_when_the_reader_goes_away, write_folder_dataset
+from conftest import (TINY, deny_listing, read_metrics, run_cli, run_main, stderr_when_the_reader_goes_away,
+                      write_folder_dataset)
 
 
 @pytest.fixture(scope='module')
@@ -357,6 +358,49 @@ def test_eval_only_predictions_of_a_checkpoint_that_errs_are_the_ones_predict_gi
         assert row['correct'] == str(int(row['label'] == row['prediction']))
         prediction, probability = predicted[os.path.join(tiny_dataset, row['image'])]
         assert row['prediction'] == prediction and float(row['probability']) == pytest.approx(probability, abs=2e-4)
+
+
+@pytest.mark.parametrize('denied', ['config.json', 'trainable.safetensors', 'best.safetensors', '.'])
+def test_a_run_file_the_user_may_not_read_is_said_so_not_called_damaged(run_dir, tmp_path, capsys, monkeypatch,
+                                                                          denied):
+    """Another user's run (chmod 600 files, or a 700 directory): an unreadable checkpoint was 'damaged' with
+    safetensors' 'No such file or directory', config.json 'damaged' too, and the run directory 'no checkpoint there'.
+    Denial is played here (the tests run as root, whom chmod denies nothing)."""
+    import builtins
+    import main
+    import train
+    run = tmp_path / 'run'
+    shutil.copytree(run_dir, run)
+    shutil.copy(run / 'trainable.safetensors', run / 'best.safetensors')
+    path = os.path.normpath(run / denied)
+    access = os.access
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: access(p, mode, **kw) and os.path.normpath(p) != path)
+    if denied == '.':  # a directory without read and search permission: nothing in it seems to exist
+        isfile = os.path.isfile
+        monkeypatch.setattr(os.path, 'isfile', lambda p: isfile(p) and not str(p).startswith(path + os.sep))
+    open_ = builtins.open
+
+    def opening(file, *args, **kwargs):
+        if os.path.normpath(str(file)) == path:
+            raise PermissionError(13, 'Permission denied', str(file))
+        return open_(file, *args, **kwargs)
+    monkeypatch.setattr(main, 'open', opening, raising=False)
+
+    def safetensors_reading(file, *args):  # what safetensors says of a file it may not open
+        if os.path.normpath(str(file)) == path:
+            raise FileNotFoundError(f"No such file or directory: {file}")
+        return load(file, *args)
+    load, epoch_of = train.load_file, train.checkpoint_epoch
+    monkeypatch.setattr(train, 'load_file', safetensors_reading)
+    monkeypatch.setattr(train, 'checkpoint_epoch', lambda file: epoch_of(safetensors_reading(file) and file))
+    before = sorted(os.listdir(run))
+    code, _, err = run_main(['--eval_only', '--resume', run, '--checkpoint', 'best' if denied == 'best.safetensors'
+                             else 'last'], capsys)
+    assert code != 0 and err.strip() == (
+        f"main.py: error: --resume {run}: cannot read that directory (permission denied); make it readable (chmod "
+        f"u+rx, or ask its owner) (python main.py --help lists the flags)" if denied == '.' else
+        f"error: cannot read {path} (permission denied); make it readable (chmod u+r, or ask its owner)"), err
+    assert sorted(os.listdir(run)) == before
 
 
 def test_eval_only_of_an_unfinished_run_names_its_predictions_by_its_epoch(run_dir, tmp_path, capsys):
