@@ -455,6 +455,8 @@ def save_figure(fig, out):
         key = MARK_KEY.get(extension or 'png')
         with quiet_font_search():
             fig.savefig(out, dpi=150, format=fmt, metadata={key: MARK} if key else None)
+    except PermissionError:  # another user's logs/, a read-only folder: the way out is another place
+        error(f"cannot write {out} (permission denied); pass --out FILE in a folder you may write to")
     except (OSError, ValueError) as e:
         error(f"cannot write {out}: {one_line(e)}")
     finally:

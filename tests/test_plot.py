@@ -389,6 +389,19 @@ def test_unwritable_out(logs, tmp_path, capsys):
     assert line.startswith('plot.py: error: cannot write') and str(blocker / 'acc.png') in line
 
 
+def test_a_figure_it_may_not_write_names_the_way_out(logs, tmp_path, capsys, monkeypatch):
+    """In another user's logs/ (or a read-only --out folder) the error was Python's '[Errno 13] Permission denied'
+    with no way out. Denial is played (the tests run as root, whom chmod denies nothing)."""
+    def denied(fig, out, **kwargs):
+        raise PermissionError(13, 'Permission denied', str(out))
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', denied)
+    for argv, out in (([logs], os.path.join(logs, 'accuracy.png')), ([logs, '--out', tmp_path / 'a.png'],
+                                                                       tmp_path / 'a.png')):
+        code, _, err = run_plot(argv, capsys)
+        assert code == 2 and one_line(err) == (f"plot.py: error: cannot write {out} (permission denied); pass --out "
+                                               f"FILE in a folder you may write to")
+
+
 def test_unknown_format_creates_nothing(logs, tmp_path, capsys):
     code, out, err = run_plot([logs, '--out', tmp_path / 'new_dir' / 'acc.xyz'], capsys)
     assert code == 2 and out == '' and 'acc.xyz' in one_line(err) and 'format' in err
