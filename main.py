@@ -250,6 +250,9 @@ def parse_args(argv=None):
     if 'weights' in given and not os.path.isfile(args.weights):
         error(f"--weights {args.weights}: no such file; pass a timm checkpoint (.safetensors, .pth or .bin) or a JAX "
               f".npz (ViT-B_16.npz)")
+    if args.weights and os.path.isfile(args.weights) and not os.access(args.weights, os.R_OK):  # also a resumed run's
+        error(f"--weights {args.weights}: cannot read it (permission denied); make it readable (chmod u+r, or ask its "
+              f"owner)")  # safetensors says 'No such file or directory', an .npz would be 'not an .npz archive'
     if args.test_split and args.dataset in CIFAR:
         error(f"--test_split is for a folder dataset without test/; {args.dataset} has its own test set")
     if 'checkpoint' in given and not (args.eval_only or args.predict):

@@ -185,6 +185,18 @@ def test_weights_of_a_run_say_what_to_pass(cli):
         f"that run with --resume {cli.tmp_path / 'P_run'}"])
 
 
+@pytest.mark.parametrize('name', ['w.safetensors', 'ViT-B_16.npz'])
+def test_weights_the_user_may_not_read(cli, monkeypatch, name):
+    """Another user's checkpoint (chmod 600) was 'No such file or directory' (safetensors' words), or an .npz 'not an
+    .npz archive'. Denial is played (the tests run as root, whom chmod denies nothing)."""
+    path = cli.tmp_path / name
+    path.write_bytes(b'')
+    access = os.access
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: access(p, mode, **kw) and str(p) != str(path))
+    cli('--weights', path, code=2, expect=[f"--weights {path}: cannot read it (permission denied); make it readable "
+                                           f"(chmod u+r, or ask its owner)"])
+
+
 @pytest.mark.parametrize('suffix', ['safetensors', 'pth'])
 def test_weights_corrupt(cli, suffix):
     path = cli.tmp_path / f'corrupt.{suffix}'
