@@ -1097,7 +1097,9 @@ def collect(sweep_dir):
     try:
         report = write_reports(sweep_dir, meta, base_seed)
     except OSError as e:
-        fail(f"cannot write the reports into {sweep_dir} ({e.strerror or e})")
+        fail(f"cannot write the reports into {sweep_dir} ({e.strerror or e})"
+             + ("; make it writable (chmod u+w, or ask its owner), or --collect a copy of it"
+                if isinstance(e, PermissionError) else ''))
     print(report, end='')
     lock.close()
 

@@ -718,6 +718,22 @@ def test_collect_uses_the_sweeps_own_base_seed(tmp_path, capsys):
     assert '**Test accuracy 72.00 ± 2.83 %**' in out and 'seeds 6..7' in out
 
 
+def test_collect_into_a_sweep_the_user_may_not_write_names_the_way_out(tmp_path, capsys, monkeypatch):
+    """Another user's sweep (its directory 755): the error named the directory, not what to do. Denial is played (the
+    tests run as root, whom chmod denies nothing)."""
+    root = str(tmp_path / 's')
+    fake_sweep(root, 1, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0))])
+
+    def denied(sweep_dir, *args):
+        raise PermissionError(13, 'Permission denied', os.path.join(sweep_dir, 'sweep.csv'))
+    monkeypatch.setattr(sweep, 'write_reports', denied)
+    with pytest.raises(SystemExit) as e:
+        sweep.collect(root)
+    assert e.value.code == 1 and capsys.readouterr().err == (
+        f"sweep.py: error: cannot write the reports into {root} (Permission denied); make it writable (chmod u+w, or "
+        f"ask its owner), or --collect a copy of it\n")
+
+
 def test_data_difference_compares_classes_always_and_counts_only_where_comparable():
     counts, more = {'train': 48, 'test': 18}, {'train': 49, 'test': 18}
     assert sweep.data_difference((['a', 'b'], counts, 3), (['a', 'c'], counts, 3)) == 'other classes'  # a rename
