@@ -856,13 +856,13 @@ def write_evaluation(args, epoch, suffix, confusion, per_class, classes, per_ima
             raise SystemExit(f"error: {summary_path} is not a vpt run's summary (not a JSON object); the run "
                              f"directory is damaged")
         written = [os.path.join(args.resume, f'{name}{suffix}.csv') for name in ('confusion', 'test_predictions')]
-        train.write_files({written[0]: train.confusion_bytes(confusion, classes), written[1]: per_image},
-                          then='evaluate again')
+        files = {written[0]: train.confusion_bytes(confusion, classes), written[1]: per_image}
         wrote = f"wrote {written[0]}{',' if describes_the_run else ' and'} {written[1]}"
-        if describes_the_run:
+        if describes_the_run:  # with the CSVs, all three or none
             summary[f'per_class_acc{suffix}'] = per_class
-            train.write_json(summary_path, summary)
+            files[summary_path] = train.json_bytes(summary)
             wrote += f" and per_class_acc{suffix} in {summary_path}"
+        train.write_files(files, then='evaluate again')
         return wrote, sys.stdout
     finally:
         if lock is not None:

@@ -447,6 +447,29 @@ def test_eval_only_that_cannot_write_test_predictions_writes_no_confusion_either
     assert (copy / 'summary.json').read_bytes() == summary
 
 
+def test_eval_only_that_cannot_read_summary_json_writes_no_csv_either(run_dir, tmp_path, capsys, monkeypatch):
+    """summary.json of another user's (chmod 600) in a run directory the user may write: confusion.csv and
+    test_predictions.csv were written (replacing the old ones) before summary.json failed to read, and the run was
+    left with CSVs its summary.json has no per_class_acc for. Denial is played (the tests run as root)."""
+    import builtins
+    import main
+    copy = shutil.copytree(run_dir, tmp_path / 'r')
+    os.remove(copy / 'confusion.csv')
+    before = {name: (copy / name).read_bytes() for name in os.listdir(copy)}
+    open_ = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if str(file) == str(copy / 'summary.json'):
+            raise PermissionError(13, 'Permission denied', str(file))
+        return open_(file, *args, **kwargs)
+    monkeypatch.setattr(main, 'open', denied, raising=False)
+    code, out, err = run_main(['--eval_only', '--resume', copy], capsys)
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        f"error: cannot read {copy / 'summary.json'} (permission denied); make it readable (chmod u+r, or ask its "
+        f"owner)"), err
+    assert {name: (copy / name).read_bytes() for name in os.listdir(copy)} == before
+
+
 def test_test_predictions_keep_each_image_beside_its_own_label(tmp_path, capsys):
     """Class 'sea' comes before 'sea-ice' (as the classes are sorted) though its files' names sort after them as text
     ('sea-ice/' < 'sea/'): each row of test_predictions.csv still names an image of its label's folder."""
