@@ -81,8 +81,13 @@ def _load_cifar(name, data_dir):
     if os.path.isfile(data_dir):
         raise SystemExit(f"error: --data_dir {data_dir} is a file; pass the folder where {name} is found or is to be "
                          f"downloaded (it holds {dataset_class.filename} or {CIFAR_FOLDERS[name]}/)")
+    folder = os.path.join(data_dir, CIFAR_FOLDERS[name])
+    if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):  # its files would look missing or altered
+        unreadable_folder(PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder))
     try:
         train = dataset_class(data_dir, train=True, download=False)
+    except PermissionError as e:  # torchvision's checksum opens each file
+        _unreadable_file(e)
     except RuntimeError:  # torchvision's "Dataset not found or corrupted"
         if os.path.basename(os.path.normpath(data_dir)) == CIFAR_FOLDERS[name]:  # a download would nest a second copy
             raise SystemExit(f"error: --data_dir {data_dir} is the extracted {CIFAR_FOLDERS[name]}/ itself; pass the "
@@ -105,6 +110,8 @@ def _load_cifar(name, data_dir):
                              f"again, or put the official {dataset_class.filename} (from {dataset_class.url}) into "
                              f"{data_dir}") from None
         except OSError as e:
+            if isinstance(e, PermissionError):  # a cifar-10-python.tar.gz there that may not be read
+                _unreadable_file(e)
             for folder in created:  # a failed download leaves no empty ./data behind
                 try:
                     os.rmdir(folder)
@@ -125,8 +132,16 @@ def _load_cifar(name, data_dir):
                 f"error: could not download {name} into --data_dir {data_dir} ({type(e).__name__}: {e}); offline, put "
                 f"{dataset_class.filename} (from {dataset_class.url}) or its extracted {CIFAR_FOLDERS[name]}/ into "
                 f"{data_dir}, or pass --dataset FOLDER with train/<class>/* and test/<class>/* images{here}")
-    test = dataset_class(data_dir, train=False, download=False)
+    try:
+        test = dataset_class(data_dir, train=False, download=False)
+    except PermissionError as e:
+        _unreadable_file(e)
     return [(split.data, torch.tensor(split.targets)) for split in (train, test)], list(train.classes)
+
+
+def _unreadable_file(e):
+    raise SystemExit(f"error: cannot read {e.filename} ({e.strerror}); make it readable (chmod u+r, or ask its owner), "
+                     f"or pass another --data_dir")
 
 
 def _load_folder(root, img_size, samples, seed, reading, test_split=0.0):

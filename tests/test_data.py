@@ -842,6 +842,31 @@ def fake_cifar10(tmp_path, monkeypatch):
     return str(tmp_path / 'data')
 
 
+@pytest.mark.parametrize('denied', ['data_batch_3', 'test_batch', ''])
+def test_cifar_files_the_user_may_not_read_are_named(fake_cifar10, monkeypatch, denied):
+    """Another user's copy of CIFAR (chmod 600 files, a 700 folder): a file was a PermissionError traceback, the folder
+    'failed torchvision's checksum check (a partial download...)'. Denial is played (the tests run as root)."""
+    import builtins
+    import torchvision.datasets.utils as utils
+    path = os.path.join(fake_cifar10, 'cifar-10-batches-py', denied).rstrip(os.sep)
+    open_, access = builtins.open, os.access
+
+    def opening(file, *args, **kwargs):
+        if str(file) == path:
+            raise PermissionError(13, 'Permission denied', str(file))
+        return open_(file, *args, **kwargs)
+    monkeypatch.setattr(utils, 'open', opening, raising=False)
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: access(p, mode, **kw) and str(p) != path)
+    monkeypatch.setattr(os.path, 'isfile', lambda p, isfile=os.path.isfile: isfile(p) and not (
+        not denied and str(p).startswith(path + os.sep)))  # a 700 folder's files look missing
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset('cifar10', fake_cifar10)
+    assert str(e.value) == (f"error: cannot read {path} (Permission denied); make it readable (chmod u+r, or ask its "
+                            f"owner), or pass another --data_dir" if denied else
+                            f"error: cannot read the folder {path} (Permission denied); give your user read and "
+                            f"search permission on it (chmod u+rx, or ask its owner), or move it out of the way")
+
+
 def test_cifar10_from_data_dir(fake_cifar10):
     train_x, train_y, test_x, test_y, classes, available = data.load_dataset('cifar10', fake_cifar10)
     assert train_x.shape == (30, 3, 32, 32) and test_x.shape == (8, 3, 32, 32) and train_x.dtype == torch.uint8
