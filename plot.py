@@ -998,6 +998,8 @@ def dataset_file(root, name):
 def read_tile(path):
     """An image file, upright as its EXIF orientation says (as a viewer shows it), at most TILE_PIXELS on a side."""
     if not os.path.isfile(path):  # missing, or a FIFO, which would block open()
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.stat(path)  # in a folder the user may not enter: said as Permission denied, not as missing
         raise FileNotFoundError(f"no file {path}")
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # a phone's 200 MP photo: no bomb here

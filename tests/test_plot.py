@@ -2051,6 +2051,25 @@ def test_unreadable_mistakes_are_left_out_in_one_warning(tmp_path, capsys, monke
     close_figure(figures[0])
 
 
+def test_mistakes_in_a_folder_the_user_may_not_enter_are_not_called_missing(tmp_path, capsys, monkeypatch):
+    """A test/<class>/ folder of another user's (chmod 700): its images were 'no file', as if the data had moved.
+    Denial is played (the tests run as root, whom chmod denies nothing)."""
+    run_dir = folder_run(tmp_path, [('a', 'b', 0.9, 0), ('b', 'a', 0.7, 0)])
+    folder = str(tmp_path / 'P_run_data' / 'test' / 'a')
+    stat = os.stat
+
+    def denied(path, *args, **kwargs):
+        if str(path).startswith(folder + os.sep):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return stat(path, *args, **kwargs)
+    monkeypatch.setattr(os, 'stat', denied)
+    captured_figures(monkeypatch)
+    code, _, err = run_plot([run_dir, '--mistakes'], capsys)
+    assert code == 0 and one_line(err) == (
+        f"plot.py: warning: run {run_dir}: 1 of the 2 images to draw from test_predictions.csv cannot be read, left "
+        f"out: test/a/0.png ([Errno 13] Permission denied: '{folder}/0.png')")
+
+
 @pytest.mark.parametrize('value, reason', [('0', 'at least 1, got 0'), ('-3', 'at least 1, got -3'),
                                            ('2.5', "got '2.5'"), ('many', "got 'many'"),
                                            ('401', 'at most 400 (a larger grid takes minutes to draw')])
