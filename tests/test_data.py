@@ -590,6 +590,20 @@ def test_a_folder_that_cannot_be_listed_is_named_not_left_out(tmp_path, monkeypa
                             f"the way")
 
 
+def test_a_folder_listed_but_not_entered_is_the_one_named(tmp_path, monkeypatch):
+    """train/ with read but no search permission (chmod 600): its class folders are listed, but cannot be entered; the
+    error named train/cat, whose own permissions are fine (and chmod on it fails too), not train/. Denial is played."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1)
+    train = str(tmp_path / 'ds' / 'train')
+    deny_listing(monkeypatch, [tmp_path / 'ds' / 'train' / 'a'])
+    access = os.access
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: access(p, mode, **kw) and not (
+        str(p) == train and mode & os.X_OK))
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset(root, img_size=32)
+    assert str(e.value).startswith(f"error: cannot read the folder {train} (Permission denied); ")
+
+
 def test_a_synology_nas_thumbnail_folder_is_left_out_but_read_by_runs_of_folder_reading_5(tmp_path):
     """A Synology NAS keeps 3-5 JPEG thumbnails of each photo in @eaDir/<photo>/ beside it: read as images of the
     class, they multiplied its images, and with --test_split put thumbnails of test photos into train/."""
