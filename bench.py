@@ -55,6 +55,23 @@ import subprocess
 import sys
 import time
 
+
+def stop_at_once(signum, frame):
+    """SIGINT/SIGTERM outside the measuring and the writing of --json (which train.StopRequest takes over):
+    importing torch and building the data take seconds and nothing is measured yet, so stop there in one line. The
+    process ends here: an exception raised in a handler can be swallowed by torch's import (its C code initialising
+    numpy), and bench.py went on measuring after saying it stopped."""
+    for each in (signal.SIGINT, signal.SIGTERM):  # a terminal's Ctrl-C reaches the whole group: one line, not two
+        signal.signal(each, lambda signum, frame: None)
+    print(f"\n{signal.Signals(signum).name}: stopped", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(128 + signum)
+
+
+if __name__ == '__main__':  # before the imports below; also where a shell's background job inherited SIGINT ignored
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, stop_at_once)
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -600,7 +617,9 @@ def main(argv=None):
                       else 'n/a on CPU',
                       modes=results, baseline=baseline)
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        written = train.write_new(args.json, train.json_bytes(report), then='run bench.py again')
+        with train.StopRequest() as writing:  # a signal waits for the file: written whole, never cut off
+            written = train.write_new(args.json, train.json_bytes(report), then='run bench.py again')
+        stop.signum = stop.signum or writing.signum
         if written != args.json:
             print(f"note: {args.json} was written by another process meanwhile; kept it and wrote {written}",
                   file=sys.stderr)

@@ -490,6 +490,24 @@ def test_bench_signal_reports_what_was_measured(tmp_path, monkeypatch, capsys, s
     assert 'train img/s' not in captured.out and not (tmp_path / 'none.json').exists()
 
 
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_bench_signal_while_importing_torch_is_one_line(signum):
+    """Ctrl-C or SIGTERM in the seconds bench.py spends importing torch: one line and 128 + the signal's number. It was
+    a KeyboardInterrupt traceback, or a kill without a word (found by a fuzz). Sent as torch imports numpy, whose C
+    code swallows an exception raised there: a handler that raised one said 'stopped' and measured on."""
+    signal_on_import = (f"import os, runpy, sys\n"
+                        f"class Hook:\n"
+                        f"    def find_spec(self, name, path, target=None):\n"
+                        f"        if name == 'numpy':  # first imported by torch's C code\n"
+                        f"            os.kill(os.getpid(), {int(signum)})\n"
+                        f"sys.meta_path.insert(0, Hook())\n"
+                        f"sys.argv = ['bench.py', *{TINY!r}]\n"
+                        f"runpy.run_path('bench.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, '-c', signal_on_import], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 128 + signum and result.stderr.strip() == f"{signal.Signals(signum).name}: stopped"
+
+
 def test_bench_parser_checks(capsys):
     for flags, expect in ((['--peak_tflops', '0'], '--peak_tflops must be positive, got 0.0'),
                           (['--peak_tflops', 'nan'], '--peak_tflops must be positive, got nan'),
