@@ -485,7 +485,9 @@ def parse_args(argv=None):
         parser.error(f"--modes {','.join(args.modes)}: a mode is named twice; name each once")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         parser.error(f"--peak_tflops must be positive, got {args.peak_tflops}")
-    if args.json:  # checked before minutes of measuring, not after
+    if args.json is not None:  # checked before minutes of measuring, not after
+        if not args.json:  # `--json "$OUT"` with OUT unset: the numbers would be printed and never written
+            parser.error("--json '' names no file; pass a file name such as bench.json")
         if os.path.exists(args.json):
             parser.error(f"--json {args.json} already exists and bench.py never replaces a file; pass a new name")
         if not os.path.basename(args.json):

@@ -137,6 +137,7 @@ def test_bench_refuses_before_measuring(tmp_path, capsys):
             (['--json', tmp_path], f"--json {tmp_path} already exists"),  # a directory
             (['--json', tmp_path / 'a_file' / 'x.json'], 'is not a writable directory'),
             (['--json', f"{tmp_path / 'new'}/"], 'names a folder'),
+            (['--json', ''], "--json '' names no file"),  # `--json "$OUT"` with OUT unset: no JSON, no word
             (['--device', 'tpu'], "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
             (['--modes', 'Q'], '--modes: unknown mode(s) Q')):
         with pytest.raises(SystemExit) as error:
