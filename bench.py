@@ -488,7 +488,7 @@ def parse_args(argv=None):
     if args.json is not None:  # checked before minutes of measuring, not after
         if not args.json:  # `--json "$OUT"` with OUT unset: the numbers would be printed and never written
             parser.error("--json '' names no file; pass a file name such as bench.json")
-        if os.path.exists(args.json):
+        if os.path.lexists(args.json):  # a link to a missing file too: nothing is written through a link
             parser.error(f"--json {args.json} already exists and bench.py never replaces a file; pass a new name")
         if not os.path.basename(args.json):
             parser.error(f"--json {args.json} names a folder; pass a file name such as {args.json}bench.json")

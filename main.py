@@ -1053,7 +1053,7 @@ def check_writable_file(path):
     if os.path.isdir(path):
         raise SystemExit(f"error: --out {path} is a directory; pass a file name such as "
                          f"{os.path.join(path, 'predictions.csv')}")
-    if os.path.exists(path):
+    if os.path.lexists(path):  # a link to a missing file too: nothing is written through a link
         raise SystemExit(f"error: --out {path} already exists and predictions never replace a file; pass a new name, "
                          f"or drop --out to write a fresh predictions-N.csv in the run directory")
     blocked = not_creatable(os.path.dirname(os.path.abspath(path)))  # missing folders are made as it is written

@@ -355,10 +355,11 @@ def atomic_write(path, payload: bytes):
 
 
 def fresh_path(path):
-    """`path`, or path-2, path-3... : the first that does not exist, so earlier outputs are kept."""
+    """`path`, or path-2, path-3... : the first that does not exist, so earlier outputs are kept. A link to a missing
+    file is taken too: write_new's exclusive open refuses it, and would ask for a fresh path again forever."""
     stem, extension = os.path.splitext(path)
     attempt = 1
-    while os.path.exists(path):
+    while os.path.lexists(path):
         attempt += 1
         path = f"{stem}-{attempt}{extension}"
     return path

@@ -127,6 +127,7 @@ def test_bench_refuses_before_measuring(tmp_path, capsys):
     existing = tmp_path / 'bench.json'
     existing.write_text('{"an earlier run": 1}')
     (tmp_path / 'a_file').write_text('x')
+    os.symlink(tmp_path / 'gone.json', tmp_path / 'link.json')  # train.write_new looped forever on it
     # the command line itself once (a subprocess pays ~3 s of imports), then the parser in this process
     result = subprocess.run([sys.executable, 'bench.py', *TINY, '--json', str(existing)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
@@ -138,6 +139,7 @@ def test_bench_refuses_before_measuring(tmp_path, capsys):
             (['--json', tmp_path / 'a_file' / 'x.json'], 'is not a writable directory'),
             (['--json', f"{tmp_path / 'new'}/"], 'names a folder'),
             (['--json', ''], "--json '' names no file"),  # `--json "$OUT"` with OUT unset: no JSON, no word
+            (['--json', tmp_path / 'link.json'], f"--json {tmp_path / 'link.json'} already exists"),  # a dead link
             (['--device', 'tpu'], "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
             (['--modes', 'Q'], '--modes: unknown mode(s) Q')):
         with pytest.raises(SystemExit) as error:

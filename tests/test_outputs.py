@@ -720,6 +720,19 @@ def test_predict_out_never_replaces_a_file(run_dir, tiny_dataset, capsys):
     assert (run_dir / 'metrics.csv').read_bytes() == before
 
 
+def test_predict_out_a_link_to_a_missing_file_is_refused(run_dir, tiny_dataset, tmp_path, capsys):
+    """--out naming a link whose file is gone (and bench.py's --json, through train.write_new): the exclusive open
+    refuses the link and fresh_path offered the same name again, forever; now it is an existing name (found by a
+    fuzz)."""
+    import train
+    image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
+    os.symlink(tmp_path / 'gone.csv', tmp_path / 'link.csv')
+    assert train.fresh_path(str(tmp_path / 'link.csv')) == str(tmp_path / 'link-2.csv')  # first: no endless loop
+    code, _, err = run_main(['--predict', image, '--resume', run_dir, '--out', tmp_path / 'link.csv'], capsys)
+    assert code == 1 and err.strip().startswith(f"error: --out {tmp_path / 'link.csv'} already exists")
+    assert sorted(os.listdir(tmp_path)) == ['link.csv']
+
+
 def test_eval_only_of_an_unfinished_run_names_its_epoch(tiny_dataset, tmp_path, capsys):
     code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8, '--log_dir', tmp_path,
                              '--name', 'r'], capsys)
