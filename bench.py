@@ -618,7 +618,6 @@ def main(argv=None):
                       peak_memory='torch.cuda.max_memory_allocated, reset per mode' if device.type == 'cuda'
                       else 'n/a on CPU',
                       modes=results, baseline=baseline)
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with train.StopRequest() as writing:  # a signal waits for the file: written whole, never cut off
             written = train.write_new(args.json, train.json_bytes(report), then='run bench.py again')
         stop.signum = stop.signum or writing.signum

@@ -983,7 +983,6 @@ def predict(args, device):
     writer = csv.writer(buffer, lineterminator='\n')
     writer.writerow(['file', 'prediction', 'probability', f'top{top}', 'checkpoint', 'epoch'])  # which model said it
     writer.writerows(rows)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     chosen, out = out, train.write_new(out, train.csv_bytes(buffer.getvalue()), then='classify the images again')
     if out != chosen:
         print(f"note: {chosen} was written by another process meanwhile; kept it and wrote {out}", file=sys.stderr)

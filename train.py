@@ -367,9 +367,14 @@ def fresh_path(path):
 
 def write_new(path, payload: bytes, then='run the command again'):
     """Write a new file, never replacing one: should `path` exist by now (another process took it after this one
-    checked it, minutes ago), write the first free path-2, path-3... instead. Returns the path written."""
+    checked it, minutes ago), write the first free path-2, path-3... instead; missing folders are made. Returns the
+    path written."""
     while True:
         path = fresh_path(path)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # checked at the start, yet may fail
+        except OSError as e:  # a file took the folder's name (FileExistsError: not a name to skip)
+            raise cannot_write(path, e, then) from None
         try:
             f = open(path, 'xb')  # exclusive: a rename or a plain open could replace a file made since the check
         except FileExistsError:

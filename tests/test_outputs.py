@@ -733,6 +733,22 @@ def test_predict_out_a_link_to_a_missing_file_is_refused(run_dir, tiny_dataset, 
     assert sorted(os.listdir(tmp_path)) == ['link.csv']
 
 
+def test_predict_out_whose_folder_cannot_be_made_at_the_end_is_one_line(run_dir, tiny_dataset, tmp_path, monkeypatch,
+                                                                        capsys):
+    """--out's missing folder is checked at the start and made at the end: when making it fails then (a file took
+    its name meanwhile; /proc, where access() says yes), one line, not a traceback after the work (found by a fuzz)."""
+    import main
+    image_paths = main.image_paths
+
+    def then_a_file_takes_the_folder_name(paths):
+        (tmp_path / 'new').write_text('')
+        return image_paths(paths)
+    monkeypatch.setattr(main, 'image_paths', then_a_file_takes_the_folder_name)
+    image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
+    code, _, err = run_main(['--predict', image, '--resume', run_dir, '--out', tmp_path / 'new' / 'p.csv'], capsys)
+    assert code == 1 and err.count('\n') == 1 and err.startswith(f"error: cannot write {tmp_path / 'new' / 'p.csv'}")
+
+
 def test_eval_only_of_an_unfinished_run_names_its_epoch(tiny_dataset, tmp_path, capsys):
     code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--epoch', 1, '--batch_size', 8, '--log_dir', tmp_path,
                              '--name', 'r'], capsys)
