@@ -269,8 +269,10 @@ def parse_args(argv=None):
         else:
             why = "the run has finished epochs, so it was removed: restore it, or use --checkpoint last"
         error(f"{checkpoint_path(args)} does not exist; {why}")
-    if args.out and not args.predict:
+    if args.out is not None and not args.predict:
         error("--out goes with --predict")
+    if args.out == '':  # `--out "$OUT"` with OUT unset: the CSV would go to the run directory without a word
+        error("--out '' names no file; pass a file name such as predictions.csv, or drop --out")
     if args.img_size % args.patch_size:
         error(f"--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}; "
               f"pick sizes such as --img_size 32 --patch_size 4")

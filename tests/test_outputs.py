@@ -733,6 +733,16 @@ def test_predict_out_a_link_to_a_missing_file_is_refused(run_dir, tiny_dataset, 
     assert sorted(os.listdir(tmp_path)) == ['link.csv']
 
 
+def test_predict_out_empty_is_refused_not_taken_for_no_out(run_dir, tiny_dataset, tmp_path, capsys):
+    """`--out "$OUT"` with OUT unset wrote predictions-N.csv into the run directory without a word."""
+    before = sorted(os.listdir(run_dir))
+    image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
+    code, _, err = run_main(['--predict', image, '--resume', run_dir, '--out', ''], capsys)
+    assert code == 2 and err.strip() == ("main.py: error: --out '' names no file; pass a file name such as "
+                                         "predictions.csv, or drop --out (python main.py --help lists the flags)"), err
+    assert sorted(os.listdir(run_dir)) == before
+
+
 def test_predict_out_whose_folder_cannot_be_made_at_the_end_is_one_line(run_dir, tiny_dataset, tmp_path, monkeypatch,
                                                                         capsys):
     """--out's missing folder is checked at the start and made at the end: when making it fails then (a file took
