@@ -47,6 +47,7 @@ numbers from a run without --profile.
 import argparse
 import datetime
 import gc
+import math
 import os
 import platform
 import shlex
@@ -483,8 +484,8 @@ def parse_args(argv=None):
         parser.error(f"--modes: unknown mode(s) {', '.join(unknown) or '(none given)'}; choose from P, F, P+F")
     if len(set(args.modes)) < len(args.modes):  # each mode is one row of the table and one key of the JSON
         parser.error(f"--modes {','.join(args.modes)}: a mode is named twice; name each once")
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        parser.error(f"--peak_tflops must be positive, got {args.peak_tflops}")
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
+        parser.error(f"--peak_tflops must be a positive number, got {args.peak_tflops}")
     if args.json is not None:  # checked before minutes of measuring, not after
         if not args.json:  # `--json "$OUT"` with OUT unset: the numbers would be printed and never written
             parser.error("--json '' names no file; pass a file name such as bench.json")

@@ -512,8 +512,9 @@ def test_bench_signal_while_importing_torch_is_one_line(signum):
 
 
 def test_bench_parser_checks(capsys):
-    for flags, expect in ((['--peak_tflops', '0'], '--peak_tflops must be positive, got 0.0'),
-                          (['--peak_tflops', 'nan'], '--peak_tflops must be positive, got nan'),
+    for flags, expect in ((['--peak_tflops', '0'], '--peak_tflops must be a positive number, got 0.0'),
+                          (['--peak_tflops', 'nan'], '--peak_tflops must be a positive number, got nan'),
+                          (['--peak_tflops', 'inf'], '--peak_tflops must be a positive number, got inf'),
                           (['--modes', ' , '], '--modes: unknown mode(s) (none given)'),
                           (['--modes', 'P,Q,F'], '--modes: unknown mode(s) Q; choose from P, F, P+F'),
                           (['--modes', 'P,F,P'], '--modes P,F,P: a mode is named twice; name each once')):
