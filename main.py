@@ -359,6 +359,10 @@ def merge_resume(args, given, error):
     if not isinstance(config, dict):
         error(f"--resume {run_dir}: its config.json is not a vpt run's (not a JSON object); pass a run directory that "
               f"main.py wrote")
+    missing = [key for key in ALWAYS_RECORDED if key not in config]
+    if missing:  # a run's own flags would silently become today's defaults (and CIFAR-10 be downloaded for it)
+        error(f"--resume {run_dir}: its config.json lacks {', '.join(missing)}, which every vpt run records; the run "
+              f"directory is damaged: restore its config.json, or start a new run")
     may_change = RESUME_MAY_CHANGE | ({'batch_size'} if args.eval_only or args.predict else set())
     if config.get('weights'):  # a --weights file that moved: build_model checks it is the same file (its sha256)
         may_change = may_change | {'weights'}
@@ -415,6 +419,7 @@ def config_value(action, value, run_dir, error):
           f"not take; the run directory is damaged: restore its config.json, or start a new run")
 
 
+ALWAYS_RECORDED = ('model', 'dataset', 'full', 'prompts', 'epoch', 'classes')  # in every config.json since vpt began
 # what a run's config.json records besides its flags, as the code that reads it back needs it
 RECORDED = dict(classes=lambda v: isinstance(v, list) and all(isinstance(name, str) for name in v),
                 dataset_images=lambda v: isinstance(v, dict) and all(type(n) is int for n in v.values()),

@@ -318,6 +318,25 @@ def test_a_hand_edited_config_value_is_one_line(tiny_dataset, tmp_path, capsys, 
     assert files(tmp_path / 'r') == before
 
 
+@pytest.mark.parametrize('dropped', [['classes'], ['model', 'dataset', 'full', 'prompts', 'epoch', 'classes']])
+def test_a_config_without_what_every_run_records_is_one_line(tiny_dataset, tmp_path, capsys, dropped):
+    """config.json cut down to {} took today's defaults for the run's flags: --eval_only tried to download CIFAR-10
+    for a folder run, and --predict was a KeyError traceback."""
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / 'r' / 'config.json').read_text())
+    (tmp_path / 'r' / 'config.json').write_text(json.dumps({k: v for k, v in config.items() if k not in dropped}))
+    before = files(tmp_path / 'r')
+    image = os.path.join(tiny_dataset, 'test', 'cat', '0000.png')
+    for action in (['--eval_only'], ['--predict', image], ['--epoch', 2]):
+        code, _, err = run_main(['--resume', tmp_path / 'r', *action], capsys)
+        assert code == 2 and err.strip() == (
+            f"main.py: error: --resume {tmp_path / 'r'}: its config.json lacks {', '.join(dropped)}, which every vpt "
+            f"run records; the run directory is damaged: restore its config.json, or start a new run (python main.py "
+            f"--help lists the flags)"), err
+    assert files(tmp_path / 'r') == before
+
+
 def test_values_an_older_vpt_accepted_still_resume(tiny_dataset, tmp_path, capsys):
     """Flags are checked for their kind, not today's range: runs recorded with --lr 0 or a negative --seed (accepted
     before those checks existed) still evaluate and resume."""
