@@ -331,11 +331,12 @@ def unreadable_folder(e):
     """os.walk's onerror: a folder that cannot be listed (no read or search permission) is said, not walked past
     without a word as os.walk does, which left its images out of the dataset."""
     folder = e.filename
-    while (isinstance(folder, str) and os.path.dirname(folder) not in ('', folder)
-           and not os.access(os.path.dirname(folder), os.X_OK)):
+    while (isinstance(e, PermissionError) and isinstance(folder, str)
+           and os.path.dirname(folder) not in ('', folder) and not os.access(os.path.dirname(folder), os.X_OK)):
         folder = os.path.dirname(folder)  # a parent that may not be entered (chmod 600) is the one to mend
-    raise SystemExit(f"error: cannot read the folder {folder} ({e.strerror}); give your user read and search "
-                     f"permission on it (chmod u+rx, or ask its owner), or move it out of the way")
+    fix = ("give your user read and search permission on it (chmod u+rx, or ask its owner)"
+           if isinstance(e, PermissionError) else "mend it")  # a link loop's ELOOP, a folder removed while read
+    raise SystemExit(f"error: cannot read the folder {folder} ({e.strerror}); {fix}, or move it out of the way")
 
 
 def image_files(folder, reading=FOLDER_READING, hidden=None, unread=None, strict=True):

@@ -1,4 +1,5 @@
 """The data path: uint8 tensors, balanced subsets, batched crop/flip, epoch order, rank slices, eval coverage."""
+import errno
 import os
 import pickle
 import shutil
@@ -602,6 +603,16 @@ def test_a_folder_listed_but_not_entered_is_the_one_named(tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as e:
         data.load_dataset(root, img_size=32)
     assert str(e.value).startswith(f"error: cannot read the folder {train} (Permission denied); ")
+
+
+def test_a_folder_that_cannot_be_read_for_another_reason_is_not_told_to_chmod(tmp_path):
+    """os.walk's other errors (a folder removed while it is read, a link loop) are named with their own reason: the
+    permission advice and the climb to a parent that cannot be entered are for a permission error only."""
+    error = OSError(errno.ENOENT, os.strerror(errno.ENOENT), str(tmp_path / 'gone' / 'cat'))
+    with pytest.raises(SystemExit) as e:
+        data.unreadable_folder(error)
+    assert str(e.value) == (f"error: cannot read the folder {tmp_path / 'gone' / 'cat'} (No such file or directory); "
+                            f"mend it, or move it out of the way")
 
 
 def test_a_synology_nas_thumbnail_folder_is_left_out_but_read_by_runs_of_folder_reading_5(tmp_path):
