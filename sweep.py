@@ -343,6 +343,10 @@ def open_sweep(sweep_dir, definition, command, models):
     """Write sweep.json for a new sweep once its `models` pass main.py's check; for an existing one, insist on the
     same definition (its models were checked when it was written)."""
     path = os.path.join(sweep_dir, 'sweep.json')
+    for denied in (sweep_dir, path):  # not damaged nor missing: removing the definition would be the wrong fix
+        if unreadable(denied):
+            fail(f"cannot read {denied} (permission denied); make it readable (chmod {unreadable(denied)}, or ask its "
+                 f"owner) and re-launch the same command")
     saved = read_json(path)
     if saved is not None:
         changed = [key for key in definition if json.dumps(saved.get(key)) != json.dumps(definition[key])]
@@ -373,6 +377,16 @@ def open_sweep(sweep_dir, definition, command, models):
     except OSError as e:
         fail(f"cannot write {path} ({e.strerror or e}); choose a writable --log_dir")
     return meta
+
+
+def unreadable(path):
+    """The chmod that lets this user read a file or directory (list and enter it) that exists but that it may not
+    read, whose contents would look missing; None when it is readable or absent."""
+    if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
+        return 'u+rx'
+    if os.path.isfile(path) and not os.access(path, os.R_OK):
+        return 'u+r'
+    return None
 
 
 def sweep_running(sweep_dir):
@@ -1009,6 +1023,10 @@ def base_seed_of(meta):
 
 
 def read_sweep(sweep_dir, action):
+    for path in (sweep_dir, os.path.join(sweep_dir, 'sweep.json')):
+        if unreadable(path):
+            fail(f"cannot read {path} (permission denied); make it readable (chmod {unreadable(path)}, or ask its "
+                 f"owner) and run the same command again")
     meta = read_json(os.path.join(sweep_dir, 'sweep.json'))
     if not isinstance(meta, dict) or not {'grid', 'seeds', 'val_split', 'main_flags', 'command'} <= set(meta):
         inside = []  # the sweeps of a --log_dir passed for one of them

@@ -1,6 +1,9 @@
 """sweep.py: input checks, grid + seeds end to end, interruption and re-launch, scheduler commands, --collect."""
+import contextlib
 import csv
 import fcntl
+import gc
+import io
 import json
 import os
 import re
@@ -732,6 +735,52 @@ def test_collect_into_a_sweep_the_user_may_not_write_names_the_way_out(tmp_path,
     assert e.value.code == 1 and capsys.readouterr().err == (
         f"sweep.py: error: cannot write the reports into {root} (Permission denied); make it writable (chmod u+w, or "
         f"ask its owner), or --collect a copy of it\n")
+
+
+def deny(monkeypatch, *paths, mode=os.R_OK | os.W_OK | os.X_OK):
+    """os.access and sweep.py's open as for a user who may not read (os.R_OK) or write (os.W_OK) `paths`: the tests
+    run as root, whom chmod denies nothing."""
+    denied = {str(path) for path in paths}
+    access, builtin_open = os.access, open
+    monkeypatch.setattr(os, 'access', lambda path, asked, **kwargs: not (str(path) in denied and asked & mode)
+                        and access(path, asked, **kwargs))
+
+    def opens(path, flags='r', *args, **kwargs):
+        if str(path) in denied and mode & (os.R_OK if flags.startswith('r') else os.W_OK):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return builtin_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(sweep, 'open', opens, raising=False)
+
+
+def relaunch_fake_sweep(tmp_path, monkeypatch, *extra):
+    """sweep.main on fake_sweep(tmp_path / 's', 1 seed) -> (exit code, stderr, the trials it would have run)."""
+    launched = []
+    gc.collect()  # the lock of a sweep.py that failed in this process is released with its frames
+    sweep_in_this_process(monkeypatch)
+    monkeypatch.setattr(sweep, 'run_trials', lambda sweep_dir, meta, base_seed, trials, *args: launched.extend(
+        trial['name'] for trial in trials))
+    err, code = io.StringIO(), 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            sweep.main(['--grid', 'lr=1e-3', '--seeds', '1', '--val_split', '0.25', '--log_dir', str(tmp_path),
+                        '--name', 's', *extra, '--', '--model', 'test_vit'])
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue(), launched
+
+
+def test_a_sweep_json_the_user_may_not_read_is_not_called_damaged(tmp_path, monkeypatch, capsys):
+    """'repair or remove it' was the advice: removing a sweep's definition is no fix for a permission."""
+    root = tmp_path / 's'
+    fake_sweep(str(root), 1, [])
+    deny(monkeypatch, root / 'sweep.json', mode=os.R_OK)
+    code, err, launched = relaunch_fake_sweep(tmp_path, monkeypatch)
+    assert (code, err, launched) == (1, f"sweep.py: error: cannot read {root / 'sweep.json'} (permission denied); "
+                                        f"make it readable (chmod u+r, or ask its owner) and re-launch the same "
+                                        f"command\n", [])
+    with pytest.raises(SystemExit):
+        sweep.collect(str(root))
+    assert 'sweep.json (permission denied); make it readable (chmod u+r' in capsys.readouterr().err
 
 
 def test_data_difference_compares_classes_always_and_counts_only_where_comparable():
