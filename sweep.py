@@ -389,6 +389,26 @@ def unreadable(path):
     return None
 
 
+def trial_names(meta, base_seed):
+    """Every run directory the sweep may have: its grid points' and its seeds' (whichever grid point won)."""
+    return ([trial['name'] for trial in grid_trials(meta, base_seed, '')]
+            + [f"final_seed={seed}" for seed in range(base_seed + 1, base_seed + meta['seeds'] + 1)])
+
+
+def check_runs_readable(sweep_dir, meta, base_seed, then):
+    """A run's summary.json, config.json or log that this user may not read looks missing: a finished run would be
+    called interrupted and resumed, another grid point would win, the seeds would be stale. Said before any is read."""
+    paths = [os.path.join(sweep_dir, 'logs')]
+    for name in trial_names(meta, base_seed):  # a directory before its files: the files of one not entered look absent
+        run_dir = os.path.join(sweep_dir, name)
+        paths += [run_dir, os.path.join(run_dir, 'summary.json'), os.path.join(run_dir, 'config.json')]
+    paths += [log_path(sweep_dir, name) for name in trial_names(meta, base_seed)]
+    for path in paths:
+        if unreadable(path):
+            fail(f"cannot read {path} (permission denied), where sweep.py learns how a run ended; make it readable "
+                 f"(chmod {unreadable(path)}, or ask its owner) and {then}")
+
+
 def sweep_running(sweep_dir):
     """Whether a sweep.py holds sweep_dir's lock now (lock_sweep)."""
     import fcntl
@@ -1058,6 +1078,7 @@ def compare(sweep_dirs):
     for sweep_dir, name in zip(sweep_dirs, names):
         meta = read_sweep(sweep_dir, '--compare')
         base_seed = base_seed_of(meta)
+        check_runs_readable(sweep_dir, meta, base_seed, 'run the same command again')
         _, rows1, winner, _, rows2 = sweep_state(sweep_dir, meta, base_seed)
         done = [row for row in rows2 if row['status'] == 'finished']
         diverged = sum(row['status'] == 'diverged' for row in rows2)
@@ -1110,6 +1131,7 @@ def collect(sweep_dir):
     meta = read_sweep(sweep_dir, '--collect')
     lock = lock_sweep(sweep_dir)
     base_seed = base_seed_of(meta)
+    check_runs_readable(sweep_dir, meta, base_seed, 'run the same command again')
     trials1, _, _, trials2, _ = sweep_state(sweep_dir, meta, base_seed)
     check_data(sweep_dir, trials1 + trials2, launched=False)
     try:
@@ -1155,6 +1177,7 @@ def main(argv=None):
     recorded = [arg for i, arg in enumerate(argv) if i >= split or arg != '--print_commands']
     meta = open_sweep(sweep_dir, definition, shlex.join(['python', script, *recorded]), models)
     lock = lock_sweep(sweep_dir)
+    check_runs_readable(sweep_dir, meta, base_seed, 're-launch the same command')
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
     check_data(sweep_dir, trials1 + trials2)
     if args.print_commands:

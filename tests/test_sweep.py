@@ -769,6 +769,25 @@ def relaunch_fake_sweep(tmp_path, monkeypatch, *extra):
     return code, err.getvalue(), launched
 
 
+def test_a_run_the_user_may_not_read_is_said_not_resumed_nor_miscounted(tmp_path, monkeypatch, capsys):
+    """A finished seed's summary.json without read permission looked missing: the run was called interrupted,
+    resumed (main.py said it had finished) and the sweep ended 'did not finish'; --collect reported it interrupted."""
+    root = tmp_path / 's'
+    fake_sweep(str(root), 1, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0))])
+    summary = root / 'final_seed=1' / 'summary.json'
+    deny(monkeypatch, summary, mode=os.R_OK)
+    expected = (f"sweep.py: error: cannot read {summary} (permission denied), where sweep.py learns how a run ended; "
+                f"make it readable (chmod u+r, or ask its owner) and ")
+    code, err, launched = relaunch_fake_sweep(tmp_path, monkeypatch)
+    assert (code, err, launched) == (1, expected + "re-launch the same command\n", [])
+    for action in (sweep.collect, lambda root: sweep.compare([root])):
+        gc.collect()
+        with pytest.raises(SystemExit):
+            action(str(root))
+        assert capsys.readouterr().err == expected + "run the same command again\n"
+    assert not (root / 'sweep.csv').exists()
+
+
 def test_a_sweep_json_the_user_may_not_read_is_not_called_damaged(tmp_path, monkeypatch, capsys):
     """'repair or remove it' was the advice: removing a sweep's definition is no fix for a permission."""
     root = tmp_path / 's'
