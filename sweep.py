@@ -409,6 +409,19 @@ def check_runs_readable(sweep_dir, meta, base_seed, then):
                  f"(chmod {unreadable(path)}, or ask its owner) and {then}")
 
 
+def check_writable(sweep_dir, meta, base_seed):
+    """A launch into a sweep this user may not write would plan and log, then stop at its first report or trial:
+    said before anything runs."""
+    paths = [sweep_dir, os.path.join(sweep_dir, 'logs'), os.path.join(sweep_dir, 'sweep.log')]
+    paths += [log_path(sweep_dir, name) for name in trial_names(meta, base_seed)  # a finished run's log is not added to
+              if not (read_json(os.path.join(sweep_dir, name, 'summary.json')) or {}).get('finished')]
+    for path in paths:
+        folder = os.path.isdir(path)
+        if (folder or os.path.isfile(path)) and not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            fail(f"cannot write {'into ' * folder}{path} (permission denied); make it writable (chmod u+w, or ask "
+                 f"its owner) and re-launch the same command")
+
+
 def sweep_running(sweep_dir):
     """Whether a sweep.py holds sweep_dir's lock now (lock_sweep)."""
     import fcntl
@@ -1178,6 +1191,8 @@ def main(argv=None):
     meta = open_sweep(sweep_dir, definition, shlex.join(['python', script, *recorded]), models)
     lock = lock_sweep(sweep_dir)
     check_runs_readable(sweep_dir, meta, base_seed, 're-launch the same command')
+    if not args.print_commands:
+        check_writable(sweep_dir, meta, base_seed)
     trials1, rows1, winner, trials2, rows2 = sweep_state(sweep_dir, meta, base_seed)
     check_data(sweep_dir, trials1 + trials2)
     if args.print_commands:

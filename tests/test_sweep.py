@@ -802,6 +802,20 @@ def test_a_sweep_json_the_user_may_not_read_is_not_called_damaged(tmp_path, monk
     assert 'sweep.json (permission denied); make it readable (chmod u+r' in capsys.readouterr().err
 
 
+def test_a_sweep_the_user_may_not_write_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """A re-launch in a read-only sweep directory planned, logged, then stopped on sweep.csv.tmp with 'mend that
+    (free space, permissions)'."""
+    root = tmp_path / 's'
+    fake_sweep(str(root), 1, [])
+    deny(monkeypatch, root, mode=os.W_OK)
+    code, err, launched = relaunch_fake_sweep(tmp_path, monkeypatch)
+    assert (code, err, launched) == (1, f"sweep.py: error: cannot write into {root} (permission denied); make it "
+                                        f"writable (chmod u+w, or ask its owner) and re-launch the same command\n", [])
+    assert not (root / 'sweep.log').exists()
+    code, err, launched = relaunch_fake_sweep(tmp_path, monkeypatch, '--print_commands')  # writes nothing: allowed
+    assert (code, launched) == (0, []) and 'stage 2 command to run' in err
+
+
 def test_data_difference_compares_classes_always_and_counts_only_where_comparable():
     counts, more = {'train': 48, 'test': 18}, {'train': 49, 'test': 18}
     assert sweep.data_difference((['a', 'b'], counts, 3), (['a', 'c'], counts, 3)) == 'other classes'  # a rename
