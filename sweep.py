@@ -438,10 +438,12 @@ def sweep_running(sweep_dir):
 def lock_sweep(sweep_dir):
     """Two sweep.py processes on one sweep would resume (or set aside) each other's runs; --print_commands and
     --collect take the lock too, as they would print the resume command of a run in training, or report it."""
+    path = os.path.join(sweep_dir, 'sweep.lock')
     try:
-        handle = open(os.path.join(sweep_dir, 'sweep.lock'), 'w')
-    except OSError as e:
-        fail(f"cannot write into {sweep_dir} ({e.strerror or e}); choose a writable --log_dir")
+        handle = open(path, 'w')
+    except OSError as e:  # the sweep exists by now: another --log_dir would be another sweep
+        fail(f"cannot write {path if os.path.lexists(path) else 'into ' + sweep_dir} ({e.strerror or e})"
+             + ("; make it writable (chmod u+w, or ask its owner)" if isinstance(e, PermissionError) else ''))
     import fcntl  # POSIX only: main checks first (vpt.not_posix)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -816,6 +816,17 @@ def test_a_sweep_the_user_may_not_write_is_refused_before_anything_runs(tmp_path
     assert (code, launched) == (0, []) and 'stage 2 command to run' in err
 
 
+def test_a_read_only_sweep_lock_is_named_not_its_directory(tmp_path, monkeypatch, capsys):
+    """'cannot write into DIR ...; choose a writable --log_dir' blamed the directory, and another --log_dir is
+    another sweep."""
+    deny(monkeypatch, tmp_path / 'sweep.lock', mode=os.W_OK)
+    (tmp_path / 'sweep.lock').write_text('')
+    with pytest.raises(SystemExit):
+        sweep.lock_sweep(str(tmp_path))
+    assert capsys.readouterr().err == (f"sweep.py: error: cannot write {tmp_path / 'sweep.lock'} (Permission denied); "
+                                       f"make it writable (chmod u+w, or ask its owner)\n")
+
+
 def test_data_difference_compares_classes_always_and_counts_only_where_comparable():
     counts, more = {'train': 48, 'test': 18}, {'train': 49, 'test': 18}
     assert sweep.data_difference((['a', 'b'], counts, 3), (['a', 'c'], counts, 3)) == 'other classes'  # a rename
