@@ -701,7 +701,7 @@ def move_aside(run_dir, why, folder=None):
     parent = os.path.dirname(run_dir)
     target = os.path.join(folder or parent, os.path.basename(run_dir) + f".{why}-")
     n = 1
-    while os.path.exists(f"{target}{n}"):
+    while os.path.lexists(f"{target}{n}"):  # a link to a missing file too: a directory is not renamed onto a link
         n += 1
     os.makedirs(folder or parent, exist_ok=True)
     os.rename(run_dir, f"{target}{n}")

@@ -248,6 +248,16 @@ def test_run_without_checkpoint_is_moved_aside_not_deleted(tmp_path, monkeypatch
     assert 'moved it to grid_lr=1e-3.failed-2' in (tmp_path / 'sweep.log').read_text()
 
 
+def test_a_run_is_moved_aside_past_a_dangling_link_of_its_new_name(tmp_path):
+    """A link to a missing file named <run>.failed-1 passed for a free name: the rename onto it stopped the sweep with
+    'Not a directory ... mend that', on every re-launch."""
+    (tmp_path / 'grid_lr=1e-3').mkdir()
+    (tmp_path / 'grid_lr=1e-3.failed-1').symlink_to(tmp_path / 'nowhere')
+    assert sweep.move_aside(str(tmp_path / 'grid_lr=1e-3'), 'failed') == 'grid_lr=1e-3.failed-2'
+    assert (tmp_path / 'grid_lr=1e-3.failed-2').is_dir() and os.readlink(tmp_path / 'grid_lr=1e-3.failed-1') == str(
+        tmp_path / 'nowhere')
+
+
 # ---------------------------------------------------------------- a whole sweep, two trials at a time
 
 def test_model_is_checked_when_the_sweep_is_made_not_on_every_launch(tmp_path, monkeypatch, capsys):
