@@ -1117,6 +1117,7 @@ def kept_as_it_is(run_dir, target):
     logs/, a directory of that name): a failed write would stop plot.py, and the runs after it would not be drawn."""
     folder = os.path.dirname(target)
     unwritable = ('a directory has its name' if os.path.isdir(target) else
+                  'a link to a missing file has its name' if os.path.islink(target) and not os.path.exists(target) else
                   f'no write permission in {folder}' if not os.access(folder, os.W_OK) else
                   'no write permission for it' if os.path.isfile(target) and not os.access(target, os.W_OK) else None)
     if unwritable:
@@ -1139,6 +1140,10 @@ def check_replaceable(out, default=False):
         if default:
             error(f"{out} is a directory, where plot.py writes its figure; pass --out FILE")
         error(f"--out {out} is a directory; pass a file name such as {os.path.join(out, 'accuracy.png')}")
+    if os.path.islink(out) and not os.path.exists(out):  # savefig would make the file it names, or fail once drawn
+        error(f"{out} is a link to a missing file ({os.readlink(out)}) and plot.py writes no new figure through a "
+              f"link: " + ("pass --out FILE to write the figure elsewhere" if default else "choose another --out")
+              + ", or remove the link first")
     if not os.path.isfile(out):  # nothing there, or /dev/null, a pipe: nothing to lose, and a pipe is not to be read
         return
     marked = drawn_by_plot(out, matplotlib_too=default)

@@ -434,6 +434,31 @@ def test_out_never_replaces_a_file_plot_py_did_not_write(logs, tmp_path, capsys,
     assert target.read_bytes() == before
 
 
+def test_a_dangling_link_is_no_free_name_for_a_figure(logs, tmp_path, capsys):
+    """A link to a missing file passed for a free name: savefig wrote through it (making the file it names elsewhere)
+    or, its folder missing, failed once drawn with 'cannot write LINK: No such file or directory: LINK'."""
+    link = tmp_path / 'acc.png'
+    link.symlink_to(tmp_path / 'missing' / 'acc.png')
+    code, out, err = run_plot([logs, '--out', link], capsys)
+    assert code == 2 and out == '' and one_line(err) == (
+        f"plot.py: error: {link} is a link to a missing file ({tmp_path / 'missing' / 'acc.png'}) and plot.py writes "
+        f"no new figure through a link: choose another --out, or remove the link first")
+    assert os.path.islink(link) and not os.path.exists(tmp_path / 'missing')
+    default = os.path.join(logs, 'accuracy.png')
+    os.symlink(tmp_path / 'elsewhere.png', default)
+    code, out, err = run_plot([logs], capsys)
+    assert code == 2 and f"{default} is a link to a missing file" in err and 'pass --out FILE' in err
+    assert not os.path.lexists(tmp_path / 'elsewhere.png')
+    run_dir = folder_run(tmp_path, MIXED, name='linked')  # a run's own figure: that run is skipped, with a warning
+    write_confusion(run_dir, ['a', 'b'], [[3, 1], [0, 4]])
+    os.symlink(tmp_path / 'missing' / 'confusion.png', os.path.join(run_dir, 'confusion.png'))
+    code, out, err = run_plot([run_dir, '--confusion'], capsys)
+    assert code == 2 and out == '' and one_line(err.splitlines()[0]) == (
+        f"plot.py: warning: skipping run {run_dir}: cannot write confusion.png there (a link to a missing file has its "
+        f"name); pass --out FILE with this run alone to draw it elsewhere")
+    assert not os.path.exists(tmp_path / 'missing')
+
+
 @pytest.mark.parametrize('name', ['accuracy.png', 'cost.png'])
 def test_default_figure_never_replaces_a_file_of_another_program(logs, tmp_path, capsys, name):
     """Without --out the figures go to <first PATH>/accuracy.png (cost.png): a photo of that name there was replaced
