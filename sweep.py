@@ -415,6 +415,10 @@ def check_writable(sweep_dir, meta, base_seed):
     paths = [sweep_dir, os.path.join(sweep_dir, 'logs'), os.path.join(sweep_dir, 'sweep.log')]
     paths += [log_path(sweep_dir, name) for name in trial_names(meta, base_seed)  # a finished run's log is not added to
               if not (read_json(os.path.join(sweep_dir, name, 'summary.json')) or {}).get('finished')]
+    for path in paths + [os.path.join(sweep_dir, name) for name in trial_names(meta, base_seed)]:
+        if os.path.islink(path) and not os.path.exists(path):  # written through, or failing once the sweep meets it
+            fail(f"{path} is a link to a missing file ({os.readlink(path)}); remove the link, or restore what it "
+                 f"names, and re-launch the same command")
     for path in paths:
         folder = os.path.isdir(path)
         if (folder or os.path.isfile(path)) and not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
@@ -443,7 +447,9 @@ def lock_sweep(sweep_dir):
         handle = open(path, 'w')
     except OSError as e:  # the sweep exists by now: another --log_dir would be another sweep
         fail(f"cannot write {path if os.path.lexists(path) else 'into ' + sweep_dir} ({e.strerror or e})"
-             + ("; make it writable (chmod u+w, or ask its owner)" if isinstance(e, PermissionError) else ''))
+             + ("; make it writable (chmod u+w, or ask its owner)" if isinstance(e, PermissionError) else
+                f"; it is a link to a missing file ({os.readlink(path)}): remove the link" if os.path.islink(path)
+                else ''))
     import fcntl  # POSIX only: main checks first (vpt.not_posix)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

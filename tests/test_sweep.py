@@ -826,6 +826,28 @@ def test_a_sweep_the_user_may_not_write_is_refused_before_anything_runs(tmp_path
     assert (code, launched) == (0, []) and 'stage 2 command to run' in err
 
 
+def test_a_dangling_link_among_the_files_a_launch_writes_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """sweep.log or a run's log that is a link to a missing file was appended to through the link (a file made
+    elsewhere) or, its folder missing, stopped the sweep midway with 'No such file or directory ... mend that (free
+    space, permissions)'; a run directory that is one was started and failed 'already exists; pick another --name'."""
+    root = tmp_path / 's'
+    fake_sweep(str(root), 1, [])
+    for link in (root / 'sweep.log', root / 'logs' / 'final_seed=1.log', root / 'final_seed=1'):
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(tmp_path / 'gone' / 'x')
+        code, err, launched = relaunch_fake_sweep(tmp_path, monkeypatch)
+        assert (code, err, launched) == (1, f"sweep.py: error: {link} is a link to a missing file "
+                                            f"({tmp_path / 'gone' / 'x'}); remove the link, or restore what it names, "
+                                            f"and re-launch the same command\n", [])
+        link.unlink()
+    (root / 'sweep.lock').unlink()  # made by the launches above
+    (root / 'sweep.lock').symlink_to(tmp_path / 'gone' / 'x')
+    code, err, launched = relaunch_fake_sweep(tmp_path, monkeypatch)
+    assert (code, launched) == (1, []) and err.endswith(
+        f"; it is a link to a missing file ({tmp_path / 'gone' / 'x'}): remove the link\n")
+    assert not (tmp_path / 'gone').exists()
+
+
 def test_a_read_only_sweep_lock_is_named_not_its_directory(tmp_path, monkeypatch, capsys):
     """'cannot write into DIR ...; choose a writable --log_dir' blamed the directory, and another --log_dir is
     another sweep."""
