@@ -11,6 +11,26 @@
 
 In Python (a notebook): model, classes, to_input = main.load_model('logs/<run>'); model(to_input(uint8_images)).
 """
+import os
+import signal
+import sys
+
+
+def stop_at_once(signum, frame):
+    """SIGINT/SIGTERM while Python imports the modules below, before main() takes the signals over: nothing is made
+    yet, so the process ends here, in main()'s one line and exit status. It was a KeyboardInterrupt traceback, or a
+    kill without a word (these imports are a tenth of a second of the start)."""
+    for each in (signal.SIGINT, signal.SIGTERM):  # a terminal's Ctrl-C reaches the whole group: one line, not two
+        signal.signal(each, lambda signum, frame: None)
+    if os.environ.get('LOCAL_RANK', '0') == '0':  # as say_once: torchrun signals every process
+        print(f"\n{signal.Signals(signum).name}: stopped", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+if __name__ == '__main__':  # before the imports below; also where a shell's background job inherited SIGINT ignored
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, stop_at_once)
+
 import argparse
 import atexit
 import contextlib
@@ -19,13 +39,10 @@ import difflib
 import hashlib
 import json
 import math
-import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import unicodedata
 

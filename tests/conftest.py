@@ -119,6 +119,21 @@ def stderr_when_the_reader_goes_away(argv, script):
     return process.wait(timeout=120), err
 
 
+def signal_on_import(script, argv, signum, module):
+    """`python script argv...` that sends itself `signum` as Python first looks up `module` -> CompletedProcess."""
+    code = (f"import os, runpy, sys\n"
+            f"class Hook:\n"
+            f"    def find_spec(self, name, path, target=None):\n"
+            f"        if name == {module!r}:\n"
+            f"            os.kill(os.getpid(), {int(signum)})\n"
+            f"sys.meta_path.insert(0, Hook())\n"
+            f"sys.argv = [{script!r}, *{list(map(str, argv))!r}]\n"
+            f"sys.path.insert(0, {REPO!r})\n"
+            f"runpy.run_path({os.path.join(REPO, script)!r}, run_name='__main__')\n")
+    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
 def read_metrics(run_dir):
     import csv
     with open(os.path.join(run_dir, 'metrics.csv')) as f:

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import main
-from conftest import REPO, TINY, read_metrics, run_main, signal_after_first_epoch, write_folder_dataset
+from conftest import (REPO, TINY, read_metrics, run_main, signal_after_first_epoch, signal_on_import,
+                      write_folder_dataset)
 
 TIME_COLUMNS = ('epoch_time_s', 'train_images_per_s')
 
@@ -523,6 +524,16 @@ def test_a_keyboard_interrupt_without_a_signal_number_is_said_as_sigint(tiny_dat
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)
     assert code == 130 and err.strip() == 'SIGINT: stopped'
     assert list((tmp_path / 'logs').glob('*')) == []
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_main_imports_its_modules_is_one_line(tiny_dataset, tmp_path, signum):
+    """Ctrl-C or SIGTERM in the tenth of a second main.py spends importing argparse and the rest, before main() sets
+    its handlers: a KeyboardInterrupt traceback, or a kill without a word (found by a fuzz). Sent as argparse, main.py's
+    first import after its handlers are set, is looked up."""
+    result = signal_on_import('main.py', tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), signum, 'argparse')
+    assert result.returncode == 128 + signum and result.stderr.strip() == f'{signal.Signals(signum).name}: stopped'
+    assert not os.path.exists(tmp_path / 'logs')
 
 
 def test_signal_during_the_last_evaluation_finishes_the_run(tiny_dataset, tmp_path, capsys, monkeypatch):
