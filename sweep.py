@@ -39,6 +39,26 @@ grid point finished; but two trials that failed with the same last line on one G
 first checkpoint, as all do when the data cannot be downloaded, stop further trials from starting there).
 --print_commands prints stage 1's commands, or stage 2's once stage 1 has finished there.
 """
+import os
+import signal
+import sys
+
+
+def stop_at_once(signum, frame):
+    """SIGINT/SIGTERM while Python imports the modules below (main.py's too), before run_cli() takes the signals over:
+    nothing is written yet, so the process ends here, in run_cli()'s one line and exit status. It was a
+    KeyboardInterrupt traceback, or a kill without a word."""
+    for each in (signal.SIGINT, signal.SIGTERM):  # a terminal's Ctrl-C reaches the whole group: one line, not two
+        signal.signal(each, lambda signum, frame: None)
+    print(f"sweep.py: error: {signal.Signals(signum).name}: stopped before any trial started; run the same command "
+          f"again to go on", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+if __name__ == '__main__':  # before the imports below
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, stop_at_once)
+
 import argparse
 import contextlib
 import csv
@@ -48,13 +68,10 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import re
 import shlex
-import signal
 import statistics
 import subprocess
-import sys
 import time
 
 import main as vpt  # argparse and the standard library only: main.py imports torch inside main()

@@ -18,7 +18,7 @@ import pytest
 
 import main
 import sweep
-from conftest import (REPO, TINY, read_metrics, run_cli, run_main, signal_after_first_epoch,
+from conftest import (REPO, TINY, read_metrics, run_cli, run_main, signal_after_first_epoch, signal_on_import,
                       stderr_when_the_reader_goes_away, write_folder_dataset)
 
 # one torch thread per trial: two trials at a time (or other tests beside these) on a small CPU otherwise slow each
@@ -1555,6 +1555,19 @@ def test_a_signal_during_the_model_check_stops_in_one_line(tiny_dataset, tmp_pat
     assert err == (f"sweep.py: error: {signal.Signals(signum).name}: stopped before any trial started; run the same "
                    f"command again to go on\n")
     assert not any(os.scandir(tmp_path))  # no sweep.json: the same command starts it afresh
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_sweep_imports_its_modules_stops_in_one_line(tiny_dataset, tmp_path, signum):
+    """Ctrl-C or SIGTERM while sweep.py imports argparse and the rest (main.py's too), before run_cli() sets its
+    handlers: a KeyboardInterrupt traceback, or a kill without a word (found by a fuzz). Sent as argparse, sweep.py's
+    first import after its handlers are set, is looked up."""
+    result = signal_on_import('sweep.py', ['--grid', 'lr=1e-3', '--seeds', '1', '--val_split', '0.25', '--log_dir',
+                                           tmp_path / 'sweep', '--', *tiny(tiny_dataset, 1)], signum, 'argparse')
+    assert result.returncode == 128 + signum and result.stderr == (
+        f"sweep.py: error: {signal.Signals(signum).name}: stopped before any trial started; run the same command "
+        f"again to go on\n")
+    assert not os.path.exists(tmp_path / 'sweep')
 
 
 def test_a_trial_that_hears_a_signal_twice_while_it_starts_stops_in_one_line(tiny_dataset, tmp_path):
