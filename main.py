@@ -596,6 +596,10 @@ def train_run(args, argv, mode, rank, world_size, device, held):
         run_dir = broadcast_run_dir(run_dir, world_size)
         train.fit(model, on_device, classes, args, run_dir, device, state, test_names)  # leaves signals ignored
     except BaseException:
+        # a stop, an error or a non-finite loss on its way out: fit gave main()'s start-up handler back, and a signal
+        # now (torchrun's, or a second Ctrl-C) added a second line and turned the exit status into its own
+        for each in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(each, lambda signum, frame: None)
         if rank == 0 and not args.resume and not os.path.exists(os.path.join(run_dir, 'state.pt')):
             shutil.rmtree(run_dir, ignore_errors=True)  # it holds only this run's config.json: nothing to resume
         raise

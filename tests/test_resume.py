@@ -536,6 +536,32 @@ def test_a_signal_while_main_imports_its_modules_is_one_line(tiny_dataset, tmp_p
     assert not os.path.exists(tmp_path / 'logs')
 
 
+def test_a_second_signal_while_a_stopped_run_exits_changes_nothing(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """Ctrl-C stops training at its next step; a second signal as the process winds down (torchrun passes the
+    terminal's Ctrl-C on, then may send SIGTERM; a user presses Ctrl-C again) met main()'s start-up handler again,
+    which training had given back: a second line, 'SIGTERM: stopped', and exit 143 for the run stopped by SIGINT."""
+    import train
+    evaluate_split, close_distributed = train.evaluate_split, train.close_distributed
+
+    def evaluate_then_signal(model, split, *args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate_split(model, split, *args)
+
+    def close_then_signal():
+        os.kill(os.getpid(), signal.SIGTERM)
+        return close_distributed()
+    monkeypatch.setattr(train, 'evaluate_split', evaluate_then_signal)
+    monkeypatch.setattr(train, 'close_distributed', close_then_signal)
+    int_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # main() sets its own, and gives this one back
+    try:
+        code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', epochs=3), capsys)
+    finally:
+        signal.signal(signal.SIGINT, int_handler)
+    assert code == 130 and err.strip().splitlines() == [
+        f"SIGINT: stopped; {tmp_path / 'r'} keeps the checkpoint and metrics of epoch 1. Resume with:",
+        f"  python main.py --resume {tmp_path / 'r'}"], err
+
+
 def test_signal_during_the_last_evaluation_finishes_the_run(tiny_dataset, tmp_path, capsys, monkeypatch):
     import train
     evaluate_split = train.evaluate_split
