@@ -58,6 +58,7 @@ CIFAR = ('cifar10', 'cifar100')  # --dataset names that are not folders (data.CI
 SEED_MAX = 2**32 - 1
 PREDICTIONS_SHOWN = 50  # --predict prints this many rows; predictions.csv holds them all
 ARCHIVES = ('.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tar.xz', '.zip', '.7z', '.rar')  # a --dataset not yet extracted
+SIGNALLED = []  # the signal main()'s start-up handler (interrupt) raised a KeyboardInterrupt for
 EXIT_DIVERGED = 3  # exit status of a run stopped by a non-finite loss: a result of its settings, not a crash (sweep.py)
 # AdamW defaults per mode (batch 128): prompt tuning behind a frozen backbone takes a far larger lr than full tuning
 DEFAULT_LR = {'P': 5e-3, 'linear': 5e-3, 'F': 1e-4, 'P+F': 1e-4}
@@ -466,6 +467,7 @@ def main(argv=None):
     # Outside the training loop (which takes both signals over: train.StopRequest) SIGINT and SIGTERM stop by an
     # exception: a run being set up removes its half-made directory, and the exit is one line rather than a kill. Set
     # here, not left to Python, as a shell script's background job inherits SIGINT ignored, and training hears it.
+    SIGNALLED.clear()
     previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         args = parse_args(argv)
@@ -486,7 +488,16 @@ def interrupt(signum, frame):
     # that does nothing, not SIG_IGN: Python reports a signal it caught but finds ignored as it runs its handlers
     for each in (signal.SIGINT, signal.SIGTERM):
         signal.signal(each, lambda signum, frame: None)
+    SIGNALLED.append(signum)
     raise KeyboardInterrupt(signum)
+
+
+def stop_if_signalled():
+    """Raise interrupt's KeyboardInterrupt again where C code swallowed it: an extension module that imports another
+    as it loads (torch's triton imports rocm_sdk, torchvision's ElementTree pyexpat) clears the error of that import,
+    and the run trained on after a Ctrl-C, its handlers doing nothing (found by an import-hook fuzz)."""
+    if SIGNALLED:
+        raise KeyboardInterrupt(SIGNALLED[0])
 
 
 @contextlib.contextmanager
@@ -519,6 +530,7 @@ def start(args, argv, mode):
         import train
         if args.tensorboard and not (args.eval_only or args.predict):
             train.check_tensorboard()
+    stop_if_signalled()  # the imports of torch, timm and torchvision above
     with said_once():  # its GPU-count error, one process's own, is printed by that process itself
         rank, world_size, device = train.setup_distributed(args.device)
     try:
@@ -594,6 +606,7 @@ def train_run(args, argv, mode, rank, world_size, device, held):
             print(f"run directory: {run_dir}" + (f" (resumed after epoch {state['epoch']} of {args.epoch})"
                                                  if args.resume else ''), flush=True)
         run_dir = broadcast_run_dir(run_dir, world_size)
+        stop_if_signalled()  # the last moment before training's own handlers
         train.fit(model, on_device, classes, args, run_dir, device, state, test_names)  # leaves signals ignored
     except BaseException:
         # a stop, an error or a non-finite loss on its way out: fit gave main()'s start-up handler back, and a signal

@@ -119,13 +119,19 @@ def stderr_when_the_reader_goes_away(argv, script):
     return process.wait(timeout=120), err
 
 
-def signal_on_import(script, argv, signum, module):
-    """`python script argv...` that sends itself `signum` as Python first looks up `module` -> CompletedProcess."""
-    code = (f"import os, runpy, sys\n"
+def signal_on_import(script, argv, signum, module, swallowed=False):
+    """`python script argv...` that sends itself `signum` as Python first looks up `module` -> CompletedProcess.
+    `swallowed`: the exception its handler raises there is then cleared, as C code that imports a module does (an
+    extension module importing another as it loads: torch's triton, ElementTree's pyexpat)."""
+    send = f"os.kill(os.getpid(), {int(signum)})"
+    code = (f"import os, runpy, sys, time\n"
             f"class Hook:\n"
             f"    def find_spec(self, name, path, target=None):\n"
             f"        if name == {module!r}:\n"
-            f"            os.kill(os.getpid(), {int(signum)})\n"
+            + (f"            try:\n"
+               f"                {send}; time.sleep(5)\n"
+               f"            except KeyboardInterrupt:\n"
+               f"                pass\n" if swallowed else f"            {send}\n") +
             f"sys.meta_path.insert(0, Hook())\n"
             f"sys.argv = [{script!r}, *{list(map(str, argv))!r}]\n"
             f"sys.path.insert(0, {REPO!r})\n"

@@ -536,6 +536,35 @@ def test_a_signal_while_main_imports_its_modules_is_one_line(tiny_dataset, tmp_p
     assert not os.path.exists(tmp_path / 'logs')
 
 
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_whose_exception_c_code_swallows_while_torch_loads_still_stops(tiny_dataset, tmp_path, signum):
+    """Ctrl-C or SIGTERM as an extension module imports another while torch, timm and torchvision load (triton's
+    rocm_sdk, ElementTree's pyexpat): that C code clears the KeyboardInterrupt main.py's handler raised, and the run
+    trained to the end and exited 0 without a word (found by an import-hook fuzz). Swallowed here as timm is looked
+    up, the first of them."""
+    result = signal_on_import('main.py', tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), signum, 'timm', swallowed=True)
+    assert result.returncode == 128 + signum and result.stderr.strip() == f'{signal.Signals(signum).name}: stopped'
+    assert not os.path.exists(tmp_path / 'logs')
+
+
+def test_a_signal_swallowed_after_the_imports_stops_before_training(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """As above, where C code swallows the exception later (a module loaded with the data or the model): the run
+    stops before training, with its one line, and leaves no directory."""
+    build_model = main.build_model
+
+    def swallowed(*args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        return build_model(*args)
+    monkeypatch.setattr(main, 'build_model', swallowed)
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), capsys)
+    assert code == 143 and err.strip() == 'SIGTERM: stopped'
+    assert list((tmp_path / 'logs').glob('*')) == []
+
+
 def test_a_second_signal_while_a_stopped_run_exits_changes_nothing(tiny_dataset, tmp_path, capsys, monkeypatch):
     """Ctrl-C stops training at its next step; a second signal as the process winds down (torchrun passes the
     terminal's Ctrl-C on, then may send SIGTERM; a user presses Ctrl-C again) met main()'s start-up handler again,
