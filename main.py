@@ -239,12 +239,12 @@ def parse_args(argv=None):
             error("--prompt_impl kv needs --deep True: shallow prompts pass through every layer, so they take "
                   "--prompt_impl naive")
         args.prompt_impl = 'naive'
+    if args.eval_only and args.predict:  # before the run is read: the command itself is wrong
+        error("--eval_only and --predict are two actions; run them one at a time")
     if args.resume:
         args = merge_resume(args, given, error)
     elif args.eval_only or args.predict:
         error(f"--{'eval_only' if args.eval_only else 'predict'} needs --resume RUN_DIR: the run whose model to use")
-    if args.eval_only and args.predict:
-        error("--eval_only and --predict are two actions; run them one at a time")
     if (not args.resume or 'dataset' in given) and args.dataset not in CIFAR and not os.path.isdir(args.dataset):
         archive = os.path.isfile(args.dataset) and args.dataset.lower().endswith(ARCHIVES)
         error(f"--dataset {args.dataset!r} is neither cifar10, cifar100 nor a folder; "

@@ -343,8 +343,9 @@ def test_paths_are_checked_before_torch_loads_and_in_order(tmp_path, capsys):
             (['--eval_only', '--dataset', 'nowhere'], '--eval_only needs --resume RUN_DIR'),
             (['--resume', tmp_path / 'run', '--dataset', 'nowhere'], "--dataset 'nowhere' is neither")):
         os.makedirs(tmp_path / 'run', exist_ok=True)
-        for name in ('config.json', 'state.pt'):
-            (tmp_path / 'run' / name).write_text('{}')
+        (tmp_path / 'run' / 'state.pt').write_text('{}')
+        (tmp_path / 'run' / 'config.json').write_text(json.dumps(dict(model='test_vit', dataset='ds', full=False,
+                                                                      prompts=4, epoch=1, classes=['a', 'b'])))
         with pytest.raises(SystemExit) as error:
             main.parse_args([str(arg) for arg in argv])
         assert error.value.code == 2
