@@ -536,10 +536,17 @@ def start(args, argv, mode):
     try:
         run(args, argv, mode, rank, world_size, device)
     except RuntimeError as e:
-        if rank == 0 or not train.lost_peer(e):
+        if not train.lost_peer(e):
             raise
         first = ' '.join(str(e).split())[:160]
-        say_once(f"error: process {rank} lost the others ({first}); the first process's error above says why")
+        if rank != 0:
+            say_once(f"error: process {rank} lost the others ({first}); the first process's error above says why")
+        # another process ended: on its own error, which it said, or killed without a word (the out-of-memory killer)
+        run_dir = args.resume or (os.path.join(args.log_dir, args.name) if args.name else None)
+        kept = not (args.eval_only or args.predict) and run_dir and os.path.exists(os.path.join(run_dir, 'state.pt'))
+        resume = f"; {run_dir} keeps its last finished epoch: {train.resume_command(run_dir, world_size)}"
+        say_once(f"error: process 0 lost another process ({train.first_sentence(e, 120)}); its error above says why, "
+                 f"else it was killed (out of memory?){resume if kept else ''}")
     finally:
         train.close_distributed()
 

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -196,3 +197,27 @@ def test_errors_of_every_process_are_said_once(dataset, tmp_path, capsys, one_to
     process = torchrun(['--resume', tmp_path / 'r', '--epoch', 2])
     out, err = process.communicate(timeout=120)
     assert process.returncode != 0 and err.count('error: cannot read') == 1, err
+
+
+def test_a_process_killed_during_training_leaves_one_line_and_a_resumable_run(tmp_path):
+    """kill -9 of a worker (the out-of-memory killer): the first process lost it at its next collective and printed
+    a gloo traceback; now one line that says so and how to resume, and the run resumes."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=12, test_per_class=3, size=16)
+    run_dir = tmp_path / 'r'
+    process = torchrun([*TINY, '--img_size', 16, '--patch_size', 8, '--dataset', root, '--batch_size', 6,
+                        '--epoch', 40, '--log_dir', tmp_path, '--name', 'r'])
+    deadline = time.time() + 240
+    while not (os.path.exists(run_dir / 'metrics.csv') and len(read_metrics(run_dir)) >= 1):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    children = subprocess.run(['pgrep', '-P', str(process.pid)], capture_output=True, text=True).stdout.split()
+    second = [pid for pid in children if b'\0RANK=1\0' in b'\0' + open(f'/proc/{pid}/environ', 'rb').read()]
+    os.kill(int(second[0]), signal.SIGKILL)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and 'main.py", line' not in err, err[-3000:]  # (torchrun's own traceback follows)
+    assert err.count('error: process 0 lost another process') == 1, err[-3000:]
+    assert 'keeps its last finished epoch: torchrun --nproc_per_node=2 ' in err, err[-3000:]
+    assert f'main.py --resume {run_dir}' in err, err[-3000:]
+    resumed = torchrun(['--resume', run_dir])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
