@@ -204,7 +204,9 @@ def say_once(message, code=1):
     """Exit with a one-line error that every torchrun process finds alike: the first process on each machine prints
     it (every machine's log says why it stopped; one machine's copy of the data may differ), the others are quiet."""
     if os.environ.get('LOCAL_RANK', '0') == '0':
-        print(message, file=sys.stderr)
+        # one write: torchrun starts its workers with python -u, where print writes the newline apart, and torchrun's
+        # own log line ("Sending process ... closing signal SIGTERM") could land between the two, glued to this one
+        sys.stderr.write(message + '\n')
     sys.exit(code)
 
 

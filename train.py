@@ -808,8 +808,9 @@ def epoch_line(row, epochs):
 
 def stopped(signum, run_dir, last_epoch, rank, world_size):
     if rank == 0:
-        print(f"\n{signal.Signals(signum).name}: stopped; {run_dir} keeps the checkpoint and metrics of epoch "
-              f"{last_epoch}. Resume with:\n  {resume_command(run_dir, world_size)}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopped; {run_dir} keeps the checkpoint and metrics of "
+                         f"epoch {last_epoch}. Resume with:\n  {resume_command(run_dir, world_size)}\n")  # one write
+        sys.stderr.flush()
     raise SystemExit(128 + signum)
 
 

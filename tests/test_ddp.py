@@ -221,3 +221,23 @@ def test_a_process_killed_during_training_leaves_one_line_and_a_resumable_run(tm
     resumed = torchrun(['--resume', run_dir])
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
+
+
+def test_error_and_stop_messages_reach_stderr_in_one_write(monkeypatch, tmp_path):
+    """torchrun starts its workers with python -u, where print wrote a message and its newline apart: torchrun's own
+    log line landed in between, glued to the error ('... lists the flags)W1127 10:46:27.524000 ... closing signal')."""
+    import io
+    import main
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+    monkeypatch.setattr(sys, 'stderr', Recorder())
+    with pytest.raises(SystemExit):
+        main.main(['--val_split', '1.5'])
+    with pytest.raises(SystemExit):
+        train.stopped(signal.SIGINT, tmp_path, 3, 0, 2)
+    assert len(writes) == 2 and all(text.endswith('\n') for text in writes), writes
+    assert 'error: argument --val_split' in writes[0] and 'Resume with:\n  torchrun --nproc_per_node=2 ' in writes[1]
