@@ -102,10 +102,10 @@ def _load_cifar(name, data_dir):
             bad_meta = (all(intact(file, md5) for file, md5 in dataset_class.train_list + dataset_class.test_list)
                         and not intact(dataset_class.meta['filename'], dataset_class.meta['md5']))
             if bad_meta:
-                raise SystemExit(f"error: {CIFAR_FOLDERS[name]}/ in --data_dir {data_dir} holds {name}'s data files but "
-                                 f"no readable {dataset_class.meta['filename']}; replace the folder with the official "
-                                 f"{dataset_class.filename} (from {dataset_class.url}) extracted, or remove it and run "
-                                 f"again with network") from None
+                raise SystemExit(f"error: {CIFAR_FOLDERS[name]}/ in --data_dir {data_dir} holds {name}'s data files "
+                                 f"but no readable {dataset_class.meta['filename']}; replace the folder with the "
+                                 f"official {dataset_class.filename} (from {dataset_class.url}) extracted, or remove it "
+                                 f"and run again with network") from None
             raise SystemExit(f"error: downloading {name} into --data_dir {data_dir} failed ({str(e).strip()}); run "
                              f"again, or put the official {dataset_class.filename} (from {dataset_class.url}) into "
                              f"{data_dir}") from None

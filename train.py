@@ -643,9 +643,9 @@ def check_optimizer_state(run_dir, model, saved, weight_decay):
     if misfits or other_count:
         held = (f"{sum(map(len, saved_groups))} tensors where the model trains {sum(map(len, groups))}"
                 if other_count and saved_groups else misfits[0])
-        raise SystemExit(f"error: {run_dir}/state.pt does not match this run's model (its optimizer state holds {held}):"
-                         f" the file comes from another run, or the run's config.json was edited; restore it, or "
-                         f"--eval_only still evaluates its trainable.safetensors")
+        raise SystemExit(f"error: {run_dir}/state.pt does not match this run's model (its optimizer state holds "
+                         f"{held}): the file comes from another run, or the run's config.json was edited; restore it, "
+                         f"or --eval_only still evaluates its trainable.safetensors")
 
 
 def load_state(run_dir):
