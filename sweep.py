@@ -361,9 +361,7 @@ def open_sweep(sweep_dir, definition, command, models):
     same definition (its models were checked when it was written)."""
     path = os.path.join(sweep_dir, 'sweep.json')
     for denied in (sweep_dir, path):  # not damaged nor missing: removing the definition would be the wrong fix
-        if unreadable(denied):
-            fail(f"cannot read {denied} (permission denied); make it readable (chmod {unreadable(denied)}, or ask its "
-                 f"owner) and re-launch the same command")
+        refuse_unreadable(denied, 're-launch the same command')
     saved = read_json(path)
     if saved is not None:
         changed = [key for key in definition if json.dumps(saved.get(key)) != json.dumps(definition[key])]
@@ -396,14 +394,16 @@ def open_sweep(sweep_dir, definition, command, models):
     return meta
 
 
-def unreadable(path):
-    """The chmod that lets this user read a file or directory (list and enter it) that exists but that it may not
-    read, whose contents would look missing; None when it is readable or absent."""
+def refuse_unreadable(path, then, why=''):
+    """One line with the chmod for a file or directory (list and enter it) that exists but that this user may not
+    read, whose contents would look missing; nothing when it is readable or absent."""
     if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
-        return 'u+rx'
-    if os.path.isfile(path) and not os.access(path, os.R_OK):
-        return 'u+r'
-    return None
+        chmod = 'u+rx'
+    elif os.path.isfile(path) and not os.access(path, os.R_OK):
+        chmod = 'u+r'
+    else:
+        return
+    fail(f"cannot read {path} (permission denied){why}; make it readable (chmod {chmod}, or ask its owner) and {then}")
 
 
 def trial_names(meta, base_seed):
@@ -421,9 +421,7 @@ def check_runs_readable(sweep_dir, meta, base_seed, then):
         paths += [run_dir, os.path.join(run_dir, 'summary.json'), os.path.join(run_dir, 'config.json')]
     paths += [log_path(sweep_dir, name) for name in trial_names(meta, base_seed)]
     for path in paths:
-        if unreadable(path):
-            fail(f"cannot read {path} (permission denied), where sweep.py learns how a run ended; make it readable "
-                 f"(chmod {unreadable(path)}, or ask its owner) and {then}")
+        refuse_unreadable(path, then, ', where sweep.py learns how a run ended')
 
 
 def check_writable(sweep_dir, meta, base_seed):
@@ -1082,9 +1080,7 @@ def base_seed_of(meta):
 
 def read_sweep(sweep_dir, action):
     for path in (sweep_dir, os.path.join(sweep_dir, 'sweep.json')):
-        if unreadable(path):
-            fail(f"cannot read {path} (permission denied); make it readable (chmod {unreadable(path)}, or ask its "
-                 f"owner) and run the same command again")
+        refuse_unreadable(path, 'run the same command again')
     meta = read_json(os.path.join(sweep_dir, 'sweep.json'))
     if not isinstance(meta, dict) or not {'grid', 'seeds', 'val_split', 'main_flags', 'command'} <= set(meta):
         inside = []  # the sweeps of a --log_dir passed for one of them
