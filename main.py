@@ -579,7 +579,12 @@ def train_run(args, argv, mode, rank, world_size, device, held):
             state = train.load_state(args.resume)
             if not check_resume_epoch(args, state['epoch']):  # nothing to train: the run stays as it is
                 if rank == 0:
-                    print(f"{args.resume} has finished all {args.epoch} epochs; pass --epoch N to train further")
+                    config = read_json(os.path.join(args.resume, 'config.json'))
+                    rewritten = train.complete_finished(args.resume, state, args.val_split, config.get('test_images'),
+                                                        config['classes'])
+                    print(f"{args.resume} has finished all {args.epoch} epochs; pass --epoch N to train further"
+                          + (f" ({' and '.join(rewritten)} written again from its state.pt: missing or of an "
+                             f"earlier epoch)" if rewritten else ''))
                 return
         splits, classes, available, test_names, digests = load_splits(args, rank, world_size)
         check_schedule(args, len(splits['train'][1]), state['epoch'] if state else 0)

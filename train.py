@@ -648,6 +648,53 @@ def check_optimizer_state(run_dir, model, saved, weight_decay):
                          f"or --eval_only still evaluates its trainable.safetensors")
 
 
+def complete_finished(run_dir, state, val_split, test_images, classes):
+    """A finished run's metrics.csv and summary.json made again from its state.pt where they lag it: deleted, or a
+    crash between write_files' renames (state.pt is renamed before them) left the previous epoch's, and sweep.py would
+    launch the run again on every relaunch. A file that does not lag (a damaged or hand-edited one) is left as it is.
+    -> the names rewritten."""
+    history, epoch = state['history'], state['epoch']
+    summary_path, metrics_path = os.path.join(run_dir, 'summary.json'), os.path.join(run_dir, 'metrics.csv')
+    files = {}
+    try:
+        with open(summary_path) as f:
+            done = json.load(f).get('epochs_done')
+    except FileNotFoundError:
+        done = 0
+    except (OSError, ValueError, RecursionError, AttributeError):
+        done = None
+    if type(done) is int and done < epoch:
+        last_is_best = best_val_epoch(history) == epoch  # as fit: a new best drops the older best's per-class view
+        summary = dict(summarize(history, epoch, val_split, test_images),
+                       **({} if last_is_best else best_view(run_dir)))
+        confusion = read_confusion(os.path.join(run_dir, 'confusion.csv'), classes)
+        if confusion is not None:
+            summary['per_class_acc'] = per_class_accuracy(confusion, classes)
+        files[summary_path] = json_bytes(summary)
+    try:
+        with open(metrics_path, newline='') as f:
+            rows = sum(1 for _ in csv.reader(f)) - 1
+    except FileNotFoundError:
+        rows = 0
+    except (OSError, ValueError):
+        rows = None
+    if rows is not None and rows < len(history):
+        files[metrics_path] = metrics_bytes(history)
+    write_files(files, then='resume it again')
+    return [os.path.basename(path) for path in files]
+
+
+def read_confusion(path, classes):
+    """confusion.csv (confusion_bytes) as a tensor, or None when it is missing or not one of `classes`."""
+    with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
+        with open(path, newline='', encoding='utf-8') as f:
+            rows = list(csv.reader(f))
+        names = [utf8_text(name) for name in classes]  # as confusion_bytes wrote them
+        if rows and rows[0][1:] == names and [row[0] for row in rows[1:]] == names:
+            return torch.tensor([[int(count) for count in row[1:]] for row in rows[1:]])
+    return None
+
+
 def load_state(run_dir):
     path = os.path.join(run_dir, 'state.pt')
     try:  # to the CPU: RNG states must be CPU tensors, and optimizer.load_state_dict moves its state to each parameter

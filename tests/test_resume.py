@@ -226,6 +226,40 @@ def test_refused_resume_writes_nothing_and_the_run_still_resumes(tiny_dataset, t
     assert files(tmp_path / 'r') == before
 
 
+def test_resuming_a_finished_run_writes_again_the_files_that_lag_its_state(tiny_dataset, tmp_path, capsys):
+    """A crash between write_files' renames after the last epoch (state.pt goes before metrics.csv and summary.json),
+    or a deleted summary.json, left a finished run that sweep.py took for an unfinished one and launched again on
+    every relaunch, main.py saying 'finished' and changing nothing. A resume writes them again from state.pt, equal
+    to what the run wrote; a damaged summary.json is left as it is."""
+    import train
+    run_dir = tmp_path / 'r'
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r', '--val_split', 0.25, epochs=2), capsys)
+    assert code == 0, err
+    finished = files(run_dir)
+    config = json.loads(finished['config.json'])
+    history = torch.load(run_dir / 'state.pt', weights_only=False)['history']
+    # the epoch-1 files that fit had written, as a crash before their renames leaves them
+    stale_summary = train.json_bytes(train.summarize(history[:1], 2, 0.25, config['test_images']))
+    for lagging in ({'summary.json': stale_summary, 'metrics.csv': train.metrics_bytes(history[:1])},
+                    {'summary.json': None}):
+        for name, content in lagging.items():
+            (run_dir / name).unlink()
+            if content is not None:
+                (run_dir / name).write_bytes(content)
+        code, out, err = run_main(['--resume', run_dir], capsys)
+        assert code == 0 and f"{run_dir} has finished all 2 epochs" in out, err
+        assert f"({' and '.join(lagging)} written again from its state.pt" in out
+        assert files(run_dir) == finished  # per_class_acc from confusion.csv, as the run wrote it
+    code, out, _ = run_main(['--resume', run_dir], capsys)
+    assert code == 0 and 'written again' not in out and files(run_dir) == finished
+    # damaged, or edited (a spreadsheet saving the CSV with CRLF ends): not replaced
+    (run_dir / 'summary.json').write_text('{"epochs_done": 1')
+    (run_dir / 'metrics.csv').write_bytes(finished['metrics.csv'].replace(b'\n', b'\r\n'))
+    edited = files(run_dir)
+    code, out, _ = run_main(['--resume', run_dir], capsys)
+    assert code == 0 and 'written again' not in out and files(run_dir) == edited
+
+
 def test_a_resume_whose_data_cannot_go_onto_the_device_writes_nothing(tiny_dataset, tmp_path, capsys, monkeypatch):
     """Out of GPU memory moving the images to the device refuses a resume like any other check: before config.json
     gains a 'resumed' entry for a resume that never trained."""
