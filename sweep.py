@@ -699,20 +699,34 @@ def check_data(sweep_dir, trials, launched=True):
                  f"data you do not want and re-launch, or sweep the data as it is now under another --name")
 
 
+# the flags that choose which images a run's splits hold and how they are decoded: runs that agree on them and on the
+# folder_reading rule trained and tested on the same images, so their data_sha256 must agree too
+SELECTION = ('train_samples', 'test_samples', 'val_split', 'test_split', 'data_seed', 'img_size', 'pillow_version')
+
+
 def data_read(config):
     """What a run's config.json says it read: the class names in order, each split's images before subsetting (not
-    recorded before vpt counted them) and how the folder was read (data.FOLDER_READING; 1 before it was recorded)."""
-    return config.get('classes'), config.get('dataset_images'), config.get('folder_reading', 1)
+    recorded before vpt counted them), how the folder was read (data.FOLDER_READING; 1 before it was recorded), the
+    SELECTION flags, and each split's sha256 of its decoded images and labels (not recorded before data_sha256)."""
+    return (config.get('classes'), config.get('dataset_images'), config.get('folder_reading', 1),
+            tuple(config.get(flag) for flag in SELECTION), config.get('data_sha256'))
 
 
 def data_difference(first, other):
     """How two data_read() differ, in words; '' when they agree. Runs that read the folder by different rules may
     count other images of the same data (the launch warns about them): only their classes are compared, as for runs
-    that recorded no counts."""
+    that recorded no counts. Images are compared where the counts agree (an image replaced or moved to another class
+    keeps them) and the runs chose their splits alike."""
     if first[0] != other[0]:
         return 'other classes'
     if first[2] == other[2] and None not in (first[1], other[1]) and first[1] != other[1]:
         return f"images per split {first[1]} against {other[1]}"
+    if first[2:4] == other[2:4] and isinstance(first[4], dict) and isinstance(other[4], dict):
+        changed = [split for split in ('train', 'val', 'test')
+                   if split in first[4] and split in other[4] and first[4][split] != other[4][split]]
+        if changed:
+            return (f"other images in the {' and '.join(changed)} split{'s' * (len(changed) > 1)} though the counts "
+                    f"agree, by config.json's data_sha256")
     return ''
 
 

@@ -861,11 +861,29 @@ def test_a_read_only_sweep_lock_is_named_not_its_directory(tmp_path, monkeypatch
 
 def test_data_difference_compares_classes_always_and_counts_only_where_comparable():
     counts, more = {'train': 48, 'test': 18}, {'train': 49, 'test': 18}
-    assert sweep.data_difference((['a', 'b'], counts, 3), (['a', 'c'], counts, 3)) == 'other classes'  # a rename
-    assert sweep.data_difference((['a', 'b'], counts, 1), (['a', 'c'], more, 3)) == 'other classes'
-    assert sweep.data_difference((['a'], counts, 3), (['a'], more, 3)).startswith('images per split')
-    assert sweep.data_difference((['a'], counts, 2), (['a'], more, 3)) == ''  # read by another rule: warned at launch
-    assert sweep.data_difference((['a'], None, 3), (['a'], counts, 3)) == ''  # counts not recorded by an older vpt
+    read = lambda classes, images, rule: (classes, images, rule, (), None)  # data_read's, no data_sha256
+    assert sweep.data_difference(read(['a', 'b'], counts, 3), read(['a', 'c'], counts, 3)) == 'other classes'  # renamed
+    assert sweep.data_difference(read(['a', 'b'], counts, 1), read(['a', 'c'], more, 3)) == 'other classes'
+    assert sweep.data_difference(read(['a'], counts, 3), read(['a'], more, 3)).startswith('images per split')
+    assert sweep.data_difference(read(['a'], counts, 2), read(['a'], more, 3)) == ''  # another rule: warned at launch
+    assert sweep.data_difference(read(['a'], None, 3), read(['a'], counts, 3)) == ''  # no counts: an old vpt
+
+
+def test_runs_that_chose_their_splits_alike_must_have_read_the_same_images():
+    """An image replaced, or moved to another class, while a sweep ran keeps every count: config.json's data_sha256
+    finds it where the runs chose their images alike (SELECTION); runs of another --val_split or --train_samples, or
+    a run recorded before data_sha256, are compared by their counts only."""
+    config = dict(dataset='/data/folder', classes=['cat', 'dog'], dataset_images={'train': 48, 'test': 18},
+                  folder_reading=sweep.FOLDER_READING, val_split=0.25, data_seed=0, img_size=32, pillow_version='12.0',
+                  data_sha256=dict(train='1' * 64, val='2' * 64, test='3' * 64))
+    moved = dict(config, data_sha256=dict(config['data_sha256'], train='4' * 64, test='5' * 64))
+    assert sweep.data_difference(sweep.data_read(config), sweep.data_read(moved)) == (
+        "other images in the train and test splits though the counts agree, by config.json's data_sha256")
+    assert sweep.data_difference(sweep.data_read(config), sweep.data_read(dict(config))) == ''
+    for other_choice in (dict(moved, val_split=0.1), dict(moved, train_samples=20), dict(moved, img_size=64),
+                         dict(moved, pillow_version='11.3'), dict(moved, folder_reading=5),
+                         {key: value for key, value in moved.items() if key != 'data_sha256'}):
+        assert sweep.data_difference(sweep.data_read(config), sweep.data_read(other_choice)) == ''
 
 
 def test_a_tie_for_the_best_val_score_is_reported(tmp_path):
