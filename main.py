@@ -207,7 +207,18 @@ def say_once(message, code=1):
         # one write: torchrun starts its workers with python -u, where print writes the newline apart, and torchrun's
         # own log line ("Sending process ... closing signal SIGTERM") could land between the two, glued to this one
         sys.stderr.write(message + '\n')
+    elif code < 128 and os.environ.get('TORCHELASTIC_RUN_ID'):  # an error, not a signal, under torchrun
+        wait_for_the_first_process()
     sys.exit(code)
+
+
+def wait_for_the_first_process(limit=60):
+    """A quiet torchrun process that met an error every process meets lets the first one say it: exiting before it,
+    this one had torchrun stop it before it could (a first process slowed by a loaded machine left only torchrun's
+    report). torchrun ends this one as the first exits; a signal ends it at once, without a word."""
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, signal.SIG_DFL)
+    time.sleep(limit)
 
 
 def flag_hint(parser, message):
