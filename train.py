@@ -658,7 +658,7 @@ def complete_finished(run_dir, state, val_split, test_images, classes):
     files = {}
     try:
         with open(summary_path) as f:
-            done = json.load(f).get('epochs_done')
+            done = json.load(f).get('epochs_done', 0)  # none: --eval_only's per_class_acc in a summary.json it made
     except FileNotFoundError:
         done = 0
     except (OSError, ValueError, RecursionError, AttributeError):
@@ -733,33 +733,38 @@ def fit(model, splits, classes, args, run_dir, device, state=None, test_names=No
     scaler = make_scaler(device, args.amp)
     generator = torch.Generator().manual_seed(args.seed)  # data order and augmentation: CPU, device-independent
     summary_of = lambda history: summarize(history, args.epoch, args.val_split, len(splits['test'][1]))
-    history, done = [], 0
-    if state is not None:
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        if state.get('scaler') and scaler.is_enabled():  # {} from a bf16 or fp32 run (or an older vpt): a fresh scale
-            scaler.load_state_dict(state['scaler'])
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # a changed --epoch re-lays the schedule
-            group['lr'] = base_lr * lr_factor(scheduler.last_epoch, warmup_steps, total_steps)
-        restore_rng(state['rng'], generator, args.seed)
-        history, done = state['history'], state['epoch']
-        if rank == 0:  # main.py resumes only a run with epochs left; after a raised --epoch it is no longer finished
-            write_json(os.path.join(run_dir, 'summary.json'), dict(summary_of(history), **best_view(run_dir)))
-            keep_as_epoch(run_dir, done)  # so its confusion.csv, if it had finished, is no longer the result
-    else:  # epoch 0: a run stopped in its first epoch can be resumed too
-        if rank > 0:  # every rank built the same model; from here each draws its own prompt-dropout masks
-            torch.manual_seed(args.seed + rank)
-        save_checkpoint(run_dir, model, optimizer, scheduler, scaler, generator, 0, history, summary_of(history))
-    writer = open_tensorboard(run_dir) if args.tensorboard and rank == 0 else None
-    if args.compile:
-        model.compile()  # in place: parameter names, checkpoints and DDP see the same module
-    compiling = args.compile  # the first epoch of this process also compiles the training and evaluation graphs
-    net = model
-    if world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
-    evaluate_on = lambda split, per_image=False: evaluate_split(model, split, args.batch_size, preprocess, args.amp,
-                                                               per_image)
-    with StopRequest() as stop:
+    with StopRequest() as stop:  # from here a signal stops at a step's end, or before the first, never mid-write
+        history, done = [], 0
+        if state is not None:
+            optimizer.load_state_dict(state['optimizer'])
+            scheduler.load_state_dict(state['scheduler'])
+            if state.get('scaler') and scaler.is_enabled():  # {} from a bf16 or fp32 run (or an older vpt): fresh
+                scaler.load_state_dict(state['scaler'])
+            # a changed --epoch re-lays the schedule
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+                group['lr'] = base_lr * lr_factor(scheduler.last_epoch, warmup_steps, total_steps)
+            restore_rng(state['rng'], generator, args.seed)
+            history, done = state['history'], state['epoch']
+            # main.py resumes only a run with epochs left; after a raised --epoch it is no longer finished
+            if rank == 0:
+                write_json(os.path.join(run_dir, 'summary.json'), dict(summary_of(history), **best_view(run_dir)))
+                keep_as_epoch(run_dir, done)  # so its confusion.csv, if it had finished, is no longer the result
+        else:  # epoch 0: a run stopped in its first epoch can be resumed too
+            if rank > 0:  # every rank built the same model; from here each draws its own prompt-dropout masks
+                torch.manual_seed(args.seed + rank)
+            save_checkpoint(run_dir, model, optimizer, scheduler, scaler, generator, 0, history, summary_of(history))
+        writer = open_tensorboard(run_dir) if args.tensorboard and rank == 0 else None
+        if args.compile:
+            model.compile()  # in place: parameter names, checkpoints and DDP see the same module
+        compiling = args.compile  # the first epoch of this process also compiles the training and evaluation graphs
+        net = model
+        if world_size > 1:
+            net = torch.nn.parallel.DistributedDataParallel(model,
+                                                            device_ids=[device] if device.type == 'cuda' else None)
+        evaluate_on = lambda split, per_image=False: evaluate_split(model, split, args.batch_size, preprocess, args.amp,
+                                                                   per_image)
+        if any_rank(stop.signum is not None, device):  # came while the run was set up: its checkpoint is saved
+            stopped(stop.signum or signal.SIGTERM, run_dir, done, rank, world_size)
         for epoch in range(done + 1, args.epoch + 1):
             start = time.perf_counter()
             if device.type == 'cuda':

@@ -241,7 +241,8 @@ def test_resuming_a_finished_run_writes_again_the_files_that_lag_its_state(tiny_
     # the epoch-1 files that fit had written, as a crash before their renames leaves them
     stale_summary = train.json_bytes(train.summarize(history[:1], 2, 0.25, config['test_images']))
     for lagging in ({'summary.json': stale_summary, 'metrics.csv': train.metrics_bytes(history[:1])},
-                    {'summary.json': None}):
+                    {'summary.json': None},
+                    {'summary.json': b'{"per_class_acc": {}}'}):  # as --eval_only wrote it where none was
         for name, content in lagging.items():
             (run_dir / name).unlink()
             if content is not None:
@@ -623,6 +624,41 @@ def test_a_second_signal_while_a_stopped_run_exits_changes_nothing(tiny_dataset,
     assert code == 130 and err.strip().splitlines() == [
         f"SIGINT: stopped; {tmp_path / 'r'} keeps the checkpoint and metrics of epoch 1. Resume with:",
         f"  python main.py --resume {tmp_path / 'r'}"], err
+
+
+@pytest.mark.parametrize('resumed', [False, True])
+def test_signal_as_a_run_is_set_up_keeps_its_checkpoint_and_says_how_to_resume(tiny_dataset, tmp_path, capsys,
+                                                                               monkeypatch, resumed):
+    """A signal after a new run's epoch-0 checkpoint is written, or as a resume writes its summary.json and sets aside
+    a finished run's confusion.csv, and before the first step (opening TensorBoard, compiling, wrapping in DDP): the
+    files are written whole, the run stops before training with the resume command, and the resume trains it. It
+    used to stop with 'SIGINT: stopped' alone, the run directory left with its checkpoint and no word of it."""
+    import train
+    run_dir = tmp_path / 'r'
+    if resumed:
+        code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+        assert code == 0, err
+    # the signal comes as epoch 0's checkpoint, or the resume's set-aside of confusion.csv, is about to be written
+    name = 'keep_as_epoch' if resumed else 'save_checkpoint'
+    original = getattr(train, name)
+
+    def signal_then_write(*args):
+        if resumed or args[6] == 0:  # save_checkpoint(run_dir, model, optimizer, scheduler, scaler, generator, epoch
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args)
+    monkeypatch.setattr(train, name, signal_then_write)
+    argv = ['--resume', run_dir, '--epoch', 2] if resumed else tiny_run(tiny_dataset, tmp_path, 'r')
+    code, _, err = run_main(argv, capsys)
+    done = 1 if resumed else 0
+    assert code == 130 and err.strip().splitlines() == [
+        f"SIGINT: stopped; {run_dir} keeps the checkpoint and metrics of epoch {done}. Resume with:",
+        f"  python main.py --resume {run_dir}"], err
+    assert torch.load(run_dir / 'state.pt', weights_only=False)['epoch'] == done
+    assert (run_dir / 'confusion_epoch1.csv').exists() == resumed and not (run_dir / 'confusion.csv').exists()
+    monkeypatch.undo()
+    code, _, err = run_main(['--resume', run_dir], capsys)
+    assert code == 0, err
+    assert json.loads((run_dir / 'summary.json').read_text())['finished'] is True
 
 
 def test_signal_during_the_last_evaluation_finishes_the_run(tiny_dataset, tmp_path, capsys, monkeypatch):
