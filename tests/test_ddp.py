@@ -184,15 +184,12 @@ def test_an_error_of_one_process_alone_is_said_by_it(tiny_dataset, tmp_path, cap
 def test_an_error_every_process_meets_is_said_when_the_first_process_is_slow(dataset, tmp_path):
     """On a loaded machine the first process may reach an error after the others: they exited at once, torchrun
     stopped it before it could say why, and only torchrun's report was left. The others now wait for it."""
-    (tmp_path / 'slow').mkdir()  # imported by every process as Python starts: the first one is 5 s late
+    (tmp_path / 'slow').mkdir()  # imported by every process as Python starts: the first one is 3 s late
     (tmp_path / 'slow' / 'sitecustomize.py').write_text(
-        "import os, time\nif os.environ.get('LOCAL_RANK') == '0':\n    time.sleep(5)\n")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / 'slow'))
-    for argv, said in ((['--epoch', 0], "main.py: error: argument --epoch: must be at least 1"),
-                       ([*TINY, '--dataset', tmp_path / 'missing', '--log_dir', tmp_path], 'error: --dataset ')):
-        process = torchrun(argv, env=env)
-        _, err = process.communicate(timeout=120)
-        assert process.returncode != 0 and err.count(said) == 1, err
+        "import os, time\nif os.environ.get('LOCAL_RANK') == '0':\n    time.sleep(3)\n")
+    process = torchrun(['--epoch', 0], env=dict(os.environ, PYTHONPATH=str(tmp_path / 'slow')))
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and err.count("main.py: error: argument --epoch: must be at least 1") == 1, err
 
 
 def test_errors_of_every_process_are_said_once(dataset, tmp_path, capsys, one_torch_thread):
