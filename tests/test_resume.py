@@ -571,6 +571,61 @@ def test_a_signal_while_main_imports_its_modules_is_one_line(tiny_dataset, tmp_p
     assert not os.path.exists(tmp_path / 'logs')
 
 
+def test_a_signal_while_main_imports_is_said_by_the_first_process_only(tiny_dataset, tmp_path, monkeypatch):
+    """torchrun signals every process: as say_once, only the first on each machine says it stopped."""
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    result = signal_on_import('main.py', tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), signal.SIGTERM, 'argparse')
+    assert result.returncode == 128 + signal.SIGTERM and result.stderr == ''
+
+
+def test_a_second_signal_while_main_says_it_stopped_during_its_imports_is_one_line(tiny_dataset, tmp_path):
+    """sweep.py passes a terminal's Ctrl-C on to a trial the terminal signalled too: the second arrives as the first's
+    line is written, and must not write it again."""
+    code = (f"import os, runpy, signal, sys\n"
+            f"class SignalAgain:  # stderr that sends a second SIGINT once it has written the first line\n"
+            f"    sent = False\n"
+            f"    def write(self, text):\n"
+            f"        sys.__stderr__.write(text)\n"
+            f"        if not SignalAgain.sent:\n"
+            f"            SignalAgain.sent = True\n"
+            f"            os.kill(os.getpid(), signal.SIGINT)\n"
+            f"    def flush(self):\n"
+            f"        sys.__stderr__.flush()\n"
+            f"class Hook:\n"
+            f"    def find_spec(self, name, path, target=None):\n"
+            f"        if name == 'argparse':\n"
+            f"            sys.stderr = SignalAgain()\n"
+            f"            os.kill(os.getpid(), signal.SIGINT)\n"
+            f"sys.meta_path.insert(0, Hook())\n"
+            f"sys.argv = ['main.py', *{list(map(str, tiny_run(tiny_dataset, tmp_path / 'logs', 'r')))!r}]\n"
+            f"sys.path.insert(0, {REPO!r})\n"
+            f"runpy.run_path({os.path.join(REPO, 'main.py')!r}, run_name='__main__')\n")
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 128 + signal.SIGINT and result.stderr.strip() == 'SIGINT: stopped', result.stderr
+
+
+def test_a_second_signal_while_main_says_it_stopped_is_one_line(tiny_dataset, tmp_path, monkeypatch):
+    """As above, once main() has taken the signals over: the second arrived as the line was written, a
+    KeyboardInterrupt traceback."""
+    import io
+
+    class SignalAgain(io.StringIO):
+        def write(self, text):
+            super().write(text)
+            if text.strip() == 'SIGINT: stopped':  # once: pytest's own handler is back after main()
+                os.kill(os.getpid(), signal.SIGINT)
+            return len(text)
+    monkeypatch.setattr(main, 'check_log_dir', lambda args: os.kill(os.getpid(), signal.SIGINT))  # the first
+    monkeypatch.setattr(sys, 'stderr', SignalAgain())
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main.main(tiny_run(tiny_dataset, tmp_path, 'r'))
+    except KeyboardInterrupt:
+        pytest.fail('the second SIGINT broke into the first one\'s exit')
+    assert stopped.value.code == 128 + signal.SIGINT and sys.stderr.getvalue() == '\nSIGINT: stopped\n'
+
+
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_whose_exception_c_code_swallows_while_torch_loads_still_stops(tiny_dataset, tmp_path, signum):
     """Ctrl-C or SIGTERM as an extension module imports another while torch, timm and torchvision load (triton's
