@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import bench  # noqa: E402
+import train  # noqa: E402
 
 VIT_B4 = dict(embed_dim=768, depth=12, mlp_hidden=3072, num_patches=64, patch_size=4)
 TINY = ['--device', 'cpu', '--model', 'test_vit', '--batch_size', '8', '--steps', '2', '--warmup', '1',
@@ -493,6 +494,28 @@ def test_bench_signal_reports_what_was_measured(tmp_path, monkeypatch, capsys, s
     assert 'train img/s' not in captured.out and not (tmp_path / 'none.json').exists()
 
 
+def test_bench_signal_while_writing_json_writes_it_whole_and_exits_as_stopped(tmp_path, monkeypatch, capsys):
+    """Ctrl-C as --json is written: the report is written whole (not cut off, nor lost to a traceback), and the exit
+    status still says the run was stopped (130), for a script that checks it."""
+    write_new = train.write_new
+
+    def signalled_while_writing(path, payload, then):
+        os.kill(os.getpid(), signal.SIGINT)
+        return write_new(path, payload, then=then)
+    monkeypatch.setattr(train, 'write_new', signalled_while_writing)
+    monkeypatch.setattr(bench, 'run_mode', fake_mode)
+    monkeypatch.setattr(bench, 'run_baseline', fake_baseline)
+    monkeypatch.setattr(bench, 'git_commit', lambda: None)
+    out = tmp_path / 'bench.json'
+    try:
+        with pytest.raises(SystemExit) as exit:
+            bench.main([*TINY, '--modes', 'P', '--json', out])
+    except KeyboardInterrupt:
+        pytest.fail('the SIGINT broke into the writing of --json')
+    assert exit.value.code == 128 + signal.SIGINT and list(json.loads(out.read_text())['modes']) == ['P']
+    assert capsys.readouterr().out.strip().endswith(f"wrote {out}")
+
+
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_bench_signal_while_importing_torch_is_one_line(signum):
     """Ctrl-C or SIGTERM in the seconds bench.py spends importing torch: one line and 128 + the signal's number. It was
@@ -509,6 +532,32 @@ def test_bench_signal_while_importing_torch_is_one_line(signum):
     result = subprocess.run([sys.executable, '-c', signal_on_import], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 128 + signum and result.stderr.strip() == f"{signal.Signals(signum).name}: stopped"
+
+
+def test_bench_second_signal_while_it_says_it_stopped_is_one_line():
+    """A terminal's Ctrl-C reaches every process of its group (sweep.py or a shell script passes it on too): the
+    second SIGINT arrives as the first's line is written, and must not write it again."""
+    signal_twice = (f"import os, runpy, signal, sys\n"
+                    f"class SignalAgain:  # stderr that sends a second SIGINT once it has written the first line\n"
+                    f"    sent = False\n"
+                    f"    def write(self, text):\n"
+                    f"        sys.__stderr__.write(text)\n"
+                    f"        if not SignalAgain.sent:\n"
+                    f"            SignalAgain.sent = True\n"
+                    f"            os.kill(os.getpid(), signal.SIGINT)\n"
+                    f"    def flush(self):\n"
+                    f"        sys.__stderr__.flush()\n"
+                    f"class Hook:\n"
+                    f"    def find_spec(self, name, path, target=None):\n"
+                    f"        if name == 'numpy':\n"
+                    f"            sys.stderr = SignalAgain()\n"
+                    f"            os.kill(os.getpid(), signal.SIGINT)\n"
+                    f"sys.meta_path.insert(0, Hook())\n"
+                    f"sys.argv = ['bench.py', *{TINY!r}]\n"
+                    f"runpy.run_path('bench.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, '-c', signal_twice], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 128 + signal.SIGINT and result.stderr.strip() == 'SIGINT: stopped', result.stderr
 
 
 def test_bench_parser_checks(capsys):
