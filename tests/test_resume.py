@@ -335,7 +335,8 @@ def test_damaged_run_files_are_one_line(tiny_dataset, tmp_path, capsys):
                                         ('folder_reading', None), ('dataset_images', [48, 18]), ('classes', 'abc'),
                                         ('dataset_images', {'train': '48', 'test': 18}), ('classes', [1, 2, 3]),
                                         ('full', 1), ('resumed', {'from_epoch': 1}), ('val_images', '0'),
-                                        ('dataset', 7), ('log_dir', ['logs'])])
+                                        ('dataset', 7), ('log_dir', ['logs']), ('data_sha256', ['abc']),
+                                        ('data_sha256', {'train': 7})])
 def test_a_hand_edited_config_value_is_one_line(tiny_dataset, tmp_path, capsys, key, value):
     """A value the flag would not take, or a record main.py reads back in another form, came out as a TypeError
     from deep inside ('big' % world_size, None < 3)."""
@@ -908,10 +909,11 @@ def test_a_resumed_run_keeps_its_first_command_and_commit_and_lists_every_resume
             for entry, epoch in zip(config['resumed'], (2, 3))] == [True, True]
 
 
-def test_a_resume_records_its_machine_and_says_when_cpu_threads_change(tiny_dataset, tmp_path, capsys):
+def test_a_resume_records_its_machine_and_says_when_cpu_threads_change(tiny_dataset, tmp_path, capsys, monkeypatch):
     """CPU kernels add up in an order that depends on torch's thread count, so a run's numbers depend on it:
     config.json keeps the first process's device, threads and versions, each resume adds its own to 'resumed', and a
     CPU resume with another thread count than the last process says it goes on equal only to rounding."""
+    import PIL
     threads = torch.get_num_threads()
     run_dir = tmp_path / 'r'
     note = (f"note: {run_dir} trained on the CPU with 1 thread, now 2: CPU kernels add up in another order, so the "
@@ -924,6 +926,7 @@ def test_a_resume_records_its_machine_and_says_when_cpu_threads_change(tiny_data
         first = json.loads((run_dir / 'config.json').read_text())
         assert first['cpu_threads'] == 1 and first['device_name'].startswith('cpu')
         torch.set_num_threads(2)
+        monkeypatch.setattr(PIL, '__version__', '0.1')  # another Pillow decodes and resizes the images its own way
         code, _, err = run_main(['--resume', run_dir, '--epoch', 2], capsys)
         assert code == 0 and [line for line in err.splitlines() if line.startswith('note:')] == [note], err
         code, _, err = run_main(['--resume', run_dir, '--epoch', 3], capsys)  # the last process had 2 threads too
@@ -935,6 +938,8 @@ def test_a_resume_records_its_machine_and_says_when_cpu_threads_change(tiny_data
     assert [entry['cpu_threads'] for entry in config['resumed']] == [2, 2]
     assert all(entry['device_name'] == first['device_name'] and entry['torch_version'] == torch.__version__
                for entry in config['resumed'])
+    assert config['pillow_version'] == first['pillow_version'] != '0.1'
+    assert [entry['pillow_version'] for entry in config['resumed']] == ['0.1', '0.1']
 
     for key in main.MACHINE:  # a run an older vpt made: its machine is not known, nothing to compare
         del config[key]
@@ -1665,13 +1670,15 @@ def test_images_replaced_renamed_or_moved_to_another_class_are_refused(tmp_path,
     run_dir = tmp_path / 'logs' / 'r'
     before = files(run_dir)
     train, test = tmp_path / 'ds' / 'train', tmp_path / 'ds' / 'test'
-    changes = {  # each one keeps every count the run recorded
-        'train': lambda: Image.new('RGB', (16, 16), 'white').save(train / 'cat' / '0002.png'),
-        'train, val': lambda: os.rename(train / 'dog' / '0000.png', train / 'dog' / 'zz.png'),
-        'test': lambda: (os.rename(test / 'cat' / '0000.png', test / 'x.png'),
-                         os.rename(test / 'dog' / '0000.png', test / 'cat' / '0000.png'),
-                         os.rename(test / 'x.png', test / 'dog' / '0000.png'))}
-    for splits, change in changes.items():
+    changes = [  # each one keeps every count the run recorded
+        ('train', lambda: Image.new('RGB', (16, 16), 'white').save(train / 'cat' / '0002.png')),
+        ('train, val', lambda: os.rename(train / 'dog' / '0000.png', train / 'dog' / 'zz.png')),
+        ('test', lambda: (os.rename(test / 'cat' / '0000.png', test / 'x.png'),
+                          os.rename(test / 'dog' / '0000.png', test / 'cat' / '0000.png'),
+                          os.rename(test / 'x.png', test / 'dog' / '0000.png'))),
+        # the last cat, now the first dog: the same pixels in the same order, one label other
+        ('test', lambda: os.rename(test / 'cat' / '0001.png', test / 'dog' / '0.png'))]
+    for splits, change in changes:
         change()
         differences = '; '.join(f"its {split} images are not the run's (as many, but other pixels, another order or "
                                 f"other classes: an image replaced, renamed or moved)" for split in splits.split(', '))
