@@ -403,6 +403,21 @@ def test_a_run_file_the_user_may_not_read_is_said_so_not_called_damaged(run_dir,
     assert sorted(os.listdir(run)) == before
 
 
+def test_a_run_directory_that_can_be_listed_but_not_entered_is_said_so(run_dir, tmp_path, capsys, monkeypatch):
+    """`chmod -R 644 logs` leaves a run's directory readable but not searchable (no x): its files seem missing, and
+    it was called no run. Denial played as above."""
+    run = tmp_path / 'run'
+    shutil.copytree(run_dir, run)
+    access, isfile = os.access, os.path.isfile
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: access(p, mode, **kw) and not (
+        os.path.normpath(p) == str(run) and mode & os.X_OK))
+    monkeypatch.setattr(os.path, 'isfile', lambda p: isfile(p) and not str(p).startswith(str(run) + os.sep))
+    code, _, err = run_main(['--eval_only', '--resume', run], capsys)
+    assert code == 2 and err.strip() == (
+        f"main.py: error: --resume {run}: cannot read that directory (permission denied); make it readable (chmod "
+        f"u+rx, or ask its owner) (python main.py --help lists the flags)"), err
+
+
 def test_eval_only_of_an_unfinished_run_names_its_predictions_by_its_epoch(run_dir, tmp_path, capsys):
     """The last checkpoint of a run stopped before its planned epochs (2 of 3) is not the run's result: its
     predictions go to test_predictions_epoch2.csv beside confusion_epoch2.csv, every row of epoch 2, and the last
@@ -741,6 +756,8 @@ def test_predict_out_empty_is_refused_not_taken_for_no_out(run_dir, tiny_dataset
     assert code == 2 and err.strip() == ("main.py: error: --out '' names no file; pass a file name such as "
                                          "predictions.csv, or drop --out (python main.py --help lists the flags)"), err
     assert sorted(os.listdir(run_dir)) == before
+    code, _, err = run_main(['--eval_only', '--resume', run_dir, '--out', ''], capsys)  # the mistake is --out itself
+    assert code == 2 and err.strip().startswith("main.py: error: --out goes with --predict"), err
 
 
 def test_predict_out_whose_folder_cannot_be_made_at_the_end_is_one_line(run_dir, tiny_dataset, tmp_path, monkeypatch,

@@ -295,6 +295,27 @@ def test_first_sentence_of_an_error():
     assert long == 'word word word word word word ...'
 
 
+def test_a_state_the_user_may_not_read_is_said_so_not_called_damaged(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """Another user's run (chmod 600 state.pt): a resume called its state damaged and sent the user to --eval_only
+    or a new run. Denial is played (the tests run as root, whom chmod denies nothing)."""
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    path = str(tmp_path / 'r' / 'state.pt')
+    access, load = os.access, torch.load
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: access(p, mode, **kw) and str(p) != path)
+
+    def loading(file, *args, **kwargs):
+        if str(file) == path:
+            raise PermissionError(13, 'Permission denied', path)
+        return load(file, *args, **kwargs)
+    monkeypatch.setattr(torch, 'load', loading)
+    before = files(tmp_path / 'r')
+    code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
+    assert code == 1 and err.strip() == (f"error: cannot read {path} (permission denied); make it readable (chmod "
+                                         f"u+r, or ask its owner)"), err
+    assert files(tmp_path / 'r') == before
+
+
 def test_damaged_run_files_are_one_line(tiny_dataset, tmp_path, capsys):
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
     assert code == 0, err
@@ -1711,6 +1732,14 @@ def test_a_state_of_another_model_is_one_line_and_writes_nothing(tiny_dataset, t
             rf"holds {held}\): the file comes from another run, or the run's config.json was edited; restore it, or "
             rf"--eval_only still evaluates its trainable.safetensors", err.strip()), err
         assert files(tmp_path / 'r') == before
+    (tmp_path / 'r' / 'state.pt').write_bytes(own)
+    state = torch.load(tmp_path / 'r' / 'state.pt', weights_only=False)
+    for optimizer in ('adamw', {'state': [], 'param_groups': [{'params': [0]}]}):  # another tool's, hand-made
+        torch.save(dict(state, optimizer=optimizer), tmp_path / 'r' / 'state.pt')
+        code, _, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
+        assert code == 1 and err.strip().startswith(
+            f"error: {tmp_path / 'r'}/state.pt does not match this run's model (its optimizer state holds a form "
+            f"torch does not write): "), err
     (tmp_path / 'r' / 'state.pt').write_bytes(own)
     code, out, err = run_main(['--resume', tmp_path / 'r', '--epoch', 2], capsys)
     assert code == 0 and 'epoch 2/2' in out, err
