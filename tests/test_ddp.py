@@ -234,6 +234,27 @@ def test_a_process_killed_during_training_leaves_one_line_and_a_resumable_run(tm
     assert resumed.returncode == 0, err[-3000:]
 
 
+def test_a_lost_process_gets_a_resume_command_only_for_a_run_that_trains(tmp_path, capsys, monkeypatch):
+    """The first process's line when another went away: resuming the run is the way on for training, not for
+    --eval_only, which trains nothing and is run again as it was."""
+    import main
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=4, test_per_class=2, size=16)
+    run_dir = tmp_path / 'r'
+    code, _, err = run_main([*TINY, '--img_size', 16, '--patch_size', 8, '--dataset', root, '--batch_size', 4,
+                             '--epoch', 1, '--log_dir', tmp_path, '--name', 'r'], capsys)
+    assert code == 0, err
+
+    def lost_peer(*args):
+        raise RuntimeError('[gloo] Connection reset by peer')
+    monkeypatch.setattr(main, 'run', lost_peer)
+    lost = ("error: process 0 lost another process ([gloo] Connection reset by peer); its error above says why, else "
+            "it was killed (out of memory?)")
+    for action, then in ((['--eval_only'], ''), (['--predict', root], ''), (
+            ['--epoch', 2], f"; {run_dir} keeps its last finished epoch: {train.resume_command(run_dir, 1)}")):
+        code, _, err = run_main(['--resume', run_dir, *action], capsys)
+        assert code == 1 and err.strip() == lost + then, err
+
+
 def test_error_and_stop_messages_reach_stderr_in_one_write(monkeypatch, tmp_path):
     """torchrun starts its workers with python -u, where print wrote a message and its newline apart: torchrun's own
     log line landed in between, glued to the error ('... lists the flags)W1127 10:46:27.524000 ... closing signal')."""
