@@ -253,6 +253,10 @@ def test_a_lost_process_gets_a_resume_command_only_for_a_run_that_trains(tmp_pat
             ['--epoch', 2], f"; {run_dir} keeps its last finished epoch: {train.resume_command(run_dir, 1)}")):
         code, _, err = run_main(['--resume', run_dir, *action], capsys)
         assert code == 1 and err.strip() == lost + then, err
+    # a new run lost before its first checkpoint: its directory is removed, nothing to resume
+    code, _, err = run_main([*TINY, '--img_size', 16, '--patch_size', 8, '--dataset', root, '--batch_size', 4,
+                             '--epoch', 1, '--log_dir', tmp_path, '--name', 'new'], capsys)
+    assert code == 1 and err.strip() == lost, err
 
 
 def test_error_and_stop_messages_reach_stderr_in_one_write(monkeypatch, tmp_path):
