@@ -421,13 +421,16 @@ def test_a_run_directory_that_can_be_listed_but_not_entered_is_said_so(run_dir, 
 def test_eval_only_of_an_unfinished_run_names_its_predictions_by_its_epoch(run_dir, tmp_path, capsys):
     """The last checkpoint of a run stopped before its planned epochs (2 of 3) is not the run's result: its
     predictions go to test_predictions_epoch2.csv beside confusion_epoch2.csv, every row of epoch 2, and the last
-    line names the two files (no per_class_acc: summary.json describes the run)."""
+    line names the two files (no per_class_acc: summary.json describes the run, and is not even read: a damaged one
+    does not stop this evaluation)."""
     copy = shutil.copytree(run_dir, tmp_path / 'r')
     config = json.loads((copy / 'config.json').read_text())
     config['epoch'] = 3
     (copy / 'config.json').write_text(json.dumps(config))
+    (copy / 'summary.json').write_text('[1, 2]')
     code, out, err = run_main(['--eval_only', '--resume', copy], capsys)
     assert code == 0, err
+    assert (copy / 'summary.json').read_text() == '[1, 2]'
     assert out.strip().splitlines()[-1] == (f"wrote {copy / 'confusion_epoch2.csv'} and "
                                             f"{copy / 'test_predictions_epoch2.csv'}")
     with open(copy / 'test_predictions_epoch2.csv') as f:
