@@ -615,6 +615,64 @@ def test_a_folder_that_cannot_be_read_for_another_reason_is_not_told_to_chmod(tm
                             f"mend it, or move it out of the way")
 
 
+@pytest.mark.parametrize('denied', [os.R_OK, os.X_OK])
+def test_a_dataset_folder_the_user_may_not_read_is_named(tmp_path, monkeypatch, denied):
+    """--dataset of another user's (chmod 700, or 600: listed but not entered): its train/ and test/ looked missing,
+    and the hint that lists the folder was a PermissionError traceback. Denial is played (the tests run as root)."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=1, test_per_class=1, size=8)
+    access = os.access
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: access(p, mode, **kw) and not (
+        str(p) == root and mode & denied))
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset(root, img_size=8)
+    assert str(e.value) == (f"error: cannot read the folder {root} (Permission denied); give your user read and search "
+                            f"permission on it (chmod u+rx, or ask its owner), or move it out of the way")
+
+
+def test_a_relative_folder_that_cannot_be_listed_is_named_not_a_hang(tmp_path):
+    """--predict photos (a relative path) of another user's: the climb to a parent that cannot be entered must stop at
+    the path's first part, whose parent '' os.access calls missing. Denial is played in the child process."""
+    os.makedirs(tmp_path / 'photos')
+    code = (f"import os, sys; sys.path.insert(0, {REPO!r}); import data; scandir = os.scandir\n"
+            f"def listing(path='.'):\n"
+            f"    if path == 'photos': raise PermissionError(13, 'Permission denied', path)\n"
+            f"    return scandir(path)\n"
+            f"os.scandir = listing; data.image_files('photos')")
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "error: cannot read the folder photos (Permission denied); give your user read and search permission on it "
+        "(chmod u+rx, or ask its owner), or move it out of the way"), result.stderr
+
+
+def test_a_folder_of_a_run_of_folder_reading_1_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    """A run made before folder_reading 2 lists each class folder once, without os.walk: one it may not list was a
+    PermissionError traceback, not the one line of a later run."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=1, test_per_class=1, size=8)
+    denied = os.path.join(root, 'train', 'b')
+    listdir = os.listdir
+
+    def listing(path='.'):
+        if os.path.abspath(path) == denied:
+            raise PermissionError(13, 'Permission denied', path)
+        return listdir(path)
+    monkeypatch.setattr(os, 'listdir', listing)
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset(root, img_size=8, reading=1)
+    assert str(e.value).startswith(f"error: cannot read the folder {denied} (Permission denied); ")
+
+
+def test_a_hidden_folder_that_cannot_be_listed_stops_nothing(tmp_path, monkeypatch):
+    """A NAS's @eaDir/ or a .Trash-1000/ of another user's is left out whatever its permissions: the check for images
+    in it to name (a warning) must not make it an error that stops the run."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=8)
+    hidden = [tmp_path / 'ds' / 'train' / '.Trash-1000', tmp_path / 'ds' / 'train' / 'a' / '@eaDir']
+    for folder in hidden:
+        os.makedirs(folder)
+    deny_listing(monkeypatch, hidden)
+    *_, classes, available = data.load_dataset(root, img_size=8)
+    assert classes == ['a', 'b'] and available == {'train': 4, 'test': 2}
+
+
 def test_a_synology_nas_thumbnail_folder_is_left_out_but_read_by_runs_of_folder_reading_5(tmp_path):
     """A Synology NAS keeps 3-5 JPEG thumbnails of each photo in @eaDir/<photo>/ beside it: read as images of the
     class, they multiplied its images, and with --test_split put thumbnails of test photos into train/."""
@@ -891,6 +949,44 @@ def test_cifar_files_the_user_may_not_read_are_named(fake_cifar10, monkeypatch, 
                             f"error: cannot read the folder {path} (Permission denied); give your user read and "
                             f"search permission on it (chmod u+rx, or ask its owner), or move it out of the way")
 
+
+def test_a_cifar_folder_listed_but_not_entered_is_named(fake_cifar10, monkeypatch):
+    """cifar-10-batches-py/ with read but no search permission (chmod 644): its files looked missing, and a download
+    was tried beside them. Denial is played."""
+    folder = os.path.join(fake_cifar10, 'cifar-10-batches-py')
+    access, isfile = os.access, os.path.isfile
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: access(p, mode, **kw) and not (
+        str(p) == folder and mode & os.X_OK))
+    monkeypatch.setattr(os.path, 'isfile', lambda p: isfile(p) and not str(p).startswith(folder + os.sep))
+
+    def offline(self):
+        raise OSError('offline')
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, 'download', offline)
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset('cifar10', fake_cifar10)
+    assert str(e.value) == (f"error: cannot read the folder {folder} (Permission denied); give your user read and "
+                            f"search permission on it (chmod u+rx, or ask its owner), or move it out of the way")
+
+
+def test_a_cifar_archive_the_user_may_not_read_is_named(tmp_path, monkeypatch):
+    """cifar-10-python.tar.gz of another user's in --data_dir, not extracted: torchvision's checksum of it raised
+    PermissionError, which was said as a damaged copy ('failed torchvision's checksum check'). Denial is played."""
+    import builtins
+    import torchvision.datasets.utils as utils
+    archive = tmp_path / 'data' / 'cifar-10-python.tar.gz'
+    os.makedirs(archive.parent)
+    archive.write_bytes(b'an archive this user may not read')
+    open_ = builtins.open
+
+    def opening(file, *args, **kwargs):
+        if str(file) == str(archive):
+            raise PermissionError(13, 'Permission denied', str(file))
+        return open_(file, *args, **kwargs)
+    monkeypatch.setattr(utils, 'open', opening, raising=False)
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset('cifar10', str(tmp_path / 'data'))
+    assert str(e.value) == (f"error: cannot read {archive} (Permission denied); make it readable (chmod u+r, or ask "
+                            f"its owner), or pass another --data_dir")
 
 def test_cifar10_from_data_dir(fake_cifar10):
     train_x, train_y, test_x, test_y, classes, available = data.load_dataset('cifar10', fake_cifar10)
