@@ -690,6 +690,20 @@ def test_a_synology_nas_thumbnail_folder_is_left_out_but_read_by_runs_of_folder_
     assert available == {'train': 16, 'test': 8}
 
 
+def test_a_synology_nas_folder_beside_the_class_folders_is_a_class_only_for_runs_of_folder_reading_5(tmp_path,
+                                                                                                     capsys):
+    """train/@eaDir/ and test/@eaDir/ (thumbnails of the folders): no class since folder_reading 6, and named as left
+    out; a run recorded with 5 resumes on the classes it was trained on, without a warning about them."""
+    root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=1, test_per_class=1, size=8)
+    for split in ('train', 'test'):
+        os.makedirs(tmp_path / 'ds' / split / '@eaDir')
+        Image.new('RGB', (8, 8)).save(tmp_path / 'ds' / split / '@eaDir' / 'SYNOFILE_THUMB_M.jpg')
+    assert data.load_dataset(root, img_size=8)[4] == ['a', 'b']
+    assert 'folders are not classes, left out with their images: @eaDir' in capsys.readouterr().err
+    assert data.load_dataset(root, img_size=8, reading=5)[4] == ['@eaDir', 'a', 'b']
+    assert 'warning' not in capsys.readouterr().err
+
+
 def test_a_fifo_named_like_an_image_is_unreadable_not_a_hang(tmp_path):
     """Opening a FIFO blocks until someone writes to it: a dataset load (or --predict on the folder) hung forever."""
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=2, test_per_class=1, size=8)
@@ -856,6 +870,10 @@ def test_train_and_test_folders_spelt_another_way_get_a_rename_hint(tmp_path):
     os.rename(tmp_path / 'ds' / 'Train', tmp_path / 'ds' / 'train')
     with pytest.raises(SystemExit, match=r'no test/ folder \(rename its test_set/ to test/\);'):
         data.load_dataset(root, img_size=8)
+    os.rename(tmp_path / 'ds' / 'train', tmp_path / 'ds' / 'Training')
+    os.rename(tmp_path / 'ds' / 'test_set', tmp_path / 'ds' / 'testing')
+    with pytest.raises(SystemExit, match=r'no train/ folder \(rename its Training/ to train/ and testing/ to test/\);'):
+        data.load_dataset(root, img_size=8)
 
 
 def test_class_folders_right_under_the_dataset_are_named_in_the_hint(tmp_path):
@@ -1020,6 +1038,12 @@ def test_cifar_without_a_readable_meta_file_is_one_line(fake_cifar10, tmp_path, 
         f"error: downloading cifar10 into --data_dir {tmp_path / 'empty'} failed (File not found or corrupted.); run "
         f"again, or put the official cifar-10-python.tar.gz (from {torchvision.datasets.CIFAR10.url}) into "
         f"{tmp_path / 'empty'}")
+    # a copy short of a data file as well as of batches.meta is not said to hold the data files
+    os.remove(os.path.join(fake_cifar10, 'cifar-10-batches-py', 'test_batch'))
+    with pytest.raises(SystemExit) as error:
+        data.load_dataset('cifar10', fake_cifar10)
+    assert str(error.value).startswith(f"error: downloading cifar10 into --data_dir {fake_cifar10} failed (File not "
+                                       f"found or corrupted.); run again"), str(error.value)
 
 
 def test_a_data_dir_that_is_the_cifar_folder_itself_or_a_file_is_named(fake_cifar10, tmp_path):
