@@ -1367,8 +1367,9 @@ def test_config_or_summary_that_is_not_a_json_object(tmp_path, capsys):
 
 def test_hand_edited_values_out_of_reason_are_left_out_not_a_traceback(tmp_path, capsys):
     """Counts beyond float range overflowed the table's and --cost's arithmetic, a list as data_seed could not key the
-    test-set warning, and JSON nested too deep for the decoder was a RecursionError: now such a value is read as
-    missing, and such a config.json makes a damaged run."""
+    test-set warning, and JSON nested too deep for the decoder was a RecursionError (a number longer than Python's
+    4,300-digit limit a ValueError): now such a value is read as missing, and such a config.json makes a damaged run.
+    true is no count either."""
     def edit(run_dir, name, **values):
         path = os.path.join(run_dir, name)
         old = json.loads(open(path).read()) if os.path.exists(path) else {}
@@ -1384,17 +1385,25 @@ def test_hand_edited_values_out_of_reason_are_left_out_not_a_traceback(tmp_path,
     deep = write_run(tmp_path, 'deep')
     with open(os.path.join(deep, 'config.json'), 'w') as f:
         f.write('[' * 100000 + ']' * 100000)
+    long = write_run(tmp_path, 'long')
+    with open(os.path.join(long, 'config.json'), 'w') as f:
+        f.write('{"test_images": 1' + '0' * 5000 + '}')
     for argv in ([tmp_path], [tmp_path, '--cost']):
         code, out, err = run_plot(argv, capsys)
         assert code == 0 and list(table(out)) == ['good', 'odd'] and column(out, 'odd', 'trainable params') == '?'
         warnings = err.strip().splitlines()
-        assert len(warnings) == 2 and 'picked with --data_seed [1, 2]' in warnings[1], err
+        assert len(warnings) == 3 and 'picked with --data_seed [1, 2]' in warnings[2], err
         assert warnings[0].startswith(f'plot.py: warning: skipping run {deep}: cannot read config.json (')
+        assert warnings[1].startswith(f'plot.py: warning: skipping run {long}: cannot read config.json (')
     edit(odd, 'config.json', test_images=10 ** 400)
     os.remove(os.path.join(odd, 'summary.json'))
     edit(odd, 'summary.json', epochs=10 ** 400)
     code, out, err = run_plot([odd, '--cost'], capsys)
     assert code == 0 and column(out, 'odd', 'epochs') == '2' and err == '', err
+    edit(odd, 'config.json', trainable_params=True)
+    edit(odd, 'summary.json', epochs=True)
+    code, out, err = run_plot([odd], capsys)
+    assert code == 0 and column(out, 'odd', 'trainable params') == '?' and column(out, 'odd', 'epochs') == '2', err
 
 
 def test_a_damaged_run_that_diverged_later_is_not_said_to_diverge_in_epoch_1(tmp_path, capsys):
@@ -1940,11 +1949,12 @@ def drawn_as_written(text):
 
 def test_dollars_in_run_and_class_names_are_drawn_as_they_are(tmp_path, capsys, monkeypatch):
     """matplotlib reads the text between two $ as mathematics: a currency dataset's mistake '$5_bill → $10_bill' was
-    drawn as 5 with a subscript b, and a run named with two $ stopped the accuracy figure with a traceback."""
-    classes = ['$5_bill', '$10_bill']
-    run_dir = folder_run(tmp_path, [('$5_bill', '$10_bill', 0.9, 0), ('$10_bill', '$10_bill', 0.8, 1)],
+    drawn as 5 with a subscript b, and a run named with two $ stopped the accuracy figure with a traceback. A class
+    name with two $ of its own is drawn as written too, as a tick label and in a tile's file name."""
+    classes = ['$5_bill', '$10_or_$20_bill']
+    run_dir = folder_run(tmp_path, [('$10_or_$20_bill', '$5_bill', 0.9, 0), ('$5_bill', '$5_bill', 0.8, 1)],
                          name='cost_$5_to_$10')
-    write_confusion(run_dir, classes, [[0, 1], [0, 1]])
+    write_confusion(run_dir, classes, [[1, 0], [1, 0]])
     figures = captured_figures(monkeypatch)
     code, out, err = run_plot([run_dir, '--cost'], capsys)
     assert code == 0 and err == ''
@@ -1955,12 +1965,13 @@ def test_dollars_in_run_and_class_names_are_drawn_as_they_are(tmp_path, capsys, 
     assert code == 0 and err == ''
     ax = figures[2].axes[0]
     assert [drawn_as_written(t.get_text()) for t in ax.get_yticklabels()] == classes
+    assert [drawn_as_written(t.get_text()) for t in ax.get_xticklabels()] == classes
     assert drawn_as_written(ax.get_title()).startswith('cost_$5_to_$10: 50.00% accuracy')
     code, out, err = run_plot([run_dir, '--mistakes'], capsys)
     assert code == 0 and err == ''
     ((caption, name, _),) = tiles(figures[3])
-    assert drawn_as_written(caption) == '$5_bill → $10_bill\nprobability 0.9000'
-    assert drawn_as_written(name) == 'test/$5_bill/0.png'
+    assert drawn_as_written(caption) == '$10_or_$20_bill → $5_bill\nprobability 0.9000'
+    assert drawn_as_written(name) == 'test/$10_or_$20_bill/0.png'
     assert drawn_as_written(figures[3].get_suptitle()).startswith('cost_$5_to_$10, last checkpoint')
     for fig in figures:
         close_figure(fig)
@@ -2109,6 +2120,11 @@ def test_a_bad_mistakes_count_is_one_line(value, reason, tmp_path, capsys):
     assert reason in line and not os.path.exists(os.path.join(run_dir, 'mistakes.png'))
 
 
+def test_the_most_mistakes_the_help_offers_are_drawn():
+    """--help says 'at most 400': 400 itself is taken."""
+    assert plot.mistakes_count(str(plot.MISTAKES_MOST)) == plot.MISTAKES_MOST == 400
+
+
 def test_a_path_after_a_bare_mistakes_says_where_it_goes(tmp_path, capsys):
     run_dir = folder_run(tmp_path, MIXED)
     code, _, err = run_plot(['--mistakes', run_dir], capsys)
@@ -2178,6 +2194,8 @@ def test_a_run_named_in_bytes_that_are_not_utf8_is_drawn_with_them_escaped(tmp_p
         assert code == 0, err
         assert figures[-1].get_suptitle().startswith('caf\\xe9') or figures[-1].axes[0].get_title().startswith(
             'caf\\xe9'), flag
+    code, out, err = run_plot([run_dir], capsys)  # the accuracy figure goes into the run directory: said escaped too
+    assert code == 0 and out.strip().splitlines()[-1] == f"wrote {tmp_path / 'logs' / 'caf'}\\xe9/accuracy.png", err
 
 
 def test_a_file_of_another_program_named_like_a_run_s_figure_is_kept(tmp_path, capsys):
