@@ -798,6 +798,37 @@ def test_a_run_the_user_may_not_read_is_said_not_resumed_nor_miscounted(tmp_path
     assert not (root / 'sweep.csv').exists()
 
 
+
+@pytest.mark.parametrize('denied, mode, chmod', [('logs', os.R_OK, 'u+rx'), ('logs/final_seed=1.log', os.R_OK, 'u+r'),
+                                                 ('final_seed=1/config.json', os.R_OK, 'u+r'),
+                                                 ('final_seed=1', os.R_OK, 'u+rx'), ('final_seed=1', os.X_OK, 'u+rx')])
+def test_every_file_a_relaunch_learns_a_run_s_end_from_is_said_when_the_user_may_not_read_it(tmp_path, monkeypatch,
+                                                                                              denied, mode, chmod):
+    """The logs (the trials' exit codes), a run's config.json (what it trained) and its directory, which looks empty
+    when it may be listed but not entered (chmod 644), are read as summary.json is: said before any is read."""
+    root = tmp_path / 's'
+    fake_sweep(str(root), 1, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0))])
+    os.makedirs(root / 'logs')
+    (root / 'logs' / 'final_seed=1.log').write_text('[sweep] x exit code 0\n')
+    (root / 'final_seed=1' / 'config.json').write_text('{}')
+    deny(monkeypatch, root / denied, mode=mode)
+    code, err, launched = relaunch_fake_sweep(tmp_path, monkeypatch)
+    assert (code, err, launched) == (1, f"sweep.py: error: cannot read {root / denied} (permission denied), where "
+                                        f"sweep.py learns how a run ended; make it readable (chmod {chmod}, or ask its "
+                                        f"owner) and re-launch the same command\n", [])
+
+
+def test_a_finished_run_s_log_the_user_may_not_write_stops_nothing(tmp_path, monkeypatch):
+    """A re-launch appends to the logs of the runs it starts or resumes only: a finished run's read-only log (a sweep
+    copied from another user) is no reason to refuse it."""
+    root = tmp_path / 's'
+    fake_sweep(str(root), 1, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0))])
+    os.makedirs(root / 'logs')
+    (root / 'logs' / 'final_seed=1.log').write_text('[sweep] x exit code 0\n')
+    deny(monkeypatch, root / 'logs' / 'final_seed=1.log', mode=os.W_OK)
+    code, err, launched = relaunch_fake_sweep(tmp_path, monkeypatch)
+    assert code == 0 and 'cannot write' not in err, err
+
 def test_a_sweep_json_the_user_may_not_read_is_not_called_damaged(tmp_path, monkeypatch, capsys):
     """'repair or remove it' was the advice: removing a sweep's definition is no fix for a permission."""
     root = tmp_path / 's'
