@@ -731,6 +731,17 @@ def test_collect_uses_the_sweeps_own_base_seed(tmp_path, capsys):
     assert '**Test accuracy 72.00 ± 2.83 %**' in out and 'seeds 6..7' in out
 
 
+
+def test_a_summary_json_nested_too_deep_is_no_summary_not_a_traceback(tmp_path, capsys):
+    """JSON nested deeper than the decoder goes (a damaged or hand-edited file) raised RecursionError, not the
+    ValueError of other damage: --collect stopped with a traceback instead of reporting the run as unfinished."""
+    root = str(tmp_path / 's')
+    fake_sweep(root, 1, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0))])
+    with open(os.path.join(root, 'final_seed=1', 'summary.json'), 'w') as f:
+        f.write('[' * 100000 + ']' * 100000)
+    sweep.collect(root)
+    assert 'No stage-2 seed has finished yet.' in capsys.readouterr().out
+
 def test_collect_into_a_sweep_the_user_may_not_write_names_the_way_out(tmp_path, capsys, monkeypatch):
     """Another user's sweep (its directory 755): the error named the directory, not what to do. Denial is played (the
     tests run as root, whom chmod denies nothing)."""
