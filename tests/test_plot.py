@@ -331,9 +331,10 @@ def test_runs_tested_on_other_images_get_one_warning(tmp_path, capsys):
     tested_on('P_pets', '/data/pets', ['cat', 'dog', 'fish', 'hamster', 'parrot'], 500)
     tested_on('P_cifar_1k_seed1', 'cifar10', cifar, 1000, test_samples=1000, data_seed=1)
     tested_on('P_cifar_1k_seed2', 'cifar10', cifar, 1000, test_samples=1000, data_seed=2)
+    tested_on('P_edited', '/data/pets', ['cat', 'dog'], '500')  # a hand-edited count: nothing recorded, left out
     code, out, err = run_plot([tmp_path / 'logs'], capsys)
     assert code == 0 and set(table(out)) == {'P_cifar', 'F_cifar', 'no_config', 'P_pets', 'P_cifar_1k_seed1',
-                                             'P_cifar_1k_seed2'}
+                                             'P_cifar_1k_seed2', 'P_edited'}
     (warning,) = [line for line in err.splitlines() if 'different sets of test images' in line]
     assert warning == (
         "plot.py: warning: these runs were tested on 4 different sets of test images, so their test accuracies do not "
