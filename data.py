@@ -245,7 +245,7 @@ def _missing_split_hint(root, split, test_split=0.0):
         return (" (rename val/ to test/ to evaluate on it)" if os.path.isdir(os.path.join(root, 'val')) else
                 " (or pass --test_split 0.2, say, to hold out a fraction of train/ as the test set)")
     classes_here = [entry.name for entry in sorted(os.scandir(root), key=lambda entry: entry.name)
-                    if entry.is_dir() and _visible(entry.name) and image_files(entry.path)]
+                    if entry.is_dir() and _visible(entry.name) and image_files(entry.path, strict=False)]
     if classes_here:  # class folders right under the dataset
         return (f" (its subfolders {', '.join(classes_here[:3])}{', ...' if len(classes_here) > 3 else ''} hold "
                 f"images: move the class folders into {os.path.join(root, 'train')}/"

@@ -892,6 +892,19 @@ def test_class_folders_right_under_the_dataset_are_named_in_the_hint(tmp_path):
             data.load_dataset(str(root), img_size=4)
 
 
+def test_a_folder_that_cannot_be_listed_beside_the_class_folders_does_not_hide_the_hint(tmp_path, monkeypatch):
+    """--dataset at a disk's mount point, its class folders right under it beside lost+found (root's, chmod 700): the
+    error was 'cannot read the folder .../lost+found ... chmod u+rx', not the missing train/ and how to make it."""
+    root = tmp_path / 'ds'
+    for name in ('a', 'b', 'lost+found'):
+        os.makedirs(root / name)
+        if name != 'lost+found':
+            Image.new('RGB', (4, 4)).save(root / name / 'x.png')
+    deny_listing(monkeypatch, [root / 'lost+found'])
+    with pytest.raises(SystemExit, match=r"has no train/ folder \(its subfolders a, b hold images: move"):
+        data.load_dataset(str(root), img_size=4)
+
+
 def test_a_subfolder_without_test_is_not_offered_as_the_dataset(tmp_path):
     os.makedirs(tmp_path / 'outer' / 'half' / 'train' / 'a')
     with pytest.raises(SystemExit) as error:
