@@ -146,11 +146,14 @@ def make_parser():
 
 
 def read_json(path):
+    """The JSON object in the file at path; None if it cannot be read or holds no object (a damaged or hand-edited
+    summary.json of "x" or [1]: every caller reads its keys)."""
     try:
         with open(path) as f:
-            return json.load(f)
+            record = json.load(f)
     except (OSError, ValueError, RecursionError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def write_atomic(path, text):

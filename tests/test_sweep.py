@@ -732,13 +732,15 @@ def test_collect_uses_the_sweeps_own_base_seed(tmp_path, capsys):
 
 
 
-def test_a_summary_json_nested_too_deep_is_no_summary_not_a_traceback(tmp_path, capsys):
+@pytest.mark.parametrize('damaged', ['[' * 100000 + ']' * 100000, '"finished"', '[1]'])
+def test_a_summary_json_that_holds_no_object_is_no_summary_not_a_traceback(tmp_path, capsys, damaged):
     """JSON nested deeper than the decoder goes (a damaged or hand-edited file) raised RecursionError, not the
-    ValueError of other damage: --collect stopped with a traceback instead of reporting the run as unfinished."""
+    ValueError of other damage, and a string or a list had no .get: --collect (and a re-launch) stopped with a
+    traceback instead of reporting the run as unfinished."""
     root = str(tmp_path / 's')
     fake_sweep(root, 1, [(1, dict(best_val_acc=60, test_acc_at_best_val=70.0, final_test_acc=60.0))])
     with open(os.path.join(root, 'final_seed=1', 'summary.json'), 'w') as f:
-        f.write('[' * 100000 + ']' * 100000)
+        f.write(damaged)
     sweep.collect(root)
     assert 'No stage-2 seed has finished yet.' in capsys.readouterr().out
 
