@@ -587,6 +587,12 @@ def train_run(args, argv, mode, rank, world_size, device, held):
         if args.resume:
             if rank == 0:
                 held.callback(os.close, lock_run(args.resume))
+                finished_save = train.finish_interrupted_save(args.resume)
+                if finished_save is not None:
+                    print(f"note: {args.resume}: the save of epoch {finished_save} was cut short (killed between its "
+                          f"files' renames); its files are complete now: the run stands at epoch {finished_save}",
+                          file=sys.stderr, flush=True)
+            train.any_rank(False, device)  # the other processes read state.pt once the first has finished its save
             state = train.load_state(args.resume)
             if not check_resume_epoch(args, state['epoch']):  # nothing to train: the run stays as it is
                 if rank == 0:

@@ -618,6 +618,41 @@ def load_trainable(path, model):
     return epoch
 
 
+def finish_interrupted_save(run_dir):
+    """A checkpoint save that a crash (kill -9, the out-of-memory killer, power loss) cut short between write_files'
+    renames, finished: trainable.safetensors (renamed first) is an epoch newer than state.pt, and the save's other
+    files wait in its temps, each whole (written and fsynced before the first rename). Without this the run could
+    only start anew. Call it holding the run's lock. -> the epoch whose save was finished, or None."""
+    temps = [name for name in os.listdir(run_dir) if name.startswith('state.pt.tmp')]
+    if not temps:  # every save that reached its renames: state.pt's temp goes only once renamed
+        return None
+    try:
+        epoch = checkpoint_epoch(os.path.join(run_dir, 'trainable.safetensors'))
+        if torch.load(os.path.join(run_dir, 'state.pt'), map_location='cpu', weights_only=False)['epoch'] != epoch - 1:
+            return None
+    except Exception:  # load_state and load_trainable say what is wrong with them
+        return None
+    for temp in temps:
+        suffix = temp[len('state.pt'):]
+        if os.path.exists(os.path.join(run_dir, 'trainable.safetensors' + suffix)):
+            continue  # a save killed before its renames began (an earlier process's): not the one cut short
+        with contextlib.suppress(Exception):  # a temp cut short as it was written: not this save's
+            if torch.load(os.path.join(run_dir, temp), map_location='cpu', weights_only=False)['epoch'] == epoch:
+                break
+    else:
+        return None
+    for name in ('best.safetensors', 'confusion.csv', 'test_predictions.csv', 'state.pt', 'metrics.csv',
+                 'summary.json'):  # save_checkpoint's order after trainable.safetensors
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path + suffix) and (name != 'best.safetensors' or checkpoint_epoch(path + suffix) == epoch):
+            os.replace(path + suffix, path)
+    best = os.path.join(run_dir, 'best.safetensors')
+    if os.path.isfile(best) and checkpoint_epoch(best) == epoch:  # fit's removal after a new best's save
+        for name in ('confusion_best.csv', 'confusion_best.png', 'test_predictions_best.csv', 'mistakes_best.png'):
+            remove_stale(run_dir, name)
+    return epoch
+
+
 def load_resumed_trainable(run_dir, model, state):
     """A resumed run's trainable.safetensors into `model`, checked to be from the epoch of its state.pt."""
     saved_epoch = load_trainable(os.path.join(run_dir, 'trainable.safetensors'), model)

@@ -1096,6 +1096,47 @@ def test_a_full_disk_at_the_last_epoch_writes_none_of_its_results(tiny_dataset, 
     assert (run_dir / 'confusion.csv').is_file() and not (run_dir / 'test_predictions_epoch1.csv').exists()
 
 
+def killed_at_rename(tmp_path, argv, name, count):
+    """`python main.py ARGV` killed (os._exit(137), as kill -9 or the out-of-memory killer) as it is about to rename
+    its temp file over `name` for the `count`th time -> CompletedProcess."""
+    site = tmp_path / 'kill-site'
+    site.mkdir()
+    (site / 'sitecustomize.py').write_text(
+        f"import os\nreplace, seen = os.replace, []\n"
+        f"def replace_or_die(src, dst):\n"
+        f"    if os.path.basename(dst) == {name!r}:\n"
+        f"        seen.append(dst)\n"
+        f"        if len(seen) == {count}:\n"
+        f"            os._exit(137)\n"
+        f"    return replace(src, dst)\n"
+        f"os.replace = replace_or_die\n")
+    return subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), *map(str, argv)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(site), OMP_NUM_THREADS='1'))
+
+
+def test_a_run_killed_between_the_renames_of_a_save_resumes_as_if_it_had_not_been(tiny_dataset, tmp_path, capsys):
+    """kill -9 after the last epoch's trainable.safetensors was renamed, before its confusion.csv, state.pt... were:
+    the resume said 'start a new run' (trainable.safetensors newer than state.pt), losing every epoch. The save's
+    other files wait whole in their temps: the resume renames them, and the run is the one never killed."""
+    argv = ['--val_split', 0.25]
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'straight', *argv, epochs=2), capsys)
+    assert code == 0, err
+    killed = killed_at_rename(tmp_path, tiny_run(tiny_dataset, tmp_path, 'killed', *argv, epochs=2), 'confusion.csv', 1)
+    assert killed.returncode == 137, killed.stderr
+    run_dir = tmp_path / 'killed'
+    with safe_open(str(run_dir / 'trainable.safetensors'), 'pt') as f:
+        assert f.metadata()['epoch'] == '2' and torch.load(run_dir / 'state.pt', weights_only=False)['epoch'] == 1
+    code, out, err = run_main(['--resume', run_dir], capsys)
+    assert code == 0 and 'the save of epoch 2 was cut short' in err and 'has finished all 2 epochs' in out, err
+    assert without_time(read_metrics(run_dir)) == without_time(read_metrics(tmp_path / 'straight'))
+    assert not [name for name in os.listdir(run_dir) if '.tmp' in name]
+    for name in ('trainable.safetensors', 'best.safetensors', 'confusion.csv', 'test_predictions.csv'):
+        assert (run_dir / name).read_bytes() == (tmp_path / 'straight' / name).read_bytes(), name
+    summary, expected = (json.loads((tmp_path / run / 'summary.json').read_text()) for run in ('killed', 'straight'))
+    assert {**summary, 'total_time_s': 0, 'mean_epoch_time_s': 0} == {**expected, 'total_time_s': 0,
+                                                                        'mean_epoch_time_s': 0}
+
+
 def test_write_files_changes_all_or_nothing(tmp_path):
     """A payload that fails (a signal, memory) or a write that fails leaves the old files and no temp file."""
     import train
