@@ -1196,6 +1196,24 @@ def weights_sha256(path):
     return sha256.hexdigest()
 
 
+def killed_before_its_first_checkpoint(path):
+    """A run directory that a new run made and was killed in (kill -9, the out-of-memory killer) before its first
+    state.pt: what it can hold by then (config.json, trainable.safetensors, write_files' temps), no process training
+    it. A run that stopped otherwise removed its directory."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    if not all(name in ('config.json', 'trainable.safetensors') or re.fullmatch(r'.+\.tmp\d+', name)
+               for name in names):
+        return False
+    descriptor = try_lock_run(path, wait_s=0)  # still starting, or killed
+    if descriptor is None:
+        return False
+    os.close(descriptor)
+    return True
+
+
 def check_log_dir(args):
     """Fail before any work if the run directory cannot be made, or a resumed run's written; create nothing yet."""
     if args.resume:
@@ -1205,6 +1223,11 @@ def check_log_dir(args):
             raise SystemExit(f"error: cannot write to {args.resume} ({writes} go there); make it writable, or work "
                              f"on a copy of the run" + (", or pass --out FILE" if args.predict else ''))
         return
+    if args.name and killed_before_its_first_checkpoint(os.path.join(args.log_dir, args.name)):
+        path = os.path.join(args.log_dir, args.name)  # --resume says it has nothing to resume: not a way out
+        raise SystemExit(f"error: run {path} already exists but holds no checkpoint: it was killed before its first, "
+                         f"so there is nothing to resume; remove it (rm -r {shlex.quote(path)}) and run the command "
+                         f"again, or pick another --name")
     if args.name and os.path.exists(os.path.join(args.log_dir, args.name)):
         raise SystemExit(f"error: run {os.path.join(args.log_dir, args.name)} already exists; pick another --name, "
                          f"or continue it with --resume {os.path.join(args.log_dir, args.name)}")

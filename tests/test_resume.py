@@ -1137,6 +1137,27 @@ def test_a_run_killed_between_the_renames_of_a_save_resumes_as_if_it_had_not_bee
                                                                         'mean_epoch_time_s': 0}
 
 
+def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_again(tiny_dataset, tmp_path, capsys):
+    """kill -9 before a new run's first state.pt leaves its directory: --resume says there is no checkpoint, start a new
+    run; the same command again said 'already exists; pick another --name, or continue it with --resume', back to
+    where it began. It says the directory holds nothing to resume and to remove it; a folder of other files keeps the
+    old line."""
+    argv = tiny_run(tiny_dataset, tmp_path, 'r')
+    assert killed_at_rename(tmp_path, argv, 'state.pt', 1).returncode == 137
+    run_dir = tmp_path / 'r'
+    code, _, err = run_main(argv, capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: run {run_dir} already exists but holds no checkpoint: it was killed before its first, so there is "
+        f"nothing to resume; remove it (rm -r {run_dir}) and run the command again, or pick another --name"]
+    shutil.rmtree(run_dir)
+    code, _, err = run_main(argv, capsys)
+    assert code == 0 and (run_dir / 'state.pt').is_file(), err
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('mine')
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'mine'), capsys)
+    assert code == 1 and 'already exists; pick another --name, or continue it with --resume' in err
+
+
 def test_write_files_changes_all_or_nothing(tmp_path):
     """A payload that fails (a signal, memory) or a write that fails leaves the old files and no temp file."""
     import train
