@@ -119,15 +119,26 @@ def stderr_when_the_reader_goes_away(argv, script):
     return process.wait(timeout=120), err
 
 
-def signal_on_import(script, argv, signum, module, swallowed=False):
+def signal_on_import(script, argv, signum, module, swallowed=False, again=False):
     """`python script argv...` that sends itself `signum` as Python first looks up `module` -> CompletedProcess.
     `swallowed`: the exception its handler raises there is then cleared, as C code that imports a module does (an
-    extension module importing another as it loads: torch's triton, ElementTree's pyexpat)."""
+    extension module importing another as it loads: torch's triton, ElementTree's pyexpat). `again`: a second
+    `signum` once the first line has been written to stderr (a terminal's Ctrl-C that sweep.py passes on too)."""
     send = f"os.kill(os.getpid(), {int(signum)})"
     code = (f"import os, runpy, sys, time\n"
+            f"class SignalAgain:  # stderr that sends the signal again once it has written the first line\n"
+            f"    sent = False\n"
+            f"    def write(self, text):\n"
+            f"        sys.__stderr__.write(text)\n"
+            f"        if not SignalAgain.sent:\n"
+            f"            SignalAgain.sent = True\n"
+            f"            {send}\n"
+            f"    def flush(self):\n"
+            f"        sys.__stderr__.flush()\n"
             f"class Hook:\n"
             f"    def find_spec(self, name, path, target=None):\n"
             f"        if name == {module!r}:\n"
+            + ("            sys.stderr = SignalAgain()\n" if again else '')
             + (f"            try:\n"
                f"                {send}; time.sleep(5)\n"
                f"            except KeyboardInterrupt:\n"

@@ -537,26 +537,8 @@ def test_bench_signal_while_importing_torch_is_one_line(signum):
 def test_bench_second_signal_while_it_says_it_stopped_is_one_line():
     """A terminal's Ctrl-C reaches every process of its group (sweep.py or a shell script passes it on too): the
     second SIGINT arrives as the first's line is written, and must not write it again."""
-    signal_twice = (f"import os, runpy, signal, sys\n"
-                    f"class SignalAgain:  # stderr that sends a second SIGINT once it has written the first line\n"
-                    f"    sent = False\n"
-                    f"    def write(self, text):\n"
-                    f"        sys.__stderr__.write(text)\n"
-                    f"        if not SignalAgain.sent:\n"
-                    f"            SignalAgain.sent = True\n"
-                    f"            os.kill(os.getpid(), signal.SIGINT)\n"
-                    f"    def flush(self):\n"
-                    f"        sys.__stderr__.flush()\n"
-                    f"class Hook:\n"
-                    f"    def find_spec(self, name, path, target=None):\n"
-                    f"        if name == 'numpy':\n"
-                    f"            sys.stderr = SignalAgain()\n"
-                    f"            os.kill(os.getpid(), signal.SIGINT)\n"
-                    f"sys.meta_path.insert(0, Hook())\n"
-                    f"sys.argv = ['bench.py', *{TINY!r}]\n"
-                    f"runpy.run_path('bench.py', run_name='__main__')\n")
-    result = subprocess.run([sys.executable, '-c', signal_twice], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    from conftest import signal_on_import
+    result = signal_on_import('bench.py', TINY, signal.SIGINT, 'numpy', again=True)
     assert result.returncode == 128 + signal.SIGINT and result.stderr.strip() == 'SIGINT: stopped', result.stderr
 
 

@@ -603,27 +603,8 @@ def test_a_signal_while_main_imports_is_said_by_the_first_process_only(tiny_data
 def test_a_second_signal_while_main_says_it_stopped_during_its_imports_is_one_line(tiny_dataset, tmp_path):
     """sweep.py passes a terminal's Ctrl-C on to a trial the terminal signalled too: the second arrives as the first's
     line is written, and must not write it again."""
-    code = (f"import os, runpy, signal, sys\n"
-            f"class SignalAgain:  # stderr that sends a second SIGINT once it has written the first line\n"
-            f"    sent = False\n"
-            f"    def write(self, text):\n"
-            f"        sys.__stderr__.write(text)\n"
-            f"        if not SignalAgain.sent:\n"
-            f"            SignalAgain.sent = True\n"
-            f"            os.kill(os.getpid(), signal.SIGINT)\n"
-            f"    def flush(self):\n"
-            f"        sys.__stderr__.flush()\n"
-            f"class Hook:\n"
-            f"    def find_spec(self, name, path, target=None):\n"
-            f"        if name == 'argparse':\n"
-            f"            sys.stderr = SignalAgain()\n"
-            f"            os.kill(os.getpid(), signal.SIGINT)\n"
-            f"sys.meta_path.insert(0, Hook())\n"
-            f"sys.argv = ['main.py', *{list(map(str, tiny_run(tiny_dataset, tmp_path / 'logs', 'r')))!r}]\n"
-            f"sys.path.insert(0, {REPO!r})\n"
-            f"runpy.run_path({os.path.join(REPO, 'main.py')!r}, run_name='__main__')\n")
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    result = signal_on_import('main.py', tiny_run(tiny_dataset, tmp_path / 'logs', 'r'), signal.SIGINT, 'argparse',
+                              again=True)
     assert result.returncode == 128 + signal.SIGINT and result.stderr.strip() == 'SIGINT: stopped', result.stderr
 
 
