@@ -711,7 +711,7 @@ def complete_finished(run_dir, state, val_split, test_images, classes):
             rows = sum(1 for _ in csv.reader(f)) - 1
     except FileNotFoundError:
         rows = 0
-    except (OSError, ValueError):
+    except (OSError, ValueError, csv.Error):  # csv.Error: a field past csv's size limit (a file of no newline)
         rows = None
     if rows is not None and rows < len(history):
         files[metrics_path] = metrics_bytes(history)
@@ -721,11 +721,11 @@ def complete_finished(run_dir, state, val_split, test_images, classes):
 
 def read_confusion(path, classes):
     """confusion.csv (confusion_bytes) as a tensor, or None when it is missing or not one of `classes`."""
-    with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
+    with contextlib.suppress(OSError, ValueError, UnicodeDecodeError, csv.Error):
         with open(path, newline='', encoding='utf-8') as f:
             rows = list(csv.reader(f))
         names = [utf8_text(name) for name in classes]  # as confusion_bytes wrote them
-        if rows and rows[0][1:] == names and [row[0] for row in rows[1:]] == names:
+        if rows and rows[0][1:] == names and [row[:1] for row in rows[1:]] == [[name] for name in names]:
             return torch.tensor([[int(count) for count in row[1:]] for row in rows[1:]])
     return None
 

@@ -261,6 +261,26 @@ def test_resuming_a_finished_run_writes_again_the_files_that_lag_its_state(tiny_
     assert code == 0 and 'written again' not in out and files(run_dir) == edited
 
 
+def test_resuming_a_finished_run_beside_damaged_csv_files_is_no_traceback(tiny_dataset, tmp_path, capsys):
+    """A finished run whose summary.json is rewritten beside a confusion.csv with a blank line (an editor's), or
+    whose metrics.csv holds a field past csv's size limit (a file of no newline): an IndexError or csv.Error
+    traceback. The damaged file is read as none: summary.json is written without per_class_acc, metrics.csv is left."""
+    run_dir = tmp_path / 'r'
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    (run_dir / 'summary.json').unlink()
+    with open(run_dir / 'confusion.csv', 'a') as f:
+        f.write('\n')
+    code, out, err = run_main(['--resume', run_dir], capsys)
+    assert code == 0 and '(summary.json written again from its state.pt' in out, err
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert summary['finished'] is True and 'per_class_acc' not in summary
+    (run_dir / 'metrics.csv').write_text('x' * 200_000)
+    code, out, err = run_main(['--resume', run_dir], capsys)
+    assert code == 0 and 'written again' not in out, err
+    assert (run_dir / 'metrics.csv').read_text() == 'x' * 200_000
+
+
 def test_a_resume_whose_data_cannot_go_onto_the_device_writes_nothing(tiny_dataset, tmp_path, capsys, monkeypatch):
     """Out of GPU memory moving the images to the device refuses a resume like any other check: before config.json
     gains a 'resumed' entry for a resume that never trained."""
