@@ -696,7 +696,12 @@ def complete_finished(run_dir, state, val_split, test_images, classes):
             done = json.load(f).get('epochs_done', 0)  # none: --eval_only's per_class_acc in a summary.json it made
     except FileNotFoundError:
         done = 0
-    except (OSError, ValueError, RecursionError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):  # not JSON, or not an object: the sweep's loop goes on
+        done = None
+        print(f"note: {summary_path} is no summary vpt can read (damaged, or edited by hand), so sweep.py and plot.py "
+              f"take the run for unfinished; it is left as it is: remove it and resume the run again to write it "
+              f"from its state.pt", file=sys.stderr, flush=True)
+    except OSError:
         done = None
     if type(done) is int and done < epoch:
         last_is_best = best_val_epoch(history) == epoch  # as fit: a new best drops the older best's per-class view

@@ -281,6 +281,29 @@ def test_resuming_a_finished_run_beside_damaged_csv_files_is_no_traceback(tiny_d
     assert (run_dir / 'metrics.csv').read_text() == 'x' * 200_000
 
 
+@pytest.mark.parametrize('damaged', ['"finished"', '{"epochs_done": 1', '[{"finished": true}]'])
+def test_resuming_a_finished_run_whose_summary_is_damaged_says_how_to_mend_it(tiny_dataset, tmp_path, capsys,
+                                                                                damaged):
+    """A finished run's summary.json that is no JSON object (damaged, or edited by hand) is left as it is, and
+    sweep.py and plot.py take the run for unfinished: a sweep resumed it on every re-launch and never got past it,
+    while main.py said 'has finished all 1 epochs' and no more. It says why, and how to have it written again."""
+    import sweep
+    run_dir = tmp_path / 'r'
+    code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
+    assert code == 0, err
+    (run_dir / 'summary.json').write_text(damaged)
+    before = files(run_dir)
+    code, out, err = run_main(['--resume', run_dir], capsys)
+    assert code == 0 and f"{run_dir} has finished all 1 epochs" in out and files(run_dir) == before, err
+    assert err.strip() == (f"note: {run_dir / 'summary.json'} is no summary vpt can read (damaged, or edited by "
+                           f"hand), so sweep.py and plot.py take the run for unfinished; it is left as it is: remove "
+                           f"it and resume the run again to write it from its state.pt")
+    (run_dir / 'summary.json').unlink()
+    code, out, err = run_main(['--resume', run_dir], capsys)
+    assert code == 0 and '(summary.json written again' in out and 'note:' not in err, err
+    assert sweep.read_json(run_dir / 'summary.json')['finished'] is True
+
+
 def test_a_resume_whose_data_cannot_go_onto_the_device_writes_nothing(tiny_dataset, tmp_path, capsys, monkeypatch):
     """Out of GPU memory moving the images to the device refuses a resume like any other check: before config.json
     gains a 'resumed' entry for a resume that never trained."""
