@@ -1207,7 +1207,8 @@ def killed_before_its_first_checkpoint(path):
     if not all(name in ('config.json', 'trainable.safetensors') or re.fullmatch(r'.+\.tmp\d+', name)
                for name in names):
         return False
-    descriptor = try_lock_run(path, wait_s=0)  # still starting, or killed
+    # still starting, or killed; waiting out a moment's hold: under torchrun every process checks, each taking the lock
+    descriptor = try_lock_run(path)
     if descriptor is None:
         return False
     os.close(descriptor)

@@ -1182,6 +1182,27 @@ def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_again(tin
     assert code == 1 and 'already exists; pick another --name, or continue it with --resume' in err
 
 
+def test_a_killed_run_checked_as_another_process_checks_it_too_is_said_alike(tiny_dataset, tmp_path, capsys,
+                                                                              monkeypatch):
+    """Under torchrun every process checks a killed run's directory, each taking its lock for a moment: the first
+    process, finding it held by another's check, took it for a run in training and said 'already exists; ... continue
+    it with --resume', which has nothing to resume. It waits that moment out."""
+    import fcntl
+    argv = tiny_run(tiny_dataset, tmp_path, 'r')
+    assert killed_at_rename(tmp_path, argv, 'state.pt', 1).returncode == 137
+    held = [os.open(tmp_path / 'r', os.O_RDONLY)]
+    fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process's check, released as this one waits
+    sleep = time.sleep
+
+    def release_then_sleep(seconds):
+        if held:
+            os.close(held.pop())
+        sleep(seconds)
+    monkeypatch.setattr(main.time, 'sleep', release_then_sleep)
+    code, _, err = run_main(argv, capsys)
+    assert code == 1 and err.startswith(f"error: run {tmp_path / 'r'} already exists but holds no checkpoint"), err
+
+
 def test_write_files_changes_all_or_nothing(tmp_path):
     """A payload that fails (a signal, memory) or a write that fails leaves the old files and no temp file."""
     import train
