@@ -36,14 +36,15 @@ def flags(dataset, log_dir, name, epochs=2):
 
 def start(argv):
     return subprocess.Popen([sys.executable, os.path.join(REPO, 'main.py'), *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1',
+                                                                        OMP_NUM_THREADS='1'))
 
 
 def without_time(rows):
     return [{k: v for k, v in row.items() if k not in TIME_COLUMNS} for row in rows]
 
 
-def test_interrupt_and_resume_equals_uninterrupted_run(dataset, tmp_path, capsys):
+def test_interrupt_and_resume_equals_uninterrupted_run(dataset, tmp_path, capsys, one_torch_thread):
     """Data order, augmentation, prompt-dropout masks, optimizer and schedule all continue: the same metrics and the
     same weights, bit for bit, last and best (--val_split) alike."""
     interrupted = start(flags(dataset, tmp_path, 'interrupted') + ['--val_split', 0.1])
