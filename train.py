@@ -26,6 +26,9 @@ import data
 
 METRICS_HEADER = ['epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'lr', 'epoch_time_s',
                   'train_images_per_s', 'val_loss', 'val_acc', 'peak_mem_gib', 'includes_compile']
+# what describes the best checkpoint until now (--eval_only --checkpoint best's files, plot.py's figures of them):
+# removed once a better epoch replaces best.safetensors
+BEST_VIEWS = ('confusion_best.csv', 'confusion_best.png', 'test_predictions_best.csv', 'mistakes_best.png')
 SYNC_EVERY = 20  # steps between host<->device syncs (progress bar, non-finite check, stop agreement across ranks)
 
 
@@ -648,7 +651,7 @@ def finish_interrupted_save(run_dir):
             os.replace(path + suffix, path)
     best = os.path.join(run_dir, 'best.safetensors')
     if os.path.isfile(best) and checkpoint_epoch(best) == epoch:  # fit's removal after a new best's save
-        for name in ('confusion_best.csv', 'confusion_best.png', 'test_predictions_best.csv', 'mistakes_best.png'):
+        for name in BEST_VIEWS:
             remove_stale(run_dir, name)
     return epoch
 
@@ -861,8 +864,7 @@ def fit(model, splits, classes, args, run_dir, device, state=None, test_names=No
                                                                   classes, 'last', epoch)
             save_checkpoint(run_dir, model, optimizer, scheduler, scaler, generator, epoch, history, summary, extra)
             if rank == 0 and new_best:  # --eval_only's, of the best checkpoint until now, and plot.py's figures
-                for name in ('confusion_best.csv', 'confusion_best.png', 'test_predictions_best.csv',
-                             'mistakes_best.png'):
+                for name in BEST_VIEWS:
                     remove_stale(run_dir, name)
             if rank == 0:
                 print(epoch_line(row, args.epoch), flush=True)
