@@ -29,6 +29,9 @@ METRICS_HEADER = ['epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', '
 # what describes the best checkpoint until now (--eval_only --checkpoint best's files, plot.py's figures of them):
 # removed once a better epoch replaces best.safetensors
 BEST_VIEWS = ('confusion_best.csv', 'confusion_best.png', 'test_predictions_best.csv', 'mistakes_best.png')
+# the files a checkpoint save may write (save_checkpoint's order), each through a temp file and then all renamed
+SAVE_FILES = ('trainable.safetensors', 'best.safetensors', 'confusion.csv', 'test_predictions.csv', 'state.pt',
+              'metrics.csv', 'summary.json')
 SYNC_EVERY = 20  # steps between host<->device syncs (progress bar, non-finite check, stop agreement across ranks)
 
 
@@ -644,8 +647,7 @@ def finish_interrupted_save(run_dir):
                 break
     else:
         return None
-    for name in ('best.safetensors', 'confusion.csv', 'test_predictions.csv', 'state.pt', 'metrics.csv',
-                 'summary.json'):  # save_checkpoint's order after trainable.safetensors
+    for name in SAVE_FILES[1:]:  # after trainable.safetensors, as save_checkpoint renames them
         path = os.path.join(run_dir, name)
         if os.path.isfile(path + suffix) and (name != 'best.safetensors' or checkpoint_epoch(path + suffix) == epoch):
             os.replace(path + suffix, path)
@@ -654,6 +656,21 @@ def finish_interrupted_save(run_dir):
         for name in BEST_VIEWS:
             remove_stale(run_dir, name)
     return epoch
+
+
+def remove_dead_save_temps(run_dir):
+    """The temps of saves a crash cut short before all their renames (a full model's state.pt temp is hundreds of MB),
+    removed. Call it holding the run's lock, after finish_interrupted_save: only the lock's holder saves, so every such
+    temp is a dead process's (--eval_only and --predict write without the lock only files of other names).
+    -> the names removed."""
+    removed = []
+    for name in sorted(os.listdir(run_dir)):
+        saved, tmp, pid = name.rpartition('.tmp')
+        if tmp and pid.isdigit() and saved in SAVE_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(run_dir, name))
+            removed.append(name)
+    return removed
 
 
 def load_resumed_trainable(run_dir, model, state):

@@ -1162,6 +1162,25 @@ def test_a_run_killed_between_the_renames_of_a_save_resumes_as_if_it_had_not_bee
                                                                         'mean_epoch_time_s': 0}
 
 
+def test_the_temps_of_a_save_killed_before_its_renames_are_removed_by_the_resume(tiny_dataset, tmp_path, capsys):
+    """kill -9 as a save's temps were written, before its first rename: the temps (a full model's state.pt, hundreds
+    of MB) stayed in the run directory for ever. The resume removes them and says so; the temps --eval_only and
+    --predict write without the run's lock are not a save's, and stay."""
+    run_dir = tmp_path / 'r'
+    killed = killed_at_rename(tmp_path, tiny_run(tiny_dataset, tmp_path, 'r', epochs=2), 'trainable.safetensors', 3)
+    assert killed.returncode == 137, killed.stderr
+    left = sorted(name for name in os.listdir(run_dir) if '.tmp' in name)
+    assert {name.rpartition('.tmp')[0] for name in left} >= {'trainable.safetensors', 'state.pt', 'metrics.csv'}
+    others = ['confusion_epoch1.csv.tmp4242', 'predictions.csv.tmp4242']
+    for name in others:
+        (run_dir / name).write_text('another process is writing this')
+    code, out, err = run_main(['--resume', run_dir], capsys)
+    assert code == 0 and f"note: {run_dir}: removed {len(left)} temp files of saves a kill cut short " \
+                         f"({', '.join(left)})" in err, err
+    assert sorted(name for name in os.listdir(run_dir) if '.tmp' in name) == others
+    assert [row['epoch'] for row in read_metrics(run_dir)] == ['1', '2']
+
+
 def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_again(tiny_dataset, tmp_path, capsys):
     """kill -9 before a new run's first state.pt leaves its directory: --resume says there is no checkpoint, start a new
     run; the same command again said 'already exists; pick another --name, or continue it with --resume', back to
