@@ -73,15 +73,7 @@ if __name__ == '__main__':  # before the imports below; also where a shell's bac
     for each in (signal.SIGINT, signal.SIGTERM):
         signal.signal(each, stop_at_once)
 
-import timm
-import torch
-import torch.nn.functional as F
-from PIL import Image
-
-import data
-import train
-from main import device_flag, git_commit, int_at_least, not_creatable, str2bool
-from model import PromptedViT, count_params, create_vit, set_trainable
+from main import device_flag, git_commit, int_at_least, not_creatable, str2bool  # main.py imports no torch
 
 NUM_CLASSES = 10
 IMG_SIZE, PATCH_SIZE = 32, 4
@@ -101,6 +93,78 @@ MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::ma
 ATTENTION_OPS = ('aten::scaled_dot_product_attention', 'aten::_scaled_dot_product', 'aten::_flash_attention',
                  'aten::_efficient_attention', 'aten::_cudnn_attention', 'ScaledDotProduct')  # name prefixes
 
+
+# ---------------------------------------------------------------- flags (checked before torch is imported)
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add('--model', default='vit_base_patch16_224.augreg_in21k', help='timm ViT (random weights); test_vit is tiny')
+    add('--batch_size', type=int_at_least(1), default=512, help='train and eval batch of the modes (default 512)')
+    add('--steps', type=int_at_least(1), default=50, help='timed train steps per mode (default 50)')
+    add('--warmup', type=int_at_least(0), default=10, help='untimed steps before each timed region (default 10)')
+    add('--eval_steps', type=int_at_least(1), default=20, help='timed eval batches per mode (default 20)')
+    add('--baseline_steps', type=int_at_least(1), default=20, help='timed train steps of the baseline (default 20)')
+    add('--baseline_batch_size', type=int_at_least(1), default=128, help="the seed's batch size (default 128)")
+    add('--baseline', type=str2bool, default=True, help="measure the seed's recipe (default True)")
+    add('--no_baseline', action='store_true', help='same as --baseline False')
+    add('--prompts', type=int_at_least(0), default=50, help='prompt tokens per layer in P and P+F (default 50)')
+    add('--modes', default='P,F,P+F', help='comma list of P, F, P+F (default all three)')
+    add('--prompt_impl', choices=['kv', 'naive'], default='kv', help='prompt implementation of the modes (default kv)')
+    add('--compile', type=str2bool, default=False, help='torch.compile the model after set_trainable')
+    add('--amp', type=str2bool, default=True,
+        help='mixed precision on CUDA: bf16 (fp16 with loss scaling before Ampere); False: fp32 (default True)')
+    add('--device', type=device_flag, default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
+    add('--profile', type=str2bool, default=False,
+        help=f'after each mode, profile {PROFILE_STEPS} more train steps and print where their time goes')
+    add('--peak_tflops', type=float, default=None, help='dense bf16 peak TFLOP/s for MFU (default: by device name)')
+    add('--json', type=os.path.expanduser, default=None, metavar='FILE',
+        help='also write every number to FILE as JSON (a new file; missing parent folders are made)')
+    return parser
+
+
+def parse_args(argv=None):
+    parser = make_parser()
+
+    def error(message):  # one line, no usage dump
+        print(f"bench.py: error: {message} (python bench.py --help lists the flags)", file=sys.stderr)
+        sys.exit(2)
+    parser.error = error
+    args = parser.parse_args(argv)
+    args.baseline = args.baseline and not args.no_baseline
+    args.modes = [m.strip() for m in args.modes.split(',') if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or not args.modes:
+        parser.error(f"--modes: unknown mode(s) {', '.join(unknown) or '(none given)'}; choose from P, F, P+F")
+    if len(set(args.modes)) < len(args.modes):  # each mode is one row of the table and one key of the JSON
+        parser.error(f"--modes {','.join(args.modes)}: a mode is named twice; name each once")
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
+        parser.error(f"--peak_tflops must be a positive number, got {args.peak_tflops}")
+    if args.json is not None:  # checked before minutes of measuring, not after
+        if not args.json:  # `--json "$OUT"` with OUT unset: the numbers would be printed and never written
+            parser.error("--json '' names no file; pass a file name such as bench.json")
+        if os.path.lexists(args.json):  # a link to a missing file too: nothing is written through a link
+            parser.error(f"--json {args.json} already exists and bench.py never replaces a file; pass a new name")
+        if not os.path.basename(args.json):
+            parser.error(f"--json {args.json} names a folder; pass a file name such as {args.json}bench.json")
+        blocked = not_creatable(os.path.dirname(os.path.abspath(args.json)))
+        if blocked:
+            parser.error(f"cannot write --json {args.json} ({blocked} is not a writable directory); choose another")
+    return args
+
+
+if __name__ == '__main__':
+    parse_args()  # a mistyped flag is said at once, not after the seconds that importing torch takes
+
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import train
+from model import PromptedViT, count_params, create_vit, set_trainable
 
 # ---------------------------------------------------------------- analytic FLOPs
 
@@ -440,63 +504,6 @@ def print_table(columns, rows):
     print('  '.join('-' * w for w in widths))
     for row in rows:
         print(line(row))
-
-
-def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    add('--model', default='vit_base_patch16_224.augreg_in21k', help='timm ViT (random weights); test_vit is tiny')
-    add('--batch_size', type=int_at_least(1), default=512, help='train and eval batch of the modes (default 512)')
-    add('--steps', type=int_at_least(1), default=50, help='timed train steps per mode (default 50)')
-    add('--warmup', type=int_at_least(0), default=10, help='untimed steps before each timed region (default 10)')
-    add('--eval_steps', type=int_at_least(1), default=20, help='timed eval batches per mode (default 20)')
-    add('--baseline_steps', type=int_at_least(1), default=20, help='timed train steps of the baseline (default 20)')
-    add('--baseline_batch_size', type=int_at_least(1), default=128, help="the seed's batch size (default 128)")
-    add('--baseline', type=str2bool, default=True, help="measure the seed's recipe (default True)")
-    add('--no_baseline', action='store_true', help='same as --baseline False')
-    add('--prompts', type=int_at_least(0), default=50, help='prompt tokens per layer in P and P+F (default 50)')
-    add('--modes', default='P,F,P+F', help='comma list of P, F, P+F (default all three)')
-    add('--prompt_impl', choices=['kv', 'naive'], default='kv', help='prompt implementation of the modes (default kv)')
-    add('--compile', type=str2bool, default=False, help='torch.compile the model after set_trainable')
-    add('--amp', type=str2bool, default=True,
-        help='mixed precision on CUDA: bf16 (fp16 with loss scaling before Ampere); False: fp32 (default True)')
-    add('--device', type=device_flag, default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
-    add('--profile', type=str2bool, default=False,
-        help=f'after each mode, profile {PROFILE_STEPS} more train steps and print where their time goes')
-    add('--peak_tflops', type=float, default=None, help='dense bf16 peak TFLOP/s for MFU (default: by device name)')
-    add('--json', type=os.path.expanduser, default=None, metavar='FILE',
-        help='also write every number to FILE as JSON (a new file; missing parent folders are made)')
-    return parser
-
-
-def parse_args(argv=None):
-    parser = make_parser()
-
-    def error(message):  # one line, no usage dump
-        print(f"bench.py: error: {message} (python bench.py --help lists the flags)", file=sys.stderr)
-        sys.exit(2)
-    parser.error = error
-    args = parser.parse_args(argv)
-    args.baseline = args.baseline and not args.no_baseline
-    args.modes = [m.strip() for m in args.modes.split(',') if m.strip()]
-    unknown = [m for m in args.modes if m not in MODES]
-    if unknown or not args.modes:
-        parser.error(f"--modes: unknown mode(s) {', '.join(unknown) or '(none given)'}; choose from P, F, P+F")
-    if len(set(args.modes)) < len(args.modes):  # each mode is one row of the table and one key of the JSON
-        parser.error(f"--modes {','.join(args.modes)}: a mode is named twice; name each once")
-    if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
-        parser.error(f"--peak_tflops must be a positive number, got {args.peak_tflops}")
-    if args.json is not None:  # checked before minutes of measuring, not after
-        if not args.json:  # `--json "$OUT"` with OUT unset: the numbers would be printed and never written
-            parser.error("--json '' names no file; pass a file name such as bench.json")
-        if os.path.lexists(args.json):  # a link to a missing file too: nothing is written through a link
-            parser.error(f"--json {args.json} already exists and bench.py never replaces a file; pass a new name")
-        if not os.path.basename(args.json):
-            parser.error(f"--json {args.json} names a folder; pass a file name such as {args.json}bench.json")
-        blocked = not_creatable(os.path.dirname(os.path.abspath(args.json)))
-        if blocked:
-            parser.error(f"cannot write --json {args.json} ({blocked} is not a writable directory); choose another")
-    return args
 
 
 def main(argv=None):

@@ -129,9 +129,13 @@ def test_bench_refuses_before_measuring(tmp_path, capsys):
     existing.write_text('{"an earlier run": 1}')
     (tmp_path / 'a_file').write_text('x')
     os.symlink(tmp_path / 'gone.json', tmp_path / 'link.json')  # train.write_new looped forever on it
-    # the command line itself once (a subprocess pays ~3 s of imports), then the parser in this process
+    # the command line itself once, then the parser in this process. A mistyped flag was said only after torch's
+    # import (seconds): a torch that cannot be imported stands in for it here
+    (tmp_path / 'no-torch' / 'torch').mkdir(parents=True)
+    (tmp_path / 'no-torch' / 'torch' / '__init__.py').write_text("raise SystemExit('torch was imported')")
     result = subprocess.run([sys.executable, 'bench.py', *TINY, '--json', str(existing)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=str(tmp_path / 'no-torch')))
     assert result.returncode == 2 and result.stdout == '', result.stderr
     assert result.stderr.count('\n') == 1 and f"--json {existing} already exists" in result.stderr, result.stderr
     for flags, expect in (
