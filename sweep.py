@@ -440,8 +440,17 @@ def check_writable(sweep_dir, meta, base_seed):
     for path in paths:
         folder = os.path.isdir(path)
         if (folder or os.path.isfile(path)) and not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
-            fail(f"cannot write {'into ' * folder}{path} (permission denied); make it writable (chmod u+w, or ask "
-                 f"its owner) and re-launch the same command")
+            mend = ("(read-only file system); mount it writable" if on_read_only_mount(path) else
+                    "(permission denied); make it writable (chmod u+w, or ask its owner)")
+            fail(f"cannot write {'into ' * folder}{path} {mend} and re-launch the same command")
+
+
+def on_read_only_mount(path):
+    """Whether `path` lies on a file system mounted read-only, where chmod cannot help."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def sweep_running(sweep_dir):

@@ -13,6 +13,7 @@ import signal
 import statistics
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -868,6 +869,13 @@ def test_a_sweep_the_user_may_not_write_is_refused_before_anything_runs(tmp_path
     assert not (root / 'sweep.log').exists()
     code, err, launched = relaunch_fake_sweep(tmp_path, monkeypatch, '--print_commands')  # writes nothing: allowed
     assert (code, launched) == (0, []) and 'stage 2 command to run' in err
+    # on a file system mounted read-only, access() says no to root too, and chmod cannot help
+    statvfs = os.statvfs
+    monkeypatch.setattr(os, 'statvfs', lambda path: SimpleNamespace(f_flag=os.ST_RDONLY) if str(path) == str(root)
+                        else statvfs(path))
+    code, err, launched = relaunch_fake_sweep(tmp_path, monkeypatch)
+    assert (code, err, launched) == (1, f"sweep.py: error: cannot write into {root} (read-only file system); mount it "
+                                        f"writable and re-launch the same command\n", [])
 
 
 def test_a_dangling_link_among_the_files_a_launch_writes_is_refused_before_anything_runs(tmp_path, monkeypatch):
