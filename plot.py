@@ -879,8 +879,12 @@ def draw_confusions(run_dirs, paths, out):
             if which == 'best':
                 epoch = read_summary(run['dir']).get('best_val_epoch')  # best.safetensors', which --eval_only read
                 title = f"{run['name']}, best val epoch" + (f" {epoch}" if isinstance(epoch, int) else '')
+            elif which == 'last':  # named: a resume that trains on keeps this figure as confusion_epoch<N>.png
+                summary = read_summary(run['dir'])
+                epoch = count(summary.get('final_epoch')) if summary.get('finished') is True else None
+                title = run['name'] + (f", last epoch {epoch}" if epoch is not None else '')
             else:
-                title = run['name'] if which == 'last' else f"{run['name']}, epoch {which} (unfinished)"
+                title = f"{run['name']}, epoch {which} (unfinished)"
             try:
                 classes, counts = read_confusion(path)
             except ValueError as e:  # its reason names the file

@@ -1046,6 +1046,25 @@ def test_a_run_that_cannot_be_listed_does_not_stop_the_others(flag, logs, capsys
     assert 'Traceback' not in err
 
 
+def test_confusion_of_the_last_epoch_names_it(logs, capsys, monkeypatch):
+    """A val-split run reports its best val epoch, and a resume that trains on keeps confusion.png as
+    confusion_epoch<N>.png: the last epoch's matrix says which epoch it is, as the best one's and the mistakes grid do
+    (it said only 'F_run: 80.00% accuracy', beside a table whose test@best val is another number)."""
+    run_dir = os.path.join(logs, 'F_run')
+    write_confusion(run_dir, ['a', 'b'], [[5, 1], [2, 7]])
+    with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
+        json.dump(dict(epochs_done=3, epochs=3, finished=True, final_epoch=3, best_val_epoch=2), f)
+    figures = captured_figures(monkeypatch)
+    code, _, _ = run_plot([run_dir, '--confusion'], capsys)
+    assert code == 0 and figures[0].axes[0].get_title().startswith('F_run, last epoch 3: 80.00% accuracy')
+    with open(os.path.join(run_dir, 'summary.json'), 'w') as f:  # one that does not say: the name alone, as before
+        json.dump(dict(finished=True, final_epoch='3'), f)
+    run_plot([run_dir, '--confusion'], capsys)
+    assert figures[1].axes[0].get_title().startswith('F_run: 80.00% accuracy')
+    for figure in figures:
+        close_figure(figure)
+
+
 def test_an_unfinished_run_gets_its_newest_checkpoint_matrix(logs, capsys, monkeypatch):
     """No confusion.csv before the last epoch: --eval_only writes confusion_epoch<N>.csv, and that is what is drawn
     (plot.py used to send the user back to --eval_only in a circle)."""
