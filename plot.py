@@ -561,8 +561,8 @@ def plot_runs(runs, out):
     axes[0].set_ylabel('accuracy (%)')
     for ax in axes[1:]:
         ax.tick_params(labelleft=True)  # shared scale, but each panel keeps its numbers
-    handles, labels = axes[0].get_legend_handles_labels()
-    add_legend_below(fig, handles, labels, panels_height=3.95)
+    handles = axes[0].get_lines()  # each run's; get_legend_handles_labels leaves out labels that start with '_'
+    add_legend_below(fig, handles, [line.get_label() for line in handles], panels_height=3.95)
     save_figure(fig, out)
 
 

@@ -226,6 +226,20 @@ def test_figure_shows_train_and_test_of_each_run(logs, tmp_path, capsys, monkeyp
     close_figure(figures[0])
 
 
+def test_a_run_named_with_a_leading_underscore_is_in_the_legend(tmp_path, capsys, monkeypatch):
+    """matplotlib leaves a label that starts with '_' out of a legend: a run directory named _baseline had its curves
+    drawn, in a colour no legend entry named."""
+    for name in ('P_run', '_baseline'):
+        write_run(tmp_path, name)
+    figures = captured_figures(monkeypatch)
+    assert run_plot([tmp_path], capsys)[0] == 0
+    legend = figures[0].legends[0]
+    assert [text.get_text() for text in legend.get_texts()] == ['P_run (P)', '_baseline (P)']
+    assert [handle.get_color() for handle in legend.legend_handles] == [
+        line.get_color() for line in figures[0].axes[0].get_lines()]
+    close_figure(figures[0])
+
+
 def panel_heights(fig):
     """Inches of each axes' height, as laid out when the figure was saved."""
     return [ax.get_position().height * fig.get_figheight() for ax in fig.axes]
