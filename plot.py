@@ -156,6 +156,7 @@ def find_run_dirs(paths):
         if not os.path.isdir(path):
             error(f"{path} is not a directory; pass a run directory (holding metrics.csv) or a directory of runs such as logs/")
     run_dirs, seen = [], set()
+    given = {os.path.realpath(path) for path in paths}
     for path in paths:
         if is_run_dir(path):
             candidates = [path]
@@ -177,9 +178,11 @@ def find_run_dirs(paths):
             # sweep.py's set-aside/ holds runs of other data, left out of its results: no sweep to point to
             nested = [os.path.join(path, name) for name in names
                       if name != 'set-aside' and holds_runs(os.path.join(path, name))]
-            if candidates:
+            passed = [sub for sub in nested if os.path.realpath(sub) in given]  # a PATH of its own: plotted
+            if candidates or passed:
                 for sub in nested:
-                    warn(f"not plotting the runs in {sub} (a sweep?): pass it as a PATH of its own")
+                    if sub not in passed:
+                        warn(f"not plotting the runs in {sub} (a sweep?): pass it as a PATH of its own")
             else:
                 hint = (f"; {nested[0]} holds runs (a sweep?): pass it" if len(nested) == 1 else
                         f"; {', '.join(nested)} hold runs (sweeps?): pass one or more of them" if nested else

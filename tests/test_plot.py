@@ -723,6 +723,8 @@ def test_sweep_directory_is_a_directory_of_runs(logs, capsys):
     assert code == 0 and list(table(out)) == sorted(RUNS)
     assert err.count('\n') == 1 and 'warning: not plotting the runs in' in err and sweep in err
     assert 'pass it as a PATH' in err
+    code, out, err = run_plot([logs, sweep], capsys)  # passed as a PATH of its own, as the warning says: no warning
+    assert code == 0 and err == '' and list(table(out)) == sorted(RUNS) + ['P_lr1e-2', 'P_lr1e-3']
 
 
 def test_a_folder_of_sweeps_names_every_one(tmp_path, capsys):
@@ -732,6 +734,10 @@ def test_a_folder_of_sweeps_names_every_one(tmp_path, capsys):
     assert code != 0 and len(err.strip().splitlines()) == 1
     assert (f"{tmp_path / 'sweeps' / 'sweep-a'}, {tmp_path / 'sweeps' / 'sweep-b'} hold runs (sweeps?): pass one or "
             f"more of them") in err
+    code, out, err = run_plot([tmp_path / 'sweeps', tmp_path / 'sweeps' / 'sweep-a'], capsys)  # one passed: plotted
+    assert code == 0 and list(table(out)) == ['grid_lr=1e-3']
+    assert err.strip() == f"plot.py: warning: not plotting the runs in {tmp_path / 'sweeps' / 'sweep-b'} (a sweep?): " \
+                          f"pass it as a PATH of its own"
 
 
 def test_unfinished_run_shows_epochs_done_of_planned(tmp_path, capsys, monkeypatch):
