@@ -378,12 +378,16 @@ def read_summary(run_dir):
 
 def label_runs(runs):
     """Runs with the same directory name (from different log directories, such as two sweeps' grid_lr=1e-3) are
-    told apart by their paths, and then so is every run: a bare name beside paths would not say where it is from.
-    Names are shown as a terminal shows them (main.shown)."""
+    told apart by the last folders of their paths, as few as tell every run apart (sweep_P/grid_lr=1e-3), and then
+    so is every run: a bare name beside such paths would not say where it is from. Whole paths were long enough to
+    crowd the legend. Names are shown as a terminal shows them (main.shown)."""
     names = [run['name'] for run in runs]
     if len(set(names)) < len(names):
-        for run in runs:
-            run['name'] = os.path.normpath(run['dir'])
+        parts = [os.path.abspath(run['dir']).split(os.sep) for run in runs]
+        depth = next((depth for depth in range(2, max(map(len, parts)))
+                      if len({tuple(folders[-depth:]) for folders in parts}) == len(runs)), None)
+        for run, folders in zip(runs, parts):
+            run['name'] = os.path.join(*folders[-depth:]) if depth else os.path.normpath(run['dir'])
     for run in runs:  # a name whose bytes are not UTF-8 (os.listdir's surrogates) as \xNN: matplotlib cannot draw it
         run['name'] = shown(run['name'])
 

@@ -1193,15 +1193,21 @@ def test_oracle_epoch_is_the_first_of_equal_test_accuracies(tmp_path, capsys):
 
 def test_same_run_name_in_two_log_dirs_is_labelled_by_path(tmp_path, capsys):
     """Two sweeps both hold grid_lr=1e-3: then every run is labelled by its path, not only those two (a bare
-    grid_lr=5e-3 beside sweep_P/grid_lr=1e-3 would not say which sweep it came from)."""
-    a = write_run(tmp_path / 'a', 'P_run', epochs=[(70.0, 80.0, 1.0)])
-    b = write_run(tmp_path / 'b', 'P_run', epochs=[(70.0, 60.0, 1.0)])
-    c = write_run(tmp_path / 'b', 'F_run', epochs=[(70.0, 50.0, 1.0)])
+    grid_lr=5e-3 beside sweep_P/grid_lr=1e-3 would not say which sweep it came from); by as many of its last folders
+    as tell the runs apart, not by whole paths that crowded the legend."""
+    write_run(tmp_path / 'a', 'P_run', epochs=[(70.0, 80.0, 1.0)])
+    write_run(tmp_path / 'b', 'P_run', epochs=[(70.0, 60.0, 1.0)])
+    write_run(tmp_path / 'b', 'F_run', epochs=[(70.0, 50.0, 1.0)])
     code, out, _ = run_plot([tmp_path / 'a', tmp_path / 'b'], capsys)
     assert code == 0
     rows = table(out)
-    assert set(rows) == {os.path.normpath(a), os.path.normpath(b), os.path.normpath(c)}
-    assert rows[os.path.normpath(b)][6] == '60.00%'
+    assert set(rows) == {os.path.join('a', 'P_run'), os.path.join('b', 'P_run'), os.path.join('b', 'F_run')}
+    assert rows[os.path.join('b', 'P_run')][6] == '60.00%'
+    # the same sweep folder in two projects: the folders above it tell them apart
+    for project in ('x', 'y'):
+        write_run(tmp_path / project / 'sweep', 'grid', epochs=[(70.0, 40.0, 1.0)])
+    code, out, _ = run_plot([tmp_path / 'x' / 'sweep', tmp_path / 'y' / 'sweep'], capsys)
+    assert code == 0 and set(table(out)) == {os.path.join('x', 'sweep', 'grid'), os.path.join('y', 'sweep', 'grid')}
 
 
 def test_cost_figure_styles_unfreeze_runs_as_their_method(tmp_path, capsys, monkeypatch):
@@ -1350,7 +1356,7 @@ def test_run_paths_with_a_trailing_slash(logs, tmp_path, capsys, monkeypatch):
     a = write_run(tmp_path / 'a', 'P_run')
     b = write_run(tmp_path / 'b', 'P_run')
     code, out, err = run_plot([a + os.sep, b + os.sep, '--out', tmp_path / 'b.png'], capsys)
-    assert code == 0 and list(table(out)) == [a, b]
+    assert code == 0 and list(table(out)) == [os.path.join('a', 'P_run'), os.path.join('b', 'P_run')]
     for fig in figures:
         close_figure(fig)
 
@@ -1616,8 +1622,9 @@ def test_confusion_of_same_named_runs_titled_by_path(tmp_path, capsys, monkeypat
     monkeypatch.setattr(plot, 'plot_confusion', lambda *args: drawn.append(args))
     code, _, err = run_plot([a, b, '--confusion'], capsys)
     assert code == 0, err
-    assert [(title, path) for title, _, _, path in drawn] == [(a, os.path.join(a, 'confusion.png')),
-                                                              (b, os.path.join(b, 'confusion.png'))]
+    assert [(title, path) for title, _, _, path in drawn] == [
+        (os.path.join('a', 'P_run'), os.path.join(a, 'confusion.png')),
+        (os.path.join('b', 'P_run'), os.path.join(b, 'confusion.png'))]
 
 
 def test_a_left_over_temp_file_is_not_the_newest_checkpoint_matrix(logs, capsys, monkeypatch):
