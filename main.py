@@ -1011,8 +1011,15 @@ def checkpoint_model(args, device):
     model, _ = build_model(args, len(classes), device)
     epoch = train.load_trainable(checkpoint_path(args), model)
     if epoch == 0:
+        try:
+            summary = read_json(os.path.join(args.resume, 'summary.json'))
+        except SystemExit:  # missing or damaged: this warning's hint is no reason to stop
+            summary = None
+        # a resume of a run that diverged keeps its --lr and diverges again
+        fix = ("the run diverged (a non-finite loss): start a new run with a lower --lr"
+               if isinstance(summary, dict) and summary.get('diverged') else "resume the run to train it")
         print(f"warning: {checkpoint_path(args)} was saved before the run's first epoch ended: its head is untrained, "
-              f"so its predictions are chance; resume the run to train it", file=sys.stderr, flush=True)
+              f"so its predictions are chance; {fix}", file=sys.stderr, flush=True)
     return model, classes, epoch
 
 

@@ -639,6 +639,21 @@ def test_predict_with_a_checkpoint_from_before_the_first_epoch_warns(run_dir, ti
     assert code == 0 and 'warning' not in err
 
 
+def test_predict_with_the_first_checkpoint_of_a_run_that_diverged_says_to_start_a_new_run(tiny_dataset, tmp_path,
+                                                                                          capsys):
+    """A run whose loss turned non-finite in its first epoch keeps epoch 0's checkpoint; resuming it keeps its --lr
+    and diverges again, so the warning's way out is a new run with a lower --lr, not a resume."""
+    code, _, err = run_main([*TINY, '--dataset', tiny_dataset, '--full', True, '--lr', 1e30, '--warmup_epochs', 0,
+                             '--epoch', 1, '--batch_size', 8, '--log_dir', tmp_path, '--name', 'r'], capsys)
+    assert code == 3, err
+    code, _, err = run_main(['--predict', os.path.join(tiny_dataset, 'test', 'cat'), '--resume', tmp_path / 'r'],
+                            capsys)
+    assert code == 0 and err.splitlines()[0] == (
+        f"warning: {tmp_path / 'r' / 'trainable.safetensors'} was saved before the run's first epoch ended: its head "
+        f"is untrained, so its predictions are chance; the run diverged (a non-finite loss): start a new run with a "
+        f"lower --lr"), err
+
+
 def test_predict_runs_the_model_in_eval_mode(tiny_dataset, tmp_path, capsys, monkeypatch):
     """A run trained with --prompt_dropout predicts without dropping prompts, as evaluation does."""
     import model
