@@ -1839,6 +1839,12 @@ def test_a_sweep_with_a_run_resumed_by_hand_stops_before_running_anything(fake_t
         f"5); move it aside and re-launch")
     assert (sweep_dir / 'sweep.log').read_text() == before  # nothing ran, nothing was resumed
     assert not os.path.exists(sweep_dir / 'final_seed=1')
+    # the reports say so, as README has it (and --compare sends a user to sweep.md): not the last launch's 'finished'
+    rows = {row['run']: row for row in read_csv(sweep_dir / 'sweep.csv')}
+    assert (rows['grid_lr=5e-3']['status'], rows['grid_lr=5e-3']['message']) == (
+        'stale', "was resumed with --epoch 9 (the sweep's runs train with --epoch 5)")
+    assert ("**Warning**: grid_lr=5e-3 was resumed with --epoch 9 (the sweep's runs train with --epoch 5); it counts "
+            "for nothing until moved aside and the sweep re-launched.") in (sweep_dir / 'sweep.md').read_text()
 
 
 def test_a_winner_whose_every_seed_diverges_has_no_result(fake_training, monkeypatch, capsys):
