@@ -75,7 +75,7 @@ from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from PIL import Image, ImageOps  # matplotlib's own dependency
 
-from main import flag_hint, shown, shown_width  # main.py imports torch only inside main()
+from main import flag_hint, not_creatable, shown, shown_width  # main.py imports torch only inside main()
 
 # train.METRICS_HEADER, repeated rather than imported: plot.py stays free of torch and starts in a second.
 # Columns are read by name: these must be there, the optional ones may be (empty cells = no value), others are ignored.
@@ -1151,6 +1151,11 @@ def check_replaceable(out, default=False):
         if default:
             error(f"{out} is a directory, where plot.py writes its figure; pass --out FILE")
         error(f"--out {out} is a directory; pass a file name such as {os.path.join(out, 'accuracy.png')}")
+    # a new file: save_figure makes the missing folders, which a file or another user's folder on the way stops
+    blocked = not os.path.lexists(out) and not_creatable(os.path.dirname(os.path.abspath(out)))
+    if blocked:
+        error(f"cannot write {out} ({blocked} is not a writable directory); "
+              + ("pass --out FILE to write the figure elsewhere" if default else "choose another --out"))
     if os.path.islink(out) and not os.path.exists(out):  # savefig would make the file it names, or fail once drawn
         error(f"{out} is a link to a missing file ({os.readlink(out)}) and plot.py writes no new figure through a "
               f"link: " + ("pass --out FILE to write the figure elsewhere" if default else "choose another --out")
