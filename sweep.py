@@ -1245,7 +1245,8 @@ def main(argv=None):
     if args.print_commands:
         return print_commands(sweep_dir, meta, base_seed)
     if stale_runs(rows1 + rows2):  # before anything runs: a stale run that stopped would be resumed as it was changed
-        write_reports(sweep_dir, meta, base_seed)  # the last launch's counted it as it was
+        with contextlib.suppress(OSError):  # a full disk: the stale run's line is the one to say
+            write_reports(sweep_dir, meta, base_seed)  # the last launch's counted it as it was
         fail(stale_error(sweep_dir, rows1 + rows2, 'and re-launch'))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
