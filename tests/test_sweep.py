@@ -1821,7 +1821,7 @@ def test_finals_of_a_former_winner_stop_the_sweep_before_stage_2_goes_on(fake_tr
         sweep_dir / 'sweep.md').read_text()
 
 
-def test_a_sweep_with_a_run_resumed_by_hand_stops_before_running_anything(fake_training, capsys):
+def test_a_sweep_with_a_run_resumed_by_hand_stops_before_running_anything(fake_training, capsys, monkeypatch):
     """An interrupted run resumed by hand with another --epoch is not resumed by the sweep as it now is."""
     run, sweep_dir = fake_training
     run('--grid', 'lr=1e-3,5e-3', '--seeds', 1)
@@ -1845,6 +1845,14 @@ def test_a_sweep_with_a_run_resumed_by_hand_stops_before_running_anything(fake_t
         'stale', "was resumed with --epoch 9 (the sweep's runs train with --epoch 5)")
     assert ("**Warning**: grid_lr=5e-3 was resumed with --epoch 9 (the sweep's runs train with --epoch 5); it counts "
             "for nothing until moved aside and the sweep re-launched.") in (sweep_dir / 'sweep.md').read_text()
+
+    def disk_full(*args):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(sweep, 'write_reports', disk_full)  # the reports cannot be written: the stale line still is
+    with pytest.raises(SystemExit) as stopped:
+        run('--grid', 'lr=1e-3,5e-3', '--seeds', 1)
+    assert stopped.value.code == 1 and capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"sweep.py: error: grid_lr=5e-3 in {sweep_dir} was resumed with --epoch 9")
 
 
 def test_a_winner_whose_every_seed_diverges_has_no_result(fake_training, monkeypatch, capsys):
