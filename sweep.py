@@ -802,7 +802,8 @@ def start_trial(sweep_dir, trial, gpu, add_device):
     run_dir = os.path.join(sweep_dir, trial['name'])
     summary = read_json(os.path.join(run_dir, 'summary.json')) or {}
     if summary.get('finished'):
-        say(sweep_dir, f"skip   {trial['name']}: finished ({summary.get('epochs_done')} epochs)")
+        done = summary.get('epochs_done')
+        say(sweep_dir, f"skip   {trial['name']}: finished ({done} epoch{'' if done == 1 else 's'})")
         return None
     if trial_exit(sweep_dir, trial['name'])[0] == DIVERGED:
         say(sweep_dir, f"skip   {trial['name']}: diverged (a non-finite loss); remove it and its log to run it again")

@@ -1855,6 +1855,15 @@ def test_a_sweep_with_a_run_resumed_by_hand_stops_before_running_anything(fake_t
         f"sweep.py: error: grid_lr=5e-3 in {sweep_dir} was resumed with --epoch 9")
 
 
+def test_a_relaunch_says_each_finished_trial_it_skips(fake_training, capsys):
+    run, sweep_dir = fake_training
+    run('--grid', 'lr=1e-3', '--seeds', 1)
+    capsys.readouterr()
+    run('--grid', 'lr=1e-3', '--seeds', 1)
+    out = capsys.readouterr().out
+    assert 'skip   grid_lr=1e-3: finished (1 epoch)\n' in out and 'skip   final_seed=1: finished (1 epoch)\n' in out
+
+
 def test_a_winner_whose_every_seed_diverges_has_no_result(fake_training, monkeypatch, capsys):
     run, sweep_dir = fake_training
     monkeypatch.setenv('FAKE_DIVERGE', '1')
