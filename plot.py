@@ -309,7 +309,7 @@ def load_run(run_dir):
     return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)),
                 mode=mode if isinstance(mode, str) and mode else '?',
                 params=params,
-                history=history, planned_epochs=planned,
+                history=history, planned_epochs=planned, first_plan=first_plan(config),
                 oracle_test_acc=oracle['test_acc'], oracle_epoch=oracle['epoch'],
                 val_epoch=best_val['epoch'] if best_val else None,
                 test_at_best_val=best_val['test_acc'] if best_val else None,
@@ -318,6 +318,16 @@ def load_run(run_dir):
                 peak_mem_gib=max(peaks) if peaks else None,
                 checkpoint_bytes=file_size(os.path.join(run_dir, 'trainable.safetensors')),
                 test_set=test_set(config))
+
+
+def first_plan(config):
+    """The --epoch a run was started with, when a resume changed it (the first epoch_before in config.json's
+    resumed list), else None."""
+    resumed = config.get('resumed')
+    for entry in resumed if isinstance(resumed, list) else []:
+        if isinstance(entry, dict) and count(entry.get('epoch_before')) is not None:
+            return entry['epoch_before']
+    return None
 
 
 def exact_test_accuracies(history, images):
@@ -419,10 +429,18 @@ def percent(value):
     return f"{value:.2f}%" if value is not None else '-'
 
 
-def epochs_cell(run):
+def epochs_done(run):
     """'3' for a finished run, '2/30' for one that has not finished."""
     done, planned = len(run['history']), run['planned_epochs']
     return f"{done}/{planned}" if planned is not None and done < planned else str(done)
+
+
+def epochs_cell(run):
+    """epochs_done, and '6 (extended from 4)' for a run resumed with another --epoch: its lr schedule is not the one
+    of a run planned that long from the start."""
+    before, planned = run.get('first_plan'), run['planned_epochs']
+    changed = before is not None and planned is not None and before != planned
+    return epochs_done(run) + (f" ({'extended' if before < planned else 'shortened'} from {before})" if changed else '')
 
 
 def print_table(runs):
@@ -548,7 +566,7 @@ def plot_runs(runs, out):
     keys = ('train_acc', 'val_acc', 'test_acc') if validated else ('train_acc', 'test_acc')
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), sharey=True, layout='constrained')
     for run, (colour, linestyle, marker) in zip(runs, run_styles(len(runs))):
-        unfinished = f", {epochs_cell(run)} epochs" if '/' in epochs_cell(run) else ''  # its curves end early
+        unfinished = f", {epochs_done(run)} epochs" if '/' in epochs_done(run) else ''  # its curves end early
         for ax, key in zip(axes, keys):
             rows = [row for row in run['history'] if row[key] is not None]
             ax.plot([row['epoch'] for row in rows], [row[key] for row in rows], color=colour, linestyle=linestyle,

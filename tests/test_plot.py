@@ -763,6 +763,32 @@ def test_unfinished_run_shows_epochs_done_of_planned(tmp_path, capsys, monkeypat
     assert 'diverged (a non-finite loss) in epoch 3' in one_line(err) and '--resume it' not in err
 
 
+def test_a_run_resumed_with_another_epoch_says_so_in_the_table(tmp_path, capsys, monkeypatch):
+    """A finished 2-epoch run extended to 3 (main.py records epoch_before in config.json's resumed list) showed '3',
+    as a run planned for 3 epochs, whose lr schedule differs: the table says it was extended (or shortened) from the
+    plan it started with; the legend is unchanged."""
+    figures = captured_figures(monkeypatch)
+    root = tmp_path / 'logs'
+    epochs = [(70.1, 80.3, 4.1), (84.2, 86.9, 4.1), (85.0, 87.5, 4.1)]
+    for name, resumed, planned, done in (('P_ext', [dict(from_epoch=2, epoch_before=2), dict(from_epoch=2)], 3, 3),
+                                         ('P_cut', [dict(from_epoch=1, epoch_before=6), dict(epoch_before=5)], 4, 3),
+                                         ('P_plain', [dict(from_epoch=1)], 3, 3)):
+        run_dir = write_run(root, name, epochs=epochs[:done])
+        config_path = os.path.join(run_dir, 'config.json')
+        with open(config_path) as f:
+            config = dict(json.load(f), epoch=planned, resumed=resumed)
+        with open(config_path, 'w') as f:
+            json.dump(config, f)
+        with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
+            json.dump(dict(epochs_done=done, epochs=planned, finished=done == planned), f)
+    code, out, err = run_plot([root], capsys)
+    assert code == 0
+    assert [column(out, name, 'epochs') for name in ('P_ext', 'P_cut', 'P_plain')] == [
+        '3 (extended from 2)', '3/4 (shortened from 6)', '3']
+    legend = [text.get_text() for text in figures[0].legends[0].get_texts()]
+    assert legend == ['P_cut (P, 3/4 epochs)', 'P_ext (P)', 'P_plain (P)']
+
+
 def test_a_run_that_diverged_in_its_first_epoch_is_not_called_unfinished(tmp_path, capsys):
     """No epoch finished, so metrics.csv has only its header; 'no finished epoch yet' would invite a --resume that
     diverges again."""
