@@ -72,7 +72,7 @@ from matplotlib.ft2font import FT2Font
 from matplotlib.lines import Line2D
 from matplotlib.patches import ConnectionPatch
 from matplotlib.transforms import Bbox
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from PIL import Image, ImageOps  # matplotlib's own dependency
 
 from main import flag_hint, not_creatable, shown, shown_width  # main.py imports torch only inside main()
@@ -653,7 +653,8 @@ def plot_cost(runs, out):
             ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
         elif ax.get_xscale() == 'linear':  # a few plain ticks: no offset (+8.5e7) nor long digit strings
-            ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+            # one value for every run (a sweep's parameters and checkpoint size): that value, not ticks around it
+            ax.xaxis.set_major_locator(FixedLocator(xs[:1]) if len(set(xs)) == 1 else MaxNLocator(nbins=4))
             ax.xaxis.set_major_formatter(FuncFormatter(
                 lambda value, _, key=key: f"{value / 1e6:.6g}M" if key == 'params' and abs(value) >= 1e6 else
                 f"{value:,.6g}"))

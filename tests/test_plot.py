@@ -901,6 +901,23 @@ def test_cost_axes_of_close_values_have_few_readable_ticks(tmp_path, capsys, mon
         close_figure(fig)
 
 
+def test_a_cost_axis_where_every_run_has_one_value_names_that_value(tmp_path, capsys, monkeypatch):
+    """A sweep's runs share their parameter count and checkpoint size: those panels had ticks 2,080 ... 2,320 around
+    the points' 2,186, which no tick named. The one value is the one tick."""
+    for name, seconds in (('grid_lr=1e-3', 1.9), ('grid_lr=5e-3', 2.3), ('final_seed=1', 3.7)):
+        write_run(tmp_path / 'logs', name, 'P', 2186, [(30.0, 25.0, seconds)], checkpoint_bytes=9000)
+    figures = captured_figures(monkeypatch)
+    assert run_plot([tmp_path / 'logs', '--cost'], capsys)[0] == 0
+    fig = figures[1]
+    fig.canvas.draw()
+    params_ax, time_ax, size_ax = fig.axes
+    assert [t.get_text() for t in params_ax.get_xticklabels()] == ['2,186']
+    assert [t.get_text() for t in size_ax.get_xticklabels()] == ['0.009']
+    assert len([t for t in time_ax.get_xticklabels() if t.get_text()]) >= 2  # values that differ: ticks as before
+    for fig in figures:
+        close_figure(fig)
+
+
 def test_a_cost_panel_no_run_has_says_so(tmp_path, capsys, monkeypatch):
     """Runs without trainable.safetensors (copied without it): the checkpoint panel is empty, not a crash."""
     write_run(tmp_path / 'logs', 'a', 'P', 92170, [(80.0, 90.0, 4.0)])
