@@ -603,7 +603,10 @@ def add_legend_below(fig, handles, labels, panels_height):
         # no column is wider than the widest entry, so this many always fit
         columns = max(1, min(len(labels), int((fig.bbox.width + spacing) // (entry_width + spacing))))
         legend.remove()
-        legend = fig.legend(handles, labels, loc='outside lower center', ncol=columns, frameon=False)
+        # matplotlib fills a legend column by column; runs read across, row by row, as the text they are
+        order = [i for column in range(columns) for i in range(column, len(labels), columns)]
+        legend = fig.legend([handles[i] for i in order], [labels[i] for i in order], loc='outside lower center',
+                            ncol=columns, frameon=False)
         fig.set_figheight(panels_height + legend.get_window_extent(renderer).height / fig.dpi)
 
 

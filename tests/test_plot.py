@@ -240,6 +240,25 @@ def test_a_run_named_with_a_leading_underscore_is_in_the_legend(tmp_path, capsys
     close_figure(figures[0])
 
 
+def test_the_legend_reads_across_row_by_row(tmp_path, capsys, monkeypatch):
+    """Eight runs in three columns: matplotlib filled them column by column, so the runs' order (sorted by name) ran
+    down the first column and on at the top of the next, where a reader reads across."""
+    names = [f'P_vit_base_patch16_224.augreg_in21k_2026112{i}' for i in range(8)]
+    for name in names:
+        write_run(tmp_path, name)
+    figures = captured_figures(monkeypatch)
+    assert run_plot([tmp_path], capsys)[0] == 0
+    fig = figures[0]
+    fig.canvas.draw()
+    texts = fig.legends[0].get_texts()
+    rows = sorted({round(text.get_window_extent().y0) for text in texts}, reverse=True)
+    assert len(rows) > 1  # else the test proves nothing
+    at = {(rows.index(round(text.get_window_extent().y0)), text.get_window_extent().x0): text.get_text()
+          for text in texts}
+    assert [at[place] for place in sorted(at)] == [f'{name} (P)' for name in names]
+    close_figure(fig)
+
+
 def panel_heights(fig):
     """Inches of each axes' height, as laid out when the figure was saved."""
     return [ax.get_position().height * fig.get_figheight() for ax in fig.axes]
