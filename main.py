@@ -995,8 +995,10 @@ def check_uint8_images(images):
     shape = tuple(getattr(images, 'shape', ()))
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         given = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        channels_last = '.permute(0, 3, 1, 2)' if len(shape) == 4 and shape[3] == 3 else ''  # PIL's layout in numpy
         raise ValueError(f"to_input takes a uint8 torch tensor (N, 3, H, W) of 0-255 pixels, got {given}; for floats "
-                         f"in [0, 1] pass (images * 255).round().to(torch.uint8), for numpy torch.from_numpy(images)")
+                         f"in [0, 1] pass (images * 255).round().to(torch.uint8), for numpy "
+                         f"torch.from_numpy(images){channels_last}")
     if len(shape) != 4 or shape[1] != 3:
         raise ValueError(f"to_input takes images of shape (N, 3, H, W), got {shape}; "
                          + ("for (N, H, W, 3) pass images.permute(0, 3, 1, 2)" if len(shape) == 4 and shape[3] == 3

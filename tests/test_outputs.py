@@ -571,6 +571,8 @@ def test_load_model_input_refuses_float_and_channels_last_images(run_dir):
     black = torch.zeros(2, 40, 40, 3, dtype=torch.uint8)
     for images, fix in ((torch.rand(2, 3, 32, 32), "got torch.float32; for floats in [0, 1] pass (images * 255)"),
                         (np.zeros((2, 3, 32, 32), np.uint8), "got ndarray; for floats in [0, 1] pass"),
+                        # np.array of PIL images: both steps in one line, not a second error after the first fix
+                        (np.zeros((2, 32, 32, 3), np.uint8), "for numpy torch.from_numpy(images).permute(0, 3, 1, 2)"),
                         (black, "got (2, 40, 40, 3); for (N, H, W, 3) pass images.permute(0, 3, 1, 2)"),
                         (black[0].permute(2, 0, 1), "got (3, 40, 40); for one (3, H, W) image pass image[None]")):
         with pytest.raises(ValueError, match=re.escape(fix)) as error:
