@@ -592,12 +592,13 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                     print(f"note: {args.resume}: the save of epoch {finished_save} was cut short (killed between its "
                           f"files' renames); its files are complete now: the run stands at epoch {finished_save}",
                           file=sys.stderr, flush=True)
+            train.any_rank(False, device)  # the other processes read state.pt once the first has finished its save
+            state = train.load_state(args.resume)
+            if rank == 0:  # not before: beside a damaged state.pt the temps may hold the only whole copy of the run
                 removed = train.remove_dead_save_temps(args.resume)
                 if removed:
                     print(f"note: {args.resume}: removed {len(removed)} temp file{'s' * (len(removed) > 1)} of saves a "
                           f"kill cut short ({', '.join(removed)})", file=sys.stderr, flush=True)
-            train.any_rank(False, device)  # the other processes read state.pt once the first has finished its save
-            state = train.load_state(args.resume)
             if not check_resume_epoch(args, state['epoch']):  # nothing to train: the run stays as it is
                 if rank == 0:
                     config = read_json(os.path.join(args.resume, 'config.json'))

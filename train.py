@@ -660,8 +660,9 @@ def finish_interrupted_save(run_dir):
 
 def remove_dead_save_temps(run_dir):
     """The temps of saves a crash cut short before all their renames (a full model's state.pt temp is hundreds of MB),
-    removed. Call it holding the run's lock, after finish_interrupted_save: only the lock's holder saves, so every such
-    temp is a dead process's (--eval_only and --predict write without the lock only files of other names).
+    removed. Call it holding the run's lock, after finish_interrupted_save and a load_state that succeeded: only the
+    lock's holder saves, so every such temp is a dead process's (--eval_only and --predict write without the lock only
+    files of other names); beside a damaged state.pt they are kept, as they may be the run's one whole copy.
     -> the names removed."""
     removed = []
     for name in sorted(os.listdir(run_dir)):

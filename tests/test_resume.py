@@ -1181,6 +1181,20 @@ def test_the_temps_of_a_save_killed_before_its_renames_are_removed_by_the_resume
     assert [row['epoch'] for row in read_metrics(run_dir)] == ['1', '2']
 
 
+def test_a_resume_refused_for_a_damaged_state_keeps_the_temps_of_a_save_cut_short(tiny_dataset, tmp_path, capsys):
+    """kill -9 between a save's renames, and state.pt then damaged (a disk error): the save's temps hold the run's one
+    whole state.pt. The resume, refused, removed them as 'temp files of saves a kill cut short'; it now leaves them."""
+    run_dir = tmp_path / 'r'
+    killed = killed_at_rename(tmp_path, tiny_run(tiny_dataset, tmp_path, 'r', epochs=2), 'confusion.csv', 1)
+    assert killed.returncode == 137, killed.stderr
+    (run_dir / 'state.pt').write_bytes(b'damaged')
+    before = files(run_dir)
+    assert any(name.startswith('state.pt.tmp') for name in before)
+    code, _, err = run_main(['--resume', run_dir], capsys)
+    assert code == 1 and err.strip().splitlines()[-1].startswith(f"error: cannot read {run_dir / 'state.pt'}"), err
+    assert 'removed' not in err and files(run_dir) == before
+
+
 def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_again(tiny_dataset, tmp_path, capsys):
     """kill -9 before a new run's first state.pt leaves its directory: --resume says there is no checkpoint, start a new
     run; the same command again said 'already exists; pick another --name, or continue it with --resume', back to
