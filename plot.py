@@ -306,7 +306,7 @@ def load_run(run_dir):
         warn(f"run {run_dir} has {len(history)} of {planned} epochs (stopped, or still training): its numbers are "
              f"not final (a stopped run finishes with --resume)")
     # the directory name, not config['name']: it is what the user passed and what tells runs apart on disk
-    return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)),
+    return dict(dir=run_dir, name=os.path.basename(os.path.abspath(run_dir)),
                 mode=mode if isinstance(mode, str) and mode else '?',
                 params=params,
                 history=history, planned_epochs=planned, first_plan=first_plan(config),
@@ -896,7 +896,7 @@ def draw_confusions(run_dirs, paths, out):
     if out is not None and len(run_dirs) > 1:
         error(f"--out names one file but {len(run_dirs)} runs were found under {', '.join(paths)}; drop --out to "
               f"write confusion.png into each run directory")
-    runs = [dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir))) for run_dir in run_dirs]
+    runs = [dict(dir=run_dir, name=os.path.basename(os.path.abspath(run_dir))) for run_dir in run_dirs]
     label_runs(runs)
     drawn = 0
     for run in runs:
@@ -1076,7 +1076,7 @@ def draw_mistakes(run_dirs, paths, out, count):
     if out is not None and len(run_dirs) > 1:
         error(f"--out names one file but {len(run_dirs)} runs were found under {', '.join(paths)}; drop --out to "
               f"write mistakes.png into each run directory")
-    runs = [dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir))) for run_dir in run_dirs]
+    runs = [dict(dir=run_dir, name=os.path.basename(os.path.abspath(run_dir))) for run_dir in run_dirs]
     label_runs(runs)
     drawn = flawless = 0
     for run in runs:

@@ -1424,6 +1424,17 @@ def test_run_paths_with_a_trailing_slash(logs, tmp_path, capsys, monkeypatch):
         close_figure(fig)
 
 
+def test_a_run_passed_as_dot_is_named_by_its_directory(logs, tmp_path, capsys, monkeypatch):
+    """cd logs/P_run && plot.py . (or ../P_run/..): the run was named '.' in the table, the legend and the confusion
+    matrix's title."""
+    monkeypatch.chdir(os.path.join(logs, 'P_run'))
+    figures = captured_figures(monkeypatch)
+    code, out, err = run_plot(['.', '--out', tmp_path / 'dot.png'], capsys)
+    assert code == 0 and err == '' and table(out) == {'P_run': EXPECTED['P_run']}
+    assert [t.get_text() for t in figures[0].legends[0].get_texts()] == ['P_run (P)']
+    close_figure(figures[0])
+
+
 def test_blank_lines_in_metrics_csv_are_ignored(tmp_path):
     run_dir = write_run(tmp_path, 'r', epochs=[(70.0, 80.0, 1.0), (80.0, 85.0, 1.0)])
     path = os.path.join(run_dir, 'metrics.csv')
