@@ -1181,6 +1181,36 @@ def test_the_temps_of_a_save_killed_before_its_renames_are_removed_by_the_resume
     assert [row['epoch'] for row in read_metrics(run_dir)] == ['1', '2']
 
 
+def test_the_temps_of_every_file_a_save_writes_are_removed_and_no_other_file(tmp_path):
+    """Each of the seven files a save writes may be left as a dead save's temp (best.safetensors, a full model's
+    trainable tensors, only in an epoch with a new best); a file of another name, or the user's own copy named like a
+    temp, is not a save's."""
+    import train
+    saved = ['best.safetensors', 'confusion.csv', 'metrics.csv', 'state.pt', 'summary.json', 'test_predictions.csv',
+             'trainable.safetensors']
+    others = ['confusion_epoch1.csv.tmp4242', 'summary.json.tmp-old', 'state.pt.tmp', 'notes.tmp7', 'metrics.csv']
+    for name in [f'{name}.tmp123' for name in saved] + others:
+        (tmp_path / name).write_text('x')
+    assert train.remove_dead_save_temps(tmp_path) == [f'{name}.tmp123' for name in saved]
+    assert sorted(os.listdir(tmp_path)) == sorted(others)
+
+
+def test_a_save_cut_short_at_its_new_best_checkpoint_keeps_it(tiny_dataset, tmp_path, capsys):
+    """kill -9 after an epoch's trainable.safetensors was renamed, before its new best.safetensors was: the resume
+    finishes the save with it, rather than removing it as a dead save's temp (best.safetensors missing, --eval_only
+    --checkpoint best refused)."""
+    run_dir = tmp_path / 'r'
+    killed = killed_at_rename(tmp_path, tiny_run(tiny_dataset, tmp_path, 'r', '--val_split', 0.25), 'best.safetensors',
+                              1)
+    assert killed.returncode == 137, killed.stderr
+    assert any(name.startswith('best.safetensors.tmp') for name in os.listdir(run_dir))
+    code, out, err = run_main(['--resume', run_dir], capsys)
+    assert code == 0 and 'the save of epoch 1 was cut short' in err and 'has finished all 1 epochs' in out, err
+    assert not [name for name in os.listdir(run_dir) if '.tmp' in name]
+    with safe_open(str(run_dir / 'best.safetensors'), 'pt') as f:
+        assert f.metadata()['epoch'] == '1'
+
+
 def test_a_resume_refused_for_a_damaged_state_keeps_the_temps_of_a_save_cut_short(tiny_dataset, tmp_path, capsys):
     """kill -9 between a save's renames, and state.pt then damaged (a disk error): the save's temps hold the run's one
     whole state.pt. The resume, refused, removed them as 'temp files of saves a kill cut short'; it now leaves them."""
