@@ -654,6 +654,10 @@ def test_predict_with_the_first_checkpoint_of_a_run_that_diverged_says_to_start_
         f"warning: {tmp_path / 'r' / 'trainable.safetensors'} was saved before the run's first epoch ended: its head "
         f"is untrained, so its predictions are chance; the run diverged (a non-finite loss): start a new run with a "
         f"lower --lr"), err
+    os.remove(tmp_path / 'r' / 'summary.json')  # a run killed in its first epoch may have none: the warning still is
+    code, _, err = run_main(['--predict', os.path.join(tiny_dataset, 'test', 'cat'), '--resume', tmp_path / 'r',
+                             '--out', tmp_path / 'p.csv'], capsys)
+    assert code == 0 and err.splitlines()[0].endswith("so its predictions are chance; resume the run to train it"), err
 
 
 def test_predict_runs_the_model_in_eval_mode(tiny_dataset, tmp_path, capsys, monkeypatch):
