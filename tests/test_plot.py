@@ -229,8 +229,8 @@ def test_figure_shows_train_and_test_of_each_run(logs, tmp_path, capsys, monkeyp
 def test_a_run_named_with_a_leading_underscore_is_in_the_legend(tmp_path, capsys, monkeypatch):
     """matplotlib leaves a label that starts with '_' out of a legend: a run directory named _baseline had its curves
     drawn, in a colour no legend entry named."""
-    for name in ('P_run', '_baseline'):
-        write_run(tmp_path, name)
+    write_run(tmp_path, 'P_run')
+    write_run(tmp_path, '_baseline', val=[50.0, 60.0])  # its star on the test panel is no run of the legend
     figures = captured_figures(monkeypatch)
     assert run_plot([tmp_path], capsys)[0] == 0
     legend = figures[0].legends[0]
@@ -414,7 +414,7 @@ def test_empty_directory(tmp_path, capsys):
     assert files_under(tmp_path) == ['logs/accuracy.png']
 
 
-def test_unwritable_out(logs, tmp_path, capsys):
+def test_unwritable_out(logs, tmp_path, capsys, monkeypatch):
     blocker = tmp_path / 'a_file'
     blocker.write_text('')
     code, out, err = run_plot([logs, '--out', blocker / 'acc.png'], capsys)
@@ -422,6 +422,13 @@ def test_unwritable_out(logs, tmp_path, capsys):
     # what is in the way and what to do, before any figure is drawn; it was "[Errno 17] File exists: '.../a_file'"
     assert one_line(err) == (f"plot.py: error: cannot write {blocker / 'acc.png'} ({blocker} is not a writable "
                              f"directory); choose another --out")
+    access = os.access  # another user's logs/, played (the tests run as root): the default figure cannot go there
+    monkeypatch.setattr(os, 'access', lambda path, mode, **kw: access(path, mode, **kw) and (
+        str(path) != str(logs) or not mode & os.W_OK))
+    code, out, err = run_plot([logs], capsys)
+    assert code == 2 and one_line(err) == (f"plot.py: error: cannot write {os.path.join(logs, 'accuracy.png')} ({logs} "
+                                           f"is not a writable directory); pass --out FILE to write the figure "
+                                           f"elsewhere")
 
 
 def test_a_figure_it_may_not_write_names_the_way_out(logs, tmp_path, capsys, monkeypatch):
@@ -542,8 +549,11 @@ def test_a_directory_where_the_default_figure_goes_is_named_without_out(logs, ca
         f"--out FILE")
 
 
-def test_out_to_dev_null_or_a_directory(logs, tmp_path, capsys):
+def test_out_to_dev_null_or_a_directory(logs, tmp_path, capsys, monkeypatch):
     """--out /dev/null (only the table) is no file to protect; a directory is named as one."""
+    access = os.access  # any user but root may not write /dev: /dev/null is there already, nothing to create
+    monkeypatch.setattr(os, 'access', lambda path, mode, **kw: access(path, mode, **kw) and (
+        os.path.abspath(path) != os.path.dirname(os.devnull) or not mode & os.W_OK))
     code, out, err = run_plot([logs, '--out', os.devnull], capsys)
     assert code == 0 and 'test@best val' in out, err
     code, out, err = run_plot([logs, '--out', tmp_path], capsys)
@@ -725,7 +735,7 @@ def test_format_bytes():
     assert plot.format_bytes(2_500_000_000) == '2.5 GB'
 
 
-def test_sweep_directory_is_a_directory_of_runs(logs, capsys):
+def test_sweep_directory_is_a_directory_of_runs(logs, capsys, monkeypatch):
     sweep = os.path.join(logs, 'lr_sweep')
     write_run(sweep, 'P_lr1e-3', epochs=[(50.0, 55.0, 2.0)])
     write_run(sweep, 'P_lr1e-2', epochs=[(60.0, 66.0, 2.0)])
@@ -745,6 +755,11 @@ def test_sweep_directory_is_a_directory_of_runs(logs, capsys):
     assert 'pass it as a PATH' in err
     code, out, err = run_plot([logs, sweep], capsys)  # passed as a PATH of its own, as the warning says: no warning
     assert code == 0 and err == '' and list(table(out)) == sorted(RUNS) + ['P_lr1e-2', 'P_lr1e-3']
+    code, _, err = run_plot([logs + os.sep, sweep + os.sep], capsys)  # as a shell's tab completion types them
+    assert code == 0 and err == ''
+    monkeypatch.chdir(logs)  # and as typed from logs/ itself
+    code, _, err = run_plot(['.', 'lr_sweep'], capsys)
+    assert code == 0 and err == ''
 
 
 def test_a_folder_of_sweeps_names_every_one(tmp_path, capsys):
@@ -1254,7 +1269,7 @@ def test_oracle_epoch_is_the_first_of_equal_test_accuracies(tmp_path, capsys):
     assert code == 0 and table(out)['r'][4:6] == ('90.00%', '2')
 
 
-def test_same_run_name_in_two_log_dirs_is_labelled_by_path(tmp_path, capsys):
+def test_same_run_name_in_two_log_dirs_is_labelled_by_path(tmp_path, capsys, monkeypatch):
     """Two sweeps both hold grid_lr=1e-3: then every run is labelled by its path, not only those two (a bare
     grid_lr=5e-3 beside sweep_P/grid_lr=1e-3 would not say which sweep it came from); by as many of its last folders
     as tell the runs apart, not by whole paths that crowded the legend."""
@@ -1271,6 +1286,9 @@ def test_same_run_name_in_two_log_dirs_is_labelled_by_path(tmp_path, capsys):
         write_run(tmp_path / project / 'sweep', 'grid', epochs=[(70.0, 40.0, 1.0)])
     code, out, _ = run_plot([tmp_path / 'x' / 'sweep', tmp_path / 'y' / 'sweep'], capsys)
     assert code == 0 and set(table(out)) == {os.path.join('x', 'sweep', 'grid'), os.path.join('y', 'sweep', 'grid')}
+    monkeypatch.chdir(tmp_path / 'a')  # one run passed from its own folder: still labelled by where it is
+    code, out, _ = run_plot(['P_run', os.path.join('..', 'b', 'P_run')], capsys)
+    assert code == 0 and list(table(out)) == [os.path.join('a', 'P_run'), os.path.join('b', 'P_run')]
 
 
 def test_cost_figure_styles_unfreeze_runs_as_their_method(tmp_path, capsys, monkeypatch):
