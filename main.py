@@ -1256,7 +1256,7 @@ def not_creatable(path):
     """Where creating the folder `path` would fail: the closest existing path at or above it, when that is not a
     writable directory; None when `path` can be made (or is a writable directory)."""
     existing = os.path.abspath(path)
-    while not os.path.exists(existing):
+    while not os.path.lexists(existing):  # a link to a missing folder (a drive not mounted) is in the way too
         existing = os.path.dirname(existing)
     return None if os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK) else existing
 

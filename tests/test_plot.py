@@ -431,6 +431,17 @@ def test_unwritable_out(logs, tmp_path, capsys, monkeypatch):
                                            f"elsewhere")
 
 
+def test_out_through_a_link_to_a_missing_folder_is_refused_before_drawing(logs, tmp_path, capsys, monkeypatch):
+    """--out results/acc.png with results a link to a folder gone (a drive not mounted): the figure was drawn, then
+    'cannot write results/acc.png: [Errno 17] File exists: ...results', as an --out under a file was."""
+    os.symlink(tmp_path / 'unmounted' / 'results', tmp_path / 'results')
+    figures = captured_figures(monkeypatch)
+    code, out, err = run_plot([logs, '--out', tmp_path / 'results' / 'acc.png'], capsys)
+    assert code == 2 and out == '' and figures == []
+    assert one_line(err) == (f"plot.py: error: cannot write {tmp_path / 'results' / 'acc.png'} ({tmp_path / 'results'} "
+                             f"is not a writable directory); choose another --out")
+
+
 def test_a_figure_it_may_not_write_names_the_way_out(logs, tmp_path, capsys, monkeypatch):
     """In another user's logs/ (or a read-only --out folder) the error was Python's '[Errno 13] Permission denied'
     with no way out. Denial is played (the tests run as root, whom chmod denies nothing)."""
