@@ -830,16 +830,26 @@ def test_signal_after_the_last_epoch_finishes_the_run(tiny_dataset, tmp_path, ca
 def test_a_signal_as_a_finished_run_exits_leaves_its_status_0(tiny_dataset, tmp_path):
     """Python's shutdown frees torch's modules (0.8 s on a CPU) with SIGINT back at its default action: a Ctrl-C
     sent 0.05-0.4 s after the run's last line killed it (status -2), and a script took the run for stopped."""
-    for delay in (0, 0.05, 0.2):
-        process = subprocess.Popen([sys.executable, os.path.join(REPO, 'main.py'),
-                                    *map(str, tiny_run(tiny_dataset, tmp_path, f'{delay}'))], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True,
-                                   env=dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1'))
+    def signal_after_the_last_line(process, delay):
         for line in process.stdout:
             if line.startswith('final test acc'):  # the run's last line: it is saved
                 time.sleep(delay)
                 process.send_signal(signal.SIGINT)
                 break
+
+    # the three runs at once, each with its own watcher: one-thread processes, one after another, left a core idle
+    processes = {delay: subprocess.Popen([sys.executable, os.path.join(REPO, 'main.py'),
+                                          *map(str, tiny_run(tiny_dataset, tmp_path, f'{delay}'))],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env=dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1'))
+                 for delay in (0, 0.05, 0.2)}
+    watchers = [threading.Thread(target=signal_after_the_last_line, args=(process, delay))
+                for delay, process in processes.items()]
+    for watcher in watchers:
+        watcher.start()
+    for watcher in watchers:
+        watcher.join(timeout=100)
+    for delay, process in processes.items():
         out, err = process.communicate(timeout=100)
         assert process.returncode == 0, (delay, process.returncode, err[-2000:])
 
