@@ -1235,13 +1235,29 @@ def test_a_resume_refused_for_a_damaged_state_keeps_the_temps_of_a_save_cut_shor
     assert 'removed' not in err and files(run_dir) == before
 
 
-def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_again(tiny_dataset, tmp_path, capsys):
+@pytest.fixture(scope='module')
+def killed_before_its_first_checkpoint(tiny_dataset, tmp_path_factory):
+    """A tiny run killed (kill -9) as it renamed its first state.pt -> (CompletedProcess, its directory): one main.py
+    process for the tests that copy it. What main.py makes of the directory is its file names and its lock."""
+    log_dir = tmp_path_factory.mktemp('killed')
+    return killed_at_rename(log_dir, tiny_run(tiny_dataset, log_dir, 'r'), 'state.pt', 1), log_dir / 'r'
+
+
+def run_killed_before_its_first_checkpoint(killed, log_dir):
+    """A copy of that killed run as log_dir/r, as `python main.py ... --log_dir log_dir --name r` left it."""
+    killed_process, killed_dir = killed
+    assert killed_process.returncode == 137, killed_process.stderr
+    shutil.copytree(killed_dir, log_dir / 'r')
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_again(tiny_dataset, tmp_path, capsys,
+                                                                              killed_before_its_first_checkpoint):
     """kill -9 before a new run's first state.pt leaves its directory: --resume says there is no checkpoint, start a new
     run; the same command again said 'already exists; pick another --name, or continue it with --resume', back to
     where it began. It says the directory holds nothing to resume and to remove it; a folder of other files keeps the
     old line."""
     argv = tiny_run(tiny_dataset, tmp_path, 'r')
-    assert killed_at_rename(tmp_path, argv, 'state.pt', 1).returncode == 137
+    run_killed_before_its_first_checkpoint(killed_before_its_first_checkpoint, tmp_path)
     run_dir = tmp_path / 'r'
     code, _, err = run_main(argv, capsys)
     assert code == 1 and err.strip().splitlines() == [
@@ -1257,13 +1273,14 @@ def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_again(tin
 
 
 def test_a_killed_run_checked_as_another_process_checks_it_too_is_said_alike(tiny_dataset, tmp_path, capsys,
-                                                                              monkeypatch):
+                                                                              monkeypatch,
+                                                                              killed_before_its_first_checkpoint):
     """Under torchrun every process checks a killed run's directory, each taking its lock for a moment: the first
     process, finding it held by another's check, took it for a run in training and said 'already exists; ... continue
     it with --resume', which has nothing to resume. It waits that moment out."""
     import fcntl
     argv = tiny_run(tiny_dataset, tmp_path, 'r')
-    assert killed_at_rename(tmp_path, argv, 'state.pt', 1).returncode == 137
+    run_killed_before_its_first_checkpoint(killed_before_its_first_checkpoint, tmp_path)
     held = [os.open(tmp_path / 'r', os.O_RDONLY)]
     fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process's check, released as this one waits
     sleep = time.sleep
