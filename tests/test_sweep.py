@@ -513,11 +513,17 @@ def test_a_trial_stopped_before_its_first_checkpoint_is_not_called_resumable(tin
     assert f"sweep {tmp_path / 's'}: stage 1, 1 grid point; then stage 2, 1 seed\n" in log.read_text()
 
 
-def test_a_sweep_mixing_old_and_new_folder_reading_says_so(tiny_dataset, tmp_path, monkeypatch):
+def test_a_sweep_mixing_old_and_new_folder_reading_says_so(tiny_dataset, tmp_path, monkeypatch, capsys,
+                                                           one_torch_thread):
     """A sweep begun by an older vpt (another folder_reading), re-launched now: its new trials may read other images."""
     argv = ['--grid', 'lr=1e-3', '--seeds', 1, '--val_split', 0.25, '--log_dir', tmp_path, '--name', 's', '--',
             *tiny(tiny_dataset, epochs=1)]
-    assert sweep_here(argv, monkeypatch)[0] == 0
+    print_commands = [*argv[:argv.index('--')], '--print_commands', *argv[argv.index('--'):]]
+    for stage in (1, 2):  # both stages run from printed commands in this process, not as two trials importing torch
+        code, out, err = sweep_here(print_commands, monkeypatch)
+        assert code == 0 and len(out.splitlines()) == 1, err
+        code, _, err = run_main(shlex.split(out)[2:], capsys)
+        assert code == 0, err
     config_path = tmp_path / 's' / 'grid_lr=1e-3' / 'config.json'
     config = json.loads(config_path.read_text())
     assert config['folder_reading'] == sweep.FOLDER_READING  # sweep.py's copy of data.FOLDER_READING
@@ -527,7 +533,6 @@ def test_a_sweep_mixing_old_and_new_folder_reading_says_so(tiny_dataset, tmp_pat
     result = run_sweep(argv)  # everything finished: nothing new starts, nothing to say
     assert result.returncode == 0 and 'warning' not in result.stdout
     shutil.rmtree(tmp_path / 's' / 'final_seed=1')
-    os.remove(tmp_path / 's' / 'logs' / 'final_seed=1.log')
     result = run_sweep(argv)
     assert result.returncode == 0, result.stderr
     assert ('warning: grid_lr=1e-3 (folder_reading 2) read the dataset folder as an older vpt did; a trial started '
