@@ -604,7 +604,8 @@ def train_run(args, argv, mode, rank, world_size, device, held):
                     config = read_json(os.path.join(args.resume, 'config.json'))
                     rewritten = train.complete_finished(args.resume, state, args.val_split, config.get('test_images'),
                                                         config['classes'])
-                    print(f"{args.resume} has finished all {args.epoch} epochs; pass --epoch N to train further"
+                    done = 'its 1 epoch' if args.epoch == 1 else f'all {args.epoch} epochs'
+                    print(f"{args.resume} has finished {done}; pass --epoch N to train further"
                           + (f" ({' and '.join(rewritten)} written again from its state.pt: missing or of an "
                              f"earlier epoch)" if rewritten else ''))
                 return

@@ -287,7 +287,7 @@ def test_resuming_a_finished_run_whose_summary_is_damaged_says_how_to_mend_it(ti
                                                                                 damaged):
     """A finished run's summary.json that is no JSON object (damaged, or edited by hand) is left as it is, and
     sweep.py and plot.py take the run for unfinished: a sweep resumed it on every re-launch and never got past it,
-    while main.py said 'has finished all 1 epochs' and no more. It says why, and how to have it written again."""
+    while main.py said 'has finished its 1 epoch' and no more. It says why, and how to have it written again."""
     import sweep
     run_dir = tmp_path / 'r'
     code, _, err = run_main(tiny_run(tiny_dataset, tmp_path, 'r'), capsys)
@@ -295,7 +295,7 @@ def test_resuming_a_finished_run_whose_summary_is_damaged_says_how_to_mend_it(ti
     (run_dir / 'summary.json').write_text(damaged)
     before = files(run_dir)
     code, out, err = run_main(['--resume', run_dir], capsys)
-    assert code == 0 and f"{run_dir} has finished all 1 epochs" in out and files(run_dir) == before, err
+    assert code == 0 and f"{run_dir} has finished its 1 epoch; pass --epoch N" in out and files(run_dir) == before, err
     assert err.strip() == (f"note: {run_dir / 'summary.json'} is no summary vpt can read (damaged, or edited by "
                            f"hand), so sweep.py and plot.py take the run for unfinished; it is left as it is: remove "
                            f"it and resume the run again to write it from its state.pt")
@@ -1215,7 +1215,7 @@ def test_a_save_cut_short_at_its_new_best_checkpoint_keeps_it(tiny_dataset, tmp_
     assert killed.returncode == 137, killed.stderr
     assert any(name.startswith('best.safetensors.tmp') for name in os.listdir(run_dir))
     code, out, err = run_main(['--resume', run_dir], capsys)
-    assert code == 0 and 'the save of epoch 1 was cut short' in err and 'has finished all 1 epochs' in out, err
+    assert code == 0 and 'the save of epoch 1 was cut short' in err and 'has finished its 1 epoch;' in out, err
     assert not [name for name in os.listdir(run_dir) if '.tmp' in name]
     with safe_open(str(run_dir / 'best.safetensors'), 'pt') as f:
         assert f.metadata()['epoch'] == '1'
