@@ -178,7 +178,10 @@ def find_run_dirs(paths):
             # sweep.py's set-aside/ holds runs of other data, left out of its results: no sweep to point to
             nested = [os.path.join(path, name) for name in names
                       if name != 'set-aside' and holds_runs(os.path.join(path, name))]
-            passed = [sub for sub in nested if os.path.realpath(sub) in given]  # a PATH of its own: plotted
+            # a PATH of its own, or runs of it passed one by one: what was chosen from it is plotted
+            passed = [sub for sub in nested
+                      if any(os.path.commonpath([chosen, os.path.realpath(sub)]) == os.path.realpath(sub)
+                             for chosen in given)]
             if candidates or passed:
                 for sub in nested:
                     if sub not in passed:

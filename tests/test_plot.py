@@ -771,6 +771,9 @@ def test_sweep_directory_is_a_directory_of_runs(logs, capsys, monkeypatch):
     monkeypatch.chdir(logs)  # and as typed from logs/ itself
     code, _, err = run_plot(['.', 'lr_sweep'], capsys)
     assert code == 0 and err == ''
+    # one run of the sweep picked out: it is plotted, and the sweep is not said to be left out
+    code, out, err = run_plot(['.', os.path.join('lr_sweep', 'P_lr1e-2')], capsys)
+    assert code == 0 and err == '' and list(table(out)) == sorted(RUNS) + ['P_lr1e-2']
 
 
 def test_a_folder_of_sweeps_names_every_one(tmp_path, capsys):
