@@ -256,6 +256,12 @@ def test_the_legend_reads_across_row_by_row(tmp_path, capsys, monkeypatch):
     at = {(rows.index(round(text.get_window_extent().y0)), text.get_window_extent().x0): text.get_text()
           for text in texts}
     assert [at[place] for place in sorted(at)] == [f'{name} (P)' for name in names]
+    # each entry keeps its own run's line: labels reordered without their handles named other runs' colours
+    style = {line.get_label(): (line.get_color(), line.get_linestyle()) for line in fig.axes[0].get_lines()}
+    legend = fig.legends[0]
+    assert [(handle.get_color(), handle.get_linestyle()) for handle in legend.legend_handles] == [
+        style[text.get_text()] for text in texts]
+    assert len(set(style.values())) == len(names)  # else the test proves nothing
     close_figure(fig)
 
 
