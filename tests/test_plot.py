@@ -843,6 +843,28 @@ def test_a_run_resumed_with_another_epoch_says_so_in_the_table(tmp_path, capsys,
     assert legend == ['P_cut (P, 3/4 epochs)', 'P_ext (P)', 'P_plain (P)']
 
 
+def test_a_hand_edited_resumed_list_or_a_missing_summary_still_plots(tmp_path, capsys):
+    """config.json's resumed list edited by hand (not a list, entries not objects, an epoch_before not a count), or a
+    resumed run without summary.json (its plan unknown): the run is plotted, not a traceback."""
+    root = tmp_path / 'logs'
+    odd = [7, 'x', dict(epoch_before='2'), dict(epoch_before=4)]
+    for name, resumed, summary in (('P_int', 5, True), ('P_odd', odd, True), ('P_nosummary', [dict(epoch_before=2)],
+                                                                                           False)):
+        run_dir = write_run(root, name)
+        config_path = os.path.join(run_dir, 'config.json')
+        with open(config_path) as f:
+            config = dict(json.load(f), epoch=2, resumed=resumed)
+        with open(config_path, 'w') as f:
+            json.dump(config, f)
+        if summary:
+            with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
+                json.dump(dict(epochs_done=2, epochs=2, finished=True), f)
+    code, out, err = run_plot([root, '--out', tmp_path / 'acc.png'], capsys)
+    assert code == 0, err
+    assert [column(out, name, 'epochs') for name in ('P_int', 'P_odd', 'P_nosummary')] == [
+        '2', '2 (shortened from 4)', '2']
+
+
 def test_a_run_that_diverged_in_its_first_epoch_is_not_called_unfinished(tmp_path, capsys):
     """No epoch finished, so metrics.csv has only its header; 'no finished epoch yet' would invite a --resume that
     diverges again."""
