@@ -1495,6 +1495,22 @@ def test_a_run_passed_as_dot_is_named_by_its_directory(logs, tmp_path, capsys, m
     close_figure(figures[0])
 
 
+def test_a_run_passed_as_dot_is_named_by_its_directory_in_confusion_and_mistakes(tmp_path, capsys, monkeypatch):
+    """cd P_run && plot.py . --confusion (or --mistakes): the figure's title named the run '.'."""
+    run_dir = folder_run(tmp_path, MIXED)
+    write_confusion(run_dir, ['a', 'b', 'c'], [[1, 1, 0], [1, 0, 1], [1, 0, 1]])
+    monkeypatch.chdir(run_dir)
+    drawn = []
+    monkeypatch.setattr(plot, 'plot_confusion', lambda *args: drawn.append(args))
+    code, _, err = run_plot(['.', '--confusion'], capsys)
+    assert code == 0 and err == '' and [title for title, _, _, _ in drawn] == ['P_run']
+    figures = captured_figures(monkeypatch)
+    code, _, err = run_plot(['.', '--mistakes', '1', '--out', tmp_path / 'm.png'], capsys)
+    assert code == 0 and err == '', err
+    assert figures[0].get_suptitle().startswith('P_run, last checkpoint'), figures[0].get_suptitle()
+    close_figure(figures[0])
+
+
 def test_blank_lines_in_metrics_csv_are_ignored(tmp_path):
     run_dir = write_run(tmp_path, 'r', epochs=[(70.0, 80.0, 1.0), (80.0, 85.0, 1.0)])
     path = os.path.join(run_dir, 'metrics.csv')
