@@ -578,6 +578,10 @@ def test_load_model_input_refuses_float_and_channels_last_images(run_dir):
         with pytest.raises(ValueError, match=re.escape(fix)) as error:
             to_input(images)
         assert len(str(error.value).splitlines()) == 1
+    # the permute only for PIL's (N, H, W, 3): numpy already (N, 3, H, W), or one image's (H, W, 3), has none to take
+    for images in (np.zeros((2, 3, 32, 32), np.uint8), np.zeros((32, 32, 3), np.uint8), np.zeros(3, np.float32)):
+        with pytest.raises(ValueError, match=re.escape("for numpy torch.from_numpy(images)") + '$'):
+            to_input(images)
     assert to_input(black.permute(0, 3, 1, 2)).shape == (2, 3, 32, 32)
 
 
