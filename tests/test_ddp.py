@@ -215,9 +215,9 @@ def test_a_process_killed_during_training_leaves_one_line_and_a_resumable_run(tm
     a gloo traceback; now one line that says so and how to resume, and the run resumes."""
     root = write_folder_dataset(tmp_path / 'ds', classes=('a', 'b'), train_per_class=12, test_per_class=3, size=16)
     run_dir = tmp_path / 'r'
-    # 10 epochs: seconds of training left to kill a worker in once epoch 1 is saved, and few for the resume to train
+    # 40 epochs: seconds of training left to kill a worker in once epoch 1 is saved (0.05 s each: 10 left under 1 s)
     process = torchrun([*TINY, '--img_size', 16, '--patch_size', 8, '--dataset', root, '--batch_size', 6,
-                        '--epoch', 10, '--log_dir', tmp_path, '--name', 'r'])
+                        '--epoch', 40, '--log_dir', tmp_path, '--name', 'r'])
     deadline = time.time() + 240
     while not (os.path.exists(run_dir / 'metrics.csv') and len(read_metrics(run_dir)) >= 1):
         assert process.poll() is None and time.time() < deadline
