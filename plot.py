@@ -440,10 +440,13 @@ def epochs_done(run):
 
 def epochs_cell(run):
     """epochs_done, and '6 (extended from 4)' for a run resumed with another --epoch: its lr schedule is not the one
-    of a run planned that long from the start."""
+    of a run planned that long from the start; nor is it when the --epoch was set back to the first one since."""
     before, planned = run.get('first_plan'), run['planned_epochs']
-    changed = before is not None and planned is not None and before != planned
-    return epochs_done(run) + (f" ({'extended' if before < planned else 'shortened'} from {before})" if changed else '')
+    if before is None or planned is None:
+        return epochs_done(run)
+    change = ('--epoch changed on resume' if before == planned else
+              f"{'extended' if before < planned else 'shortened'} from {before}")
+    return f"{epochs_done(run)} ({change})"
 
 
 def print_table(runs):

@@ -820,13 +820,16 @@ def test_unfinished_run_shows_epochs_done_of_planned(tmp_path, capsys, monkeypat
 def test_a_run_resumed_with_another_epoch_says_so_in_the_table(tmp_path, capsys, monkeypatch):
     """A finished 2-epoch run extended to 3 (main.py records epoch_before in config.json's resumed list) showed '3',
     as a run planned for 3 epochs, whose lr schedule differs: the table says it was extended (or shortened) from the
-    plan it started with; the legend is unchanged."""
+    plan it started with, or that its --epoch changed when it was set back to that plan since; the legend is
+    unchanged."""
     figures = captured_figures(monkeypatch)
     root = tmp_path / 'logs'
     epochs = [(70.1, 80.3, 4.1), (84.2, 86.9, 4.1), (85.0, 87.5, 4.1)]
     for name, resumed, planned, done in (('P_ext', [dict(from_epoch=2, epoch_before=2), dict(from_epoch=2)], 3, 3),
                                          ('P_cut', [dict(from_epoch=1, epoch_before=6), dict(epoch_before=5)], 4, 3),
-                                         ('P_plain', [dict(from_epoch=1)], 3, 3)):
+                                         ('P_plain', [dict(from_epoch=1)], 3, 3),
+                                         # 3, then 5, then back to 3: the lr followed a 5-epoch plan in between
+                                         ('P_back', [dict(from_epoch=1, epoch_before=3), dict(epoch_before=5)], 3, 3)):
         run_dir = write_run(root, name, epochs=epochs[:done])
         config_path = os.path.join(run_dir, 'config.json')
         with open(config_path) as f:
@@ -837,10 +840,10 @@ def test_a_run_resumed_with_another_epoch_says_so_in_the_table(tmp_path, capsys,
             json.dump(dict(epochs_done=done, epochs=planned, finished=done == planned), f)
     code, out, err = run_plot([root], capsys)
     assert code == 0
-    assert [column(out, name, 'epochs') for name in ('P_ext', 'P_cut', 'P_plain')] == [
-        '3 (extended from 2)', '3/4 (shortened from 6)', '3']
+    assert [column(out, name, 'epochs') for name in ('P_ext', 'P_cut', 'P_plain', 'P_back')] == [
+        '3 (extended from 2)', '3/4 (shortened from 6)', '3', '3 (--epoch changed on resume)']
     legend = [text.get_text() for text in figures[0].legends[0].get_texts()]
-    assert legend == ['P_cut (P, 3/4 epochs)', 'P_ext (P)', 'P_plain (P)']
+    assert legend == ['P_back (P)', 'P_cut (P, 3/4 epochs)', 'P_ext (P)', 'P_plain (P)']
 
 
 def test_a_hand_edited_resumed_list_or_a_missing_summary_still_plots(tmp_path, capsys):
