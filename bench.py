@@ -150,7 +150,7 @@ def parse_args(argv=None):
             parser.error(f"--json {args.json} names a folder; pass a file name such as {args.json}bench.json")
         blocked = not_creatable(os.path.dirname(os.path.abspath(args.json)))
         if blocked:
-            parser.error(f"cannot write --json {args.json} ({blocked} is not a writable directory); choose another")
+            parser.error(f"cannot write --json {args.json} ({blocked}); choose another")
     return args
 
 

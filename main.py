@@ -1144,7 +1144,7 @@ def check_writable_file(path):
                          f"or drop --out to write a fresh predictions-N.csv in the run directory")
     blocked = not_creatable(os.path.dirname(os.path.abspath(path)))  # missing folders are made as it is written
     if blocked:
-        raise SystemExit(f"error: cannot write {path} ({blocked} is not a writable directory); choose another --out")
+        raise SystemExit(f"error: cannot write {path} ({blocked}); choose another --out")
 
 
 def read_json(path):
@@ -1249,17 +1249,21 @@ def check_log_dir(args):
                          f"or continue it with --resume {os.path.join(args.log_dir, args.name)}")
     blocked = not_creatable(args.log_dir)
     if blocked:
-        raise SystemExit(f"error: cannot write to --log_dir {args.log_dir} ({blocked} is not a writable directory); "
-                         f"choose a writable --log_dir")
+        raise SystemExit(f"error: cannot write to --log_dir {args.log_dir} ({blocked}); choose a writable --log_dir")
 
 
 def not_creatable(path):
-    """Where creating the folder `path` would fail: the closest existing path at or above it, when that is not a
-    writable directory; None when `path` can be made (or is a writable directory)."""
+    """Why creating the folder `path` would fail, naming the closest existing path at or above it, when that is not a
+    writable directory ('/data is not a writable directory'); None when `path` can be made (or is a writable
+    directory)."""
     existing = os.path.abspath(path)
     while not os.path.lexists(existing):  # a link to a missing folder (a drive not mounted) is in the way too
         existing = os.path.dirname(existing)
-    return None if os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK) else existing
+    if os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK):
+        return None
+    if os.path.islink(existing) and not os.path.exists(existing):
+        return f"{existing} is a link to a missing folder, {os.readlink(existing)}"
+    return f"{existing} is not a writable directory"
 
 
 def make_run_dir(args, mode):

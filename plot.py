@@ -1182,7 +1182,7 @@ def check_replaceable(out, default=False):
     # a new file: save_figure makes the missing folders, which a file or another user's folder on the way stops
     blocked = not os.path.lexists(out) and not_creatable(os.path.dirname(os.path.abspath(out)))
     if blocked:
-        error(f"cannot write {out} ({blocked} is not a writable directory); "
+        error(f"cannot write {out} ({blocked}); "
               + ("pass --out FILE to write the figure elsewhere" if default else "choose another --out"))
     if os.path.islink(out) and not os.path.exists(out):  # savefig would make the file it names, or fail once drawn
         error(f"{out} is a link to a missing file ({os.readlink(out)}) and plot.py writes no new figure through a "

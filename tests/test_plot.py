@@ -445,7 +445,8 @@ def test_out_through_a_link_to_a_missing_folder_is_refused_before_drawing(logs, 
     code, out, err = run_plot([logs, '--out', tmp_path / 'results' / 'acc.png'], capsys)
     assert code == 2 and out == '' and figures == []
     assert one_line(err) == (f"plot.py: error: cannot write {tmp_path / 'results' / 'acc.png'} ({tmp_path / 'results'} "
-                             f"is not a writable directory); choose another --out")
+                             f"is a link to a missing folder, {tmp_path / 'unmounted' / 'results'}); choose another "
+                             f"--out")
 
 
 def test_a_figure_it_may_not_write_names_the_way_out(logs, tmp_path, capsys, monkeypatch):
