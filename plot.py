@@ -302,6 +302,8 @@ def load_run(run_dir):
     timed = [row for row in history if not row['includes_compile']] or history
     summary = read_summary(run_dir)
     planned = count(summary.get('epochs'))
+    if first_plan(config) is not None and count(config.get('epoch')) is not None:
+        planned = config['epoch']  # a resume with another --epoch writes config.json first, summary.json as it saves
     if isinstance(summary.get('diverged'), dict):
         warn(f"run {run_dir} diverged (a non-finite loss) in epoch {summary['diverged'].get('epoch')}: its numbers are "
              f"those of the epochs before; a run with a lower --lr is the fix, not --resume")

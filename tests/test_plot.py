@@ -830,7 +830,9 @@ def test_a_run_resumed_with_another_epoch_says_so_in_the_table(tmp_path, capsys,
                                          ('P_cut', [dict(from_epoch=1, epoch_before=6), dict(epoch_before=5)], 4, 3),
                                          ('P_plain', [dict(from_epoch=1)], 3, 3),
                                          # 3, then 5, then back to 3: the lr followed a 5-epoch plan in between
-                                         ('P_back', [dict(from_epoch=1, epoch_before=3), dict(epoch_before=5)], 3, 3)):
+                                         ('P_back', [dict(from_epoch=1, epoch_before=3), dict(epoch_before=5)], 3, 3),
+                                         # extended to 4 and stopped before its first save: summary.json still says 2
+                                         ('P_more', [dict(from_epoch=2, epoch_before=2)], 4, 2)):
         run_dir = write_run(root, name, epochs=epochs[:done])
         config_path = os.path.join(run_dir, 'config.json')
         with open(config_path) as f:
@@ -838,18 +840,21 @@ def test_a_run_resumed_with_another_epoch_says_so_in_the_table(tmp_path, capsys,
         with open(config_path, 'w') as f:
             json.dump(config, f)
         with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
-            json.dump(dict(epochs_done=done, epochs=planned, finished=done == planned), f)
+            saved = done if name == 'P_more' else planned
+            json.dump(dict(epochs_done=done, epochs=saved, finished=done == saved), f)
     code, out, err = run_plot([root], capsys)
     assert code == 0
-    assert [column(out, name, 'epochs') for name in ('P_ext', 'P_cut', 'P_plain', 'P_back')] == [
-        '3 (extended from 2)', '3/4 (shortened from 6)', '3', '3 (--epoch changed on resume)']
+    assert [column(out, name, 'epochs') for name in ('P_ext', 'P_cut', 'P_plain', 'P_back', 'P_more')] == [
+        '3 (extended from 2)', '3/4 (shortened from 6)', '3', '3 (--epoch changed on resume)', '2/4 (extended from 2)']
+    assert 'P_more has 2 of 4 epochs' in err  # not final: --resume trains it on to 4
     legend = [text.get_text() for text in figures[0].legends[0].get_texts()]
-    assert legend == ['P_back (P)', 'P_cut (P, 3/4 epochs)', 'P_ext (P)', 'P_plain (P)']
+    assert sorted(legend) == ['P_back (P)', 'P_cut (P, 3/4 epochs)', 'P_ext (P)', 'P_more (P, 2/4 epochs)',
+                              'P_plain (P)']
 
 
 def test_a_hand_edited_resumed_list_or_a_missing_summary_still_plots(tmp_path, capsys):
     """config.json's resumed list edited by hand (not a list, entries not objects, an epoch_before not a count), or a
-    resumed run without summary.json (its plan unknown): the run is plotted, not a traceback."""
+    resumed run without summary.json (its plan then config.json's): the run is plotted, not a traceback."""
     root = tmp_path / 'logs'
     odd = [7, 'x', dict(epoch_before='2'), dict(epoch_before=4)]
     for name, resumed, summary in (('P_int', 5, True), ('P_odd', odd, True), ('P_nosummary', [dict(epoch_before=2)],
@@ -866,7 +871,7 @@ def test_a_hand_edited_resumed_list_or_a_missing_summary_still_plots(tmp_path, c
     code, out, err = run_plot([root, '--out', tmp_path / 'acc.png'], capsys)
     assert code == 0, err
     assert [column(out, name, 'epochs') for name in ('P_int', 'P_odd', 'P_nosummary')] == [
-        '2', '2 (shortened from 4)', '2']
+        '2', '2 (shortened from 4)', '2 (--epoch changed on resume)']
 
 
 def test_a_run_that_diverged_in_its_first_epoch_is_not_called_unfinished(tmp_path, capsys):
