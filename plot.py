@@ -179,9 +179,8 @@ def find_run_dirs(paths):
             nested = [os.path.join(path, name) for name in names
                       if name != 'set-aside' and holds_runs(os.path.join(path, name))]
             # a PATH of its own, or runs of it passed one by one: what was chosen from it is plotted
-            passed = [sub for sub in nested
-                      if any(os.path.commonpath([chosen, os.path.realpath(sub)]) == os.path.realpath(sub)
-                             for chosen in given)]
+            passed = [sub for sub, real in ((sub, os.path.realpath(sub)) for sub in nested)
+                      if any(os.path.commonpath([chosen, real]) == real for chosen in given)]
             if candidates or passed:
                 for sub in nested:
                     if sub not in passed:
@@ -301,8 +300,8 @@ def load_run(run_dir):
     # time per epoch as train.summarize reports it: the epochs that also compiled the model left out, unless all did
     timed = [row for row in history if not row['includes_compile']] or history
     summary = read_summary(run_dir)
-    planned = count(summary.get('epochs'))
-    if first_plan(config) is not None and count(config.get('epoch')) is not None:
+    planned, started_with = count(summary.get('epochs')), first_plan(config)
+    if started_with is not None and count(config.get('epoch')) is not None:
         planned = config['epoch']  # a resume with another --epoch writes config.json first, summary.json as it saves
     if isinstance(summary.get('diverged'), dict):
         warn(f"run {run_dir} diverged (a non-finite loss) in epoch {summary['diverged'].get('epoch')}: its numbers are "
@@ -311,10 +310,10 @@ def load_run(run_dir):
         warn(f"run {run_dir} has {len(history)} of {planned} epochs (stopped, or still training): its numbers are "
              f"not final (a stopped run finishes with --resume)")
     # the directory name, not config['name']: it is what the user passed and what tells runs apart on disk
-    return dict(dir=run_dir, name=os.path.basename(os.path.abspath(run_dir)),
+    return dict(dir=run_dir, name=run_name(run_dir),
                 mode=mode if isinstance(mode, str) and mode else '?',
                 params=params,
-                history=history, planned_epochs=planned, first_plan=first_plan(config),
+                history=history, planned_epochs=planned, first_plan=started_with,
                 oracle_test_acc=oracle['test_acc'], oracle_epoch=oracle['epoch'],
                 val_epoch=best_val['epoch'] if best_val else None,
                 test_at_best_val=best_val['test_acc'] if best_val else None,
@@ -323,6 +322,11 @@ def load_run(run_dir):
                 peak_mem_gib=max(peaks) if peaks else None,
                 checkpoint_bytes=file_size(os.path.join(run_dir, 'trainable.safetensors')),
                 test_set=test_set(config))
+
+
+def run_name(run_dir):
+    """The run's directory name, also for '.' or a path ending in '..' (from inside a run)."""
+    return os.path.basename(os.path.abspath(run_dir))
 
 
 def first_plan(config):
@@ -399,10 +403,11 @@ def label_runs(runs):
     names = [run['name'] for run in runs]
     if len(set(names)) < len(names):
         parts = [os.path.abspath(run['dir']).split(os.sep) for run in runs]
-        depth = next((depth for depth in range(2, max(map(len, parts)))
-                      if len({tuple(folders[-depth:]) for folders in parts}) == len(runs)), None)
+        # runs are distinct directories (find_run_dirs), so their paths but the root's empty first part tell them apart
+        depth = next(depth for depth in range(2, max(map(len, parts)))
+                     if len({tuple(folders[-depth:]) for folders in parts}) == len(runs))
         for run, folders in zip(runs, parts):
-            run['name'] = os.path.join(*folders[-depth:]) if depth else os.path.normpath(run['dir'])
+            run['name'] = os.path.join(*folders[-depth:])
     for run in runs:  # a name whose bytes are not UTF-8 (os.listdir's surrogates) as \xNN: matplotlib cannot draw it
         run['name'] = shown(run['name'])
 
@@ -904,7 +909,7 @@ def draw_confusions(run_dirs, paths, out):
     if out is not None and len(run_dirs) > 1:
         error(f"--out names one file but {len(run_dirs)} runs were found under {', '.join(paths)}; drop --out to "
               f"write confusion.png into each run directory")
-    runs = [dict(dir=run_dir, name=os.path.basename(os.path.abspath(run_dir))) for run_dir in run_dirs]
+    runs = [dict(dir=run_dir, name=run_name(run_dir)) for run_dir in run_dirs]
     label_runs(runs)
     drawn = 0
     for run in runs:
@@ -1084,7 +1089,7 @@ def draw_mistakes(run_dirs, paths, out, count):
     if out is not None and len(run_dirs) > 1:
         error(f"--out names one file but {len(run_dirs)} runs were found under {', '.join(paths)}; drop --out to "
               f"write mistakes.png into each run directory")
-    runs = [dict(dir=run_dir, name=os.path.basename(os.path.abspath(run_dir))) for run_dir in run_dirs]
+    runs = [dict(dir=run_dir, name=run_name(run_dir)) for run_dir in run_dirs]
     label_runs(runs)
     drawn = flawless = 0
     for run in runs:
